@@ -1,0 +1,86 @@
+"""Command line: `ghost-buildpackd run|check|status|reconcile|replay|demo`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from . import __version__
+from .config import Config, ConfigError, config_path, load_config
+from .logs import configure_logging
+
+EXIT_CONFIG = 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ghost-buildpackd",
+        description="Runs Ghost's container steps (image builds after each AMI, module buildpacks at "
+        "deploy) in LXD containers, driven by Ghost's MongoDB jobs.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument(
+        "--config",
+        metavar="PATH",
+        help="configuration file (default: $GHOST_BUILDPACKD_CONFIG, else /etc/ghost-buildpackd/config.yml)",
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    commands.add_parser("run", help="run the daemon (what the systemd service starts)")
+    commands.add_parser("check", help="check that this host can work: MongoDB, LXD, idmap, directories")
+    status = commands.add_parser("status", help="daemon instances, event lag, steps in flight and finished, images")
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+    status.add_argument("--last", type=int, default=10, metavar="N", help="finished steps to show (default 10)")
+    reconcile = commands.add_parser("reconcile", help="delete container images whose AMIs were pruned")
+    reconcile.add_argument("--dry-run", action="store_true", help="print what would change, change nothing")
+    reconcile.add_argument("--app", metavar="APP_ID", help="only this app")
+    replay = commands.add_parser("replay", help="run a finished buildimage step of a job again")
+    replay.add_argument("job_id", metavar="JOB_ID")
+    commands.add_parser("demo", help="the whole flow on an embedded default: build an image, run a buildpack")
+    return parser
+
+
+def _load(args: argparse.Namespace) -> Config:
+    return load_config(config_path(args.config))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "demo":
+        from .demo import run_demo
+
+        configure_logging("console", "info")
+        return run_demo(args.config)
+    try:
+        config = _load(args)
+    except ConfigError as error:
+        print(f"ghost-buildpackd: invalid configuration ({len(error.problems)} problem(s)):", file=sys.stderr)
+        for problem in error.problems:
+            print(f"  {problem}", file=sys.stderr)
+        return EXIT_CONFIG
+    configure_logging(config.log.format, config.log.level)
+    if args.command == "run":
+        from .daemon import run_daemon
+
+        return run_daemon(config)
+    if args.command == "check":
+        from .check import run_checks
+
+        return run_checks(config, sys.stdout)
+    if args.command == "status":
+        from .status import show_status
+
+        return show_status(config, sys.stdout, as_json=args.json, last=args.last)
+    if args.command == "reconcile":
+        from .retention import reconcile_command
+
+        return reconcile_command(config, sys.stdout, dry_run=args.dry_run, app_id=args.app)
+    if args.command == "replay":
+        from .daemon import replay_job
+
+        return replay_job(config, args.job_id, sys.stdout)
+    raise AssertionError(args.command)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

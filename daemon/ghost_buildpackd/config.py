@@ -1,0 +1,357 @@
+"""Configuration: one YAML file, validated as a whole before anything starts.
+
+Every section is a frozen dataclass; each leaf field carries the parser that
+validates it (`metadata={"parse": ...}`), so the dataclasses are the one
+description of the schema. Validation collects every problem, each named by
+its dotted key path, and unknown keys are errors so that a typo never passes
+silently.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import socket
+import uuid
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+DEFAULT_PATH = Path("/etc/ghost-buildpackd/config.yml")
+ENV_CONFIG = "GHOST_BUILDPACKD_CONFIG"
+ENV_MONGODB_URI = "GHOST_BUILDPACKD_MONGODB_URI"
+
+
+class ConfigError(Exception):
+    """The configuration is unusable; `problems` holds one line per mistake."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("\n".join(problems))
+
+
+class _Invalid(ValueError):
+    """A value failed its parser; the message is the reason, without the key."""
+
+
+# --- parsers: raw YAML value -> typed value, or _Invalid(reason) -------------
+
+_DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
+_SIZE_UNITS = {
+    "": 1,
+    "b": 1,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "tb": 10**12,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+}
+
+
+def parse_duration(value: Any) -> float:
+    """`30s`, `10m`, `1h30m`, `250ms` or a bare number of seconds -> seconds."""
+    if isinstance(value, bool):
+        raise _Invalid(f"expected a duration like 30m, got {value!r}")
+    if isinstance(value, int | float) and value >= 0:
+        return float(value)
+    text = str(value).strip().lower()
+    parts = re.findall(r"(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)", text)
+    if not parts or re.sub(r"(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)", "", text).strip():
+        raise _Invalid(f"expected a duration like 30m, got {value!r}")
+    return sum(float(number) * _DURATION_UNITS[unit] for number, unit in parts)
+
+
+def parse_size(value: Any) -> int:
+    """`2GiB`, `512MB`, `1048576` -> bytes."""
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b|b)?\s*", str(value).lower())
+    if not match or isinstance(value, bool):
+        raise _Invalid(f"expected a size like 2GiB, got {value!r}")
+    return int(float(match.group(1)) * _SIZE_UNITS[match.group(2) or ""])
+
+
+def parse_bool(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise _Invalid(f"expected true or false, got {value!r}")
+    return value
+
+
+def parse_str(value: Any) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise _Invalid(f"expected a non-empty string, got {value!r}")
+    return value
+
+
+def parse_str_list(value: Any) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(item, str) and item for item in value):
+        raise _Invalid(f"expected a list of strings, got {value!r}")
+    return tuple(value)
+
+
+def parse_absolute_path(value: Any) -> Path:
+    text = parse_str(value)
+    if not text.startswith("/"):
+        raise _Invalid(f"expected an absolute path, got {value!r}")
+    return Path(text)
+
+
+def positive_int(minimum: int = 1, maximum: int | None = None) -> Callable[[Any], int]:
+    def parse(value: Any) -> int:
+        if (
+            not isinstance(value, int)
+            or isinstance(value, bool)
+            or value < minimum
+            or (maximum is not None and value > maximum)
+        ):
+            bound = f"from {minimum} to {maximum}" if maximum is not None else f"of at least {minimum}"
+            raise _Invalid(f"expected a whole number {bound}, got {value!r}")
+        return value
+
+    return parse
+
+
+def one_of(*choices: str) -> Callable[[Any], str]:
+    def parse(value: Any) -> str:
+        if value not in choices:
+            raise _Invalid(f"expected one of {', '.join(choices)}, got {value!r}")
+        return value
+
+    return parse
+
+
+def optional(parser: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    def parse(value: Any) -> Any:
+        return None if value is None else parser(value)
+
+    return parse
+
+
+def parse_cpu(value: Any) -> str:
+    """LXD's limits.cpu: a count (`2`) or a set (`0-1`, `0,2`)."""
+    text = str(value)
+    if isinstance(value, bool) or not re.fullmatch(r"\d+(-\d+)?(,\d+(-\d+)?)*", text):
+        raise _Invalid(f"expected a CPU count like 2 or a set like 0-1, got {value!r}")
+    return text
+
+
+def parse_endpoint(value: Any) -> str:
+    text = parse_str(value)
+    if text != "local" and not text.startswith("https://"):
+        raise _Invalid(f"expected 'local' or an https:// URL, got {value!r}")
+    return text
+
+
+def parse_listen(value: Any) -> tuple[str, int]:
+    match = re.fullmatch(r"(.+):(\d{1,5})", str(value))
+    if not match or not 0 < int(match.group(2)) < 65536:
+        raise _Invalid(f"expected host:port like 127.0.0.1:9469, got {value!r}")
+    return match.group(1), int(match.group(2))
+
+
+def field(default: Any, parse: Callable[[Any], Any], doc: str = "") -> Any:
+    """A leaf key: its default and the parser that validates a given value."""
+    factory = (lambda: default) if isinstance(default, list | dict) else None
+    if factory:
+        return dataclasses.field(default_factory=factory, metadata={"parse": parse, "doc": doc})
+    return dataclasses.field(default=default, metadata={"parse": parse, "doc": doc})
+
+
+# --- schema -------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class MongoConfig:
+    uri: str = field("mongodb://127.0.0.1:27017/", parse_str)
+    database: str = field("ghost", parse_str)
+    timeout: float = field(10.0, parse_duration)
+
+
+@dataclasses.dataclass(frozen=True)
+class LxdConfig:
+    endpoint: str = field("local", parse_endpoint)
+    cert: Path | None = field(None, optional(parse_absolute_path))
+    key: Path | None = field(None, optional(parse_absolute_path))
+    verify: bool = field(True, parse_bool)
+    image_server: str | None = field(None, optional(parse_str))
+    timeout: float = field(120.0, parse_duration)
+
+
+@dataclasses.dataclass(frozen=True)
+class GhostPaths:
+    root: Path = field(Path("/ghost"), parse_absolute_path)
+    log_dir: Path = field(Path("/var/log/ghost"), parse_absolute_path)
+    provisioner_tree: Path = field(Path("/tmp/ghost-features-provisioner"), parse_absolute_path)
+    config: Path | None = field(None, optional(parse_absolute_path))
+
+
+@dataclasses.dataclass(frozen=True)
+class EventsConfig:
+    mode: str = field("auto", one_of("auto", "change_stream", "poll"))
+    poll_interval: float = field(5.0, parse_duration)
+    overlap: float = field(120.0, parse_duration)
+    initial_lookback: float = field(3600.0, parse_duration)
+
+
+@dataclasses.dataclass(frozen=True)
+class LimitsConfig:
+    cpu: str | None = field(None, optional(parse_cpu))
+    memory: int | None = field(None, optional(parse_size))
+    processes: int | None = field(2000, optional(positive_int()))
+
+
+@dataclasses.dataclass(frozen=True)
+class ProvisionerCommands:
+    salt: tuple[str, ...] = field(
+        (
+            "salt-call",
+            "state.highstate",
+            "--file-root=/srv/salt/salt",
+            "--pillar-root=/srv/salt/pillar",
+            "--local",
+            "-l",
+            "info",
+        ),
+        parse_str_list,
+    )
+    ansible: tuple[str, ...] = field(
+        ("ansible-playbook", "-i", "localhost,", "--connection=local", "/srv/ansible/main.yml"),
+        parse_str_list,
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class ContainerConfig:
+    debug: bool = field(False, parse_bool)
+    privileged: bool = field(False, parse_bool)
+    idmap_user: str = field("ghost", parse_str)
+    limits: LimitsConfig = dataclasses.field(default_factory=LimitsConfig)
+    exec_timeout: float = field(1800.0, parse_duration)
+    profiles: tuple[str, ...] = field((), parse_str_list)
+    publish_compression: str = field("none", one_of("none", "gzip", "zstd", "xz", "bzip2", "lzma", "squashfs"))
+    provisioner_commands: ProvisionerCommands = dataclasses.field(default_factory=ProvisionerCommands)
+    output_head: int = field(1 << 20, parse_size)
+    output_tail: int = field(64 << 10, parse_size)
+
+
+@dataclasses.dataclass(frozen=True)
+class RetentionConfig:
+    inventory: str = field("ghost", one_of("ghost", "ec2"))
+    ami_retention: int | None = field(None, optional(positive_int()))
+    interval: float = field(3600.0, parse_duration)
+
+
+@dataclasses.dataclass(frozen=True)
+class LogConfig:
+    format: str = field("auto", one_of("auto", "json", "console"))
+    level: str = field("info", one_of("debug", "info", "warning", "error"))
+
+
+@dataclasses.dataclass(frozen=True)
+class MetricsConfig:
+    listen: tuple[str, int] | None = field(None, optional(parse_listen))
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    mongodb: MongoConfig = dataclasses.field(default_factory=MongoConfig)
+    lxd: LxdConfig = dataclasses.field(default_factory=LxdConfig)
+    ghost: GhostPaths = dataclasses.field(default_factory=GhostPaths)
+    events: EventsConfig = dataclasses.field(default_factory=EventsConfig)
+    container: ContainerConfig = dataclasses.field(default_factory=ContainerConfig)
+    retention: RetentionConfig = dataclasses.field(default_factory=RetentionConfig)
+    log: LogConfig = dataclasses.field(default_factory=LogConfig)
+    metrics: MetricsConfig = dataclasses.field(default_factory=MetricsConfig)
+    workers: int = field(4, positive_int(1, 256))
+    lease_ttl: float = field(30.0, parse_duration)
+    shutdown_grace: float = field(60.0, parse_duration)
+    sweep_interval: float = field(300.0, parse_duration)
+    instance_id: str | None = field(None, optional(parse_str))
+    host: str | None = field(None, optional(parse_str))
+
+    @property
+    def host_name(self) -> str:
+        """The host a deploy request is bound to (the disk holding working copies)."""
+        return self.host or socket.gethostname()
+
+    def with_instance_id(self) -> Config:
+        """A copy with a unique instance id, for the daemon instance being started."""
+        if self.instance_id:
+            return self
+        return dataclasses.replace(self, instance_id=f"{self.host_name}:{os.getpid()}:{uuid.uuid4().hex[:8]}")
+
+
+# --- building a Config from raw data ---------------------------------------------
+
+
+def _build(cls: type, raw: Any, path: str, problems: list[str]) -> Any:
+    """Instantiate dataclass `cls` from `raw`, appending problems instead of raising."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, Mapping):
+        problems.append(f"{path or '(top level)'}: expected a mapping of keys, got {raw!r}")
+        raw = {}
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in raw:
+        if key not in fields:
+            where = f"{path}.{key}" if path else str(key)
+            known = ", ".join(sorted(fields))
+            problems.append(f"{where}: unknown key (known keys here: {known})")
+    values = {}
+    for name, spec in fields.items():
+        where = f"{path}.{name}" if path else name
+        if "parse" not in spec.metadata:  # a nested section, declared with default_factory=Section
+            values[name] = _build(spec.default_factory, raw.get(name), where, problems)
+        elif name in raw:
+            try:
+                values[name] = spec.metadata["parse"](raw[name])
+            except _Invalid as error:
+                problems.append(f"{where}: {error}")
+    return cls(**values)
+
+
+def _cross_checks(config: Config, problems: list[str]) -> None:
+    if config.lxd.endpoint != "local" and (config.lxd.cert is None) != (config.lxd.key is None):
+        problems.append("lxd.cert: lxd.cert and lxd.key go together (client certificate and its key)")
+    if config.lease_ttl < 3:
+        problems.append(f"lease_ttl: expected at least 3s, got {config.lease_ttl:g}s")
+    if config.container.exec_timeout <= 0:
+        problems.append("container.exec_timeout: expected a duration above zero")
+
+
+def config_from_mapping(raw: Any, env: Mapping[str, str] | None = None) -> Config:
+    """Validate raw data (as loaded from YAML) into a Config, or raise ConfigError with every problem."""
+    problems: list[str] = []
+    config = _build(Config, raw, "", problems)
+    env = os.environ if env is None else env
+    if env.get(ENV_MONGODB_URI):
+        config = dataclasses.replace(config, mongodb=dataclasses.replace(config.mongodb, uri=env[ENV_MONGODB_URI]))
+    _cross_checks(config, problems)
+    if problems:
+        raise ConfigError(problems)
+    return config
+
+
+def config_path(cli_path: str | None, env: Mapping[str, str] | None = None) -> Path:
+    """--config wins over GHOST_BUILDPACKD_CONFIG, which wins over the default path."""
+    env = os.environ if env is None else env
+    return Path(cli_path or env.get(ENV_CONFIG) or DEFAULT_PATH)
+
+
+def load_config(path: Path, env: Mapping[str, str] | None = None) -> Config:
+    """Read and validate the YAML file at `path`."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as error:
+        raise ConfigError([f"{path}: cannot read the configuration file ({error.strerror})"]) from error
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise ConfigError([f"{path}: not valid YAML ({error})"]) from error
+    return config_from_mapping(raw, env)

@@ -1,0 +1,336 @@
+"""Ghost's documents (jobs, apps) as validated records, and the rules Ghost uses.
+
+Pure: no I/O except resolving a working copy path on the local disk. Anything
+malformed raises `BadDocument` naming the field and the reason, so the step it
+belongs to can fail with a message a person can act on.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import dataclasses
+import re
+from collections.abc import Mapping
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from bson import ObjectId
+from bson.errors import InvalidId
+
+# Ghost's own validation of a module path; `..` segments pass it, so they are refused separately.
+_MODULE_PATH = re.compile(r"^(/[a-zA-Z0-9.\-_]+)+$")
+_SEGMENT = re.compile(r"^[A-Za-z0-9_.+\-]+$")
+_AMI_IN_MESSAGE = re.compile(r"\[(ami-[0-9a-f]+)\]")
+MAX_SCRIPT_BYTES = 1 << 20
+PROVISIONERS = ("salt", "ansible")
+
+
+class BadDocument(ValueError):
+    """A Ghost document cannot be used; `field` names where, `reason` says why."""
+
+    def __init__(self, field: str, reason: str):
+        self.field = field
+        self.reason = reason
+        super().__init__(f"{field}: {reason}")
+
+
+def parse_object_id(value: Any, field: str) -> ObjectId:
+    """An ObjectId, or its 24-hex-digit string form."""
+    if isinstance(value, ObjectId):
+        return value
+    try:
+        return ObjectId(str(value)) if isinstance(value, str) else ObjectId(value)
+    except (InvalidId, TypeError):
+        raise BadDocument(field, f"expected an ObjectId (24 hex digits), got {_short(value)}") from None
+
+
+def decode_script(value: Any, field: str) -> str:
+    """Ghost stores scripts as base64 of UTF-8; missing or empty means no script."""
+    if value is None or value == "":
+        return ""
+    if not isinstance(value, str):
+        raise BadDocument(field, f"expected a base64 string, got {type(value).__name__}")
+    if len(value) > MAX_SCRIPT_BYTES * 4 // 3 + 4:
+        raise BadDocument(field, f"script is larger than {MAX_SCRIPT_BYTES} bytes")
+    try:
+        raw = base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        raise BadDocument(field, "not valid base64") from None
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise BadDocument(field, "decoded script is not valid UTF-8") from None
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
+def _string(doc: Mapping[str, Any], key: str, where: str, required: bool = True) -> str:
+    value = doc.get(key)
+    if value is None or value == "":
+        if required:
+            raise BadDocument(f"{where}.{key}", "missing")
+        return ""
+    if not isinstance(value, str):
+        raise BadDocument(f"{where}.{key}", f"expected a string, got {type(value).__name__}")
+    return value
+
+
+def _segment(doc: Mapping[str, Any], key: str, where: str, required: bool = True) -> str:
+    """A value that becomes one directory name under ghost.root."""
+    value = _string(doc, key, where, required)
+    if value and (value in (".", "..") or not _SEGMENT.match(value) or len(value) > 255):
+        raise BadDocument(
+            f"{where}.{key}",
+            f"must be a single path segment of letters, digits, '.', '_', '+' or '-', got {_short(value)}",
+        )
+    return value
+
+
+def _mapping(value: Any, field: str) -> Mapping[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise BadDocument(field, f"expected an object, got {type(value).__name__}")
+    return value
+
+
+def _list(value: Any, field: str) -> list[Any]:
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise BadDocument(field, f"expected a list, got {type(value).__name__}")
+    return value
+
+
+def validate_module_path(value: Any, field: str) -> str:
+    """Where a module lives on instances: absolute, not `/`, no `.` or `..` segments."""
+    if not isinstance(value, str) or not value:
+        raise BadDocument(field, f"expected an absolute path, got {_short(value)}")
+    if not value.startswith("/"):
+        raise BadDocument(field, f"must be absolute, got {_short(value)}")
+    if value.rstrip("/") == "":
+        raise BadDocument(field, "must not be '/'")
+    if any(part in (".", "..") for part in value.split("/")):
+        raise BadDocument(field, f"must not contain '.' or '..' segments, got {_short(value)}")
+    if not _MODULE_PATH.match(value):
+        raise BadDocument(field, f"must match {_MODULE_PATH.pattern}, got {_short(value)}")
+    return value
+
+
+@dataclasses.dataclass(frozen=True)
+class Feature:
+    name: str
+    version: str
+    provisioner: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Module:
+    name: str
+    path: str
+    git_repo: str
+    build_pack: str  # decoded shell script, "" when the module has none
+
+    @property
+    def has_build_pack(self) -> bool:
+        return bool(self.build_pack.strip())
+
+
+@dataclasses.dataclass(frozen=True)
+class App:
+    id: ObjectId
+    name: str
+    env: str
+    role: str
+    region: str
+    color: str  # "" without blue/green
+    is_online: bool
+    ami: str
+    ami_name: str
+    source_container_image: str
+    container_image: str
+    env_vars: tuple[tuple[str, str], ...]
+    raw: Mapping[str, Any] = dataclasses.field(repr=False, compare=False)
+
+    @property
+    def identity(self) -> str:
+        """Ghost's AMI name prefix for the app: `ami.{env}.{region}.{role}.{name}[.{color}]`."""
+        base = f"ami.{self.env}.{self.region}.{self.role}.{self.name}"
+        return f"{base}.{self.color}" if self.color else base
+
+    @property
+    def label(self) -> str:
+        return f"{self.name}/{self.env}/{self.role}" + (f"/{self.color}" if self.color else "")
+
+    @property
+    def secret_values(self) -> list[str]:
+        return [value for _, value in self.env_vars if value]
+
+    def ghost_env(self) -> dict[str, str]:
+        """The environment Ghost gives hooks: GHOST_* then every env_vars entry."""
+        env = {"GHOST_APP": self.name, "GHOST_ENV": self.env, "GHOST_ROLE": self.role}
+        if self.color:
+            inverted = {"blue": "green", "green": "blue"}
+            env["GHOST_ENV_COLOR"] = self.color
+            env["GHOST_ACTIVE_COLOR"] = self.color if self.is_online else inverted.get(self.color, self.color)
+        env.update(dict(self.env_vars))
+        return env
+
+    def module_env(self, module: Module) -> dict[str, str]:
+        """The environment of a module's buildpack."""
+        env = self.ghost_env()
+        env.update(
+            GHOST_MODULE_NAME=module.name,
+            GHOST_MODULE_PATH=module.path,
+            GHOST_MODULE_REPO=module.git_repo.strip(),
+        )
+        env.update(dict(self.env_vars))  # the app's own variables win, as in Ghost
+        return env
+
+    def hook(self, name: str) -> str:
+        """Decoded `lifecycle_hooks.<name>` script ("" when absent or empty)."""
+        hooks = _mapping(self.raw.get("lifecycle_hooks"), "app.lifecycle_hooks")
+        return decode_script(hooks.get(name), f"app.lifecycle_hooks.{name}")
+
+    def features(self) -> list[Feature]:
+        features = []
+        for index, item in enumerate(_list(self.raw.get("features"), "app.features")):
+            where = f"app.features[{index}]"
+            item = _mapping(item, where)
+            provisioner = item.get("provisioner") or "salt"
+            if provisioner not in PROVISIONERS:
+                raise BadDocument(f"{where}.provisioner", f"expected salt or ansible, got {_short(provisioner)}")
+            features.append(Feature(_string(item, "name", where), str(item.get("version") or ""), provisioner))
+        return features
+
+    def provisioners(self) -> list[str]:
+        """Provisioners the app's features use, in a stable order."""
+        used = {feature.provisioner for feature in self.features()}
+        return [name for name in PROVISIONERS if name in used]
+
+    def module(self, name: str) -> Module:
+        """The app module called `name`, validated; BadDocument when absent or malformed."""
+        for index, item in enumerate(_list(self.raw.get("modules"), "app.modules")):
+            if isinstance(item, Mapping) and item.get("name") == name:
+                return _parse_module(item, f"app.modules[{index}]")
+        raise BadDocument("app.modules", f"the app has no module named {_short(name)}")
+
+    def module_names_with_build_pack(self) -> set[str]:
+        """Names of app modules whose build_pack is a non-empty value (not yet decoded)."""
+        names = set()
+        for item in _list(self.raw.get("modules"), "app.modules"):
+            if isinstance(item, Mapping) and item.get("build_pack") and isinstance(item.get("name"), str):
+                names.add(item["name"])
+        return names
+
+    def app_dir(self, root: Path) -> Path:
+        """`{root}/{name}/{env}/{role}[/{color}]`: where Ghost keeps this app's files."""
+        path = root / self.name / self.env / self.role
+        return path / self.color if self.color else path
+
+    def working_copy(self, root: Path, module: Module) -> Path:
+        """The module's working copy on this host, checked to be a directory inside `root`."""
+        path = self.app_dir(root) / module.name
+        if not path.exists():
+            raise BadDocument("working copy", f"{path} does not exist (has Ghost cloned the module yet?)")
+        if not path.is_dir():
+            raise BadDocument("working copy", f"{path} is not a directory")
+        resolved, resolved_root = path.resolve(), root.resolve()
+        if resolved_root not in resolved.parents:
+            raise BadDocument("working copy", f"{path} resolves to {resolved}, outside {resolved_root}")
+        return resolved
+
+
+def _parse_module(doc: Mapping[str, Any], where: str) -> Module:
+    return Module(
+        name=_segment(doc, "name", where),
+        path=validate_module_path(doc.get("path"), f"{where}.path"),
+        git_repo=_string(doc, "git_repo", where, required=False),
+        build_pack=decode_script(doc.get("build_pack"), f"{where}.build_pack"),
+    )
+
+
+def _env_vars(value: Any) -> tuple[tuple[str, str], ...]:
+    pairs = []
+    for index, item in enumerate(_list(value, "app.env_vars")):
+        where = f"app.env_vars[{index}]"
+        item = _mapping(item, where)
+        key = _string(item, "var_key", where)
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
+            raise BadDocument(f"{where}.var_key", f"not a valid environment variable name: {_short(key)}")
+        raw_value = item.get("var_value")
+        if raw_value is not None and not isinstance(raw_value, str | int | float):
+            # The value itself is never shown: it may be a secret.
+            raise BadDocument(f"{where}.var_value", f"expected a string, got {type(raw_value).__name__}")
+        pairs.append((key, "" if raw_value is None else str(raw_value)))
+    return tuple(pairs)
+
+
+def parse_app(doc: Mapping[str, Any] | None, app_id: Any = None) -> App:
+    """Validate the parts of an app every step needs; modules, hooks and features are checked on use."""
+    if doc is None:
+        raise BadDocument("job.app_id", f"no app with _id {app_id}")
+    build_infos = _mapping(doc.get("build_infos"), "app.build_infos")
+    blue_green = _mapping(doc.get("blue_green"), "app.blue_green")
+    color = _segment(blue_green, "color", "app.blue_green", required=False)
+    return App(
+        id=parse_object_id(doc.get("_id"), "app._id"),
+        name=_segment(doc, "name", "app"),
+        env=_segment(doc, "env", "app"),
+        role=_segment(doc, "role", "app"),
+        region=_string(doc, "region", "app", required=False),
+        color=color,
+        is_online=bool(blue_green.get("is_online", False)),
+        ami=_string(doc, "ami", "app", required=False),
+        ami_name=_string(build_infos, "ami_name", "app.build_infos", required=False),
+        source_container_image=_string(build_infos, "source_container_image", "app.build_infos", False),
+        container_image=_string(build_infos, "container_image", "app.build_infos", required=False),
+        env_vars=_env_vars(doc.get("env_vars")),
+        raw=doc,
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class Job:
+    id: ObjectId
+    command: str
+    app_id: ObjectId
+    status: str
+    message: str
+    updated: datetime | None
+    module_names: tuple[str, ...]
+    raw: Mapping[str, Any] = dataclasses.field(repr=False, compare=False)
+
+    @property
+    def ami_id(self) -> str:
+        """The AMI id from `Build image OK: [ami-...]`, or ""."""
+        match = _AMI_IN_MESSAGE.search(self.message)
+        return match.group(1) if match else ""
+
+
+def parse_job(doc: Mapping[str, Any]) -> Job:
+    """Validate a job document; modules are only required to be well-formed for deploys."""
+    job_id = parse_object_id(doc.get("_id"), "job._id")
+    command = _string(doc, "command", "job")
+    modules: list[str] = []
+    if command == "deploy":
+        for index, item in enumerate(_list(doc.get("modules"), "job.modules")):
+            item = _mapping(item, f"job.modules[{index}]")
+            modules.append(_string(item, "name", f"job.modules[{index}]"))
+    updated = doc.get("_updated")
+    message = doc.get("message")
+    return Job(
+        id=job_id,
+        command=command,
+        app_id=parse_object_id(doc.get("app_id"), "job.app_id"),
+        status=_string(doc, "status", "job"),
+        message=message if isinstance(message, str) else "",
+        updated=updated if isinstance(updated, datetime) else None,
+        module_names=tuple(modules),
+        raw=doc,
+    )

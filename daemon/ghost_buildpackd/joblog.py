@@ -1,0 +1,110 @@
+"""Container output, line by line, into Ghost's job log and the structured log.
+
+Ghost's web UI streams `{ghost.log_dir}/{job_id}.txt`; appending to it is how
+users see what ran in the container. Output is bounded: the first
+`output_head` bytes are written as they come, then only a tail of
+`output_tail` bytes is kept in memory and written when the command ends, so a
+command printing gigabytes costs neither disk nor daemon memory.
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+from pathlib import Path
+from typing import Any
+
+from .logs import Secrets, get_logger
+
+log = get_logger(__name__)
+TAIL_FOR_RECORD = 2000  # characters of output kept on the step record for the client
+RECENT_LINES = 40
+
+
+class JobLog:
+    """Appends marked lines to one Ghost job log; never fails the step it serves."""
+
+    def __init__(self, log_dir: Path, job_id: str, marker: str):
+        self.path = log_dir / f"{job_id}.txt"
+        self.marker = marker
+        self.problem = ""  # why the log could not be written, if it could not
+        self._lock = threading.Lock()
+
+    def write(self, text: str) -> None:
+        lines = "".join(f"[{self.marker}] {line}\n" for line in text.splitlines() or [""])
+        with self._lock:
+            if self.problem:
+                return
+            try:
+                with self.path.open("a", encoding="utf-8", errors="replace") as handle:
+                    handle.write(lines)
+            except OSError as error:
+                self.problem = f"cannot write Ghost job log {self.path}: {error.strerror or error}"
+                log.error("job_log_unwritable", path=str(self.path), error=str(error))
+
+
+class OutputCollector:
+    """Receives raw output chunks from a command and routes complete lines."""
+
+    def __init__(self, job_log: JobLog, logger: Any, head_bytes: int, tail_bytes: int, command: str):
+        self.job_log = job_log
+        self.log = logger
+        self.head_bytes = head_bytes
+        self.command = command
+        self.total = 0
+        self.written = 0
+        self._partial = b""
+        self._tail: collections.deque[str] = collections.deque()
+        self._tail_size = 0
+        self._tail_limit = tail_bytes
+        self._recent: collections.deque[str] = collections.deque(maxlen=RECENT_LINES)
+        self._lock = threading.Lock()
+
+    def __call__(self, chunk: bytes) -> None:
+        if isinstance(chunk, str):
+            chunk = chunk.encode("utf-8", "replace")
+        with self._lock:
+            self.total += len(chunk)
+            data = self._partial + chunk
+            *lines, self._partial = data.split(b"\n")
+            if len(self._partial) > 64 << 10:  # a "line" without newline must not grow unbounded
+                lines.append(self._partial)
+                self._partial = b""
+            for raw in lines:
+                self._route(raw)
+
+    def _route(self, raw: bytes) -> None:
+        line = Secrets.redact(raw.decode("utf-8", "replace").rstrip("\r"))
+        self._recent.append(line[:TAIL_FOR_RECORD])
+        if self.written < self.head_bytes:
+            self.written += len(raw) + 1
+            self.job_log.write(line)
+            self.log.info("output", line=line)
+            return
+        self._tail.append(line)
+        self._tail_size += len(line) + 1
+        while self._tail_size > self._tail_limit and self._tail:
+            self._tail_size -= len(self._tail.popleft()) + 1
+
+    def finish(self) -> None:
+        """Flush the last partial line and the kept tail."""
+        with self._lock:
+            if self._partial:
+                self._route(self._partial)
+                self._partial = b""
+            if self._tail:
+                omitted = self.total - self.written - self._tail_size
+                if omitted > 0:
+                    notice = f"... {omitted} bytes of output omitted (kept the first and last part) ..."
+                    self.job_log.write(notice)
+                    self.log.warning("output_truncated", omitted_bytes=omitted, total_bytes=self.total)
+                for line in self._tail:
+                    self.job_log.write(line)
+                    self.log.info("output", line=line)
+                self.written += self._tail_size
+                self._tail.clear()
+                self._tail_size = 0
+
+    def tail_text(self, limit: int = TAIL_FOR_RECORD) -> str:
+        """The last lines of output, at most `limit` characters (for the step record)."""
+        return "\n".join(self._recent)[-limit:]

@@ -1,0 +1,484 @@
+"""LXD adapter: the only module that talks to LXD (through pylxd).
+
+Every call has a bounded wait: the HTTP client has a timeout, operations are
+waited on with it, and command execution has a deadline enforced from outside
+pylxd (a force stop of the container), since pylxd's `execute` has none and
+its websocket handling can hang.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import threading
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import pylxd
+import requests
+import tenacity
+from pylxd.exceptions import LXDAPIException, NotFound
+
+from .config import LxdConfig
+from .logs import get_logger
+
+log = get_logger(__name__)
+
+TAG_PREFIX = "user.ghost-buildpackd."
+TAG_STEP = TAG_PREFIX + "step"
+TAG_JOB = TAG_PREFIX + "job"
+TAG_APP = TAG_PREFIX + "app"
+TAG_OWNER = TAG_PREFIX + "owner"
+TAG_KIND = TAG_PREFIX + "kind"
+
+
+class LxdError(Exception):
+    """An LXD operation failed in a way the caller should report."""
+
+
+class ImageNotFound(LxdError):
+    pass
+
+
+def _is_transient(error: BaseException) -> bool:
+    if isinstance(error, requests.ConnectionError | requests.Timeout):
+        return True
+    if isinstance(error, LXDAPIException) and not isinstance(error, NotFound):
+        text = str(error).lower()
+        return any(word in text for word in ("timeout", "connection reset", "try again", "busy"))
+    return False
+
+
+retry_lxd = tenacity.retry(
+    retry=tenacity.retry_if_exception(_is_transient),
+    wait=tenacity.wait_exponential(multiplier=0.2, max=10),
+    stop=tenacity.stop_after_attempt(5),
+    before_sleep=lambda state: log.warning(
+        "lxd_transient_error_retrying",
+        attempt=state.attempt_number,
+        error=str(state.outcome.exception()) if state.outcome else None,
+    ),
+    reraise=True,
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageInfo:
+    fingerprint: str
+    aliases: tuple[str, ...]
+    properties: Mapping[str, str]
+    size: int
+    created_at: str
+
+    @property
+    def os_release(self) -> str:
+        return f"{self.properties.get('os', '?')}/{self.properties.get('release', '?')}"
+
+    def describe(self) -> str:
+        names = ", ".join(self.aliases) or "no alias"
+        return f"{self.fingerprint[:12]} ({names}; {self.os_release})"
+
+
+@dataclasses.dataclass(frozen=True)
+class ContainerInfo:
+    name: str
+    status: str
+    tags: Mapping[str, str]
+
+    @property
+    def step_id(self) -> str | None:
+        return self.tags.get(TAG_STEP)
+
+
+@dataclasses.dataclass(frozen=True)
+class Mount:
+    """A host directory mounted into the container."""
+
+    source: Path
+    path: str
+    readonly: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class ContainerSpec:
+    name: str
+    image: str  # fingerprint
+    tags: Mapping[str, str]
+    privileged: bool = False
+    idmap: tuple[int, int] | None = None  # host (uid, gid) that container root maps to
+    cpu: str | None = None
+    memory: int | None = None
+    processes: int | None = None
+    profiles: tuple[str, ...] = ()
+    mounts: Mapping[str, Mount] = dataclasses.field(default_factory=dict)
+
+    def lxd_config(self) -> dict[str, str]:
+        config = {key: str(value) for key, value in self.tags.items()}
+        if self.privileged:
+            config["security.privileged"] = "true"
+        elif self.idmap:
+            uid, gid = self.idmap
+            config["raw.idmap"] = f"uid {uid} 0\ngid {gid} 0"
+        if self.cpu:
+            config["limits.cpu"] = self.cpu
+        if self.memory:
+            config["limits.memory"] = str(self.memory)
+        if self.processes:
+            config["limits.processes"] = str(self.processes)
+        return config
+
+
+@dataclasses.dataclass(frozen=True)
+class ExecResult:
+    exit_code: int | None  # None when the command did not finish (timeout, abort, lost container)
+    timed_out: bool = False
+    aborted: bool = False
+    error: str = ""
+    duration: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return self.exit_code == 0
+
+
+def disk_device(mount: Mount) -> dict[str, str]:
+    device = {"type": "disk", "source": str(mount.source), "path": mount.path}
+    if mount.readonly:
+        device["readonly"] = "true"
+    return device
+
+
+class Lxd:
+    """A connection to one LXD server."""
+
+    def __init__(self, config: LxdConfig):
+        self.config = config
+        self.timeout = config.timeout
+        self.client = self._client(timeout=config.timeout)
+        # Exec waits for as long as the command runs; its deadline is enforced by `execute`.
+        self._exec_client: pylxd.Client | None = None
+
+    def _client(self, timeout: float | None) -> pylxd.Client:
+        if self.config.endpoint == "local":
+            return pylxd.Client(timeout=timeout)
+        cert = (str(self.config.cert), str(self.config.key)) if self.config.cert else None
+        return pylxd.Client(endpoint=self.config.endpoint, cert=cert, verify=self.config.verify, timeout=timeout)
+
+    @property
+    def exec_client(self) -> pylxd.Client:
+        if self._exec_client is None:
+            self._exec_client = self._client(timeout=None)
+        return self._exec_client
+
+    # --- server ---------------------------------------------------------------------
+
+    @retry_lxd
+    def server_info(self) -> dict[str, Any]:
+        info = self.client.api.get().json()["metadata"]
+        env = info.get("environment", {})
+        return {
+            "version": env.get("server_version", "unknown"),
+            "storage": env.get("storage", "unknown"),
+            "kernel": env.get("kernel_version", "unknown"),
+            "idmap_supported": "idmapped_mounts" in env.get("kernel_features", {}),
+        }
+
+    @retry_lxd
+    def storage_pools(self) -> list[str]:
+        return [pool.name for pool in self.client.storage_pools.all()]
+
+    # --- images ---------------------------------------------------------------------
+
+    @staticmethod
+    def _image_info(image: Any) -> ImageInfo:
+        return ImageInfo(
+            fingerprint=image.fingerprint,
+            aliases=tuple(alias["name"] for alias in image.aliases),
+            properties=dict(image.properties or {}),
+            size=int(image.size or 0),
+            created_at=str(image.created_at or image.uploaded_at or ""),
+        )
+
+    @retry_lxd
+    def list_images(self) -> list[ImageInfo]:
+        return [self._image_info(image) for image in self.client.images.all()]
+
+    @retry_lxd
+    def image_by_alias(self, alias: str) -> ImageInfo | None:
+        try:
+            return self._image_info(self.client.images.get_by_alias(alias))
+        except NotFound:
+            return None
+
+    @retry_lxd
+    def image_by_fingerprint(self, fingerprint: str) -> ImageInfo | None:
+        try:
+            return self._image_info(self.client.images.get(fingerprint))
+        except NotFound:
+            return None
+
+    def resolve_image(self, ref: str) -> ImageInfo:
+        """A local image by alias, fingerprint (or unique prefix), or `os/release` (newest match).
+
+        With `lxd.image_server` set, an alias not found locally is copied from there first.
+        """
+        ref = ref.strip()
+        images = self.list_images()
+        for image in images:
+            if ref in image.aliases:
+                return image
+        if len(ref) >= 6 and all(c in "0123456789abcdef" for c in ref.lower()):
+            matches = [image for image in images if image.fingerprint.startswith(ref.lower())]
+            if len(matches) == 1:
+                return matches[0]
+            if len(matches) > 1:
+                raise ImageNotFound(f"image prefix {ref!r} is ambiguous: {', '.join(m.describe() for m in matches)}")
+        if "/" in ref:
+            os_name, _, release = ref.partition("/")
+            matches = [
+                image
+                for image in images
+                if image.properties.get("os", "").lower() == os_name.lower()
+                and image.properties.get("release", "").lower() == release.lower()
+            ]
+            if matches:
+                return max(matches, key=lambda image: image.created_at)
+        if self.config.image_server:
+            pulled = self._pull(ref)
+            if pulled:
+                return pulled
+        existing = "; ".join(image.describe() for image in images) or "no images at all"
+        raise ImageNotFound(
+            f"no LXD image matches {ref!r} as an alias, a fingerprint or an os/release; local images: {existing}"
+        )
+
+    def _pull(self, ref: str) -> ImageInfo | None:
+        try:
+            image = self.client.images.create_from_simplestreams(self.config.image_server, ref, auto_update=False)
+        except (LXDAPIException, requests.RequestException) as error:
+            log.warning("image_pull_failed", server=self.config.image_server, image=ref, error=str(error))
+            return None
+        return self._image_info(image)
+
+    @retry_lxd
+    def image_exists(self, alias: str) -> bool:
+        return self.image_by_alias(alias) is not None
+
+    @retry_lxd
+    def delete_alias(self, alias: str) -> None:
+        with contextlib.suppress(NotFound):
+            self.client.api.images.aliases[alias].delete()
+
+    @retry_lxd
+    def delete_image(self, fingerprint: str) -> None:
+        with contextlib.suppress(NotFound):
+            self.client.images.get(fingerprint).delete(wait=True)
+
+    @retry_lxd
+    def point_alias(self, alias: str, fingerprint: str, description: str = "") -> None:
+        """Create `alias` or move it to `fingerprint`."""
+        try:
+            self.client.api.images.aliases[alias].put(json={"target": fingerprint, "description": description})
+        except NotFound:
+            self.client.api.images.aliases.post(json={"name": alias, "target": fingerprint, "description": description})
+
+    def publish(self, name: str, properties: Mapping[str, str], compression: str) -> ImageInfo:
+        """Publish a stopped container as a private image (no alias yet)."""
+        response = self.client.api.images.post(
+            json={
+                "public": False,
+                "source": {"type": "instance", "name": name},
+                "properties": {key: str(value) for key, value in properties.items()},
+                "compression_algorithm": compression,
+            }
+        )
+        operation = self._wait_operation(response.json()["operation"])
+        return self._image_info(self.client.images.get(operation.metadata["fingerprint"]))
+
+    def _wait_operation(self, operation_url: str) -> Any:
+        operation = self.client.operations.wait_for_operation(operation_url)
+        if operation.status_code and operation.status_code >= 400:
+            raise LxdError(f"LXD operation failed: {operation.err}")
+        return operation
+
+    # --- containers ------------------------------------------------------------------
+
+    def create_container(self, spec: ContainerSpec) -> None:
+        devices = {name: disk_device(mount) for name, mount in spec.mounts.items()}
+        self.client.instances.create(
+            {
+                "name": spec.name,
+                "type": "container",
+                "source": {"type": "image", "fingerprint": spec.image},
+                "config": spec.lxd_config(),
+                "devices": devices,
+                "profiles": ["default", *spec.profiles],
+            },
+            wait=True,
+        )
+
+    @retry_lxd
+    def container_exists(self, name: str) -> bool:
+        return self.client.instances.exists(name)
+
+    @retry_lxd
+    def container_status(self, name: str) -> str | None:
+        try:
+            return self.client.instances.get(name).status
+        except NotFound:
+            return None
+
+    @retry_lxd
+    def container_config(self, name: str) -> dict[str, str]:
+        return dict(self.client.instances.get(name).config)
+
+    def start(self, name: str) -> None:
+        self.client.instances.get(name).start(wait=True)
+
+    def wait_ready(self, name: str, timeout: float) -> None:
+        """Wait until a command can run in the container: check, never a fixed sleep."""
+        deadline = time.monotonic() + timeout
+        delay = 0.02
+        last_error = ""
+        while time.monotonic() < deadline:
+            try:
+                instance = self.client.instances.get(name)
+                if instance.status == "Running":
+                    result = instance.execute(["true"])
+                    if result.exit_code == 0:
+                        return
+                    last_error = f"'true' exited {result.exit_code}"
+                else:
+                    last_error = f"status {instance.status}"
+            except (LXDAPIException, requests.RequestException) as error:
+                last_error = str(error)
+            time.sleep(delay)  # a backoff between readiness checks, not a wait for readiness
+            delay = min(delay * 2, 0.5)
+        raise LxdError(f"container {name} not ready after {timeout:g}s ({last_error})")
+
+    def add_mount(self, name: str, device: str, mount: Mount) -> None:
+        """Attach a host directory to a (running) container."""
+        instance = self.client.instances.get(name)
+        instance.devices = {**instance.devices, device: disk_device(mount)}
+        instance.save(wait=True)
+
+    def remove_devices(self, name: str) -> None:
+        instance = self.client.instances.get(name)
+        if instance.devices:
+            instance.devices = {}
+            instance.save(wait=True)
+
+    def push_file(self, name: str, path: str, content: bytes, mode: int = 0o755) -> None:
+        """Write a file into the container as root, creating its parent directories."""
+        files = self.client.instances.get(name).files
+        parent = ""
+        for part in path.strip("/").split("/")[:-1]:
+            parent += "/" + part
+            try:
+                files.mk_dir(parent, mode="0755", uid=0, gid=0)
+            except LXDAPIException as error:
+                if "exists" not in str(error).lower():
+                    raise
+        files.put(path, content, mode=oct(mode)[2:], uid=0, gid=0)
+
+    @retry_lxd
+    def stop(self, name: str) -> None:
+        try:
+            instance = self.client.instances.get(name)
+        except NotFound:
+            return
+        if instance.status != "Stopped":
+            instance.stop(force=True, wait=True)
+
+    @retry_lxd
+    def delete_container(self, name: str) -> bool:
+        """Force-stop and delete; False when there was nothing to delete."""
+        try:
+            instance = self.client.instances.get(name)
+        except NotFound:
+            return False
+        if instance.status != "Stopped":
+            instance.stop(force=True, wait=True)
+        try:
+            instance.delete(wait=True)
+        except NotFound:
+            return False
+        return True
+
+    @retry_lxd
+    def list_containers(self) -> list[ContainerInfo]:
+        """Containers carrying the daemon's tags (others are never touched)."""
+        found = []
+        for instance in self.client.instances.all():
+            tags = {key: value for key, value in instance.config.items() if key.startswith(TAG_PREFIX)}
+            if tags:
+                found.append(ContainerInfo(instance.name, instance.status, tags))
+        return found
+
+    @retry_lxd
+    def list_profiles(self) -> list[str]:
+        return [profile.name for profile in self.client.profiles.all()]
+
+    def execute(
+        self,
+        name: str,
+        argv: list[str],
+        env: Mapping[str, str],
+        on_output: Callable[[bytes], None],
+        timeout: float,
+        cwd: str | None = None,
+        abort: threading.Event | None = None,
+    ) -> ExecResult:
+        """Run `argv` in the container, streaming output chunks to `on_output`.
+
+        The deadline (and `abort`) are enforced by force-stopping the container:
+        that ends every process in it, so the exec operation returns.
+        """
+        outcome: dict[str, Any] = {}
+        done = threading.Event()
+        started = time.monotonic()
+
+        def run() -> None:
+            try:
+                instance = self.exec_client.instances.get(name)
+                result = instance.execute(
+                    list(argv),
+                    environment=dict(env),
+                    decode=False,
+                    stdout_handler=on_output,
+                    stderr_handler=on_output,
+                    cwd=cwd,
+                )
+                outcome["exit_code"] = result.exit_code
+            except Exception as error:  # reported to the caller as a lost command
+                outcome["error"] = f"{type(error).__name__}: {error}"
+            finally:
+                done.set()
+
+        worker = threading.Thread(target=run, name=f"exec-{name}", daemon=True)
+        worker.start()
+        deadline = started + timeout
+        reason = ""
+        while not done.wait(min(0.25, max(0.0, deadline - time.monotonic()))):
+            if time.monotonic() >= deadline:
+                reason = "timeout"
+                break
+            if abort is not None and abort.is_set():
+                reason = "aborted"
+                break
+        if reason:
+            log.warning("exec_interrupted_stopping_container", container=name, reason=reason)
+            try:
+                self.stop(name)
+            except Exception as error:
+                log.error("force_stop_failed", container=name, error=str(error))
+            done.wait(min(30.0, self.timeout))
+        return ExecResult(
+            exit_code=None if reason else outcome.get("exit_code"),
+            timed_out=reason == "timeout",
+            aborted=reason == "aborted",
+            error=outcome.get("error", ""),
+            duration=time.monotonic() - started,
+        )

@@ -1,0 +1,223 @@
+"""What every step body shares: its context, its outcome, and the container chores.
+
+A step body (`buildimage.run`, `deploy.prepare`, `deploy.run`) receives a
+`StepContext` while the runner holds the step's lease, and returns an
+`Outcome`. It fails by raising `StepFailed` (or `BadDocument` for bad Ghost
+data); the runner records the outcome, so bodies never write terminal states.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import grp
+import pwd
+import re
+import threading
+import zlib
+from collections.abc import Mapping
+from typing import Any
+
+from ..config import Config
+from ..joblog import JobLog, OutputCollector
+from ..lxd import TAG_APP, TAG_JOB, TAG_KIND, TAG_OWNER, TAG_STEP, ContainerSpec, ExecResult, Lxd, Mount
+from ..store import Step, Store
+
+SCRIPT_DIR = "/var/lib/ghost-buildpackd"  # where scripts are put inside containers
+
+
+class StepFailed(Exception):
+    """The step cannot succeed; `message` says why in words a Ghost user can act on."""
+
+    def __init__(self, message: str, exit_code: int | None = None):
+        self.message = message
+        self.exit_code = exit_code
+        super().__init__(message)
+
+
+class LeaseLost(Exception):
+    """Another instance holds the step now: stop without writing anything."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Outcome:
+    state: str
+    message: str = ""
+    exit_code: int | None = None
+    output_tail: str = ""
+    fields: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
+class StepContext:
+    step: Step
+    config: Config
+    store: Store
+    lxd: Lxd
+    log: Any  # structlog logger bound with the step's context
+    abort: threading.Event  # set when the lease is lost, the step is cancelled, or shutdown ran out of time
+    instance_id: str
+    _job_log: JobLog | None = None
+
+    @property
+    def job_log(self) -> JobLog:
+        if self._job_log is None:
+            marker = f"container {self.step.kind}" + (f" {self.step.module}" if self.step.module else "")
+            self._job_log = JobLog(self.config.ghost.log_dir, str(self.step.job_id), marker)
+        return self._job_log
+
+    def save(self, state: str | None = None, **fields: Any) -> Step:
+        """Fenced write to the step record; raises LeaseLost when another instance holds it."""
+        updated = self.store.update_step(self.step, state=state, **fields)
+        if updated is None:
+            self.abort.set()
+            raise LeaseLost(self.step.id)
+        self.step = updated
+        return updated
+
+    def say(self, event: str, text: str, **fields: Any) -> None:
+        """Tell both audiences: a line in Ghost's job log and a structured log event."""
+        self.job_log.write(text)
+        self.log.info(event, **fields)
+
+
+def container_name(step: Step) -> str:
+    """An LXD-valid, unique name from the job id (never the AMI name): `gbp-<job>-b` or `gbp-<job>-d-<module>-<crc>`."""
+    if step.kind == "buildimage":
+        return f"gbp-{step.job_id}-b"
+    module = step.module or ""
+    slug = re.sub(r"[^a-z0-9]+", "-", module.lower()).strip("-")[:20] or "m"
+    return f"gbp-{step.job_id}-d-{slug}-{zlib.crc32(module.encode()):08x}"[:63]
+
+
+def step_tags(ctx: StepContext) -> dict[str, str]:
+    step = ctx.step
+    return {
+        TAG_STEP: step.id,
+        TAG_JOB: str(step.job_id),
+        TAG_APP: str(step.app_id or ""),
+        TAG_KIND: step.kind,
+        TAG_OWNER: ctx.instance_id,
+    }
+
+
+def idmap_user_ids(spec: str) -> tuple[int, int]:
+    """`container.idmap_user`: a user name (its uid and primary gid), `uid` or `uid:gid`."""
+    if re.fullmatch(r"\d+(:\d+)?", spec):
+        uid, _, gid = spec.partition(":")
+        return int(uid), int(gid or uid)
+    entry = pwd.getpwnam(spec)  # KeyError when the user does not exist
+    return entry.pw_uid, entry.pw_gid
+
+
+def describe_ids(uid: int, gid: int) -> str:
+    try:
+        user = pwd.getpwuid(uid).pw_name
+    except KeyError:
+        user = str(uid)
+    try:
+        group = grp.getgrgid(gid).gr_name
+    except KeyError:
+        group = str(gid)
+    return f"{user}:{group} ({uid}:{gid})"
+
+
+def container_spec(
+    ctx: StepContext,
+    image: str,
+    mounts: Mapping[str, Mount] | None = None,
+    idmap: tuple[int, int] | None = None,
+) -> ContainerSpec:
+    """The container for this step, shaped by `container.*` in the config."""
+    settings = ctx.config.container
+    return ContainerSpec(
+        name=container_name(ctx.step),
+        image=image,
+        tags=step_tags(ctx),
+        privileged=settings.privileged,
+        idmap=None if settings.privileged else idmap,
+        cpu=settings.limits.cpu,
+        memory=settings.limits.memory,
+        processes=settings.limits.processes,
+        profiles=settings.profiles,
+        mounts=dict(mounts or {}),
+    )
+
+
+def launch(ctx: StepContext, spec: ContainerSpec) -> str:
+    """Create and start the container, and wait until it runs commands."""
+    ctx.save(container=spec.name)  # recorded first, so whoever takes over knows what to remove
+    ctx.lxd.delete_container(spec.name)  # a leftover of an earlier attempt of this same step
+    ctx.log.info("container_creating", container=spec.name, image=spec.image[:12])
+    ctx.lxd.create_container(spec)
+    ctx.lxd.start(spec.name)
+    ctx.lxd.wait_ready(spec.name, ctx.config.lxd.timeout)
+    ctx.log.info("container_ready", container=spec.name)
+    return spec.name
+
+
+def run_command(
+    ctx: StepContext,
+    container: str,
+    argv: list[str],
+    env: Mapping[str, str],
+    label: str,
+    cwd: str | None = None,
+) -> OutputCollector:
+    """Run one command under `container.exec_timeout`, streaming its output; StepFailed unless it exits 0."""
+    command = " ".join(argv)
+    ctx.say("command_started", f"$ {command}  ({label})", command=command, label=label)
+    collector = OutputCollector(
+        ctx.job_log, ctx.log, ctx.config.container.output_head, ctx.config.container.output_tail, command
+    )
+    result: ExecResult = ctx.lxd.execute(
+        container, argv, env, collector, ctx.config.container.exec_timeout, cwd=cwd, abort=ctx.abort
+    )
+    collector.finish()
+    fields = {
+        "command": command,
+        "label": label,
+        "exit_code": result.exit_code,
+        "duration_s": round(result.duration, 3),
+        "output_bytes": collector.total,
+    }
+    if result.ok:
+        ctx.log.info("command_succeeded", **fields)
+        return collector
+    if result.timed_out:
+        reason = f"{label}: `{command}` did not finish within {ctx.config.container.exec_timeout:g}s (killed)"
+    elif result.aborted:
+        reason = f"{label}: `{command}` was interrupted (step cancelled or taken over)"
+    elif result.exit_code is None:
+        reason = f"{label}: `{command}` was lost ({result.error or 'the container went away'})"
+    else:
+        reason = f"{label}: `{command}` exited with code {result.exit_code}"
+    ctx.log.error("command_failed", reason=reason, **fields)
+    error = StepFailed(reason, result.exit_code)
+    error.output_tail = collector.tail_text()  # type: ignore[attr-defined]
+    raise error
+
+
+def remove_container(ctx: StepContext, name: str | None) -> None:
+    """Delete the step's container, or in debug mode keep it and say how to get in."""
+    if not name:
+        return
+    if ctx.config.container.debug:
+        ctx.say(
+            "container_kept_for_debug",
+            f"debug: container {name} kept; get in with: lxc exec {name} -- sh",
+            container=name,
+            command=f"lxc exec {name} -- sh",
+        )
+        return
+    if ctx.lxd.delete_container(name):
+        ctx.log.info("container_deleted", container=name)
+
+
+def remove_leftovers(ctx: StepContext) -> list[str]:
+    """Delete every container tagged with this step (LXD is the truth, not the record)."""
+    removed = []
+    for container in ctx.lxd.list_containers():
+        if container.step_id == ctx.step.id and ctx.lxd.delete_container(container.name):
+            ctx.log.warning("leftover_container_removed", container=container.name)
+            removed.append(container.name)
+    return removed

@@ -1,0 +1,161 @@
+"""Test harness: the session's MongoDB, the real LXD, and per-test databases and directories."""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from pymongo.database import Database
+
+from ghost_buildpackd.config import Config, LxdConfig, config_from_mapping
+from ghost_buildpackd.lxd import TAG_JOB, Lxd
+from ghost_buildpackd.store import Store
+from tests.support.mongo import MongoServer, start_mongo
+
+BASE_IMAGE = os.environ.get("GHOST_BUILDPACKD_TEST_IMAGE", "ghost-buildpackd/busybox")
+WORKING_COPY_IDS = (1001, 1002)  # owner of test working copies; /etc/subuid allows mapping it (scripts/setup-lxd)
+
+_server: MongoServer | None = None
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    global _server
+    if config.option.collectonly or hasattr(config, "workerinput"):
+        return
+    _server = start_mongo()
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    if _server is not None:
+        _server.close()
+
+
+def pytest_report_header(config: pytest.Config) -> list[str]:
+    lines = [f"MongoDB: {_server.describe() if _server else 'not started'}"]
+    try:
+        info = Lxd(LxdConfig(timeout=10)).server_info()
+        lines.append(f"LXD: {info['version']} (storage {info['storage']}), base image {BASE_IMAGE}")
+    except Exception as error:  # reported, and the LXD tests fail on their own
+        lines.append(f"LXD: unreachable ({error})")
+    return lines
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if _server is None or _server.real:
+        return
+    reason = f"needs real MongoDB behaviour; this run uses {_server.kind}"
+    for item in items:
+        if "real_mongodb" in item.keywords:
+            item.add_marker(pytest.mark.skip(reason=reason))
+
+
+@pytest.fixture(scope="session")
+def mongo() -> MongoServer:
+    assert _server is not None, "the MongoDB of the test session did not start"
+    return _server
+
+
+@pytest.fixture
+def db(mongo: MongoServer, request: pytest.FixtureRequest) -> Iterator[Database]:
+    """A database of its own for each test (Ghost's collections and the daemon's)."""
+    name = "t_" + re.sub(r"[^A-Za-z0-9]", "_", request.node.name)[:40] + f"_{os.getpid()}"
+    client = mongo.client()
+    client.drop_database(name)
+    yield client[name]
+    client.drop_database(name)
+    client.close()
+
+
+@pytest.fixture
+def store(db: Database) -> Store:
+    store = Store(db)
+    store.ensure_indexes()
+    return store
+
+
+@pytest.fixture(scope="session")
+def lxd() -> Lxd:
+    client = Lxd(LxdConfig(timeout=60))
+    client.server_info()
+    return client
+
+
+@pytest.fixture(scope="session")
+def base_image(lxd: Lxd) -> str:
+    if lxd.image_by_alias(BASE_IMAGE) is None:
+        pytest.fail(f"base image {BASE_IMAGE!r} is missing: run scripts/build-base-image")
+    return BASE_IMAGE
+
+
+@pytest.fixture
+def ghost_dirs(tmp_path: Path) -> dict[str, Path]:
+    """ghost.root, ghost.log_dir and ghost.provisioner_tree in a temporary directory.
+
+    The root is world-traversable: LXD mounts working copies from below it into
+    unprivileged containers.
+    """
+    dirs = {name: tmp_path / name for name in ("root", "log_dir", "provisioner_tree")}
+    for path in dirs.values():
+        path.mkdir()
+    for path in (tmp_path, *tmp_path.parents):
+        if path == Path("/"):
+            break
+        path.chmod(path.stat().st_mode | 0o011)
+    return dirs
+
+
+@pytest.fixture
+def make_config(mongo: MongoServer, db: Database, ghost_dirs: dict[str, Path]) -> Callable[..., Config]:
+    """Build a validated Config for this test; keyword arguments are raw overrides, nested as in YAML."""
+
+    def build(**overrides: Any) -> Config:
+        return config_from_mapping(raw_config(mongo, db, ghost_dirs, **overrides), env={})
+
+    return build
+
+
+def raw_config(mongo: MongoServer, db: Database, ghost_dirs: dict[str, Path], **overrides: Any) -> dict[str, Any]:
+    raw: dict[str, Any] = {
+        "mongodb": {"uri": mongo.uri, "database": db.name, "timeout": "5s"},
+        "lxd": {"timeout": "60s"},
+        "ghost": {key: str(path) for key, path in ghost_dirs.items()},
+        "events": {"poll_interval": "200ms"},
+        "container": {"idmap_user": "{}:{}".format(*WORKING_COPY_IDS), "exec_timeout": "60s"},
+        "lease_ttl": "5s",
+        "shutdown_grace": "20s",
+        "log": {"format": "json", "level": "debug"},
+    }
+    for key, value in overrides.items():
+        _merge(raw, key, value)
+    return raw
+
+
+def _merge(raw: dict[str, Any], key: str, value: Any) -> None:
+    if isinstance(value, dict) and isinstance(raw.get(key), dict):
+        for inner_key, inner_value in value.items():
+            _merge(raw[key], inner_key, inner_value)
+    else:
+        raw[key] = value
+
+
+@pytest.fixture
+def write_config(mongo: MongoServer, db: Database, ghost_dirs: dict[str, Path], tmp_path: Path) -> Callable[..., Path]:
+    """Write a config file for a daemon process of this test and return its path."""
+
+    def write(name: str = "config.yml", **overrides: Any) -> Path:
+        path = tmp_path / name
+        path.write_text(yaml.safe_dump(raw_config(mongo, db, ghost_dirs, **overrides)))
+        return path
+
+    return write
+
+
+def leftover_containers(lxd: Lxd, db: Database) -> list[str]:
+    """Containers tagged with a job of this test's database: none may remain after a step ends."""
+    job_ids = {str(job["_id"]) for job in db.jobs.find({}, {"_id": 1})}
+    return [c.name for c in lxd.list_containers() if c.tags.get(TAG_JOB) in job_ids]

@@ -1,0 +1,94 @@
+"""Running `ghost-buildpackd run` as a real process, for tests that stop or kill it."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from .waiting import wait_until
+
+
+class DaemonProcess:
+    """One daemon instance; its JSON log lines are kept in a file for assertions."""
+
+    def __init__(self, config: Path, log_path: Path, extra_env: dict[str, str] | None = None):
+        self.config = config
+        self.log_path = log_path
+        self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(extra_env or {})}
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> DaemonProcess:
+        handle = self.log_path.open("ab")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "ghost_buildpackd", "run", "--config", str(self.config)],
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+            env=self.env,
+            start_new_session=True,
+        )
+        handle.close()
+        return self
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def events(self) -> list[dict[str, Any]]:
+        found = []
+        if not self.log_path.exists():
+            return found
+        for line in self.log_path.read_text(errors="replace").splitlines():
+            try:
+                found.append(json.loads(line))
+            except ValueError:
+                continue
+        return found
+
+    def saw(self, event: str, **fields: Any) -> dict[str, Any] | None:
+        for item in self.events():
+            if item.get("event") == event and all(item.get(k) == v for k, v in fields.items()):
+                return item
+        return None
+
+    def wait_ready(self, timeout: float = 60) -> None:
+        wait_until(lambda: self._check_alive() and self.saw("daemon_ready"), timeout, "daemon_ready in the log")
+
+    def _check_alive(self) -> bool:
+        if not self.alive():
+            raise AssertionError(
+                f"daemon exited with {self.process.returncode if self.process else None}:\n"
+                + self.log_path.read_text(errors="replace")[-4000:]
+            )
+        return True
+
+    def terminate(self, timeout: float = 60) -> int:
+        """SIGTERM and wait for the exit code."""
+        assert self.process is not None
+        if self.alive():
+            self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(timeout)
+
+    def kill(self) -> None:
+        """SIGKILL: no chance to clean anything up."""
+        if self.process is not None and self.alive():
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(30)
+
+    def __enter__(self) -> DaemonProcess:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        if self.alive():
+            try:
+                self.terminate(30)
+            except subprocess.TimeoutExpired:
+                self.kill()
