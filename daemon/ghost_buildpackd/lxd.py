@@ -32,6 +32,8 @@ TAG_JOB = TAG_PREFIX + "job"
 TAG_APP = TAG_PREFIX + "app"
 TAG_OWNER = TAG_PREFIX + "owner"
 TAG_KIND = TAG_PREFIX + "kind"
+# Property of images the daemon publishes (the job id): such images are never picked as a base by os/release.
+IMAGE_PROP_JOB = "ghost-buildpackd.job"
 
 
 class LxdError(Exception):
@@ -242,6 +244,7 @@ class Lxd:
                 for image in images
                 if image.properties.get("os", "").lower() == os_name.lower()
                 and image.properties.get("release", "").lower() == release.lower()
+                and IMAGE_PROP_JOB not in image.properties
             ]
             if matches:
                 return max(matches, key=lambda image: image.created_at)

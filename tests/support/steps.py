@@ -1,0 +1,108 @@
+"""Running a step body directly, as the runner would: record created, lease taken, state `running`."""
+
+from __future__ import annotations
+
+import threading
+from datetime import timedelta
+
+import structlog
+from bson import ObjectId
+
+from ghost_buildpackd.config import Config
+from ghost_buildpackd.lxd import Lxd
+from ghost_buildpackd.steps import StepContext
+from ghost_buildpackd.store import DEPLOY, PENDING, PREPARING, READY, REQUESTED, RUNNING, Step, Store, step_id, utcnow
+
+TEST_OWNER = "test-instance"
+TEST_LEASE_TTL = 600.0  # nothing renews the lease in these tests; long enough for any one step
+
+
+def step_context(
+    config: Config,
+    store: Store,
+    lxd: Lxd,
+    job_id: ObjectId,
+    kind: str,
+    module: str | None = None,
+) -> StepContext:
+    """Create (or reuse) the step record of `job_id`, take its lease and mark it running.
+
+    A finished step is put back to pending first, as `ghost-buildpackd replay` does,
+    so calling this again for the same job makes a new attempt.
+    """
+    job = store.get_job(job_id)
+    assert job is not None, f"no job {job_id} in the test database"
+    sid = step_id(job_id, kind, module)
+    if not store.create_step(job_id, kind, module, app_id=job.get("app_id")):
+        store.reset_step_for_replay(sid)
+    step = store.claim_specific(sid, config.instance_id or TEST_OWNER, TEST_LEASE_TTL, (PENDING,))
+    assert step is not None, f"could not take the lease on step {sid}"
+    ctx = _context(config, store, lxd, step)
+    ctx.save(RUNNING)
+    return ctx
+
+
+def _context(config: Config, store: Store, lxd: Lxd, step: Step) -> StepContext:
+    return StepContext(
+        step=step,
+        config=config,
+        store=store,
+        lxd=lxd,
+        log=structlog.get_logger("test").bind(step=step.id, job_id=str(step.job_id)),
+        abort=threading.Event(),
+        instance_id=config.instance_id or TEST_OWNER,
+    )
+
+
+def take_over_after_crash(
+    config: Config,
+    store: Store,
+    lxd: Lxd,
+    job_id: ObjectId,
+    kind: str,
+    module: str | None = None,
+    ever_finished: bool = False,
+) -> StepContext:
+    """The step's owner died mid-run: its record says running with an expired lease; another instance takes it.
+
+    `ever_finished=False` also forgets the finish time, as for a crash during the first run of the step.
+    """
+    sid = step_id(job_id, kind, module)
+    expired = {"owner": "dead-instance", "token": "dead", "expires_at": utcnow() - timedelta(hours=1)}
+    update: dict = {"$set": {"state": RUNNING, "lease": expired}}
+    if not ever_finished:
+        update["$unset"] = {"times.finished": ""}
+    store.steps.update_one({"_id": sid}, update)
+    step = store.claim_step(config.instance_id or TEST_OWNER, TEST_LEASE_TTL, config.host_name, kinds=(kind,))
+    assert step is not None and step.id == sid, f"could not take over step {sid}"
+    ctx = _context(config, store, lxd, step)
+    ctx.save(RUNNING)
+    return ctx
+
+
+def deploy_context(config: Config, store: Store, lxd: Lxd, job_id: ObjectId, module: str, phase: str) -> StepContext:
+    """A deploy step taken as the runner takes it, for `deploy.prepare` or `deploy.run`.
+
+    `prepare`: the pending record (created if missing) is claimed and saved `preparing`.
+    `run`: the client's request is made if it was not yet (`requested`, bound to
+    this host), then the step is claimed and saved `running`.
+    """
+    job = store.get_job(job_id)
+    assert job is not None, f"no job {job_id} in the test database"
+    sid = step_id(job_id, DEPLOY, module)
+    store.create_step(job_id, DEPLOY, module, app_id=job.get("app_id"))
+    if phase == "prepare":
+        wanted, state = (PENDING,), PREPARING
+    else:
+        store.request_step(job_id, module, config.host_name, job.get("app_id"))
+        wanted, state = (REQUESTED,), RUNNING
+    step = store.claim_specific(sid, config.instance_id or TEST_OWNER, TEST_LEASE_TTL, wanted)
+    assert step is not None, f"could not take the lease on step {sid} in {wanted}"
+    ctx = _context(config, store, lxd, step)
+    ctx.save(state)
+    return ctx
+
+
+def finish_preparation(ctx: StepContext) -> None:
+    """What the runner does after `prepare` returned `ready`: record it and release the lease."""
+    assert ctx.store.update_step(ctx.step, state=READY, release=True) is not None
