@@ -1,0 +1,89 @@
+"""The orphan sweep: containers and profiles the daemon left behind (crashes, hard kills).
+
+Run at start and every `sweep_interval`. LXD is the truth: a container
+carrying the daemon's step tag is removed when its step record is gone or
+finished. A container of an active step is left alone even when the step's
+lease expired: whoever takes the step over removes it (`remove_leftovers`),
+and deleting it here would race with that takeover.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from bson import ObjectId
+from bson.errors import InvalidId
+
+from .lxd import TAG_JOB, ContainerInfo, Lxd
+from .store import Store
+
+PROFILE_PREFIX = "gbp-"
+
+
+def sweep_orphans(store: Store, lxd: Lxd, keep_debug: bool, log: Any) -> list[str]:
+    """Remove orphaned tagged containers, then unused `gbp-*` profiles; returns the containers removed.
+
+    With `keep_debug` (container.debug), containers of finished steps are kept on
+    purpose so people can look inside; only those without a step record go.
+    """
+    removed = []
+    for container in lxd.list_containers():
+        reason = orphan_reason(store, container, keep_debug)
+        if reason and _remove_container(lxd, container, reason, log):
+            removed.append(container.name)
+    _remove_unused_profiles(lxd, log)
+    return removed
+
+
+def orphan_reason(store: Store, container: ContainerInfo, keep_debug: bool) -> str | None:
+    """Why `container` belongs to no live step, or None when it must stay."""
+    sid = container.step_id
+    if not sid:
+        return None  # tagged by hand or by another tool: not ours to judge
+    step = store.get_step(sid)
+    if step is None:
+        # Only a container of a job in *this* Ghost database is ours: another Ghost
+        # (another database) may share this LXD server, and its steps are not here.
+        if not _job_known(store, container.tags.get(TAG_JOB)):
+            return None
+        return "no step record"
+    if not step.terminal:
+        return None  # live, or left to the takeover when its lease expired
+    if keep_debug:
+        return None
+    return f"step {step.state}"
+
+
+def _job_known(store: Store, job_id: str | None) -> bool:
+    try:
+        return bool(job_id) and store.get_job(ObjectId(job_id)) is not None
+    except InvalidId:
+        return False
+
+
+def _remove_container(lxd: Lxd, container: ContainerInfo, reason: str, log: Any) -> bool:
+    try:
+        deleted = lxd.delete_container(container.name)
+    except Exception as error:  # one stuck container must not stop the sweep
+        log.warning(
+            "orphan_container_remove_failed", container=container.name, step=container.step_id, error=str(error)
+        )
+        return False
+    if deleted:
+        log.info("orphan_container_removed", container=container.name, step=container.step_id, reason=reason)
+    return deleted
+
+
+def _remove_unused_profiles(lxd: Lxd, log: Any) -> None:
+    """The daemon creates no profiles (devices live on the container); old `gbp-*` ones nobody uses go."""
+    for name in lxd.list_profiles():
+        if not name.startswith(PROFILE_PREFIX):
+            continue
+        users = lxd.profile_used_by(name)
+        if users is None or users:
+            continue
+        try:
+            if lxd.delete_profile(name):
+                log.info("orphan_profile_removed", profile=name, reason="no container uses it")
+        except Exception as error:  # e.g. a container started using it meanwhile
+            log.warning("orphan_profile_remove_failed", profile=name, error=str(error))

@@ -1,0 +1,103 @@
+"""The orphan sweep on the real LXD: which tagged containers and gbp-* profiles go, which stay.
+
+Containers are created stopped (the sweep only reads tags and deletes), and
+every one of them carries a job of this test's database, so the sweep never
+touches what other tests on this LXD server own.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import timedelta
+from typing import Any
+
+import pytest
+from bson import ObjectId
+
+from ghost_buildpackd.lxd import TAG_APP, TAG_JOB, TAG_KIND, TAG_OWNER, TAG_STEP, ContainerSpec, Lxd
+from ghost_buildpackd.store import BUILDIMAGE, FAILED, RUNNING, SUCCEEDED, Store, step_id, utcnow
+from ghost_buildpackd.sweep import sweep_orphans
+from tests.support.ghost import make_app, make_job
+
+pytestmark = [pytest.mark.lxd, pytest.mark.mongodb]
+
+
+class RecordingLog:
+    def __init__(self) -> None:
+        self.events: list[tuple[str, dict[str, Any]]] = []
+
+    def __getattr__(self, level: str) -> Any:
+        return lambda event, **fields: self.events.append((event, fields))
+
+    def named(self, event: str) -> list[dict[str, Any]]:
+        return [fields for name, fields in self.events if name == event]
+
+
+def tagged_container(lxd: Lxd, image: str, job_id: ObjectId, profiles: tuple[str, ...] = ()) -> str:
+    name = f"gbp-{job_id}-b"
+    tags = {
+        TAG_STEP: step_id(job_id, BUILDIMAGE),
+        TAG_JOB: str(job_id),
+        TAG_APP: "",
+        TAG_KIND: BUILDIMAGE,
+        TAG_OWNER: "test-sweep",
+    }
+    lxd.create_container(ContainerSpec(name=name, image=image, tags=tags, profiles=profiles))
+    return name
+
+
+def hold_lease(store: Store, sid: str, ttl: int) -> None:
+    """A lease of an instance that crashed (expired) or still works (live), written as the runner does."""
+    lease = {"owner": "crashed-instance", "token": uuid.uuid4().hex, "expires_at": utcnow() + timedelta(seconds=ttl)}
+    assert store.steps.update_one({"_id": sid}, {"$set": {"lease": lease}}).modified_count == 1
+
+
+def remaining(lxd: Lxd, names: dict[str, str]) -> set[str]:
+    existing = {container.name for container in lxd.list_containers()}
+    return {role for role, name in names.items() if name in existing}
+
+
+def test_sweep_removes_containers_of_missing_and_finished_steps_only(store: Store, lxd: Lxd, base_image: str) -> None:
+    fingerprint = lxd.resolve_image(base_image).fingerprint
+    app_id = make_app(store.db)
+    jobs = {role: make_job(store.db, app_id) for role in ("missing", "succeeded", "failed", "live", "expired")}
+    store.create_step(jobs["succeeded"], BUILDIMAGE, app_id=app_id, state=SUCCEEDED)
+    store.create_step(jobs["failed"], BUILDIMAGE, app_id=app_id, state=FAILED)
+    for role, ttl in (("live", 300), ("expired", -60)):
+        store.create_step(jobs[role], BUILDIMAGE, app_id=app_id, state=RUNNING)
+        hold_lease(store, step_id(jobs[role], BUILDIMAGE), ttl)
+    foreign_job = ObjectId()  # a job of another Ghost database sharing this LXD server
+    used_profile, unused_profile = (f"gbp-test-{uuid.uuid4().hex[:8]}" for _ in range(2))
+    lxd.client.profiles.create(used_profile, config={}, devices={})
+    lxd.client.profiles.create(unused_profile, config={}, devices={})
+    names: dict[str, str] = {}
+    try:
+        for role, job_id in jobs.items():
+            names[role] = tagged_container(lxd, fingerprint, job_id, (used_profile,) if role == "live" else ())
+        names["foreign"] = tagged_container(lxd, fingerprint, foreign_job)
+
+        # Debug mode keeps finished steps' containers on purpose; a missing record still goes.
+        log = RecordingLog()
+        assert sweep_orphans(store, lxd, keep_debug=True, log=log) == [names["missing"]]
+        assert remaining(lxd, names) == {"succeeded", "failed", "live", "expired", "foreign"}
+        assert log.named("orphan_container_removed") == [
+            {"container": names["missing"], "step": step_id(jobs["missing"], BUILDIMAGE), "reason": "no step record"}
+        ]
+        # Profiles (whatever the mode): the unused gbp-* one went, the one a container uses stayed.
+        profiles = lxd.list_profiles()
+        assert used_profile in profiles
+        assert unused_profile not in profiles
+        assert {"profile": unused_profile, "reason": "no container uses it"} in log.named("orphan_profile_removed")
+
+        log = RecordingLog()
+        removed = sweep_orphans(store, lxd, keep_debug=False, log=log)
+        assert sorted(removed) == sorted([names["succeeded"], names["failed"]])
+        assert remaining(lxd, names) == {"live", "expired", "foreign"}
+        reasons = {fields["container"]: fields["reason"] for fields in log.named("orphan_container_removed")}
+        assert reasons == {names["succeeded"]: "step succeeded", names["failed"]: "step failed"}
+
+    finally:
+        for name in names.values():
+            lxd.delete_container(name)
+        for profile in (used_profile, unused_profile):
+            lxd.delete_profile(profile)
