@@ -98,6 +98,8 @@ class Step:
     started_at: datetime | None
     finished_at: datetime | None
     output_tail: str
+    cancel_reason: str = ""
+    image: str = ""  # alias a deploy step's container was made from
 
     @property
     def terminal(self) -> bool:
@@ -127,6 +129,8 @@ class Step:
             started_at=(doc.get("times") or {}).get("started"),
             finished_at=(doc.get("times") or {}).get("finished"),
             output_tail=doc.get("output_tail", ""),
+            cancel_reason=doc.get("cancel_reason", ""),
+            image=doc.get("image", ""),
         )
 
 
@@ -284,6 +288,11 @@ class Store:
         pipeline = [{"$match": {"operationType": {"$in": ["insert", "update", "replace"]}}}]
         return self.steps.watch(pipeline, max_await_time_ms=int(max_await * 1000))
 
+    def watch_step(self, sid: str, max_await: float) -> Any:
+        """A change stream on one step record (Ghost's client waits on it for the outcome)."""
+        pipeline = [{"$match": {"documentKey._id": sid, "operationType": {"$in": ["insert", "update", "replace"]}}}]
+        return self.steps.watch(pipeline, max_await_time_ms=int(max_await * 1000))
+
     @retry_transient()
     def set_app_container_image(self, app_id: ObjectId, alias: str) -> None:
         self.apps.update_one({"_id": app_id}, {"$set": {"build_infos.container_image": alias}})
@@ -345,22 +354,33 @@ class Store:
         return {"owner": owner, "token": uuid.uuid4().hex, "expires_at": utcnow() + timedelta(seconds=ttl)}
 
     @retry_transient()
-    def claim_step(self, owner: str, ttl: float, host: str, kinds: tuple[str, ...] | None = None) -> Step | None:
+    def claim_step(
+        self, owner: str, ttl: float, host: str, exclude: tuple[str, ...] = (), kinds: tuple[str, ...] | None = None
+    ) -> Step | None:
         """Atomically take the lease on one step that needs work, oldest first.
 
         Work is: a `pending` step, a `requested` deploy step bound to this host,
-        or any active step whose lease expired (its owner died). The state is
-        left as it was: the caller decides what the step needs next.
+        or an active step whose lease expired (its owner died); a deploy step
+        that was running is bound to its host too. The state is left as it was:
+        the caller decides what the step needs next. `exclude` holds the ids
+        this process already works on (its own leases may lapse in an outage).
         """
         now = utcnow()
         free = {"$or": [{"lease": None}, {"lease.expires_at": {"$lt": now}}]}
+        expired = {"lease.expires_at": {"$lt": now}}
         candidates: list[dict[str, Any]] = [
             {"state": PENDING, **free},
             {"state": REQUESTED, "requested_host": host, **free},
-            {"state": {"$in": [PREPARING, RUNNING]}, "lease.expires_at": {"$lt": now}},
+            {"state": PREPARING, **expired},
+            {"state": RUNNING, "kind": BUILDIMAGE, **expired},
+            {"state": RUNNING, "kind": DEPLOY, "requested_host": host, **expired},
         ]
         for query in candidates:
-            if kinds:
+            if exclude:
+                query["_id"] = {"$nin": list(exclude)}
+            if kinds and query.get("kind", kinds[0]) not in kinds:
+                continue
+            if kinds and "kind" not in query:
                 query["kind"] = {"$in": list(kinds)}
             doc = self.steps.find_one_and_update(
                 query,
@@ -410,11 +430,20 @@ class Store:
         return Step.from_doc(doc) if doc else None
 
     @retry_transient()
-    def update_step(self, step: Step, state: str | None = None, release: bool = False, **fields: Any) -> Step | None:
+    def update_step(
+        self,
+        step: Step,
+        state: str | None = None,
+        release: bool = False,
+        expect_state: str | None = None,
+        **fields: Any,
+    ) -> Step | None:
         """A fenced write: applies only while `step`'s lease token is still the record's.
 
         Terminal states release the lease and stamp `times.finished`; `running`
-        stamps `times.started`. Returns the new record, or None if the lease was lost.
+        stamps `times.started`. With `expect_state`, it also applies only if the
+        state is still that one (the client may have moved it meanwhile).
+        Returns the new record, or None if the lease was lost or the state moved.
         """
         changes: dict[str, Any] = dict(fields)
         stamps: dict[str, bool] = {"updated_at": True}
@@ -427,10 +456,11 @@ class Store:
                 stamps["times.started"] = True
         if release:
             changes["lease"] = None
+        query: dict[str, Any] = {"_id": step.id, "lease.token": step.lease_token}
+        if expect_state:
+            query["state"] = expect_state
         doc = self.steps.find_one_and_update(
-            {"_id": step.id, "lease.token": step.lease_token},
-            {"$set": changes, "$currentDate": stamps},
-            return_document=ReturnDocument.AFTER,
+            query, {"$set": changes, "$currentDate": stamps}, return_document=ReturnDocument.AFTER
         )
         return Step.from_doc(doc) if doc else None
 
@@ -510,6 +540,7 @@ class Store:
                     "state": PENDING,
                     "message": "replay requested",
                     "lease": None,
+                    "attempts": 0,
                     "cancel_requested": False,
                     "exit_code": None,
                 },
@@ -572,6 +603,36 @@ class Store:
             {"_id": alias},
             {"$set": {"state": "pruned", "pruned_reason": reason}, "$currentDate": {"pruned_at": True}},
         )
+
+    @retry_transient()
+    def all_image_aliases(self) -> set[str]:
+        """Aliases of every `container_images` record, whatever its state."""
+        return {str(doc["_id"]) for doc in self.images.find({}, {"_id": 1})}
+
+    @retry_transient()
+    def apps_container_images(self) -> dict[str, list[str]]:
+        """Each `build_infos.container_image` any app names -> the ids of those apps (retention never touches them)."""
+        named: dict[str, list[str]] = {}
+        for doc in self.apps.find({"build_infos.container_image": {"$exists": True}}):
+            value = (doc.get("build_infos") or {}).get("container_image")
+            if isinstance(value, str) and value:
+                named.setdefault(value, []).append(str(doc["_id"]))
+        return named
+
+    @retry_transient()
+    def active_step_images(self) -> dict[str, list[str]]:
+        """Image aliases recorded (field `image`) on steps in flight -> the ids of those steps."""
+        used: dict[str, list[str]] = {}
+        for doc in self.steps.find({"state": {"$in": list(ACTIVE)}, "image": {"$exists": True}}):
+            if isinstance(doc.get("image"), str) and doc["image"]:
+                used.setdefault(doc["image"], []).append(str(doc["_id"]))
+        return used
+
+    @retry_transient()
+    def successful_buildimage_jobs(self, app_ids: list[ObjectId]) -> list[dict[str, Any]]:
+        """Ghost's successful buildimage jobs (status done) of these apps: what Ghost's AMI retention counts."""
+        query = {"command": BUILDIMAGE, "status": "done", "app_id": {"$in": list(app_ids)}}
+        return list(self.jobs.find(query))
 
     # --- instances -----------------------------------------------------------------------
 
