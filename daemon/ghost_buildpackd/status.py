@@ -1,0 +1,252 @@
+"""`ghost-buildpackd status`: what the daemons are doing, read from MongoDB only.
+
+Daemon instances are those whose heartbeat is recent; the event lag is the
+newest job change in the database minus the newest one any live instance has
+seen. Human tables by default, `--json` for scripts.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any, TextIO
+
+from pymongo.errors import PyMongoError
+
+from .config import Config
+from .store import ACTIVE, Step, Store, utcnow
+
+# An instance is alive when its heartbeat (written every few seconds) is younger than this.
+MIN_HEARTBEAT_AGE = 30.0
+
+
+def heartbeat_max_age(config: Config) -> float:
+    return max(MIN_HEARTBEAT_AGE, 3 * config.lease_ttl)
+
+
+def redacted_uri(uri: str) -> str:
+    """The MongoDB URI without its password, fit for output."""
+    return re.sub(r"^([a-z0-9+.-]+://[^:@/]*:)[^@/]*@", r"\1***@", uri, flags=re.IGNORECASE)
+
+
+def show_status(config: Config, out: TextIO, as_json: bool, last: int) -> int:
+    """Print the status report; 0, or 1 when MongoDB cannot be reached (with the reason)."""
+    store = Store.from_uri(config.mongodb.uri, config.mongodb.database, config.mongodb.timeout)
+    try:
+        store.ping()  # bounded by mongodb.timeout; the calls below retry through outages, this one must not
+        report = collect_status(store, heartbeat_max_age(config), max(0, last))
+    except PyMongoError as error:
+        reason = f"cannot reach MongoDB at {redacted_uri(config.mongodb.uri)}: {error}"
+        if as_json:
+            out.write(json.dumps({"error": reason}) + "\n")
+        else:
+            out.write(f"ghost-buildpackd status: {reason}\n")
+        return 1
+    finally:
+        store.db.client.close()
+    out.write(json.dumps(report, indent=2) + "\n" if as_json else render_text(report))
+    return 0
+
+
+# --- collecting -----------------------------------------------------------------
+
+
+def _iso(value: datetime | None) -> str | None:
+    return value.isoformat() if isinstance(value, datetime) else None
+
+
+def _seconds(start: datetime | None, end: datetime | None) -> float | None:
+    if not isinstance(start, datetime) or not isinstance(end, datetime):
+        return None
+    return round((end - start).total_seconds(), 3)
+
+
+def collect_status(store: Store, max_age: float, last: int) -> dict[str, Any]:
+    """The whole report as plain data (what --json prints)."""
+    now = utcnow()
+    instances = [_instance(doc, now) for doc in store.live_instances(max_age)]
+    return {
+        "database": store.db.name,
+        "generated_at": now.isoformat(),
+        "instances": instances,
+        "events": _events(store.newest_job_update(), instances),
+        "steps_in_flight": [_in_flight(step, now) for step in store.steps_in_states(ACTIVE)],
+        "finished_steps": [_finished(step) for step in store.recent_finished_steps(last)] if last else [],
+        "images": _images(store),
+    }
+
+
+def _instance(doc: dict[str, Any], now: datetime) -> dict[str, Any]:
+    info = doc.get("info") or {}
+    return {
+        "id": doc["_id"],
+        "host": info.get("host"),
+        "pid": info.get("pid"),
+        "version": info.get("version"),
+        "event_mode": info.get("event_mode"),
+        "mode_reason": info.get("mode_reason"),
+        "started_at": _iso(info.get("started_at")),
+        "last_event_at": _iso(info.get("last_event_at")),
+        "heartbeat_age_s": _seconds(doc.get("seen_at"), now),
+        "steps_in_flight": info.get("steps_in_flight"),
+        "_last_event": info.get("last_event_at"),
+    }
+
+
+def _events(newest_job: datetime | None, instances: list[dict[str, Any]]) -> dict[str, Any]:
+    seen = [item.pop("_last_event") for item in instances]
+    newest_seen = max((value for value in seen if isinstance(value, datetime)), default=None)
+    lag = None
+    if newest_job is not None and newest_seen is not None:
+        lag = max(0.0, round((newest_job - newest_seen).total_seconds(), 3))
+    return {
+        "modes": sorted({item["event_mode"] for item in instances if item["event_mode"]}),
+        "newest_job_change": _iso(newest_job),
+        "newest_change_seen": _iso(newest_seen),
+        "lag_s": lag,
+    }
+
+
+def _in_flight(step: Step, now: datetime) -> dict[str, Any]:
+    expires = step.lease_expires_at
+    lease = "none" if step.owner is None else ("expired" if isinstance(expires, datetime) and expires < now else "held")
+    return {
+        "id": step.id,
+        "job_id": str(step.job_id),
+        "kind": step.kind,
+        "module": step.module,
+        "state": step.state,
+        "age_s": _seconds(step.started_at or step.created_at, now),
+        "owner": step.owner,
+        "lease": lease,
+        "container": step.container,
+        "attempts": step.attempts,
+    }
+
+
+def _finished(step: Step) -> dict[str, Any]:
+    return {
+        "id": step.id,
+        "job_id": str(step.job_id),
+        "kind": step.kind,
+        "module": step.module,
+        "outcome": step.state,
+        "duration_s": _seconds(step.started_at or step.created_at, step.finished_at),
+        "finished_at": _iso(step.finished_at),
+        "exit_code": step.exit_code,
+        "message": step.message,
+    }
+
+
+def _images(store: Store) -> dict[str, list[dict[str, Any]]]:
+    per_app: dict[str, list[dict[str, Any]]] = {}
+    for record in store.image_records():
+        per_app.setdefault(record.app_label or str(record.app_id), []).append(
+            {
+                "alias": record.alias,
+                "ami_id": record.ami_id,
+                "base_image": record.base_image,
+                "size": record.size,
+                "created_at": _iso(record.created_at),
+            }
+        )
+    return per_app
+
+
+# --- rendering --------------------------------------------------------------------
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    seconds = int(seconds)
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+def _when(iso: str | None) -> str:
+    """`2026-01-02T03:04:05.678+00:00` -> `2026-01-02 03:04:05Z` (times are UTC)."""
+    return f"{iso[:19].replace('T', ' ')}Z" if iso else "-"
+
+
+def _size(size: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f}{unit}" if unit == "B" else f"{size:.1f}{unit}"
+        size /= 1024  # type: ignore[assignment]
+    return str(size)
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """Left-aligned columns, two spaces apart."""
+    cells = [[str(h) for h in headers]] + [["-" if c is None else str(c) for c in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    return "".join("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() + "\n" for row in cells)
+
+
+def _section(title: str, headers: Sequence[str], rows: Sequence[Sequence[Any]], empty: str) -> str:
+    return f"\n{title}\n" + (table(headers, rows) if rows else f"  ({empty})\n")
+
+
+def render_text(report: dict[str, Any]) -> str:
+    events = report["events"]
+    lag = "unknown (no live instance has seen a job change)" if events["lag_s"] is None else f"{events['lag_s']:g}s"
+    text = f"ghost-buildpackd status (database {report['database']}, {_when(report['generated_at'])})\n"
+    text += _section(
+        "Daemon instances (live heartbeats)",
+        ["INSTANCE", "HOST", "PID", "VERSION", "EVENTS", "HEARTBEAT", "IN FLIGHT"],
+        [
+            [
+                i["id"],
+                i["host"],
+                i["pid"],
+                i["version"],
+                f"{i['event_mode']} ({i['mode_reason']})" if i["mode_reason"] else i["event_mode"],
+                f"{_duration(i['heartbeat_age_s'])} ago",
+                i["steps_in_flight"],
+            ]
+            for i in report["instances"]
+        ],
+        "none: no daemon has sent a heartbeat recently",
+    )
+    text += (
+        f"\nEvents: mode {', '.join(events['modes']) or '-'}; newest job change {_when(events['newest_job_change'])}; "
+        f"newest seen {_when(events['newest_change_seen'])}; lag {lag}\n"
+    )
+    text += _section(
+        "Steps in flight",
+        ["STEP", "STATE", "AGE", "OWNER", "LEASE", "CONTAINER"],
+        [
+            [s["id"], s["state"], _duration(s["age_s"]), s["owner"], s["lease"], s["container"]]
+            for s in report["steps_in_flight"]
+        ],
+        "none",
+    )
+    text += _section(
+        f"Last {len(report['finished_steps'])} finished steps",
+        ["STEP", "OUTCOME", "DURATION", "FINISHED", "EXIT", "MESSAGE"],
+        [
+            [
+                s["id"],
+                s["outcome"],
+                _duration(s["duration_s"]),
+                _when(s["finished_at"]),
+                s["exit_code"],
+                s["message"][:60],
+            ]
+            for s in report["finished_steps"]
+        ],
+        "none",
+    )
+    rows = [
+        [app, image["alias"], image["ami_id"], image["base_image"], _size(image["size"]), _when(image["created_at"])]
+        for app, images in sorted(report["images"].items())
+        for image in images
+    ]
+    text += _section("Images per app", ["APP", "ALIAS", "AMI", "BASE", "SIZE", "CREATED"], rows, "none")
+    return text

@@ -1,0 +1,166 @@
+"""`ghost-buildpackd status` against the harness MongoDB, with records written as the daemon writes them."""
+
+from __future__ import annotations
+
+import io
+import json
+import uuid
+from collections.abc import Callable
+from datetime import datetime, timedelta
+
+import pytest
+
+from ghost_buildpackd.config import Config
+from ghost_buildpackd.status import redacted_uri, show_status
+from ghost_buildpackd.store import BUILDIMAGE, DEPLOY, FAILED, RUNNING, SUCCEEDED, ImageRecord, Store, step_id, utcnow
+from tests.support.ghost import make_app, make_job
+from tests.support.mongo import MongoServer, free_port
+
+pytestmark = pytest.mark.mongodb
+
+
+@pytest.fixture(autouse=True)
+def date_type_queries(mongo: MongoServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The nx-27017 stand-in never matches `{$type: "date"}`; read the newest `_updated` without it there."""
+    if mongo.real:
+        return
+
+    def newest_job_update(self: Store) -> datetime | None:
+        doc = self.jobs.find_one({"_updated": {"$exists": True}}, sort=[("_updated", -1)])
+        return doc["_updated"] if doc else None
+
+    monkeypatch.setattr(Store, "newest_job_update", newest_job_update)
+
+
+def seed(store: Store) -> dict[str, str]:
+    """One live and one long-dead instance, a step in flight, two finished steps, one image."""
+    app_id = make_app(store.db, name="shop")
+    build_job, deploy_job = make_job(store.db, app_id), make_job(store.db, app_id, command="deploy")
+    newest = store.newest_job_update()
+    assert newest is not None
+    now = utcnow()
+    store.heartbeat(
+        "ghost-1:4242:abcd",
+        {
+            "host": "ghost-1",
+            "pid": 4242,
+            "version": "0.1.0",
+            "event_mode": "poll",
+            "mode_reason": "the server is a standalone",
+            "last_event_at": newest - timedelta(seconds=12),
+            "started_at": now - timedelta(hours=1),
+            "steps_in_flight": 1,
+        },
+    )
+    store.instances.insert_one({"_id": "gone:1:dead", "info": {"host": "gone"}, "seen_at": now - timedelta(hours=2)})
+
+    running = step_id(deploy_job, DEPLOY, "api")
+    store.create_step(deploy_job, DEPLOY, "api", app_id=app_id, state=RUNNING)
+    lease = {"owner": "ghost-1:4242:abcd", "token": uuid.uuid4().hex, "expires_at": now + timedelta(seconds=30)}
+    store.steps.update_one(
+        {"_id": running},
+        {"$set": {"lease": lease, "container": "gbp-x-d-api", "times": {"started": now - timedelta(seconds=95)}}},
+    )
+    for job, kind, module, state, seconds in (
+        (build_job, BUILDIMAGE, None, SUCCEEDED, 130),
+        (deploy_job, DEPLOY, "worker", FAILED, 7),
+    ):
+        store.create_step(job, kind, module, app_id=app_id, state=state, message=f"{state} here")
+        store.steps.update_one(
+            {"_id": step_id(job, kind, module)},
+            {
+                "$set": {
+                    "exit_code": 0 if state == SUCCEEDED else 3,
+                    "times": {"started": now - timedelta(seconds=seconds), "finished": now},
+                }
+            },
+        )
+    store.record_image(
+        ImageRecord(
+            alias=str(build_job),
+            fingerprint="f" * 64,
+            job_id=build_job,
+            app_id=app_id,
+            app_identity=str(app_id),
+            app_label="shop/prod/web",
+            region="eu-west-1",
+            ami_id="ami-0123abcd",
+            ami_name="ami.prod.eu-west-1.web.shop.1",
+            base_image="ghost-buildpackd/busybox",
+            size=3 * 2**20,
+            created_at=now,
+        )
+    )
+    return {
+        "running": running,
+        "built": step_id(build_job, BUILDIMAGE),
+        "failed": step_id(deploy_job, DEPLOY, "worker"),
+    }
+
+
+def test_json_report(store: Store, make_config: Callable[..., Config]) -> None:
+    ids = seed(store)
+    out = io.StringIO()
+    assert show_status(make_config(), out, as_json=True, last=10) == 0
+    report = json.loads(out.getvalue())
+
+    [instance] = report["instances"]  # the one with an old heartbeat is not alive
+    assert instance["id"] == "ghost-1:4242:abcd"
+    assert instance["event_mode"] == "poll" and instance["steps_in_flight"] == 1
+    assert report["events"]["modes"] == ["poll"]
+    assert report["events"]["lag_s"] == pytest.approx(12, abs=1)
+
+    [flight] = report["steps_in_flight"]
+    assert (flight["id"], flight["state"], flight["lease"], flight["container"]) == (
+        ids["running"],
+        RUNNING,
+        "held",
+        "gbp-x-d-api",
+    )
+    assert flight["age_s"] == pytest.approx(95, abs=5)
+
+    finished = {step["id"]: step for step in report["finished_steps"]}
+    assert set(finished) == {ids["built"], ids["failed"]}
+    assert finished[ids["built"]]["outcome"] == SUCCEEDED
+    assert finished[ids["built"]]["duration_s"] == pytest.approx(130, abs=2)
+    assert (finished[ids["failed"]]["outcome"], finished[ids["failed"]]["exit_code"]) == (FAILED, 3)
+
+    [image] = report["images"]["shop/prod/web"]
+    assert image["ami_id"] == "ami-0123abcd" and image["size"] == 3 * 2**20
+
+
+def test_text_report_and_last(store: Store, make_config: Callable[..., Config]) -> None:
+    ids = seed(store)
+    out = io.StringIO()
+    assert show_status(make_config(), out, as_json=False, last=1) == 0
+    text = out.getvalue()
+    assert "ghost-1:4242:abcd" in text and "gone:1:dead" not in text
+    assert "poll (the server is a standalone)" in text
+    assert "lag 12s" in text or "lag 11" in text or "lag 13" in text
+    assert ids["running"] in text and "1m35s" in text
+    assert "Last 1 finished steps" in text
+    assert sum(ids[key] in text for key in ("built", "failed")) == 1
+    assert "shop/prod/web" in text and "3.0MiB" in text
+
+
+def test_empty_database_says_so(store: Store, make_config: Callable[..., Config]) -> None:
+    out = io.StringIO()
+    assert show_status(make_config(), out, as_json=False, last=5) == 0
+    text = out.getvalue()
+    assert "none: no daemon has sent a heartbeat recently" in text
+    assert "lag unknown" in text
+
+
+def test_unreachable_mongodb_exits_1_with_the_reason(make_config: Callable[..., Config]) -> None:
+    uri = f"mongodb://ghost:s3cr3t-pw@127.0.0.1:{free_port()}/"
+    config = make_config(mongodb={"uri": uri, "timeout": "1s"})
+    out = io.StringIO()
+    assert show_status(config, out, as_json=True, last=5) == 1
+    error = json.loads(out.getvalue())["error"]
+    assert error.startswith(f"cannot reach MongoDB at mongodb://ghost:***@127.0.0.1:{uri.rsplit(':', 1)[1]}")
+    assert "s3cr3t-pw" not in error
+
+
+def test_redacted_uri_keeps_everything_but_the_password() -> None:
+    assert redacted_uri("mongodb://u:p%40ss@h:1/db?x=1") == "mongodb://u:***@h:1/db?x=1"
+    assert redacted_uri("mongodb://h:1/") == "mongodb://h:1/"
