@@ -35,8 +35,9 @@ def step_context(
     sid = step_id(job_id, kind, module)
     if not store.create_step(job_id, kind, module, app_id=job.get("app_id")):
         store.reset_step_for_replay(sid)
-    step = store.claim_specific(sid, config.instance_id or TEST_OWNER, TEST_LEASE_TTL, (PENDING,))
-    assert step is not None, f"could not take the lease on step {sid}"
+    # The test's database holds no other step of this kind that needs work, so the claim takes this one.
+    step = store.claim_step(config.instance_id or TEST_OWNER, TEST_LEASE_TTL, config.host_name, kinds=(kind,))
+    assert step is not None and step.id == sid and step.state == PENDING, f"could not take the lease on step {sid}"
     ctx = _context(config, store, lxd, step)
     ctx.save(RUNNING)
     return ctx

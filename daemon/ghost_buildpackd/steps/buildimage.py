@@ -1,0 +1,344 @@
+"""The buildimage step: after a successful AMI build, build the app's container image.
+
+From the app's base image (`build_infos.source_container_image`), a container
+runs Ghost's pre hook, the features install (salt or ansible, on the job's
+provisioner trees mounted read-only) and the post hook, then is published as
+the image aliased with the job id. The `container_images` record and
+`apps.build_infos.container_image` are written only once the image and its
+alias exist, so the app keeps its previous image when anything fails.
+
+Everything that can be refused (job, app, hooks, features, provisioner trees)
+is checked before a container is created. The container is removed in every
+outcome unless `container.debug` is set.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+from ..ghost import App, BadDocument, Job, parse_app, parse_job
+from ..logs import Secrets
+from ..lxd import IMAGE_PROP_JOB, ImageInfo, ImageNotFound, Mount
+from ..store import SUCCEEDED, ImageRecord, utcnow
+from . import (
+    SCRIPT_DIR,
+    LeaseLost,
+    Outcome,
+    StepContext,
+    StepFailed,
+    container_spec,
+    launch,
+    remove_container,
+    remove_leftovers,
+    run_command,
+)
+
+HOOKS = ("pre_buildimage", "post_buildimage")
+PROVISIONER_MOUNT = "/srv/{provisioner}"  # where Ghost's commands expect each provisioner tree
+
+T = TypeVar("T")
+
+
+@dataclasses.dataclass(frozen=True)
+class BuildPlan:
+    """What the step will do, all checked before any container exists."""
+
+    job: Job
+    app: App
+    alias: str
+    ami_id: str
+    hooks: dict[str, str]  # hook name -> decoded script ("" runs nothing)
+    provisioners: list[str]  # provisioners the app's features use, in run order
+    mounts: dict[str, Mount]  # LXD device name -> provisioner tree
+
+
+def run(ctx: StepContext) -> Outcome:
+    """Build, publish and record the app's container image for the buildimage job of `ctx.step`."""
+    job, app = load_job_app(ctx)
+    with Secrets.registered(app.secret_values):
+        plan = make_plan(ctx, job, app)
+        if ctx.step.attempts > 1:
+            finished = lxd_phase("cleaning up after an earlier attempt", lambda: recover_after_interruption(ctx, plan))
+            if finished is not None:
+                return finished
+        base = resolve_base_image(ctx, app)
+        return build(ctx, plan, base)
+
+
+# --- checks before anything runs ---------------------------------------------------------
+
+
+def load_job_app(ctx: StepContext) -> tuple[Job, App]:
+    doc = ctx.store.get_job(ctx.step.job_id)
+    if doc is None:
+        raise BadDocument("job", f"no job with _id {ctx.step.job_id}")
+    job = parse_job(doc)
+    app = parse_app(ctx.store.get_app(job.app_id), job.app_id)
+    if not app.source_container_image:
+        raise BadDocument(
+            "app.build_infos.source_container_image", "not set: container steps are not enabled for this app"
+        )
+    return job, app
+
+
+def make_plan(ctx: StepContext, job: Job, app: App) -> BuildPlan:
+    """Decode hooks, list provisioners and find their trees; BadDocument/StepFailed when unusable."""
+    hooks = {name: app.hook(name) for name in HOOKS}
+    provisioners = app.provisioners()
+    mounts = {}
+    for provisioner in provisioners:
+        tree = provisioner_tree(ctx, job, provisioner)
+        mounts[f"provisioner-{provisioner}"] = Mount(tree, PROVISIONER_MOUNT.format(provisioner=provisioner), True)
+    return BuildPlan(
+        job=job,
+        app=app,
+        alias=str(job.id),
+        ami_id=job.ami_id or app.ami,
+        hooks=hooks,
+        provisioners=provisioners,
+        mounts=mounts,
+    )
+
+
+def provisioner_tree(ctx: StepContext, job: Job, provisioner: str) -> Path:
+    """The tree Ghost prepared for this job's `provisioner` features; StepFailed when it is not there."""
+    tree = ctx.config.ghost.provisioner_tree / f"{provisioner}-{job.id}"
+    if not tree.is_dir():
+        raise StepFailed(
+            f"the app's features use {provisioner}, but its provisioner tree {tree} does not exist "
+            "(Ghost prepares it during the buildimage job; is ghost.provisioner_tree right?)"
+        )
+    return tree
+
+
+def resolve_base_image(ctx: StepContext, app: App) -> ImageInfo:
+    try:
+        base = lxd_phase("resolving the base image", lambda: ctx.lxd.resolve_image(app.source_container_image))
+    except StepFailed as error:
+        if isinstance(error.__cause__, ImageNotFound):
+            raise StepFailed(f"base image (app.build_infos.source_container_image): {error.__cause__}") from None
+        raise
+    ctx.say(
+        "base_image_resolved",
+        f"base image {app.source_container_image!r} is {base.describe()}",
+        reference=app.source_container_image,
+        fingerprint=base.fingerprint,
+    )
+    return base
+
+
+# --- the build ---------------------------------------------------------------------------
+
+
+def build(ctx: StepContext, plan: BuildPlan, base: ImageInfo) -> Outcome:
+    spec = container_spec(ctx, base.fingerprint, plan.mounts, idmap=None)  # mounts are read-only
+    ctx.say(
+        "buildimage_started",
+        f"building the container image of {plan.app.label} (job {plan.alias}, AMI {plan.ami_id or 'unknown'}) "
+        f"in container {spec.name}",
+        container=spec.name,
+        ami_id=plan.ami_id,
+    )
+    try:
+        check_abort(ctx, "creating the container")
+        lxd_phase("creating the container", lambda: launch(ctx, spec))
+        run_scripts(ctx, plan, spec.name)
+        check_abort(ctx, "publishing the image")
+        image = publish(ctx, plan, base, spec.name)
+    finally:
+        clean_up_container(ctx, spec.name)
+    record(ctx, plan, base, image)
+    message = f"container image {plan.alias} published ({image.fingerprint[:12]}, {image.size} bytes)"
+    ctx.say("buildimage_succeeded", message, image=plan.alias, fingerprint=image.fingerprint, size=image.size)
+    return Outcome(SUCCEEDED, message=message, fields={"image": plan.alias, "fingerprint": image.fingerprint})
+
+
+def run_scripts(ctx: StepContext, plan: BuildPlan, container: str) -> None:
+    """Pre hook, features install, post hook, in that order, each under container.exec_timeout."""
+    env = plan.app.ghost_env()
+    pushed = push_hooks(ctx, plan, container)
+    run_hook(ctx, plan, container, "pre_buildimage", env)
+    check_abort(ctx, "installing the features")
+    install_features(ctx, plan, container, env)
+    check_abort(ctx, "running the post_buildimage hook")
+    run_hook(ctx, plan, container, "post_buildimage", env)
+    if pushed:  # the image must not carry the daemon's scripts
+        run_command(ctx, container, ["rm", "-rf", SCRIPT_DIR], {}, "removing the hook scripts")
+
+
+def hook_path(name: str) -> str:
+    return f"{SCRIPT_DIR}/hook-{name}"
+
+
+def push_hooks(ctx: StepContext, plan: BuildPlan, container: str) -> bool:
+    pushed = False
+    for name, script in plan.hooks.items():
+        if script.strip():
+            lxd_phase(f"copying the {name} hook", ctx.lxd.push_file, container, hook_path(name), script.encode())
+            pushed = True
+    return pushed
+
+
+def run_hook(ctx: StepContext, plan: BuildPlan, container: str, name: str, env: dict[str, str]) -> None:
+    if not plan.hooks[name].strip():
+        ctx.say("hook_skipped", f"no {name} hook: nothing to run", hook=name)
+        return
+    run_command(ctx, container, ["sh", hook_path(name)], env, f"{name} hook")
+
+
+def install_features(ctx: StepContext, plan: BuildPlan, container: str, env: dict[str, str]) -> None:
+    if not plan.provisioners:
+        ctx.say("features_skipped", "the app has no features: features install skipped")
+        return
+    commands = ctx.config.container.provisioner_commands
+    for provisioner in plan.provisioners:
+        argv = list(getattr(commands, provisioner))
+        run_command(ctx, container, argv, env, f"features install ({provisioner})")
+
+
+def publish(ctx: StepContext, plan: BuildPlan, base: ImageInfo, container: str) -> ImageInfo:
+    """Stop the container, publish it and point the job's alias at the new image."""
+    compression = ctx.config.container.publish_compression
+    ctx.say("image_publishing", f"publishing container {container} as image {plan.alias} (compression {compression})")
+    lxd_phase("detaching the provisioner trees", lambda: ctx.lxd.remove_devices(container))
+    lxd_phase("stopping the container", lambda: ctx.lxd.stop(container))
+    properties = image_properties(plan, base)
+    image = lxd_phase("publishing the image", lambda: ctx.lxd.publish(container, properties, compression))
+    try:
+        previous = ctx.lxd.image_by_alias(plan.alias)  # set when the job is replayed
+        ctx.lxd.point_alias(plan.alias, image.fingerprint, properties["description"])
+    except Exception as error:  # no image without its alias may survive
+        ctx.lxd.delete_image(image.fingerprint)
+        raise StepFailed(f"pointing alias {plan.alias} at the new image failed: {error}") from error
+    if previous is not None and previous.fingerprint != image.fingerprint:
+        delete_replaced_image(ctx, plan.alias, previous)
+    return image
+
+
+def image_properties(plan: BuildPlan, base: ImageInfo) -> dict[str, str]:
+    app = plan.app
+    properties = {
+        "description": f"ghost-buildpackd: {app.label} ({app.region or 'no region'}), job {plan.alias}, "
+        f"AMI {plan.ami_id or 'unknown'}",
+        "ghost.app": app.name,
+        "ghost.env": app.env,
+        "ghost.role": app.role,
+        "ghost.region": app.region,
+        "ghost.color": app.color,
+        "ghost.app_id": str(app.id),
+        IMAGE_PROP_JOB: plan.alias,
+        "ghost.ami_id": plan.ami_id,
+        "ghost.ami_name": app.ami_name,
+        "ghost-buildpackd.base_image": base.fingerprint,
+    }
+    for key in ("os", "release", "architecture", "variant"):
+        if base.properties.get(key):
+            properties[key] = base.properties[key]
+    return {key: value for key, value in properties.items() if value}
+
+
+def delete_replaced_image(ctx: StepContext, alias: str, previous: ImageInfo) -> None:
+    """The alias moved on replay: delete the image it left unless something else still names it."""
+    current = ctx.lxd.image_by_fingerprint(previous.fingerprint)
+    if current is None or current.aliases:
+        return
+    others = [r for r in ctx.store.image_records() if r.fingerprint == previous.fingerprint and r.alias != alias]
+    if others:
+        return
+    ctx.lxd.delete_image(previous.fingerprint)
+    ctx.log.info("replaced_image_deleted", fingerprint=previous.fingerprint, alias=alias)
+
+
+def record(ctx: StepContext, plan: BuildPlan, base: ImageInfo, image: ImageInfo) -> None:
+    """The two MongoDB writes, only once the image and its alias exist."""
+    app = plan.app
+    ctx.store.record_image(
+        ImageRecord(
+            alias=plan.alias,
+            fingerprint=image.fingerprint,
+            job_id=plan.job.id,
+            app_id=app.id,
+            app_identity=app.identity,
+            app_label=app.label,
+            region=app.region,
+            ami_id=plan.ami_id,
+            ami_name=app.ami_name,
+            base_image=base.fingerprint,
+            size=image.size,
+            created_at=utcnow(),
+        )
+    )
+    ctx.store.set_app_container_image(app.id, plan.alias)
+    ctx.log.info("image_recorded", image=plan.alias, fingerprint=image.fingerprint, app_id=str(app.id))
+
+
+def clean_up_container(ctx: StepContext, name: str) -> None:
+    """Remove the container (kept in debug mode); a failure here never hides the step's own outcome."""
+    try:
+        if ctx.lxd.container_exists(name):
+            remove_container(ctx, name)
+    except Exception as error:  # the sweep removes tagged leftovers later
+        ctx.log.error("container_cleanup_failed", container=name, error=str(error))
+
+
+# --- after a crash or on replay -------------------------------------------------------------
+
+
+def recover_after_interruption(ctx: StepContext, plan: BuildPlan) -> Outcome | None:
+    """Clean what an earlier attempt left; an Outcome when that attempt had in fact built the image.
+
+    LXD and `container_images` are the truth: an image of this job that the
+    record does not name is half-published and is deleted, and the alias is put
+    back on the recorded image (or removed). The earlier image is reused only
+    when the step never finished before (a crash of its first run, after the
+    record was written); a replay always builds again.
+    """
+    remove_leftovers(ctx)
+    kept = recorded_image(ctx, plan.alias)
+    aliased = ctx.lxd.image_by_alias(plan.alias)
+    if aliased is not None and (kept is None or aliased.fingerprint != kept.fingerprint):
+        if kept is not None:
+            ctx.lxd.point_alias(plan.alias, kept.fingerprint)
+        else:
+            ctx.lxd.delete_alias(plan.alias)
+    for image in ctx.lxd.list_images():
+        if image.properties.get(IMAGE_PROP_JOB) == plan.alias and (
+            kept is None or image.fingerprint != kept.fingerprint
+        ):
+            ctx.lxd.delete_image(image.fingerprint)
+            ctx.log.warning("half_published_image_deleted", fingerprint=image.fingerprint, alias=plan.alias)
+    if kept is None or ctx.step.finished_at is not None:
+        return None
+    ctx.store.set_app_container_image(plan.app.id, plan.alias)
+    message = f"container image {plan.alias} was published by an earlier attempt ({kept.fingerprint[:12]})"
+    ctx.say("buildimage_recovered", message, image=plan.alias, fingerprint=kept.fingerprint)
+    return Outcome(SUCCEEDED, message=message, fields={"image": plan.alias, "fingerprint": kept.fingerprint})
+
+
+def recorded_image(ctx: StepContext, alias: str) -> ImageInfo | None:
+    """The image the live `container_images` record names, if it still exists in LXD."""
+    recorded = ctx.store.get_image_record(alias)
+    if recorded is None or recorded.state != "live":
+        return None
+    return ctx.lxd.image_by_fingerprint(recorded.fingerprint)
+
+
+# --- helpers ---------------------------------------------------------------------------------
+
+
+def check_abort(ctx: StepContext, next_phase: str) -> None:
+    if ctx.abort.is_set():
+        raise StepFailed(f"cancelled before {next_phase} (step cancelled, taken over or daemon stopping)")
+
+
+def lxd_phase(phase: str, action: Callable[..., T], *args: Any) -> T:
+    """Run one LXD operation; an error becomes StepFailed naming the phase (transient ones were retried)."""
+    try:
+        return action(*args)
+    except (StepFailed, LeaseLost, BadDocument):
+        raise
+    except Exception as error:
+        raise StepFailed(f"{phase} failed: {type(error).__name__}: {error}") from error

@@ -1,0 +1,457 @@
+"""The buildimage step on the real LXD, with the busybox base image.
+
+Each test builds the context the runner would (record, lease, `running`) and
+calls `buildimage.run`; images and containers it makes are found by the job
+ids of the test's own database and removed at the end.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import structlog
+from bson import ObjectId
+from pymongo.database import Database
+
+from ghost_buildpackd.config import Config
+from ghost_buildpackd.ghost import BadDocument
+from ghost_buildpackd.logs import configure_logging
+from ghost_buildpackd.lxd import IMAGE_PROP_JOB, TAG_JOB, ContainerSpec, ImageInfo, Lxd
+from ghost_buildpackd.steps import StepContext, StepFailed, buildimage, container_name, step_tags
+from ghost_buildpackd.store import BUILDIMAGE, SUCCEEDED, Store
+from tests.conftest import leftover_containers
+from tests.support.ghost import b64, finish_buildimage, make_app, make_job, set_status
+from tests.support.steps import step_context, take_over_after_crash
+
+SECRET = "s3cr3t-Token-4711"
+STUB_SALT = ["sh", "/srv/salt/salt/stub.sh"]
+
+
+# --- fixtures and helpers ------------------------------------------------------------------
+
+
+@pytest.fixture
+def logs() -> Iterator[io.StringIO]:
+    """The structured log of the test, as JSON lines."""
+    stream = io.StringIO()
+    configure_logging("json", "debug", stream)
+    yield stream
+    structlog.reset_defaults()
+
+
+@pytest.fixture
+def own_lxd_objects(lxd: Lxd, db: Database) -> Iterator[None]:
+    """Remove, at the end, every container and image made for this test's jobs (and nothing else)."""
+    yield
+    for name in leftover_containers(lxd, db):
+        lxd.delete_container(name)
+    job_ids = {str(job["_id"]) for job in db.jobs.find({}, {"_id": 1})}
+    for image in lxd.list_images():
+        if image.properties.get(IMAGE_PROP_JOB) in job_ids:
+            lxd.delete_image(image.fingerprint)
+
+
+@pytest.fixture
+def config(make_config: Callable[..., Config]) -> Config:
+    return make_config(container={"provisioner_commands": {"salt": STUB_SALT}})
+
+
+def buildimage_job(db: Database, app_id: ObjectId, ami_id: str = "ami-0123abcd") -> ObjectId:
+    job_id = make_job(db, app_id, "buildimage", "started")
+    finish_buildimage(db, job_id, ami_id)
+    return job_id
+
+
+def build(config: Config, store: Store, lxd: Lxd, job_id: ObjectId) -> tuple[StepContext, Any]:
+    ctx = step_context(config, store, lxd, job_id, BUILDIMAGE)
+    return ctx, buildimage.run(ctx)
+
+
+def fail(config: Config, store: Store, lxd: Lxd, job_id: ObjectId) -> tuple[StepContext, StepFailed]:
+    ctx = step_context(config, store, lxd, job_id, BUILDIMAGE)
+    with pytest.raises(StepFailed) as raised:
+        buildimage.run(ctx)
+    return ctx, raised.value
+
+
+def salt_tree(ghost_dirs: dict[str, Path], job_id: ObjectId, stub: str) -> Path:
+    """Ghost's salt provisioner tree for the job, with a stub in place of salt-call."""
+    tree = ghost_dirs["provisioner_tree"] / f"salt-{job_id}"
+    (tree / "salt").mkdir(parents=True)
+    (tree / "pillar").mkdir()
+    (tree / "salt" / "stub.sh").write_text(stub)
+    return tree
+
+
+def job_log(ghost_dirs: dict[str, Path], job_id: ObjectId) -> str:
+    path = ghost_dirs["log_dir"] / f"{job_id}.txt"
+    return path.read_text() if path.exists() else ""
+
+
+def run_in_image(lxd: Lxd, image: str, job_id: ObjectId, script: str) -> str:
+    """Start a container from `image` (tagged with the job, so it is cleaned), run `sh -c script`, return its output."""
+    name = f"gbp-check-{job_id}"
+    lxd.create_container(ContainerSpec(name=name, image=image, tags={TAG_JOB: str(job_id)}))
+    try:
+        lxd.start(name)
+        lxd.wait_ready(name, 60)
+        output = bytearray()
+        result = lxd.execute(name, ["sh", "-c", script], {}, output.extend, 30)
+        assert result.exit_code == 0, (result, output.decode())
+        return output.decode()
+    finally:
+        lxd.delete_container(name)
+
+
+def assert_nothing_published(lxd: Lxd, store: Store, db: Database, job_id: ObjectId) -> None:
+    assert lxd.image_by_alias(str(job_id)) is None
+    assert not [i for i in lxd.list_images() if i.properties.get(IMAGE_PROP_JOB) == str(job_id)]
+    assert store.get_image_record(str(job_id)) is None
+    assert leftover_containers(lxd, db) == []
+
+
+# --- a successful build ----------------------------------------------------------------------
+
+
+PRE_HOOK = """\
+echo "pre hook for $GHOST_APP/$GHOST_ENV/$GHOST_ROLE color=$GHOST_ENV_COLOR"
+echo "the token is $API_TOKEN"
+echo "$GHOST_APP $GHOST_ENV $GHOST_ROLE $GHOST_ENV_COLOR $EMPTY_VAR." > /pre-mark
+echo "$API_TOKEN" > /token-mark
+"""
+SALT_STUB = """\
+echo "salt stub running"
+test -f /pre-mark && echo "features after pre" > /salt-mark
+"""
+POST_HOOK = """\
+test -f /salt-mark && echo "post after features" > /post-mark
+echo "post hook done"
+"""
+
+
+@pytest.mark.usefixtures("own_lxd_objects")
+def test_hooks_and_features_are_baked_into_the_published_image(
+    config: Config,
+    store: Store,
+    lxd: Lxd,
+    db: Database,
+    ghost_dirs: dict[str, Path],
+    logs: io.StringIO,
+    base_image: str,
+) -> None:
+    app_id = make_app(
+        db,
+        color="blue",
+        container_image="previous-image",
+        env_vars=[{"var_key": "API_TOKEN", "var_value": SECRET}, {"var_key": "EMPTY_VAR"}],
+        pre_buildimage=PRE_HOOK,
+        post_buildimage=POST_HOOK,
+        features=[{"name": "nginx", "version": "1.2"}],  # salt, the default provisioner
+    )
+    job_id = buildimage_job(db, app_id, "ami-0feedbeef")
+    salt_tree(ghost_dirs, job_id, SALT_STUB)
+
+    ctx, outcome = build(config, store, lxd, job_id)
+
+    alias = str(job_id)
+    assert outcome.state == SUCCEEDED and alias in outcome.message
+    image = lxd.image_by_alias(alias)
+    assert image is not None and outcome.fields["fingerprint"] == image.fingerprint
+    base = lxd.image_by_alias(base_image)
+    assert image.properties[IMAGE_PROP_JOB] == alias
+    assert image.properties["ghost.app"] == "shop" and image.properties["ghost.color"] == "blue"
+    assert image.properties["ghost.ami_id"] == "ami-0feedbeef"
+    assert image.properties["ghost-buildpackd.base_image"] == base.fingerprint
+    assert (image.properties["os"], image.properties["release"]) == (base.properties["os"], base.properties["release"])
+
+    record = store.get_image_record(alias)
+    assert record is not None
+    assert (record.fingerprint, record.job_id, record.app_id) == (image.fingerprint, job_id, app_id)
+    assert (record.ami_id, record.ami_name) == ("ami-0feedbeef", "ami.prod.eu-west-1.web.shop.1")
+    assert record.app_identity == "ami.prod.eu-west-1.web.shop.blue" and record.base_image == base.fingerprint
+    assert record.size > 0 and record.state == "live"
+    assert db.apps.find_one({"_id": app_id})["build_infos"]["container_image"] == alias
+
+    marks = run_in_image(
+        lxd,
+        image.fingerprint,
+        job_id,
+        "cat /pre-mark /salt-mark /post-mark /token-mark; test -e /var/lib/ghost-buildpackd || echo no-scripts",
+    )
+    assert marks.splitlines() == [
+        "shop prod web blue .",
+        "features after pre",
+        "post after features",
+        SECRET,  # the app's variables reached the scripts
+        "no-scripts",  # the daemon's hook files are not part of the image
+    ]
+
+    text = job_log(ghost_dirs, job_id)
+    assert "[container buildimage] pre hook for shop/prod/web color=blue" in text
+    assert "[container buildimage] salt stub running" in text
+    assert "[container buildimage] post hook done" in text
+    assert text.index("pre hook for") < text.index("salt stub running") < text.index("post hook done")
+    assert "the token is ***" in text
+    structured = logs.getvalue()
+    assert "salt stub running" in structured
+    assert SECRET not in text and SECRET not in structured
+    assert leftover_containers(lxd, db) == []
+    assert not lxd.container_exists(container_name(ctx.step))
+
+
+# --- base image references -------------------------------------------------------------------
+
+
+def reference_for(how: str, base: ImageInfo, alias: str) -> str:
+    return {
+        "fingerprint": base.fingerprint,
+        "prefix": base.fingerprint[:12],
+        "alias": alias,
+        "os_release": base.os_release,
+    }[how]
+
+
+@pytest.mark.usefixtures("own_lxd_objects")
+@pytest.mark.parametrize("how", ["fingerprint", "prefix", "alias", "os_release"])
+def test_base_image_is_found_by_fingerprint_prefix_alias_and_os_release(
+    how: str, config: Config, store: Store, lxd: Lxd, db: Database, base_image: str
+) -> None:
+    base = lxd.image_by_alias(base_image)
+    app_id = make_app(db, source_container_image=reference_for(how, base, base_image))
+    job_id = buildimage_job(db, app_id)
+
+    _, outcome = build(config, store, lxd, job_id)
+
+    assert outcome.state == SUCCEEDED
+    record = store.get_image_record(str(job_id))
+    if how == "os_release":  # the newest base image of that OS; never an image the daemon published
+        chosen = lxd.image_by_fingerprint(record.base_image)
+        assert chosen.os_release == base.os_release and IMAGE_PROP_JOB not in chosen.properties
+    else:
+        assert record.base_image == base.fingerprint
+
+
+@pytest.mark.usefixtures("own_lxd_objects")
+def test_ami_id_falls_back_to_the_app_when_the_job_message_has_none(
+    config: Config, store: Store, lxd: Lxd, db: Database
+) -> None:
+    app_id = make_app(db, ami="ami-0fromapp")
+    job_id = make_job(db, app_id, "buildimage", "started")
+    set_status(db, job_id, "done", "Build image finished")
+
+    _, outcome = build(config, store, lxd, job_id)
+
+    assert outcome.state == SUCCEEDED
+    assert store.get_image_record(str(job_id)).ami_id == "ami-0fromapp"
+    assert lxd.image_by_alias(str(job_id)).properties["ghost.ami_id"] == "ami-0fromapp"
+
+
+# --- failures: nothing published, nothing left, the app keeps its image ----------------------
+
+
+@pytest.mark.usefixtures("own_lxd_objects")
+def test_failing_pre_hook_fails_the_step_and_keeps_the_previous_image(
+    config: Config, store: Store, lxd: Lxd, db: Database, ghost_dirs: dict[str, Path]
+) -> None:
+    app_id = make_app(
+        db,
+        container_image="previous-image",
+        pre_buildimage="echo about to fail\nexit 3\n",
+        post_buildimage="echo post should not run\n",
+    )
+    job_id = buildimage_job(db, app_id)
+
+    _, error = fail(config, store, lxd, job_id)
+
+    assert "pre_buildimage hook" in error.message and "exited with code 3" in error.message
+    assert error.exit_code == 3
+    assert "about to fail" in error.output_tail
+    assert db.apps.find_one({"_id": app_id})["build_infos"]["container_image"] == "previous-image"
+    assert_nothing_published(lxd, store, db, job_id)
+    text = job_log(ghost_dirs, job_id)
+    assert "about to fail" in text and "post should not run" not in text
+
+
+@pytest.mark.usefixtures("own_lxd_objects")
+def test_failing_features_install_names_the_command_and_exit_code(
+    config: Config, store: Store, lxd: Lxd, db: Database, ghost_dirs: dict[str, Path]
+) -> None:
+    app_id = make_app(db, container_image="previous-image", features=[{"name": "php", "provisioner": "salt"}])
+    job_id = buildimage_job(db, app_id)
+    salt_tree(ghost_dirs, job_id, "echo highstate failed\nexit 5\n")
+
+    _, error = fail(config, store, lxd, job_id)
+
+    assert "features install (salt)" in error.message
+    assert "sh /srv/salt/salt/stub.sh" in error.message and "exited with code 5" in error.message
+    assert db.apps.find_one({"_id": app_id})["build_infos"]["container_image"] == "previous-image"
+    assert_nothing_published(lxd, store, db, job_id)
+
+
+@pytest.mark.usefixtures("own_lxd_objects")
+def test_a_hook_running_past_exec_timeout_is_killed(
+    make_config: Callable[..., Config], store: Store, lxd: Lxd, db: Database, ghost_dirs: dict[str, Path]
+) -> None:
+    config = make_config(container={"exec_timeout": "2s"})
+    app_id = make_app(db, pre_buildimage="echo sleeping\nsleep 30\n")
+    job_id = buildimage_job(db, app_id)
+
+    started = time.monotonic()
+    _, error = fail(config, store, lxd, job_id)
+
+    assert time.monotonic() - started < 25
+    assert "did not finish within 2s" in error.message and "sh /var/lib/ghost-buildpackd/hook-pre_buildimage" in (
+        error.message
+    )
+    assert_nothing_published(lxd, store, db, job_id)
+    assert "sleeping" in job_log(ghost_dirs, job_id)
+
+
+def test_missing_base_image_names_what_was_looked_for_and_what_exists(
+    config: Config, store: Store, lxd: Lxd, db: Database, base_image: str
+) -> None:
+    app_id = make_app(db, source_container_image="debian/no-such-release")
+    job_id = buildimage_job(db, app_id)
+
+    ctx, error = fail(config, store, lxd, job_id)
+
+    assert "'debian/no-such-release'" in error.message and "source_container_image" in error.message
+    assert base_image in error.message  # the local images are listed
+    assert store.get_step(ctx.step.id).container is None  # no container was even named
+    assert_nothing_published(lxd, store, db, job_id)
+
+
+def test_invalid_base64_hook_fails_before_any_container(config: Config, store: Store, lxd: Lxd, db: Database) -> None:
+    app_id = make_app(db)
+    db.apps.update_one({"_id": app_id}, {"$set": {"lifecycle_hooks.post_buildimage": "not base64 !!"}})
+    job_id = buildimage_job(db, app_id)
+    ctx = step_context(config, store, lxd, job_id, BUILDIMAGE)
+
+    with pytest.raises(BadDocument) as raised:
+        buildimage.run(ctx)
+
+    assert raised.value.field == "app.lifecycle_hooks.post_buildimage" and "base64" in raised.value.reason
+    assert store.get_step(ctx.step.id).container is None
+    assert_nothing_published(lxd, store, db, job_id)
+
+
+def test_missing_provisioner_tree_fails_before_any_container(
+    config: Config, store: Store, lxd: Lxd, db: Database, ghost_dirs: dict[str, Path]
+) -> None:
+    app_id = make_app(db, features=[{"name": "web", "provisioner": "ansible"}])
+    job_id = buildimage_job(db, app_id)
+
+    ctx, error = fail(config, store, lxd, job_id)
+
+    assert str(ghost_dirs["provisioner_tree"] / f"ansible-{job_id}") in error.message and "ansible" in error.message
+    assert store.get_step(ctx.step.id).container is None
+    assert_nothing_published(lxd, store, db, job_id)
+
+
+def test_a_cancelled_step_stops_before_creating_the_container(
+    config: Config, store: Store, lxd: Lxd, db: Database
+) -> None:
+    job_id = buildimage_job(db, make_app(db))
+    ctx = step_context(config, store, lxd, job_id, BUILDIMAGE)
+    ctx.abort.set()
+
+    with pytest.raises(StepFailed, match="cancelled before creating the container"):
+        buildimage.run(ctx)
+
+    assert_nothing_published(lxd, store, db, job_id)
+
+
+@pytest.mark.usefixtures("own_lxd_objects")
+def test_debug_keeps_the_container_and_says_how_to_get_in(
+    make_config: Callable[..., Config],
+    store: Store,
+    lxd: Lxd,
+    db: Database,
+    ghost_dirs: dict[str, Path],
+    logs: io.StringIO,
+) -> None:
+    config = make_config(container={"debug": True})
+    app_id = make_app(db, post_buildimage="echo broken post hook\nexit 1\n")
+    job_id = buildimage_job(db, app_id)
+
+    ctx, error = fail(config, store, lxd, job_id)
+
+    name = container_name(ctx.step)
+    assert "post_buildimage hook" in error.message
+    assert leftover_containers(lxd, db) == [name]
+    assert f"lxc exec {name} -- sh" in job_log(ghost_dirs, job_id)
+    kept = [json.loads(line) for line in logs.getvalue().splitlines() if "container_kept_for_debug" in line]
+    assert kept and kept[0]["command"] == f"lxc exec {name} -- sh"
+    assert lxd.image_by_alias(str(job_id)) is None
+
+
+# --- replay and crashes ----------------------------------------------------------------------
+
+
+@pytest.mark.usefixtures("own_lxd_objects")
+def test_replay_moves_the_alias_to_a_new_image_and_deletes_the_old_one(
+    config: Config, store: Store, lxd: Lxd, db: Database
+) -> None:
+    app_id = make_app(db, pre_buildimage="echo first > /build-mark\n")
+    job_id = buildimage_job(db, app_id)
+    _, first = build(config, store, lxd, job_id)
+    store.update_step(store.get_step(f"{job_id}:buildimage"), state=SUCCEEDED)  # as the runner records it
+    db.apps.update_one({"_id": app_id}, {"$set": {"lifecycle_hooks.pre_buildimage": b64("echo second > /build-mark")}})
+
+    _, second = build(config, store, lxd, job_id)  # `replay`: the step is pending again, same alias
+
+    old, new = first.fields["fingerprint"], second.fields["fingerprint"]
+    assert old != new
+    assert lxd.image_by_alias(str(job_id)).fingerprint == new
+    assert lxd.image_by_fingerprint(old) is None
+    assert store.get_image_record(str(job_id)).fingerprint == new
+    assert run_in_image(lxd, new, job_id, "cat /build-mark") == "second\n"
+
+
+@pytest.mark.usefixtures("own_lxd_objects")
+def test_a_half_published_image_is_deleted_and_built_again_after_a_crash(
+    config: Config, store: Store, lxd: Lxd, db: Database
+) -> None:
+    app_id = make_app(db, container_image="previous-image")
+    job_id = buildimage_job(db, app_id)
+    _, first = build(config, store, lxd, job_id)
+    # The crash came after the alias was set but before the MongoDB records were written.
+    store.images.delete_one({"_id": str(job_id)})
+    db.apps.update_one({"_id": app_id}, {"$set": {"build_infos.container_image": "previous-image"}})
+
+    ctx = take_over_after_crash(config, store, lxd, job_id, BUILDIMAGE)
+    outcome = buildimage.run(ctx)
+
+    assert ctx.step.attempts == 2 and outcome.state == SUCCEEDED
+    new = outcome.fields["fingerprint"]
+    assert new != first.fields["fingerprint"] and lxd.image_by_fingerprint(first.fields["fingerprint"]) is None
+    assert lxd.image_by_alias(str(job_id)).fingerprint == new == store.get_image_record(str(job_id)).fingerprint
+    assert db.apps.find_one({"_id": app_id})["build_infos"]["container_image"] == str(job_id)
+
+
+@pytest.mark.usefixtures("own_lxd_objects")
+def test_a_recorded_image_is_kept_after_a_crash_and_the_app_is_updated(
+    config: Config, store: Store, lxd: Lxd, db: Database, ghost_dirs: dict[str, Path]
+) -> None:
+    app_id = make_app(db, container_image="previous-image")
+    job_id = buildimage_job(db, app_id)
+    _, first = build(config, store, lxd, job_id)
+    # The crash came after the image record but before the app was updated; a stray container remains.
+    db.apps.update_one({"_id": app_id}, {"$set": {"build_infos.container_image": "previous-image"}})
+    stray = f"gbp-{job_id}-b"
+    ctx = take_over_after_crash(config, store, lxd, job_id, BUILDIMAGE)
+    lxd.create_container(ContainerSpec(name=stray, image=first.fields["fingerprint"], tags=step_tags(ctx)))
+
+    outcome = buildimage.run(ctx)
+
+    assert outcome.state == SUCCEEDED and "earlier attempt" in outcome.message
+    assert outcome.fields["fingerprint"] == first.fields["fingerprint"]
+    assert lxd.image_by_alias(str(job_id)).fingerprint == first.fields["fingerprint"]
+    assert db.apps.find_one({"_id": app_id})["build_infos"]["container_image"] == str(job_id)
+    assert leftover_containers(lxd, db) == []
