@@ -14,6 +14,7 @@ all three are plain MongoDB and keep the BSON date type on every server.
 from __future__ import annotations
 
 import dataclasses
+import heapq
 import uuid
 from collections.abc import Iterator, Mapping
 from datetime import UTC, datetime, timedelta
@@ -48,10 +49,23 @@ BUILDIMAGE, DEPLOY = "buildimage", "deploy"
 STEPS, IMAGES, STATE, INSTANCES = "container_steps", "container_images", "buildpackd_state", "buildpackd_instances"
 NO_CHANGE_STREAMS = 40573  # "The $changeStream stage is only supported on replica sets"
 TRANSIENT_ERRORS = (AutoReconnect, ConnectionFailure, NetworkTimeout, ServerSelectionTimeoutError)
+# A step nobody holds carries a lease that expired long ago rather than none, so
+# "free" is one comparison (`lease.expires_at < now`) for every query and index.
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+FREE_LEASE = {"owner": None, "token": None, "expires_at": EPOCH}
 
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
+
+
+def same_id(value: ObjectId) -> dict[str, list[ObjectId]]:
+    """Equality filter on an ObjectId field other than `_id`, written as a one-element `$in`.
+
+    Identical in MongoDB; the nx-27017 stand-in used by tests only matches
+    ObjectIds in non-`_id` fields through `$in`.
+    """
+    return {"$in": [value]}
 
 
 def step_id(job_id: ObjectId | str, kind: str, module: str | None = None) -> str:
@@ -232,7 +246,9 @@ class Store:
 
     def ensure_indexes(self) -> None:
         """Indexes for the daemon's queries; the one on Ghost's jobs makes catch-up scans cheap."""
-        self.jobs.create_index([("_updated", pymongo.ASCENDING)], name="buildpackd_updated")
+        self.jobs.create_index(
+            [("command", pymongo.ASCENDING), ("_updated", pymongo.ASCENDING)], name="buildpackd_command_updated"
+        )
         self.steps.create_index([("state", pymongo.ASCENDING), ("created_at", pymongo.ASCENDING)])
         self.steps.create_index([("job_id", pymongo.ASCENDING)])
         self.steps.create_index([("app_id", pymongo.ASCENDING), ("state", pymongo.ASCENDING)])
@@ -253,9 +269,15 @@ class Store:
         return list(self.apps.find({}))
 
     def jobs_changed_since(self, since: datetime, commands: tuple[str, ...]) -> Iterator[dict[str, Any]]:
-        """Jobs of the given commands whose `_updated` is at or after `since`, oldest first."""
-        query = {"_updated": {"$gte": since}, "command": {"$in": list(commands)}}
-        return self.jobs.find(query).sort("_updated", pymongo.ASCENDING)
+        """Jobs of the given commands whose `_updated` is at or after `since`, oldest first.
+
+        One range scan per command on the (command, _updated) index, merged in order.
+        """
+        scans = [
+            self.jobs.find({"command": command, "_updated": {"$gte": since}}).sort("_updated", pymongo.ASCENDING)
+            for command in commands
+        ]
+        return heapq.merge(*scans, key=lambda doc: doc["_updated"])
 
     @retry_transient()
     def newest_job_update(self) -> datetime | None:
@@ -320,7 +342,7 @@ class Store:
             "state": state,
             "attempts": 0,
             "message": message,
-            "lease": None,
+            "lease": FREE_LEASE,
             "created_at": now,
             "updated_at": now,
             "times": {"finished": now} if state in TERMINAL else {},
@@ -338,7 +360,7 @@ class Store:
 
     @retry_transient()
     def steps_for_job(self, job_id: ObjectId) -> list[Step]:
-        return [Step.from_doc(doc) for doc in self.steps.find({"job_id": job_id})]
+        return [Step.from_doc(doc) for doc in self.steps.find({"job_id": same_id(job_id)})]
 
     @retry_transient()
     def steps_in_states(self, states: tuple[str, ...], limit: int = 0) -> list[Step]:
@@ -366,11 +388,10 @@ class Store:
         this process already works on (its own leases may lapse in an outage).
         """
         now = utcnow()
-        free = {"$or": [{"lease": None}, {"lease.expires_at": {"$lt": now}}]}
         expired = {"lease.expires_at": {"$lt": now}}
         candidates: list[dict[str, Any]] = [
-            {"state": PENDING, **free},
-            {"state": REQUESTED, "requested_host": host, **free},
+            {"state": PENDING, **expired},
+            {"state": REQUESTED, "requested_host": host, **expired},
             {"state": PREPARING, **expired},
             {"state": RUNNING, "kind": BUILDIMAGE, **expired},
             {"state": RUNNING, "kind": DEPLOY, "requested_host": host, **expired},
@@ -404,7 +425,7 @@ class Store:
             {
                 "_id": sid,
                 "state": {"$in": list(states)},
-                "$or": [{"lease": None}, {"lease.expires_at": {"$lt": now}}],
+                "lease.expires_at": {"$lt": now},
             },
             {"$set": {"lease": self._lease(owner, ttl)}, "$inc": {"attempts": 1}, "$currentDate": {"updated_at": True}},
             return_document=ReturnDocument.AFTER,
@@ -455,7 +476,7 @@ class Store:
             elif state == RUNNING:
                 stamps["times.started"] = True
         if release:
-            changes["lease"] = None
+            changes["lease"] = FREE_LEASE
         query: dict[str, Any] = {"_id": step.id, "lease.token": step.lease_token}
         if expect_state:
             query["state"] = expect_state
@@ -472,10 +493,10 @@ class Store:
             {
                 "_id": sid,
                 "state": {"$in": list(from_states)},
-                "$or": [{"lease": None}, {"lease.expires_at": {"$lt": now}}],
+                "lease.expires_at": {"$lt": now},
             },
             {
-                "$set": {"state": state, "message": message, "lease": None},
+                "$set": {"state": state, "message": message, "lease": FREE_LEASE},
                 "$currentDate": {"updated_at": True, "times.finished": True},
             },
         )
@@ -489,16 +510,16 @@ class Store:
         and their owner ends them (it checks at each lease renewal).
         """
         now = utcnow()
-        free = {"$or": [{"lease": None}, {"lease.expires_at": {"$lt": now}}]}
+        free = {"lease.expires_at": {"$lt": now}}
         cancelled = self.steps.update_many(
-            {"job_id": job_id, "kind": kind, "state": {"$in": list(ACTIVE)}, **free},
+            {"job_id": same_id(job_id), "kind": kind, "state": {"$in": list(ACTIVE)}, **free},
             {
-                "$set": {"state": CANCELLED, "message": reason, "lease": None},
+                "$set": {"state": CANCELLED, "message": reason, "lease": FREE_LEASE},
                 "$currentDate": {"updated_at": True, "times.finished": True},
             },
         ).modified_count
         self.steps.update_many(
-            {"job_id": job_id, "kind": kind, "state": {"$in": list(ACTIVE)}, "cancel_requested": {"$ne": True}},
+            {"job_id": same_id(job_id), "kind": kind, "state": {"$in": list(ACTIVE)}},
             {"$set": {"cancel_requested": True, "cancel_reason": reason}, "$currentDate": {"updated_at": True}},
         )
         return cancelled
@@ -539,7 +560,7 @@ class Store:
                 "$set": {
                     "state": PENDING,
                     "message": "replay requested",
-                    "lease": None,
+                    "lease": FREE_LEASE,
                     "attempts": 0,
                     "cancel_requested": False,
                     "exit_code": None,
@@ -592,7 +613,7 @@ class Store:
     def image_records(self, app_id: ObjectId | None = None, state: str | None = "live") -> list[ImageRecord]:
         query: dict[str, Any] = {}
         if app_id is not None:
-            query["app_id"] = app_id
+            query["app_id"] = same_id(app_id)
         if state is not None:
             query["state"] = state
         return [ImageRecord.from_doc(doc) for doc in self.images.find(query).sort("created_at", -1)]

@@ -16,8 +16,16 @@ from .waiting import wait_until
 class DaemonProcess:
     """One daemon instance; its JSON log lines are kept in a file for assertions."""
 
-    def __init__(self, config: Path, log_path: Path, extra_env: dict[str, str] | None = None):
+    def __init__(
+        self, config: Path, log_path: Path, extra_env: dict[str, str] | None = None, trivial_bodies: bool = False
+    ):
         self.config = config
+        # The production command, or the same daemon with trivial step bodies (tests/support/trivial_daemon.py).
+        self.argv = (
+            [sys.executable, "-m", "tests.support.trivial_daemon", str(config)]
+            if trivial_bodies
+            else [sys.executable, "-m", "ghost_buildpackd", "run", "--config", str(config)]
+        )
         self.log_path = log_path
         self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(extra_env or {})}
         self.process: subprocess.Popen[bytes] | None = None
@@ -25,7 +33,8 @@ class DaemonProcess:
     def start(self) -> DaemonProcess:
         handle = self.log_path.open("ab")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "ghost_buildpackd", "run", "--config", str(self.config)],
+            self.argv,
+            cwd=Path(__file__).resolve().parents[2],
             stdout=handle,
             stderr=subprocess.STDOUT,
             env=self.env,

@@ -1,0 +1,256 @@
+"""`ghost-buildpackd run`: wires config, MongoDB, LXD, event intake, runner and upkeep.
+
+Fails fast at start (MongoDB, LXD, event mode); at run time it rides out
+outages: the event source and the runner retry with backoff, and the
+watchdog is only fed while both loops make progress.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from typing import IO, Any
+
+from bson import ObjectId
+from pymongo.errors import PyMongoError
+
+from . import __version__
+from .config import Config
+from .events import ChangeStreamSource, Intake, PollSource, StartupError, choose_event_mode
+from .ghost import BadDocument, parse_object_id
+from .logs import get_logger
+from .lxd import Lxd
+from .metrics import start_metrics
+from .notify import SystemdNotifier
+from .retention import Reconciler
+from .runner import Bodies, Runner
+from .store import BUILDIMAGE, Store, step_id, utcnow
+from .sweep import sweep_orphans
+
+log = get_logger(__name__)
+
+HEARTBEAT_EVERY = 5.0
+STALL_AFTER = 120.0  # a loop without progress for this long stops feeding the watchdog
+
+
+def connect_store(config: Config) -> Store:
+    store = Store.from_uri(config.mongodb.uri, config.mongodb.database, config.mongodb.timeout)
+    store.ping()
+    return store
+
+
+class Upkeep:
+    """Periodic and on-demand chores off the hot paths: orphan sweep and image retention."""
+
+    def __init__(self, config: Config, store: Store, lxd: Lxd, reconciler: Reconciler, stop: threading.Event):
+        self.config = config
+        self.store = store
+        self.lxd = lxd
+        self.reconciler = reconciler
+        self.stop = stop
+        self._apps: set[ObjectId] = set()
+        self._sweep_due = threading.Event()
+        self._kick = threading.Event()
+        self._lock = threading.Lock()
+        self.thread = threading.Thread(target=self._loop, name="upkeep", daemon=True)
+
+    def image_built(self, app_id: ObjectId) -> None:
+        with self._lock:
+            self._apps.add(app_id)
+        self._kick.set()
+
+    def job_ended(self, _job_id: ObjectId) -> None:
+        self._sweep_due.set()
+        self._kick.set()
+
+    def _loop(self) -> None:
+        next_sweep = 0.0  # at start
+        next_retention = time.monotonic() + min(60.0, self.config.retention.interval)
+        while not self.stop.is_set():
+            now = time.monotonic()
+            if now >= next_sweep or self._sweep_due.is_set():
+                self._sweep_due.clear()
+                self._guarded("sweep", self._sweep)
+                next_sweep = now + self.config.sweep_interval
+            with self._lock:
+                apps, self._apps = self._apps, set()
+            for app_id in apps:
+                self._guarded("retention_after_build", lambda app_id=app_id: self.reconciler.run(app_id=app_id))
+            if now >= next_retention:
+                self._guarded("retention", self.reconciler.run)
+                next_retention = now + self.config.retention.interval
+            self._kick.wait(max(0.5, min(next_sweep, next_retention) - time.monotonic()))
+            self._kick.clear()
+
+    def _sweep(self) -> None:
+        sweep_orphans(self.store, self.lxd, self.config.container.debug, log)
+
+    @staticmethod
+    def _guarded(what: str, action: Any) -> None:
+        try:
+            action()
+        except Exception:
+            log.exception("upkeep_failed", task=what)
+
+
+class Daemon:
+    def __init__(self, config: Config, store: Store, lxd: Lxd, bodies: Bodies | None = None):
+        self.config = config
+        self.store = store
+        self.lxd = lxd
+        self.stop = threading.Event()
+        self.metrics = start_metrics(config.metrics, log)
+        self.reconciler = Reconciler(config, store, lxd, self.metrics)
+        self.upkeep = Upkeep(config, store, lxd, self.reconciler, self.stop)
+        self.runner = Runner(config, store, lxd, bodies, self.metrics, on_image_built=self.upkeep.image_built)
+        self.intake = Intake(store, on_new_steps=self.runner.wake, on_job_ended=self.upkeep.job_ended)
+        self.mode, self.mode_reason = choose_event_mode(config, store)
+        source_class = ChangeStreamSource if self.mode == "change_stream" else PollSource
+        self.source = source_class(config, store, self.intake, self.stop, self.metrics)
+        self.notifier = SystemdNotifier()
+        self.started_at = utcnow()
+        self._request_watcher: threading.Thread | None = None
+
+    def run(self) -> int:
+        self.store.ensure_indexes()
+        self.runner.start()
+        source_thread = threading.Thread(target=self.source.run, name=f"events-{self.mode}", daemon=True)
+        source_thread.start()
+        if self.mode == "change_stream":
+            self._request_watcher = threading.Thread(target=self._watch_requests, name="requests", daemon=True)
+            self._request_watcher.start()
+        self.upkeep.thread.start()
+        self.heartbeat()
+        self.notifier.ready()
+        self.notifier.status(f"events: {self.mode}; workers: {self.config.workers}")
+        log.info(
+            "daemon_ready",
+            instance=self.config.instance_id,
+            version=__version__,
+            event_mode=self.mode,
+            mode_reason=self.mode_reason,
+            workers=self.config.workers,
+            host=self.config.host_name,
+        )
+        self._main_loop()
+        return self.shutdown()
+
+    def _main_loop(self) -> None:
+        watchdog = self.notifier.watchdog_interval()
+        tick = min(HEARTBEAT_EVERY, watchdog) if watchdog else HEARTBEAT_EVERY
+        while not self.stop.wait(tick):
+            if self._loops_alive():
+                self.notifier.watchdog()
+            try:
+                self.heartbeat()
+            except PyMongoError as error:
+                log.warning("heartbeat_failed", error=str(error))
+
+    def _loops_alive(self) -> bool:
+        now = time.monotonic()
+        stalled = [
+            name
+            for name, last in (("events", self.source.last_tick), ("dispatcher", self.runner.last_tick))
+            if now - last > STALL_AFTER
+        ]
+        if stalled:
+            log.error("loop_stalled_watchdog_not_fed", loops=stalled)
+        return not stalled
+
+    def _watch_requests(self) -> None:
+        """Wake the dispatcher as soon as a client requests a buildpack run (change-stream mode)."""
+        while not self.stop.is_set():
+            try:
+                with self.store.watch_steps(max_await=1.0) as stream:
+                    while not self.stop.is_set():
+                        if stream.try_next() is not None:
+                            self.runner.wake()
+            except PyMongoError as error:
+                log.warning("request_watch_failed", error=str(error))
+                self.stop.wait(1.0)
+
+    def heartbeat(self) -> None:
+        self.store.heartbeat(
+            self.config.instance_id or "",
+            {
+                "host": self.config.host_name,
+                "pid": os.getpid(),
+                "version": __version__,
+                "event_mode": self.mode,
+                "mode_reason": self.mode_reason,
+                "last_event_at": self.source.last_event_at,
+                "started_at": self.started_at,
+                "steps_in_flight": self.runner.in_flight(),
+                "workers": self.config.workers,
+            },
+        )
+
+    def shutdown(self) -> int:
+        log.info("daemon_stopping", grace_s=self.config.shutdown_grace, steps_in_flight=self.runner.in_flight())
+        self.notifier.stopping()
+        self.runner.stop(self.config.shutdown_grace)
+        try:
+            self.store.remove_instance(self.config.instance_id or "")
+        except PyMongoError as error:
+            log.warning("instance_record_not_removed", error=str(error))
+        log.info("daemon_stopped")
+        return 0
+
+
+def run_daemon(config: Config) -> int:
+    """Start, serve until SIGTERM/SIGINT, shut down cleanly. Exit 1 when it cannot start."""
+    config = config.with_instance_id()
+    try:
+        store = connect_store(config)
+    except PyMongoError as error:
+        log.error("startup_failed_mongodb", uri_host=_uri_host(config.mongodb.uri), error=str(error))
+        return 1
+    try:
+        lxd = Lxd(config.lxd)
+        lxd.server_info()
+    except Exception as error:
+        log.error("startup_failed_lxd", endpoint=config.lxd.endpoint, error=str(error))
+        return 1
+    try:
+        daemon = Daemon(config, store, lxd)
+    except StartupError as error:
+        log.error("startup_failed_event_mode", reason=str(error))
+        return 1
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: daemon.stop.set())
+    return daemon.run()
+
+
+def _uri_host(uri: str) -> str:
+    """The host part of a MongoDB URI, without credentials (never log a password)."""
+    rest = uri.split("://", 1)[-1]
+    return rest.rsplit("@", 1)[-1].split("/", 1)[0]
+
+
+def replay_job(config: Config, job_id: str, out: IO[str]) -> int:
+    """Put a finished buildimage step back to pending so a running daemon builds the image again."""
+    try:
+        job = parse_object_id(job_id, "JOB_ID")
+    except BadDocument as error:
+        print(f"ghost-buildpackd replay: {error}", file=out)
+        return 2
+    store = connect_store(config)
+    sid = step_id(job, BUILDIMAGE)
+    step = store.get_step(sid)
+    if step is None:
+        doc = store.get_job(job)
+        if doc is None or doc.get("command") != BUILDIMAGE:
+            print(f"ghost-buildpackd replay: no buildimage job {job_id}", file=out)
+            return 1
+        app = store.get_app(doc.get("app_id"))
+        store.create_step(job, BUILDIMAGE, app_id=doc.get("app_id") if app else None)
+        print(f"step {sid} created (pending): a running daemon builds the image", file=out)
+        return 0
+    if not step.terminal:
+        print(f"step {sid} is {step.state}: nothing to replay", file=out)
+        return 1
+    store.reset_step_for_replay(sid)
+    print(f"step {sid} was {step.state}; now pending: a running daemon builds the image again", file=out)
+    return 0

@@ -1,0 +1,315 @@
+"""Event intake: see every job change and turn it into step records, exactly once.
+
+Two sources feed one `Intake`:
+- `ChangeStreamSource` watches `jobs` (replica sets, sharded clusters) and
+  persists the resume token only after the event became step records;
+- `PollSource` queries jobs by `_updated` behind a persisted high-water mark
+  (standalone servers, like Ghost's own docker-compose).
+Both run a catch-up scan when they start, and the change-stream source again
+whenever its token is no longer usable, so no job is lost to an outage, a
+restart or a lost oplog position. Step ids are deterministic and handling a
+job is idempotent: reading the same job twice is harmless.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Mapping
+from datetime import datetime, timedelta
+from typing import Any
+
+from bson import ObjectId
+from pymongo.errors import OperationFailure, PyMongoError
+
+from .config import Config
+from .ghost import BadDocument, Job, parse_app, parse_job
+from .logs import get_logger
+from .store import BUILDIMAGE, DEPLOY, FAILED, TRANSIENT_ERRORS, Store, step_id, utcnow
+
+log = get_logger(__name__)
+
+COMMANDS = (BUILDIMAGE, DEPLOY)
+DEPLOY_ENDED = ("done", "failed", "aborted", "cancelled")
+# The server no longer has the history the token points into, or the token cannot resume.
+TOKEN_UNUSABLE = {286, 280, 260, 9}
+STREAM_ENDING = ("invalidate", "drop", "rename", "dropDatabase")
+CHECKPOINT_EVERY = 5.0  # seconds between saves of the post-batch token on a quiet collection
+
+
+class StartupError(Exception):
+    """The daemon cannot start as configured; the message says how to fix it."""
+
+
+def choose_event_mode(config: Config, store: Store) -> tuple[str, str]:
+    """Which source to run, and why (logged at start and shown by `status`)."""
+    if config.events.mode == "poll":
+        return "poll", "events.mode is poll"
+    supported, why = store.change_streams_supported()
+    if supported:
+        return "change_stream", f"{why} (events.mode {config.events.mode})"
+    if config.events.mode == "change_stream":
+        raise StartupError(
+            f"events.mode is change_stream but {why}. Convert the server to a single-node replica set "
+            "(start mongod with --replSet rs0, then run rs.initiate() once) or set events.mode: poll"
+        )
+    return "poll", f"{why}; polling jobs every {config.events.poll_interval:g}s"
+
+
+class Intake:
+    """Decides, from a job as it is now, which step records must exist."""
+
+    def __init__(self, store: Store, on_new_steps: Callable[[], None], on_job_ended: Callable[[ObjectId], None]):
+        self.store = store
+        self.on_new_steps = on_new_steps
+        self.on_job_ended = on_job_ended
+
+    def handle_job_id(self, job_id: Any) -> None:
+        doc = self.store.get_job(job_id)
+        if doc is not None:
+            self.handle_job(doc)
+
+    def handle_job(self, doc: Mapping[str, Any]) -> None:
+        if doc.get("command") not in COMMANDS:
+            return
+        try:
+            job = parse_job(doc)
+        except BadDocument as error:
+            self._record_bad_job(doc, error)
+            return
+        if job.command == BUILDIMAGE and job.status == "done":
+            self._buildimage_done(job)
+        elif job.command == DEPLOY and job.status == "started":
+            self._deploy_started(job)
+        elif job.command == DEPLOY and job.status in DEPLOY_ENDED:
+            self._deploy_ended(job)
+
+    def _record_bad_job(self, doc: Mapping[str, Any], error: BadDocument) -> None:
+        job_id = doc.get("_id")
+        relevant = (doc.get("command") == BUILDIMAGE and doc.get("status") == "done") or (
+            doc.get("command") == DEPLOY and doc.get("status") == "started"
+        )
+        if not relevant or not isinstance(job_id, ObjectId):
+            log.warning("job_ignored_malformed", job_id=str(job_id), reason=str(error))
+            return
+        kind = doc["command"]
+        if self.store.create_step(job_id, kind, state=FAILED, message=f"malformed job: {error}"):
+            log.error("step_failed_malformed_job", job_id=str(job_id), kind=kind, reason=str(error))
+
+    def _buildimage_done(self, job: Job) -> None:
+        if self.store.get_step(step_id(job.id, BUILDIMAGE)) is not None:
+            return  # seen before: a replayed event, a catch-up overlap, another instance
+        try:
+            app = parse_app(self.store.get_app(job.app_id), job.app_id)
+        except BadDocument as error:
+            self._create_failed(job, BUILDIMAGE, None, f"malformed app: {error}")
+            return
+        if not app.source_container_image:
+            log.debug("buildimage_without_container_image", job_id=str(job.id), app=app.label)
+            return
+        if self.store.create_step(job.id, BUILDIMAGE, app_id=app.id):
+            log.info("step_created", job_id=str(job.id), step=step_id(job.id, BUILDIMAGE), app=app.label)
+            self.on_new_steps()
+
+    def _deploy_started(self, job: Job) -> None:
+        try:
+            app = parse_app(self.store.get_app(job.app_id), job.app_id)
+            with_build_pack = app.module_names_with_build_pack()
+            known = {m.get("name") for m in app.raw.get("modules") or [] if isinstance(m, Mapping)}
+        except BadDocument as error:
+            for module in job.module_names:
+                self._create_failed(job, DEPLOY, module, f"malformed app: {error}")
+            return
+        if not app.container_image:
+            log.debug("deploy_without_container_image", job_id=str(job.id), app=app.label)
+            return
+        created = 0
+        for module in job.module_names:
+            if module not in known:
+                self._create_failed(job, DEPLOY, module, f"job.modules: the app has no module named {module!r}")
+            elif module in with_build_pack and self.store.create_step(job.id, DEPLOY, module, app_id=app.id):
+                log.info("step_created", job_id=str(job.id), step=step_id(job.id, DEPLOY, module), app=app.label)
+                created += 1
+        if created:
+            self.on_new_steps()
+
+    def _deploy_ended(self, job: Job) -> None:
+        cancelled = self.store.cancel_job_steps(job.id, f"deploy job ended ({job.status}) before the buildpack ran")
+        if cancelled:
+            log.info("deploy_steps_cancelled", job_id=str(job.id), count=cancelled, job_status=job.status)
+        self.on_job_ended(job.id)
+
+    def _create_failed(self, job: Job, kind: str, module: str | None, message: str) -> None:
+        if self.store.create_step(job.id, kind, module, app_id=job.app_id, state=FAILED, message=message):
+            log.error("step_failed_bad_input", job_id=str(job.id), kind=kind, module=module, reason=message)
+
+    def catch_up(self, since: datetime) -> int:
+        """Handle every buildimage/deploy job changed since `since`; returns how many were read."""
+        count = 0
+        for doc in self.store.jobs_changed_since(since, COMMANDS):
+            self.handle_job(doc)
+            count += 1
+        return count
+
+
+class Source:
+    """Common loop plumbing: stop event, progress ticks (for the watchdog), last event time."""
+
+    name = "source"
+
+    def __init__(self, config: Config, store: Store, intake: Intake, stop: threading.Event, metrics: Any = None):
+        self.config = config
+        self.store = store
+        self.intake = intake
+        self.stop = stop
+        self.metrics = metrics
+        self.last_tick = time.monotonic()
+        self.last_event_at: datetime | None = None
+
+    def tick(self) -> None:
+        self.last_tick = time.monotonic()
+
+    def seen(self, job_time: Any) -> None:
+        if isinstance(job_time, datetime):
+            self.last_event_at = job_time
+        if self.metrics is not None:
+            self.metrics.event_received(self.name)
+
+    def catch_up_since(self, caught_up_at: datetime | None) -> datetime:
+        if caught_up_at is None:
+            return utcnow() - timedelta(seconds=self.config.events.initial_lookback)
+        return caught_up_at - timedelta(seconds=self.config.events.overlap)
+
+    def run(self) -> None:
+        """Run until `stop` is set, riding out MongoDB outages with backoff."""
+        delay = 0.5
+        while not self.stop.is_set():
+            try:
+                self.run_once()
+                delay = 0.5
+            except TRANSIENT_ERRORS as error:
+                log.warning("event_source_mongodb_unavailable", source=self.name, error=str(error), retry_in_s=delay)
+            except PyMongoError as error:
+                log.error("event_source_error", source=self.name, error=str(error), retry_in_s=delay)
+            self.tick()
+            self.stop.wait(delay)
+            delay = min(delay * 2, 30.0)
+
+    def run_once(self) -> None:
+        raise NotImplementedError
+
+
+class ChangeStreamSource(Source):
+    name = "change_stream"
+
+    def run_once(self) -> None:
+        checkpoint = self.store.load_checkpoint()
+        token = checkpoint.resume_token
+        stream = self._open(token)
+        if stream is None:
+            token = None
+            stream = self._open(None)
+        opened_at = utcnow()
+        # The stream is open before the scan: whatever changes during the scan is in the stream too.
+        since = self.catch_up_since(checkpoint.caught_up_at)
+        read = self.intake.catch_up(since)
+        log.info("catch_up_done", source=self.name, since=since.isoformat(), jobs_read=read)
+        if token is None:
+            self.store.save_stream_checkpoint(stream.resume_token, opened_at)
+        self._consume(stream, opened_at)
+
+    def _open(self, token: Mapping[str, Any] | None) -> Any:
+        try:
+            stream = self.store.watch_jobs(token, max_await=1.0)
+            # Some servers only reject a token on the first getMore: surface that now, keep the change.
+            first = stream.try_next() if token is not None else None
+            return _Prefetched(stream, first)
+        except OperationFailure as error:
+            if token is not None and (error.code in TOKEN_UNUSABLE or "resume" in str(error).lower()):
+                log.error(
+                    "resume_token_unusable_catching_up",
+                    code=error.code,
+                    error=str(error),
+                    consequence="history lost; a catch-up scan from the last checkpoint finds the jobs missed",
+                )
+                return None
+            raise
+
+    def _consume(self, stream: _Prefetched, caught_up_at: datetime) -> None:
+        last_save = time.monotonic()
+        saved_token = stream.resume_token
+        with stream:
+            while not self.stop.is_set():
+                self.tick()
+                change = stream.try_next()
+                if change is None:
+                    caught_up_at = utcnow()
+                    if stream.resume_token != saved_token and time.monotonic() - last_save >= CHECKPOINT_EVERY:
+                        self.store.save_stream_checkpoint(stream.resume_token, caught_up_at)
+                        saved_token, last_save = stream.resume_token, time.monotonic()
+                    continue
+                operation = change.get("operationType")
+                if operation in STREAM_ENDING:
+                    log.error("change_stream_ended", operation=operation, consequence="reopening with a catch-up scan")
+                    self.store.save_stream_checkpoint(None, caught_up_at)
+                    return
+                job_id = (change.get("documentKey") or {}).get("_id")
+                self.intake.handle_job_id(job_id)
+                self.seen(change.get("wallTime") or utcnow())
+                # Durable step records first, then the token that says "done up to here".
+                self.store.save_stream_checkpoint(stream.resume_token, caught_up_at)
+                saved_token, last_save = stream.resume_token, time.monotonic()
+
+
+class _Prefetched:
+    """A change stream whose first `try_next` already happened (to validate the token)."""
+
+    def __init__(self, stream: Any, first: Any):
+        self.stream = stream
+        self._first = first
+
+    def try_next(self) -> Any:
+        if self._first is not None:
+            first, self._first = self._first, None
+            return first
+        return self.stream.try_next()
+
+    @property
+    def resume_token(self) -> Any:
+        return self.stream.resume_token
+
+    def __enter__(self) -> _Prefetched:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stream.close()
+
+
+class PollSource(Source):
+    name = "poll"
+
+    def run_once(self) -> None:
+        checkpoint = self.store.load_checkpoint()
+        high_water = checkpoint.poll_high_water
+        first = True
+        while not self.stop.is_set():
+            self.tick()
+            started = utcnow()
+            since = (
+                self.catch_up_since(checkpoint.caught_up_at)
+                if first and high_water is None
+                else (high_water or started) - timedelta(seconds=self.config.events.overlap)
+            )
+            read = 0
+            for doc in self.store.jobs_changed_since(since, COMMANDS):
+                self.intake.handle_job(doc)
+                read += 1
+                updated = doc.get("_updated")
+                if isinstance(updated, datetime) and (high_water is None or updated > high_water):
+                    high_water = updated
+                    self.seen(updated)
+            if first:
+                log.info("catch_up_done", source=self.name, since=since.isoformat(), jobs_read=read)
+                first = False
+            self.store.save_poll_checkpoint(high_water or started, started)
+            self.stop.wait(self.config.events.poll_interval)

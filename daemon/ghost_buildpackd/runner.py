@@ -1,0 +1,355 @@
+"""The step runner: claims steps under leases and runs their bodies in a bounded pool.
+
+- A dispatcher thread claims work while a worker slot is free (so other
+  instances get the rest) and wakes up at once when told new work exists.
+- A renewer thread extends the lease of every step held here; a lost lease or
+  a cancellation request sets the step's `abort` event, which stops its
+  command (Lxd.execute force-stops the container).
+- Every write about a step is fenced on its lease token (StepContext.save).
+- Shutdown: stop claiming, let running steps finish within the grace period,
+  then abort them; an aborted step goes back to where another start resumes it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+import structlog
+from bson import ObjectId
+
+from .config import Config
+from .ghost import BadDocument
+from .logs import get_logger
+from .lxd import Lxd
+from .steps import LeaseLost, Outcome, StepContext, StepFailed, remove_leftovers
+from .store import (
+    BUILDIMAGE,
+    CANCELLED,
+    DEPLOY,
+    FAILED,
+    PENDING,
+    PREPARING,
+    READY,
+    REQUESTED,
+    RUNNING,
+    SUCCEEDED,
+    TRANSIENT_ERRORS,
+    Step,
+    Store,
+)
+
+log = get_logger(__name__)
+
+MAX_ATTEMPTS = 5  # claims of one step (a deploy takes two: prepare, run); past it, the step fails
+IDLE_WAIT = 1.0  # longest a free worker waits before looking for work again unprompted
+
+StepBody = Callable[[StepContext], Outcome]
+
+
+@dataclasses.dataclass(frozen=True)
+class Bodies:
+    """What runs for each kind of step (tests may give trivial ones)."""
+
+    buildimage: StepBody
+    prepare_deploy: StepBody
+    run_deploy: StepBody
+
+    @classmethod
+    def default(cls) -> Bodies:
+        from .steps import buildimage, deploy
+
+        return cls(buildimage=buildimage.run, prepare_deploy=deploy.prepare, run_deploy=deploy.run)
+
+
+@dataclasses.dataclass
+class Held:
+    """A step this process holds the lease of."""
+
+    ctx: StepContext
+    started: float
+    cancelled: str = ""  # why, when a cancellation was requested
+    lost: bool = False
+    shutting_down: bool = False
+
+
+class Runner:
+    def __init__(
+        self,
+        config: Config,
+        store: Store,
+        lxd: Lxd,
+        bodies: Bodies | None = None,
+        metrics: Any = None,
+        on_image_built: Callable[[ObjectId], None] | None = None,
+    ):
+        assert config.instance_id, "Config.with_instance_id() first"
+        self.config = config
+        self.store = store
+        self.lxd = lxd
+        self.bodies = bodies or Bodies.default()
+        self.metrics = metrics
+        self.on_image_built = on_image_built
+        self.owner = config.instance_id
+        self.host = config.host_name
+        self.ttl = config.lease_ttl
+        self.pool = ThreadPoolExecutor(config.workers, thread_name_prefix="step")
+        self.slots = threading.Semaphore(config.workers)
+        self.held: dict[str, Held] = {}
+        self.futures: set[Future[None]] = set()
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._accepting = threading.Event()
+        self._stopped = threading.Event()
+        self.last_tick = time.monotonic()
+        self._threads: list[threading.Thread] = []
+
+    # --- lifecycle -------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._accepting.set()
+        for target, name in ((self._dispatch_loop, "dispatcher"), (self._renew_loop, "lease-renewer")):
+            thread = threading.Thread(target=target, name=name, daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    def wake(self) -> None:
+        """New work may exist: look now instead of at the next idle tick."""
+        self._wake.set()
+
+    def in_flight(self) -> list[str]:
+        with self._lock:
+            return list(self.held)
+
+    def stop(self, grace: float) -> None:
+        """Stop claiming; give running steps `grace` seconds, then abort them and wait for cleanup."""
+        self._accepting.clear()
+        self._wake.set()
+        deadline = time.monotonic() + grace
+        while self.in_flight() and time.monotonic() < deadline:
+            self._wait_for_any(deadline - time.monotonic())
+        with self._lock:
+            remaining = list(self.held.values())
+        for held in remaining:
+            held.shutting_down = True
+            held.ctx.abort.set()
+            log.warning("step_aborted_by_shutdown", step=held.ctx.step.id, grace_s=grace)
+        cleanup_deadline = time.monotonic() + max(30.0, self.config.lxd.timeout)
+        while self.in_flight() and time.monotonic() < cleanup_deadline:
+            self._wait_for_any(cleanup_deadline - time.monotonic())
+        self._stopped.set()
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
+    def _wait_for_any(self, timeout: float) -> None:
+        with self._lock:
+            futures = list(self.futures)
+        if not futures:
+            return
+        from concurrent.futures import FIRST_COMPLETED, wait
+
+        wait(futures, timeout=max(0.0, timeout), return_when=FIRST_COMPLETED)
+
+    # --- dispatching --------------------------------------------------------------------------
+
+    def _dispatch_loop(self) -> None:
+        delay = 0.5
+        while self._accepting.is_set():
+            self.last_tick = time.monotonic()
+            if not self.slots.acquire(timeout=IDLE_WAIT):
+                continue
+            try:
+                step = self.store.claim_step(self.owner, self.ttl, self.host, exclude=tuple(self.in_flight()))
+                delay = 0.5
+            except TRANSIENT_ERRORS as error:
+                self.slots.release()
+                log.warning("claim_failed_mongodb_unavailable", error=str(error), retry_in_s=delay)
+                self._wake.wait(delay)
+                delay = min(delay * 2, 30.0)
+                continue
+            except Exception:
+                self.slots.release()
+                log.exception("claim_failed")
+                self._wake.wait(delay)
+                continue
+            if step is None or not self._accepting.is_set():
+                self.slots.release()
+                if step is not None:
+                    self.store.update_step(step, release=True)
+                self._wake.wait(IDLE_WAIT)
+                self._wake.clear()
+                continue
+            self._submit(step)
+
+    def _submit(self, step: Step) -> None:
+        ctx = StepContext(
+            step=step,
+            config=self.config,
+            store=self.store,
+            lxd=self.lxd,
+            log=log,
+            abort=threading.Event(),
+            instance_id=self.owner,
+        )
+        held = Held(ctx=ctx, started=time.monotonic())
+        with self._lock:
+            self.held[step.id] = held
+            future = self.pool.submit(self._execute, held)
+            self.futures.add(future)
+        future.add_done_callback(self._done)
+
+    def _done(self, future: Future[None]) -> None:
+        with self._lock:
+            self.futures.discard(future)
+        self.slots.release()
+        self._wake.set()  # a slot is free: look for more work
+
+    # --- lease renewal -----------------------------------------------------------------------
+
+    def _renew_loop(self) -> None:
+        interval = self.ttl / 3
+        while not self._stopped.wait(interval):
+            with self._lock:
+                held_steps = list(self.held.values())
+            for held in held_steps:
+                self._renew(held)
+
+    def _renew(self, held: Held) -> None:
+        try:
+            renewed = self.store.renew_lease(held.ctx.step, self.ttl)
+        except TRANSIENT_ERRORS as error:
+            log.warning("lease_renewal_failed", step=held.ctx.step.id, error=str(error))
+            return
+        if renewed is None:
+            if held.ctx.step.id in self.in_flight() and not held.lost:
+                held.lost = True
+                held.ctx.abort.set()
+                log.error("lease_lost", step=held.ctx.step.id, consequence="aborting; the new holder carries on")
+        elif renewed.cancel_requested and not held.cancelled:
+            held.cancelled = renewed.cancel_reason or "cancellation requested"
+            held.ctx.abort.set()
+            log.warning("step_cancel_requested", step=renewed.id, reason=held.cancelled)
+
+    # --- running one step ----------------------------------------------------------------------
+
+    def _execute(self, held: Held) -> None:
+        ctx = held.ctx
+        step = ctx.step
+        with structlog.contextvars.bound_contextvars(
+            job_id=str(step.job_id), step=step.id, kind=step.kind, module=step.module, app_id=str(step.app_id)
+        ):
+            ctx.log = log.bind()
+            log.info("step_claimed", state=step.state, attempt=step.attempts)
+            try:
+                outcome = self._run_body(held)
+                self._finish(held, outcome)
+            except LeaseLost:
+                log.warning("step_abandoned_lease_lost", consequence="the instance holding it now carries on")
+            except Exception:  # never let one step take the daemon down
+                log.exception("step_bookkeeping_failed")
+            finally:
+                with self._lock:
+                    self.held.pop(step.id, None)
+
+    def _run_body(self, held: Held) -> Outcome:
+        ctx = held.ctx
+        try:
+            if ctx.step.cancel_requested:
+                remove_leftovers(ctx)
+                return Outcome(CANCELLED, ctx.step.cancel_reason or "cancelled")
+            if ctx.step.attempts > MAX_ATTEMPTS:
+                remove_leftovers(ctx)
+                return Outcome(
+                    FAILED, f"gave up after {MAX_ATTEMPTS} attempts: the daemon running it stopped each time"
+                )
+            return self._dispatch_body(ctx)
+        except LeaseLost:
+            raise
+        except StepFailed as error:
+            return Outcome(FAILED, error.message, error.exit_code, getattr(error, "output_tail", ""))
+        except BadDocument as error:
+            return Outcome(FAILED, f"bad input: {error}")
+        except Exception as error:
+            log.exception("step_crashed")
+            return Outcome(FAILED, f"internal error: {type(error).__name__}: {error}")
+
+    def _dispatch_body(self, ctx: StepContext) -> Outcome:
+        step = ctx.step
+        if step.kind == BUILDIMAGE:
+            ctx.save(RUNNING, message="building the container image")
+            return self.bodies.buildimage(ctx)
+        if step.kind != DEPLOY:
+            raise StepFailed(f"unknown step kind {step.kind!r}")
+        if step.state in (PENDING, PREPARING) and self._save_unless_requested(
+            ctx, PREPARING, message="launching the container"
+        ):
+            return self.bodies.prepare_deploy(ctx)
+        if ctx.step.state in (REQUESTED, RUNNING):
+            ctx.save(RUNNING, message="running the buildpack")
+            return self.bodies.run_deploy(ctx)
+        raise StepFailed(f"deploy step in unexpected state {ctx.step.state!r}")
+
+    def _save_unless_requested(self, ctx: StepContext, state: str, **fields: Any) -> bool:
+        """Move to `state` unless the client requested the run meanwhile (then ctx.step says so)."""
+        updated = self.store.update_step(ctx.step, state=state, expect_state=ctx.step.state, **fields)
+        if updated is not None:
+            ctx.step = updated
+            return True
+        fresh = self.store.get_step(ctx.step.id)
+        if fresh is None or fresh.lease_token != ctx.step.lease_token:
+            raise LeaseLost(ctx.step.id)
+        ctx.step = fresh
+        return False
+
+    def _finish(self, held: Held, outcome: Outcome) -> None:
+        ctx = held.ctx
+        if held.lost:
+            raise LeaseLost(ctx.step.id)
+        if held.shutting_down and outcome.state != SUCCEEDED:
+            self._release_for_restart(ctx)
+            return
+        if held.cancelled and outcome.state != SUCCEEDED:
+            outcome = Outcome(CANCELLED, held.cancelled)
+        if outcome.state == READY:
+            self._finish_preparation(ctx)
+            return
+        ctx.save(
+            outcome.state,
+            message=outcome.message,
+            exit_code=outcome.exit_code,
+            output_tail=outcome.output_tail,
+            **dict(outcome.fields),
+        )
+        seconds = time.monotonic() - held.started
+        event = "step_succeeded" if outcome.state == SUCCEEDED else f"step_{outcome.state}"
+        level = log.info if outcome.state in (SUCCEEDED, CANCELLED) else log.error
+        level(
+            event,
+            outcome=outcome.state,
+            reason=outcome.message,
+            exit_code=outcome.exit_code,
+            duration_s=round(seconds, 3),
+        )
+        ctx.job_log.write(f"{ctx.step.kind} step {outcome.state}: {outcome.message}")
+        if self.metrics is not None:
+            self.metrics.step_finished(ctx.step.kind, outcome.state, seconds)
+        if ctx.step.kind == BUILDIMAGE and outcome.state == SUCCEEDED and self.on_image_built and ctx.step.app_id:
+            self.on_image_built(ctx.step.app_id)
+
+    def _finish_preparation(self, ctx: StepContext) -> None:
+        """Prepared: `ready` and release; if the client asked meanwhile, leave `requested` for a worker."""
+        if self.store.update_step(ctx.step, state=READY, release=True, expect_state=PREPARING) is None:
+            if self.store.update_step(ctx.step, release=True) is None:
+                raise LeaseLost(ctx.step.id)
+            self.wake()
+        log.info("step_prepared", container=ctx.step.container)
+
+    def _release_for_restart(self, ctx: StepContext) -> None:
+        """Shutdown interrupted the step: put it back so the next start (or another instance) resumes it."""
+        back = {RUNNING: REQUESTED if ctx.step.kind == DEPLOY else PENDING, PREPARING: PENDING}
+        state = back.get(ctx.step.state, ctx.step.state)
+        ctx.store.update_step(ctx.step, state=state, release=True, message="interrupted by daemon shutdown; resumes")
+        log.warning("step_released_for_restart", state=state)

@@ -1,0 +1,179 @@
+"""Intake: which step records a job creates, decided from the job and app as they are when read."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pytest
+from bson import ObjectId
+
+from ghost_buildpackd.config import config_from_mapping
+from ghost_buildpackd.events import Intake, StartupError, choose_event_mode
+from ghost_buildpackd.store import CANCELLED, FAILED, PENDING, step_id
+from tests.support.ghost import finish_buildimage, make_app, make_job, module_doc, set_status
+
+
+class Calls:
+    def __init__(self) -> None:
+        self.woken = 0
+        self.ended: list[ObjectId] = []
+
+    def wake(self) -> None:
+        self.woken += 1
+
+    def job_ended(self, job_id: ObjectId) -> None:
+        self.ended.append(job_id)
+
+
+@pytest.fixture
+def calls() -> Calls:
+    return Calls()
+
+
+@pytest.fixture
+def intake(store, calls) -> Intake:
+    return Intake(store, on_new_steps=calls.wake, on_job_ended=calls.job_ended)
+
+
+def steps(store):
+    return {doc["_id"]: doc for doc in store.steps.find()}
+
+
+def test_finished_buildimage_makes_one_step_however_often_seen(db, store, intake, calls):
+    job = make_job(db, make_app(db))
+    finish_buildimage(db, job)
+    for _ in range(3):
+        intake.handle_job_id(job)
+    records = steps(store)
+    assert list(records) == [step_id(job, "buildimage")]
+    assert records[step_id(job, "buildimage")]["state"] == PENDING
+    assert calls.woken == 1
+
+
+def test_buildimage_not_done_or_without_container_image_makes_nothing(db, store, intake):
+    running = make_job(db, make_app(db), status="started")
+    disabled = make_job(db, make_app(db, name="legacy", source_container_image=None))
+    finish_buildimage(db, disabled)
+    failed = make_job(db, make_app(db, name="other"))
+    set_status(db, failed, "failed", "AMI build failed")
+    for job in (running, disabled, failed):
+        intake.handle_job_id(job)
+    assert steps(store) == {}
+
+
+def test_deploy_started_makes_a_step_per_module_with_a_buildpack(db, store, intake):
+    app = make_app(
+        db,
+        container_image="previous-build",
+        modules=[module_doc("api", "/srv/api", "make"), module_doc("static", "/srv/static", None)],
+    )
+    job = make_job(db, app, command="deploy", modules=["api", "static"])
+    set_status(db, job, "started")
+    intake.handle_job_id(job)
+    assert list(steps(store)) == [step_id(job, "deploy", "api")]
+
+
+def test_deploy_without_a_built_image_makes_nothing(db, store, intake):
+    job = make_job(db, make_app(db), command="deploy")
+    set_status(db, job, "started")
+    intake.handle_job_id(job)
+    assert steps(store) == {}
+
+
+def test_deploy_of_an_unknown_module_fails_its_step_with_the_reason(db, store, intake):
+    job = make_job(db, make_app(db, container_image="x"), command="deploy", modules=["app", "ghost-module"])
+    set_status(db, job, "started")
+    intake.handle_job_id(job)
+    records = steps(store)
+    assert records[step_id(job, "deploy", "app")]["state"] == PENDING
+    failed = records[step_id(job, "deploy", "ghost-module")]
+    assert failed["state"] == FAILED
+    assert failed["message"] == "job.modules: the app has no module named 'ghost-module'"
+
+
+def test_deploy_end_cancels_free_steps_and_asks_holders_to_stop(db, store, intake, calls):
+    app = make_app(db, container_image="x", modules=[module_doc("a", "/srv/a", "x"), module_doc("b", "/srv/b", "x")])
+    job = make_job(db, app, command="deploy", modules=["a", "b"])
+    set_status(db, job, "started")
+    intake.handle_job_id(job)
+    held = store.claim_specific(step_id(job, "deploy", "b"), "someone", 60, (PENDING,))
+    assert held is not None
+    set_status(db, job, "aborted")
+    intake.handle_job_id(job)
+    records = steps(store)
+    assert records[step_id(job, "deploy", "a")]["state"] == CANCELLED
+    assert "aborted" in records[step_id(job, "deploy", "a")]["message"]
+    assert records[step_id(job, "deploy", "b")]["state"] == PENDING
+    assert store.get_step(step_id(job, "deploy", "b")).cancel_requested is True
+    assert calls.ended == [job]
+
+
+@pytest.mark.parametrize(
+    ("app_changes", "job_changes", "message"),
+    [
+        (None, {"app_id": ObjectId("0" * 24)}, "malformed app: job.app_id: no app with _id 000000000000000000000000"),
+        (
+            None,
+            {"app_id": "not-an-id"},
+            "malformed job: job.app_id: expected an ObjectId (24 hex digits), got 'not-an-id'",
+        ),
+        ({"name": "../etc"}, None, "malformed app: app.name: must be a single path segment"),
+        ({"env": 42}, None, "malformed app: app.env: expected a string, got int"),
+        ({"env_vars": [{"var_key": "A B", "var_value": "s3cret"}]}, None, "malformed app: app.env_vars[0].var_key"),
+        ({"build_infos": "yes"}, None, "malformed app: app.build_infos: expected an object, got str"),
+    ],
+)
+def test_bad_documents_fail_the_step_with_field_and_reason(db, store, intake, app_changes, job_changes, message):
+    app = make_app(db)
+    if app_changes:
+        db.apps.update_one({"_id": app}, {"$set": app_changes})
+    job = make_job(db, app)
+    finish_buildimage(db, job)
+    if job_changes:
+        db.jobs.update_one({"_id": job}, {"$set": job_changes})
+    intake.handle_job_id(job)
+    record = steps(store)[step_id(job, "buildimage")]
+    assert record["state"] == FAILED
+    assert record["message"].startswith(message)
+    assert "s3cret" not in record["message"]
+
+
+def test_other_commands_are_ignored(db, store, intake):
+    job = make_job(db, make_app(db), command="executescript")
+    set_status(db, job, "done")
+    intake.handle_job_id(job)
+    intake.handle_job_id(ObjectId())  # a job deleted meanwhile
+    assert steps(store) == {}
+
+
+def test_catch_up_reads_jobs_changed_since_a_time(db, store, intake):
+    jobs = [make_job(db, make_app(db, name=f"app{i}")) for i in range(3)]
+    for job in jobs:
+        finish_buildimage(db, job)
+    # A second of margin: the stand-in MongoDB compares datetimes coarsely.
+    since = db.jobs.find_one({"_id": jobs[0]})["_updated"] - timedelta(seconds=1)
+    assert intake.catch_up(since) == 3
+    assert set(steps(store)) == {step_id(job, "buildimage") for job in jobs}
+
+
+class StandaloneStore:
+    """What a standalone server answers; only the method choose_event_mode calls."""
+
+    def change_streams_supported(self):
+        return False, "the server is a standalone (change streams need a replica set)"
+
+
+def test_event_mode_choice():
+    auto = config_from_mapping({}, env={})
+    assert choose_event_mode(auto, StandaloneStore())[0] == "poll"
+    poll = config_from_mapping({"events": {"mode": "poll"}}, env={})
+    assert choose_event_mode(poll, StandaloneStore()) == ("poll", "events.mode is poll")
+    strict = config_from_mapping({"events": {"mode": "change_stream"}}, env={})
+    with pytest.raises(StartupError, match=r"single-node replica set .* or set events.mode: poll"):
+        choose_event_mode(strict, StandaloneStore())
+
+
+def test_auto_picks_change_streams_when_the_server_offers_them(store):
+    mode, reason = choose_event_mode(config_from_mapping({}, env={}), store)
+    assert mode == "change_stream"
+    assert "change streams" in reason
