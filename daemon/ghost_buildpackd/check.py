@@ -1,0 +1,307 @@
+"""`ghost-buildpackd check`: can this host do the daemon's work? One line per check, OK or FAIL with the fix.
+
+Every wait is bounded by the configured timeouts. The probe container is
+named `gbp-check-<random>` and is always deleted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import getpass
+import os
+import re
+import shutil
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import TextIO
+
+from .config import Config
+from .lxd import ContainerSpec, ImageInfo, Lxd
+from .status import redacted_uri
+from .steps import idmap_user_ids
+from .store import Store
+
+SUBUID, SUBGID = Path("/etc/subuid"), Path("/etc/subgid")
+GHOST_COLLECTIONS = ("jobs", "apps")
+PROJECT_IMAGE_PREFIX = "ghost-buildpackd/"  # base images built by scripts/build-base-image
+JOB_ALIAS = re.compile(r"[0-9a-f]{24}")  # images the daemon published (alias = job id)
+COMPRESSORS = {"gzip": "gzip", "zstd": "zstd", "xz": "xz", "bzip2": "bzip2", "lzma": "lzma", "squashfs": "mksquashfs"}
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckResult:
+    name: str
+    ok: bool
+    detail: str
+    fix: str = ""
+
+    def render(self) -> str:
+        line = f"{'OK  ' if self.ok else 'FAIL'}  {self.name}: {self.detail}\n"
+        return line + (f"      fix: {self.fix}\n" if not self.ok and self.fix else "")
+
+
+def ok(name: str, detail: str) -> CheckResult:
+    return CheckResult(name, True, detail)
+
+
+def fail(name: str, detail: str, fix: str) -> CheckResult:
+    return CheckResult(name, False, detail, fix)
+
+
+def run_checks(config: Config, out: TextIO) -> int:
+    """Run every check, print one line each; 0 only when all pass."""
+    results: list[CheckResult] = []
+
+    def report(result: CheckResult) -> None:
+        results.append(result)
+        out.write(result.render())
+        out.flush()
+
+    store = mongo_checks(config, report)
+    lxd_checks(config, store, report)
+    if store is not None:
+        store.db.client.close()
+    report(idmap_check(config))
+    for name, path in (("ghost.root", config.ghost.root), ("ghost.log_dir", config.ghost.log_dir)):
+        report(writable_dir_check(name, path))
+    report(compressor_check(config))
+    failed = sum(not result.ok for result in results)
+    out.write(f"\n{len(results) - failed} OK, {failed} FAIL\n")
+    return 0 if failed == 0 else 1
+
+
+# --- MongoDB -----------------------------------------------------------------------
+
+
+def mongo_checks(config: Config, report: Callable[[CheckResult], None]) -> Store | None:
+    """Reachable and authenticated, event mode, Ghost's collections; the Store when reachable."""
+    where = redacted_uri(config.mongodb.uri)
+    store = Store.from_uri(config.mongodb.uri, config.mongodb.database, config.mongodb.timeout)
+    try:
+        store.ping()
+        version = store.server_info()["version"]
+    except Exception as error:
+        store.db.client.close()
+        report(
+            fail(
+                "mongodb",
+                f"cannot reach or authenticate to {where} within {config.mongodb.timeout:g}s: {error}",
+                "check mongodb.uri (or GHOST_BUILDPACKD_MONGODB_URI), that MongoDB listens there, and the credentials",
+            )
+        )
+        for name in ("mongodb events", "ghost collections"):
+            report(fail(name, "not checked: MongoDB is unreachable", "fix the mongodb check first"))
+        return None
+    report(ok("mongodb", f"reachable and authenticated at {where} (MongoDB {version})"))
+    report(events_check(config, store))
+    report(collections_check(config, store))
+    return store
+
+
+def events_check(config: Config, store: Store) -> CheckResult:
+    supported, reason = store.change_streams_supported()
+    picked = "change_stream" if supported else "poll"
+    if config.events.mode == "change_stream" and not supported:
+        return fail(
+            "mongodb events",
+            f"events.mode is change_stream but {reason}",
+            "run MongoDB as a replica set (a single-node one will do), or set events.mode: auto",
+        )
+    if config.events.mode == "poll":
+        return ok("mongodb events", f"events.mode poll (every {config.events.poll_interval:g}s); {reason}")
+    return ok("mongodb events", f"{reason}: events.mode {config.events.mode} uses {picked}")
+
+
+def collections_check(config: Config, store: Store) -> CheckResult:
+    names = set(store.collection_names())
+    missing = [name for name in GHOST_COLLECTIONS if name not in names]
+    database = config.mongodb.database
+    if missing:
+        return fail(
+            "ghost collections",
+            f"database {database!r} has no {', '.join(missing)} collection",
+            "set mongodb.database to Ghost's database (Ghost's config.yml: mongo_dbname), where jobs and apps live",
+        )
+    return ok("ghost collections", f"database {database!r} holds {', '.join(GHOST_COLLECTIONS)}")
+
+
+# --- LXD -----------------------------------------------------------------------------
+
+
+def lxd_checks(config: Config, store: Store | None, report: Callable[[CheckResult], None]) -> None:
+    """Server reachable, storage pool, and a probe container created, started and deleted."""
+    endpoint = config.lxd.endpoint
+    try:
+        lxd = Lxd(config.lxd)
+        info = lxd.server_info()
+        pools = lxd.storage_pools()
+    except Exception as error:
+        report(
+            fail(
+                "lxd",
+                f"cannot reach LXD at {endpoint}: {error}",
+                "start LXD (lxd waitready), and for `local` add this user to the lxd group "
+                "(the unit does it with SupplementaryGroups=lxd)",
+            )
+        )
+        report(fail("lxd container", "not checked: LXD is unreachable", "fix the lxd check first"))
+        return
+    report(ok("lxd", f"reachable at {endpoint} (LXD {info['version']}, storage driver {info['storage']})"))
+    if not pools:
+        report(fail("lxd storage", "no storage pool", "create one, e.g. `lxc storage create default dir`"))
+    else:
+        report(ok("lxd storage", f"pools: {', '.join(pools)}"))
+    report(probe_container_check(config, lxd, store))
+
+
+def pick_probe_image(lxd: Lxd, store: Store | None) -> ImageInfo | None:
+    """An image apps use, else the project's base image, else any aliased image (smallest first)."""
+    images = lxd.list_images()
+    if store is not None:
+        for app in store.all_apps():
+            ref = (app.get("build_infos") or {}).get("source_container_image")
+            for image in images:
+                if ref and (ref in image.aliases or image.fingerprint.startswith(str(ref))):
+                    return image
+    aliased = sorted((image for image in images if image.aliases), key=lambda image: image.size)
+    for image in aliased:
+        if any(alias.startswith(PROJECT_IMAGE_PREFIX) for alias in image.aliases):
+            return image
+    # Images the daemon published (aliased by job id) may be deleted by retention at any time.
+    stable = [image for image in aliased if not all(JOB_ALIAS.fullmatch(alias) for alias in image.aliases)]
+    return stable[0] if stable else None
+
+
+def probe_container_check(config: Config, lxd: Lxd, store: Store | None) -> CheckResult:
+    name = f"gbp-check-{uuid.uuid4().hex[:8]}"
+    try:
+        image = pick_probe_image(lxd, store)
+    except Exception as error:
+        return fail("lxd container", f"cannot list images: {error}", "check LXD's log")
+    if image is None:
+        return fail(
+            "lxd container",
+            "no LXD image with an alias to probe with",
+            "import a base image: scripts/build-base-image, or `lxc image import <meta> <rootfs> --alias NAME`",
+        )
+    spec = ContainerSpec(
+        name=name,
+        image=image.fingerprint,
+        tags={},  # untagged: the sweep never mistakes the probe for a step's container
+        privileged=config.container.privileged,
+        idmap=_probe_idmap(config),
+    )
+    try:
+        lxd.create_container(spec)
+        lxd.start(name)
+        lxd.wait_ready(name, config.lxd.timeout)
+    except Exception as error:
+        return fail(
+            "lxd container",
+            f"cannot create and start a container from {image.describe()}: {error}" + _delete_probe(lxd, name),
+            "see LXD's log (lxc monitor --type=logging --pretty, or /var/log/lxd/lxd.log) and the idmap check below",
+        )
+    problem = _delete_probe(lxd, name)
+    if problem:
+        return fail("lxd container", f"created and started {name}{problem}", "check LXD's log")
+    mapped = " with raw.idmap" if spec.idmap else (" privileged" if spec.privileged else "")
+    return ok("lxd container", f"created, started{mapped} and deleted {name} from {image.describe()}")
+
+
+def _probe_idmap(config: Config) -> tuple[int, int] | None:
+    if config.container.privileged:
+        return None
+    try:
+        ids = idmap_user_ids(config.container.idmap_user)
+    except KeyError:
+        return None
+    return ids if all(_subid_allows(path, i) for path, i in zip((SUBUID, SUBGID), ids, strict=True)) else None
+
+
+def _delete_probe(lxd: Lxd, name: str) -> str:
+    """Always remove the probe; the text to append to the result when that failed."""
+    try:
+        lxd.delete_container(name)
+    except Exception as error:
+        return f"; could not delete it ({error}): run `lxc delete --force {name}`"
+    return ""
+
+
+# --- host ------------------------------------------------------------------------------
+
+
+def _subid_allows(path: Path, host_id: int) -> bool:
+    """Whether `path` (subuid/subgid) lets root map `host_id` (`root:<id>:1` or a range holding it)."""
+    try:
+        lines = path.read_text().splitlines()
+    except OSError:
+        return False
+    for line in lines:
+        parts = line.strip().split(":")
+        if len(parts) == 3 and parts[0] in ("root", "0") and parts[1].isdigit() and parts[2].isdigit():
+            start, count = int(parts[1]), int(parts[2])
+            if start <= host_id < start + count:
+                return True
+    return False
+
+
+def idmap_check(config: Config) -> CheckResult:
+    user = config.container.idmap_user
+    if config.container.privileged:
+        return ok("idmap", "container.privileged is true: no raw.idmap needed")
+    try:
+        uid, gid = idmap_user_ids(user)
+    except KeyError:
+        return fail(
+            "idmap",
+            f"container.idmap_user {user!r} is no user on this host",
+            "create the user (systemd/sysusers.d/ghost-buildpackd.conf), or give `uid:gid`",
+        )
+    missing = [
+        f"root:{value}:1 in {path}" for path, value in ((SUBUID, uid), (SUBGID, gid)) if not _subid_allows(path, value)
+    ]
+    if missing:
+        return fail(
+            "idmap",
+            f"container.idmap_user {user!r} ({uid}:{gid}) cannot be mapped: missing {' and '.join(missing)}",
+            f"echo root:{uid}:1 >> {SUBUID}; echo root:{gid}:1 >> {SUBGID}; then restart LXD",
+        )
+    return ok("idmap", f"root may map {uid}:{gid} ({user}) into containers ({SUBUID}, {SUBGID})")
+
+
+def _current_user() -> str:
+    try:
+        return f"{getpass.getuser()} (uid {os.getuid()})"
+    except (KeyError, OSError):
+        return f"uid {os.getuid()}"
+
+
+def writable_dir_check(name: str, path: Path) -> CheckResult:
+    """The directory exists and the user running this check can write in it."""
+    who = _current_user()
+    hint = "run the check as the daemon's user (`sudo -u ghost ghost-buildpackd check`) to test what the service sees"
+    if not path.is_dir():
+        return fail(
+            name, f"{path} does not exist", f"create it (systemd/tmpfiles.d/ghost-buildpackd.conf) or fix {name}"
+        )
+    if not os.access(path, os.W_OK | os.X_OK):
+        return fail(name, f"{path} is not writable by {who}", f"give the daemon's user write access to {path}; {hint}")
+    return ok(name, f"{path} exists and is writable by {who}, the user this check runs as")
+
+
+def compressor_check(config: Config) -> CheckResult:
+    compression = config.container.publish_compression
+    if compression == "none":
+        return ok("publish compression", "none: images are published uncompressed")
+    binary = COMPRESSORS[compression]
+    if config.lxd.endpoint != "local":
+        return ok("publish compression", f"{compression}: LXD at {config.lxd.endpoint} runs {binary} (not checked)")
+    found = shutil.which(binary)
+    if not found:
+        return fail(
+            "publish compression",
+            f"container.publish_compression is {compression} but {binary} is not on PATH",
+            f"install {binary} (LXD runs it when publishing) or set container.publish_compression: none",
+        )
+    return ok("publish compression", f"{compression}: {found}")
