@@ -414,7 +414,8 @@ class Lxd:
     def list_containers(self) -> list[ContainerInfo]:
         """Containers carrying the daemon's tags (others are never touched)."""
         found = []
-        for instance in self.client.instances.all():
+        # One listing with the config inline: fetching each one after would race with deletions.
+        for instance in self.client.instances.all(recursion=1):
             tags = {key: value for key, value in instance.config.items() if key.startswith(TAG_PREFIX)}
             if tags:
                 found.append(ContainerInfo(instance.name, instance.status, tags))

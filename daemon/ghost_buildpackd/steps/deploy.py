@@ -1,0 +1,225 @@
+"""The deploy step: a module's buildpack in a container made from the app's last built image.
+
+Two phases, driven by the runner:
+- `prepare` (job `started`): check the image, launch the container early so its
+  start overlaps Ghost's git clone. No working copy yet.
+- `run` (Ghost's client set `requested`): mount the working copy at the
+  module's `path`, push the buildpack outside the module directory, run it with
+  `sh` in the module directory, and remove the container whatever happens.
+
+Everything that can be refused (module, paths, scripts, image) is checked
+before anything runs. Files the buildpack writes belong to the working copy's
+owner: by raw.idmap in unprivileged containers, by a chown to the same
+(derived) ids in privileged mode.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from ..ghost import App, BadDocument, Module, parse_app, parse_job
+from ..joblog import OutputCollector
+from ..logs import Secrets
+from ..lxd import Mount
+from ..store import DEPLOY, READY, SKIPPED, SUCCEEDED
+from . import (
+    SCRIPT_DIR,
+    Outcome,
+    StepContext,
+    StepFailed,
+    container_name,
+    container_spec,
+    describe_ids,
+    idmap_user_ids,
+    launch,
+    remove_container,
+    run_command,
+)
+
+MOUNT_DEVICE = "ghost-module"  # the LXD disk device holding the working copy
+# Container settings that decide who owns what the buildpack writes.
+OWNERSHIP_KEYS = ("raw.idmap", "security.privileged")
+
+
+def prepare(ctx: StepContext) -> Outcome:
+    """Check the app's image and launch the container from it, before Ghost has cloned the module."""
+    app, module = load_app_module(ctx)
+    if not module.has_build_pack:
+        return Outcome(SKIPPED, message=f"module {module.name} has no build_pack")
+    image = image_fingerprint(ctx, app)
+    ctx.save(image=app.container_image)  # retention keeps an image a step uses
+    check_abort(ctx, "launching the container")
+    owner = prepared_owner(ctx, app, module)
+    spec = container_spec(ctx, image, idmap=owner)
+    try:
+        launch(ctx, spec)
+        check_abort(ctx, "marking the container ready")
+    except BaseException:
+        remove_container(ctx, spec.name)
+        raise
+    ctx.say(
+        "deploy_container_prepared",
+        f"module {module.name}: container {spec.name} started from image {app.container_image}, "
+        "waiting for Ghost to ask for the buildpack",
+        container=spec.name,
+        image=app.container_image,
+    )
+    return Outcome(READY, message=f"container {spec.name} ready")
+
+
+def run(ctx: StepContext) -> Outcome:
+    """Run the module's buildpack on its working copy; the container is removed in every outcome."""
+    name = container_name(ctx.step)
+    try:
+        app, module = load_app_module(ctx)
+        if not module.has_build_pack:
+            return Outcome(SKIPPED, message=f"module {module.name} has no build_pack")
+        working_copy = app.working_copy(ctx.config.ghost.root, module)
+        owner = path_owner(working_copy)
+        with Secrets.registered(app.secret_values):
+            name = usable_container(ctx, app, owner)
+            collector = run_build_pack(ctx, name, app, module, working_copy, owner)
+    finally:
+        if ctx.lxd.container_exists(name):  # also a prepared one, when the input was refused
+            remove_container(ctx, name)
+    message = f"buildpack of module {module.name} succeeded"
+    ctx.say("deploy_buildpack_succeeded", message, module=module.name)
+    return Outcome(SUCCEEDED, message=message, exit_code=0, output_tail=collector.tail_text())
+
+
+# --- validation ------------------------------------------------------------------
+
+
+def load_app_module(ctx: StepContext) -> tuple[App, Module]:
+    """The job's app and the step's module, validated (BadDocument/StepFailed name the field)."""
+    step = ctx.step
+    if step.kind != DEPLOY or not step.module:
+        raise StepFailed(f"step {step.id} is not a deploy step of a module")
+    job_doc = ctx.store.get_job(step.job_id)
+    if job_doc is None:
+        raise StepFailed(f"job {step.job_id} does not exist")
+    job = parse_job(job_doc)
+    if job.command != "deploy":
+        raise BadDocument("job.command", f"expected deploy, got {job.command!r}")
+    app = parse_app(ctx.store.get_app(job.app_id), job.app_id)
+    return app, app.module(step.module)
+
+
+def image_fingerprint(ctx: StepContext, app: App) -> str:
+    """The fingerprint behind `build_infos.container_image`; StepFailed when there is none."""
+    alias = app.container_image
+    if not alias:
+        raise StepFailed(
+            "app.build_infos.container_image is not set: no container image was built for this app yet "
+            "(run a buildimage first)"
+        )
+    image = ctx.lxd.image_by_alias(alias)
+    if image is None:
+        raise StepFailed(
+            f"app.build_infos.container_image: LXD image {alias!r} does not exist on this host "
+            "(deleted, or built on another host); run a buildimage again"
+        )
+    return image.fingerprint
+
+
+def check_abort(ctx: StepContext, before: str) -> None:
+    """Between phases: stop when the runner asked (cancelled, lease lost, shutdown)."""
+    if ctx.abort.is_set():
+        raise StepFailed(f"deploy step interrupted (cancelled or taken over) before {before}")
+
+
+# --- ownership -------------------------------------------------------------------
+
+
+def path_owner(path: Path) -> tuple[int, int]:
+    info = os.stat(path)
+    return info.st_uid, info.st_gid
+
+
+def prepared_owner(ctx: StepContext, app: App, module: Module) -> tuple[int, int]:
+    """Who container root maps to: the working copy's owner if it exists, else `container.idmap_user`."""
+    candidate = app.app_dir(ctx.config.ghost.root) / module.name
+    if candidate.is_dir() and not candidate.is_symlink():
+        return path_owner(candidate)
+    try:
+        return idmap_user_ids(ctx.config.container.idmap_user)
+    except KeyError:
+        raise StepFailed(f"container.idmap_user: no user {ctx.config.container.idmap_user!r} on this host") from None
+
+
+# --- the container -----------------------------------------------------------------
+
+
+def usable_container(ctx: StepContext, app: App, owner: tuple[int, int]) -> str:
+    """The prepared container when it runs with the right ownership mapping, else a new one."""
+    name = container_name(ctx.step)
+    wanted = container_spec(ctx, "", idmap=owner).lxd_config()
+    status = ctx.lxd.container_status(name)
+    if status == "Running":
+        current = ctx.lxd.container_config(name)
+        if all(current.get(key) == wanted.get(key) for key in OWNERSHIP_KEYS):
+            ctx.log.info("deploy_container_reused", container=name)
+            return name
+        ctx.log.warning(
+            "deploy_container_recreated_for_owner",
+            container=name,
+            reason="the working copy's owner differs from the prepared id mapping",
+            owner=describe_ids(*owner),
+        )
+    elif status is not None:
+        ctx.log.warning("deploy_container_recreated", container=name, status=status)
+    else:
+        ctx.log.info("deploy_container_not_prepared", container=name)
+    spec = container_spec(ctx, image_fingerprint(ctx, app), idmap=owner)
+    check_abort(ctx, "launching the container")
+    return launch(ctx, spec)  # launch deletes a stale container of the same name first
+
+
+def run_build_pack(
+    ctx: StepContext,
+    name: str,
+    app: App,
+    module: Module,
+    working_copy: Path,
+    owner: tuple[int, int],
+) -> OutputCollector:
+    """Mount, push, run with `sh` in the module directory; privileged mode then hands files back."""
+    check_abort(ctx, "mounting the working copy")
+    ctx.lxd.add_mount(name, MOUNT_DEVICE, Mount(working_copy, module.path))
+    script = f"{SCRIPT_DIR}/buildpack-{module.name}.sh"  # outside the module: the working copy stays as cloned
+    ctx.lxd.push_file(name, script, module.build_pack.encode("utf-8"), mode=0o644)
+    check_abort(ctx, "running the buildpack")
+    ctx.say(
+        "deploy_buildpack_starting",
+        f"module {module.name}: running its buildpack in {module.path} (container {name})",
+        module=module.name,
+        path=module.path,
+        working_copy=str(working_copy),
+    )
+    label = f"buildpack of module {module.name}"
+    try:
+        collector = run_command(ctx, name, ["sh", script], app.module_env(module), label, cwd=module.path)
+    except StepFailed:
+        if ctx.config.container.privileged:
+            give_back_files(ctx, name, module, owner, strict=False)
+        raise
+    if ctx.config.container.privileged:
+        give_back_files(ctx, name, module, owner, strict=True)
+    return collector
+
+
+def give_back_files(ctx: StepContext, name: str, module: Module, owner: tuple[int, int], strict: bool) -> None:
+    """Privileged mode has no id mapping: chown the module to the working copy's owner (ids derived, not fixed).
+
+    After a failed buildpack this is best effort, so Ghost can still delete the working copy.
+    """
+    if ctx.lxd.container_status(name) != "Running":
+        ctx.log.warning("ownership_not_restored", container=name, reason="the container is no longer running")
+        return
+    uid, gid = owner
+    try:
+        run_command(ctx, name, ["chown", "-R", f"{uid}:{gid}", module.path], {}, "ownership of the module's files")
+    except StepFailed:
+        if strict:
+            raise

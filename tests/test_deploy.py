@@ -1,0 +1,423 @@
+"""The deploy step on the real LXD: prepare, run, ownership, refusals, cleanup."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from bson import ObjectId
+from pymongo.database import Database
+from structlog.testing import capture_logs
+
+from ghost_buildpackd.client import run_buildpack
+from ghost_buildpackd.config import Config
+from ghost_buildpackd.ghost import BadDocument
+from ghost_buildpackd.lxd import Lxd
+from ghost_buildpackd.steps import StepContext, StepFailed, container_name, deploy, remove_leftovers
+from ghost_buildpackd.store import CANCELLED, READY, SUCCEEDED, Store, step_id
+from tests.conftest import WORKING_COPY_IDS, leftover_containers
+from tests.support.ghost import b64, make_app, make_job, module_doc
+from tests.support.steps import deploy_context, finish_preparation
+from tests.support.waiting import wait_until
+
+SECRET = "s3cr3t-token-value"
+
+
+@pytest.fixture
+def image_alias(lxd: Lxd, base_image: str) -> Iterator[str]:
+    """An alias of the base image standing for "the app's last built image"; removed afterwards."""
+    alias = f"gbp-test-deploy-{uuid.uuid4().hex[:10]}"
+    base = lxd.image_by_alias(base_image)
+    assert base is not None
+    lxd.point_alias(alias, base.fingerprint, "ghost-buildpackd test_deploy")
+    yield alias
+    lxd.delete_alias(alias)
+
+
+@pytest.fixture
+def no_leftovers(lxd: Lxd, db: Database) -> Iterator[None]:
+    """Remove this test's containers if a failing test left any (only ours: found by job id)."""
+    yield
+    for name in leftover_containers(lxd, db):
+        lxd.delete_container(name)
+
+
+def working_copy(root: Path, module: str, app: tuple[str, ...] = ("shop", "prod", "web")) -> Path:
+    """A module checkout as Ghost's worker leaves it, owned by the working copy user."""
+    path = root.joinpath(*app, module)
+    path.mkdir(parents=True)
+    (path / "requirements.txt").write_text("flask\n")
+    for item in (path, path / "requirements.txt"):
+        os.chown(item, *WORKING_COPY_IDS)
+    return path
+
+
+def deploy_job(db: Database, alias: str | None, modules: list[dict[str, Any]], **app: Any) -> ObjectId:
+    app_id = make_app(db, container_image=alias, modules=modules, **app)
+    return make_job(db, app_id, command="deploy", status="started", modules=[m["name"] for m in modules])
+
+
+def owner(path: Path) -> tuple[int, int]:
+    info = path.stat()
+    return info.st_uid, info.st_gid
+
+
+def job_log(config: Config, job_id: ObjectId) -> str:
+    path = config.ghost.log_dir / f"{job_id}.txt"
+    return path.read_text(encoding="utf-8") if path.exists() else ""
+
+
+def prepare_ready(config: Config, store: Store, lxd: Lxd, job_id: ObjectId, module: str) -> StepContext:
+    ctx = deploy_context(config, store, lxd, job_id, module, "prepare")
+    outcome = deploy.prepare(ctx)
+    assert outcome.state == READY, outcome
+    finish_preparation(ctx)
+    return ctx
+
+
+# --- the buildpack runs ----------------------------------------------------------------
+
+ENV_AND_FILES = """set -e
+echo "pwd=$(pwd) script=$0"
+echo "module=$GHOST_MODULE_NAME path=$GHOST_MODULE_PATH repo=$GHOST_MODULE_REPO app=$GHOST_APP/$GHOST_ENV/$GHOST_ROLE"
+echo "token is $API_TOKEN, plain is $PLAIN"
+mkdir -p build
+echo "$API_TOKEN" > build/token
+echo built > build/out.txt
+echo buildpack-done
+"""
+
+
+def test_prepared_container_runs_buildpack_with_env_and_files_owned_by_working_copy_owner(
+    make_config: Callable[..., Config], store: Store, lxd: Lxd, db: Database, image_alias: str, ghost_dirs, no_leftovers
+) -> None:
+    config = make_config()
+    env_vars = [{"var_key": "API_TOKEN", "var_value": SECRET}, {"var_key": "PLAIN", "var_value": "visible"}]
+    job_id = deploy_job(db, image_alias, [module_doc("app", "/srv/app", ENV_AND_FILES)], env_vars=env_vars)
+
+    with capture_logs() as events:
+        prepared = prepare_ready(config, store, lxd, job_id, "app")
+        name = container_name(prepared.step)
+        assert lxd.container_status(name) == "Running"
+        record = store.steps.find_one({"_id": step_id(job_id, "deploy", "app")})
+        assert record["image"] == image_alias and record["state"] == READY
+
+        module_dir = working_copy(ghost_dirs["root"], "app")  # Ghost clones after the job started
+        ctx = deploy_context(config, store, lxd, job_id, "app", "run")
+        outcome = deploy.run(ctx)
+
+    assert outcome.state == SUCCEEDED and outcome.exit_code == 0
+    assert "buildpack-done" in outcome.output_tail
+    assert any(event["event"] == "deploy_container_reused" for event in events)
+    assert owner(module_dir / "build") == WORKING_COPY_IDS
+    assert owner(module_dir / "build" / "out.txt") == WORKING_COPY_IDS
+    assert (module_dir / "build" / "token").read_text().strip() == SECRET  # the buildpack did get it
+    assert sorted(p.name for p in module_dir.iterdir()) == ["build", "requirements.txt"]  # no script left behind
+    text = job_log(config, job_id)
+    assert "pwd=/srv/app script=/var/lib/ghost-buildpackd/buildpack-app.sh" in text
+    assert "module=app path=/srv/app repo=git@example.invalid:app.git app=shop/prod/web" in text
+    assert "token is ***, plain is ***" in text  # every env_vars value counts as a secret
+    assert SECRET not in text and "visible" not in text
+    assert SECRET not in repr(events)
+    assert leftover_containers(lxd, db) == []
+
+
+def test_modules_of_one_job_run_in_parallel_without_prepare(
+    make_config: Callable[..., Config], store: Store, lxd: Lxd, db: Database, image_alias: str, ghost_dirs, no_leftovers
+) -> None:
+    config = make_config()
+    names = ["api", "front", "worker"]
+    script = 'echo "$GHOST_MODULE_NAME" > made-by.txt; mkdir -p cache/deep; touch cache/deep/file'
+    job_id = deploy_job(db, image_alias, [module_doc(n, f"/opt/{n}", script) for n in names])
+    dirs = {n: working_copy(ghost_dirs["root"], n) for n in names}
+    contexts = {n: deploy_context(config, store, lxd, job_id, n, "run") for n in names}
+    outcomes: dict[str, Any] = {}
+
+    def run(module: str) -> None:
+        try:
+            outcomes[module] = deploy.run(contexts[module])
+        except Exception as error:  # reported by the assertion below
+            outcomes[module] = error
+
+    threads = [threading.Thread(target=run, args=(n,)) for n in names]
+    started = time.monotonic()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    elapsed = time.monotonic() - started
+
+    assert {n: getattr(o, "state", o) for n, o in outcomes.items()} == dict.fromkeys(names, SUCCEEDED)
+    for module, path in dirs.items():
+        assert (path / "made-by.txt").read_text().strip() == module
+        assert owner(path / "cache" / "deep" / "file") == WORKING_COPY_IDS
+    assert elapsed < 60
+    assert leftover_containers(lxd, db) == []
+
+
+def test_owner_differing_from_prepared_idmap_recreates_the_container(
+    make_config: Callable[..., Config], store: Store, lxd: Lxd, db: Database, image_alias: str, ghost_dirs, no_leftovers
+) -> None:
+    config = make_config(container={"idmap_user": "1002:1002"})  # what prepare assumes without a working copy
+    job_id = deploy_job(db, image_alias, [module_doc("app", "/srv/app", "touch made")])
+    prepared = prepare_ready(config, store, lxd, job_id, "app")
+    assert "uid 1002 0" in lxd.container_config(container_name(prepared.step))["raw.idmap"]
+    module_dir = working_copy(ghost_dirs["root"], "app")  # owned by 1001:1002
+
+    with capture_logs() as events:
+        outcome = deploy.run(deploy_context(config, store, lxd, job_id, "app", "run"))
+
+    assert outcome.state == SUCCEEDED
+    assert any(event["event"] == "deploy_container_recreated_for_owner" for event in events)
+    assert owner(module_dir / "made") == WORKING_COPY_IDS
+    assert leftover_containers(lxd, db) == []
+
+
+def test_privileged_mode_gives_the_same_ownership(
+    make_config: Callable[..., Config], store: Store, lxd: Lxd, db: Database, image_alias: str, ghost_dirs, no_leftovers
+) -> None:
+    config = make_config(container={"privileged": True})
+    job_id = deploy_job(db, image_alias, [module_doc("app", "/srv/app", "mkdir -p out && touch out/file")])
+    prepared = prepare_ready(config, store, lxd, job_id, "app")
+    assert lxd.container_config(container_name(prepared.step)).get("security.privileged") == "true"
+    module_dir = working_copy(ghost_dirs["root"], "app")
+
+    outcome = deploy.run(deploy_context(config, store, lxd, job_id, "app", "run"))
+
+    assert outcome.state == SUCCEEDED
+    assert owner(module_dir / "out") == WORKING_COPY_IDS
+    assert owner(module_dir / "out" / "file") == WORKING_COPY_IDS
+    assert "chown -R 1001:1002 /srv/app" in job_log(config, job_id)
+    assert leftover_containers(lxd, db) == []
+
+
+# --- the buildpack fails -----------------------------------------------------------
+
+
+def test_failing_buildpack_records_exit_code_and_tail(
+    make_config: Callable[..., Config], store: Store, lxd: Lxd, db: Database, image_alias: str, ghost_dirs, no_leftovers
+) -> None:
+    config = make_config()
+    job_id = deploy_job(db, image_alias, [module_doc("app", "/srv/app", "echo about to fail; exit 3")])
+    working_copy(ghost_dirs["root"], "app")
+
+    with pytest.raises(StepFailed) as failure:
+        deploy.run(deploy_context(config, store, lxd, job_id, "app", "run"))
+
+    assert failure.value.exit_code == 3
+    assert "exited with code 3" in failure.value.message
+    assert "about to fail" in failure.value.output_tail  # type: ignore[attr-defined]
+    assert leftover_containers(lxd, db) == []
+
+
+def test_buildpack_past_the_timeout_is_killed(
+    make_config: Callable[..., Config], store: Store, lxd: Lxd, db: Database, image_alias: str, ghost_dirs, no_leftovers
+) -> None:
+    config = make_config(container={"exec_timeout": "2s"})
+    job_id = deploy_job(db, image_alias, [module_doc("app", "/srv/app", "echo sleeping; sleep 60")])
+    working_copy(ghost_dirs["root"], "app")
+    started = time.monotonic()
+
+    with pytest.raises(StepFailed) as failure:
+        deploy.run(deploy_context(config, store, lxd, job_id, "app", "run"))
+
+    assert "did not finish within 2s" in failure.value.message
+    assert failure.value.exit_code is None
+    assert time.monotonic() - started < 40
+    assert leftover_containers(lxd, db) == []
+
+
+def test_abort_during_the_buildpack_stops_it_and_removes_the_container(
+    make_config: Callable[..., Config], store: Store, lxd: Lxd, db: Database, image_alias: str, ghost_dirs, no_leftovers
+) -> None:
+    config = make_config()
+    job_id = deploy_job(db, image_alias, [module_doc("app", "/srv/app", "echo long-work-started; sleep 60")])
+    working_copy(ghost_dirs["root"], "app")
+    ctx = deploy_context(config, store, lxd, job_id, "app", "run")
+    threading.Thread(
+        target=lambda: (
+            wait_until(lambda: "long-work-started" in job_log(config, job_id), 60, "the buildpack to start"),
+            ctx.abort.set(),
+        ),
+        daemon=True,
+    ).start()
+
+    with pytest.raises(StepFailed) as failure:
+        deploy.run(ctx)
+
+    assert "interrupted" in failure.value.message
+    assert leftover_containers(lxd, db) == []
+
+
+def test_lots_of_output_and_non_utf8_bytes_keep_the_job_log_bounded(
+    make_config: Callable[..., Config], store: Store, lxd: Lxd, db: Database, image_alias: str, ghost_dirs, no_leftovers
+) -> None:
+    config = make_config(container={"output_head": "2KiB", "output_tail": "1KiB"})
+    script = (
+        'i=0; while [ $i -lt 5000 ]; do echo "line $i of noise"; i=$((i+1)); done\n'
+        "printf 'bad bytes: \\377\\376 end\\n'\n"
+        "echo last-line\n"
+    )
+    job_id = deploy_job(db, image_alias, [module_doc("app", "/srv/app", script)])
+    working_copy(ghost_dirs["root"], "app")
+
+    outcome = deploy.run(deploy_context(config, store, lxd, job_id, "app", "run"))
+
+    text = job_log(config, job_id)
+    assert outcome.state == SUCCEEDED
+    assert "line 0 of noise" in text and "last-line" in text
+    assert "bad bytes: \ufffd\ufffd end" in text
+    assert "bytes of output omitted" in text
+    assert "line 2500 of noise" not in text
+    assert len(text.encode()) < 12_000  # ~95 KB printed
+    assert outcome.output_tail.endswith("last-line")
+    assert leftover_containers(lxd, db) == []
+
+
+# --- the image is missing ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("alias", [None, "gbp-test-deploy-no-such-image"])
+def test_missing_image_fails_prepare_and_run_with_a_message(
+    alias: str | None, make_config: Callable[..., Config], store: Store, lxd: Lxd, db: Database, ghost_dirs
+) -> None:
+    config = make_config()
+    job_id = deploy_job(db, alias, [module_doc("app", "/srv/app", "touch made")])
+    module_dir = working_copy(ghost_dirs["root"], "app")
+
+    for phase, body in (("prepare", deploy.prepare), ("run", deploy.run)):
+        ctx = deploy_context(config, store, lxd, job_id, "app", phase)
+        with pytest.raises(StepFailed, match=r"app\.build_infos\.container_image") as failure:
+            body(ctx)
+        if alias:
+            assert alias in failure.value.message
+        store.update_step(ctx.step, state="failed", message=failure.value.message)
+        store.reset_step_for_replay(ctx.step.id)
+
+    assert not (module_dir / "made").exists()
+    assert leftover_containers(lxd, db) == []
+
+
+# --- a deploy cancelled before Ghost asked -------------------------------------------------
+
+
+def test_deploy_ended_before_the_request_cancels_and_removes_the_prepared_container(
+    make_config: Callable[..., Config], store: Store, lxd: Lxd, db: Database, image_alias: str, no_leftovers
+) -> None:
+    config = make_config()
+    job_id = deploy_job(db, image_alias, [module_doc("app", "/srv/app", "touch made")])
+    prepared = prepare_ready(config, store, lxd, job_id, "app")
+    assert leftover_containers(lxd, db) == [container_name(prepared.step)]
+
+    store.cancel_job_steps(job_id, "deploy job ended (failed)")  # what the runner does when the job ends
+    remove_leftovers(prepared)
+
+    assert store.get_step(prepared.step.id).state == CANCELLED
+    result = run_buildpack(db, job_id, "app", timeout=5, poll_interval=0.1, host=config.host_name)
+    assert result.state == CANCELLED and not result.ok
+    assert leftover_containers(lxd, db) == []
+
+
+# --- refused input: nothing runs ---------------------------------------------------------
+
+MARKER_SCRIPT = "touch /tmp/should-not-run; touch ran"
+
+
+def _module(**changes: Any) -> dict[str, Any]:
+    doc = module_doc("app", "/srv/app", MARKER_SCRIPT)
+    doc.update(changes)
+    return doc
+
+
+REFUSED: dict[str, tuple[dict[str, Any], str]] = {
+    "relative module path": ({"modules": [_module(path="srv/app")]}, "app.modules[0].path: must be absolute"),
+    "module path /": ({"modules": [_module(path="/")]}, "app.modules[0].path: must not be '/'"),
+    "module path with ..": ({"modules": [_module(path="/srv/../etc")]}, "app.modules[0].path: must not contain"),
+    "module path with .": ({"modules": [_module(path="/srv/./app")]}, "app.modules[0].path: must not contain"),
+    "app name with slash": ({"name": "sh/op"}, "app.name: must be a single path segment"),
+    "env ..": ({"env": ".."}, "app.env: must be a single path segment"),
+    "role with ..": ({"role": "../web"}, "app.role: must be a single path segment"),
+    "colour escaping": ({"color": "../blue"}, "app.blue_green.color: must be a single path segment"),
+    "build_pack not base64": ({"modules": [_module(build_pack="not base64 !!")]}, "build_pack: not valid base64"),
+    "build_pack not UTF-8": (
+        {"modules": [_module(build_pack=b64(b"echo \xff\xfe"))]},
+        "build_pack: decoded script is not valid UTF-8",
+    ),
+    "no such module": ({"modules": [module_doc("other", "/srv/other", "true")]}, "app has no module named 'app'"),
+}
+
+
+@pytest.mark.parametrize("case", list(REFUSED))
+def test_refused_app_input_fails_before_anything_runs(
+    case: str, make_config: Callable[..., Config], store: Store, lxd: Lxd, db: Database, image_alias: str, ghost_dirs
+) -> None:
+    app_changes, expected = REFUSED[case]
+    config = make_config()
+    modules = app_changes.pop("modules", [_module()])
+    job_id = deploy_job(db, image_alias, modules, **app_changes)
+    module_dir = working_copy(ghost_dirs["root"], "app")
+
+    for phase, body in (("prepare", deploy.prepare), ("run", deploy.run)):
+        ctx = deploy_context(config, store, lxd, job_id, "app", phase)
+        with pytest.raises((BadDocument, StepFailed)) as failure:
+            body(ctx)
+        assert expected in str(failure.value)
+        store.update_step(ctx.step, state="failed", message=str(failure.value))
+        store.reset_step_for_replay(ctx.step.id)
+
+    assert sorted(p.name for p in module_dir.iterdir()) == ["requirements.txt"]
+    assert leftover_containers(lxd, db) == []
+
+
+def _missing(root: Path, outside: Path) -> None:
+    (root / "shop" / "prod" / "web").mkdir(parents=True)
+
+
+def _a_file(root: Path, outside: Path) -> None:
+    _missing(root, outside)
+    (root / "shop" / "prod" / "web" / "app").write_text("not a directory")
+
+
+def _symlink_outside(root: Path, outside: Path) -> None:
+    _missing(root, outside)
+    (root / "shop" / "prod" / "web" / "app").symlink_to(outside)
+
+
+@pytest.mark.parametrize(
+    ("make_copy", "expected"),
+    [
+        (_missing, "does not exist"),
+        (_a_file, "is not a directory"),
+        (_symlink_outside, "outside"),
+    ],
+    ids=["missing", "not a directory", "symlink outside root"],
+)
+def test_refused_working_copy_fails_the_run_before_anything_runs(
+    make_copy: Callable[[Path, Path], None],
+    expected: str,
+    make_config: Callable[..., Config],
+    store: Store,
+    lxd: Lxd,
+    db: Database,
+    image_alias: str,
+    ghost_dirs,
+    tmp_path: Path,
+) -> None:
+    config = make_config()
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    make_copy(ghost_dirs["root"], outside)
+    job_id = deploy_job(db, image_alias, [_module()])
+
+    with pytest.raises(BadDocument, match="working copy") as failure:
+        deploy.run(deploy_context(config, store, lxd, job_id, "app", "run"))
+
+    assert expected in str(failure.value)
+    assert list(outside.iterdir()) == []
+    assert leftover_containers(lxd, db) == []
