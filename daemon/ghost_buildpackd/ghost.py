@@ -40,6 +40,8 @@ def parse_object_id(value: Any, field: str) -> ObjectId:
     """An ObjectId, or its 24-hex-digit string form."""
     if isinstance(value, ObjectId):
         return value
+    if value is None:  # ObjectId(None) would make up a new id
+        raise BadDocument(field, "missing (expected an ObjectId)")
     try:
         return ObjectId(str(value)) if isinstance(value, str) else ObjectId(value)
     except (InvalidId, TypeError):
