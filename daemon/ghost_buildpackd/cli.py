@@ -20,23 +20,27 @@ def build_parser() -> argparse.ArgumentParser:
         "deploy) in LXD containers, driven by Ghost's MongoDB jobs.",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    parser.add_argument(
-        "--config",
-        metavar="PATH",
-        help="configuration file (default: $GHOST_BUILDPACKD_CONFIG, else /etc/ghost-buildpackd/config.yml)",
-    )
+    config_help = "configuration file (default: $GHOST_BUILDPACKD_CONFIG, else /etc/ghost-buildpackd/config.yml)"
+    parser.add_argument("--config", metavar="PATH", help=config_help)
+    # --config is also accepted after the command (`ghost-buildpackd check --config x.yml`).
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", metavar="PATH", default=argparse.SUPPRESS, help=config_help)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    commands.add_parser("run", help="run the daemon (what the systemd service starts)")
-    commands.add_parser("check", help="check that this host can work: MongoDB, LXD, idmap, directories")
-    status = commands.add_parser("status", help="daemon instances, event lag, steps in flight and finished, images")
+
+    def command(name: str, summary: str) -> argparse.ArgumentParser:
+        return commands.add_parser(name, help=summary, parents=[common])
+
+    command("run", "run the daemon (what the systemd service starts)")
+    command("check", "check that this host can work: MongoDB, LXD, idmap, directories")
+    status = command("status", "daemon instances, event lag, steps in flight and finished, images")
     status.add_argument("--json", action="store_true", help="machine-readable output")
     status.add_argument("--last", type=int, default=10, metavar="N", help="finished steps to show (default 10)")
-    reconcile = commands.add_parser("reconcile", help="delete container images whose AMIs were pruned")
+    reconcile = command("reconcile", "delete container images whose AMIs were pruned")
     reconcile.add_argument("--dry-run", action="store_true", help="print what would change, change nothing")
     reconcile.add_argument("--app", metavar="APP_ID", help="only this app")
-    replay = commands.add_parser("replay", help="run a finished buildimage step of a job again")
+    replay = command("replay", "run a finished buildimage step of a job again")
     replay.add_argument("job_id", metavar="JOB_ID")
-    commands.add_parser("demo", help="the whole flow on an embedded default: build an image, run a buildpack")
+    command("demo", "the whole flow on an embedded default: build an image, run a buildpack")
     return parser
 
 
