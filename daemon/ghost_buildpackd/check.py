@@ -18,7 +18,7 @@ from typing import TextIO
 
 from .config import Config
 from .lxd import ContainerSpec, ImageInfo, Lxd
-from .status import redacted_uri
+from .status import redacted_uri, short_error
 from .steps import idmap_user_ids
 from .store import Store
 
@@ -86,7 +86,7 @@ def mongo_checks(config: Config, report: Callable[[CheckResult], None]) -> Store
         report(
             fail(
                 "mongodb",
-                f"cannot reach or authenticate to {where} within {config.mongodb.timeout:g}s: {error}",
+                f"cannot reach or authenticate to {where} within {config.mongodb.timeout:g}s: {short_error(error)}",
                 "check mongodb.uri (or GHOST_BUILDPACKD_MONGODB_URI), that MongoDB listens there, and the credentials",
             )
         )

@@ -31,6 +31,11 @@ def redacted_uri(uri: str) -> str:
     return re.sub(r"^([a-z0-9+.-]+://[^:@/]*:)[^@/]*@", r"\1***@", uri, flags=re.IGNORECASE)
 
 
+def short_error(error: Exception) -> str:
+    """pymongo's server-selection errors end with a long topology dump; keep the reason."""
+    return str(error).split(", Timeout:", 1)[0]
+
+
 def show_status(config: Config, out: TextIO, as_json: bool, last: int) -> int:
     """Print the status report; 0, or 1 when MongoDB cannot be reached (with the reason)."""
     store = Store.from_uri(config.mongodb.uri, config.mongodb.database, config.mongodb.timeout)
@@ -38,7 +43,7 @@ def show_status(config: Config, out: TextIO, as_json: bool, last: int) -> int:
         store.ping()  # bounded by mongodb.timeout; the calls below retry through outages, this one must not
         report = collect_status(store, heartbeat_max_age(config), max(0, last))
     except PyMongoError as error:
-        reason = f"cannot reach MongoDB at {redacted_uri(config.mongodb.uri)}: {error}"
+        reason = f"cannot reach MongoDB at {redacted_uri(config.mongodb.uri)}: {short_error(error)}"
         if as_json:
             out.write(json.dumps({"error": reason}) + "\n")
         else:
