@@ -45,8 +45,9 @@ class FakeDaemon:
     def _run(self) -> None:
         try:
             step = wait_until(
-                lambda: self.store.claim_step("fake-daemon", 30, HOST, kinds=(DEPLOY,)), 20, "a requested step"
+                lambda: self.store.claim_specific(self.sid, "fake-daemon", 30, (REQUESTED,)), 20, "the request"
             )
+            assert step.requested_host == HOST
             step = self.store.update_step(step, state=RUNNING)
             assert step is not None
             self.store.update_step(
