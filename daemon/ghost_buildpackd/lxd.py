@@ -208,6 +208,26 @@ class Lxd:
         return [self._image_info(image) for image in self.client.images.all()]
 
     @retry_lxd
+    def image_snapshot(self) -> list[ImageInfo]:
+        """Every image in one API call (recursion=1).
+
+        list_images fetches each image in turn, so an image deleted meanwhile (by
+        another step, another daemon) breaks it half-way; the reconciler needs a
+        listing that a concurrent deletion cannot break.
+        """
+        found = self.client.api.images.get(params={"recursion": "1"}).json()["metadata"] or []
+        return [
+            ImageInfo(
+                fingerprint=item["fingerprint"],
+                aliases=tuple(alias["name"] for alias in item.get("aliases") or []),
+                properties=dict(item.get("properties") or {}),
+                size=int(item.get("size") or 0),
+                created_at=str(item.get("created_at") or item.get("uploaded_at") or ""),
+            )
+            for item in found
+        ]
+
+    @retry_lxd
     def image_by_alias(self, alias: str) -> ImageInfo | None:
         try:
             return self._image_info(self.client.images.get_by_alias(alias))
