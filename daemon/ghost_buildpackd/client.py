@@ -8,7 +8,7 @@ so the daemon stops and cleans up.
 
     from ghost_buildpackd.client import run_buildpack
 
-    result = run_buildpack(db, job["_id"], module["name"], timeout=1800)
+    result = run_buildpack(db, job["_id"], module["name"], timeout=2400)
     if not result.ok:
         raise GCallException(f"buildpack: {result.state}: {result.message}")
 """
@@ -50,13 +50,15 @@ def run_buildpack(
     db: Database,
     job_id: ObjectId | str,
     module_name: str,
-    timeout: float = 1800.0,
+    timeout: float = 2400.0,
     host: str | None = None,
     poll_interval: float = 2.0,
     wait_mode: str = "auto",
 ) -> BuildpackResult:
     """Ask the daemon to run `module_name`'s buildpack for deploy job `job_id` and wait for the outcome.
 
+    `timeout` should exceed the daemon's `container.exec_timeout` (30m by default)
+    plus a container start, so the daemon reports a timeout before the client gives up.
     `host` is the name the daemon on this host uses (its `host` setting, else the
     hostname). `wait_mode`: `auto` (change stream when the server offers one, else
     polling every `poll_interval`), `change_stream` or `poll`.
