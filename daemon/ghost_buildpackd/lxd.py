@@ -205,7 +205,7 @@ class Lxd:
 
     @retry_lxd
     def list_images(self) -> list[ImageInfo]:
-        return [self._image_info(image) for image in self.client.images.all()]
+        return self.image_snapshot()  # one request: a concurrent deletion cannot break the listing
 
     @retry_lxd
     def image_snapshot(self) -> list[ImageInfo]:
