@@ -172,6 +172,7 @@ class Daemon:
                 self.stop.wait(1.0)
 
     def heartbeat(self) -> None:
+        self._measure_event_lag()
         self.store.heartbeat(
             self.config.instance_id or "",
             {
@@ -186,6 +187,15 @@ class Daemon:
                 "workers": self.config.workers,
             },
         )
+
+    def _measure_event_lag(self) -> None:
+        """Newest job change in the database vs the newest this instance has seen."""
+        seen = self.source.last_event_at
+        if seen is None:
+            return
+        newest = self.store.newest_job_update()
+        if newest is not None:
+            self.metrics.set_event_lag(max(0.0, (newest - seen).total_seconds()))
 
     def shutdown(self) -> int:
         log.info("daemon_stopping", grace_s=self.config.shutdown_grace, steps_in_flight=self.runner.in_flight())
