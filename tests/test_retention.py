@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import json
+import subprocess
+import sys
 import uuid
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
@@ -26,6 +29,7 @@ from ghost_buildpackd.retention import (
     MARK_MISSING,
     PRUNE,
     Ec2Inventory,
+    GhostInventory,
     InventoryUnavailable,
     Reconciler,
     Verdict,
@@ -225,6 +229,27 @@ def test_current_image_and_step_in_flight_are_protected(make_config, db, store, 
     assert reasons[blog[1].alias].startswith("used by step in flight")
 
 
+def test_a_deploy_starting_during_the_pass_still_protects_its_image(make_config, db, store, lxd, images):
+    made = builds(db, store, images, make_app(db), 3, "7")
+    config = make_config(retention={"ami_retention": 1})
+
+    class DeployStartsMeanwhile(GhostInventory):
+        """Ghost's inventory, while a deploy step starts on the oldest image (after protection was first read)."""
+
+        def verdicts(self, records: list[ImageRecord]) -> dict[str, Verdict]:
+            job_id = make_job(db, made[0].app_id, "deploy")
+            store.create_step(job_id, "deploy", "app", app_id=made[0].app_id, state=RUNNING)
+            db.container_steps.update_one({"_id": step_id(job_id, "deploy", "app")}, {"$set": {"image": made[0].alias}})
+            return super().verdicts(records)
+
+    report = Reconciler(config, store, lxd, inventory=DeployStartsMeanwhile(config, store)).run()
+
+    assert surviving(images, made) == [made[0].alias, made[2].alias]
+    rows = {row.alias: row for row in report.rows}
+    assert rows[made[0].alias].action == KEEP and rows[made[0].alias].reason.startswith("used by step in flight")
+    assert rows[made[1].alias].action == PRUNE
+
+
 def test_inventory_that_cannot_answer_deletes_nothing(make_config, store, lxd, images, two_apps, tmp_path):
     missing_ghost_config = make_config(ghost={"config": str(tmp_path / "absent" / "config.yml")})
     report = Reconciler(missing_ghost_config, store, lxd).run()
@@ -251,7 +276,7 @@ def test_dry_run_prints_the_plan_and_changes_nothing(make_config, store, lxd, im
     assert reconcile_command(config, out, dry_run=True, app_id=shop_app) == 0
     table = out.getvalue()
     assert table.startswith("dry run: nothing was changed")
-    assert "APP" in table and "REASON" in table
+    assert table.splitlines()[1].split() == ["APP", "ALIAS", "AMI", "LIVE", "ACTION", "REASON"]
     oldest, newest = two_apps["shop"][0], two_apps["shop"][-1]
     assert any(
         oldest.alias in line and oldest.ami in line and " no " in line and PRUNE in line for line in table.splitlines()
@@ -313,9 +338,28 @@ def test_records_out_of_step_are_repaired_and_an_image_goes_with_its_last_alias(
     assert report.counts[PRUNE] == 1 and report.counts["images_deleted"] == 1
 
 
-def test_reconcile_command_refuses_a_bad_app_id(make_config, capsys):
-    assert reconcile_command(make_config(), io.StringIO(), dry_run=True, app_id="not-an-id") == 2
-    assert "--app: expected an ObjectId" in capsys.readouterr().err
+def test_reconcile_command_line(write_config, db, store, images):
+    made = builds(db, store, images, make_app(db), 3, "9")
+    config = write_config(retention={"ami_retention": 2})
+
+    def reconcile(*args: str) -> subprocess.CompletedProcess[str]:
+        argv = [sys.executable, "-m", "ghost_buildpackd", "--config", str(config), "reconcile", *args]
+        return subprocess.run(argv, capture_output=True, text=True, timeout=60)
+
+    bad = reconcile("--app", "not-an-id")
+    assert bad.returncode == 2 and "--app: expected an ObjectId" in bad.stderr
+
+    dry = reconcile("--dry-run", "--app", str(made[0].app_id))
+    assert dry.returncode == 0, dry.stderr
+    oldest_row = next(line for line in dry.stdout.splitlines() if made[0].alias in line)
+    assert oldest_row.split()[2:5] == [made[0].ami, "no", PRUNE]
+    assert surviving(images, made) == [item.alias for item in made]
+
+    real = reconcile()
+    assert real.returncode == 0, real.stderr
+    assert surviving(images, made) == [made[1].alias, made[2].alias]
+    pruned = [json.loads(line) for line in real.stderr.splitlines() if '"image_pruned"' in line]
+    assert [(line["alias"], line["fingerprint"]) for line in pruned] == [(made[0].alias, made[0].fingerprint)]
 
 
 # --- ami_retention ---------------------------------------------------------------------

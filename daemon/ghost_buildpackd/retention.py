@@ -357,7 +357,7 @@ class Reconciler:
             action, reason = self._decide(record, image, verdict, facts.protected)
             try:
                 if not dry_run:
-                    self._apply(action, record, image, reason, remaining)
+                    action, reason = self._apply(action, record, image, reason, remaining)
                 elif action == PRUNE and image is not None:
                     remaining[image.fingerprint].discard(record.alias)
             except Exception as error:  # one record failing leaves the others to converge
@@ -385,7 +385,8 @@ class Reconciler:
 
     def _apply(
         self, action: str, record: ImageRecord, image: ImageInfo | None, reason: str, remaining: dict[str, set[str]]
-    ) -> None:
+    ) -> tuple[str, str]:
+        """Carry the decision out; returns the action taken and its reason."""
         if action == MARK_MISSING:
             self.store.mark_image_pruned(record.alias, "missing")
             log.warning("image_record_missing", alias=record.alias, app=record.app_label, ami=record.ami_id)
@@ -393,7 +394,12 @@ class Reconciler:
             self.lxd.point_alias(record.alias, image.fingerprint, f"ghost-buildpackd {record.app_label}")
             log.warning("image_alias_restored", alias=record.alias, fingerprint=image.fingerprint)
         elif action == PRUNE and image is not None:
+            # Asked again right before deleting: a deploy may have started on it since the pass began.
+            protected_now = self._protected([image])
+            if protected_now:
+                return KEEP, protected_now[image.fingerprint]
             self._prune(record, image, reason, remaining)
+        return action, reason
 
     def _prune(self, record: ImageRecord, image: ImageInfo, reason: str, remaining: dict[str, set[str]]) -> None:
         """Delete the alias; then the image, when no alias remains on it; then mark the record."""
@@ -460,7 +466,8 @@ def format_report(report: ReconcileReport) -> str:
     if report.dry_run:
         lines.append("dry run: nothing was changed")
     for line in [header, *rows]:
-        lines.append("  ".join(str(cell).ljust(width) for cell, width in zip(line, widths, strict=False)) + line[-1])
+        padded = [str(cell).ljust(width) for cell, width in zip(line[:-1], widths, strict=True)]
+        lines.append("  ".join([*padded, str(line[-1])]))
     summary = ", ".join(f"{action}: {count}" for action, count in sorted(report.counts.items())) or "no records"
     lines.append(f"{'would be' if report.dry_run else 'done'}: {summary}")
     return "\n".join(lines)
