@@ -24,10 +24,12 @@ from ghost_buildpackd.ghost import BadDocument
 from ghost_buildpackd.logs import configure_logging
 from ghost_buildpackd.lxd import IMAGE_PROP_JOB, TAG_JOB, ContainerSpec, ImageInfo, Lxd
 from ghost_buildpackd.steps import StepContext, StepFailed, buildimage, container_name, step_tags
-from ghost_buildpackd.store import BUILDIMAGE, SUCCEEDED, Store
+from ghost_buildpackd.store import BUILDIMAGE, SUCCEEDED, Store, step_id
 from tests.conftest import leftover_containers
+from tests.support.daemon import DaemonProcess
 from tests.support.ghost import b64, finish_buildimage, make_app, make_job, set_status
 from tests.support.steps import step_context, take_over_after_crash
+from tests.support.waiting import wait_until
 
 SECRET = "s3cr3t-Token-4711"
 STUB_SALT = ["sh", "/srv/salt/salt/stub.sh"]
@@ -105,6 +107,16 @@ def run_in_image(lxd: Lxd, image: str, job_id: ObjectId, script: str) -> str:
         result = lxd.execute(name, ["sh", "-c", script], {}, output.extend, 30)
         assert result.exit_code == 0, (result, output.decode())
         return output.decode()
+    finally:
+        lxd.delete_container(name)
+
+
+def publish_stray_image(lxd: Lxd, base: str, job_id: ObjectId, **properties: str) -> ImageInfo:
+    """An image carrying the job's property but no alias, as a publish cut short would leave."""
+    name = f"gbp-stray-{job_id}"
+    lxd.create_container(ContainerSpec(name=name, image=base, tags={TAG_JOB: str(job_id)}))
+    try:
+        return lxd.publish(name, {IMAGE_PROP_JOB: str(job_id), **properties}, "none")
     finally:
         lxd.delete_container(name)
 
@@ -225,16 +237,14 @@ def test_base_image_is_found_by_fingerprint_prefix_alias_and_os_release(
     base = lxd.image_by_alias(base_image)
     app_id = make_app(db, source_container_image=reference_for(how, base, base_image))
     job_id = buildimage_job(db, app_id)
+    if how == "os_release":  # a newer image of the same OS that the daemon published must not be taken
+        publish_stray_image(lxd, base.fingerprint, job_id, os=base.properties["os"], release=base.properties["release"])
 
     _, outcome = build(config, store, lxd, job_id)
 
     assert outcome.state == SUCCEEDED
     record = store.get_image_record(str(job_id))
-    if how == "os_release":  # the newest base image of that OS; never an image the daemon published
-        chosen = lxd.image_by_fingerprint(record.base_image)
-        assert chosen.os_release == base.os_release and IMAGE_PROP_JOB not in chosen.properties
-    else:
-        assert record.base_image == base.fingerprint
+    assert record.base_image == base.fingerprint
 
 
 @pytest.mark.usefixtures("own_lxd_objects")
@@ -396,11 +406,14 @@ def test_debug_keeps_the_container_and_says_how_to_get_in(
 
 @pytest.mark.usefixtures("own_lxd_objects")
 def test_replay_moves_the_alias_to_a_new_image_and_deletes_the_old_one(
-    config: Config, store: Store, lxd: Lxd, db: Database
+    config: Config, store: Store, lxd: Lxd, db: Database, base_image: str
 ) -> None:
     app_id = make_app(db, pre_buildimage="echo first > /build-mark\n")
     job_id = buildimage_job(db, app_id)
     _, first = build(config, store, lxd, job_id)
+    stray = publish_stray_image(
+        lxd, lxd.image_by_alias(base_image).fingerprint, job_id
+    )  # a publish of an earlier attempt that was cut short
     store.update_step(store.get_step(f"{job_id}:buildimage"), state=SUCCEEDED)  # as the runner records it
     db.apps.update_one({"_id": app_id}, {"$set": {"lifecycle_hooks.pre_buildimage": b64("echo second > /build-mark")}})
 
@@ -410,6 +423,7 @@ def test_replay_moves_the_alias_to_a_new_image_and_deletes_the_old_one(
     assert old != new
     assert lxd.image_by_alias(str(job_id)).fingerprint == new
     assert lxd.image_by_fingerprint(old) is None
+    assert lxd.image_by_fingerprint(stray.fingerprint) is None
     assert store.get_image_record(str(job_id)).fingerprint == new
     assert run_in_image(lxd, new, job_id, "cat /build-mark") == "second\n"
 
@@ -454,4 +468,29 @@ def test_a_recorded_image_is_kept_after_a_crash_and_the_app_is_updated(
     assert outcome.fields["fingerprint"] == first.fields["fingerprint"]
     assert lxd.image_by_alias(str(job_id)).fingerprint == first.fields["fingerprint"]
     assert db.apps.find_one({"_id": app_id})["build_infos"]["container_image"] == str(job_id)
+    assert leftover_containers(lxd, db) == []
+
+
+# --- against a running daemon ------------------------------------------------------------------
+
+
+@pytest.mark.usefixtures("own_lxd_objects")
+def test_a_running_daemon_builds_the_image_when_ghost_finishes_the_buildimage_job(
+    write_config: Callable[..., Path], store: Store, lxd: Lxd, db: Database, ghost_dirs: dict[str, Path], tmp_path: Path
+) -> None:
+    app_id = make_app(db, container_image="previous-image", pre_buildimage="echo hello from the pre hook\n")
+    path = write_config()
+    with DaemonProcess(path, tmp_path / "daemon.log") as daemon:
+        daemon.wait_ready()
+        job_id = make_job(db, app_id, "buildimage", "started")
+        finish_buildimage(db, job_id, "ami-0d0e0f")
+        sid = step_id(job_id, BUILDIMAGE)
+        step = wait_until(lambda: (s := store.get_step(sid)) is not None and s.terminal and s, 90, "the step to end")
+
+    assert step.state == SUCCEEDED, step.message
+    image = lxd.image_by_alias(str(job_id))
+    assert image is not None and image.properties["ghost.ami_id"] == "ami-0d0e0f"
+    assert store.get_image_record(str(job_id)).fingerprint == image.fingerprint
+    assert db.apps.find_one({"_id": app_id})["build_infos"]["container_image"] == str(job_id)
+    assert "[container buildimage] hello from the pre hook" in job_log(ghost_dirs, job_id)
     assert leftover_containers(lxd, db) == []

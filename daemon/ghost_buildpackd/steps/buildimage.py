@@ -60,10 +60,9 @@ def run(ctx: StepContext) -> Outcome:
     job, app = load_job_app(ctx)
     with Secrets.registered(app.secret_values):
         plan = make_plan(ctx, job, app)
-        if ctx.step.attempts > 1:
-            finished = lxd_phase("cleaning up after an earlier attempt", lambda: recover_after_interruption(ctx, plan))
-            if finished is not None:
-                return finished
+        finished = lxd_phase("cleaning up after an earlier attempt", recover_earlier_attempt, ctx, plan)
+        if finished is not None:
+            return finished
         base = resolve_base_image(ctx, app)
         return build(ctx, plan, base)
 
@@ -202,7 +201,13 @@ def install_features(ctx: StepContext, plan: BuildPlan, container: str, env: dic
 def publish(ctx: StepContext, plan: BuildPlan, base: ImageInfo, container: str) -> ImageInfo:
     """Stop the container, publish it and point the job's alias at the new image."""
     compression = ctx.config.container.publish_compression
-    ctx.say("image_publishing", f"publishing container {container} as image {plan.alias} (compression {compression})")
+    ctx.say(
+        "image_publishing",
+        f"publishing container {container} as image {plan.alias} (compression {compression})",
+        container=container,
+        image=plan.alias,
+        compression=compression,
+    )
     lxd_phase("detaching the provisioner trees", lambda: ctx.lxd.remove_devices(container))
     lxd_phase("stopping the container", lambda: ctx.lxd.stop(container))
     properties = image_properties(plan, base)
@@ -287,16 +292,18 @@ def clean_up_container(ctx: StepContext, name: str) -> None:
 # --- after a crash or on replay -------------------------------------------------------------
 
 
-def recover_after_interruption(ctx: StepContext, plan: BuildPlan) -> Outcome | None:
+def recover_earlier_attempt(ctx: StepContext, plan: BuildPlan) -> Outcome | None:
     """Clean what an earlier attempt left; an Outcome when that attempt had in fact built the image.
 
     LXD and `container_images` are the truth: an image of this job that the
     record does not name is half-published and is deleted, and the alias is put
     back on the recorded image (or removed). The earlier image is reused only
-    when the step never finished before (a crash of its first run, after the
-    record was written); a replay always builds again.
+    when this attempt resumes one that never finished (a crash of the step's
+    first run after the record was written); a replay always builds again.
     """
-    remove_leftovers(ctx)
+    resumed = ctx.step.attempts > 1
+    if resumed:
+        remove_leftovers(ctx)
     kept = recorded_image(ctx, plan.alias)
     aliased = ctx.lxd.image_by_alias(plan.alias)
     if aliased is not None and (kept is None or aliased.fingerprint != kept.fingerprint):
@@ -310,7 +317,7 @@ def recover_after_interruption(ctx: StepContext, plan: BuildPlan) -> Outcome | N
         ):
             ctx.lxd.delete_image(image.fingerprint)
             ctx.log.warning("half_published_image_deleted", fingerprint=image.fingerprint, alias=plan.alias)
-    if kept is None or ctx.step.finished_at is not None:
+    if not resumed or kept is None or ctx.step.finished_at is not None:
         return None
     ctx.store.set_app_container_image(plan.app.id, plan.alias)
     message = f"container image {plan.alias} was published by an earlier attempt ({kept.fingerprint[:12]})"
