@@ -1,0 +1,230 @@
+"""2. Deploy overhead: one trivial buildpack through the daemon, next to the same LXD work done by hand.
+
+Three ways to run `sh -c 'echo gbp-first-output'` in a container of the busybox base image:
+- the daemon (production bodies, real LXD), driven as Ghost drives it: the deploy job
+  goes `started` (the daemon prepares the container), the working copy exists, then
+  Ghost's client `run_buildpack` asks for the buildpack and waits for the outcome;
+- a minimal pylxd script: create from alias, start, exec, stop+delete (unprivileged);
+- the sequence Ghost's old code used: create (privileged), start, fixed 10 s sleep,
+  exec, stop, delete.
+The minimal script and Ghost's old sequence use pylxd directly on purpose: they are
+the yardsticks, not the daemon.
+
+Daemon figures: `prepare` = job started -> step `ready` (container launched);
+`request->first output` = client call -> the buildpack's first line in Ghost's job
+log (file watched every 2 ms); `request->terminal` = client call -> the record's
+`times.finished` (server clock); `request->client returned` = what Ghost's worker
+waits; `daemon total` = prepare + request->terminal (container work without
+Ghost's clone time in between).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+import pylxd
+from tests.conftest import BASE_IMAGE, WORKING_COPY_IDS
+from tests.support.ghost import make_app, make_job, module_doc, set_status
+
+from ghost_buildpackd.client import run_buildpack
+from ghost_buildpackd.store import SUCCEEDED, step_id
+
+from .common import Bench, FirstLine, ms, ratio, running, summary, table, wait_for
+
+FIRST_OUTPUT = "gbp-first-output"
+BUILD_PACK = f"echo {FIRST_OUTPUT}"
+GHOST_OLD_SLEEP = 10.0  # what Ghost's old code slept after starting a container
+MODES = ("change_stream", "poll")
+
+
+def bench_alias(bench: Bench) -> str:
+    """An alias of the base image for the app's `build_infos.container_image` (deleted at the end)."""
+    alias = f"gbp-bench-{os.getpid()}"
+    image = bench.lxd.image_by_alias(BASE_IMAGE)
+    if image is None:
+        raise SystemExit(f"base image {BASE_IMAGE!r} is missing: run scripts/build-base-image")
+    bench.lxd.point_alias(alias, image.fingerprint, "ghost-buildpackd benchmark (temporary)")
+    return alias
+
+
+def deploy_app(db: Any, dirs: dict[str, Any], alias: str) -> Any:
+    """An app whose image exists, with module `api` and its working copy (owned as Ghost's clones are)."""
+    app = make_app(db, container_image=alias, modules=[module_doc("api", "/srv/api", BUILD_PACK)])
+    working_copy = dirs["root"] / "shop" / "prod" / "web" / "api"
+    working_copy.mkdir(parents=True)
+    os.chown(working_copy, *WORKING_COPY_IDS)
+    return app
+
+
+def one_deploy(bench: Bench, db: Any, dirs: dict[str, Any], app: Any) -> dict[str, float]:
+    """Job started -> ready -> client request -> terminal; seconds of each phase."""
+    job = make_job(db, app, command="deploy", modules=["api"])
+    sid = step_id(job, "deploy", "api")
+    started = time.time()
+    set_status(db, job, "started")
+    wait_for(lambda: (s := db.container_steps.find_one({"_id": sid})) and s["state"] == "ready", 120, "step ready")
+    ready = time.time()
+    with FirstLine(dirs["log_dir"] / f"{job}.txt", FIRST_OUTPUT) as first:
+        requested = time.time()
+        result = run_buildpack(db, job, "api", timeout=120)
+        returned = time.time()
+        if result.state != SUCCEEDED:
+            set_status(db, job, "failed")
+            raise RuntimeError(f"deploy step {sid} ended {result.state}: {result.message}")
+        wait_for(lambda: first.seen_at is not None, 10, "the first output line in the job log")
+    set_status(db, job, "done")
+    finished = db.container_steps.find_one({"_id": sid})["times"]["finished"].timestamp()
+    return {
+        "prepare": ready - started,
+        "request_to_first_output": (first.seen_at or float("nan")) - requested,
+        "request_to_terminal": finished - requested,
+        "request_to_client_returned": returned - requested,
+        "daemon_total": (ready - started) + (finished - requested),
+    }
+
+
+def daemon_runs(bench: Bench, mode: str, alias: str, count: int) -> dict[str, Any]:
+    db = bench.database(f"deploy_{mode}")
+    dirs = bench.ghost_dirs(f"deploy_{mode}")
+    app = deploy_app(db, dirs, alias)
+    config = bench.write_config(db, dirs, f"deploy-{mode}", events={"mode": mode}, workers=4)
+    runs = []
+    with running(bench.daemon(config, f"deploy-{mode}", trivial=False)) as process:
+        one_deploy(bench, db, dirs, app)  # warm-up (first connections, first idmap of the image), not counted
+        runs = [one_deploy(bench, db, dirs, app) for _ in range(count)]
+        process.terminate()
+    leftovers = bench.remove_containers(db)
+    return {
+        "mode": mode,
+        "poll_interval_s": bench.poll_interval if mode == "poll" else None,
+        "leftover_containers": leftovers,
+        **{key: summary([run[key] for run in runs]) for key in runs[0]},
+    }
+
+
+def pylxd_sequence(name: str, privileged: bool, sleep: float) -> dict[str, float]:
+    """create from alias, start, [sleep], exec, stop, delete: seconds of each part."""
+    client = pylxd.Client(timeout=120)
+    config = {"security.privileged": "true"} if privileged else {}
+    t0 = time.time()
+    container = client.instances.create(
+        {"name": name, "type": "container", "source": {"type": "image", "alias": BASE_IMAGE}, "config": config},
+        wait=True,
+    )
+    try:
+        container.start(wait=True)
+        t_started = time.time()
+        if sleep:
+            time.sleep(sleep)  # Ghost's old fixed wait after start: the behaviour being measured
+        t_exec = time.time()
+        result = container.execute(["sh", "-c", BUILD_PACK])
+        t_ran = time.time()
+        if result.exit_code != 0 or FIRST_OUTPUT not in result.stdout:
+            raise RuntimeError(f"exec in {name} failed: {result.exit_code} {result.stderr!r}")
+    finally:
+        container.stop(force=True, wait=True)
+        container.delete(wait=True)
+    t_end = time.time()
+    return {
+        "create_start": t_started - t0,
+        "exec": t_ran - t_exec,
+        "stop_delete": t_end - t_ran,
+        "total": t_end - t0,
+    }
+
+
+def script_runs(label: str, count: int, privileged: bool, sleep: float, warm_up: bool) -> dict[str, Any]:
+    runs = [pylxd_sequence(f"gbp-bench-{os.getpid()}-{label}-{i}", privileged, sleep) for i in range(count + warm_up)]
+    runs = runs[1:] if warm_up else runs
+    return {key: summary([run[key] for run in runs]) for key in runs[0]}
+
+
+def run(bench: Bench) -> dict[str, Any]:
+    sizes = bench.sizes
+    alias = bench_alias(bench)
+    try:
+        daemons = [daemon_runs(bench, mode, alias, sizes.deploys_per_mode) for mode in MODES]
+    finally:
+        bench.lxd.delete_alias(alias)
+    minimal = script_runs("minimal", sizes.baseline_runs, privileged=False, sleep=0, warm_up=True)
+    ghost_old = script_runs("ghost-old", sizes.ghost_old_runs, privileged=True, sleep=GHOST_OLD_SLEEP, warm_up=False)
+    base = minimal["total"]["p50"]
+    base_run = minimal["exec"]["p50"] + minimal["stop_delete"]["p50"]
+    rows = [
+        ["minimal pylxd (create, start, exec, delete)", minimal["total"]["n"], "-", "-", "-", "-", ms(base), "1.00x"],
+    ]
+    for result in daemons:
+        label = (
+            "daemon, "
+            + result["mode"]
+            + (f" (poll {result['poll_interval_s']:g}s)" if result["poll_interval_s"] else "")
+        )
+        rows.append(
+            [
+                label,
+                result["prepare"]["n"],
+                ms(result["prepare"]["p50"]),
+                ms(result["request_to_first_output"]["p50"]),
+                ms(result["request_to_terminal"]["p50"]),
+                ms(result["request_to_client_returned"]["p50"]),
+                ms(result["daemon_total"]["p50"]),
+                ratio(result["daemon_total"]["p50"], base),
+            ]
+        )
+    rows.append(
+        [
+            "Ghost's old sequence (privileged, 10 s sleep)",
+            ghost_old["total"]["n"],
+            *["-"] * 4,
+            ms(ghost_old["total"]["p50"]),
+            ratio(ghost_old["total"]["p50"], base),
+        ]
+    )
+    print(
+        table(
+            "2. Deploy overhead, buildpack `echo` in the busybox image (p50)",
+            ["run", "n", "prepare", "req->1st output", "req->terminal", "req->client", "total", "vs minimal"],
+            rows,
+        )
+    )
+    parts = [
+        [
+            "minimal pylxd",
+            ms(minimal["create_start"]["p50"]),
+            ms(minimal["exec"]["p50"]),
+            ms(minimal["stop_delete"]["p50"]),
+        ],
+        [
+            "Ghost's old sequence",
+            ms(ghost_old["create_start"]["p50"]),
+            ms(ghost_old["exec"]["p50"]),
+            ms(ghost_old["stop_delete"]["p50"]),
+        ],
+    ]
+    print(
+        table(
+            "   yardsticks by part (p50; Ghost's old adds its 10 s sleep)",
+            ["run", "create+start", "exec", "stop+delete"],
+            parts,
+        )
+    )
+    targets = [
+        [
+            result["mode"],
+            ratio(result["request_to_terminal"]["p50"], base_run),
+            f"{(result['daemon_total']['p50'] / base - 1) * 100:+.0f}% (target <= +10%)",
+            f"{ms(result['request_to_first_output']['p50'])} / p99 {ms(result['request_to_first_output']['p99'])}"
+            " (target < 300 ms)",
+        ]
+        for result in daemons
+    ]
+    print(
+        table(
+            "   targets",
+            ["mode", "req->terminal vs minimal exec+delete", "daemon total vs minimal", "req->1st output p50"],
+            targets,
+        )
+    )
+    return {"definition": __doc__, "daemon": daemons, "minimal_pylxd": minimal, "ghost_old": ghost_old}
