@@ -126,6 +126,7 @@ def assert_nothing_published(lxd: Lxd, store: Store, db: Database, job_id: Objec
     assert not [i for i in lxd.list_images() if i.properties.get(IMAGE_PROP_JOB) == str(job_id)]
     assert store.get_image_record(str(job_id)) is None
     assert leftover_containers(lxd, db) == []
+    assert not [profile for profile in lxd.list_profiles() if str(job_id) in profile]
 
 
 # --- a successful build ----------------------------------------------------------------------
@@ -286,6 +287,7 @@ def test_failing_pre_hook_fails_the_step_and_keeps_the_previous_image(
     assert_nothing_published(lxd, store, db, job_id)
     text = job_log(ghost_dirs, job_id)
     assert "about to fail" in text and "post should not run" not in text
+    assert text.count("$ sh /var/lib/ghost-buildpackd/hook-pre_buildimage") == 1  # a script failure is not retried
 
 
 @pytest.mark.usefixtures("own_lxd_objects")
