@@ -77,6 +77,12 @@ class Held:
     shutting_down: bool = False
 
 
+def with_job_log_problem(ctx: StepContext, message: str) -> str:
+    """The outcome's message, plus why Ghost's job log could not be written (the step went on without it)."""
+    problem = ctx._job_log.problem if ctx._job_log is not None else ""
+    return f"{message} ({problem})" if message and problem else message or problem
+
+
 class Runner:
     def __init__(
         self,
@@ -318,7 +324,7 @@ class Runner:
             return
         ctx.save(
             outcome.state,
-            message=outcome.message,
+            message=with_job_log_problem(ctx, outcome.message),
             exit_code=outcome.exit_code,
             output_tail=outcome.output_tail,
             **dict(outcome.fields),

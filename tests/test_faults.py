@@ -1,0 +1,445 @@
+"""Faults against the real daemon process and the real LXD: kills, outages, hostile buildpacks, a broken log disk.
+
+Every test runs `ghost-buildpackd run` (production step bodies) and checks
+what must hold afterwards, whatever moment a fault landed on: no container
+of the test's jobs left, no alias without its `container_images` record, no
+step record stuck in a non-terminal state, one image per build, and the job's
+outcome (succeeded after a takeover, or failed with a reason a person can act on).
+
+Kills are aimed at phases made observable on purpose: a hook or buildpack that
+waits for a file the test creates, the structured log events of the step
+(`command_started`, `image_publishing`, ...) and the LXD state.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from bson import ObjectId
+from pymongo.database import Database
+
+from ghost_buildpackd.client import BuildpackResult, run_buildpack
+from ghost_buildpackd.lxd import IMAGE_PROP_JOB, Lxd
+from ghost_buildpackd.store import FAILED, SUCCEEDED, TERMINAL, Step, Store, step_id
+from tests.conftest import WORKING_COPY_IDS, leftover_containers
+from tests.support.daemon import DaemonProcess
+from tests.support.ghost import finish_buildimage, make_app, make_job, module_doc, set_status
+from tests.support.waiting import wait_until
+
+pytestmark = pytest.mark.lxd
+
+LEASE_TTL = "3s"
+WAIT_FOR_GO = 'while [ ! -e "{path}" ]; do sleep 0.1; done'  # blocks until the test creates the file
+BUILDPACK_LABEL = "buildpack of module api"
+
+
+# --- helpers ---------------------------------------------------------------------------------
+
+
+class Daemons:
+    """Daemon processes of one test, each with its own log; all stopped at the end."""
+
+    def __init__(self, write_config: Callable[..., Path], tmp_path: Path, overrides: dict[str, Any]):
+        self.write_config = write_config
+        self.tmp_path = tmp_path
+        self.overrides = {"lease_ttl": LEASE_TTL, "workers": 2, **overrides}
+        self.started: list[DaemonProcess] = []
+
+    def start(self, **more: Any) -> DaemonProcess:
+        name = f"d{len(self.started)}"
+        config = self.write_config(f"{name}.yml", **{**self.overrides, **more})
+        process = DaemonProcess(config, self.tmp_path / f"{name}.log").start()
+        self.started.append(process)
+        process.wait_ready()
+        return process
+
+    def stop_all(self) -> None:
+        for process in self.started:
+            if process.alive():
+                try:
+                    process.terminate(60)
+                except Exception:
+                    process.kill()
+
+
+@pytest.fixture
+def daemons(write_config, tmp_path, cleanup_lxd) -> Iterator[Callable[..., Daemons]]:
+    made: list[Daemons] = []
+
+    def make(**overrides: Any) -> Daemons:
+        made.append(Daemons(write_config, tmp_path, overrides))
+        return made[-1]
+
+    yield make
+    for group in made:
+        group.stop_all()
+
+
+@pytest.fixture
+def cleanup_lxd(lxd: Lxd, db: Database) -> Iterator[None]:
+    """Remove what this test's jobs left in LXD if it failed half-way (found by job id; nothing else)."""
+    yield
+    for name in leftover_containers(lxd, db):
+        lxd.delete_container(name)
+    jobs = {str(job["_id"]) for job in db.jobs.find({}, {"_id": 1})}
+    for image in lxd.image_snapshot():
+        if image.properties.get(IMAGE_PROP_JOB) in jobs:
+            for alias in image.aliases:
+                lxd.delete_alias(alias)
+            lxd.delete_image(image.fingerprint)
+    for job in jobs:
+        lxd.delete_alias(job)
+
+
+def terminal_step(store: Store, sid: str) -> Step | None:
+    step = store.get_step(sid)
+    return step if step is not None and step.terminal else None
+
+
+def state_of(store: Store, sid: str) -> str | None:
+    step = store.get_step(sid)
+    return step.state if step is not None else None
+
+
+def event_of(process: DaemonProcess, event: str, job: ObjectId, **fields: Any) -> dict[str, Any] | None:
+    return process.saw(event, job_id=str(job), **fields)
+
+
+def freeze(process: DaemonProcess) -> None:
+    """SIGSTOP: the daemon stops exactly where it is (LXD carries on with what it was asked)."""
+    os.kill(process.pid, signal.SIGSTOP)
+
+
+def thaw(process: DaemonProcess) -> None:
+    os.kill(process.pid, signal.SIGCONT)
+
+
+def vm_rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError(f"no VmRSS for {pid}")
+
+
+def assert_nothing_left(lxd: Lxd, db: Database, store: Store) -> None:
+    """The invariants every fault must leave intact."""
+    assert leftover_containers(lxd, db) == [], "a container of this test's jobs was left behind"
+    jobs = all_job_ids(db)
+    stuck = [(doc["_id"], doc["state"]) for doc in store.steps.find() if doc["state"] not in TERMINAL]
+    assert stuck == [], "a step record is stuck in a non-terminal state"
+    records = {record.alias: record for record in store.image_records(state=None)}
+    for image in lxd.image_snapshot():
+        job = image.properties.get(IMAGE_PROP_JOB)
+        if job in {str(j) for j in jobs}:
+            assert records.get(job) is not None, f"image {image.fingerprint[:12]} of job {job} has no record"
+            assert records[job].fingerprint == image.fingerprint, f"a second image of job {job}"
+            assert image.aliases == (job,), f"image of job {job} has aliases {image.aliases}"
+    for job in jobs:
+        aliased = lxd.image_by_alias(str(job))
+        if aliased is not None:
+            assert str(job) in records, f"stale alias {job}: no container_images record"
+
+
+def all_job_ids(db: Database) -> list[ObjectId]:
+    return [job["_id"] for job in db.jobs.find({}, {"_id": 1})]
+
+
+def images_of_job(lxd: Lxd, job: ObjectId) -> list[str]:
+    return [i.fingerprint for i in lxd.image_snapshot() if i.properties.get(IMAGE_PROP_JOB) == str(job)]
+
+
+# --- buildimage: SIGKILL in each phase ----------------------------------------------------------
+
+
+def buildimage_app(db: Database, base_image: str, provisioner_tree: Path, pre_hook: str = "") -> ObjectId:
+    """An app whose salt feature mounts the job's provisioner tree at /srv/salt (the hooks can wait on it)."""
+    return make_app(
+        db,
+        source_container_image=base_image,
+        pre_buildimage=pre_hook or "echo pre hook ran",
+        post_buildimage="echo post hook ran; mkdir -p /opt/app; echo built > /opt/app/marker",
+        features=[{"name": "nginx", "version": "1", "provisioner": "salt"}],
+    )
+
+
+def buildimage_job(db: Database, app: ObjectId, provisioner_tree: Path) -> ObjectId:
+    job = make_job(db, app)
+    (provisioner_tree / f"salt-{job}").mkdir()
+    return job
+
+
+def features_config(**container: Any) -> dict[str, Any]:
+    """The salt features install is a shell command here (the base image has no salt)."""
+    return {"provisioner_commands": {"salt": ["sh", "-c", "echo features installed"]}, **container}
+
+
+def kill_buildimage(phase: str, process: DaemonProcess, lxd: Lxd, store: Store, mongo: Any, job: ObjectId) -> bool:
+    """Kill the daemon in `phase` of the build of `job`; returns whether the image record existed then."""
+    alias = str(job)
+    if phase == "creating":
+        wait_until(lambda: event_of(process, "container_creating", job), 60, "the container being created")
+    elif phase == "hooks":
+        wait_until(
+            lambda: event_of(process, "command_started", job, label="pre_buildimage hook"), 60, "the pre hook running"
+        )
+    elif phase == "publishing":
+        wait_until(lambda: event_of(process, "image_publishing", job), 60, "the publication starting")
+    elif phase == "cleaning":
+        # The alias is set right after the publication; the container is deleted next, then the records.
+        wait_until(lambda: lxd.image_by_alias(alias), 60, "the alias of the published image", interval=0.01)
+    elif phase == "recording":
+        wait_until(lambda: lxd.image_by_alias(alias), 60, "the alias of the published image", interval=0.01)
+        freeze(process)
+        mongo.stop()  # the record writes cannot happen now
+        thaw(process)
+        wait_until(lambda: not lxd.container_exists(f"gbp-{job}-b"), 60, "the container to be cleaned up")
+    process.kill()
+    if phase == "recording":
+        mongo.start()
+    return store.get_image_record(alias) is not None
+
+
+PHASES = ["creating", "hooks", "publishing", "cleaning", "recording"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("phase", PHASES)
+def test_sigkill_during_buildimage_then_takeover_builds_exactly_one_image(
+    phase, mongo, db, store, lxd, base_image, ghost_dirs, daemons, cleanup_lxd
+):
+    if phase == "recording" and not mongo.can_restart:
+        pytest.skip(f"this run's MongoDB ({mongo.kind}) cannot be stopped by the tests")
+    tree = ghost_dirs["provisioner_tree"]
+    go = "/srv/salt/go"
+    # The hooks phase blocks on a file in the mounted provisioner tree; publishing gets a payload that takes a while.
+    hooks = {
+        "hooks": WAIT_FOR_GO.format(path=go) + "; echo released",
+        "publishing": "mkdir -p /opt && head -c 6000000 /dev/urandom > /opt/payload",
+    }
+    app = buildimage_app(db, base_image, tree, hooks.get(phase, ""))
+    group = daemons(container=features_config(publish_compression="xz" if phase == "publishing" else "none"))
+    first = group.start()
+    job = buildimage_job(db, app, tree)
+    finish_buildimage(db, job, ami_id="ami-0fa17")
+    recorded_at_kill = kill_buildimage(phase, first, lxd, store, mongo, job)
+
+    if phase == "hooks":
+        (tree / f"salt-{job}" / "go").touch()
+    second = group.start()
+    step = wait_until(lambda: terminal_step(store, step_id(job, "buildimage")), 120, "the step after the takeover")
+
+    assert step.state == SUCCEEDED, step.message
+    assert step.attempts >= 2, "the step was not taken over"
+    if phase == "recording":
+        assert not recorded_at_kill, "the kill was meant to land before the records were written"
+    if recorded_at_kill:
+        assert "published by an earlier attempt" in step.message
+    images = images_of_job(lxd, job)
+    assert len(images) == 1, f"expected one image of the job, got {images}"
+    record = store.get_image_record(str(job))
+    assert record is not None and record.fingerprint == images[0]
+    assert store.steps.find_one({"_id": step.id})["fingerprint"] == images[0]
+    assert db.apps.find_one({"_id": app})["build_infos"]["container_image"] == str(job)
+    assert second.alive()
+    assert second.terminate() == 0
+    assert_nothing_left(lxd, db, store)
+
+
+# --- deploy: SIGKILL in each phase ----------------------------------------------------------------
+
+
+def deploy_app(db: Database, base_image: str, build_pack: str) -> ObjectId:
+    # The base image stands for the app's last built image: a deploy needs no build first.
+    return make_app(db, container_image=base_image, modules=[module_doc("api", "/srv/api", build_pack)])
+
+
+def working_copy(root: Path) -> Path:
+    path = root / "shop" / "prod" / "web" / "api"
+    path.mkdir(parents=True)
+    os.chown(path, *WORKING_COPY_IDS)
+    return path
+
+
+class Client:
+    """Ghost's deploy worker asking for the buildpack, in a thread (it blocks until the outcome)."""
+
+    def __init__(self, db: Database, job: ObjectId, timeout: float = 120):
+        self.result: BuildpackResult | None = None
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, args=(db, job, timeout), daemon=True)
+        self.thread.start()
+
+    def _run(self, db: Database, job: ObjectId, timeout: float) -> None:
+        try:
+            self.result = run_buildpack(db, job, "api", timeout=timeout, poll_interval=0.2)
+        except BaseException as error:
+            self.error = error
+
+    def outcome(self, timeout: float = 150) -> BuildpackResult:
+        self.thread.join(timeout)
+        assert self.error is None, f"the client raised {self.error!r}"
+        assert self.result is not None, "the client did not return"
+        return self.result
+
+
+BUILDPACK = "echo start >> runs.log; " + WAIT_FOR_GO.format(path="go") + "; echo end >> runs.log; echo buildpack done"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("phase", ["preparing", "buildpack", "cleaning"])
+def test_sigkill_during_deploy_then_takeover_runs_the_buildpack(
+    phase, db, store, lxd, base_image, ghost_dirs, daemons, cleanup_lxd
+):
+    app = deploy_app(db, base_image, BUILDPACK)
+    group = daemons()
+    first = group.start()
+    job = make_job(db, app, command="deploy", modules=["api"])
+    sid = step_id(job, "deploy", "api")
+    copy = working_copy(ghost_dirs["root"])
+    if phase != "buildpack":
+        (copy / "go").touch()
+    set_status(db, job, "started")
+    if phase == "preparing":
+        wait_until(lambda: event_of(first, "container_creating", job), 60, "the container being prepared")
+        first.kill()
+        group.start()
+        wait_until(lambda: state_of(store, sid) == "ready", 60, "the step prepared after the takeover")
+        client = Client(db, job)
+    else:
+        wait_until(lambda: state_of(store, sid) == "ready", 60, "the step prepared")
+        client = Client(db, job)
+        if phase == "buildpack":
+            started = lambda: event_of(first, "command_started", job, label=BUILDPACK_LABEL)  # noqa: E731
+        else:
+            started = lambda: event_of(first, "command_succeeded", job, label=BUILDPACK_LABEL)  # noqa: E731
+        wait_until(started, 60, f"the {phase} phase")
+        if phase == "buildpack":  # the command runs once its first line wrote
+            wait_until(lambda: (copy / "runs.log").exists(), 60, "the buildpack to start")
+        first.kill()
+        second = group.start()
+        if phase == "buildpack":
+            wait_until(lambda: event_of(second, "command_started", job, label=BUILDPACK_LABEL), 60, "the rerun")
+            (copy / "go").touch()
+
+    result = client.outcome()
+    assert result.state == SUCCEEDED, result
+    assert "buildpack done" in result.output_tail
+    runs = (copy / "runs.log").read_text().split()
+    if phase == "preparing":
+        assert runs == ["start", "end"]
+    elif phase == "buildpack":
+        # The killed attempt's buildpack must not carry on beside the new one.
+        assert runs == ["start", "start", "end"], runs
+    else:
+        # Killed after the buildpack succeeded but before the record: it runs again (at least once), in turn.
+        assert runs == ["start", "end", "start", "end"], runs
+    set_status(db, job, "done")
+    assert_nothing_left(lxd, db, store)
+
+
+# --- hostile buildpacks: bounded by the container limits and the exec timeout ------------------------
+
+
+def run_one_deploy(
+    group: Daemons, db: Database, store: Store, base_image: str, root: Path, build_pack: str
+) -> tuple[DaemonProcess, ObjectId, BuildpackResult, int]:
+    """Start a daemon, prepare the deploy step of module `api`, ask for it as Ghost does; also the RSS before."""
+    app = deploy_app(db, base_image, build_pack)
+    working_copy(root)
+    process = group.start()
+    job = make_job(db, app, command="deploy", modules=["api"])
+    set_status(db, job, "started")
+    wait_until(lambda: state_of(store, step_id(job, "deploy", "api")) == "ready", 60, "the step prepared")
+    rss_before = vm_rss_kib(process.pid)
+    result = run_buildpack(db, job, "api", timeout=150, poll_interval=0.2)
+    return process, job, result, rss_before
+
+
+def test_fork_bomb_is_bounded_by_the_process_limit(db, store, lxd, base_image, ghost_dirs, daemons):
+    fork_bomb = (
+        'i=0; while [ $i -lt 300 ]; do sleep 60 </dev/null >/dev/null 2>&1 & i=$((i+1)); done; echo "all forked"'
+    )
+    group = daemons(container={"limits": {"processes": 30}})
+    process, _job, result, _ = run_one_deploy(group, db, store, base_image, ghost_dirs["root"], fork_bomb)
+
+    assert result.state == FAILED, result
+    assert "can't fork" in result.output_tail or "Resource temporarily unavailable" in result.output_tail
+    assert "all forked" not in result.output_tail
+    assert process.alive()
+    assert_nothing_left(lxd, db, store)
+
+
+def test_memory_hog_is_bounded_by_the_memory_limit(db, store, lxd, base_image, ghost_dirs, daemons):
+    hog = "x=$(head -c 400000000 /dev/zero | tr '\\0' a); echo \"survived with ${#x} bytes\""
+    group = daemons(container={"limits": {"memory": "64MiB"}})
+    process, _job, result, _ = run_one_deploy(group, db, store, base_image, ghost_dirs["root"], hog)
+
+    assert result.state == FAILED, result
+    assert "survived" not in result.output_tail
+    assert result.exit_code == 137, result.message  # SIGKILLed by the kernel OOM killer of the container
+    assert process.alive()
+    assert_nothing_left(lxd, db, store)
+
+
+def test_100mb_of_output_keeps_the_daemon_memory_flat_and_the_job_log_bounded(
+    db, store, lxd, base_image, ghost_dirs, daemons
+):
+    line = "0123456789" * 9  # 91 bytes a line with its newline
+    noisy = f"echo FIRST-LINE; yes {line} | head -c 100000000; echo; echo LAST-LINE"
+    group = daemons(container={"output_head": "64KiB", "output_tail": "16KiB", "exec_timeout": "150s"})
+    process, job, result, rss_before = run_one_deploy(group, db, store, base_image, ghost_dirs["root"], noisy)
+    rss_after = vm_rss_kib(process.pid)
+
+    assert result.state == SUCCEEDED, result
+    assert "LAST-LINE" in result.output_tail
+    assert rss_after - rss_before < 40 * 1024, f"daemon RSS grew from {rss_before} to {rss_after} KiB"
+    job_log = ghost_dirs["log_dir"] / f"{job}.txt"
+    assert job_log.stat().st_size < 256 * 1024
+    text = job_log.read_text()
+    assert "FIRST-LINE" in text and "LAST-LINE" in text
+    assert "bytes of output omitted (kept the first and last part)" in text
+    assert process.saw("output_truncated", job_id=str(job))
+    assert_nothing_left(lxd, db, store)
+
+
+def test_buildpack_that_never_exits_is_killed_at_the_exec_timeout(db, store, lxd, base_image, ghost_dirs, daemons):
+    group = daemons(container={"exec_timeout": "3s"})
+    process, _job, result, _ = run_one_deploy(
+        group, db, store, base_image, ghost_dirs["root"], "echo waiting forever; sleep 100000"
+    )
+
+    assert result.state == FAILED, result
+    assert "did not finish within 3s (killed)" in result.message
+    assert result.exit_code is None
+    assert "waiting forever" in result.output_tail
+    assert process.alive()
+    assert_nothing_left(lxd, db, store)
+
+
+# --- the disk under ghost.log_dir ---------------------------------------------------------------------
+
+
+def test_unwritable_job_log_does_not_stop_the_step_and_the_problem_is_recorded(
+    db, store, lxd, base_image, ghost_dirs, daemons
+):
+    app = deploy_app(db, base_image, "echo buildpack ran; touch made")
+    copy = working_copy(ghost_dirs["root"])
+    process = daemons().start()
+    job = make_job(db, app, command="deploy", modules=["api"])
+    # Tests run as root, so permissions would not stop the write: a directory where the log file goes does.
+    (ghost_dirs["log_dir"] / f"{job}.txt").mkdir()
+    set_status(db, job, "started")
+    wait_until(lambda: state_of(store, step_id(job, "deploy", "api")) == "ready", 60, "the step prepared")
+    result = run_buildpack(db, job, "api", timeout=120, poll_interval=0.2)
+
+    assert result.state == SUCCEEDED, result
+    assert (copy / "made").exists()
+    assert "cannot write Ghost job log" in result.message
+    assert process.saw("job_log_unwritable")
+    assert_nothing_left(lxd, db, store)
