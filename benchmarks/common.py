@@ -71,13 +71,17 @@ class Bench:
         self.lxd = Lxd(LxdConfig(timeout=60))
         self._databases: list[str] = []
 
-    def close(self) -> None:
+    def close(self, keep_logs: bool = False) -> None:
+        """Drop the databases and stop the MongoDB; the scratch space (daemon logs) is kept when asked."""
         client = self.mongo.client()
         for name in self._databases:
             client.drop_database(name)
         client.close()
         self.mongo.close()
-        shutil.rmtree(self.scratch, ignore_errors=True)
+        if keep_logs:
+            print(f"daemon logs and configs kept in {self.scratch}")
+        else:
+            shutil.rmtree(self.scratch, ignore_errors=True)
 
     def environment(self) -> dict[str, Any]:
         """Where the figures come from: cores, LXD, MongoDB."""

@@ -33,6 +33,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="scripts/bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="small counts (< 3 minutes): checks the script works")
     parser.add_argument("--only", nargs="+", choices=sorted(BENCHMARKS), help="run only these benchmarks")
+    parser.add_argument("--keep-logs", action="store_true", help="keep the daemons' logs (kept anyway on failure)")
     parser.add_argument(
         "--poll-interval",
         type=float,
@@ -81,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
                 failed.append(name)
             print(f"   ({name}: {time.monotonic() - began:.0f} s)")
     finally:
-        bench.close()
+        bench.close(keep_logs=args.keep_logs or bool(failed) or _any_failed_step(report))
     report["seconds"] = (datetime.now(UTC) - started).total_seconds()
     out = REPO / "bench-results" / (started.strftime("%Y-%m-%dT%H%M%SZ") + ("-quick" if args.quick else "") + ".json")
     out.parent.mkdir(exist_ok=True)
@@ -91,6 +92,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"failed: {', '.join(failed)}", file=sys.stderr)
         return 1
     return 0
+
+
+def _any_failed_step(report: Any) -> bool:
+    """A benchmark that counted failed steps (they do not stop it, but their logs are worth keeping)."""
+    if isinstance(report, dict):
+        return bool(report.get("failed")) or any(_any_failed_step(value) for value in report.values())
+    if isinstance(report, list):
+        return any(_any_failed_step(value) for value in report)
+    return False
 
 
 if __name__ == "__main__":

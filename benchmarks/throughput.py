@@ -31,9 +31,13 @@ def deploy_and_request(db: Any, job: Any, outcomes: list[str]) -> None:
     """Ghost's worker for one job: start the deploy, then ask for the buildpack once the container is ready."""
     sid = step_id(job, "deploy", "api")
     set_status(db, job, "started")
-    wait_for(lambda: (s := db.container_steps.find_one({"_id": sid})) and s["state"] == "ready", 300, "step ready")
-    result = run_buildpack(db, job, "api", timeout=300)
-    outcomes.append(result.state if result.state == SUCCEEDED else f"{result.state}: {result.message}")
+    try:
+        wait_for(lambda: (s := db.container_steps.find_one({"_id": sid})) and s["state"] == "ready", 120, "ready")
+        result = run_buildpack(db, job, "api", timeout=120)
+        outcomes.append(result.state if result.state == SUCCEEDED else f"{sid} {result.state}: {result.message}")
+    except Exception as error:  # counted as a failed step, with the reason
+        step = db.container_steps.find_one({"_id": sid}) or {}
+        outcomes.append(f"{sid}: {error}; record: {step.get('state')} {step.get('message')!r}")
     set_status(db, job, "done")
 
 
