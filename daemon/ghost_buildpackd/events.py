@@ -73,6 +73,14 @@ class Intake:
         if doc.get("command") not in COMMANDS:
             return
         try:
+            self._handle_job(doc)
+        except PyMongoError:
+            raise  # outages: the source retries the job
+        except Exception as error:  # one poisonous job must not stop the intake of every later job
+            log.exception("job_handling_failed", job_id=str(doc.get("_id")), error=f"{type(error).__name__}: {error}")
+
+    def _handle_job(self, doc: Mapping[str, Any]) -> None:
+        try:
             job = parse_job(doc)
         except BadDocument as error:
             self._record_bad_job(doc, error)

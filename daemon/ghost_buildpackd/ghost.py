@@ -24,6 +24,7 @@ _MODULE_PATH = re.compile(r"^(/[a-zA-Z0-9.\-_]+)+$")
 _SEGMENT = re.compile(r"^[A-Za-z0-9_.+\-]+$")
 _AMI_IN_MESSAGE = re.compile(r"\[(ami-[0-9a-f]+)\]")
 MAX_SCRIPT_BYTES = 1 << 20
+MAX_ENV_VAR_BYTES = 128 << 10  # Linux MAX_ARG_STRLEN: one `NAME=value` string given to execve
 PROVISIONERS = ("salt", "ansible")
 
 
@@ -269,7 +270,16 @@ def _env_vars(value: Any) -> tuple[tuple[str, str], ...]:
         if raw_value is not None and not isinstance(raw_value, str | int | float):
             # The value itself is never shown: it may be a secret.
             raise BadDocument(f"{where}.var_value", f"expected a string, got {type(raw_value).__name__}")
-        pairs.append((key, "" if raw_value is None else str(raw_value)))
+        value = "" if raw_value is None else str(raw_value)
+        size = len(f"{key}={value}".encode())
+        if size >= MAX_ENV_VAR_BYTES:
+            # The value itself is never shown: it may be a secret.
+            raise BadDocument(
+                f"{where}.var_value",
+                f"{size} bytes with its name; the kernel refuses an environment variable of {MAX_ENV_VAR_BYTES} "
+                "bytes or more (limit of execve)",
+            )
+        pairs.append((key, value))
     return tuple(pairs)
 
 
@@ -323,7 +333,8 @@ def parse_job(doc: Mapping[str, Any]) -> Job:
     if command == "deploy":
         for index, item in enumerate(_list(doc.get("modules"), "job.modules")):
             item = _mapping(item, f"job.modules[{index}]")
-            modules.append(_string(item, "name", f"job.modules[{index}]"))
+            # A module name becomes a directory name and part of the step id: a segment, bounded.
+            modules.append(_segment(item, "name", f"job.modules[{index}]"))
     updated = doc.get("_updated")
     message = doc.get("message")
     return Job(

@@ -375,8 +375,9 @@ class Lxd:
                     last_error = f"'true' exited {result.exit_code}"
                 else:
                     last_error = f"status {instance.status}"
-            except (LXDAPIException, requests.RequestException) as error:
-                last_error = str(error)
+            except (LXDAPIException, requests.RequestException, OSError) as error:
+                # OSError: the exec websocket can break (EPIPE) while the container is still starting.
+                last_error = f"{type(error).__name__}: {error}"
             time.sleep(delay)  # a backoff between readiness checks, not a wait for readiness
             delay = min(delay * 2, 0.5)
         raise LxdError(f"container {name} not ready after {timeout:g}s ({last_error})")
