@@ -15,11 +15,13 @@ import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import pylxd
 import requests
 import tenacity
 from pylxd.exceptions import LXDAPIException, NotFound
+from ws4py.client import WebSocketBaseClient
 
 from .config import LxdConfig
 from .logs import get_logger
@@ -150,6 +152,57 @@ def disk_device(mount: Mount) -> dict[str, str]:
     if mount.readonly:
         device["readonly"] = "true"
     return device
+
+
+OUTPUT_DRAIN_TIMEOUT = 10.0  # after the command exits, how long LXD may take to flush its output streams
+
+
+class _InputStream(WebSocketBaseClient):
+    """An exec's stdin websocket: closed with an empty message right after the handshake."""
+
+    def __init__(self, url: str, **kwargs: Any):
+        super().__init__(url, exclude_headers=["origin"], **kwargs)  # LXD refuses a ws+unix Origin
+
+    def handshake_ok(self) -> None:
+        self.send(b"", binary=False)
+
+
+class _OutputStream(WebSocketBaseClient):
+    """An exec's stdout or stderr websocket, read by its own thread once connected.
+
+    Chunks go to `on_output`; `ended` is set when LXD ends the stream (an empty
+    message, then the close). The thread starts only after `connect()` has
+    processed what came with the handshake, so two readers never race.
+    """
+
+    def __init__(self, url: str, on_output: Callable[[bytes], None], **kwargs: Any):
+        super().__init__(url, exclude_headers=["origin"], **kwargs)
+        self.on_output = on_output
+        self.ended = threading.Event()
+        self.reader = threading.Thread(target=self.run, name="exec-output", daemon=True)
+
+    def open(self) -> None:
+        self.connect()
+        self.reader.start()
+
+    def received_message(self, message: Any) -> None:
+        if not message.data:  # LXD's end-of-stream marker
+            self.ended.set()
+            return
+        self.on_output(bytes(message.data))
+
+    def closed(self, code: int, reason: str | None = None) -> None:
+        self.ended.set()
+
+    def unhandled_error(self, error: Exception) -> None:
+        # LXD may reset the connection right after its end-of-stream marker.
+        self.ended.set()
+
+    def _write(self, data: bytes) -> None:
+        # Only protocol replies (pongs, close) are written on an output stream; once LXD has
+        # ended it they cannot be delivered and need not be.
+        with contextlib.suppress(OSError, RuntimeError):
+            super()._write(data)
 
 
 class Lxd:
@@ -463,6 +516,43 @@ class Lxd:
             return False
         return True
 
+    def _exec_streaming(
+        self, name: str, argv: list[str], env: Mapping[str, str], on_output: Callable[[bytes], None], cwd: str | None
+    ) -> int:
+        """One exec operation with its stdout/stderr websockets; returns the exit code.
+
+        Unlike pylxd's `execute`, which closes the output websockets as soon as
+        the command has exited (dropping output still in flight, seen under
+        load) and then polls every 100 ms, this waits for LXD to end each
+        stream itself once it has sent everything.
+        """
+        client = self.exec_client
+        response = client.api.instances[name].exec.post(
+            json={"command": list(argv), "environment": dict(env), "wait-for-websocket": True,
+                  "interactive": False, "cwd": cwd}
+        ).json()  # fmt: skip
+        fds = response["metadata"]["metadata"]["fds"]
+        path = urlparse(client.api.operations[response["operation"].rsplit("/", 1)[-1]].websocket._api_endpoint).path
+        streams: list[_OutputStream] = []
+        stdin = _InputStream(client.websocket_url, ssl_options=client.ssl_options)
+        try:
+            stdin.resource = f"{path}?secret={fds['0']}"
+            stdin.connect()  # sends end-of-input at once: commands get no stdin
+            for fd in ("1", "2"):
+                stream = _OutputStream(client.websocket_url, on_output, ssl_options=client.ssl_options)
+                stream.resource = f"{path}?secret={fds[fd]}"
+                stream.open()
+                streams.append(stream)
+            operation = client.operations.wait_for_operation(response["operation"])
+            deadline = time.monotonic() + OUTPUT_DRAIN_TIMEOUT
+            for stream in streams:
+                stream.ended.wait(max(0.0, deadline - time.monotonic()))
+            return int(operation.metadata["return"])
+        finally:
+            for websocket in (stdin, *streams):
+                with contextlib.suppress(Exception):
+                    websocket.close()
+
     def execute(
         self,
         name: str,
@@ -484,16 +574,7 @@ class Lxd:
 
         def run() -> None:
             try:
-                instance = self.exec_client.instances.get(name)
-                result = instance.execute(
-                    list(argv),
-                    environment=dict(env),
-                    decode=False,
-                    stdout_handler=on_output,
-                    stderr_handler=on_output,
-                    cwd=cwd,
-                )
-                outcome["exit_code"] = result.exit_code
+                outcome["exit_code"] = self._exec_streaming(name, argv, env, on_output, cwd)
             except Exception as error:  # reported to the caller as a lost command
                 outcome["error"] = f"{type(error).__name__}: {error}"
             finally:
