@@ -443,3 +443,68 @@ def test_unwritable_job_log_does_not_stop_the_step_and_the_problem_is_recorded(
     assert "cannot write Ghost job log" in result.message
     assert process.saw("job_log_unwritable")
     assert_nothing_left(lxd, db, store)
+
+
+# --- MongoDB stopped and started again during steps --------------------------------------------------
+
+
+def skip_unless_restartable(mongo: Any) -> None:
+    if not mongo.can_restart:
+        pytest.skip(f"this run's MongoDB ({mongo.kind}) cannot be stopped by the tests")
+
+
+@pytest.mark.slow
+def test_mongodb_outage_during_a_buildimage_step_is_ridden_out(mongo, db, store, lxd, base_image, ghost_dirs, daemons):
+    skip_unless_restartable(mongo)
+    tree = ghost_dirs["provisioner_tree"]
+    app = buildimage_app(db, base_image, tree, WAIT_FOR_GO.format(path="/srv/salt/go"))
+    process = daemons(container=features_config()).start()
+    job = buildimage_job(db, app, tree)
+    finish_buildimage(db, job)
+    wait_until(lambda: event_of(process, "command_started", job, label="pre_buildimage hook"), 60, "the pre hook")
+    mongo.stop()
+    try:
+        wait_until(lambda: process.saw("mongodb_unavailable_retrying"), 30, "the daemon to notice the outage")
+        (tree / f"salt-{job}" / "go").touch()  # the build goes on without MongoDB up to its records
+        wait_until(lambda: lxd.image_by_alias(str(job)), 60, "the image published during the outage")
+    finally:
+        mongo.start()
+    step = wait_until(lambda: terminal_step(store, step_id(job, "buildimage")), 90, "the step after the outage")
+
+    assert step.state == SUCCEEDED, step.message
+    assert step.attempts == 1, "the step was run again instead of ridden through the outage"
+    assert len(images_of_job(lxd, job)) == 1
+    assert db.apps.find_one({"_id": app})["build_infos"]["container_image"] == str(job)
+    assert process.alive()
+    assert_nothing_left(lxd, db, store)
+
+
+@pytest.mark.slow
+def test_mongodb_outage_during_a_buildpack_is_ridden_out_by_daemon_and_client(
+    mongo, db, store, lxd, base_image, ghost_dirs, daemons
+):
+    skip_unless_restartable(mongo)
+    app = deploy_app(db, base_image, BUILDPACK)
+    copy = working_copy(ghost_dirs["root"])
+    process = daemons().start()
+    job = make_job(db, app, command="deploy", modules=["api"])
+    set_status(db, job, "started")
+    wait_until(lambda: state_of(store, step_id(job, "deploy", "api")) == "ready", 60, "the step prepared")
+    client = Client(db, job)
+    wait_until(lambda: (copy / "runs.log").exists(), 60, "the buildpack to start")
+    mongo.stop()
+    try:
+        wait_until(lambda: process.saw("mongodb_unavailable_retrying"), 30, "the daemon to notice the outage")
+        (copy / "go").touch()
+        wait_until(
+            lambda: event_of(process, "command_succeeded", job, label=BUILDPACK_LABEL), 60, "the buildpack to end"
+        )
+    finally:
+        mongo.start()
+    result = client.outcome()
+
+    assert result.state == SUCCEEDED, result
+    assert (copy / "runs.log").read_text().split() == ["start", "end"]
+    assert process.alive()
+    set_status(db, job, "done")
+    assert_nothing_left(lxd, db, store)
