@@ -19,12 +19,12 @@ from urllib.parse import urlparse
 
 import pylxd
 import requests
-import tenacity
 from pylxd.exceptions import LXDAPIException, NotFound
 from ws4py.client import WebSocketBaseClient
 
 from .config import LxdConfig
 from .logs import get_logger
+from .retries import retrying
 
 log = get_logger(__name__)
 
@@ -55,17 +55,7 @@ def _is_transient(error: BaseException) -> bool:
     return False
 
 
-retry_lxd = tenacity.retry(
-    retry=tenacity.retry_if_exception(_is_transient),
-    wait=tenacity.wait_exponential(multiplier=0.2, max=10),
-    stop=tenacity.stop_after_attempt(5),
-    before_sleep=lambda state: log.warning(
-        "lxd_transient_error_retrying",
-        attempt=state.attempt_number,
-        error=str(state.outcome.exception()) if state.outcome else None,
-    ),
-    reraise=True,
-)
+retry_lxd = retrying(_is_transient, "lxd_transient_error_retrying", attempts=5, multiplier=0.2, max_wait=10)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -21,7 +21,6 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pymongo
-import tenacity
 from bson import ObjectId
 from pymongo import ReturnDocument
 from pymongo.collection import Collection
@@ -36,6 +35,7 @@ from pymongo.errors import (
 )
 
 from .logs import get_logger
+from .retries import retrying
 
 log = get_logger(__name__)
 
@@ -75,16 +75,12 @@ def step_id(job_id: ObjectId | str, kind: str, module: str | None = None) -> str
 
 def retry_transient(attempts: int = 8) -> Any:
     """Retry a MongoDB call through outages: exponential backoff, ~2 minutes in all."""
-    return tenacity.retry(
-        retry=tenacity.retry_if_exception_type(TRANSIENT_ERRORS),
-        wait=tenacity.wait_exponential(multiplier=0.25, max=30),
-        stop=tenacity.stop_after_attempt(attempts),
-        before_sleep=lambda state: log.warning(
-            "mongodb_unavailable_retrying",
-            attempt=state.attempt_number,
-            error=str(state.outcome.exception()) if state.outcome else None,
-        ),
-        reraise=True,
+    return retrying(
+        lambda error: isinstance(error, TRANSIENT_ERRORS),
+        "mongodb_unavailable_retrying",
+        attempts=attempts,
+        multiplier=0.25,
+        max_wait=30,
     )
 
 
