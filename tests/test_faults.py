@@ -383,6 +383,7 @@ def test_memory_hog_is_bounded_by_the_memory_limit(db, store, lxd, base_image, g
     assert result.state == FAILED, result
     assert "survived" not in result.output_tail
     assert result.exit_code == 137, result.message  # SIGKILLed by the kernel OOM killer of the container
+    assert "out of memory under container.limits.memory" in result.message
     assert process.alive()
     assert_nothing_left(lxd, db, store)
 

@@ -191,6 +191,8 @@ def run_command(
         reason = f"{label}: `{command}` was lost ({result.error or 'the container went away'})"
     else:
         reason = f"{label}: `{command}` exited with code {result.exit_code}"
+        if result.exit_code == 137:  # 128 + SIGKILL: in a container, nearly always the out-of-memory killer
+            reason += " (killed by SIGKILL: out of memory under container.limits.memory?)"
     ctx.log.error("command_failed", reason=reason, **fields)
     error = StepFailed(reason, result.exit_code)
     error.output_tail = collector.tail_text()  # type: ignore[attr-defined]
