@@ -509,3 +509,28 @@ def test_mongodb_outage_during_a_buildpack_is_ridden_out_by_daemon_and_client(
     assert process.alive()
     set_status(db, job, "done")
     assert_nothing_left(lxd, db, store)
+
+
+@pytest.mark.slow
+def test_takeover_that_cannot_succeed_fails_with_the_reason_and_leaves_nothing(
+    db, store, lxd, base_image, ghost_dirs, daemons
+):
+    """Killed during the hooks; meanwhile Ghost removed the job's provisioner tree: the successor fails, cleanly."""
+    tree = ghost_dirs["provisioner_tree"]
+    app = buildimage_app(db, base_image, tree, WAIT_FOR_GO.format(path="/srv/salt/go"))
+    group = daemons(container=features_config())
+    first = group.start()
+    job = buildimage_job(db, app, tree)
+    finish_buildimage(db, job)
+    wait_until(lambda: event_of(first, "command_started", job, label="pre_buildimage hook"), 60, "the pre hook")
+    first.kill()
+    (tree / f"salt-{job}").rmdir()  # Ghost cleans its provisioner trees up after the job
+    group.start()
+    step = wait_until(lambda: terminal_step(store, step_id(job, "buildimage")), 90, "the step after the takeover")
+
+    assert step.state == FAILED
+    assert f"provisioner tree {tree / f'salt-{job}'} does not exist" in step.message
+    assert images_of_job(lxd, job) == []
+    assert lxd.image_by_alias(str(job)) is None
+    assert "container_image" not in db.apps.find_one({"_id": app})["build_infos"]
+    assert_nothing_left(lxd, db, store)

@@ -57,9 +57,13 @@ class BuildPlan:
 
 def run(ctx: StepContext) -> Outcome:
     """Build, publish and record the app's container image for the buildimage job of `ctx.step`."""
-    job, app = load_job_app(ctx)
-    with Secrets.registered(app.secret_values):
+    try:
+        job, app = load_job_app(ctx)
         plan = make_plan(ctx, job, app)
+    except (BadDocument, StepFailed):
+        remove_dead_attempt_containers(ctx)
+        raise
+    with Secrets.registered(app.secret_values):
         finished = lxd_phase("cleaning up after an earlier attempt", recover_earlier_attempt, ctx, plan)
         if finished is not None:
             return finished
@@ -323,6 +327,16 @@ def recover_earlier_attempt(ctx: StepContext, plan: BuildPlan) -> Outcome | None
     message = f"container image {plan.alias} was published by an earlier attempt ({kept.fingerprint[:12]})"
     ctx.say("buildimage_recovered", message, image=plan.alias, fingerprint=kept.fingerprint)
     return Outcome(SUCCEEDED, message=message, fields={"image": plan.alias, "fingerprint": kept.fingerprint})
+
+
+def remove_dead_attempt_containers(ctx: StepContext) -> None:
+    """A takeover refused before its recovery ran: the dead attempt's container must not wait for the sweep."""
+    if ctx.step.attempts <= 1:
+        return
+    try:
+        remove_leftovers(ctx)
+    except Exception as error:  # the refusal is the outcome to report; the sweep removes it later
+        ctx.log.error("leftover_container_remove_failed", error=str(error))
 
 
 def recorded_image(ctx: StepContext, alias: str) -> ImageInfo | None:
