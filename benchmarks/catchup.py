@@ -7,9 +7,9 @@ it): `catchup_qualifying` buildimage jobs `done` on an app with a
 40% deploy jobs `done` (the daemon cancels their leftover steps), 30%
 buildimage `done` on an app without container steps, 20% buildimage `failed`,
 10% other commands (not in the scanned index range). Trivial bodies: this
-measures intake. Time is counted from the daemon process's start (exec) to the
-last `step_created` log line; the daemon's indexes exist already (as after any
-earlier start).
+measures intake. Times are counted from the daemon process's start (exec) to the
+last `step_created` log line, and to the `catch_up_done` line (end of the scan);
+the daemon's indexes exist already (as after any earlier start).
 """
 
 from __future__ import annotations
@@ -89,6 +89,8 @@ def measure(bench: Bench, mode: str) -> dict[str, Any]:
     started = time.time()
     with running(process):
         wait_for(lambda: db.container_steps.count_documents({"_id": {"$in": wanted}}) == len(wanted), 600, "steps")
+        # The scan goes on past the last qualifying job: its end is in the log.
+        wait_for(lambda: process.saw("catch_up_done", source=mode), 600, "the end of the catch-up scan", interval=0.1)
         process.terminate()
     created = log_times(process, "step_created")
     ready = parse_timestamp(process.saw("daemon_ready")["timestamp"])

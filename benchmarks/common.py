@@ -53,7 +53,7 @@ class Sizes:
 
     @classmethod
     def quick(cls) -> Sizes:
-        return cls(30, 3, 3, 1, 8, 2000, 50, 100, 4)
+        return cls(30, 3, 3, 1, 8, 1000, 50, 60, 4)
 
     @classmethod
     def full(cls) -> Sizes:

@@ -4,7 +4,8 @@ Three ways to run `sh -c 'echo gbp-first-output'` in a container of the busybox 
 - the daemon (production bodies, real LXD), driven as Ghost drives it: the deploy job
   goes `started` (the daemon prepares the container), the working copy exists, then
   Ghost's client `run_buildpack` asks for the buildpack and waits for the outcome;
-- a minimal pylxd script: create from alias, start, exec, stop+delete (unprivileged);
+- a minimal pylxd script: create from alias, start, exec, stop+delete (unprivileged),
+  and the same with the container settings the daemon sets (raw.idmap, limits.processes);
 - the sequence Ghost's old code used: create (privileged), start, fixed 10 s sleep,
   exec, stop, delete.
 The minimal script and Ghost's old sequence use pylxd directly on purpose: they are
@@ -29,6 +30,7 @@ from tests.conftest import BASE_IMAGE, WORKING_COPY_IDS
 from tests.support.ghost import make_app, make_job, module_doc, set_status
 
 from ghost_buildpackd.client import run_buildpack
+from ghost_buildpackd.lxd import ContainerSpec
 from ghost_buildpackd.store import SUCCEEDED, step_id
 
 from .common import Bench, FirstLine, ms, ratio, running, summary, table, wait_for
@@ -36,6 +38,9 @@ from .common import Bench, FirstLine, ms, ratio, running, summary, table, wait_f
 FIRST_OUTPUT = "gbp-first-output"
 BUILD_PACK = f"echo {FIRST_OUTPUT}"
 GHOST_OLD_SLEEP = 10.0  # what Ghost's old code slept after starting a container
+GHOST_OLD_SETTINGS = {"security.privileged": "true"}
+# What the daemon sets on a deploy container (with the config's defaults), built by the daemon's own code.
+DAEMON_SETTINGS = ContainerSpec("", "", tags={}, idmap=WORKING_COPY_IDS, processes=2000).lxd_config()
 MODES = ("change_stream", "poll")
 
 
@@ -104,10 +109,9 @@ def daemon_runs(bench: Bench, mode: str, alias: str, count: int) -> dict[str, An
     }
 
 
-def pylxd_sequence(name: str, privileged: bool, sleep: float) -> dict[str, float]:
+def pylxd_sequence(name: str, config: dict[str, str], sleep: float) -> dict[str, float]:
     """create from alias, start, [sleep], exec, stop, delete: seconds of each part."""
     client = pylxd.Client(timeout=120)
-    config = {"security.privileged": "true"} if privileged else {}
     t0 = time.time()
     container = client.instances.create(
         {"name": name, "type": "container", "source": {"type": "image", "alias": BASE_IMAGE}, "config": config},
@@ -135,8 +139,8 @@ def pylxd_sequence(name: str, privileged: bool, sleep: float) -> dict[str, float
     }
 
 
-def script_runs(label: str, count: int, privileged: bool, sleep: float, warm_up: bool) -> dict[str, Any]:
-    runs = [pylxd_sequence(f"gbp-bench-{os.getpid()}-{label}-{i}", privileged, sleep) for i in range(count + warm_up)]
+def script_runs(label: str, count: int, config: dict[str, str], sleep: float, warm_up: bool) -> dict[str, Any]:
+    runs = [pylxd_sequence(f"gbp-bench-{os.getpid()}-{label}-{i}", config, sleep) for i in range(count + warm_up)]
     runs = runs[1:] if warm_up else runs
     return {key: summary([run[key] for run in runs]) for key in runs[0]}
 
@@ -148,8 +152,11 @@ def run(bench: Bench) -> dict[str, Any]:
         daemons = [daemon_runs(bench, mode, alias, sizes.deploys_per_mode) for mode in MODES]
     finally:
         bench.lxd.delete_alias(alias)
-    minimal = script_runs("minimal", sizes.baseline_runs, privileged=False, sleep=0, warm_up=True)
-    ghost_old = script_runs("ghost-old", sizes.ghost_old_runs, privileged=True, sleep=GHOST_OLD_SLEEP, warm_up=False)
+    minimal = script_runs("minimal", sizes.baseline_runs, {}, sleep=0, warm_up=True)
+    # The same with the container settings the daemon uses (id mapping of the working copy's owner, limits):
+    # tells what the settings cost apart from what the daemon does around them.
+    settings = script_runs("settings", sizes.baseline_runs, DAEMON_SETTINGS, sleep=0, warm_up=True)
+    ghost_old = script_runs("ghost-old", sizes.ghost_old_runs, GHOST_OLD_SETTINGS, GHOST_OLD_SLEEP, warm_up=False)
     base = minimal["total"]["p50"]
     base_run = minimal["exec"]["p50"] + minimal["stop_delete"]["p50"]
     rows = [
@@ -191,6 +198,12 @@ def run(bench: Bench) -> dict[str, Any]:
     )
     parts = [
         [
+            "minimal, daemon's settings (raw.idmap, limits)",
+            ms(settings["create_start"]["p50"]),
+            ms(settings["exec"]["p50"]),
+            ms(settings["stop_delete"]["p50"]),
+        ],
+        [
             "minimal pylxd",
             ms(minimal["create_start"]["p50"]),
             ms(minimal["exec"]["p50"]),
@@ -227,4 +240,10 @@ def run(bench: Bench) -> dict[str, Any]:
             targets,
         )
     )
-    return {"definition": __doc__, "daemon": daemons, "minimal_pylxd": minimal, "ghost_old": ghost_old}
+    return {
+        "definition": __doc__,
+        "daemon": daemons,
+        "minimal_pylxd": minimal,
+        "minimal_pylxd_daemon_settings": settings,
+        "ghost_old": ghost_old,
+    }
