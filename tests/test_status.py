@@ -6,7 +6,7 @@ import io
 import json
 import uuid
 from collections.abc import Callable
-from datetime import datetime, timedelta
+from datetime import timedelta
 
 import pytest
 
@@ -14,22 +14,9 @@ from ghost_buildpackd.config import Config
 from ghost_buildpackd.status import redacted_uri, show_status
 from ghost_buildpackd.store import BUILDIMAGE, DEPLOY, FAILED, RUNNING, SUCCEEDED, ImageRecord, Store, step_id, utcnow
 from tests.support.ghost import make_app, make_job
-from tests.support.mongo import MongoServer, free_port
+from tests.support.mongo import free_port
 
 pytestmark = pytest.mark.mongodb
-
-
-@pytest.fixture(autouse=True)
-def date_type_queries(mongo: MongoServer, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The nx-27017 stand-in never matches `{$type: "date"}`; read the newest `_updated` without it there."""
-    if mongo.real:
-        return
-
-    def newest_job_update(self: Store) -> datetime | None:
-        doc = self.jobs.find_one({"_updated": {"$exists": True}}, sort=[("_updated", -1)])
-        return doc["_updated"] if doc else None
-
-    monkeypatch.setattr(Store, "newest_job_update", newest_job_update)
 
 
 def seed(store: Store) -> dict[str, str]:

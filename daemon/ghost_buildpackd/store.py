@@ -277,8 +277,10 @@ class Store:
 
     @retry_transient()
     def newest_job_update(self) -> datetime | None:
-        doc = self.jobs.find_one({"_updated": {"$type": "date"}}, sort=[("_updated", pymongo.DESCENDING)])
-        return doc["_updated"] if doc else None
+        """The newest `_updated` of any job (BSON orders dates above strings and numbers)."""
+        doc = self.jobs.find_one({"_updated": {"$exists": True}}, sort=[("_updated", pymongo.DESCENDING)])
+        updated = doc["_updated"] if doc else None
+        return updated if isinstance(updated, datetime) else None
 
     def watch_jobs(self, resume_token: Mapping[str, Any] | None, max_await: float) -> Any:
         """A change stream on jobs: writes only (and the events that end a stream)."""
