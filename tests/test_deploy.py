@@ -19,7 +19,7 @@ from ghost_buildpackd.client import run_buildpack
 from ghost_buildpackd.config import Config
 from ghost_buildpackd.ghost import BadDocument
 from ghost_buildpackd.lxd import Lxd
-from ghost_buildpackd.steps import StepContext, StepFailed, container_name, deploy, remove_leftovers
+from ghost_buildpackd.steps import StepContext, StepFailed, container_name, deploy, remove_leftovers, run_after_outcome
 from ghost_buildpackd.store import CANCELLED, READY, SUCCEEDED, Store, step_id
 from tests.conftest import WORKING_COPY_IDS, leftover_containers
 from tests.support.ghost import b64, make_app, make_job, module_doc
@@ -27,6 +27,14 @@ from tests.support.steps import deploy_context, finish_preparation
 from tests.support.waiting import wait_until
 
 SECRET = "s3cr3t-token-value"
+
+
+def run_deploy(ctx):
+    """deploy.run as the runner calls it: then the chores left for after the outcome (container deletion)."""
+    try:
+        return deploy.run(ctx)
+    finally:
+        run_after_outcome(ctx)
 
 
 @pytest.fixture
@@ -110,7 +118,7 @@ def test_prepared_container_runs_buildpack_with_env_and_files_owned_by_working_c
 
         module_dir = working_copy(ghost_dirs["root"], "app")  # Ghost clones after the job started
         ctx = deploy_context(config, store, lxd, job_id, "app", "run")
-        outcome = deploy.run(ctx)
+        outcome = run_deploy(ctx)
 
     assert outcome.state == SUCCEEDED and outcome.exit_code == 0
     assert "buildpack-done" in outcome.output_tail
@@ -141,7 +149,7 @@ def test_modules_of_one_job_run_in_parallel_without_prepare(
 
     def run(module: str) -> None:
         try:
-            outcomes[module] = deploy.run(contexts[module])
+            outcomes[module] = run_deploy(contexts[module])
         except Exception as error:  # reported by the assertion below
             outcomes[module] = error
 
@@ -171,7 +179,7 @@ def test_owner_differing_from_prepared_idmap_recreates_the_container(
     module_dir = working_copy(ghost_dirs["root"], "app")  # owned by 1001:1002
 
     with capture_logs() as events:
-        outcome = deploy.run(deploy_context(config, store, lxd, job_id, "app", "run"))
+        outcome = run_deploy(deploy_context(config, store, lxd, job_id, "app", "run"))
 
     assert outcome.state == SUCCEEDED
     assert any(event["event"] == "deploy_container_recreated_for_owner" for event in events)
@@ -188,7 +196,7 @@ def test_privileged_mode_gives_the_same_ownership(
     assert lxd.container_config(container_name(prepared.step)).get("security.privileged") == "true"
     module_dir = working_copy(ghost_dirs["root"], "app")
 
-    outcome = deploy.run(deploy_context(config, store, lxd, job_id, "app", "run"))
+    outcome = run_deploy(deploy_context(config, store, lxd, job_id, "app", "run"))
 
     assert outcome.state == SUCCEEDED
     assert owner(module_dir / "out") == WORKING_COPY_IDS
@@ -208,7 +216,7 @@ def test_failing_buildpack_records_exit_code_and_tail(
     working_copy(ghost_dirs["root"], "app")
 
     with pytest.raises(StepFailed) as failure:
-        deploy.run(deploy_context(config, store, lxd, job_id, "app", "run"))
+        run_deploy(deploy_context(config, store, lxd, job_id, "app", "run"))
 
     assert failure.value.exit_code == 3
     assert "exited with code 3" in failure.value.message
@@ -225,7 +233,7 @@ def test_buildpack_past_the_timeout_is_killed(
     started = time.monotonic()
 
     with pytest.raises(StepFailed) as failure:
-        deploy.run(deploy_context(config, store, lxd, job_id, "app", "run"))
+        run_deploy(deploy_context(config, store, lxd, job_id, "app", "run"))
 
     assert "did not finish within 2s" in failure.value.message
     assert failure.value.exit_code is None
@@ -249,7 +257,7 @@ def test_abort_during_the_buildpack_stops_it_and_removes_the_container(
     ).start()
 
     with pytest.raises(StepFailed) as failure:
-        deploy.run(ctx)
+        run_deploy(ctx)
 
     assert "interrupted" in failure.value.message
     assert leftover_containers(lxd, db) == []
@@ -267,7 +275,7 @@ def test_lots_of_output_and_non_utf8_bytes_keep_the_job_log_bounded(
     job_id = deploy_job(db, image_alias, [module_doc("app", "/srv/app", script)])
     working_copy(ghost_dirs["root"], "app")
 
-    outcome = deploy.run(deploy_context(config, store, lxd, job_id, "app", "run"))
+    outcome = run_deploy(deploy_context(config, store, lxd, job_id, "app", "run"))
 
     text = job_log(config, job_id)
     assert outcome.state == SUCCEEDED
@@ -291,7 +299,7 @@ def test_missing_image_fails_prepare_and_run_with_a_message(
     job_id = deploy_job(db, alias, [module_doc("app", "/srv/app", "touch made")])
     module_dir = working_copy(ghost_dirs["root"], "app")
 
-    for phase, body in (("prepare", deploy.prepare), ("run", deploy.run)):
+    for phase, body in (("prepare", deploy.prepare), ("run", run_deploy)):
         ctx = deploy_context(config, store, lxd, job_id, "app", phase)
         with pytest.raises(StepFailed, match=r"app\.build_infos\.container_image") as failure:
             body(ctx)
@@ -363,7 +371,7 @@ def test_refused_app_input_fails_before_anything_runs(
     job_id = deploy_job(db, image_alias, modules, **app_changes)
     module_dir = working_copy(ghost_dirs["root"], "app")
 
-    for phase, body in (("prepare", deploy.prepare), ("run", deploy.run)):
+    for phase, body in (("prepare", deploy.prepare), ("run", run_deploy)):
         ctx = deploy_context(config, store, lxd, job_id, "app", phase)
         with pytest.raises((BadDocument, StepFailed)) as failure:
             body(ctx)
@@ -416,7 +424,7 @@ def test_refused_working_copy_fails_the_run_before_anything_runs(
     job_id = deploy_job(db, image_alias, [_module()])
 
     with pytest.raises(BadDocument, match="working copy") as failure:
-        deploy.run(deploy_context(config, store, lxd, job_id, "app", "run"))
+        run_deploy(deploy_context(config, store, lxd, job_id, "app", "run"))
 
     assert expected in str(failure.value)
     assert list(outside.iterdir()) == []

@@ -142,6 +142,7 @@ def test_mongodb_outage_while_jobs_arrive_loses_nothing(mongo, db, write_config,
             wait_until(
                 lambda: (
                     process.saw("event_source_mongodb_unavailable")
+                    or process.saw("mongodb_unavailable_retrying")
                     or process.saw("event_source_error")
                     or process.saw("claim_failed_mongodb_unavailable")
                 ),

@@ -26,7 +26,7 @@ from pymongo.database import Database
 from pymongo.errors import PyMongoError
 
 from .ghost import BadDocument, parse_object_id
-from .store import CANCELLED, SKIPPED, SUCCEEDED, Step, Store, step_id
+from .store import CANCELLED, SKIPPED, SUCCEEDED, Step, Store, next_change, step_id
 
 ABANDONED = "abandoned"  # the client's own state: it stopped waiting and cancelled the request
 WAIT_MODES = ("auto", "change_stream", "poll")
@@ -125,7 +125,7 @@ def _wait_by_change_stream(store: Store, sid: str, deadline: float, poll_interva
             step = store.get_step(sid)
             if step is None or step.terminal or time.monotonic() >= deadline:
                 return step
-            stream.try_next()
+            next_change(stream)
 
 
 def _wait_by_polling(store: Store, sid: str, deadline: float, poll_interval: float) -> Step | None:

@@ -26,12 +26,13 @@ from .metrics import start_metrics
 from .notify import SystemdNotifier
 from .retention import Reconciler
 from .runner import Bodies, Runner
-from .store import BUILDIMAGE, Store, step_id, utcnow
+from .store import BUILDIMAGE, Store, next_change, step_id, utcnow
 from .sweep import sweep_orphans
 
 log = get_logger(__name__)
 
 HEARTBEAT_EVERY = 5.0
+REQUEST_POLL = 0.2  # poll mode: how often to look for a client's buildpack request
 STALL_AFTER = 120.0  # a loop without progress for this long stops feeding the watchdog
 
 
@@ -118,9 +119,9 @@ class Daemon:
         self.runner.start()
         source_thread = threading.Thread(target=self.source.run, name=f"events-{self.mode}", daemon=True)
         source_thread.start()
-        if self.mode == "change_stream":
-            self._request_watcher = threading.Thread(target=self._watch_requests, name="requests", daemon=True)
-            self._request_watcher.start()
+        watch = self._watch_requests if self.mode == "change_stream" else self._poll_requests
+        self._request_watcher = threading.Thread(target=watch, name="requests", daemon=True)
+        self._request_watcher.start()
         self.upkeep.thread.start()
         self.heartbeat()
         self.notifier.ready()
@@ -165,10 +166,20 @@ class Daemon:
             try:
                 with self.store.watch_steps(max_await=1.0) as stream:
                     while not self.stop.is_set():
-                        if stream.try_next() is not None:
+                        if next_change(stream, self.stop) is not None:
                             self.runner.wake()
             except PyMongoError as error:
                 log.warning("request_watch_failed", error=str(error))
+                self.stop.wait(1.0)
+
+    def _poll_requests(self) -> None:
+        """Poll mode: look for a client's request every REQUEST_POLL seconds, so it never waits a whole idle tick."""
+        while not self.stop.wait(REQUEST_POLL):
+            try:
+                if self.store.requested_step_waiting(self.config.host_name):
+                    self.runner.wake()
+            except PyMongoError as error:
+                log.warning("request_poll_failed", error=str(error))
                 self.stop.wait(1.0)
 
     def heartbeat(self) -> None:

@@ -25,7 +25,7 @@ from pymongo.errors import OperationFailure, PyMongoError
 from .config import Config
 from .ghost import BadDocument, Job, parse_app, parse_job
 from .logs import get_logger
-from .store import BUILDIMAGE, DEPLOY, FAILED, TRANSIENT_ERRORS, Store, step_id, utcnow
+from .store import BUILDIMAGE, DEPLOY, FAILED, TRANSIENT_ERRORS, Store, next_change, step_id, utcnow
 
 log = get_logger(__name__)
 
@@ -249,7 +249,7 @@ class ChangeStreamSource(Source):
         with stream:
             while not self.stop.is_set():
                 self.tick()
-                change = stream.try_next()
+                change = next_change(stream, self.stop)
                 if change is None:
                     caught_up_at = utcnow()
                     if stream.resume_token != saved_token and time.monotonic() - last_save >= CHECKPOINT_EVERY:

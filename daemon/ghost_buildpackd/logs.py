@@ -75,9 +75,22 @@ def redact_secrets(_logger: Any, _method: str, event_dict: dict[str, Any]) -> di
     return {key: _redact_value(value) for key, value in event_dict.items()}
 
 
+class _CurrentStderr:
+    """Whatever `sys.stderr` is when a line is written (it may be swapped after configuration)."""
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+    def isatty(self) -> bool:
+        return sys.stderr.isatty()
+
+
 def configure_logging(fmt: str = "auto", level: str = "info", stream: TextIO | None = None) -> None:
-    """Set structlog up once, at the very start of a command."""
-    stream = stream or sys.stderr
+    """Set structlog up once, at the very start of a command (default stream: standard error)."""
+    stream = stream or _CurrentStderr()  # type: ignore[assignment]
     use_console = fmt == "console" or (fmt == "auto" and stream.isatty())
     renderer: Any = (
         structlog.dev.ConsoleRenderer(colors=stream.isatty())

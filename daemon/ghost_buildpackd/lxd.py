@@ -490,14 +490,6 @@ class Lxd:
         return [profile.name for profile in self.client.profiles.all()]
 
     @retry_lxd
-    def profile_used_by(self, name: str) -> list[str] | None:
-        """The instances (API paths) using profile `name`; None when it does not exist."""
-        try:
-            return list(self.client.profiles.get(name).used_by or [])
-        except NotFound:
-            return None
-
-    @retry_lxd
     def delete_profile(self, name: str) -> bool:
         """Delete profile `name`; False when there was nothing to delete."""
         try:

@@ -26,7 +26,7 @@ from .config import Config
 from .ghost import BadDocument
 from .logs import get_logger
 from .lxd import Lxd
-from .steps import LeaseLost, Outcome, StepContext, StepFailed, remove_leftovers
+from .steps import LeaseLost, Outcome, StepContext, StepFailed, remove_leftovers, run_after_outcome
 from .store import (
     BUILDIMAGE,
     CANCELLED,
@@ -257,6 +257,7 @@ class Runner:
             except Exception:  # never let one step take the daemon down
                 log.exception("step_bookkeeping_failed")
             finally:
+                run_after_outcome(ctx)
                 with self._lock:
                     self.held.pop(step.id, None)
 

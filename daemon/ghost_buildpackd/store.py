@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import dataclasses
 import heapq
+import threading
+import time
 import uuid
 from collections.abc import Iterator, Mapping
 from datetime import UTC, datetime, timedelta
@@ -182,6 +184,25 @@ class ImageRecord:
         names = {f.name for f in dataclasses.fields(cls)}
         values = {key: value for key, value in doc.items() if key in names}
         return cls(alias=doc["_id"], **values)
+
+
+QUIET_STREAM_PAUSE = 0.05  # shortest wait between two empty reads of a change stream
+
+
+def next_change(stream: Any, pause: threading.Event | None = None) -> Any:
+    """The next change of `stream`, or None when there is none yet.
+
+    The server normally holds an empty read for the stream's maxAwaitTimeMS;
+    one that answers at once (some stand-ins do) would make a quiet stream a
+    busy loop, so an empty answer takes at least QUIET_STREAM_PAUSE.
+    """
+    started = time.monotonic()
+    change = stream.try_next()
+    if change is None:
+        rest = QUIET_STREAM_PAUSE - (time.monotonic() - started)
+        if rest > 0:
+            (pause or threading.Event()).wait(rest)
+    return change
 
 
 def connect(uri: str, timeout: float, app_name: str = "ghost-buildpackd") -> pymongo.MongoClient:
@@ -414,6 +435,12 @@ class Store:
             if doc:
                 return Step.from_doc(doc)
         return None
+
+    def requested_step_waiting(self, host: str) -> bool:
+        """Whether a deploy step requested on `host` waits for a worker (a cheap read on the state index)."""
+        now = utcnow()
+        query = {"state": REQUESTED, "requested_host": host, "lease.expires_at": {"$lt": now}}
+        return self.steps.find_one(query, {"_id": 1}) is not None
 
     @retry_transient()
     def claim_specific(self, sid: str, owner: str, ttl: float, states: tuple[str, ...]) -> Step | None:

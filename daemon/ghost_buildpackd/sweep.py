@@ -1,4 +1,4 @@
-"""The orphan sweep: containers and profiles the daemon left behind (crashes, hard kills).
+"""The orphan sweep: containers the daemon left behind (crashes, hard kills).
 
 Run at start and every `sweep_interval`. LXD is the truth: a container
 carrying the daemon's step tag is removed when its step record is gone or
@@ -17,11 +17,12 @@ from bson.errors import InvalidId
 from .lxd import TAG_JOB, ContainerInfo, Lxd
 from .store import Store
 
-PROFILE_PREFIX = "gbp-"
-
 
 def sweep_orphans(store: Store, lxd: Lxd, keep_debug: bool, log: Any) -> list[str]:
-    """Remove orphaned tagged containers, then unused `gbp-*` profiles; returns the containers removed.
+    """Remove orphaned tagged containers; returns the containers removed.
+
+    The daemon creates no LXD profiles (devices live on the container), so it
+    deletes none either: profiles are the operator's.
 
     With `keep_debug` (container.debug), containers of finished steps are kept on
     purpose so people can look inside; only those without a step record go.
@@ -31,7 +32,6 @@ def sweep_orphans(store: Store, lxd: Lxd, keep_debug: bool, log: Any) -> list[st
         reason = orphan_reason(store, container, keep_debug)
         if reason and _remove_container(lxd, container, reason, log):
             removed.append(container.name)
-    _remove_unused_profiles(lxd, log)
     return removed
 
 
@@ -72,18 +72,3 @@ def _remove_container(lxd: Lxd, container: ContainerInfo, reason: str, log: Any)
     if deleted:
         log.info("orphan_container_removed", container=container.name, step=container.step_id, reason=reason)
     return deleted
-
-
-def _remove_unused_profiles(lxd: Lxd, log: Any) -> None:
-    """The daemon creates no profiles (devices live on the container); old `gbp-*` ones nobody uses go."""
-    for name in lxd.list_profiles():
-        if not name.startswith(PROFILE_PREFIX):
-            continue
-        users = lxd.profile_used_by(name)
-        if users is None or users:
-            continue
-        try:
-            if lxd.delete_profile(name):
-                log.info("orphan_profile_removed", profile=name, reason="no container uses it")
-        except Exception as error:  # e.g. a container started using it meanwhile
-            log.warning("orphan_profile_remove_failed", profile=name, error=str(error))

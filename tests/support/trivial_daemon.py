@@ -22,7 +22,7 @@ from ghost_buildpackd.logs import configure_logging
 from ghost_buildpackd.lxd import Lxd
 from ghost_buildpackd.runner import Bodies
 from ghost_buildpackd.steps import Outcome, StepContext, StepFailed
-from ghost_buildpackd.store import READY, SUCCEEDED
+from ghost_buildpackd.store import READY, SUCCEEDED, retry_transient
 
 WORK_SECONDS = float(os.environ.get("TEST_WORK_SECONDS", "0.05"))
 
@@ -30,10 +30,15 @@ WORK_SECONDS = float(os.environ.get("TEST_WORK_SECONDS", "0.05"))
 def record_effect(ctx: StepContext) -> Outcome:
     if ctx.abort.wait(WORK_SECONDS):  # simulated work, interrupted like a real command
         raise StepFailed("interrupted")
+    write_effect(ctx)
+    return Outcome(SUCCEEDED, "trivial body ran")
+
+
+@retry_transient()  # through MongoDB outages, as every write of the daemon's own
+def write_effect(ctx: StepContext) -> None:
     ctx.store.db["test_effects"].update_one(
         {"_id": ctx.step.id}, {"$inc": {"count": 1}, "$push": {"instances": ctx.instance_id}}, upsert=True
     )
-    return Outcome(SUCCEEDED, "trivial body ran")
 
 
 def prepare(ctx: StepContext) -> Outcome:

@@ -14,7 +14,7 @@ import pwd
 import re
 import threading
 import zlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from ..config import Config
@@ -57,6 +57,8 @@ class StepContext:
     abort: threading.Event  # set when the lease is lost, the step is cancelled, or shutdown ran out of time
     instance_id: str
     _job_log: JobLog | None = None
+    # Chores the runner does after recording the outcome (so nobody waits for them).
+    after_outcome: list[Callable[[], None]] = dataclasses.field(default_factory=list)
 
     @property
     def job_log(self) -> JobLog:
@@ -213,6 +215,30 @@ def remove_container(ctx: StepContext, name: str | None) -> None:
         return
     if ctx.lxd.delete_container(name):
         ctx.log.info("container_deleted", container=name)
+
+
+def remove_container_after_outcome(ctx: StepContext, name: str) -> None:
+    """Stop the container now (its commands end, mounts are released) and delete it once the outcome is recorded.
+
+    Deleting a container's root filesystem takes most of a second; whoever
+    waits for the step need not wait for it. A crash in between leaves a
+    stopped, tagged container of a finished step: the orphan sweep removes it.
+    """
+    if ctx.config.container.debug:
+        remove_container(ctx, name)  # says how to get in, keeps it
+        return
+    ctx.lxd.stop(name)
+    ctx.after_outcome.append(lambda: remove_container(ctx, name))
+
+
+def run_after_outcome(ctx: StepContext) -> None:
+    """The chores a body left for after its outcome was recorded; failures are logged, never raised."""
+    for chore in ctx.after_outcome:
+        try:
+            chore()
+        except Exception:  # the orphan sweep catches what this misses
+            ctx.log.exception("after_outcome_chore_failed")
+    ctx.after_outcome.clear()
 
 
 def remove_leftovers(ctx: StepContext) -> list[str]:

@@ -34,6 +34,7 @@ from . import (
     idmap_user_ids,
     launch,
     remove_container,
+    remove_container_after_outcome,
     run_command,
 )
 
@@ -82,7 +83,7 @@ def run(ctx: StepContext) -> Outcome:
             collector = run_build_pack(ctx, name, app, module, working_copy, owner)
     finally:
         if ctx.lxd.container_exists(name):  # also a prepared one, when the input was refused
-            remove_container(ctx, name)
+            remove_container_after_outcome(ctx, name)
     message = f"buildpack of module {module.name} succeeded"
     ctx.say("deploy_buildpack_succeeded", message, module=module.name)
     return Outcome(SUCCEEDED, message=message, exit_code=0, output_tail=collector.tail_text())
