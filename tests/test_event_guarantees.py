@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import random
 import threading
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
 from bson import ObjectId
 
-from ghost_buildpackd.store import FAILED, SUCCEEDED, TERMINAL, step_id
+from ghost_buildpackd.store import FAILED, SUCCEEDED, TERMINAL, step_id, utcnow
 from tests.support.daemon import DaemonProcess
 from tests.support.ghost import finish_buildimage, make_app, make_job, module_doc, set_status
 from tests.support.waiting import wait_until
@@ -200,3 +201,16 @@ def test_bad_documents_are_recorded_and_the_daemon_carries_on(db, store, write_c
     assert states[bad_job].state == FAILED and "app.name: must be a single path segment" in states[bad_job].message
     assert states[orphan_job].state == FAILED and "no app with _id" in states[orphan_job].message
     assert states[typed_job].state == FAILED and "job.app_id: expected an ObjectId" in states[typed_job].message
+
+
+@pytest.mark.real_mongodb  # the nx-27017 stand-in accepts a token it never issued
+def test_an_unusable_resume_token_is_logged_loudly_and_costs_no_job(mongo, db, store, write_config, tmp_path):
+    app = make_app(db)
+    jobs = buildimage_jobs(db, app, 3)
+    store.save_stream_checkpoint({"_data": "8263A1B2C3000000012B022C0100296E5A1004"}, utcnow() - timedelta(minutes=1))
+    with daemon(write_config, tmp_path, "d", "change_stream") as process:
+        process.wait_ready()
+        wait_until(lambda: all_steps_finished(db, jobs), 30, "the jobs found by the catch-up scan")
+        assert process.saw("resume_token_unusable_catching_up")
+        process.terminate()
+    assert {doc["count"] for doc in effects(db).values()} == {1}
