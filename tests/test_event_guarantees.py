@@ -138,14 +138,19 @@ def test_mongodb_outage_while_jobs_arrive_loses_nothing(mongo, db, write_config,
     with daemon(write_config, tmp_path, "d", mode) as process:
         process.wait_ready()
         before = buildimage_jobs(db, app, 5)
+        logged = len(process.events())
         mongo.stop()
         try:
             wait_until(
-                lambda: (
-                    process.saw("event_source_mongodb_unavailable")
-                    or process.saw("mongodb_unavailable_retrying")
-                    or process.saw("event_source_error")
-                    or process.saw("claim_failed_mongodb_unavailable")
+                lambda: any(
+                    process.saw(event, since=logged)
+                    for event in (
+                        "event_source_mongodb_unavailable",
+                        "mongodb_unavailable_retrying",
+                        "event_source_error",
+                        "claim_failed_mongodb_unavailable",
+                        "request_watch_failed",
+                    )
                 ),
                 60,
                 "the daemon to notice the outage",

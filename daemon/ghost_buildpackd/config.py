@@ -197,6 +197,7 @@ class EventsConfig:
     poll_interval: float = field(5.0, parse_duration)
     overlap: float = field(120.0, parse_duration)
     initial_lookback: float = field(3600.0, parse_duration)
+    rescan_interval: float = field(30.0, parse_duration)
 
 
 @dataclasses.dataclass(frozen=True)

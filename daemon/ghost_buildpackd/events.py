@@ -142,6 +142,8 @@ class Intake:
             self.on_new_steps()
 
     def _deploy_ended(self, job: Job) -> None:
+        if not any(not step.terminal for step in self.store.steps_for_job(job.id)):
+            return  # nothing to cancel or clean (most ended deploys a catch-up scan reads)
         cancelled = self.store.cancel_job_steps(job.id, f"deploy job ended ({job.status}) before the buildpack ran")
         if cancelled:
             log.info("deploy_steps_cancelled", job_id=str(job.id), count=cancelled, job_status=job.status)
@@ -243,30 +245,48 @@ class ChangeStreamSource(Source):
                 return None
             raise
 
-    def _consume(self, stream: _Prefetched, caught_up_at: datetime) -> None:
+    def _consume(self, stream: _Prefetched, scanned_at: datetime) -> None:
+        """Handle changes as they come; every `rescan_interval`, a safety scan of recent jobs.
+
+        The checkpoint's `caught_up_at` only ever says what a scan has read (the
+        stream's start, then each safety scan), so a stream that stalls without
+        an error (it happens on some servers after a failover) costs at most one
+        interval, never a job.
+        """
         last_save = time.monotonic()
+        next_scan = time.monotonic() + self.config.events.rescan_interval
         saved_token = stream.resume_token
         with stream:
             while not self.stop.is_set():
                 self.tick()
+                if time.monotonic() >= next_scan:
+                    scanned_at = self._safety_scan(scanned_at)
+                    next_scan = time.monotonic() + self.config.events.rescan_interval
+                    self.store.save_stream_checkpoint(stream.resume_token, scanned_at)
+                    saved_token, last_save = stream.resume_token, time.monotonic()
                 change = next_change(stream, self.stop)
                 if change is None:
-                    caught_up_at = utcnow()
                     if stream.resume_token != saved_token and time.monotonic() - last_save >= CHECKPOINT_EVERY:
-                        self.store.save_stream_checkpoint(stream.resume_token, caught_up_at)
+                        self.store.save_stream_checkpoint(stream.resume_token, scanned_at)
                         saved_token, last_save = stream.resume_token, time.monotonic()
                     continue
                 operation = change.get("operationType")
                 if operation in STREAM_ENDING:
                     log.error("change_stream_ended", operation=operation, consequence="reopening with a catch-up scan")
-                    self.store.save_stream_checkpoint(None, caught_up_at)
+                    self.store.save_stream_checkpoint(None, scanned_at)
                     return
                 job_id = (change.get("documentKey") or {}).get("_id")
                 self.intake.handle_job_id(job_id)
                 self.seen(change.get("wallTime") or utcnow())
                 # Durable step records first, then the token that says "done up to here".
-                self.store.save_stream_checkpoint(stream.resume_token, caught_up_at)
+                self.store.save_stream_checkpoint(stream.resume_token, scanned_at)
                 saved_token, last_save = stream.resume_token, time.monotonic()
+
+    def _safety_scan(self, scanned_at: datetime) -> datetime:
+        started = utcnow()
+        read = self.intake.catch_up(scanned_at - timedelta(seconds=self.config.events.overlap))
+        log.debug("safety_scan_done", jobs_read=read)
+        return started
 
 
 class _Prefetched:

@@ -62,8 +62,9 @@ class DaemonProcess:
                 continue
         return found
 
-    def saw(self, event: str, **fields: Any) -> dict[str, Any] | None:
-        for item in self.events():
+    def saw(self, event: str, since: int = 0, **fields: Any) -> dict[str, Any] | None:
+        """The first log line of `event` with these fields, among lines from index `since` on."""
+        for item in self.events()[since:]:
             if item.get("event") == event and all(item.get(k) == v for k, v in fields.items()):
                 return item
         return None
