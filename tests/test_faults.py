@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -535,42 +534,4 @@ def test_takeover_that_cannot_succeed_fails_with_the_reason_and_leaves_nothing(
     assert images_of_job(lxd, job) == []
     assert lxd.image_by_alias(str(job)) is None
     assert "container_image" not in db.apps.find_one({"_id": app})["build_infos"]
-    assert_nothing_left(lxd, db, store)
-
-
-def restart_lxd() -> None:
-    """Stop the LXD daemon (it stops every container) and start it again as scripts/test does."""
-    subprocess.run(["lxd", "shutdown", "--timeout", "60"], check=False, capture_output=True, timeout=120)
-    setup = Path(__file__).resolve().parents[1] / "scripts" / "setup-lxd"
-    subprocess.run([str(setup)], check=True, capture_output=True, timeout=300)
-
-
-@pytest.mark.slow
-def test_lxd_restart_during_a_buildpack_fails_the_step_and_the_daemon_carries_on(
-    db, store, lxd, base_image, ghost_dirs, daemons
-):
-    app = deploy_app(db, base_image, BUILDPACK)
-    copy = working_copy(ghost_dirs["root"])
-    process = daemons(sweep_interval="2s").start()
-    job = make_job(db, app, command="deploy", modules=["api"])
-    set_status(db, job, "started")
-    wait_until(lambda: state_of(store, step_id(job, "deploy", "api")) == "ready", 60, "the step prepared")
-    client = Client(db, job)
-    wait_until(lambda: (copy / "runs.log").exists(), 60, "the buildpack to start")
-    restart_lxd()
-    result = client.outcome()
-
-    assert result.state == FAILED, result
-    assert "buildpack" in result.message
-    assert process.alive()
-    set_status(db, job, "failed")
-
-    # The daemon carries on with the restarted LXD: Ghost's next deploy succeeds.
-    (copy / "go").touch()
-    retry = make_job(db, app, command="deploy", modules=["api"])
-    set_status(db, retry, "started")
-    wait_until(lambda: state_of(store, step_id(retry, "deploy", "api")) == "ready", 60, "the retry prepared")
-    assert run_buildpack(db, retry, "api", timeout=120, poll_interval=0.2).state == SUCCEEDED
-    set_status(db, retry, "done")
-    assert process.alive()
     assert_nothing_left(lxd, db, store)

@@ -51,7 +51,7 @@ def _is_transient(error: BaseException) -> bool:
         return True
     if isinstance(error, LXDAPIException) and not isinstance(error, NotFound):
         text = str(error).lower()
-        return any(word in text for word in ("timeout", "connection reset", "try again", "busy"))
+        return any(word in text for word in ("timeout", "connection reset", "try again", "busy", "shutting down"))
     return False
 
 

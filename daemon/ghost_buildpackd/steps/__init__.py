@@ -217,18 +217,25 @@ def remove_container(ctx: StepContext, name: str | None) -> None:
         ctx.log.info("container_deleted", container=name)
 
 
-def remove_container_after_outcome(ctx: StepContext, name: str) -> None:
-    """Stop the container now (its commands end, mounts are released) and delete it once the outcome is recorded.
+def clean_up_container(ctx: StepContext, name: str, after_outcome: bool = False) -> None:
+    """Remove the step's container (kept in debug mode); a failure here never hides the step's own outcome.
 
-    Deleting a container's root filesystem takes most of a second; whoever
-    waits for the step need not wait for it. A crash in between leaves a
-    stopped, tagged container of a finished step: the orphan sweep removes it.
+    With `after_outcome`, the container is stopped now (its commands end, its
+    mounts are released) and deleted once the outcome is recorded: deleting a
+    root filesystem takes most of a second, and whoever waits for the step need
+    not wait for it. Whatever is left (LXD down, a crash in between) is a
+    tagged container of a finished step, which the orphan sweep removes.
     """
-    if ctx.config.container.debug:
-        remove_container(ctx, name)  # says how to get in, keeps it
-        return
-    ctx.lxd.stop(name)
-    ctx.after_outcome.append(lambda: remove_container(ctx, name))
+    try:
+        if not ctx.lxd.container_exists(name):
+            return
+        if after_outcome and not ctx.config.container.debug:
+            ctx.lxd.stop(name)
+            ctx.after_outcome.append(lambda: remove_container(ctx, name))
+        else:
+            remove_container(ctx, name)
+    except Exception as error:
+        ctx.log.error("container_cleanup_failed", container=name, error=str(error), consequence="the sweep retries")
 
 
 def run_after_outcome(ctx: StepContext) -> None:

@@ -29,9 +29,9 @@ from . import (
     Outcome,
     StepContext,
     StepFailed,
+    clean_up_container,
     container_spec,
     launch,
-    remove_container,
     remove_leftovers,
     run_command,
 )
@@ -282,15 +282,6 @@ def record(ctx: StepContext, plan: BuildPlan, base: ImageInfo, image: ImageInfo)
     )
     ctx.store.set_app_container_image(app.id, plan.alias)
     ctx.log.info("image_recorded", image=plan.alias, fingerprint=image.fingerprint, app_id=str(app.id))
-
-
-def clean_up_container(ctx: StepContext, name: str) -> None:
-    """Remove the container (kept in debug mode); a failure here never hides the step's own outcome."""
-    try:
-        if ctx.lxd.container_exists(name):
-            remove_container(ctx, name)
-    except Exception as error:  # the sweep removes tagged leftovers later
-        ctx.log.error("container_cleanup_failed", container=name, error=str(error))
 
 
 # --- after a crash or on replay -------------------------------------------------------------

@@ -28,13 +28,12 @@ from . import (
     Outcome,
     StepContext,
     StepFailed,
+    clean_up_container,
     container_name,
     container_spec,
     describe_ids,
     idmap_user_ids,
     launch,
-    remove_container,
-    remove_container_after_outcome,
     run_command,
 )
 
@@ -57,7 +56,7 @@ def prepare(ctx: StepContext) -> Outcome:
         launch(ctx, spec)
         check_abort(ctx, "marking the container ready")
     except BaseException:
-        remove_container(ctx, spec.name)
+        clean_up_container(ctx, spec.name)
         raise
     ctx.say(
         "deploy_container_prepared",
@@ -82,8 +81,7 @@ def run(ctx: StepContext) -> Outcome:
             name = usable_container(ctx, app, owner)
             collector = run_build_pack(ctx, name, app, module, working_copy, owner)
     finally:
-        if ctx.lxd.container_exists(name):  # also a prepared one, when the input was refused
-            remove_container_after_outcome(ctx, name)
+        clean_up_container(ctx, name, after_outcome=True)  # also a prepared one, when the input was refused
     message = f"buildpack of module {module.name} succeeded"
     ctx.say("deploy_buildpack_succeeded", message, module=module.name)
     return Outcome(SUCCEEDED, message=message, exit_code=0, output_tail=collector.tail_text())
