@@ -412,10 +412,10 @@ class Lxd:
             try:
                 instance = self.client.instances.get(name)
                 if instance.status == "Running":
-                    result = instance.execute(["true"])
-                    if result.exit_code == 0:
+                    exit_code = self._exec_streaming(name, ["true"], {}, lambda _chunk: None, None)
+                    if exit_code == 0:
                         return
-                    last_error = f"'true' exited {result.exit_code}"
+                    last_error = f"'true' exited {exit_code}"
                 else:
                     last_error = f"status {instance.status}"
             except (LXDAPIException, requests.RequestException, OSError) as error:
