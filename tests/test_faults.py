@@ -88,7 +88,7 @@ def cleanup_lxd(lxd: Lxd, db: Database) -> Iterator[None]:
     for name in leftover_containers(lxd, db):
         lxd.delete_container(name)
     jobs = {str(job["_id"]) for job in db.jobs.find({}, {"_id": 1})}
-    for image in lxd.image_snapshot():
+    for image in lxd.list_images():
         if image.properties.get(IMAGE_PROP_JOB) in jobs:
             for alias in image.aliases:
                 lxd.delete_alias(alias)
@@ -135,7 +135,7 @@ def assert_nothing_left(lxd: Lxd, db: Database, store: Store) -> None:
     stuck = [(doc["_id"], doc["state"]) for doc in store.steps.find() if doc["state"] not in TERMINAL]
     assert stuck == [], "a step record is stuck in a non-terminal state"
     records = {record.alias: record for record in store.image_records(state=None)}
-    for image in lxd.image_snapshot():
+    for image in lxd.list_images():
         job = image.properties.get(IMAGE_PROP_JOB)
         if job in {str(j) for j in jobs}:
             assert records.get(job) is not None, f"image {image.fingerprint[:12]} of job {job} has no record"
@@ -152,7 +152,7 @@ def all_job_ids(db: Database) -> list[ObjectId]:
 
 
 def images_of_job(lxd: Lxd, job: ObjectId) -> list[str]:
-    return [i.fingerprint for i in lxd.image_snapshot() if i.properties.get(IMAGE_PROP_JOB) == str(job)]
+    return [i.fingerprint for i in lxd.list_images() if i.properties.get(IMAGE_PROP_JOB) == str(job)]
 
 
 # --- buildimage: SIGKILL in each phase ----------------------------------------------------------

@@ -197,12 +197,12 @@ def test_keeps_the_newest_images_per_app_and_nothing_else_goes(
     assert line["reason"] and line["image_deleted"] is True
 
     # Level-triggered: the second pass finds nothing to do.
-    before = {image.fingerprint: image.aliases for image in lxd.image_snapshot()}
+    before = {image.fingerprint: image.aliases for image in lxd.list_images()}
     again = Reconciler(keep_two(make_config), store, lxd, metrics=metrics).run()
     assert again.ok and PRUNE not in again.counts and MARK_MISSING not in again.counts
     mine = set(images.fingerprints)
     assert {fp: a for fp, a in before.items() if fp in mine} == {
-        image.fingerprint: image.aliases for image in lxd.image_snapshot() if image.fingerprint in mine
+        image.fingerprint: image.aliases for image in lxd.list_images() if image.fingerprint in mine
     }
     assert metrics.deleted == 8
 

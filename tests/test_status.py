@@ -11,8 +11,19 @@ from datetime import timedelta
 import pytest
 
 from ghost_buildpackd.config import Config
-from ghost_buildpackd.status import redacted_uri, show_status
-from ghost_buildpackd.store import BUILDIMAGE, DEPLOY, FAILED, RUNNING, SUCCEEDED, ImageRecord, Store, step_id, utcnow
+from ghost_buildpackd.status import show_status
+from ghost_buildpackd.store import (
+    BUILDIMAGE,
+    DEPLOY,
+    FAILED,
+    RUNNING,
+    SUCCEEDED,
+    ImageRecord,
+    Store,
+    redacted_uri,
+    step_id,
+    utcnow,
+)
 from tests.support.ghost import make_app, make_job
 from tests.support.mongo import free_port
 

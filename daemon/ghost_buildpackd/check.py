@@ -18,9 +18,8 @@ from typing import TextIO
 
 from .config import Config
 from .lxd import ContainerSpec, ImageInfo, Lxd
-from .status import redacted_uri, short_error
 from .steps import idmap_user_ids
-from .store import Store
+from .store import Store, redacted_uri, short_error
 
 SUBUID, SUBGID = Path("/etc/subuid"), Path("/etc/subgid")
 GHOST_COLLECTIONS = ("jobs", "apps")

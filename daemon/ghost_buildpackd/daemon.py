@@ -26,7 +26,7 @@ from .metrics import start_metrics
 from .notify import SystemdNotifier
 from .retention import Reconciler
 from .runner import Bodies, Runner
-from .store import BUILDIMAGE, Store, next_change, step_id, utcnow
+from .store import BUILDIMAGE, Store, next_change, redacted_uri, short_error, step_id, utcnow
 from .sweep import sweep_orphans
 
 log = get_logger(__name__)
@@ -226,7 +226,7 @@ def run_daemon(config: Config) -> int:
     try:
         store = connect_store(config)
     except PyMongoError as error:
-        log.error("startup_failed_mongodb", uri_host=_uri_host(config.mongodb.uri), error=str(error))
+        log.error("startup_failed_mongodb", uri=redacted_uri(config.mongodb.uri), error=short_error(error))
         return 1
     try:
         lxd = Lxd(config.lxd)
@@ -242,12 +242,6 @@ def run_daemon(config: Config) -> int:
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: daemon.stop.set())
     return daemon.run()
-
-
-def _uri_host(uri: str) -> str:
-    """The host part of a MongoDB URI, without credentials (never log a password)."""
-    rest = uri.split("://", 1)[-1]
-    return rest.rsplit("@", 1)[-1].split("/", 1)[0]
 
 
 def replay_job(config: Config, job_id: str, out: IO[str]) -> int:

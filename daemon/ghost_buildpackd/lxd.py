@@ -248,15 +248,10 @@ class Lxd:
 
     @retry_lxd
     def list_images(self) -> list[ImageInfo]:
-        return self.image_snapshot()  # one request: a concurrent deletion cannot break the listing
-
-    @retry_lxd
-    def image_snapshot(self) -> list[ImageInfo]:
         """Every image in one API call (recursion=1).
 
-        list_images fetches each image in turn, so an image deleted meanwhile (by
-        another step, another daemon) breaks it half-way; the reconciler needs a
-        listing that a concurrent deletion cannot break.
+        Fetching each image in turn would break half-way on an image deleted
+        meanwhile (by another step, another daemon); one call cannot.
         """
         found = self.client.api.images.get(params={"recursion": "1"}).json()["metadata"] or []
         return [
@@ -327,10 +322,6 @@ class Lxd:
             log.warning("image_pull_failed", server=self.config.image_server, image=ref, error=str(error))
             return None
         return self._image_info(image)
-
-    @retry_lxd
-    def image_exists(self, alias: str) -> bool:
-        return self.image_by_alias(alias) is not None
 
     @retry_lxd
     def delete_alias(self, alias: str) -> None:

@@ -327,7 +327,7 @@ class Reconciler:
 
     def _gather(self, app_id: ObjectId | None) -> _Facts:
         records = self.store.image_records(app_id, state="live")
-        images = self.lxd.image_snapshot()
+        images = self.lxd.list_images()
         protected = self._protected(images)
         verdicts = self.inventory.verdicts(records) if records else {}
         return _Facts(records, images, protected, verdicts, self.store.all_image_aliases() if app_id is None else set())

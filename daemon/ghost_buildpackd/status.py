@@ -8,7 +8,6 @@ seen. Human tables by default, `--json` for scripts.
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Sequence
 from datetime import datetime
 from typing import Any, TextIO
@@ -16,7 +15,7 @@ from typing import Any, TextIO
 from pymongo.errors import PyMongoError
 
 from .config import Config
-from .store import ACTIVE, Step, Store, utcnow
+from .store import ACTIVE, Step, Store, redacted_uri, short_error, utcnow
 
 # An instance is alive when its heartbeat (written every few seconds) is younger than this.
 MIN_HEARTBEAT_AGE = 30.0
@@ -24,16 +23,6 @@ MIN_HEARTBEAT_AGE = 30.0
 
 def heartbeat_max_age(config: Config) -> float:
     return max(MIN_HEARTBEAT_AGE, 3 * config.lease_ttl)
-
-
-def redacted_uri(uri: str) -> str:
-    """The MongoDB URI without its password, fit for output."""
-    return re.sub(r"^([a-z0-9+.-]+://[^:@/]*:)[^@/]*@", r"\1***@", uri, flags=re.IGNORECASE)
-
-
-def short_error(error: Exception) -> str:
-    """pymongo's server-selection errors end with a long topology dump; keep the reason."""
-    return str(error).split(", Timeout:", 1)[0]
 
 
 def show_status(config: Config, out: TextIO, as_json: bool, last: int) -> int:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import heapq
+import re
 import threading
 import time
 import uuid
@@ -203,6 +204,16 @@ def next_change(stream: Any, pause: threading.Event | None = None) -> Any:
         if rest > 0:
             (pause or threading.Event()).wait(rest)
     return change
+
+
+def redacted_uri(uri: str) -> str:
+    """The MongoDB URI without its password, fit for output."""
+    return re.sub(r"^([a-z0-9+.-]+://[^:@/]*:)[^@/]*@", r"\1***@", uri, flags=re.IGNORECASE)
+
+
+def short_error(error: Exception) -> str:
+    """pymongo's server-selection errors end with a long topology dump; keep the reason."""
+    return str(error).split(", Timeout:", 1)[0]
 
 
 def connect(uri: str, timeout: float, app_name: str = "ghost-buildpackd") -> pymongo.MongoClient:
