@@ -28,6 +28,7 @@ from ghost_buildpackd.client import BuildpackResult, run_buildpack
 from ghost_buildpackd.lxd import IMAGE_PROP_JOB, Lxd
 from ghost_buildpackd.store import FAILED, SUCCEEDED, TERMINAL, Step, Store, step_id
 from tests.conftest import WORKING_COPY_IDS, leftover_containers
+from tests.support import lxd_service
 from tests.support.daemon import DaemonProcess
 from tests.support.ghost import finish_buildimage, make_app, make_job, module_doc, set_status
 from tests.support.waiting import wait_until
@@ -204,6 +205,18 @@ def kill_buildimage(phase: str, process: DaemonProcess, lxd: Lxd, store: Store, 
     if phase == "recording":
         mongo.start()
     return store.get_image_record(alias) is not None
+
+
+def build_held_in_pre_hook(
+    db: Database, base_image: str, tree: Path, daemons: Callable[..., Daemons]
+) -> tuple[ObjectId, DaemonProcess, ObjectId]:
+    """A daemon building an image, its pre hook running and waiting for `go` in the job's provisioner tree."""
+    app = buildimage_app(db, base_image, tree, WAIT_FOR_GO.format(path="/srv/salt/go"))
+    process = daemons(container=features_config()).start()
+    job = buildimage_job(db, app, tree)
+    finish_buildimage(db, job)
+    wait_until(lambda: event_of(process, "command_started", job, label="pre_buildimage hook"), 60, "the pre hook")
+    return app, process, job
 
 
 PHASES = ["creating", "hooks", "publishing", "cleaning", "recording"]
@@ -459,11 +472,7 @@ def skip_unless_restartable(mongo: Any) -> None:
 def test_mongodb_outage_during_a_buildimage_step_is_ridden_out(mongo, db, store, lxd, base_image, ghost_dirs, daemons):
     skip_unless_restartable(mongo)
     tree = ghost_dirs["provisioner_tree"]
-    app = buildimage_app(db, base_image, tree, WAIT_FOR_GO.format(path="/srv/salt/go"))
-    process = daemons(container=features_config()).start()
-    job = buildimage_job(db, app, tree)
-    finish_buildimage(db, job)
-    wait_until(lambda: event_of(process, "command_started", job, label="pre_buildimage hook"), 60, "the pre hook")
+    app, process, job = build_held_in_pre_hook(db, base_image, tree, daemons)
     mongo.stop()
     try:
         wait_until(lambda: process.saw("mongodb_unavailable_retrying"), 30, "the daemon to notice the outage")
@@ -534,4 +543,66 @@ def test_takeover_that_cannot_succeed_fails_with_the_reason_and_leaves_nothing(
     assert images_of_job(lxd, job) == []
     assert lxd.image_by_alias(str(job)) is None
     assert "container_image" not in db.apps.find_one({"_id": app})["build_infos"]
+    assert_nothing_left(lxd, db, store)
+
+
+# --- LXD stopped and started again during steps ------------------------------------------------------
+
+LXD_STOP_GRACE = 3.0  # SIGTERM to SIGKILL, as systemd's TimeoutStopSec (30 s for Debian's lxd.service)
+
+
+def restart_lxd_during(process: DaemonProcess, job: ObjectId) -> None:
+    """Stop LXD as its service manager does, see the step wait for it, start LXD again."""
+    try:
+        lxd_service.stop(LXD_STOP_GRACE)
+        wait_until(lambda: event_of(process, "lxd_unavailable_step_waits", job), 60, "the step to wait for LXD")
+    finally:
+        lxd_service.start()
+    wait_until(lambda: event_of(process, "lxd_available_again", job), 60, "the step to see LXD back")
+
+
+@pytest.mark.slow
+def test_lxd_restart_during_a_buildpack_runs_it_again_in_a_new_container(
+    db, store, lxd, base_image, ghost_dirs, daemons
+):
+    app = deploy_app(db, base_image, BUILDPACK)
+    copy = working_copy(ghost_dirs["root"])
+    process = daemons().start()
+    job = make_job(db, app, command="deploy", modules=["api"])
+    sid = step_id(job, "deploy", "api")
+    set_status(db, job, "started")
+    wait_until(lambda: state_of(store, sid) == "ready", 60, "the step prepared")
+    client = Client(db, job)
+    wait_until(lambda: (copy / "runs.log").exists(), 60, "the buildpack to start")
+    restart_lxd_during(process, job)
+    wait_until(lambda: (copy / "runs.log").read_text().split() == ["start", "start"], 60, "the buildpack run again")
+    (copy / "go").touch()
+    result = client.outcome()
+
+    assert result.state == SUCCEEDED, result
+    assert "buildpack done" in result.output_tail
+    # The cut-off run must not carry on beside the new one: its container was deleted first.
+    assert (copy / "runs.log").read_text().split() == ["start", "start", "end"]
+    assert store.get_step(sid).attempts == 2, "the step was released and claimed again instead of ridden through"
+    assert process.alive()
+    set_status(db, job, "done")
+    assert_nothing_left(lxd, db, store)
+
+
+@pytest.mark.slow
+def test_lxd_restart_during_a_buildimage_hook_builds_exactly_one_image(db, store, lxd, base_image, ghost_dirs, daemons):
+    tree = ghost_dirs["provisioner_tree"]
+    app, process, job = build_held_in_pre_hook(db, base_image, tree, daemons)
+    restart_lxd_during(process, job)
+    (tree / f"salt-{job}" / "go").touch()
+    step = wait_until(lambda: terminal_step(store, step_id(job, "buildimage")), 120, "the step after the restart")
+
+    assert step.state == SUCCEEDED, step.message
+    assert step.attempts == 1, "the step was released and claimed again instead of ridden through"
+    hooks_started = [e for e in process.events() if e.get("event") == "command_started" and e.get("job_id") == str(job)
+                     and e.get("label") == "pre_buildimage hook"]  # fmt: skip
+    assert len(hooks_started) == 2, "the build did not start over after LXD came back"
+    assert len(images_of_job(lxd, job)) == 1
+    assert db.apps.find_one({"_id": app})["build_infos"]["container_image"] == str(job)
+    assert process.alive()
     assert_nothing_left(lxd, db, store)

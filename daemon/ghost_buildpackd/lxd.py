@@ -19,7 +19,7 @@ from urllib.parse import urlparse
 
 import pylxd
 import requests
-from pylxd.exceptions import LXDAPIException, NotFound
+from pylxd.exceptions import ClientConnectionFailed, LXDAPIException, NotFound
 from ws4py.client import WebSocketBaseClient
 
 from .config import LxdConfig
@@ -44,6 +44,23 @@ class LxdError(Exception):
 
 class ImageNotFound(LxdError):
     pass
+
+
+class LxdUnavailable(LxdError):
+    """LXD itself went away (stopped, restarting, shutting down), as opposed to refusing a request."""
+
+
+def is_unavailable(error: BaseException | None) -> bool:
+    """Whether `error`, or an error it was raised from, says LXD could not be reached at all."""
+    for _ in range(10):  # the chain of causes is short; the bound only guards against odd cycles
+        if error is None:
+            return False
+        if isinstance(error, LxdUnavailable | requests.ConnectionError | ClientConnectionFailed):
+            return True
+        if isinstance(error, LXDAPIException) and "shutting down" in str(error).lower():
+            return True
+        error = error.__cause__ or error.__context__
+    return False
 
 
 def _is_transient(error: BaseException) -> bool:
@@ -229,6 +246,16 @@ class Lxd:
             "kernel": env.get("kernel_version", "unknown"),
             "idmap_supported": "idmapped_mounts" in env.get("kernel_features", {}),
         }
+
+    def reachable(self) -> bool:
+        """One unretried call: whether LXD answers at all (used to wait out an LXD restart)."""
+        try:
+            self.client.api.get()
+        except Exception as error:
+            if is_unavailable(error):
+                return False
+            raise
+        return True
 
     @retry_lxd
     def storage_pools(self) -> list[str]:
@@ -550,6 +577,7 @@ class Lxd:
                 outcome["exit_code"] = self._exec_streaming(name, argv, env, on_output, cwd)
             except Exception as error:  # reported to the caller as a lost command
                 outcome["error"] = f"{type(error).__name__}: {error}"
+                outcome["exception"] = error
             finally:
                 done.set()
 
@@ -571,6 +599,8 @@ class Lxd:
             except Exception as error:
                 log.error("force_stop_failed", container=name, error=str(error))
             done.wait(min(30.0, self.timeout))
+        elif is_unavailable(outcome.get("exception")):
+            raise LxdUnavailable(f"LXD went away while `{argv[0]}` ran in {name}: {outcome['error']}")
         return ExecResult(
             exit_code=None if reason else outcome.get("exit_code"),
             timed_out=reason == "timeout",

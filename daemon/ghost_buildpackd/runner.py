@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import threading
 import time
@@ -25,7 +26,7 @@ from bson import ObjectId
 from .config import Config
 from .ghost import BadDocument
 from .logs import get_logger
-from .lxd import Lxd
+from .lxd import Lxd, LxdUnavailable, is_unavailable
 from .steps import LeaseLost, Outcome, StepContext, StepFailed, remove_leftovers, run_after_outcome
 from .store import (
     BUILDIMAGE,
@@ -46,6 +47,8 @@ from .store import (
 log = get_logger(__name__)
 
 MAX_ATTEMPTS = 5  # claims of one step (a deploy takes two: prepare, run); past it, the step fails
+MAX_LXD_OUTAGES = 3  # times one claim waits for LXD to come back and starts over; past it, the step fails
+LXD_PROBE_INTERVAL = 1.0  # how often a step waiting for LXD asks whether it is back
 IDLE_WAIT = 1.0  # longest a free worker waits before looking for work again unprompted
 
 StepBody = Callable[[StepContext], Outcome]
@@ -81,6 +84,16 @@ def with_job_log_problem(ctx: StepContext, message: str) -> str:
     """The outcome's message, plus why Ghost's job log could not be written (the step went on without it)."""
     problem = ctx._job_log.problem if ctx._job_log is not None else ""
     return f"{message} ({problem})" if message and problem else message or problem
+
+
+def failure_outcome(error: Exception) -> Outcome:
+    """The failed outcome a body's exception stands for: its own message when it is one for people."""
+    if isinstance(error, StepFailed):
+        return Outcome(FAILED, error.message, error.exit_code, getattr(error, "output_tail", ""))
+    if isinstance(error, BadDocument):
+        return Outcome(FAILED, f"bad input: {error}")
+    log.exception("step_crashed")
+    return Outcome(FAILED, f"internal error: {type(error).__name__}: {error}")
 
 
 class Runner:
@@ -250,7 +263,7 @@ class Runner:
             ctx.log = log.bind()
             log.info("step_claimed", state=step.state, attempt=step.attempts)
             try:
-                outcome = self._run_body(held)
+                outcome = self._run_riding_lxd_outages(held)
                 self._finish(held, outcome)
             except LeaseLost:
                 log.warning("step_abandoned_lease_lost", consequence="the instance holding it now carries on")
@@ -261,9 +274,49 @@ class Runner:
                 with self._lock:
                     self.held.pop(step.id, None)
 
-    def _run_body(self, held: Held) -> Outcome:
+    def _run_riding_lxd_outages(self, held: Held) -> Outcome:
+        """Run the body; when LXD goes away, keep the lease, wait for LXD and start the body over.
+
+        What ran when LXD went away has an unknown outcome (its exec stream was
+        cut), so the step's containers are deleted, ending anything still
+        running in them, and the body runs again from its start, as a takeover
+        would. The lease is renewed meanwhile, so no other instance steps in.
+        """
+        ctx = held.ctx
+        outages = 0
+        while True:
+            try:
+                return self._run_body(held, start_over=outages > 0)
+            except LxdUnavailable as error:
+                outages += 1
+                if outages == MAX_LXD_OUTAGES:
+                    return Outcome(FAILED, f"LXD went away {outages} times while this step ran; giving up ({error})")
+                ctx.log.warning(
+                    "lxd_unavailable_step_waits",
+                    error=str(error),
+                    outage=outages,
+                    consequence="the step starts over in a new container when LXD is back",
+                )
+                with contextlib.suppress(*TRANSIENT_ERRORS):  # only what `status` shows meanwhile
+                    ctx.save(message=f"waiting for LXD to come back: {error}")
+                if not self._wait_for_lxd(ctx):
+                    return Outcome(FAILED, f"LXD unavailable: {error}")
+
+    def _wait_for_lxd(self, ctx: StepContext) -> bool:
+        """True once LXD answers again; False when the step is aborted first (shutdown, cancel, lost lease)."""
+        started = time.monotonic()
+        while not ctx.abort.wait(LXD_PROBE_INTERVAL):
+            if self.lxd.reachable():
+                ctx.log.info("lxd_available_again", waited_s=round(time.monotonic() - started, 1))
+                return True
+        return False
+
+    def _run_body(self, held: Held, start_over: bool = False) -> Outcome:
+        """The step's outcome; LxdUnavailable when LXD went away, whatever the body made of that."""
         ctx = held.ctx
         try:
+            if start_over:
+                remove_leftovers(ctx)
             if ctx.step.cancel_requested:
                 remove_leftovers(ctx)
                 return Outcome(CANCELLED, ctx.step.cancel_reason or "cancelled")
@@ -275,13 +328,10 @@ class Runner:
             return self._dispatch_body(ctx)
         except LeaseLost:
             raise
-        except StepFailed as error:
-            return Outcome(FAILED, error.message, error.exit_code, getattr(error, "output_tail", ""))
-        except BadDocument as error:
-            return Outcome(FAILED, f"bad input: {error}")
         except Exception as error:
-            log.exception("step_crashed")
-            return Outcome(FAILED, f"internal error: {type(error).__name__}: {error}")
+            if is_unavailable(error):
+                raise LxdUnavailable(str(error)) from error
+            return failure_outcome(error)
 
     def _dispatch_body(self, ctx: StepContext) -> Outcome:
         step = ctx.step
