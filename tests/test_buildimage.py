@@ -215,7 +215,7 @@ def test_hooks_and_features_are_baked_into_the_published_image(
     assert "salt stub running" in structured
     assert SECRET not in text and SECRET not in structured
     assert leftover_containers(lxd, db) == []
-    assert not lxd.container_exists(container_name(ctx.step))
+    assert lxd.container_status(container_name(ctx.step)) is None
 
 
 # --- base image references -------------------------------------------------------------------

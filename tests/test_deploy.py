@@ -205,6 +205,28 @@ def test_privileged_mode_gives_the_same_ownership(
     assert leftover_containers(lxd, db) == []
 
 
+def test_processes_left_behind_by_the_buildpack_end_before_the_outcome(
+    make_config: Callable[..., Config], store: Store, lxd: Lxd, db: Database, image_alias: str, ghost_dirs, no_leftovers
+) -> None:
+    config = make_config()
+    build_pack = "(while true; do date >> bg.log; sleep 0.1; done) >/dev/null 2>&1 &\nsleep 4242 >/dev/null 2>&1 &"
+    job_id = deploy_job(db, image_alias, [module_doc("app", "/srv/app", build_pack)])
+    copy = working_copy(ghost_dirs["root"], "app")
+    ctx = deploy_context(config, store, lxd, job_id, "app", "run")
+
+    outcome = deploy.run(ctx)  # the outcome is known here; the container is deleted after it is recorded
+    name = container_name(ctx.step)
+    processes: list[bytes] = []
+    lxd.execute(name, ["ps"], {}, processes.append, 30)
+
+    assert outcome.state == SUCCEEDED, outcome
+    assert b"4242" not in b"".join(processes), b"".join(processes).decode()
+    assert lxd.client.instances.get(name).devices == {}, "the working copy is still mounted"
+    assert (copy / "bg.log").exists()
+    run_after_outcome(ctx)
+    assert leftover_containers(lxd, db) == []
+
+
 # --- the buildpack fails -----------------------------------------------------------
 
 

@@ -200,7 +200,7 @@ def kill_buildimage(phase: str, process: DaemonProcess, lxd: Lxd, store: Store, 
         freeze(process)
         mongo.stop()  # the record writes cannot happen now
         thaw(process)
-        wait_until(lambda: not lxd.container_exists(f"gbp-{job}-b"), 60, "the container to be cleaned up")
+        wait_until(lambda: lxd.container_status(f"gbp-{job}-b") is None, 60, "the container to be cleaned up")
     process.kill()
     if phase == "recording":
         mongo.start()

@@ -152,7 +152,8 @@ def launch(ctx: StepContext, spec: ContainerSpec) -> str:
     ctx.log.info("container_creating", container=spec.name, image=spec.image[:12])
     ctx.lxd.create_container(spec)
     ctx.lxd.start(spec.name)
-    ctx.lxd.wait_ready(spec.name, ctx.config.lxd.timeout)
+    # The probe also makes the directory scripts are pushed to: pushing them is then one call.
+    ctx.lxd.wait_ready(spec.name, ctx.config.lxd.timeout, probe=("mkdir", "-p", SCRIPT_DIR))
     ctx.log.info("container_ready", container=spec.name)
     return spec.name
 
@@ -220,17 +221,22 @@ def remove_container(ctx: StepContext, name: str | None) -> None:
 def clean_up_container(ctx: StepContext, name: str, after_outcome: bool = False) -> None:
     """Remove the step's container (kept in debug mode); a failure here never hides the step's own outcome.
 
-    With `after_outcome`, the container is stopped now (its commands end, its
-    mounts are released) and deleted once the outcome is recorded: deleting a
-    root filesystem takes most of a second, and whoever waits for the step need
-    not wait for it. Whatever is left (LXD down, a crash in between) is a
-    tagged container of a finished step, which the orphan sweep removes.
+    With `after_outcome`, every process in the container but its init is
+    killed and its disks are detached now, so nothing in it can touch a host
+    directory once the outcome is known, and the container is deleted (a stop
+    of over half a second, then the root filesystem) after the outcome is
+    recorded: whoever waits for the step need not wait for that. Whatever is
+    left (LXD down, a crash in between) is a tagged container of a finished
+    step, which the orphan sweep removes.
     """
     try:
-        if not ctx.lxd.container_exists(name):
+        status = ctx.lxd.container_status(name)
+        if status is None:
             return
         if after_outcome and not ctx.config.container.debug:
-            ctx.lxd.stop(name)
+            if status == "Running":
+                ctx.lxd.end_processes(name)
+            ctx.lxd.remove_devices(name)
             ctx.after_outcome.append(lambda: remove_container(ctx, name))
         else:
             remove_container(ctx, name)
