@@ -10,6 +10,7 @@ deploy; client calls and config files are checked where they are refused.
 from __future__ import annotations
 
 import base64
+import contextlib
 import dataclasses
 import os
 import socket
@@ -263,10 +264,8 @@ def corpus(mongo, lxd: Lxd, base_image: str, tmp_path_factory: pytest.TempPathFa
         except Timeout:
             raise AssertionError(f"cases the daemon did not settle: {_unsettled(store, daemon, jobs)}") from None
         steps = {name: store.steps_for_job(job) if isinstance(job, ObjectId) else [] for name, job in jobs.items()}
-        try:  # the daemon deletes a container once the outcome is recorded
+        with contextlib.suppress(Timeout):  # deleted after the outcome; CorpusRun.containers_left names what is left
             wait_until(lambda: leftover_containers(lxd, db) == [], 30, "the good deploy's container deleted")
-        except Timeout:
-            pass  # the assertion on CorpusRun.containers_left names them
         left = leftover_containers(lxd, db)
         assert daemon.alive(), "the daemon died on the corpus"
         yield CorpusRun(daemon, jobs, steps, good_result, left, daemon.log_path.read_text(errors="replace"))
