@@ -306,17 +306,19 @@ BUILDPACK = "echo start >> runs.log; " + WAIT_FOR_GO.format(path="go") + "; echo
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("phase", ["preparing", "buildpack", "cleaning"])
+@pytest.mark.parametrize("phase", ["preparing", "buildpack", "recording", "cleaning"])
 def test_sigkill_during_deploy_then_takeover_runs_the_buildpack(
-    phase, db, store, lxd, base_image, ghost_dirs, daemons, cleanup_lxd
+    phase, mongo, db, store, lxd, base_image, ghost_dirs, daemons, cleanup_lxd
 ):
+    if phase == "recording":
+        skip_unless_restartable(mongo)
     app = deploy_app(db, base_image, BUILDPACK)
     group = daemons()
     first = group.start()
     job = make_job(db, app, command="deploy", modules=["api"])
     sid = step_id(job, "deploy", "api")
     copy = working_copy(ghost_dirs["root"])
-    if phase != "buildpack":
+    if phase not in ("buildpack", "recording"):
         (copy / "go").touch()
     set_status(db, job, "started")
     if phase == "preparing":
@@ -328,12 +330,18 @@ def test_sigkill_during_deploy_then_takeover_runs_the_buildpack(
     else:
         wait_until(lambda: state_of(store, sid) == "ready", 60, "the step prepared")
         client = Client(db, job)
-        if phase == "buildpack":  # the command runs once its first line wrote
+        if phase in ("buildpack", "recording"):  # the command runs once its first line wrote
             wait_until(lambda: event_of(first, "command_started", job, label=BUILDPACK_LABEL), 60, "the buildpack")
             wait_until(lambda: (copy / "runs.log").exists(), 60, "the buildpack to start")
-        else:  # the outcome is recorded; the container's stop and deletion (over half a second) follow
+        if phase == "recording":  # the buildpack ends while MongoDB is down: its outcome cannot be recorded
+            mongo.stop()
+            (copy / "go").touch()
+            wait_until(lambda: event_of(first, "mongodb_unavailable_retrying", job), 60, "the outcome's record")
+        elif phase == "cleaning":  # the outcome is recorded; the container's stop and deletion follow
             wait_until(lambda: terminal_step(store, sid), 60, "the outcome recorded", interval=0.01)
         first.kill()
+        if phase == "recording":
+            mongo.start()
         second = group.start()
         if phase == "buildpack":
             wait_until(lambda: event_of(second, "command_started", job, label=BUILDPACK_LABEL), 60, "the rerun")
@@ -348,6 +356,9 @@ def test_sigkill_during_deploy_then_takeover_runs_the_buildpack(
     elif phase == "buildpack":
         # The killed attempt's buildpack must not carry on beside the new one.
         assert runs == ["start", "start", "end"], runs
+    elif phase == "recording":
+        # Its outcome never reached the record: the successor runs the buildpack again, in turn.
+        assert runs == ["start", "end", "start", "end"], runs
     else:
         # Killed while deleting the container of a recorded outcome: the buildpack does not run again.
         assert runs == ["start", "end"], runs

@@ -345,6 +345,8 @@ class Runner:
         ):
             return self.bodies.prepare_deploy(ctx)
         if ctx.step.state in (REQUESTED, RUNNING):
+            if ctx.step.state == RUNNING and remove_leftovers(ctx):  # taken over: what the last run left must go
+                log.warning("deploy_run_taken_over", consequence="the buildpack runs again in a new container")
             ctx.save(RUNNING, message="running the buildpack")
             return self.bodies.run_deploy(ctx)
         raise StepFailed(f"deploy step in unexpected state {ctx.step.state!r}")
