@@ -175,7 +175,7 @@ def test_owner_differing_from_prepared_idmap_recreates_the_container(
     config = make_config(container={"idmap_user": "1002:1002"})  # what prepare assumes without a working copy
     job_id = deploy_job(db, image_alias, [module_doc("app", "/srv/app", "touch made")])
     prepared = prepare_ready(config, store, lxd, job_id, "app")
-    assert "uid 1002 0" in lxd.container_config(container_name(prepared.step))["raw.idmap"]
+    assert "uid 1002 0" in lxd.describe_container(container_name(prepared.step)).config["raw.idmap"]
     module_dir = working_copy(ghost_dirs["root"], "app")  # owned by 1001:1002
 
     with capture_logs() as events:
@@ -193,7 +193,7 @@ def test_privileged_mode_gives_the_same_ownership(
     config = make_config(container={"privileged": True})
     job_id = deploy_job(db, image_alias, [module_doc("app", "/srv/app", "mkdir -p out && touch out/file")])
     prepared = prepare_ready(config, store, lxd, job_id, "app")
-    assert lxd.container_config(container_name(prepared.step)).get("security.privileged") == "true"
+    assert lxd.describe_container(container_name(prepared.step)).config.get("security.privileged") == "true"
     module_dir = working_copy(ghost_dirs["root"], "app")
 
     outcome = run_deploy(deploy_context(config, store, lxd, job_id, "app", "run"))
@@ -217,9 +217,10 @@ def test_processes_left_behind_by_the_buildpack_end_before_the_outcome(
     outcome = deploy.run(ctx)  # the outcome is known here; the container is deleted after it is recorded
     name = container_name(ctx.step)
     processes: list[bytes] = []
-    lxd.execute(name, ["ps"], {}, processes.append, 30)
+    listing = lxd.execute(name, ["ps"], {}, processes.append, 30)
 
     assert outcome.state == SUCCEEDED, outcome
+    assert listing.ok and b"PID" in b"".join(processes), "the container no longer runs commands: nothing was checked"
     assert b"4242" not in b"".join(processes), b"".join(processes).decode()
     assert lxd.client.instances.get(name).devices == {}, "the working copy is still mounted"
     assert (copy / "bg.log").exists()

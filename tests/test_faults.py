@@ -357,8 +357,9 @@ def test_sigkill_during_deploy_then_takeover_runs_the_buildpack(
         # The killed attempt's buildpack must not carry on beside the new one.
         assert runs == ["start", "start", "end"], runs
     elif phase == "recording":
-        # Its outcome never reached the record: the successor runs the buildpack again, in turn.
+        # Its outcome never reached the record: the successor runs the buildpack again, in a new container.
         assert runs == ["start", "end", "start", "end"], runs
+        assert second.saw("deploy_run_taken_over", job_id=str(job)), "the used container was not replaced"
     else:
         # Killed while deleting the container of a recorded outcome: the buildpack does not run again.
         assert runs == ["start", "end"], runs
@@ -557,17 +558,22 @@ def test_takeover_that_cannot_succeed_fails_with_the_reason_and_leaves_nothing(
 
 # --- LXD stopped and started again during steps ------------------------------------------------------
 
-LXD_STOP_GRACE = 3.0  # SIGTERM to SIGKILL, as systemd's TimeoutStopSec (30 s for Debian's lxd.service)
+LXD_STOP_GRACE = 8.0  # SIGTERM to SIGKILL, as systemd's TimeoutStopSec (30 s for Debian's lxd.service)
 
 
-def restart_lxd_during(process: DaemonProcess, job: ObjectId) -> None:
+def restart_lxd_during(process: DaemonProcess, job: ObjectId, while_stopping: Callable[[], Any] | None = None) -> None:
     """Stop LXD as its service manager does, see the step wait for it, start LXD again."""
     try:
-        lxd_service.stop(LXD_STOP_GRACE)
+        lxd_service.stop(LXD_STOP_GRACE, while_stopping)
         wait_until(lambda: event_of(process, "lxd_unavailable_step_waits", job), 60, "the step to wait for LXD")
     finally:
         lxd_service.start()
     wait_until(lambda: event_of(process, "lxd_available_again", job), 60, "the step to see LXD back")
+
+
+def count_events(process: DaemonProcess, event: str, job: ObjectId, **fields: Any) -> int:
+    wanted = {"event": event, "job_id": str(job), **fields}
+    return sum(1 for item in process.events() if all(item.get(k) == v for k, v in wanted.items()))
 
 
 @pytest.mark.slow
@@ -583,18 +589,27 @@ def test_lxd_restart_during_a_buildpack_runs_it_again_in_a_new_container(
     wait_until(lambda: state_of(store, sid) == "ready", 60, "the step prepared")
     client = Client(db, job)
     wait_until(lambda: (copy / "runs.log").exists(), 60, "the buildpack to start")
-    restart_lxd_during(process, job)
+    # Another deploy starts while LXD is shutting down: it refuses the new container but still answers reads.
+    late = make_job(db, app, command="deploy", modules=["api"])
+    restart_lxd_during(process, job, while_stopping=lambda: set_status(db, late, "started"))
     wait_until(lambda: (copy / "runs.log").read_text().split() == ["start", "start"], 60, "the buildpack run again")
     (copy / "go").touch()
     result = client.outcome()
+    late_step = wait_until(lambda: state_of(store, step_id(late, "deploy", "api")) == "ready", 60, "the late prepare")
 
     assert result.state == SUCCEEDED, result
     assert "buildpack done" in result.output_tail
     # The cut-off run must not carry on beside the new one: its container was deleted first.
     assert (copy / "runs.log").read_text().split() == ["start", "start", "end"]
+    assert event_of(process, "leftover_container_removed", job), "the cut-off run's container was not deleted"
     assert store.get_step(sid).attempts == 2, "the step was released and claimed again instead of ridden through"
+    # The late step waited for the new LXD, not for the first answer of the one shutting down.
+    assert late_step and event_of(process, "lxd_unavailable_step_waits", late), "the late step met no outage"
+    outages = count_events(process, "lxd_unavailable_step_waits", late)
+    assert outages == 1, "the late step started over while LXD was still shutting down"
     assert process.alive()
     set_status(db, job, "done")
+    set_status(db, late, "done")
     assert_nothing_left(lxd, db, store)
 
 
@@ -608,9 +623,8 @@ def test_lxd_restart_during_a_buildimage_hook_builds_exactly_one_image(db, store
 
     assert step.state == SUCCEEDED, step.message
     assert step.attempts == 1, "the step was released and claimed again instead of ridden through"
-    hooks_started = [e for e in process.events() if e.get("event") == "command_started" and e.get("job_id") == str(job)
-                     and e.get("label") == "pre_buildimage hook"]  # fmt: skip
-    assert len(hooks_started) == 2, "the build did not start over after LXD came back"
+    hooks_started = count_events(process, "command_started", job, label="pre_buildimage hook")
+    assert hooks_started == 2, "the build did not start over after LXD came back"
     assert len(images_of_job(lxd, job)) == 1
     assert db.apps.find_one({"_id": app})["build_infos"]["container_image"] == str(job)
     assert process.alive()

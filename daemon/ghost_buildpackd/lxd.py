@@ -12,7 +12,7 @@ import contextlib
 import dataclasses
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -38,6 +38,10 @@ TAG_KIND = TAG_PREFIX + "kind"
 IMAGE_PROP_JOB = "ghost-buildpackd.job"
 
 
+PROBE_INTERVAL = 1.0  # how often a caller waiting for LXD to come back asks whether it is
+KILL_TIMEOUT = 30.0  # for the kill that ends a container's processes; past it, the container is force-stopped
+
+
 class LxdError(Exception):
     """An LXD operation failed in a way the caller should report."""
 
@@ -50,17 +54,24 @@ class LxdUnavailable(LxdError):
     """LXD itself went away (stopped, restarting, shutting down), as opposed to refusing a request."""
 
 
-def is_unavailable(error: BaseException | None) -> bool:
-    """Whether `error`, or an error it was raised from, says LXD could not be reached at all."""
-    for _ in range(10):  # the chain of causes is short; the bound only guards against odd cycles
+def _causes(error: BaseException | None) -> Iterator[BaseException]:
+    """`error` and the errors it was raised from or while handling (bounded: the chain is short)."""
+    for _ in range(10):
         if error is None:
-            return False
-        if isinstance(error, LxdUnavailable | requests.ConnectionError | ClientConnectionFailed):
-            return True
-        if isinstance(error, LXDAPIException) and "shutting down" in str(error).lower():
-            return True
+            return
+        yield error
         error = error.__cause__ or error.__context__
-    return False
+
+
+def is_shutting_down(error: BaseException | None) -> bool:
+    """LXD refused a change because it is shutting down (it still answers reads meanwhile)."""
+    return any(isinstance(e, LXDAPIException) and "shutting down" in str(e).lower() for e in _causes(error))
+
+
+def is_unavailable(error: BaseException | None) -> bool:
+    """Whether `error`, or an error it was raised from, says LXD could not be reached or is shutting down."""
+    unreachable = (LxdUnavailable, requests.ConnectionError, ClientConnectionFailed)
+    return any(isinstance(e, unreachable) for e in _causes(error)) or is_shutting_down(error)
 
 
 def _is_transient(error: BaseException) -> bool:
@@ -101,6 +112,13 @@ class ContainerInfo:
     @property
     def step_id(self) -> str | None:
         return self.tags.get(TAG_STEP)
+
+
+@dataclasses.dataclass(frozen=True)
+class ContainerDetails:
+    status: str
+    config: Mapping[str, str]
+    devices: Mapping[str, Mapping[str, str]]  # the container's own, not its profiles'
 
 
 @dataclasses.dataclass(frozen=True)
@@ -219,6 +237,7 @@ class Lxd:
         self.config = config
         self.timeout = config.timeout
         self.client = self._client(timeout=config.timeout)
+        self.server_pid: int | None = None  # of the LXD daemon last seen answering
         # Exec waits for as long as the command runs; its deadline is enforced by `execute`.
         self._exec_client: pylxd.Client | None = None
 
@@ -240,6 +259,7 @@ class Lxd:
     def server_info(self) -> dict[str, Any]:
         info = self.client.api.get().json()["metadata"]
         env = info.get("environment", {})
+        self.server_pid = env.get("server_pid")
         return {
             "version": env.get("server_version", "unknown"),
             "storage": env.get("storage", "unknown"),
@@ -247,15 +267,32 @@ class Lxd:
             "idmap_supported": "idmapped_mounts" in env.get("kernel_features", {}),
         }
 
-    def reachable(self) -> bool:
-        """One unretried call: whether LXD answers at all (used to wait out an LXD restart)."""
+    def answering_pid(self) -> int | None:
+        """One unretried call: the pid of the LXD daemon answering, None when none does (or it fails)."""
         try:
-            self.client.api.get()
+            pid = self.client.api.get().json()["metadata"]["environment"].get("server_pid")
         except Exception as error:
-            if is_unavailable(error):
+            log.debug("lxd_not_answering", error=str(error))
+            return None
+        self.server_pid = pid
+        return pid if pid is not None else 0  # a server not saying its pid still answers
+
+    def wait_until_back(self, error: BaseException, abort: threading.Event, limit: float) -> bool:
+        """After `error` said LXD went away: True once it answers again, False on `abort` or after `limit` s.
+
+        A server shutting down still answers reads until it exits, so after a
+        refusal for that reason LXD is back only when another server answers.
+        """
+        leaving = self.server_pid if is_shutting_down(error) else None
+        started = time.monotonic()
+        while not abort.wait(PROBE_INTERVAL):
+            pid = self.answering_pid()
+            if pid is not None and (leaving is None or pid != leaving):
+                log.info("lxd_available_again", waited_s=round(time.monotonic() - started, 1))
+                return True
+            if time.monotonic() - started > limit:
                 return False
-            raise
-        return True
+        return False
 
     @retry_lxd
     def storage_pools(self) -> list[str]:
@@ -412,8 +449,13 @@ class Lxd:
             return None
 
     @retry_lxd
-    def container_config(self, name: str) -> dict[str, str]:
-        return dict(self.client.instances.get(name).config)
+    def describe_container(self, name: str) -> ContainerDetails | None:
+        """Status, config and the container's own devices in one call; None when there is no such container."""
+        try:
+            instance = self.client.instances.get(name)
+        except NotFound:
+            return None
+        return ContainerDetails(instance.status, dict(instance.config), dict(instance.devices))
 
     def start(self, name: str) -> None:
         self.client.instances.get(name).start(wait=True)
@@ -423,6 +465,7 @@ class Lxd:
         deadline = time.monotonic() + timeout
         delay = 0.02
         last_error = ""
+        last_exception: BaseException | None = None
         while time.monotonic() < deadline:
             try:
                 instance = self.client.instances.get(name)
@@ -436,8 +479,11 @@ class Lxd:
             except (LXDAPIException, requests.RequestException, OSError) as error:
                 # OSError: the exec websocket can break (EPIPE) while the container is still starting.
                 last_error = f"{type(error).__name__}: {error}"
+                last_exception = error
             time.sleep(delay)  # a backoff between readiness checks, not a wait for readiness
             delay = min(delay * 2, 0.5)
+        if is_unavailable(last_exception):
+            raise LxdUnavailable(f"container {name} not ready: LXD went away ({last_error})") from last_exception
         raise LxdError(f"container {name} not ready after {timeout:g}s ({last_error})")
 
     def add_mount(self, name: str, device: str, mount: Mount) -> None:
@@ -453,24 +499,9 @@ class Lxd:
             instance.save(wait=True)
 
     def push_file(self, name: str, path: str, content: bytes, mode: int = 0o755) -> None:
-        """Write a file into the container as root, creating its parent directories when missing."""
+        """Write a file into the container as root; its directory must exist (`launch`'s probe makes it)."""
         headers = {"X-LXD-uid": "0", "X-LXD-gid": "0", "X-LXD-mode": oct(mode)[2:], "X-LXD-type": "file"}
-        files = self.client.api.instances[name].files
-        try:
-            files.post(params={"path": path}, data=content, headers=headers)
-            return
-        except NotFound:  # a parent directory is missing (LXD says 404 for both)
-            pass
-        directories = self.client.instances.get(name).files
-        parent = ""
-        for part in path.strip("/").split("/")[:-1]:
-            parent += "/" + part
-            try:
-                directories.mk_dir(parent, mode="0755", uid=0, gid=0)
-            except LXDAPIException as error:
-                if "exists" not in str(error).lower():
-                    raise
-        files.post(params={"path": path}, data=content, headers=headers)
+        self.client.api.instances[name].files.post(params={"path": path}, data=content, headers=headers)
 
     def end_processes(self, name: str) -> None:
         """SIGKILL every process of a running container but its init; a stop when no command can start.
@@ -481,13 +512,14 @@ class Lxd:
         process limit (a fork bomb) cannot start the kill: it is stopped.
         """
         try:
-            if self._exec_streaming(name, ["sh", "-c", "kill -9 -1; true"], {}, lambda _chunk: None, None) == 0:
+            result = self.execute(name, ["sh", "-c", "kill -9 -1; true"], {}, lambda _chunk: None, KILL_TIMEOUT)
+            if result.ok or result.timed_out:  # past its deadline, `execute` force-stopped the container
                 return
-            reason = "the kill command did not run"
-        except LXDAPIException as error:
-            if is_unavailable(error):
-                raise
-            reason = str(error)
+            reason = result.error or f"the kill command exited {result.exit_code}"
+        except LxdUnavailable:
+            raise
+        except Exception as error:
+            reason = f"{type(error).__name__}: {error}"
         log.info("container_stopped_to_end_processes", container=name, reason=reason)
         self.stop(name)
 

@@ -27,7 +27,7 @@ from .config import Config
 from .ghost import BadDocument
 from .logs import get_logger
 from .lxd import Lxd, LxdUnavailable, is_unavailable
-from .steps import LeaseLost, Outcome, StepContext, StepFailed, remove_leftovers, run_after_outcome
+from .steps import LXD_OUTAGE_LIMIT, LeaseLost, Outcome, StepContext, StepFailed, remove_leftovers, run_after_outcome
 from .store import (
     BUILDIMAGE,
     CANCELLED,
@@ -47,8 +47,7 @@ from .store import (
 log = get_logger(__name__)
 
 MAX_ATTEMPTS = 5  # claims of one step (a deploy takes two: prepare, run); past it, the step fails
-MAX_LXD_OUTAGES = 3  # times one claim waits for LXD to come back and starts over; past it, the step fails
-LXD_PROBE_INTERVAL = 1.0  # how often a step waiting for LXD asks whether it is back
+MAX_LXD_OUTAGES = 3  # the third time LXD goes away under one claim, the step fails instead of waiting again
 IDLE_WAIT = 1.0  # longest a free worker waits before looking for work again unprompted
 
 StepBody = Callable[[StepContext], Outcome]
@@ -297,19 +296,14 @@ class Runner:
                     outage=outages,
                     consequence="the step starts over in a new container when LXD is back",
                 )
+                ctx.job_log.write(f"LXD went away ({error}); the step starts over when it is back")
                 with contextlib.suppress(*TRANSIENT_ERRORS):  # only what `status` shows meanwhile
                     ctx.save(message=f"waiting for LXD to come back: {error}")
-                if not self._wait_for_lxd(ctx):
-                    return Outcome(FAILED, f"LXD unavailable: {error}")
-
-    def _wait_for_lxd(self, ctx: StepContext) -> bool:
-        """True once LXD answers again; False when the step is aborted first (shutdown, cancel, lost lease)."""
-        started = time.monotonic()
-        while not ctx.abort.wait(LXD_PROBE_INTERVAL):
-            if self.lxd.reachable():
-                ctx.log.info("lxd_available_again", waited_s=round(time.monotonic() - started, 1))
-                return True
-        return False
+                if not self.lxd.wait_until_back(error, ctx.abort, LXD_OUTAGE_LIMIT):
+                    if ctx.abort.is_set():  # shutdown, cancellation or a lost lease: _finish says which
+                        return Outcome(FAILED, f"LXD unavailable: {error}")
+                    return Outcome(FAILED, f"LXD did not come back within {LXD_OUTAGE_LIMIT:g}s: {error}")
+                ctx.save(message="LXD is back; the step starts over")  # fenced: LeaseLost before touching LXD
 
     def _run_body(self, held: Held, start_over: bool = False) -> Outcome:
         """The step's outcome; LxdUnavailable when LXD went away, whatever the body made of that."""

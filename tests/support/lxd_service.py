@@ -12,7 +12,9 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from tests.support.waiting import wait_until
 
@@ -43,11 +45,16 @@ def _gone(pid: int) -> bool:
     return stat.rsplit(")", 1)[1].split()[0] == "Z"
 
 
-def stop(grace: float) -> None:
-    """SIGTERM the daemon, SIGKILL it if it is still there after `grace` seconds; returns once it is gone."""
+def stop(grace: float, while_stopping: Callable[[], Any] | None = None) -> None:
+    """SIGTERM the daemon, SIGKILL it if it is still there after `grace` seconds; returns once it is gone.
+
+    `while_stopping` runs right after the SIGTERM, while LXD refuses changes but still answers reads.
+    """
     pid = lxd_daemon_pid()
     assert pid is not None, "no LXD daemon process found"
     os.kill(pid, signal.SIGTERM)
+    if while_stopping is not None:
+        while_stopping()
     try:
         wait_until(lambda: _gone(pid), grace, "LXD to stop on SIGTERM")
     except AssertionError:  # it waits for running operations, as in production: kill it as systemd would

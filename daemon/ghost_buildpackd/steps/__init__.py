@@ -19,9 +19,10 @@ from typing import Any
 
 from ..config import Config
 from ..joblog import JobLog, OutputCollector
-from ..lxd import TAG_APP, TAG_JOB, TAG_KIND, TAG_OWNER, TAG_STEP, ContainerSpec, ExecResult, Lxd, Mount
+from ..lxd import TAG_APP, TAG_JOB, TAG_KIND, TAG_OWNER, TAG_STEP, ContainerSpec, ExecResult, Lxd, Mount, is_unavailable
 from ..store import Step, Store
 
+LXD_OUTAGE_LIMIT = 600.0  # longest a step waits for LXD to come back before it fails
 SCRIPT_DIR = "/var/lib/ghost-buildpackd"  # where scripts are put inside containers
 
 
@@ -152,7 +153,7 @@ def launch(ctx: StepContext, spec: ContainerSpec) -> str:
     ctx.log.info("container_creating", container=spec.name, image=spec.image[:12])
     ctx.lxd.create_container(spec)
     ctx.lxd.start(spec.name)
-    # The probe also makes the directory scripts are pushed to: pushing them is then one call.
+    # The probe also makes the directory scripts are pushed to (push_file expects it to exist).
     ctx.lxd.wait_ready(spec.name, ctx.config.lxd.timeout, probe=("mkdir", "-p", SCRIPT_DIR))
     ctx.log.info("container_ready", container=spec.name)
     return spec.name
@@ -234,14 +235,28 @@ def clean_up_container(ctx: StepContext, name: str, after_outcome: bool = False)
         if status is None:
             return
         if after_outcome and not ctx.config.container.debug:
-            if status == "Running":
-                ctx.lxd.end_processes(name)
-            ctx.lxd.remove_devices(name)
-            ctx.after_outcome.append(lambda: remove_container(ctx, name))
+            release_container(ctx, name, status)
         else:
             remove_container(ctx, name)
     except Exception as error:
         ctx.log.error("container_cleanup_failed", container=name, error=str(error), consequence="the sweep retries")
+
+
+def release_container(ctx: StepContext, name: str, status: str) -> None:
+    """End its processes and detach its disks now, delete it after the outcome; if that fails, delete it now."""
+    try:
+        if status == "Running":
+            ctx.lxd.end_processes(name)
+        ctx.lxd.remove_devices(name)
+    except Exception as error:
+        ctx.log.warning("container_release_failed_deleting_now", container=name, error=str(error))
+        if is_unavailable(error):  # an LXD restart: the outcome waits until the container is gone
+            ctx.job_log.write(f"LXD went away ({error}); removing the container once it is back")
+            if not ctx.lxd.wait_until_back(error, ctx.abort, LXD_OUTAGE_LIMIT):
+                raise
+        remove_container(ctx, name)  # nothing in it may carry on once the outcome is known
+        return
+    ctx.after_outcome.append(lambda: remove_container(ctx, name))
 
 
 def run_after_outcome(ctx: StepContext) -> None:

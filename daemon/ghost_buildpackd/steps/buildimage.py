@@ -162,27 +162,24 @@ def build(ctx: StepContext, plan: BuildPlan, base: ImageInfo) -> Outcome:
 def run_scripts(ctx: StepContext, plan: BuildPlan, container: str) -> None:
     """Pre hook, features install, post hook, in that order, each under container.exec_timeout."""
     env = plan.app.ghost_env()
-    pushed = push_hooks(ctx, plan, container)
+    push_hooks(ctx, plan, container)
     run_hook(ctx, plan, container, "pre_buildimage", env)
     check_abort(ctx, "installing the features")
     install_features(ctx, plan, container, env)
     check_abort(ctx, "running the post_buildimage hook")
     run_hook(ctx, plan, container, "post_buildimage", env)
-    if pushed:  # the image must not carry the daemon's scripts
-        run_command(ctx, container, ["rm", "-rf", SCRIPT_DIR], {}, "removing the hook scripts")
+    # The image must not carry the daemon's scripts, nor their directory (`launch`'s probe makes it).
+    run_command(ctx, container, ["rm", "-rf", SCRIPT_DIR], {}, "removing the hook scripts")
 
 
 def hook_path(name: str) -> str:
     return f"{SCRIPT_DIR}/hook-{name}"
 
 
-def push_hooks(ctx: StepContext, plan: BuildPlan, container: str) -> bool:
-    pushed = False
+def push_hooks(ctx: StepContext, plan: BuildPlan, container: str) -> None:
     for name, script in plan.hooks.items():
         if script.strip():
             lxd_phase(f"copying the {name} hook", ctx.lxd.push_file, container, hook_path(name), script.encode())
-            pushed = True
-    return pushed
 
 
 def run_hook(ctx: StepContext, plan: BuildPlan, container: str, name: str, env: dict[str, str]) -> None:

@@ -151,25 +151,30 @@ def prepared_owner(ctx: StepContext, app: App, module: Module) -> tuple[int, int
 
 
 def usable_container(ctx: StepContext, app: App, owner: tuple[int, int]) -> str:
-    """The prepared container when it runs with the right ownership mapping, else a new one."""
+    """The prepared container when it runs, untouched, with the right ownership mapping; else a new one.
+
+    Untouched: no working copy was ever mounted in it, so no earlier run (cut
+    off by a shutdown or an LXD outage) can have left anything running there.
+    """
     name = container_name(ctx.step)
     wanted = container_spec(ctx, "", idmap=owner).lxd_config()
-    status = ctx.lxd.container_status(name)
-    if status == "Running":
-        current = ctx.lxd.container_config(name)
-        if all(current.get(key) == wanted.get(key) for key in OWNERSHIP_KEYS):
-            ctx.log.info("deploy_container_reused", container=name)
-            return name
+    current = ctx.lxd.describe_container(name)
+    if current is None:
+        ctx.log.info("deploy_container_not_prepared", container=name)
+    elif current.status != "Running" or current.devices:
+        ctx.log.warning(
+            "deploy_container_recreated", container=name, status=current.status, devices=sorted(current.devices)
+        )
+    elif all(current.config.get(key) == wanted.get(key) for key in OWNERSHIP_KEYS):
+        ctx.log.info("deploy_container_reused", container=name)
+        return name
+    else:
         ctx.log.warning(
             "deploy_container_recreated_for_owner",
             container=name,
             reason="the working copy's owner differs from the prepared id mapping",
             owner=describe_ids(*owner),
         )
-    elif status is not None:
-        ctx.log.warning("deploy_container_recreated", container=name, status=status)
-    else:
-        ctx.log.info("deploy_container_not_prepared", container=name)
     spec = container_spec(ctx, image_fingerprint(ctx, app), idmap=owner)
     check_abort(ctx, "launching the container")
     return launch(ctx, spec)  # launch deletes a stale container of the same name first
