@@ -13,7 +13,7 @@ import yaml
 from pymongo.database import Database
 
 from ghost_buildpackd.config import Config, LxdConfig, config_from_mapping
-from ghost_buildpackd.lxd import TAG_JOB, Lxd
+from ghost_buildpackd.lxd import IMAGE_PROP_JOB, TAG_JOB, Lxd
 from ghost_buildpackd.store import Store
 from tests.support.mongo import MongoServer, start_mongo
 
@@ -155,7 +155,27 @@ def write_config(mongo: MongoServer, db: Database, ghost_dirs: dict[str, Path], 
     return write
 
 
+def job_ids(db: Database) -> set[str]:
+    return {str(job["_id"]) for job in db.jobs.find({}, {"_id": 1})}
+
+
 def leftover_containers(lxd: Lxd, db: Database) -> list[str]:
     """Containers tagged with a job of this test's database: none may remain after a step ends."""
-    job_ids = {str(job["_id"]) for job in db.jobs.find({}, {"_id": 1})}
-    return [c.name for c in lxd.list_containers() if c.tags.get(TAG_JOB) in job_ids]
+    jobs = job_ids(db)
+    return [c.name for c in lxd.list_containers() if c.tags.get(TAG_JOB) in jobs]
+
+
+@pytest.fixture
+def lxd_cleanup(lxd: Lxd, db: Database) -> Iterator[None]:
+    """Remove, at the end, what this test's jobs left in LXD if it failed half-way (found by job id; nothing else)."""
+    yield
+    for name in leftover_containers(lxd, db):
+        lxd.delete_container(name)
+    jobs = job_ids(db)
+    for image in lxd.list_images():
+        if image.properties.get(IMAGE_PROP_JOB) in jobs:
+            for alias in image.aliases:
+                lxd.delete_alias(alias)
+            lxd.delete_image(image.fingerprint)
+    for job in jobs:
+        lxd.delete_alias(job)

@@ -48,18 +48,6 @@ def logs() -> Iterator[io.StringIO]:
 
 
 @pytest.fixture
-def own_lxd_objects(lxd: Lxd, db: Database) -> Iterator[None]:
-    """Remove, at the end, every container and image made for this test's jobs (and nothing else)."""
-    yield
-    for name in leftover_containers(lxd, db):
-        lxd.delete_container(name)
-    job_ids = {str(job["_id"]) for job in db.jobs.find({}, {"_id": 1})}
-    for image in lxd.list_images():
-        if image.properties.get(IMAGE_PROP_JOB) in job_ids:
-            lxd.delete_image(image.fingerprint)
-
-
-@pytest.fixture
 def config(make_config: Callable[..., Config]) -> Config:
     return make_config(container={"provisioner_commands": {"salt": STUB_SALT}})
 
@@ -148,7 +136,7 @@ echo "post hook done"
 """
 
 
-@pytest.mark.usefixtures("own_lxd_objects")
+@pytest.mark.usefixtures("lxd_cleanup")
 def test_hooks_and_features_are_baked_into_the_published_image(
     config: Config,
     store: Store,
@@ -230,7 +218,7 @@ def reference_for(how: str, base: ImageInfo, alias: str) -> str:
     }[how]
 
 
-@pytest.mark.usefixtures("own_lxd_objects")
+@pytest.mark.usefixtures("lxd_cleanup")
 @pytest.mark.parametrize("how", ["fingerprint", "prefix", "alias", "os_release"])
 def test_base_image_is_found_by_fingerprint_prefix_alias_and_os_release(
     how: str, config: Config, store: Store, lxd: Lxd, db: Database, base_image: str
@@ -248,7 +236,7 @@ def test_base_image_is_found_by_fingerprint_prefix_alias_and_os_release(
     assert record.base_image == base.fingerprint
 
 
-@pytest.mark.usefixtures("own_lxd_objects")
+@pytest.mark.usefixtures("lxd_cleanup")
 def test_ami_id_falls_back_to_the_app_when_the_job_message_has_none(
     config: Config, store: Store, lxd: Lxd, db: Database
 ) -> None:
@@ -266,7 +254,7 @@ def test_ami_id_falls_back_to_the_app_when_the_job_message_has_none(
 # --- failures: nothing published, nothing left, the app keeps its image ----------------------
 
 
-@pytest.mark.usefixtures("own_lxd_objects")
+@pytest.mark.usefixtures("lxd_cleanup")
 def test_failing_pre_hook_fails_the_step_and_keeps_the_previous_image(
     config: Config, store: Store, lxd: Lxd, db: Database, ghost_dirs: dict[str, Path]
 ) -> None:
@@ -290,7 +278,7 @@ def test_failing_pre_hook_fails_the_step_and_keeps_the_previous_image(
     assert text.count("$ sh /var/lib/ghost-buildpackd/hook-pre_buildimage") == 1  # a script failure is not retried
 
 
-@pytest.mark.usefixtures("own_lxd_objects")
+@pytest.mark.usefixtures("lxd_cleanup")
 def test_failing_features_install_names_the_command_and_exit_code(
     config: Config, store: Store, lxd: Lxd, db: Database, ghost_dirs: dict[str, Path]
 ) -> None:
@@ -306,7 +294,7 @@ def test_failing_features_install_names_the_command_and_exit_code(
     assert_nothing_published(lxd, store, db, job_id)
 
 
-@pytest.mark.usefixtures("own_lxd_objects")
+@pytest.mark.usefixtures("lxd_cleanup")
 def test_a_hook_running_past_exec_timeout_is_killed(
     make_config: Callable[..., Config], store: Store, lxd: Lxd, db: Database, ghost_dirs: dict[str, Path]
 ) -> None:
@@ -379,7 +367,7 @@ def test_a_cancelled_step_stops_before_creating_the_container(
     assert_nothing_published(lxd, store, db, job_id)
 
 
-@pytest.mark.usefixtures("own_lxd_objects")
+@pytest.mark.usefixtures("lxd_cleanup")
 def test_debug_keeps_the_container_and_says_how_to_get_in(
     make_config: Callable[..., Config],
     store: Store,
@@ -406,7 +394,7 @@ def test_debug_keeps_the_container_and_says_how_to_get_in(
 # --- replay and crashes ----------------------------------------------------------------------
 
 
-@pytest.mark.usefixtures("own_lxd_objects")
+@pytest.mark.usefixtures("lxd_cleanup")
 def test_replay_moves_the_alias_to_a_new_image_and_deletes_the_old_one(
     config: Config, store: Store, lxd: Lxd, db: Database, base_image: str
 ) -> None:
@@ -430,7 +418,7 @@ def test_replay_moves_the_alias_to_a_new_image_and_deletes_the_old_one(
     assert run_in_image(lxd, new, job_id, "cat /build-mark") == "second\n"
 
 
-@pytest.mark.usefixtures("own_lxd_objects")
+@pytest.mark.usefixtures("lxd_cleanup")
 def test_a_half_published_image_is_deleted_and_built_again_after_a_crash(
     config: Config, store: Store, lxd: Lxd, db: Database
 ) -> None:
@@ -451,7 +439,7 @@ def test_a_half_published_image_is_deleted_and_built_again_after_a_crash(
     assert db.apps.find_one({"_id": app_id})["build_infos"]["container_image"] == str(job_id)
 
 
-@pytest.mark.usefixtures("own_lxd_objects")
+@pytest.mark.usefixtures("lxd_cleanup")
 def test_a_recorded_image_is_kept_after_a_crash_and_the_app_is_updated(
     config: Config, store: Store, lxd: Lxd, db: Database, ghost_dirs: dict[str, Path]
 ) -> None:
@@ -476,7 +464,7 @@ def test_a_recorded_image_is_kept_after_a_crash_and_the_app_is_updated(
 # --- against a running daemon ------------------------------------------------------------------
 
 
-@pytest.mark.usefixtures("own_lxd_objects")
+@pytest.mark.usefixtures("lxd_cleanup")
 def test_a_running_daemon_builds_the_image_when_ghost_finishes_the_buildimage_job(
     write_config: Callable[..., Path], store: Store, lxd: Lxd, db: Database, ghost_dirs: dict[str, Path], tmp_path: Path
 ) -> None:

@@ -48,14 +48,6 @@ def image_alias(lxd: Lxd, base_image: str) -> Iterator[str]:
     lxd.delete_alias(alias)
 
 
-@pytest.fixture
-def no_leftovers(lxd: Lxd, db: Database) -> Iterator[None]:
-    """Remove this test's containers if a failing test left any (only ours: found by job id)."""
-    yield
-    for name in leftover_containers(lxd, db):
-        lxd.delete_container(name)
-
-
 def working_copy(root: Path, module: str, app: tuple[str, ...] = ("shop", "prod", "web")) -> Path:
     """A module checkout as Ghost's worker leaves it, owned by the working copy user."""
     path = root.joinpath(*app, module)
@@ -103,7 +95,7 @@ echo buildpack-done
 
 
 def test_prepared_container_runs_buildpack_with_env_and_files_owned_by_working_copy_owner(
-    make_config: Callable[..., Config], store: Store, lxd: Lxd, db: Database, image_alias: str, ghost_dirs, no_leftovers
+    make_config: Callable[..., Config], store: Store, lxd: Lxd, db: Database, image_alias: str, ghost_dirs, lxd_cleanup
 ) -> None:
     config = make_config()
     env_vars = [{"var_key": "API_TOKEN", "var_value": SECRET}, {"var_key": "PLAIN", "var_value": "visible"}]
@@ -137,7 +129,7 @@ def test_prepared_container_runs_buildpack_with_env_and_files_owned_by_working_c
 
 
 def test_modules_of_one_job_run_in_parallel_without_prepare(
-    make_config: Callable[..., Config], store: Store, lxd: Lxd, db: Database, image_alias: str, ghost_dirs, no_leftovers
+    make_config: Callable[..., Config], store: Store, lxd: Lxd, db: Database, image_alias: str, ghost_dirs, lxd_cleanup
 ) -> None:
     config = make_config()
     names = ["api", "front", "worker"]
@@ -170,7 +162,7 @@ def test_modules_of_one_job_run_in_parallel_without_prepare(
 
 
 def test_owner_differing_from_prepared_idmap_recreates_the_container(
-    make_config: Callable[..., Config], store: Store, lxd: Lxd, db: Database, image_alias: str, ghost_dirs, no_leftovers
+    make_config: Callable[..., Config], store: Store, lxd: Lxd, db: Database, image_alias: str, ghost_dirs, lxd_cleanup
 ) -> None:
     config = make_config(container={"idmap_user": "1002:1002"})  # what prepare assumes without a working copy
     job_id = deploy_job(db, image_alias, [module_doc("app", "/srv/app", "touch made")])
@@ -188,7 +180,7 @@ def test_owner_differing_from_prepared_idmap_recreates_the_container(
 
 
 def test_privileged_mode_gives_the_same_ownership(
-    make_config: Callable[..., Config], store: Store, lxd: Lxd, db: Database, image_alias: str, ghost_dirs, no_leftovers
+    make_config: Callable[..., Config], store: Store, lxd: Lxd, db: Database, image_alias: str, ghost_dirs, lxd_cleanup
 ) -> None:
     config = make_config(container={"privileged": True})
     job_id = deploy_job(db, image_alias, [module_doc("app", "/srv/app", "mkdir -p out && touch out/file")])
@@ -206,7 +198,7 @@ def test_privileged_mode_gives_the_same_ownership(
 
 
 def test_processes_left_behind_by_the_buildpack_end_before_the_outcome(
-    make_config: Callable[..., Config], store: Store, lxd: Lxd, db: Database, image_alias: str, ghost_dirs, no_leftovers
+    make_config: Callable[..., Config], store: Store, lxd: Lxd, db: Database, image_alias: str, ghost_dirs, lxd_cleanup
 ) -> None:
     config = make_config()
     build_pack = "(while true; do date >> bg.log; sleep 0.1; done) >/dev/null 2>&1 &\nsleep 4242 >/dev/null 2>&1 &"
@@ -232,7 +224,7 @@ def test_processes_left_behind_by_the_buildpack_end_before_the_outcome(
 
 
 def test_failing_buildpack_records_exit_code_and_tail(
-    make_config: Callable[..., Config], store: Store, lxd: Lxd, db: Database, image_alias: str, ghost_dirs, no_leftovers
+    make_config: Callable[..., Config], store: Store, lxd: Lxd, db: Database, image_alias: str, ghost_dirs, lxd_cleanup
 ) -> None:
     config = make_config()
     job_id = deploy_job(db, image_alias, [module_doc("app", "/srv/app", "echo about to fail; exit 3")])
@@ -243,12 +235,12 @@ def test_failing_buildpack_records_exit_code_and_tail(
 
     assert failure.value.exit_code == 3
     assert "exited with code 3" in failure.value.message
-    assert "about to fail" in failure.value.output_tail  # type: ignore[attr-defined]
+    assert "about to fail" in failure.value.output_tail
     assert leftover_containers(lxd, db) == []
 
 
 def test_buildpack_past_the_timeout_is_killed(
-    make_config: Callable[..., Config], store: Store, lxd: Lxd, db: Database, image_alias: str, ghost_dirs, no_leftovers
+    make_config: Callable[..., Config], store: Store, lxd: Lxd, db: Database, image_alias: str, ghost_dirs, lxd_cleanup
 ) -> None:
     config = make_config(container={"exec_timeout": "2s"})
     job_id = deploy_job(db, image_alias, [module_doc("app", "/srv/app", "echo sleeping; sleep 60")])
@@ -265,7 +257,7 @@ def test_buildpack_past_the_timeout_is_killed(
 
 
 def test_abort_during_the_buildpack_stops_it_and_removes_the_container(
-    make_config: Callable[..., Config], store: Store, lxd: Lxd, db: Database, image_alias: str, ghost_dirs, no_leftovers
+    make_config: Callable[..., Config], store: Store, lxd: Lxd, db: Database, image_alias: str, ghost_dirs, lxd_cleanup
 ) -> None:
     config = make_config()
     job_id = deploy_job(db, image_alias, [module_doc("app", "/srv/app", "echo long-work-started; sleep 60")])
@@ -287,7 +279,7 @@ def test_abort_during_the_buildpack_stops_it_and_removes_the_container(
 
 
 def test_lots_of_output_and_non_utf8_bytes_keep_the_job_log_bounded(
-    make_config: Callable[..., Config], store: Store, lxd: Lxd, db: Database, image_alias: str, ghost_dirs, no_leftovers
+    make_config: Callable[..., Config], store: Store, lxd: Lxd, db: Database, image_alias: str, ghost_dirs, lxd_cleanup
 ) -> None:
     config = make_config(container={"output_head": "2KiB", "output_tail": "1KiB"})
     script = (
@@ -339,7 +331,7 @@ def test_missing_image_fails_prepare_and_run_with_a_message(
 
 
 def test_deploy_ended_before_the_request_cancels_and_removes_the_prepared_container(
-    make_config: Callable[..., Config], store: Store, lxd: Lxd, db: Database, image_alias: str, no_leftovers
+    make_config: Callable[..., Config], store: Store, lxd: Lxd, db: Database, image_alias: str, lxd_cleanup
 ) -> None:
     config = make_config()
     job_id = deploy_job(db, image_alias, [module_doc("app", "/srv/app", "touch made")])

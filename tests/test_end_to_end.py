@@ -14,6 +14,7 @@ from ghost_buildpackd.store import SUCCEEDED, step_id
 from tests.conftest import WORKING_COPY_IDS, leftover_containers
 from tests.support.daemon import DaemonProcess
 from tests.support.ghost import finish_buildimage, make_app, make_job, module_doc, set_status
+from tests.support.steps import terminal_step
 from tests.support.waiting import wait_until
 
 SECRET = "e2e-secret-value-7f3a"
@@ -27,11 +28,6 @@ result = run_buildpack(db, sys.argv[3], sys.argv[4], timeout=60, poll_interval=0
 print(json.dumps({"state": result.state, "exit_code": result.exit_code, "message": result.message,
                   "tail": result.output_tail}))
 """
-
-
-def finished(store, sid):
-    step = store.get_step(sid)
-    return step if step is not None and step.terminal else None
 
 
 @pytest.fixture
@@ -73,7 +69,7 @@ def test_buildimage_then_deploy_through_the_client(
         build = make_job(db, app)
         published_aliases.append(str(build))
         finish_buildimage(db, build, ami_id="ami-0e2e0001")
-        step = wait_until(lambda: finished(store, step_id(build, "buildimage")), 90, "the image build")
+        step = wait_until(lambda: terminal_step(store, step_id(build, "buildimage")), 90, "the image build")
         assert step.state == SUCCEEDED, step.message
         image = lxd.image_by_alias(str(build))
         assert image is not None

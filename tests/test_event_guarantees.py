@@ -19,6 +19,7 @@ from bson import ObjectId
 from ghost_buildpackd.store import FAILED, SUCCEEDED, TERMINAL, step_id, utcnow
 from tests.support.daemon import DaemonProcess
 from tests.support.ghost import finish_buildimage, make_app, make_job, module_doc, set_status
+from tests.support.mongo import skip_unless_restartable
 from tests.support.waiting import wait_until
 
 MODES = ["change_stream", "poll"]
@@ -132,8 +133,7 @@ def test_two_instances_run_a_burst_of_100_jobs_exactly_once(db, write_config, tm
 
 @pytest.mark.parametrize("mode", MODES)
 def test_mongodb_outage_while_jobs_arrive_loses_nothing(mongo, db, write_config, tmp_path, mode):
-    if not mongo.can_restart:
-        pytest.skip(f"this run's MongoDB ({mongo.kind}) cannot be stopped by the tests")
+    skip_unless_restartable(mongo)
     app = make_app(db)
     with daemon(write_config, tmp_path, "d", mode) as process:
         process.wait_ready()

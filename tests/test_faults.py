@@ -26,11 +26,13 @@ from pymongo.database import Database
 
 from ghost_buildpackd.client import BuildpackResult, run_buildpack
 from ghost_buildpackd.lxd import IMAGE_PROP_JOB, Lxd
-from ghost_buildpackd.store import FAILED, SUCCEEDED, TERMINAL, Step, Store, step_id
+from ghost_buildpackd.store import FAILED, SUCCEEDED, TERMINAL, Store, step_id
 from tests.conftest import WORKING_COPY_IDS, leftover_containers
 from tests.support import lxd_service
 from tests.support.daemon import DaemonProcess
 from tests.support.ghost import finish_buildimage, make_app, make_job, module_doc, set_status
+from tests.support.mongo import skip_unless_restartable
+from tests.support.steps import state_of, terminal_step
 from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.lxd
@@ -70,7 +72,7 @@ class Daemons:
 
 
 @pytest.fixture
-def daemons(write_config, tmp_path, cleanup_lxd) -> Iterator[Callable[..., Daemons]]:
+def daemons(write_config, tmp_path, lxd_cleanup) -> Iterator[Callable[..., Daemons]]:
     made: list[Daemons] = []
 
     def make(**overrides: Any) -> Daemons:
@@ -80,32 +82,6 @@ def daemons(write_config, tmp_path, cleanup_lxd) -> Iterator[Callable[..., Daemo
     yield make
     for group in made:
         group.stop_all()
-
-
-@pytest.fixture
-def cleanup_lxd(lxd: Lxd, db: Database) -> Iterator[None]:
-    """Remove what this test's jobs left in LXD if it failed half-way (found by job id; nothing else)."""
-    yield
-    for name in leftover_containers(lxd, db):
-        lxd.delete_container(name)
-    jobs = {str(job["_id"]) for job in db.jobs.find({}, {"_id": 1})}
-    for image in lxd.list_images():
-        if image.properties.get(IMAGE_PROP_JOB) in jobs:
-            for alias in image.aliases:
-                lxd.delete_alias(alias)
-            lxd.delete_image(image.fingerprint)
-    for job in jobs:
-        lxd.delete_alias(job)
-
-
-def terminal_step(store: Store, sid: str) -> Step | None:
-    step = store.get_step(sid)
-    return step if step is not None and step.terminal else None
-
-
-def state_of(store: Store, sid: str) -> str | None:
-    step = store.get_step(sid)
-    return step.state if step is not None else None
 
 
 def event_of(process: DaemonProcess, event: str, job: ObjectId, **fields: Any) -> dict[str, Any] | None:
@@ -159,7 +135,7 @@ def images_of_job(lxd: Lxd, job: ObjectId) -> list[str]:
 # --- buildimage: SIGKILL in each phase ----------------------------------------------------------
 
 
-def buildimage_app(db: Database, base_image: str, provisioner_tree: Path, pre_hook: str = "") -> ObjectId:
+def buildimage_app(db: Database, base_image: str, pre_hook: str = "") -> ObjectId:
     """An app whose salt feature mounts the job's provisioner tree at /srv/salt (the hooks can wait on it)."""
     return make_app(
         db,
@@ -208,11 +184,11 @@ def kill_buildimage(phase: str, process: DaemonProcess, lxd: Lxd, store: Store, 
 
 
 def build_held_in_pre_hook(
-    db: Database, base_image: str, tree: Path, daemons: Callable[..., Daemons]
+    db: Database, base_image: str, tree: Path, group: Daemons
 ) -> tuple[ObjectId, DaemonProcess, ObjectId]:
-    """A daemon building an image, its pre hook running and waiting for `go` in the job's provisioner tree."""
-    app = buildimage_app(db, base_image, tree, WAIT_FOR_GO.format(path="/srv/salt/go"))
-    process = daemons(container=features_config()).start()
+    """A daemon of `group` building an image, its pre hook running and waiting for `go` in the job's tree."""
+    app = buildimage_app(db, base_image, WAIT_FOR_GO.format(path="/srv/salt/go"))
+    process = group.start()
     job = buildimage_job(db, app, tree)
     finish_buildimage(db, job)
     wait_until(lambda: event_of(process, "command_started", job, label="pre_buildimage hook"), 60, "the pre hook")
@@ -225,10 +201,10 @@ PHASES = ["creating", "hooks", "publishing", "cleaning", "recording"]
 @pytest.mark.slow
 @pytest.mark.parametrize("phase", PHASES)
 def test_sigkill_during_buildimage_then_takeover_builds_exactly_one_image(
-    phase, mongo, db, store, lxd, base_image, ghost_dirs, daemons, cleanup_lxd
+    phase, mongo, db, store, lxd, base_image, ghost_dirs, daemons, lxd_cleanup
 ):
-    if phase == "recording" and not mongo.can_restart:
-        pytest.skip(f"this run's MongoDB ({mongo.kind}) cannot be stopped by the tests")
+    if phase == "recording":
+        skip_unless_restartable(mongo)
     tree = ghost_dirs["provisioner_tree"]
     go = "/srv/salt/go"
     # The hooks phase blocks on a file in the mounted provisioner tree; publishing gets a payload that takes a while.
@@ -236,7 +212,7 @@ def test_sigkill_during_buildimage_then_takeover_builds_exactly_one_image(
         "hooks": WAIT_FOR_GO.format(path=go) + "; echo released",
         "publishing": "mkdir -p /opt && head -c 6000000 /dev/urandom > /opt/payload",
     }
-    app = buildimage_app(db, base_image, tree, hooks.get(phase, ""))
+    app = buildimage_app(db, base_image, hooks.get(phase, ""))
     group = daemons(container=features_config(publish_compression="xz" if phase == "publishing" else "none"))
     first = group.start()
     job = buildimage_job(db, app, tree)
@@ -308,7 +284,7 @@ BUILDPACK = "echo start >> runs.log; " + WAIT_FOR_GO.format(path="go") + "; echo
 @pytest.mark.slow
 @pytest.mark.parametrize("phase", ["preparing", "buildpack", "recording", "cleaning"])
 def test_sigkill_during_deploy_then_takeover_runs_the_buildpack(
-    phase, mongo, db, store, lxd, base_image, ghost_dirs, daemons, cleanup_lxd
+    phase, mongo, db, store, lxd, base_image, ghost_dirs, daemons, lxd_cleanup
 ):
     if phase == "recording":
         skip_unless_restartable(mongo)
@@ -473,16 +449,11 @@ def test_unwritable_job_log_does_not_stop_the_step_and_the_problem_is_recorded(
 # --- MongoDB stopped and started again during steps --------------------------------------------------
 
 
-def skip_unless_restartable(mongo: Any) -> None:
-    if not mongo.can_restart:
-        pytest.skip(f"this run's MongoDB ({mongo.kind}) cannot be stopped by the tests")
-
-
 @pytest.mark.slow
 def test_mongodb_outage_during_a_buildimage_step_is_ridden_out(mongo, db, store, lxd, base_image, ghost_dirs, daemons):
     skip_unless_restartable(mongo)
     tree = ghost_dirs["provisioner_tree"]
-    app, process, job = build_held_in_pre_hook(db, base_image, tree, daemons)
+    app, process, job = build_held_in_pre_hook(db, base_image, tree, daemons(container=features_config()))
     mongo.stop()
     try:
         wait_until(lambda: process.saw("mongodb_unavailable_retrying"), 30, "the daemon to notice the outage")
@@ -537,12 +508,8 @@ def test_takeover_that_cannot_succeed_fails_with_the_reason_and_leaves_nothing(
 ):
     """Killed during the hooks; meanwhile Ghost removed the job's provisioner tree: the successor fails, cleanly."""
     tree = ghost_dirs["provisioner_tree"]
-    app = buildimage_app(db, base_image, tree, WAIT_FOR_GO.format(path="/srv/salt/go"))
     group = daemons(container=features_config())
-    first = group.start()
-    job = buildimage_job(db, app, tree)
-    finish_buildimage(db, job)
-    wait_until(lambda: event_of(first, "command_started", job, label="pre_buildimage hook"), 60, "the pre hook")
+    app, first, job = build_held_in_pre_hook(db, base_image, tree, group)
     first.kill()
     (tree / f"salt-{job}").rmdir()  # Ghost cleans its provisioner trees up after the job
     group.start()
@@ -616,7 +583,7 @@ def test_lxd_restart_during_a_buildpack_runs_it_again_in_a_new_container(
 @pytest.mark.slow
 def test_lxd_restart_during_a_buildimage_hook_builds_exactly_one_image(db, store, lxd, base_image, ghost_dirs, daemons):
     tree = ghost_dirs["provisioner_tree"]
-    app, process, job = build_held_in_pre_hook(db, base_image, tree, daemons)
+    app, process, job = build_held_in_pre_hook(db, base_image, tree, daemons(container=features_config()))
     restart_lxd_during(process, job)
     (tree / f"salt-{job}" / "go").touch()
     step = wait_until(lambda: terminal_step(store, step_id(job, "buildimage")), 120, "the step after the restart")

@@ -9,23 +9,21 @@ from __future__ import annotations
 import dataclasses
 import getpass
 import os
-import re
 import shutil
 import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import TextIO
 
-from .config import Config
+from .config import PUBLISH_COMPRESSORS, Config
 from .lxd import ContainerSpec, ImageInfo, Lxd
+from .retention import JOB_ALIAS
 from .steps import idmap_user_ids
 from .store import Store, redacted_uri, short_error
 
 SUBUID, SUBGID = Path("/etc/subuid"), Path("/etc/subgid")
 GHOST_COLLECTIONS = ("jobs", "apps")
 PROJECT_IMAGE_PREFIX = "ghost-buildpackd/"  # base images built by scripts/build-base-image
-JOB_ALIAS = re.compile(r"[0-9a-f]{24}")  # images the daemon published (alias = job id)
-COMPRESSORS = {"gzip": "gzip", "zstd": "zstd", "xz": "xz", "bzip2": "bzip2", "lzma": "lzma", "squashfs": "mksquashfs"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -293,7 +291,7 @@ def compressor_check(config: Config) -> CheckResult:
     compression = config.container.publish_compression
     if compression == "none":
         return ok("publish compression", "none: images are published uncompressed")
-    binary = COMPRESSORS[compression]
+    binary = PUBLISH_COMPRESSORS[compression]
     if config.lxd.endpoint != "local":
         return ok("publish compression", f"{compression}: LXD at {config.lxd.endpoint} runs {binary} (not checked)")
     found = shutil.which(binary)

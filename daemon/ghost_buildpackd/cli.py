@@ -54,7 +54,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .demo import run_demo
 
         configure_logging("console", "info")
-        return run_demo(args.config)
+        return run_demo()
     try:
         config = _load(args)
     except ConfigError as error:

@@ -105,8 +105,7 @@ def _abandon(store: Store, sid: str, timeout: float) -> BuildpackResult:
 
 def _wait(store: Store, sid: str, deadline: float, poll_interval: float, mode: str) -> Step | None:
     """The step once terminal, or its last known record at the deadline."""
-    use_stream = mode == "change_stream" or (mode == "auto" and store.change_streams_supported()[0])
-    if use_stream:
+    if mode != "poll":  # in auto mode a server without change streams refuses the stream: then poll
         try:
             return _wait_by_change_stream(store, sid, deadline, poll_interval)
         except PyMongoError:  # the stream broke (or was refused): polling still gets the outcome

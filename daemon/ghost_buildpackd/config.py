@@ -155,12 +155,20 @@ def parse_listen(value: Any) -> tuple[str, int]:
     return match.group(1), int(match.group(2))
 
 
-def field(default: Any, parse: Callable[[Any], Any], doc: str = "") -> Any:
-    """A leaf key: its default and the parser that validates a given value."""
-    factory = (lambda: default) if isinstance(default, list | dict) else None
-    if factory:
-        return dataclasses.field(default_factory=factory, metadata={"parse": parse, "doc": doc})
-    return dataclasses.field(default=default, metadata={"parse": parse, "doc": doc})
+# LXD's publish compression algorithms, with the host command each needs (`check` looks for it).
+PUBLISH_COMPRESSORS = {
+    "gzip": "gzip",
+    "zstd": "zstd",
+    "xz": "xz",
+    "bzip2": "bzip2",
+    "lzma": "lzma",
+    "squashfs": "mksquashfs",
+}
+
+
+def field(default: Any, parse: Callable[[Any], Any]) -> Any:
+    """A leaf key: its default (immutable) and the parser that validates a given value."""
+    return dataclasses.field(default=default, metadata={"parse": parse})
 
 
 # --- schema -------------------------------------------------------------------
@@ -235,7 +243,7 @@ class ContainerConfig:
     limits: LimitsConfig = dataclasses.field(default_factory=LimitsConfig)
     exec_timeout: float = field(1800.0, parse_duration)
     profiles: tuple[str, ...] = field((), parse_str_list)
-    publish_compression: str = field("none", one_of("none", "gzip", "zstd", "xz", "bzip2", "lzma", "squashfs"))
+    publish_compression: str = field("none", one_of("none", *PUBLISH_COMPRESSORS))
     provisioner_commands: ProvisionerCommands = dataclasses.field(default_factory=ProvisionerCommands)
     output_head: int = field(1 << 20, parse_size)
     output_tail: int = field(64 << 10, parse_size)

@@ -202,7 +202,7 @@ class Daemon:
     def _measure_event_lag(self) -> None:
         """Newest job change in the database vs the newest this instance has seen."""
         seen = self.source.last_event_at
-        if seen is None:
+        if seen is None or not self.metrics.enabled:  # only the metric needs it (`status` measures its own)
             return
         newest = self.store.newest_job_update()
         if newest is not None:

@@ -27,7 +27,7 @@ from bson import ObjectId
 from .client import run_buildpack
 from .config import ENV_MONGODB_URI, LxdConfig
 from .ghost import BadDocument
-from .lxd import Lxd
+from .lxd import TAG_JOB, Lxd
 from .store import Store, step_id
 
 BASE_IMAGE = "ghost-buildpackd/busybox"
@@ -235,8 +235,8 @@ class Demo:
             say(f"  {step['_id']:<45} {step['state']:<10} {step.get('message', '')[:70]}")
         code = self.stop_daemon()
         say(f"\ndaemon stopped (exit code {code})")
-        leftovers = [c.name for c in self.lxd.list_containers() if c.tags.get("user.ghost-buildpackd.job") in
-                     {str(j["_id"]) for j in self.db.jobs.find({}, {"_id": 1})}]  # fmt: skip
+        job_ids = {str(job["_id"]) for job in self.db.jobs.find({}, {"_id": 1})}
+        leftovers = [c.name for c in self.lxd.list_containers() if c.tags.get(TAG_JOB) in job_ids]
         say(f"containers left in LXD: {leftovers or 'none'}")
         secret_seen = "s3cr3t-demo-token" in self.daemon_log() + "".join(
             path.read_text() for path in self.log_dir.iterdir()
@@ -251,7 +251,7 @@ class Demo:
             if image is not None:
                 self.lxd.delete_image(image.fingerprint)
         for container in self.lxd.list_containers():
-            if container.tags.get("user.ghost-buildpackd.job") in self.aliases:
+            if container.tags.get(TAG_JOB) in self.aliases:
                 self.lxd.delete_container(container.name)
         self.db.client.drop_database(self.database)
 
@@ -265,7 +265,7 @@ def _field(line: str, name: str) -> str:
         return ""
 
 
-def run_demo(_config_path: str | None = None) -> int:
+def run_demo() -> int:
     """Entry point of `ghost-buildpackd demo` (the embedded default needs no configuration)."""
     workdir = Path(tempfile.mkdtemp(prefix="ghost-buildpackd-demo-"))
     mongo = None

@@ -46,11 +46,10 @@ class JobLog:
 class OutputCollector:
     """Receives raw output chunks from a command and routes complete lines."""
 
-    def __init__(self, job_log: JobLog, logger: Any, head_bytes: int, tail_bytes: int, command: str):
+    def __init__(self, job_log: JobLog, logger: Any, head_bytes: int, tail_bytes: int):
         self.job_log = job_log
         self.log = logger
         self.head_bytes = head_bytes
-        self.command = command
         self.total = 0
         self.written = 0
         self._partial = b""

@@ -39,7 +39,7 @@ log = get_logger(__name__)
 
 DEFAULT_AMI_RETENTION = 5  # Ghost's default `ami_retention`
 EC2_BATCH = 100  # AMI ids per DescribeImages call
-_JOB_ID = re.compile(r"^[0-9a-f]{24}$")  # the daemon's aliases are job ids
+JOB_ALIAS = re.compile(r"[0-9a-f]{24}")  # the aliases of images the daemon published are job ids
 
 # Actions in the report
 KEEP = "keep"
@@ -429,7 +429,7 @@ class Reconciler:
         live = {record.alias for record in facts.records}
         for image in facts.images:
             for alias in image.aliases:
-                if not _JOB_ID.match(alias) or alias in live:
+                if not JOB_ALIAS.fullmatch(alias) or alias in live:
                     continue
                 reason = (
                     "its record is pruned but the alias exists: left alone"

@@ -88,7 +88,7 @@ def with_job_log_problem(ctx: StepContext, message: str) -> str:
 def failure_outcome(error: Exception) -> Outcome:
     """The failed outcome a body's exception stands for: its own message when it is one for people."""
     if isinstance(error, StepFailed):
-        return Outcome(FAILED, error.message, error.exit_code, getattr(error, "output_tail", ""))
+        return Outcome(FAILED, error.message, error.exit_code, error.output_tail)
     if isinstance(error, BadDocument):
         return Outcome(FAILED, f"bad input: {error}")
     log.exception("step_crashed")
@@ -259,7 +259,6 @@ class Runner:
         with structlog.contextvars.bound_contextvars(
             job_id=str(step.job_id), step=step.id, kind=step.kind, module=step.module, app_id=str(step.app_id)
         ):
-            ctx.log = log.bind()
             log.info("step_claimed", state=step.state, attempt=step.attempts)
             try:
                 outcome = self._run_riding_lxd_outages(held)
@@ -309,17 +308,15 @@ class Runner:
         """The step's outcome; LxdUnavailable when LXD went away, whatever the body made of that."""
         ctx = held.ctx
         try:
-            if start_over:
+            if start_over or ctx.step.cancel_requested or ctx.step.attempts > MAX_ATTEMPTS:
                 remove_leftovers(ctx)
             if ctx.step.cancel_requested:
-                remove_leftovers(ctx)
                 return Outcome(CANCELLED, ctx.step.cancel_reason or "cancelled")
             if ctx.step.attempts > MAX_ATTEMPTS:
-                remove_leftovers(ctx)
                 return Outcome(
                     FAILED, f"gave up after {MAX_ATTEMPTS} attempts: the daemon running it stopped each time"
                 )
-            return self._dispatch_body(ctx)
+            return self._dispatch_body(ctx, start_over)
         except LeaseLost:
             raise
         except Exception as error:
@@ -327,7 +324,7 @@ class Runner:
                 raise LxdUnavailable(str(error)) from error
             return failure_outcome(error)
 
-    def _dispatch_body(self, ctx: StepContext) -> Outcome:
+    def _dispatch_body(self, ctx: StepContext, start_over: bool) -> Outcome:
         step = ctx.step
         if step.kind == BUILDIMAGE:
             ctx.save(RUNNING, message="building the container image")
@@ -339,7 +336,8 @@ class Runner:
         ):
             return self.bodies.prepare_deploy(ctx)
         if ctx.step.state in (REQUESTED, RUNNING):
-            if ctx.step.state == RUNNING and remove_leftovers(ctx):  # taken over: what the last run left must go
+            # Taken over (a start-over has just removed them): what the last run left must go.
+            if ctx.step.state == RUNNING and not start_over and remove_leftovers(ctx):
                 log.warning("deploy_run_taken_over", consequence="the buildpack runs again in a new container")
             ctx.save(RUNNING, message="running the buildpack")
             return self.bodies.run_deploy(ctx)

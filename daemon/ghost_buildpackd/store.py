@@ -76,15 +76,14 @@ def step_id(job_id: ObjectId | str, kind: str, module: str | None = None) -> str
     return f"{job_id}:{kind}:{module}" if module else f"{job_id}:{kind}"
 
 
-def retry_transient(attempts: int = 8) -> Any:
-    """Retry a MongoDB call through outages: exponential backoff, ~2 minutes in all."""
-    return retrying(
-        lambda error: isinstance(error, TRANSIENT_ERRORS),
-        "mongodb_unavailable_retrying",
-        attempts=attempts,
-        multiplier=0.25,
-        max_wait=30,
-    )
+# Retries a MongoDB call through outages: exponential backoff, ~2 minutes in all.
+retry_transient = retrying(
+    lambda error: isinstance(error, TRANSIENT_ERRORS),
+    "mongodb_unavailable_retrying",
+    attempts=8,
+    multiplier=0.25,
+    max_wait=30,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -216,12 +215,12 @@ def short_error(error: Exception) -> str:
     return str(error).split(", Timeout:", 1)[0]
 
 
-def connect(uri: str, timeout: float, app_name: str = "ghost-buildpackd") -> pymongo.MongoClient:
+def connect(uri: str, timeout: float) -> pymongo.MongoClient:
     """A client with bounded waits; nothing is sent until first use."""
     return pymongo.MongoClient(
         uri,
         tz_aware=True,
-        appname=app_name,
+        appname="ghost-buildpackd",
         serverSelectionTimeoutMS=int(timeout * 1000),
         connectTimeoutMS=int(timeout * 1000),
         socketTimeoutMS=int(max(timeout, 30) * 1000),
@@ -284,15 +283,15 @@ class Store:
 
     # --- Ghost's documents ----------------------------------------------------------
 
-    @retry_transient()
+    @retry_transient
     def get_job(self, job_id: ObjectId) -> dict[str, Any] | None:
         return self.jobs.find_one({"_id": job_id})
 
-    @retry_transient()
+    @retry_transient
     def get_app(self, app_id: ObjectId) -> dict[str, Any] | None:
         return self.apps.find_one({"_id": app_id})
 
-    @retry_transient()
+    @retry_transient
     def all_apps(self) -> list[dict[str, Any]]:
         return list(self.apps.find({}))
 
@@ -307,7 +306,7 @@ class Store:
         ]
         return heapq.merge(*scans, key=lambda doc: doc["_updated"])
 
-    @retry_transient()
+    @retry_transient
     def newest_job_update(self) -> datetime | None:
         """The newest `_updated` of any job (BSON orders dates above strings and numbers)."""
         doc = self.jobs.find_one({"_updated": {"$exists": True}}, sort=[("_updated", pymongo.DESCENDING)])
@@ -345,13 +344,13 @@ class Store:
         pipeline = [{"$match": {"documentKey._id": sid, "operationType": {"$in": ["insert", "update", "replace"]}}}]
         return self.steps.watch(pipeline, max_await_time_ms=int(max_await * 1000))
 
-    @retry_transient()
+    @retry_transient
     def set_app_container_image(self, app_id: ObjectId, alias: str) -> None:
         self.apps.update_one({"_id": app_id}, {"$set": {"build_infos.container_image": alias}})
 
     # --- steps ---------------------------------------------------------------------
 
-    @retry_transient()
+    @retry_transient
     def create_step(
         self,
         job_id: ObjectId,
@@ -383,21 +382,21 @@ class Store:
             return False
         return True
 
-    @retry_transient()
+    @retry_transient
     def get_step(self, sid: str) -> Step | None:
         doc = self.steps.find_one({"_id": sid})
         return Step.from_doc(doc) if doc else None
 
-    @retry_transient()
+    @retry_transient
     def steps_for_job(self, job_id: ObjectId) -> list[Step]:
         return [Step.from_doc(doc) for doc in self.steps.find({"job_id": same_id(job_id)})]
 
-    @retry_transient()
-    def steps_in_states(self, states: tuple[str, ...], limit: int = 0) -> list[Step]:
+    @retry_transient
+    def steps_in_states(self, states: tuple[str, ...]) -> list[Step]:
         cursor = self.steps.find({"state": {"$in": list(states)}}).sort("created_at", pymongo.ASCENDING)
-        return [Step.from_doc(doc) for doc in cursor.limit(limit)]
+        return [Step.from_doc(doc) for doc in cursor]
 
-    @retry_transient()
+    @retry_transient
     def recent_finished_steps(self, limit: int) -> list[Step]:
         cursor = self.steps.find({"state": {"$in": list(TERMINAL)}}).sort("updated_at", pymongo.DESCENDING)
         return [Step.from_doc(doc) for doc in cursor.limit(limit)]
@@ -405,7 +404,7 @@ class Store:
     def _lease(self, owner: str, ttl: float) -> dict[str, Any]:
         return {"owner": owner, "token": uuid.uuid4().hex, "expires_at": utcnow() + timedelta(seconds=ttl)}
 
-    @retry_transient()
+    @retry_transient
     def claim_step(
         self, owner: str, ttl: float, host: str, exclude: tuple[str, ...] = (), kinds: tuple[str, ...] | None = None
     ) -> Step | None:
@@ -453,7 +452,7 @@ class Store:
         query = {"state": REQUESTED, "requested_host": host, "lease.expires_at": {"$lt": now}}
         return self.steps.find_one(query, {"_id": 1}) is not None
 
-    @retry_transient()
+    @retry_transient
     def claim_specific(self, sid: str, owner: str, ttl: float, states: tuple[str, ...]) -> Step | None:
         """Take the lease on one named step if it is free and in one of `states`."""
         now = utcnow()
@@ -468,7 +467,7 @@ class Store:
         )
         return Step.from_doc(doc) if doc else None
 
-    @retry_transient()
+    @retry_transient
     def renew_lease(self, step: Step, ttl: float) -> Step | None:
         """Extend the lease; None when it was lost (fencing: a successor may hold it now)."""
         doc = self.steps.find_one_and_update(
@@ -486,7 +485,7 @@ class Store:
         )
         return Step.from_doc(doc) if doc else None
 
-    @retry_transient()
+    @retry_transient
     def update_step(
         self,
         step: Step,
@@ -521,46 +520,32 @@ class Store:
         )
         return Step.from_doc(doc) if doc else None
 
-    @retry_transient()
-    def finish_unleased(self, sid: str, from_states: tuple[str, ...], state: str, message: str) -> bool:
-        """Move a step nobody holds (or whose holder died) to a terminal state."""
-        now = utcnow()
-        result = self.steps.update_one(
-            {
-                "_id": sid,
-                "state": {"$in": list(from_states)},
-                "lease.expires_at": {"$lt": now},
-            },
-            {
-                "$set": {"state": state, "message": message, "lease": FREE_LEASE},
-                "$currentDate": {"updated_at": True, "times.finished": True},
-            },
-        )
-        return result.modified_count == 1
-
-    @retry_transient()
+    @retry_transient
     def cancel_job_steps(self, job_id: ObjectId, reason: str, kind: str = DEPLOY) -> int:
         """Cancel a job's unfinished steps: free ones at once, held ones by asking their owner.
 
         Returns how many were cancelled outright; held ones get `cancel_requested`
         and their owner ends them (it checks at each lease renewal).
         """
-        now = utcnow()
-        free = {"lease.expires_at": {"$lt": now}}
+        return self._cancel_active({"job_id": same_id(job_id), "kind": kind}, reason)
+
+    def _cancel_active(self, query: dict[str, Any], reason: str) -> int:
+        """Cancel the unfinished steps matching `query` that nobody holds; ask the holders of the others."""
+        active = {**query, "state": {"$in": list(ACTIVE)}}
         cancelled = self.steps.update_many(
-            {"job_id": same_id(job_id), "kind": kind, "state": {"$in": list(ACTIVE)}, **free},
+            {**active, "lease.expires_at": {"$lt": utcnow()}},
             {
                 "$set": {"state": CANCELLED, "message": reason, "lease": FREE_LEASE},
                 "$currentDate": {"updated_at": True, "times.finished": True},
             },
         ).modified_count
         self.steps.update_many(
-            {"job_id": same_id(job_id), "kind": kind, "state": {"$in": list(ACTIVE)}},
+            active,
             {"$set": {"cancel_requested": True, "cancel_reason": reason}, "$currentDate": {"updated_at": True}},
         )
         return cancelled
 
-    @retry_transient()
+    @retry_transient
     def request_step(self, job_id: ObjectId, module: str, host: str, app_id: ObjectId | None) -> Step:
         """Ghost's side of the deploy handshake: ask for the buildpack to run now, on `host`.
 
@@ -568,26 +553,25 @@ class Store:
         is returned as it is (the client then reports its outcome).
         """
         sid = step_id(job_id, DEPLOY, module)
-        self.create_step(job_id, DEPLOY, module, app_id=app_id)
-        self.steps.update_one(
-            {"_id": sid, "state": {"$in": [PENDING, PREPARING, READY]}},
-            {
-                "$set": {"state": REQUESTED, "requested_host": host},
-                "$currentDate": {"updated_at": True, "times.requested": True},
-            },
-        )
-        return self.get_step(sid)  # type: ignore[return-value]
+        waiting = {"_id": sid, "state": {"$in": [PENDING, PREPARING, READY]}}
+        request = {
+            "$set": {"state": REQUESTED, "requested_host": host},
+            "$currentDate": {"updated_at": True, "times.requested": True},
+        }
+        # Usually the daemon made the record at job start: one round trip.
+        doc = self.steps.find_one_and_update(waiting, request, return_document=ReturnDocument.AFTER)
+        if doc is None:
+            self.create_step(job_id, DEPLOY, module, app_id=app_id)
+            doc = self.steps.find_one_and_update(waiting, request, return_document=ReturnDocument.AFTER)
+            doc = doc or self.steps.find_one({"_id": sid})
+        return Step.from_doc(doc)
 
-    @retry_transient()
+    @retry_transient
     def abandon_step(self, sid: str, reason: str) -> None:
         """The client gave up waiting: cancel the step whether or not a worker holds it."""
-        self.finish_unleased(sid, ACTIVE, CANCELLED, reason)
-        self.steps.update_one(
-            {"_id": sid, "state": {"$in": list(ACTIVE)}},
-            {"$set": {"cancel_requested": True, "cancel_reason": reason}, "$currentDate": {"updated_at": True}},
-        )
+        self._cancel_active({"_id": sid}, reason)
 
-    @retry_transient()
+    @retry_transient
     def reset_step_for_replay(self, sid: str) -> bool:
         """`replay`: put a finished step back to pending (a new attempt, same id)."""
         result = self.steps.update_one(
@@ -608,7 +592,7 @@ class Store:
 
     # --- event checkpoints ------------------------------------------------------------
 
-    @retry_transient()
+    @retry_transient
     def load_checkpoint(self) -> Checkpoint:
         doc = self.state.find_one({"_id": "events"}) or {}
         stream, poll = doc.get("stream") or {}, doc.get("poll") or {}
@@ -618,7 +602,7 @@ class Store:
             poll_high_water=poll.get("high_water"),
         )
 
-    @retry_transient()
+    @retry_transient
     def save_stream_checkpoint(self, resume_token: Mapping[str, Any] | None, caught_up_at: datetime) -> None:
         self.state.update_one(
             {"_id": "events"},
@@ -626,7 +610,7 @@ class Store:
             upsert=True,
         )
 
-    @retry_transient()
+    @retry_transient
     def save_poll_checkpoint(self, high_water: datetime, caught_up_at: datetime) -> None:
         self.state.update_one(
             {"_id": "events"},
@@ -636,16 +620,16 @@ class Store:
 
     # --- images ------------------------------------------------------------------------
 
-    @retry_transient()
+    @retry_transient
     def record_image(self, record: ImageRecord) -> None:
         self.images.replace_one({"_id": record.alias}, record.to_doc(), upsert=True)
 
-    @retry_transient()
+    @retry_transient
     def get_image_record(self, alias: str) -> ImageRecord | None:
         doc = self.images.find_one({"_id": alias})
         return ImageRecord.from_doc(doc) if doc else None
 
-    @retry_transient()
+    @retry_transient
     def image_records(self, app_id: ObjectId | None = None, state: str | None = "live") -> list[ImageRecord]:
         query: dict[str, Any] = {}
         if app_id is not None:
@@ -654,19 +638,19 @@ class Store:
             query["state"] = state
         return [ImageRecord.from_doc(doc) for doc in self.images.find(query).sort("created_at", -1)]
 
-    @retry_transient()
+    @retry_transient
     def mark_image_pruned(self, alias: str, reason: str) -> None:
         self.images.update_one(
             {"_id": alias},
             {"$set": {"state": "pruned", "pruned_reason": reason}, "$currentDate": {"pruned_at": True}},
         )
 
-    @retry_transient()
+    @retry_transient
     def all_image_aliases(self) -> set[str]:
         """Aliases of every `container_images` record, whatever its state."""
         return {str(doc["_id"]) for doc in self.images.find({}, {"_id": 1})}
 
-    @retry_transient()
+    @retry_transient
     def apps_container_images(self) -> dict[str, list[str]]:
         """Each `build_infos.container_image` any app names -> the ids of those apps (retention never touches them)."""
         named: dict[str, list[str]] = {}
@@ -676,7 +660,7 @@ class Store:
                 named.setdefault(value, []).append(str(doc["_id"]))
         return named
 
-    @retry_transient()
+    @retry_transient
     def active_step_images(self) -> dict[str, list[str]]:
         """Image aliases recorded (field `image`) on steps in flight -> the ids of those steps."""
         used: dict[str, list[str]] = {}
@@ -685,7 +669,7 @@ class Store:
                 used.setdefault(doc["image"], []).append(str(doc["_id"]))
         return used
 
-    @retry_transient()
+    @retry_transient
     def successful_buildimage_jobs(self, app_ids: list[ObjectId]) -> list[dict[str, Any]]:
         """Ghost's successful buildimage jobs (status done) of these apps: what Ghost's AMI retention counts."""
         query = {"command": BUILDIMAGE, "status": "done", "app_id": {"$in": list(app_ids)}}
@@ -693,7 +677,7 @@ class Store:
 
     # --- instances -----------------------------------------------------------------------
 
-    @retry_transient()
+    @retry_transient
     def heartbeat(self, instance_id: str, info: Mapping[str, Any]) -> None:
         self.instances.update_one(
             {"_id": instance_id},
@@ -701,11 +685,11 @@ class Store:
             upsert=True,
         )
 
-    @retry_transient()
+    @retry_transient
     def remove_instance(self, instance_id: str) -> None:
         self.instances.delete_one({"_id": instance_id})
 
-    @retry_transient()
+    @retry_transient
     def live_instances(self, max_age: float) -> list[dict[str, Any]]:
         since = utcnow() - timedelta(seconds=max_age)
         return list(self.instances.find({"seen_at": {"$gte": since}}))

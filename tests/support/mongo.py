@@ -18,6 +18,7 @@ import tempfile
 from pathlib import Path
 
 import pymongo
+import pytest
 
 from .waiting import wait_until
 
@@ -145,6 +146,12 @@ class NxMongo(MongoServer):
     def close(self) -> None:
         self.stop()
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def skip_unless_restartable(mongo: MongoServer) -> None:
+    """Skip a test that stops and starts MongoDB when this run's server cannot be."""
+    if not mongo.can_restart:
+        pytest.skip(f"this run's MongoDB ({mongo.kind}) cannot be stopped by the tests")
 
 
 def docker_engine_answers() -> bool:

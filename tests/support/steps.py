@@ -36,23 +36,28 @@ def step_context(
     if not store.create_step(job_id, kind, module, app_id=job.get("app_id")):
         store.reset_step_for_replay(sid)
     # The test's database holds no other step of this kind that needs work, so the claim takes this one.
-    step = store.claim_step(config.instance_id or TEST_OWNER, TEST_LEASE_TTL, config.host_name, kinds=(kind,))
+    step = store.claim_step(_owner(config), TEST_LEASE_TTL, config.host_name, kinds=(kind,))
     assert step is not None and step.id == sid and step.state == PENDING, f"could not take the lease on step {sid}"
-    ctx = _context(config, store, lxd, step)
-    ctx.save(RUNNING)
-    return ctx
+    return _taken(config, store, lxd, step, RUNNING)
 
 
-def _context(config: Config, store: Store, lxd: Lxd, step: Step) -> StepContext:
-    return StepContext(
+def _owner(config: Config) -> str:
+    return config.instance_id or TEST_OWNER
+
+
+def _taken(config: Config, store: Store, lxd: Lxd, step: Step, state: str) -> StepContext:
+    """The context of a step whose lease this test holds, saved in `state` as the runner does."""
+    ctx = StepContext(
         step=step,
         config=config,
         store=store,
         lxd=lxd,
         log=structlog.get_logger("test").bind(step=step.id, job_id=str(step.job_id)),
         abort=threading.Event(),
-        instance_id=config.instance_id or TEST_OWNER,
+        instance_id=_owner(config),
     )
+    ctx.save(state)
+    return ctx
 
 
 def take_over_after_crash(
@@ -74,11 +79,9 @@ def take_over_after_crash(
     if not ever_finished:
         update["$unset"] = {"times.finished": ""}
     store.steps.update_one({"_id": sid}, update)
-    step = store.claim_step(config.instance_id or TEST_OWNER, TEST_LEASE_TTL, config.host_name, kinds=(kind,))
+    step = store.claim_step(_owner(config), TEST_LEASE_TTL, config.host_name, kinds=(kind,))
     assert step is not None and step.id == sid, f"could not take over step {sid}"
-    ctx = _context(config, store, lxd, step)
-    ctx.save(RUNNING)
-    return ctx
+    return _taken(config, store, lxd, step, RUNNING)
 
 
 def deploy_context(config: Config, store: Store, lxd: Lxd, job_id: ObjectId, module: str, phase: str) -> StepContext:
@@ -97,11 +100,20 @@ def deploy_context(config: Config, store: Store, lxd: Lxd, job_id: ObjectId, mod
     else:
         store.request_step(job_id, module, config.host_name, job.get("app_id"))
         wanted, state = (REQUESTED,), RUNNING
-    step = store.claim_specific(sid, config.instance_id or TEST_OWNER, TEST_LEASE_TTL, wanted)
+    step = store.claim_specific(sid, _owner(config), TEST_LEASE_TTL, wanted)
     assert step is not None, f"could not take the lease on step {sid} in {wanted}"
-    ctx = _context(config, store, lxd, step)
-    ctx.save(state)
-    return ctx
+    return _taken(config, store, lxd, step, state)
+
+
+def terminal_step(store: Store, sid: str) -> Step | None:
+    """The step's record once it is finished, else None (a condition to wait on)."""
+    step = store.get_step(sid)
+    return step if step is not None and step.terminal else None
+
+
+def state_of(store: Store, sid: str) -> str | None:
+    step = store.get_step(sid)
+    return step.state if step is not None else None
 
 
 def finish_preparation(ctx: StepContext) -> None:

@@ -34,7 +34,7 @@ def record_effect(ctx: StepContext) -> Outcome:
     return Outcome(SUCCEEDED, "trivial body ran")
 
 
-@retry_transient()  # through MongoDB outages, as every write of the daemon's own
+@retry_transient  # through MongoDB outages, as every write of the daemon's own
 def write_effect(ctx: StepContext) -> None:
     ctx.store.db["test_effects"].update_one(
         {"_id": ctx.step.id}, {"$inc": {"count": 1}, "$push": {"instances": ctx.instance_id}}, upsert=True

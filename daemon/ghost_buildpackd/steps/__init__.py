@@ -29,9 +29,10 @@ SCRIPT_DIR = "/var/lib/ghost-buildpackd"  # where scripts are put inside contain
 class StepFailed(Exception):
     """The step cannot succeed; `message` says why in words a Ghost user can act on."""
 
-    def __init__(self, message: str, exit_code: int | None = None):
+    def __init__(self, message: str, exit_code: int | None = None, output_tail: str = ""):
         self.message = message
         self.exit_code = exit_code
+        self.output_tail = output_tail  # the end of the failed command's output
         super().__init__(message)
 
 
@@ -171,7 +172,7 @@ def run_command(
     command = " ".join(argv)
     ctx.say("command_started", f"$ {command}  ({label})", command=command, label=label)
     collector = OutputCollector(
-        ctx.job_log, ctx.log, ctx.config.container.output_head, ctx.config.container.output_tail, command
+        ctx.job_log, ctx.log, ctx.config.container.output_head, ctx.config.container.output_tail
     )
     result: ExecResult = ctx.lxd.execute(
         container, argv, env, collector, ctx.config.container.exec_timeout, cwd=cwd, abort=ctx.abort
@@ -198,9 +199,7 @@ def run_command(
         if result.exit_code == 137:  # 128 + SIGKILL: in a container, nearly always the out-of-memory killer
             reason += " (killed by SIGKILL: out of memory under container.limits.memory?)"
     ctx.log.error("command_failed", reason=reason, **fields)
-    error = StepFailed(reason, result.exit_code)
-    error.output_tail = collector.tail_text()  # type: ignore[attr-defined]
-    raise error
+    raise StepFailed(reason, result.exit_code, collector.tail_text())
 
 
 def remove_container(ctx: StepContext, name: str | None) -> None:
