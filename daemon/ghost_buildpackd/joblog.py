@@ -31,7 +31,13 @@ class JobLog:
         self._lock = threading.Lock()
 
     def write(self, text: str) -> None:
-        lines = "".join(f"[{self.marker}] {line}\n" for line in text.splitlines() or [""])
+        self.write_lines([text])
+
+    def write_lines(self, texts: list[str]) -> None:
+        """Append each text as marked lines, with one open of the file for all of them."""
+        if not texts:
+            return
+        lines = "".join(f"[{self.marker}] {line}\n" for text in texts for line in text.splitlines() or [""])
         with self._lock:
             if self.problem:
                 return
@@ -69,40 +75,43 @@ class OutputCollector:
             if len(self._partial) > 64 << 10:  # a "line" without newline must not grow unbounded
                 lines.append(self._partial)
                 self._partial = b""
-            for raw in lines:
-                self._route(raw)
+            self.job_log.write_lines([line for raw in lines if (line := self._route(raw)) is not None])
 
-    def _route(self, raw: bytes) -> None:
+    def _route(self, raw: bytes) -> str | None:
+        """The line, when it belongs to the head (the caller writes it to the job log); else kept in the tail."""
         line = Secrets.redact(raw.decode("utf-8", "replace").rstrip("\r"))
         self._recent.append(line[:TAIL_FOR_RECORD])
         if self.written < self.head_bytes:
             self.written += len(raw) + 1
-            self.job_log.write(line)
             self.log.info("output", line=line)
-            return
+            return line
         self._tail.append(line)
         self._tail_size += len(line) + 1
         while self._tail_size > self._tail_limit and self._tail:
             self._tail_size -= len(self._tail.popleft()) + 1
+        return None
 
     def finish(self) -> None:
         """Flush the last partial line and the kept tail."""
         with self._lock:
+            pending: list[str] = []
             if self._partial:
-                self._route(self._partial)
+                head_line = self._route(self._partial)
+                if head_line is not None:
+                    pending.append(head_line)
                 self._partial = b""
             if self._tail:
                 omitted = self.total - self.written - self._tail_size
                 if omitted > 0:
-                    notice = f"... {omitted} bytes of output omitted (kept the first and last part) ..."
-                    self.job_log.write(notice)
+                    pending.append(f"... {omitted} bytes of output omitted (kept the first and last part) ...")
                     self.log.warning("output_truncated", omitted_bytes=omitted, total_bytes=self.total)
                 for line in self._tail:
-                    self.job_log.write(line)
                     self.log.info("output", line=line)
+                pending += self._tail
                 self.written += self._tail_size
                 self._tail.clear()
                 self._tail_size = 0
+            self.job_log.write_lines(pending)
 
     def tail_text(self, limit: int = TAIL_FOR_RECORD) -> str:
         """The last lines of output, at most `limit` characters (for the step record)."""

@@ -301,14 +301,19 @@ class Lxd:
     # --- images ---------------------------------------------------------------------
 
     @staticmethod
-    def _image_info(image: Any) -> ImageInfo:
+    def _image_info(item: Mapping[str, Any]) -> ImageInfo:
+        """An image as LXD's API describes it."""
         return ImageInfo(
-            fingerprint=image.fingerprint,
-            aliases=tuple(alias["name"] for alias in image.aliases),
-            properties=dict(image.properties or {}),
-            size=int(image.size or 0),
-            created_at=str(image.created_at or image.uploaded_at or ""),
+            fingerprint=item["fingerprint"],
+            aliases=tuple(alias["name"] for alias in item.get("aliases") or []),
+            properties=dict(item.get("properties") or {}),
+            size=int(item.get("size") or 0),
+            created_at=str(item.get("created_at") or item.get("uploaded_at") or ""),
         )
+
+    def _image(self, fingerprint: str) -> ImageInfo:
+        """One image by its full fingerprint; NotFound when there is none."""
+        return self._image_info(self.client.api.images[fingerprint].get().json()["metadata"])
 
     @retry_lxd
     def list_images(self) -> list[ImageInfo]:
@@ -318,28 +323,19 @@ class Lxd:
         meanwhile (by another step, another daemon); one call cannot.
         """
         found = self.client.api.images.get(params={"recursion": "1"}).json()["metadata"] or []
-        return [
-            ImageInfo(
-                fingerprint=item["fingerprint"],
-                aliases=tuple(alias["name"] for alias in item.get("aliases") or []),
-                properties=dict(item.get("properties") or {}),
-                size=int(item.get("size") or 0),
-                created_at=str(item.get("created_at") or item.get("uploaded_at") or ""),
-            )
-            for item in found
-        ]
+        return [self._image_info(item) for item in found]
 
     @retry_lxd
     def image_by_alias(self, alias: str) -> ImageInfo | None:
         try:
-            return self._image_info(self.client.images.get_by_alias(alias))
+            return self._image(self.client.api.images.aliases[alias].get().json()["metadata"]["target"])
         except NotFound:
             return None
 
     @retry_lxd
     def image_by_fingerprint(self, fingerprint: str) -> ImageInfo | None:
         try:
-            return self._image_info(self.client.images.get(fingerprint))
+            return self._image(fingerprint)
         except NotFound:
             return None
 
@@ -385,7 +381,7 @@ class Lxd:
         except (LXDAPIException, requests.RequestException) as error:
             log.warning("image_pull_failed", server=self.config.image_server, image=ref, error=str(error))
             return None
-        return self._image_info(image)
+        return self._image(image.fingerprint)
 
     @retry_lxd
     def delete_alias(self, alias: str) -> None:
@@ -416,7 +412,7 @@ class Lxd:
             }
         )
         operation = self._wait_operation(response.json()["operation"])
-        return self._image_info(self.client.images.get(operation.metadata["fingerprint"]))
+        return self._image(operation.metadata["fingerprint"])
 
     def _wait_operation(self, operation_url: str) -> Any:
         operation = self.client.operations.wait_for_operation(operation_url)

@@ -33,6 +33,7 @@ from .config import Config
 from .ghost import BadDocument, parse_app, parse_job, parse_object_id
 from .logs import get_logger
 from .lxd import ImageInfo, Lxd
+from .status import table
 from .store import ImageRecord, Store
 
 log = get_logger(__name__)
@@ -460,14 +461,9 @@ def format_report(report: ReconcileReport) -> str:
     """The table: app, alias, AMI, live or not, action, reason."""
     header = ("APP", "ALIAS", "AMI", "LIVE", "ACTION", "REASON")
     live = {True: "yes", False: "no", None: "?"}
-    rows = [(row.app, row.alias, row.ami or "-", live[row.live], row.action, row.reason) for row in report.rows]
-    widths = [max(len(str(line[i])) for line in [header, *rows]) for i in range(len(header) - 1)]
-    lines = []
-    if report.dry_run:
-        lines.append("dry run: nothing was changed")
-    for line in [header, *rows]:
-        padded = [str(cell).ljust(width) for cell, width in zip(line[:-1], widths, strict=True)]
-        lines.append("  ".join([*padded, str(line[-1])]))
+    rows = [(row.app, row.alias, row.ami, live[row.live], row.action, row.reason) for row in report.rows]
+    lines = ["dry run: nothing was changed"] if report.dry_run else []
+    lines.append(table(header, rows).rstrip("\n"))
     summary = ", ".join(f"{action}: {count}" for action, count in sorted(report.counts.items())) or "no records"
     lines.append(f"{'would be' if report.dry_run else 'done'}: {summary}")
     return "\n".join(lines)

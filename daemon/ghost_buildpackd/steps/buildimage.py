@@ -296,14 +296,15 @@ def recover_earlier_attempt(ctx: StepContext, plan: BuildPlan) -> Outcome | None
     resumed = ctx.step.attempts > 1
     if resumed:
         remove_leftovers(ctx)
-    kept = recorded_image(ctx, plan.alias)
-    aliased = ctx.lxd.image_by_alias(plan.alias)
+    images = ctx.lxd.list_images()  # one snapshot serves every question below
+    kept = recorded_image(ctx, plan.alias, images)
+    aliased = next((image for image in images if plan.alias in image.aliases), None)
     if aliased is not None and (kept is None or aliased.fingerprint != kept.fingerprint):
         if kept is not None:
             ctx.lxd.point_alias(plan.alias, kept.fingerprint)
         else:
             ctx.lxd.delete_alias(plan.alias)
-    for image in ctx.lxd.list_images():
+    for image in images:
         if image.properties.get(IMAGE_PROP_JOB) == plan.alias and (
             kept is None or image.fingerprint != kept.fingerprint
         ):
@@ -327,12 +328,12 @@ def remove_dead_attempt_containers(ctx: StepContext) -> None:
         ctx.log.error("leftover_container_remove_failed", error=str(error))
 
 
-def recorded_image(ctx: StepContext, alias: str) -> ImageInfo | None:
-    """The image the live `container_images` record names, if it still exists in LXD."""
+def recorded_image(ctx: StepContext, alias: str, images: list[ImageInfo]) -> ImageInfo | None:
+    """The image the live `container_images` record names, if it is among `images` (it still exists)."""
     recorded = ctx.store.get_image_record(alias)
     if recorded is None or recorded.state != "live":
         return None
-    return ctx.lxd.image_by_fingerprint(recorded.fingerprint)
+    return next((image for image in images if image.fingerprint == recorded.fingerprint), None)
 
 
 # --- helpers ---------------------------------------------------------------------------------
