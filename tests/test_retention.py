@@ -20,7 +20,7 @@ from botocore.stub import Stubber
 from bson import ObjectId
 from pymongo.database import Database
 
-from ghost_buildpackd.config import Config, config_from_mapping
+from ghost_buildpackd.config import Config, ConfigError, config_from_mapping
 from ghost_buildpackd.ghost import parse_app
 from ghost_buildpackd.lxd import ContainerSpec, Lxd
 from ghost_buildpackd.retention import (
@@ -30,7 +30,6 @@ from ghost_buildpackd.retention import (
     PRUNE,
     Ec2Inventory,
     GhostInventory,
-    InventoryUnavailable,
     Reconciler,
     Verdict,
     ami_retention,
@@ -251,10 +250,6 @@ def test_a_deploy_starting_during_the_pass_still_protects_its_image(make_config,
 
 
 def test_inventory_that_cannot_answer_deletes_nothing(make_config, store, lxd, images, two_apps, tmp_path):
-    missing_ghost_config = make_config(ghost={"config": str(tmp_path / "absent" / "config.yml")})
-    report = Reconciler(missing_ghost_config, store, lxd).run()
-    assert not report.ok and "ghost.config" in report.error and not report.rows
-
     failing_ec2 = Ec2Inventory(
         stubbed_ec2(lambda stub: stub.add_client_error("describe_images", "RequestLimitExceeded"))
     )
@@ -374,8 +369,8 @@ def test_ami_retention_comes_from_the_config_then_ghost_then_five(tmp_path: Path
     ghost_config.write_text("container: {enabled: true}\n")
     assert ami_retention(config_from_mapping({"ghost": {"config": str(ghost_config)}}, env={})) == 5
     ghost_config.write_text("ami_retention: none\n")
-    with pytest.raises(InventoryUnavailable, match="ami_retention: expected a whole number"):
-        ami_retention(config_from_mapping({"ghost": {"config": str(ghost_config)}}, env={}))
+    with pytest.raises(ConfigError, match="ami_retention: expected a whole number"):
+        config_from_mapping({"ghost": {"config": str(ghost_config)}}, env={})
 
 
 # --- EC2 inventory, against recorded responses ---------------------------------------------

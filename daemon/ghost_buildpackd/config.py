@@ -20,6 +20,8 @@ from typing import Any
 
 import yaml
 
+from .ghost_config import DEFAULT_GHOST_CONFIG, GhostConfigError, GhostSettings, read_ghost_settings
+
 DEFAULT_PATH = Path("/etc/ghost-buildpackd/config.yml")
 ENV_CONFIG = "GHOST_BUILDPACKD_CONFIG"
 ENV_MONGODB_URI = "GHOST_BUILDPACKD_MONGODB_URI"
@@ -283,6 +285,8 @@ class Config:
     sweep_interval: float = field(300.0, parse_duration)
     instance_id: str | None = field(None, optional(parse_str))
     host: str | None = field(None, optional(parse_str))
+    # Not a key of the daemon's file: what Ghost's own config.yml says (see resolve_ghost_settings).
+    ghost_settings: GhostSettings = dataclasses.field(default_factory=GhostSettings, metadata={"derived": True})
 
     @property
     def host_name(self) -> str:
@@ -306,7 +310,7 @@ def _build(cls: type, raw: Any, path: str, problems: list[str]) -> Any:
     if not isinstance(raw, Mapping):
         problems.append(f"{path or '(top level)'}: expected a mapping of keys, got {raw!r}")
         raw = {}
-    fields = {f.name: f for f in dataclasses.fields(cls)}
+    fields = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("derived")}
     for key in raw:
         if key not in fields:
             where = f"{path}.{key}" if path else str(key)
@@ -335,7 +339,10 @@ def _cross_checks(config: Config, problems: list[str]) -> None:
 
 
 def config_from_mapping(raw: Any, env: Mapping[str, str] | None = None) -> Config:
-    """Validate raw data (as loaded from YAML) into a Config, or raise ConfigError with every problem."""
+    """Validate raw data (as loaded from YAML) into a Config, or raise ConfigError with every problem.
+
+    Ghost's config.yml (`ghost.config`) is read here too, so every command sees the same values.
+    """
     problems: list[str] = []
     config = _build(Config, raw, "", problems)
     env = os.environ if env is None else env
@@ -344,7 +351,44 @@ def config_from_mapping(raw: Any, env: Mapping[str, str] | None = None) -> Confi
     _cross_checks(config, problems)
     if problems:
         raise ConfigError(problems)
-    return config
+    try:
+        ghost = _read_ghost_settings(config.ghost.config)
+    except GhostConfigError as error:
+        raise ConfigError(error.problems) from error
+    return resolve_ghost_settings(config, ghost, raw if isinstance(raw, Mapping) else {})
+
+
+def _read_ghost_settings(path: Path | None) -> GhostSettings:
+    """An explicit `ghost.config` must be readable; Ghost's default path is read when it exists."""
+    if path is not None:
+        return read_ghost_settings(path)
+    if DEFAULT_GHOST_CONFIG.is_file():
+        return read_ghost_settings(DEFAULT_GHOST_CONFIG)
+    return GhostSettings()
+
+
+def resolve_ghost_settings(config: Config, ghost: GhostSettings, raw: Mapping[str, Any]) -> Config:
+    """Fill the daemon's keys that Ghost's config.yml also sets: a key in the daemon's file wins,
+    else Ghost's value, else the default. The one place that says which value wins:
+
+    | daemon key              | Ghost's config.yml key | when neither is set |
+    | container.debug         | container.debug        | false               |
+    | lxd.image_server        | container.endpoint     | local images only   |
+    | retention.ami_retention | ami_retention          | 5                   |
+    """
+    container, lxd, retention = config.container, config.lxd, config.retention
+    if not _given(raw, "container", "debug"):
+        container = dataclasses.replace(container, debug=ghost.container_debug)
+    if not _given(raw, "lxd", "image_server"):
+        lxd = dataclasses.replace(lxd, image_server=ghost.remote_endpoint)
+    if retention.ami_retention is None:
+        retention = dataclasses.replace(retention, ami_retention=ghost.ami_retention)
+    return dataclasses.replace(config, container=container, lxd=lxd, retention=retention, ghost_settings=ghost)
+
+
+def _given(raw: Mapping[str, Any], section: str, key: str) -> bool:
+    inner = raw.get(section)
+    return isinstance(inner, Mapping) and key in inner
 
 
 def config_path(cli_path: str | None, env: Mapping[str, str] | None = None) -> Path:

@@ -23,10 +23,8 @@ import threading
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any, Protocol, TextIO
 
-import yaml
 from bson import ObjectId
 
 from .config import Config
@@ -38,7 +36,6 @@ from .store import ImageRecord, Store
 
 log = get_logger(__name__)
 
-DEFAULT_AMI_RETENTION = 5  # Ghost's default `ami_retention`
 EC2_BATCH = 100  # AMI ids per DescribeImages call
 JOB_ALIAS = re.compile(r"[0-9a-f]{24}")  # the aliases of images the daemon published are job ids
 
@@ -72,28 +69,9 @@ class Inventory(Protocol):
 
 
 def ami_retention(config: Config) -> int:
-    """`retention.ami_retention`, else Ghost's config.yml `ami_retention` (when configured), else 5."""
-    if config.retention.ami_retention is not None:
-        return config.retention.ami_retention
-    path = config.ghost.config
-    if path is None:
-        return DEFAULT_AMI_RETENTION
-    return _ghost_config_retention(path)
-
-
-def _ghost_config_retention(path: Path) -> int:
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except OSError as error:
-        raise InventoryUnavailable(f"ghost.config: cannot read {path} ({error.strerror})") from error
-    except yaml.YAMLError as error:
-        raise InventoryUnavailable(f"ghost.config: {path} is not valid YAML ({error})") from error
-    value = raw.get("ami_retention") if isinstance(raw, Mapping) else None
-    if value is None:
-        return DEFAULT_AMI_RETENTION
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise InventoryUnavailable(f"{path}: ami_retention: expected a whole number of at least 1, got {value!r}")
-    return value
+    """Newest AMIs kept per app identity: resolved at load (the daemon's key, else Ghost's config.yml, else 5)."""
+    assert config.retention.ami_retention is not None, "resolved by config_from_mapping"
+    return config.retention.ami_retention
 
 
 # --- inventories ---------------------------------------------------------------------
