@@ -63,7 +63,10 @@ def test_three_mistakes_give_three_precise_errors():
         ({"workers": "4"}, "workers: expected a whole number from 1 to 256, got '4'"),
         ({"ghost": {"root": "ghost"}}, "ghost.root: expected an absolute path, got 'ghost'"),
         ({"container": {"debug": "yes"}}, "container.debug: expected true or false, got 'yes'"),
-        ({"lxd": {"endpoint": "http://x"}}, "lxd.endpoint: expected 'local' or an https:// URL, got 'http://x'"),
+        (
+            {"lxd": {"endpoint": "http://x"}},
+            "lxd.endpoint: expected 'local', unix:/path/to/unix.socket or an https:// URL, got 'http://x'",
+        ),
         ({"container": {"profiles": "net"}}, "container.profiles: expected a list of strings, got 'net'"),
         ({"container": {"limits": {"cpu": "many"}}}, "container.limits.cpu: expected a CPU count like 2"),
         ({"mongodb": ["uri"]}, "mongodb: expected a mapping of keys, got ['uri']"),

@@ -292,7 +292,7 @@ def compressor_check(config: Config) -> CheckResult:
     if compression == "none":
         return ok("publish compression", "none: images are published uncompressed")
     binary = PUBLISH_COMPRESSORS[compression]
-    if config.lxd.endpoint != "local":
+    if not config.lxd.on_this_host:
         return ok("publish compression", f"{compression}: LXD at {config.lxd.endpoint} runs {binary} (not checked)")
     found = shutil.which(binary)
     if not found:

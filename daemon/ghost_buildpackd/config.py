@@ -141,10 +141,18 @@ def parse_cpu(value: Any) -> str:
     return text
 
 
+UNIX_ENDPOINT = "unix:"
+
+
 def parse_endpoint(value: Any) -> str:
+    """`local`, `unix:/path/to/unix.socket` (the snap's socket, say) or an https:// URL."""
     text = parse_str(value)
+    if text.startswith(UNIX_ENDPOINT):
+        if not text[len(UNIX_ENDPOINT) :].startswith("/"):
+            raise _Invalid(f"expected unix: followed by an absolute socket path, got {value!r}")
+        return text
     if text != "local" and not text.startswith("https://"):
-        raise _Invalid(f"expected 'local' or an https:// URL, got {value!r}")
+        raise _Invalid(f"expected 'local', unix:/path/to/unix.socket or an https:// URL, got {value!r}")
     return text
 
 
@@ -189,6 +197,16 @@ class LxdConfig:
     verify: bool = field(True, parse_bool)
     image_server: str | None = field(None, optional(parse_str))
     timeout: float = field(120.0, parse_duration)
+
+    @property
+    def socket_path(self) -> str | None:
+        """The unix socket of a `unix:` endpoint (None for `local`, which lets pylxd find the socket)."""
+        return self.endpoint[len(UNIX_ENDPOINT) :] if self.endpoint.startswith(UNIX_ENDPOINT) else None
+
+    @property
+    def on_this_host(self) -> bool:
+        """LXD runs on this host (reached through a unix socket), not behind https."""
+        return not self.endpoint.startswith("https://")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -326,7 +344,7 @@ def _build(cls: type, raw: Any, path: str, problems: list[str]) -> Any:
 
 
 def _cross_checks(config: Config, problems: list[str]) -> None:
-    if config.lxd.endpoint != "local" and (config.lxd.cert is None) != (config.lxd.key is None):
+    if not config.lxd.on_this_host and (config.lxd.cert is None) != (config.lxd.key is None):
         problems.append("lxd.cert: lxd.cert and lxd.key go together (client certificate and its key)")
     if config.lease_ttl < 3:
         problems.append(f"lease_ttl: expected at least 3s, got {config.lease_ttl:g}s")
