@@ -84,7 +84,8 @@ def mongo_checks(config: Config, report: Callable[[CheckResult], None]) -> Store
             fail(
                 "mongodb",
                 f"cannot reach or authenticate to {where} within {config.mongodb.timeout:g}s: {short_error(error)}",
-                "check mongodb.uri (or GHOST_BUILDPACKD_MONGODB_URI), that MongoDB listens there, and the credentials",
+                "check mongodb.uri or mongodb.uri_file (or GHOST_BUILDPACKD_MONGODB_URI), that MongoDB listens there, "
+                "and the credentials",
             )
         )
         for name in ("mongodb events", "ghost collections"):

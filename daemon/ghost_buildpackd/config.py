@@ -185,6 +185,8 @@ def field(default: Any, parse: Callable[[Any], Any]) -> Any:
 @dataclasses.dataclass(frozen=True)
 class MongoConfig:
     uri: str = field("mongodb://127.0.0.1:27017/", parse_str)
+    # A file holding the URI (with its credentials), read by every command: see `_uri_from_file`.
+    uri_file: Path | None = field(None, optional(parse_absolute_path))
     database: str = field("ghost", parse_str)
     timeout: float = field(10.0, parse_duration)
 
@@ -352,13 +354,47 @@ def _cross_checks(config: Config, problems: list[str]) -> None:
         problems.append("container.exec_timeout: expected a duration above zero")
 
 
+def _uri_from_file(path: Path, problems: list[str]) -> str | None:
+    """The MongoDB URI held in `path` (first non-empty line), or None with the problem recorded.
+
+    The file holds credentials: it must not be readable by every user (0600 or 0640 root:ghost).
+    """
+    where = "mongodb.uri_file"
+    try:
+        mode = path.stat().st_mode
+        text = path.read_text(encoding="utf-8")
+    except OSError as error:
+        problems.append(f"{where}: cannot read {path} ({error.strerror})")
+        return None
+    if mode & 0o004:
+        problems.append(f"{where}: {path} is readable by every user (mode {mode & 0o777:04o}): chmod 0640 or 0600")
+        return None
+    uri = next((line.strip() for line in text.splitlines() if line.strip()), "")
+    if not uri.startswith(("mongodb://", "mongodb+srv://")):
+        problems.append(f"{where}: {path} must hold a mongodb:// or mongodb+srv:// URI on its first line")
+        return None
+    return uri
+
+
+def _mongodb_uri(config: Config, raw: Any, env: Mapping[str, str], problems: list[str]) -> Config:
+    """GHOST_BUILDPACKD_MONGODB_URI, else mongodb.uri_file, else mongodb.uri."""
+    mongodb = config.mongodb
+    if env.get(ENV_MONGODB_URI):
+        return dataclasses.replace(config, mongodb=dataclasses.replace(mongodb, uri=env[ENV_MONGODB_URI]))
+    if mongodb.uri_file is None:
+        return config
+    if isinstance(raw, Mapping) and isinstance(raw.get("mongodb"), Mapping) and "uri" in raw["mongodb"]:
+        problems.append("mongodb.uri_file: set mongodb.uri or mongodb.uri_file, not both")
+        return config
+    uri = _uri_from_file(mongodb.uri_file, problems)
+    return config if uri is None else dataclasses.replace(config, mongodb=dataclasses.replace(mongodb, uri=uri))
+
+
 def config_from_mapping(raw: Any, env: Mapping[str, str] | None = None) -> Config:
     """Validate raw data (as loaded from YAML) into a Config, or raise ConfigError with every problem."""
     problems: list[str] = []
     config = _build(Config, raw, "", problems)
-    env = os.environ if env is None else env
-    if env.get(ENV_MONGODB_URI):
-        config = dataclasses.replace(config, mongodb=dataclasses.replace(config.mongodb, uri=env[ENV_MONGODB_URI]))
+    config = _mongodb_uri(config, raw, os.environ if env is None else env, problems)
     _cross_checks(config, problems)
     if problems:
         raise ConfigError(problems)
