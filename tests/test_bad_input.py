@@ -385,7 +385,10 @@ CONFIG_CASES: dict[str, tuple[Any, str]] = {
         "container.provisioner_commands.salt: expected a list of strings",
     ),
     "compression unknown": ({"container": {"publish_compression": "rar"}}, "container.publish_compression: expected"),
-    "lxd endpoint http": ({"lxd": {"endpoint": "http://lxd:8443"}}, "lxd.endpoint: expected 'local' or an https://"),
+    "lxd endpoint http": (
+        {"lxd": {"endpoint": "http://lxd:8443"}},
+        "lxd.endpoint: expected 'local', unix:/path/to/unix.socket or an https://",
+    ),
     "cert without key": (
         {"lxd": {"endpoint": "https://lxd:8443", "cert": "/etc/c.pem"}},
         "lxd.cert: lxd.cert and lxd.key go together",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -63,7 +64,10 @@ def test_three_mistakes_give_three_precise_errors():
         ({"workers": "4"}, "workers: expected a whole number from 1 to 256, got '4'"),
         ({"ghost": {"root": "ghost"}}, "ghost.root: expected an absolute path, got 'ghost'"),
         ({"container": {"debug": "yes"}}, "container.debug: expected true or false, got 'yes'"),
-        ({"lxd": {"endpoint": "http://x"}}, "lxd.endpoint: expected 'local' or an https:// URL, got 'http://x'"),
+        (
+            {"lxd": {"endpoint": "http://x"}},
+            "lxd.endpoint: expected 'local', unix:/path/to/unix.socket or an https:// URL, got 'http://x'",
+        ),
         ({"container": {"profiles": "net"}}, "container.profiles: expected a list of strings, got 'net'"),
         ({"container": {"limits": {"cpu": "many"}}}, "container.limits.cpu: expected a CPU count like 2"),
         ({"mongodb": ["uri"]}, "mongodb: expected a mapping of keys, got ['uri']"),
@@ -93,6 +97,7 @@ def test_example_config_is_valid_and_documents_every_key():
     text = EXAMPLE.read_text()
     for key in (
         "uri",
+        "uri_file",
         "database",
         "endpoint",
         "cert",
@@ -145,3 +150,88 @@ def test_version_and_help(capsys):
     with pytest.raises(SystemExit):
         main(["--help"])
     assert "reconcile" in capsys.readouterr().out
+
+
+def uri_file(tmp_path: Path, text: str, mode: int = 0o600) -> Path:
+    path = tmp_path / "mongodb-uri"
+    path.write_text(text)
+    path.chmod(mode)
+    return path
+
+
+def test_uri_file_holds_the_credentials(tmp_path):
+    path = uri_file(tmp_path, "\nmongodb://ghost:s3cret@db:27017/ghost?authSource=admin\n", mode=0o640)
+    config = config_from_mapping({"mongodb": {"uri_file": str(path)}}, env={})
+    assert config.mongodb.uri == "mongodb://ghost:s3cret@db:27017/ghost?authSource=admin"
+    # The environment still wins, as for mongodb.uri (a one-off command against another server).
+    env = {"GHOST_BUILDPACKD_MONGODB_URI": "mongodb://env/"}
+    assert config_from_mapping({"mongodb": {"uri_file": str(path)}}, env=env).mongodb.uri == "mongodb://env/"
+
+
+@pytest.mark.parametrize(
+    ("text", "mode", "extra", "message"),
+    [
+        ("mongodb://u:p@h/", 0o644, {}, "is readable by every user (mode 0644): chmod 0640 or 0600"),
+        ("u:p@h", 0o600, {}, "must hold a mongodb:// or mongodb+srv:// URI on its first line"),
+        ("", 0o600, {}, "must hold a mongodb:// or mongodb+srv:// URI on its first line"),
+        ("mongodb://u:p@h/", 0o600, {"uri": "mongodb://x/"}, "set mongodb.uri or mongodb.uri_file, not both"),
+    ],
+)
+def test_bad_uri_file_is_named_without_its_content(tmp_path, text, mode, extra, message):
+    path = uri_file(tmp_path, text, mode)
+    with pytest.raises(ConfigError) as caught:
+        config_from_mapping({"mongodb": {"uri_file": str(path), **extra}}, env={})
+    [problem] = caught.value.problems
+    assert problem.startswith("mongodb.uri_file: ") and problem.endswith(message)
+    assert "u:p" not in problem  # the file's content, credentials maybe, is never echoed
+
+
+def test_missing_uri_file_is_named(tmp_path):
+    with pytest.raises(ConfigError) as caught:
+        config_from_mapping({"mongodb": {"uri_file": str(tmp_path / "none")}}, env={})
+    assert caught.value.problems == [f"mongodb.uri_file: cannot read {tmp_path / 'none'} (No such file or directory)"]
+
+
+@pytest.mark.mongodb
+def test_every_subcommand_sees_the_uri_file(tmp_path, mongo, db, capsys):
+    """The daemon and the commands an operator or Ghost runs read one source: no environment needed."""
+    path = uri_file(tmp_path, mongo.uri + "\n")
+    config = tmp_path / "config.yml"
+    config.write_text(f"mongodb:\n  uri_file: {path}\n  database: {db.name}\n  timeout: 5s\n")
+    assert main(["--config", str(config), "status", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["database"] == db.name
+    assert main(["--config", str(config), "reconcile", "--dry-run"]) == 0
+    assert "dry run: nothing was changed" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "socket_path", "on_this_host"),
+    [
+        ("local", None, True),
+        ("unix:/var/snap/lxd/common/lxd/unix.socket", "/var/snap/lxd/common/lxd/unix.socket", True),
+        ("https://lxd:8443", None, False),
+    ],
+)
+def test_lxd_endpoints(endpoint, socket_path, on_this_host):
+    lxd = config_from_mapping({"lxd": {"endpoint": endpoint}}, env={}).lxd
+    assert (lxd.socket_path, lxd.on_this_host) == (socket_path, on_this_host)
+
+
+def test_unix_endpoint_needs_an_absolute_path():
+    with pytest.raises(ConfigError) as caught:
+        config_from_mapping({"lxd": {"endpoint": "unix:lxd.socket"}}, env={})
+    assert caught.value.problems == [
+        "lxd.endpoint: expected unix: followed by an absolute socket path, got 'unix:lxd.socket'"
+    ]
+
+
+@pytest.mark.lxd
+def test_unix_endpoint_reaches_lxd():
+    from ghost_buildpackd.lxd import Lxd
+
+    socket_path = "/var/lib/lxd/unix.socket"  # Debian's package; the snap's is /var/snap/lxd/common/lxd/unix.socket
+    if not Path(socket_path).is_socket():
+        pytest.skip(f"no LXD socket at {socket_path}")
+    lxd = Lxd(config_from_mapping({"lxd": {"endpoint": f"unix:{socket_path}", "timeout": "10s"}}, env={}).lxd)
+    assert lxd.server_info()["version"]
+    assert lxd.answering_pid() is not None

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import platform
 import sys
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
+from ghost_buildpackd import __version__
 from ghost_buildpackd.config import MetricsConfig
 from ghost_buildpackd.metrics import Metrics, start_metrics
 from tests.support.mongo import free_port
@@ -22,10 +25,20 @@ class RecordingLog:
         return lambda event, **fields: self.events.append((level, event, fields))
 
 
-def scrape(metrics: Metrics) -> str:
+def get(metrics: Metrics, path: str) -> tuple[int, bytes]:
+    """Status code and body of a GET on the metrics listener (error statuses included)."""
     host, port = metrics.address  # type: ignore[misc]
-    with urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=5) as response:
-        return response.read().decode()
+    try:
+        with urllib.request.urlopen(f"http://{host}:{port}{path}", timeout=5) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read()
+
+
+def scrape(metrics: Metrics) -> str:
+    code, body = get(metrics, "/metrics")
+    assert code == 200
+    return body.decode()
 
 
 @pytest.fixture
@@ -79,10 +92,15 @@ def test_off_with_the_reason_when_prometheus_client_is_missing(monkeypatch: pyte
     monkeypatch.setitem(sys.modules, "prometheus_client", None)  # makes the import fail
     log = RecordingLog()
     metrics = start_metrics(MetricsConfig(listen=("127.0.0.1", free_port())), log)
-    assert not metrics.enabled
-    [(level, event, fields)] = log.events
-    assert (level, event) == ("warning", "metrics_disabled")
-    assert "prometheus-client is not installed" in fields["reason"]
+    try:
+        assert not metrics.enabled
+        [(level, event, fields), (_, serving, _)] = log.events
+        assert (level, event, serving) == ("warning", "metrics_disabled", "metrics_serving")
+        assert "prometheus-client is not installed" in fields["reason"]
+        assert get(metrics, "/healthz") == (200, b'{"status": "ok"}\n')  # health is served all the same
+        assert get(metrics, "/metrics")[0] == 404
+    finally:
+        metrics.close()
 
 
 def test_off_with_the_reason_when_the_port_is_taken(served: Metrics) -> None:
@@ -92,3 +110,19 @@ def test_off_with_the_reason_when_the_port_is_taken(served: Metrics) -> None:
     [(level, event, fields)] = log.events
     assert (level, event) == ("error", "metrics_disabled")
     assert f"cannot listen on 127.0.0.1:{served.address[1]}" in fields["reason"]  # type: ignore[index]
+
+
+def test_process_metrics_build_info_and_up_gauges(served: Metrics) -> None:
+    served.set_up("mongodb", True)
+    served.set_up("lxd", False)
+    text = scrape(served)
+    assert 'ghost_buildpackd_up{system="mongodb"} 1.0' in text
+    assert 'ghost_buildpackd_up{system="lxd"} 0.0' in text
+    assert f'ghost_buildpackd_build_info{{python="{platform.python_version()}",version="{__version__}"}} 1.0' in text
+    assert "process_resident_memory_bytes" in text and "process_open_fds" in text
+
+
+def test_unknown_paths_are_404(served: Metrics) -> None:
+    for path in ("/", "/metricsx", "/health", "/favicon.ico"):
+        assert get(served, path)[0] == 404, path
+    assert get(served, "/readyz") == (200, b'{"status": "ok"}\n')

@@ -11,7 +11,7 @@ from datetime import timedelta
 import pytest
 
 from ghost_buildpackd.config import Config
-from ghost_buildpackd.status import show_status
+from ghost_buildpackd.status import Thresholds, check_status, show_status
 from ghost_buildpackd.store import (
     BUILDIMAGE,
     DEPLOY,
@@ -162,3 +162,47 @@ def test_unreachable_mongodb_exits_1_with_the_reason(make_config: Callable[..., 
 def test_redacted_uri_keeps_everything_but_the_password() -> None:
     assert redacted_uri("mongodb://u:p%40ss@h:1/db?x=1") == "mongodb://u:***@h:1/db?x=1"
     assert redacted_uri("mongodb://h:1/") == "mongodb://h:1/"
+
+
+def run_check(config: Config, **thresholds: float) -> tuple[int, str]:
+    out = io.StringIO()
+    code = check_status(config, out, as_json=False, thresholds=Thresholds(**thresholds))
+    return code, out.getvalue()
+
+
+def test_check_passes_within_the_thresholds(store: Store, make_config: Callable[..., Config]) -> None:
+    seed(store)
+    code, text = run_check(make_config(host="ghost-1"), max_lag=60, max_failures=1)
+    assert code == 0, text
+    assert text.startswith("ghost-buildpackd status --check: OK (1 live instance(s) on host ghost-1, lag 1")
+
+
+def test_check_names_every_problem(store: Store, make_config: Callable[..., Config]) -> None:
+    ids = seed(store)
+    code, text = run_check(make_config(host="ghost-2"), max_lag=5)
+    assert code == 1
+    lines = text.splitlines()
+    assert lines[0] == "ghost-buildpackd status --check: FAILED"
+    assert lines[1] == "  no live instance on host ghost-2 (live on: ghost-1)"
+    assert lines[2].startswith("  event lag 1") and lines[2].endswith("s is over --max-lag 5s")
+    assert lines[3] == f"  1 failed step(s) in the last 1h00m (over --max-failures 0): {ids['failed']}: failed here"
+
+
+def test_check_counts_only_failures_within_the_window(store: Store, make_config: Callable[..., Config]) -> None:
+    ids = seed(store)
+    failed = store.steps.find_one({"_id": ids["failed"]})
+    failed["updated_at"] = utcnow() - timedelta(hours=2)
+    store.steps.replace_one({"_id": ids["failed"]}, failed)  # the stand-in stores a $set datetime as a string
+    code, text = run_check(make_config(host="ghost-1"), max_lag=60, window=3600)
+    assert code == 0, text
+    out = io.StringIO()
+    assert check_status(make_config(host="ghost-1"), out, True, Thresholds(max_lag=60, window=3 * 3600)) == 1
+    verdict = json.loads(out.getvalue())
+    assert verdict["failed_steps"] == [ids["failed"]] and not verdict["ok"]
+
+
+def test_check_fails_when_mongodb_cannot_be_reached(make_config: Callable[..., Config]) -> None:
+    config = make_config(mongodb={"uri": f"mongodb://127.0.0.1:{free_port()}/", "timeout": "1s"})
+    code, text = run_check(config)
+    assert code == 1
+    assert text.startswith("ghost-buildpackd status: cannot reach MongoDB at")

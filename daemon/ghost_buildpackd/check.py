@@ -84,7 +84,8 @@ def mongo_checks(config: Config, report: Callable[[CheckResult], None]) -> Store
             fail(
                 "mongodb",
                 f"cannot reach or authenticate to {where} within {config.mongodb.timeout:g}s: {short_error(error)}",
-                "check mongodb.uri (or GHOST_BUILDPACKD_MONGODB_URI), that MongoDB listens there, and the credentials",
+                "check mongodb.uri or mongodb.uri_file (or GHOST_BUILDPACKD_MONGODB_URI), that MongoDB listens there, "
+                "and the credentials",
             )
         )
         for name in ("mongodb events", "ghost collections"):
@@ -292,7 +293,7 @@ def compressor_check(config: Config) -> CheckResult:
     if compression == "none":
         return ok("publish compression", "none: images are published uncompressed")
     binary = PUBLISH_COMPRESSORS[compression]
-    if config.lxd.endpoint != "local":
+    if not config.lxd.on_this_host:
         return ok("publish compression", f"{compression}: LXD at {config.lxd.endpoint} runs {binary} (not checked)")
     found = shutil.which(binary)
     if not found:

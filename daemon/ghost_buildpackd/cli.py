@@ -7,7 +7,7 @@ import sys
 from collections.abc import Sequence
 
 from . import __version__
-from .config import Config, ConfigError, config_path, load_config
+from .config import Config, ConfigError, config_path, load_config, parse_duration
 from .logs import configure_logging
 
 EXIT_CONFIG = 2
@@ -35,6 +35,15 @@ def build_parser() -> argparse.ArgumentParser:
     status = command("status", "daemon instances, event lag, steps in flight and finished, images")
     status.add_argument("--json", action="store_true", help="machine-readable output")
     status.add_argument("--last", type=int, default=10, metavar="N", help="finished steps to show (default 10)")
+    status.add_argument(
+        "--check",
+        action="store_true",
+        help="exit 1, naming each problem, when no instance is alive on this host, the event lag is over "
+        "--max-lag, or more than --max-failures steps failed within --window",
+    )
+    status.add_argument("--max-lag", type=_duration, default="5m", metavar="DURATION", help="default 5m")
+    status.add_argument("--max-failures", type=int, default=0, metavar="N", help="default 0")
+    status.add_argument("--window", type=_duration, default="1h", metavar="DURATION", help="default 1h")
     reconcile = command("reconcile", "delete container images whose AMIs were pruned")
     reconcile.add_argument("--dry-run", action="store_true", help="print what would change, change nothing")
     reconcile.add_argument("--app", metavar="APP_ID", help="only this app")
@@ -42,6 +51,13 @@ def build_parser() -> argparse.ArgumentParser:
     replay.add_argument("job_id", metavar="JOB_ID")
     command("demo", "the whole flow on an embedded default: build an image, run a buildpack")
     return parser
+
+
+def _duration(text: str) -> float:
+    try:
+        return parse_duration(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from error
 
 
 def _load(args: argparse.Namespace) -> Config:
@@ -72,9 +88,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return run_checks(config, sys.stdout)
     if args.command == "status":
-        from .status import show_status
+        from .status import Thresholds, check_status, show_status
 
-        return show_status(config, sys.stdout, as_json=args.json, last=args.last)
+        if args.check:
+            thresholds = Thresholds(max_lag=args.max_lag, max_failures=args.max_failures, window=args.window)
+            return check_status(config, sys.stdout, as_json=args.json, thresholds=thresholds)
+        return show_status(config, sys.stdout, as_json=args.json, last=max(0, args.last))
     if args.command == "reconcile":
         from .retention import reconcile_command
 

@@ -143,10 +143,18 @@ def parse_cpu(value: Any) -> str:
     return text
 
 
+UNIX_ENDPOINT = "unix:"
+
+
 def parse_endpoint(value: Any) -> str:
+    """`local`, `unix:/path/to/unix.socket` (the snap's socket, say) or an https:// URL."""
     text = parse_str(value)
+    if text.startswith(UNIX_ENDPOINT):
+        if not text[len(UNIX_ENDPOINT) :].startswith("/"):
+            raise _Invalid(f"expected unix: followed by an absolute socket path, got {value!r}")
+        return text
     if text != "local" and not text.startswith("https://"):
-        raise _Invalid(f"expected 'local' or an https:// URL, got {value!r}")
+        raise _Invalid(f"expected 'local', unix:/path/to/unix.socket or an https:// URL, got {value!r}")
     return text
 
 
@@ -179,6 +187,8 @@ def field(default: Any, parse: Callable[[Any], Any]) -> Any:
 @dataclasses.dataclass(frozen=True)
 class MongoConfig:
     uri: str = field("mongodb://127.0.0.1:27017/", parse_str)
+    # A file holding the URI (with its credentials), read by every command: see `_uri_from_file`.
+    uri_file: Path | None = field(None, optional(parse_absolute_path))
     database: str = field("ghost", parse_str)
     timeout: float = field(10.0, parse_duration)
 
@@ -191,6 +201,16 @@ class LxdConfig:
     verify: bool = field(True, parse_bool)
     image_server: str | None = field(None, optional(parse_str))
     timeout: float = field(120.0, parse_duration)
+
+    @property
+    def socket_path(self) -> str | None:
+        """The unix socket of a `unix:` endpoint (None for `local`, which lets pylxd find the socket)."""
+        return self.endpoint[len(UNIX_ENDPOINT) :] if self.endpoint.startswith(UNIX_ENDPOINT) else None
+
+    @property
+    def on_this_host(self) -> bool:
+        """LXD runs on this host (reached through a unix socket), not behind https."""
+        return not self.endpoint.startswith("https://")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -330,12 +350,48 @@ def _build(cls: type, raw: Any, path: str, problems: list[str]) -> Any:
 
 
 def _cross_checks(config: Config, problems: list[str]) -> None:
-    if config.lxd.endpoint != "local" and (config.lxd.cert is None) != (config.lxd.key is None):
+    if not config.lxd.on_this_host and (config.lxd.cert is None) != (config.lxd.key is None):
         problems.append("lxd.cert: lxd.cert and lxd.key go together (client certificate and its key)")
     if config.lease_ttl < 3:
         problems.append(f"lease_ttl: expected at least 3s, got {config.lease_ttl:g}s")
     if config.container.exec_timeout <= 0:
         problems.append("container.exec_timeout: expected a duration above zero")
+
+
+def _uri_from_file(path: Path, problems: list[str]) -> str | None:
+    """The MongoDB URI held in `path` (first non-empty line), or None with the problem recorded.
+
+    The file holds credentials: it must not be readable by every user (0600 or 0640 root:ghost).
+    """
+    where = "mongodb.uri_file"
+    try:
+        mode = path.stat().st_mode
+        text = path.read_text(encoding="utf-8")
+    except OSError as error:
+        problems.append(f"{where}: cannot read {path} ({error.strerror})")
+        return None
+    if mode & 0o004:
+        problems.append(f"{where}: {path} is readable by every user (mode {mode & 0o777:04o}): chmod 0640 or 0600")
+        return None
+    uri = next((line.strip() for line in text.splitlines() if line.strip()), "")
+    if not uri.startswith(("mongodb://", "mongodb+srv://")):
+        problems.append(f"{where}: {path} must hold a mongodb:// or mongodb+srv:// URI on its first line")
+        return None
+    return uri
+
+
+def _mongodb_uri(config: Config, raw: Any, env: Mapping[str, str], problems: list[str]) -> Config:
+    """GHOST_BUILDPACKD_MONGODB_URI, else mongodb.uri_file, else mongodb.uri."""
+    mongodb = config.mongodb
+    if env.get(ENV_MONGODB_URI):
+        return dataclasses.replace(config, mongodb=dataclasses.replace(mongodb, uri=env[ENV_MONGODB_URI]))
+    if mongodb.uri_file is None:
+        return config
+    if isinstance(raw, Mapping) and isinstance(raw.get("mongodb"), Mapping) and "uri" in raw["mongodb"]:
+        problems.append("mongodb.uri_file: set mongodb.uri or mongodb.uri_file, not both")
+        return config
+    uri = _uri_from_file(mongodb.uri_file, problems)
+    return config if uri is None else dataclasses.replace(config, mongodb=dataclasses.replace(mongodb, uri=uri))
 
 
 def config_from_mapping(raw: Any, env: Mapping[str, str] | None = None) -> Config:
@@ -345,9 +401,7 @@ def config_from_mapping(raw: Any, env: Mapping[str, str] | None = None) -> Confi
     """
     problems: list[str] = []
     config = _build(Config, raw, "", problems)
-    env = os.environ if env is None else env
-    if env.get(ENV_MONGODB_URI):
-        config = dataclasses.replace(config, mongodb=dataclasses.replace(config.mongodb, uri=env[ENV_MONGODB_URI]))
+    config = _mongodb_uri(config, raw, os.environ if env is None else env, problems)
     _cross_checks(config, problems)
     if problems:
         raise ConfigError(problems)

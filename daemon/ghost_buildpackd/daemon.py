@@ -102,7 +102,8 @@ class Daemon:
         self.store = store
         self.lxd = lxd
         self.stop = threading.Event()
-        self.metrics = start_metrics(config.metrics, log)
+        self.phase = "starting"  # then "running", then "stopping": what /readyz says before and after
+        self.metrics = start_metrics(config.metrics, log, health=self)
         self.reconciler = Reconciler(config, store, lxd, self.metrics)
         self.upkeep = Upkeep(config, store, lxd, self.reconciler, self.stop)
         self.runner = Runner(config, store, lxd, bodies, self.metrics, on_image_built=self.upkeep.image_built)
@@ -124,6 +125,7 @@ class Daemon:
         self._request_watcher.start()
         self.upkeep.thread.start()
         self.heartbeat()
+        self.phase = "running"
         self.notifier.ready()
         self.notifier.status(f"events: {self.mode}; workers: {self.config.workers}")
         log.info(
@@ -142,23 +144,51 @@ class Daemon:
         watchdog = self.notifier.watchdog_interval()
         tick = min(HEARTBEAT_EVERY, watchdog) if watchdog else HEARTBEAT_EVERY
         while not self.stop.wait(tick):
-            if self._loops_alive():
+            stalled = self.stalled_loops()
+            if stalled:
+                log.error("loop_stalled_watchdog_not_fed", loops=stalled)
+            else:
                 self.notifier.watchdog()
             try:
                 self.heartbeat()
+                self.metrics.set_up("mongodb", True)
             except PyMongoError as error:
+                self.metrics.set_up("mongodb", False)
                 log.warning("heartbeat_failed", error=str(error))
+            if self.metrics.enabled:
+                self.metrics.set_up("lxd", self.lxd.answering_pid() is not None)
 
-    def _loops_alive(self) -> bool:
+    def stalled_loops(self) -> list[str]:
+        """The loops (events, dispatcher) without progress for STALL_AFTER seconds."""
         now = time.monotonic()
-        stalled = [
+        return [
             name
             for name, last in (("events", self.source.last_tick), ("dispatcher", self.runner.last_tick))
             if now - last > STALL_AFTER
         ]
-        if stalled:
-            log.error("loop_stalled_watchdog_not_fed", loops=stalled)
-        return not stalled
+
+    # --- /healthz and /readyz (metrics.listen) ----------------------------------------------
+
+    def liveness(self) -> list[str]:
+        """Problems that a restart would cure: a loop that stopped making progress."""
+        if self.phase == "starting":  # the endpoint answers before the loops exist
+            return []
+        return [f"{name} loop without progress for over {STALL_AFTER:g}s" for name in self.stalled_loops()]
+
+    def readiness(self) -> list[str]:
+        """Problems that keep steps from running now: not started yet, stopping, MongoDB or LXD not answering."""
+        problems = [] if self.phase == "running" else [f"daemon {self.phase}"]
+        try:
+            self.store.ping()
+            self.metrics.set_up("mongodb", True)
+        except PyMongoError as error:
+            self.metrics.set_up("mongodb", False)
+            problems.append(f"mongodb does not answer: {short_error(error)}")
+        lxd_up = self.lxd.answering_pid() is not None
+        self.metrics.set_up("lxd", lxd_up)
+        if not lxd_up:
+            problems.append(f"lxd does not answer at {self.config.lxd.endpoint}")
+        return problems
 
     def _watch_requests(self) -> None:
         """Wake the dispatcher as soon as a client requests a buildpack run (change-stream mode)."""
@@ -209,6 +239,7 @@ class Daemon:
             self.metrics.set_event_lag(max(0.0, (newest - seen).total_seconds()))
 
     def shutdown(self) -> int:
+        self.phase = "stopping"
         log.info("daemon_stopping", grace_s=self.config.shutdown_grace, steps_in_flight=self.runner.in_flight())
         self.notifier.stopping()
         self.runner.stop(self.config.shutdown_grace)

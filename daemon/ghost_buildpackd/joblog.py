@@ -1,5 +1,8 @@
 """Container output, line by line, into Ghost's job log and the structured log.
 
+In the daemon's own log, output lines are `debug`: they are in full in Ghost's
+job log, and a chatty buildpack at `info` would trip journald's rate limit.
+
 Ghost's web UI streams `{ghost.log_dir}/{job_id}.txt`; appending to it is how
 users see what ran in the container. Output is bounded: the first
 `output_head` bytes are written as they come, then only a tail of
@@ -13,6 +16,8 @@ import collections
 import threading
 from pathlib import Path
 from typing import Any
+
+import structlog
 
 from .logs import Secrets, get_logger
 
@@ -54,7 +59,8 @@ class OutputCollector:
 
     def __init__(self, job_log: JobLog, logger: Any, head_bytes: int, tail_bytes: int):
         self.job_log = job_log
-        self.log = logger
+        # Output arrives on LXD's reader thread, outside the step's context: carry job_id, step... along.
+        self.log = logger.bind(**structlog.contextvars.get_contextvars())
         self.head_bytes = head_bytes
         self.total = 0
         self.written = 0
@@ -83,7 +89,7 @@ class OutputCollector:
         self._recent.append(line[:TAIL_FOR_RECORD])
         if self.written < self.head_bytes:
             self.written += len(raw) + 1
-            self.log.info("output", line=line)
+            self.log.debug("output", line=line)
             return line
         self._tail.append(line)
         self._tail_size += len(line) + 1
@@ -106,7 +112,7 @@ class OutputCollector:
                     pending.append(f"... {omitted} bytes of output omitted (kept the first and last part) ...")
                     self.log.warning("output_truncated", omitted_bytes=omitted, total_bytes=self.total)
                 for line in self._tail:
-                    self.log.info("output", line=line)
+                    self.log.debug("output", line=line)
                 pending += self._tail
                 self.written += self._tail_size
                 self._tail.clear()

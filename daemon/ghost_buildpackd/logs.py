@@ -5,11 +5,18 @@ with `bind_contextvars` (job_id, app, step, container, module) by whoever runs
 a step. Secret values (the app's `env_vars` values) are registered with
 `Secrets` while a step runs and replaced by `***` in every string a log line
 carries, as a last line of defence: the code never logs them on purpose.
+
+Under systemd (`JOURNAL_STREAM` names standard error), each line starts with
+the syslog priority `<N>` that journald reads (SyslogLevelPrefix), so
+`journalctl -p warning` and the journal's colours follow the level. Records of
+the standard library's loggers (pylxd, ws4py, urllib3) go through the same
+processors and renderer, so every line has the same shape.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import threading
 from collections.abc import Iterable, Iterator
@@ -75,6 +82,36 @@ def redact_secrets(_logger: Any, _method: str, event_dict: dict[str, Any]) -> di
     return {key: _redact_value(value) for key, value in event_dict.items()}
 
 
+# syslog priorities journald reads from a `<N>` line prefix, by structlog method / stdlib level name.
+JOURNALD_PRIORITIES = {
+    "critical": 2,
+    "fatal": 2,
+    "exception": 3,
+    "error": 3,
+    "warning": 4,
+    "warn": 4,
+    "info": 6,
+    "debug": 7,
+    "notset": 7,
+}
+
+
+def stream_is_journal(stream: Any, env: dict[str, str] | None = None) -> bool:
+    """True when `stream` is the journald stream systemd gave this process (`JOURNAL_STREAM=dev:ino`)."""
+    value = (os.environ if env is None else env).get("JOURNAL_STREAM", "")
+    try:
+        device, inode = (int(part) for part in value.split(":"))
+        stat = os.fstat(stream.fileno())
+    except (ValueError, OSError, AttributeError):
+        return False
+    return (stat.st_dev, stat.st_ino) == (device, inode)
+
+
+def journald_priority_prefix(_logger: Any, method: str, rendered: Any) -> Any:
+    """structlog processor after the renderer: `<N>` + the line, N the level's syslog priority."""
+    return f"<{JOURNALD_PRIORITIES.get(method.lower(), 6)}>{rendered}"
+
+
 class _CurrentStderr:
     """Whatever `sys.stderr` is when a line is written (it may be swapped after configuration)."""
 
@@ -87,9 +124,23 @@ class _CurrentStderr:
     def isatty(self) -> bool:
         return sys.stderr.isatty()
 
+    def fileno(self) -> int:
+        return sys.stderr.fileno()
+
+
+class _StdlibHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """The root handler `configure_logging` installs (replaced, not stacked, when called again)."""
+
+
+# Standard-library loggers below this level are dropped: pylxd and ws4py are chatty at info.
+LIBRARY_LEVEL = logging.WARNING
+
 
 def configure_logging(fmt: str = "auto", level: str = "info", stream: TextIO | None = None) -> None:
-    """Set structlog up once, at the very start of a command (default stream: standard error)."""
+    """Set structlog and the standard library's logging up once, at the very start of a command.
+
+    The default stream is standard error.
+    """
     stream = stream or _CurrentStderr()  # type: ignore[assignment]
     use_console = fmt == "console" or (fmt == "auto" and stream.isatty())
     renderer: Any = (
@@ -97,22 +148,33 @@ def configure_logging(fmt: str = "auto", level: str = "info", stream: TextIO | N
         if use_console
         else structlog.processors.JSONRenderer(sort_keys=False)
     )
+    finishing = [renderer, journald_priority_prefix] if stream_is_journal(stream) else [renderer]
+    shared: list[Any] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        structlog.processors.StackInfoRenderer(),
+        structlog.processors.format_exc_info,
+        redact_secrets,
+    ]
     structlog.configure(
-        processors=[
-            structlog.contextvars.merge_contextvars,
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            structlog.processors.StackInfoRenderer(),
-            structlog.processors.format_exc_info,
-            redact_secrets,
-            renderer,
-        ],
+        processors=[*shared, *finishing],
         wrapper_class=structlog.make_filtering_bound_logger(getattr(logging, level.upper())),
         logger_factory=structlog.PrintLoggerFactory(stream),
         cache_logger_on_first_use=False,
     )
-    # pylxd and ws4py use the standard library; keep their chatter at warnings.
-    logging.basicConfig(level=logging.WARNING, stream=stream, format="%(name)s: %(message)s")
+    handler = _StdlibHandler(stream)
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            foreign_pre_chain=[structlog.stdlib.add_logger_name, structlog.stdlib.ExtraAdder(), *shared],
+            processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, *finishing],
+        )
+    )
+    root = logging.getLogger()
+    for old in [h for h in root.handlers if isinstance(h, _StdlibHandler)]:
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(LIBRARY_LEVEL)
 
 
 def get_logger(name: str | None = None) -> Any:

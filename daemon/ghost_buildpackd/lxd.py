@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
+from urllib.parse import quote, urlparse
 
 import pylxd
 import requests
@@ -244,6 +244,9 @@ class Lxd:
     def _client(self, timeout: float | None) -> pylxd.Client:
         if self.config.endpoint == "local":
             return pylxd.Client(timeout=timeout)
+        if self.config.socket_path:
+            # pylxd takes a bare path only when the socket exists already; its URL form always works.
+            return pylxd.Client(endpoint=f"http+unix://{quote(self.config.socket_path, safe='')}", timeout=timeout)
         cert = (str(self.config.cert), str(self.config.key)) if self.config.cert else None
         return pylxd.Client(endpoint=self.config.endpoint, cert=cert, verify=self.config.verify, timeout=timeout)
 

@@ -3,19 +3,24 @@
 Daemon instances are those whose heartbeat is recent; the event lag is the
 newest job change in the database minus the newest one any live instance has
 seen. Human tables by default, `--json` for scripts.
+
+`status --check` is the same reading turned into a verdict for monitoring:
+exit 1, naming each problem, when no instance is alive on this host, the lag
+is over a threshold, or too many steps failed recently.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
-from collections.abc import Sequence
-from datetime import datetime
-from typing import Any, TextIO
+from collections.abc import Callable, Sequence
+from datetime import datetime, timedelta
+from typing import Any, TextIO, TypeVar
 
 from pymongo.errors import PyMongoError
 
 from .config import Config
-from .store import ACTIVE, Step, Store, redacted_uri, short_error, utcnow
+from .store import ACTIVE, FAILED, Step, Store, redacted_uri, short_error, utcnow
 
 # An instance is alive when its heartbeat (written every few seconds) is younger than this.
 MIN_HEARTBEAT_AGE = 30.0
@@ -25,23 +30,104 @@ def heartbeat_max_age(config: Config) -> float:
     return max(MIN_HEARTBEAT_AGE, 3 * config.lease_ttl)
 
 
-def show_status(config: Config, out: TextIO, as_json: bool, last: int) -> int:
-    """Print the status report; 0, or 1 when MongoDB cannot be reached (with the reason)."""
+# Failed steps `status --check` looks at, at most, within its window.
+FAILURES_READ = 1000
+
+T = TypeVar("T")
+
+
+@dataclasses.dataclass(frozen=True)
+class Thresholds:
+    """What `status --check` tolerates."""
+
+    max_lag: float = 300.0  # seconds of event lag
+    max_failures: int = 0  # failed steps within `window`
+    window: float = 3600.0  # seconds back from now
+
+
+def _read_mongodb(config: Config, out: TextIO, as_json: bool, read: Callable[[Store], T]) -> T | None:
+    """`read(store)`, or None after printing why MongoDB cannot be reached."""
     store = Store.from_uri(config.mongodb.uri, config.mongodb.database, config.mongodb.timeout)
     try:
         store.ping()  # bounded by mongodb.timeout; the calls below retry through outages, this one must not
-        report = collect_status(store, heartbeat_max_age(config), max(0, last))
+        return read(store)
     except PyMongoError as error:
         reason = f"cannot reach MongoDB at {redacted_uri(config.mongodb.uri)}: {short_error(error)}"
         if as_json:
             out.write(json.dumps({"error": reason}) + "\n")
         else:
             out.write(f"ghost-buildpackd status: {reason}\n")
-        return 1
+        return None
     finally:
         store.db.client.close()
+
+
+def show_status(config: Config, out: TextIO, as_json: bool, last: int) -> int:
+    """Print the status report; 0, or 1 when MongoDB cannot be reached (with the reason)."""
+    report = _read_mongodb(
+        config, out, as_json, lambda store: collect_status(store, heartbeat_max_age(config), max(0, last))
+    )
+    if report is None:
+        return 1
     out.write(json.dumps(report, indent=2) + "\n" if as_json else render_text(report))
     return 0
+
+
+def check_status(config: Config, out: TextIO, as_json: bool, thresholds: Thresholds) -> int:
+    """`status --check`: 0 when healthy, 1 naming every problem (or when MongoDB cannot be reached)."""
+
+    def read(store: Store) -> tuple[dict[str, Any], list[Step]]:
+        since = utcnow() - timedelta(seconds=thresholds.window)
+        finished = store.recent_finished_steps(FAILURES_READ, since=since)
+        return collect_status(store, heartbeat_max_age(config), 0), [s for s in finished if s.state == FAILED]
+
+    read_back = _read_mongodb(config, out, as_json, read)
+    if read_back is None:
+        return 1
+    report, failures = read_back
+    verdict = judge(report, failures, config.host_name, thresholds)
+    if as_json:
+        out.write(json.dumps(verdict, indent=2) + "\n")
+    elif verdict["problems"]:
+        out.write("ghost-buildpackd status --check: FAILED\n" + "".join(f"  {p}\n" for p in verdict["problems"]))
+    else:
+        out.write(f"ghost-buildpackd status --check: OK ({verdict['summary']})\n")
+    return 1 if verdict["problems"] else 0
+
+
+def judge(report: dict[str, Any], failures: list[Step], host: str, thresholds: Thresholds) -> dict[str, Any]:
+    """The verdict of `status --check` on a status report and the window's failed steps."""
+    problems = []
+    here = [item["id"] for item in report["instances"] if item["host"] == host]
+    if not here:
+        elsewhere = sorted({str(item["host"]) for item in report["instances"]})
+        problems.append(
+            f"no live instance on host {host}" + (f" (live on: {', '.join(elsewhere)})" if elsewhere else "")
+        )
+    lag = report["events"]["lag_s"]
+    if lag is not None and lag > thresholds.max_lag:
+        problems.append(f"event lag {lag:g}s is over --max-lag {thresholds.max_lag:g}s")
+    window = _duration(thresholds.window)
+    if len(failures) > thresholds.max_failures:
+        named = "; ".join(f"{s.id}: {(s.message or '-')[:80]}" for s in failures[:5])
+        more = f" and {len(failures) - 5} more" if len(failures) > 5 else ""
+        problems.append(
+            f"{len(failures)} failed step(s) in the last {window} (over --max-failures {thresholds.max_failures}): "
+            f"{named}{more}"
+        )
+    summary = (
+        f"{len(here)} live instance(s) on host {host}, lag {'-' if lag is None else f'{lag:g}s'}, "
+        f"{len(failures)} failed step(s) in the last {window}"
+    )
+    return {
+        "ok": not problems,
+        "problems": problems,
+        "summary": summary,
+        "host": host,
+        "instances_on_host": here,
+        "lag_s": lag,
+        "failed_steps": [s.id for s in failures],
+    }
 
 
 # --- collecting -----------------------------------------------------------------

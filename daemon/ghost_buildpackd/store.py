@@ -397,8 +397,12 @@ class Store:
         return [Step.from_doc(doc) for doc in cursor]
 
     @retry_transient
-    def recent_finished_steps(self, limit: int) -> list[Step]:
-        cursor = self.steps.find({"state": {"$in": list(TERMINAL)}}).sort("updated_at", pymongo.DESCENDING)
+    def recent_finished_steps(self, limit: int, since: datetime | None = None) -> list[Step]:
+        """The newest finished steps, at most `limit`, only those updated at or after `since` if given."""
+        query: dict[str, Any] = {"state": {"$in": list(TERMINAL)}}
+        if since is not None:
+            query["updated_at"] = {"$gte": since}
+        cursor = self.steps.find(query).sort("updated_at", pymongo.DESCENDING)
         return [Step.from_doc(doc) for doc in cursor.limit(limit)]
 
     def _lease(self, owner: str, ttl: float) -> dict[str, Any]:
