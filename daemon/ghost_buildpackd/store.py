@@ -709,9 +709,10 @@ class Store:
         cannot overwrite what its successor recorded.
         """
         doc = {**record.to_doc(), "claim": claim}
-        not_later = {"$or": [{"claim": {"$exists": False}}, {"claim": {"$lte": claim}}]}
+        # A record written before claims were recorded counts as claim 0.
+        self.images.update_one({"_id": record.alias, "claim": {"$exists": False}}, {"$set": {"claim": 0}})
         try:
-            self.images.replace_one({"_id": record.alias, **not_later}, doc, upsert=True)
+            self.images.replace_one({"_id": record.alias, "claim": {"$lte": claim}}, doc, upsert=True)
         except DuplicateKeyError:  # the record exists, with a later claim
             return False
         return True
