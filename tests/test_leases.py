@@ -16,7 +16,6 @@ from ghost_buildpackd.steps import LeaseLost, Outcome, StepContext, StepFailed
 from ghost_buildpackd.store import (
     BUILDIMAGE,
     DEPLOY,
-    PENDING,
     READY,
     RUNNING,
     SUCCEEDED,
