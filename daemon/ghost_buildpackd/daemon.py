@@ -28,15 +28,24 @@ from .lxd import Lxd
 from .metrics import start_metrics
 from .notify import SystemdNotifier
 from .retention import Reconciler
-from .runner import Bodies, Runner
+from .runner import Bodies, Runner, cleanup_wait
 from .store import BUILDIMAGE, Store, next_change, redacted_uri, short_error, step_id, utcnow
 from .sweep import sweep_orphans
 
 log = get_logger(__name__)
 
 HEARTBEAT_EVERY = 5.0
+STATUS_EVERY = 1.0  # how often the STATUS line is refreshed (sent only when it changed)
 REQUEST_POLL = 0.2  # poll mode: how often to look for a client's buildpack request
 STALL_AFTER = 120.0  # a loop without progress for this long stops feeding the watchdog
+
+
+def longest_stop(config: Config) -> float:
+    """The most a stop (SIGTERM) can take: grace for running steps, their clean-up, the instance record.
+
+    The unit's TimeoutStopSec must stay above it for the default settings.
+    """
+    return config.shutdown_grace + cleanup_wait(config) + config.mongodb.timeout
 
 
 def connect_store(config: Config) -> Store:
@@ -159,7 +168,8 @@ class Daemon:
     def _main_loop(self) -> None:
         """Feed the watchdog and refresh STATUS; nothing here waits on MongoDB or LXD."""
         watchdog = self.notifier.watchdog_interval()
-        tick = min(HEARTBEAT_EVERY, watchdog) if watchdog else HEARTBEAT_EVERY
+        tick = min(STATUS_EVERY, watchdog) if watchdog else STATUS_EVERY
+        status = ""
         while not self.stop.is_set():
             self._main_wake.wait(tick)
             self._main_wake.clear()
@@ -173,7 +183,9 @@ class Daemon:
                 )
             if self._loops_alive():
                 self.notifier.watchdog()
-            self.notifier.status(self.status_line())
+            if self.status_line() != status:
+                status = self.status_line()
+                self.notifier.status(status)
 
     def status_line(self) -> str:
         """systemd's STATUS=: event mode, busy workers, event lag (or why MongoDB is not answering)."""

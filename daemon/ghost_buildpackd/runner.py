@@ -73,6 +73,11 @@ def lease_margin(ttl: float) -> float:
 StepBody = Callable[[StepContext], Outcome]
 
 
+def cleanup_wait(config: Config) -> float:
+    """At shutdown, how long aborted steps get to remove their containers and put their records back."""
+    return max(30.0, config.lxd.timeout)
+
+
 @dataclasses.dataclass(frozen=True)
 class Bodies:
     """What runs for each kind of step (tests may give trivial ones)."""
@@ -180,7 +185,7 @@ class Runner:
             held.shutting_down = True
             held.ctx.abort.set()
             log.warning("step_aborted_by_shutdown", step=held.ctx.step.id, grace_s=grace)
-        cleanup_deadline = time.monotonic() + max(30.0, self.config.lxd.timeout)
+        cleanup_deadline = time.monotonic() + cleanup_wait(self.config)
         while self.in_flight() and time.monotonic() < cleanup_deadline:
             self._wait_for_any(cleanup_deadline - time.monotonic())
         self._stopped.set()
