@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import signal
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -176,7 +177,7 @@ def kill_buildimage(phase: str, process: DaemonProcess, lxd: Lxd, store: Store, 
         freeze(process)
         mongo.stop()  # the record writes cannot happen now
         thaw(process)
-        wait_until(lambda: lxd.container_status(f"gbp-{job}-b") is None, 60, "the container to be cleaned up")
+        wait_until(lambda: not leftover_containers(lxd, store.db), 60, "the container to be cleaned up")
     process.kill()
     if phase == "recording":
         mongo.start()
@@ -343,6 +344,56 @@ def test_sigkill_during_deploy_then_takeover_runs_the_buildpack(
     assert_nothing_left(lxd, db, store)
 
 
+# --- a holder paused past its lease (SIGSTOP, a VM pause, heavy swapping) ----------------------------
+
+PAUSE_TTL = 6.0
+
+
+@pytest.mark.slow
+def test_a_holder_paused_past_its_lease_leaves_the_successor_alone(db, store, lxd, base_image, ghost_dirs, daemons):
+    """Frozen for three times the TTL during a buildpack; the successor's run is the one that counts."""
+    app = deploy_app(db, base_image, BUILDPACK)
+    copy = working_copy(ghost_dirs["root"])
+    group = daemons(lease_ttl=f"{PAUSE_TTL:g}s")
+    holder = group.start()
+    job = make_job(db, app, command="deploy", modules=["api"])
+    sid = step_id(job, "deploy", "api")
+    set_status(db, job, "started")
+    wait_until(lambda: state_of(store, sid) == "ready", 60, "the step prepared")
+    client = Client(db, job, timeout=240)
+    wait_until(lambda: event_of(holder, "command_started", job, label=BUILDPACK_LABEL), 60, "the buildpack")
+    wait_until(lambda: (copy / "runs.log").exists(), 60, "the buildpack to start")
+    successor = group.start()
+
+    freeze(holder)
+    frozen_at = time.monotonic()
+    try:
+        wait_until(lambda: event_of(successor, "command_started", job, label=BUILDPACK_LABEL), 60, "the takeover")
+        theirs = store.get_step(sid).container
+        wait_until(lambda: time.monotonic() >= frozen_at + 3 * PAUSE_TTL, 60, "three times the TTL", interval=0.2)
+    finally:
+        thaw(holder)
+    thawed_at = len(holder.events())
+    wait_until(lambda: holder.saw("step_abandoned_lease_lost", since=thawed_at), 60, "the holder to give up")
+
+    assert lxd.container_status(theirs) == "Running", "the resumed holder touched its successor's container"
+    assert (copy / "runs.log").read_text().split() == ["start", "start"]
+    (copy / "go").touch()
+    result = client.outcome(200)
+
+    assert result.state == SUCCEEDED, result
+    assert "buildpack done" in result.output_tail
+    # The holder's run was cut off with its container; the successor's ran to its end.
+    assert (copy / "runs.log").read_text().split() == ["start", "start", "end"]
+    assert event_of(successor, "step_succeeded", job)
+    assert not event_of(holder, "step_succeeded", job) and not event_of(holder, "step_failed", job)
+    stopped_acting = holder.saw("lease_expired_locally", since=thawed_at) or holder.saw("lease_lost", since=thawed_at)
+    assert stopped_acting, "the holder did not notice it had lost its lease"
+    assert holder.alive() and successor.alive()
+    set_status(db, job, "done")
+    assert_nothing_left(lxd, db, store)
+
+
 # --- hostile buildpacks: bounded by the container limits and the exec timeout ------------------------
 
 
@@ -448,12 +499,17 @@ def test_unwritable_job_log_does_not_stop_the_step_and_the_problem_is_recorded(
 
 # --- MongoDB stopped and started again during steps --------------------------------------------------
 
+# An outage shorter than the lease is ridden out; past the lease's margin the holder gives the step up
+# (it cannot tell a successor is not taking it over), and the step runs again once MongoDB is back.
+OUTAGE_TTL = "90s"
+
 
 @pytest.mark.slow
 def test_mongodb_outage_during_a_buildimage_step_is_ridden_out(mongo, db, store, lxd, base_image, ghost_dirs, daemons):
     skip_unless_restartable(mongo)
     tree = ghost_dirs["provisioner_tree"]
-    app, process, job = build_held_in_pre_hook(db, base_image, tree, daemons(container=features_config()))
+    group = daemons(lease_ttl=OUTAGE_TTL, container=features_config())
+    app, process, job = build_held_in_pre_hook(db, base_image, tree, group)
     mongo.stop()
     try:
         wait_until(lambda: process.saw("mongodb_unavailable_retrying"), 30, "the daemon to notice the outage")
@@ -478,7 +534,7 @@ def test_mongodb_outage_during_a_buildpack_is_ridden_out_by_daemon_and_client(
     skip_unless_restartable(mongo)
     app = deploy_app(db, base_image, BUILDPACK)
     copy = working_copy(ghost_dirs["root"])
-    process = daemons().start()
+    process = daemons(lease_ttl=OUTAGE_TTL).start()
     job = make_job(db, app, command="deploy", modules=["api"])
     set_status(db, job, "started")
     wait_until(lambda: state_of(store, step_id(job, "deploy", "api")) == "ready", 60, "the step prepared")

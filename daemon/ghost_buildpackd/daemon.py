@@ -1,8 +1,11 @@
 """`ghost-buildpackd run`: wires config, MongoDB, LXD, event intake, runner and upkeep.
 
 Fails fast at start (MongoDB, LXD, event mode); at run time it rides out
-outages: the event source and the runner retry with backoff, and the
-watchdog is only fed while both loops make progress.
+outages: the event source and the runner retry with backoff. The main thread
+only feeds systemd's watchdog (while the event loop and the dispatcher make
+progress) and updates the STATUS line; it never waits on MongoDB, so an outage
+cannot starve the watchdog. Heartbeats, the server-clock measurement and the
+lag figure run in their own thread.
 """
 
 from __future__ import annotations
@@ -18,22 +21,31 @@ from pymongo.errors import PyMongoError
 
 from . import __version__
 from .config import Config
-from .events import ChangeStreamSource, Intake, PollSource, StartupError, choose_event_mode
+from .events import COMMANDS, ChangeStreamSource, Intake, PollSource, StartupError, choose_event_mode
 from .ghost import BadDocument, parse_object_id
 from .logs import get_logger
 from .lxd import Lxd
 from .metrics import start_metrics
 from .notify import SystemdNotifier
 from .retention import Reconciler
-from .runner import Bodies, Runner
+from .runner import Bodies, Runner, cleanup_wait
 from .store import BUILDIMAGE, Store, next_change, redacted_uri, short_error, step_id, utcnow
 from .sweep import sweep_orphans
 
 log = get_logger(__name__)
 
 HEARTBEAT_EVERY = 5.0
+STATUS_EVERY = 1.0  # how often the STATUS line is refreshed (sent only when it changed)
 REQUEST_POLL = 0.2  # poll mode: how often to look for a client's buildpack request
 STALL_AFTER = 120.0  # a loop without progress for this long stops feeding the watchdog
+
+
+def longest_stop(config: Config) -> float:
+    """The most a stop (SIGTERM) can take: grace for running steps, their clean-up, the instance record.
+
+    The unit's TimeoutStopSec must stay above it for the default settings.
+    """
+    return config.shutdown_grace + cleanup_wait(config) + config.mongodb.timeout
 
 
 def connect_store(config: Config) -> Store:
@@ -114,6 +126,10 @@ class Daemon:
         self.notifier = SystemdNotifier()
         self.started_at = utcnow()
         self._request_watcher: threading.Thread | None = None
+        self._main_wake = threading.Event()  # a signal arrived: the main loop acts on it at once
+        self._hangups = 0  # SIGHUPs received and not yet logged
+        self.event_lag: float | None = None  # seconds, as last measured by the heartbeat thread
+        self.mongodb_problem = ""  # why the last heartbeat failed, while it fails
 
     def run(self) -> int:
         self.store.ensure_indexes()
@@ -125,9 +141,10 @@ class Daemon:
         self._request_watcher.start()
         self.upkeep.thread.start()
         self.heartbeat()
+        threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True).start()
         self.phase = "running"
         self.notifier.ready()
-        self.notifier.status(f"events: {self.mode}; workers: {self.config.workers}")
+        self.notifier.status(self.status_line())
         log.info(
             "daemon_ready",
             instance=self.config.instance_id,
@@ -140,21 +157,62 @@ class Daemon:
         self._main_loop()
         return self.shutdown()
 
+    def request_stop(self) -> None:
+        """SIGTERM, SIGINT: stop (safe in a signal handler: it only sets events)."""
+        self.stop.set()
+        self._main_wake.set()
+
+    def hang_up(self) -> None:
+        """SIGHUP: noted here, logged by the main loop (logging inside a signal handler could deadlock)."""
+        self._hangups += 1
+        self._main_wake.set()
+
     def _main_loop(self) -> None:
+        """Feed the watchdog and refresh STATUS; nothing here waits on MongoDB or LXD."""
         watchdog = self.notifier.watchdog_interval()
-        tick = min(HEARTBEAT_EVERY, watchdog) if watchdog else HEARTBEAT_EVERY
-        while not self.stop.wait(tick):
+        tick = min(STATUS_EVERY, watchdog) if watchdog else STATUS_EVERY
+        status = ""
+        while not self.stop.is_set():
+            self._main_wake.wait(tick)
+            self._main_wake.clear()
+            if self.stop.is_set():
+                break
+            if self._hangups:
+                self._hangups = 0
+                log.warning(
+                    "sighup_ignored",
+                    consequence="configuration changes apply at the next start: systemctl restart ghost-buildpackd",
+                )
             stalled = self.stalled_loops()
             if stalled:
                 log.error("loop_stalled_watchdog_not_fed", loops=stalled)
             else:
                 self.notifier.watchdog()
+            if self.status_line() != status:
+                status = self.status_line()
+                self.notifier.status(status)
+
+    def status_line(self) -> str:
+        """systemd's STATUS=: event mode, busy workers, event lag (or why MongoDB is not answering)."""
+        busy = len(self.runner.in_flight())
+        line = f"events: {self.mode}; workers busy: {busy}/{self.config.workers}; "
+        if self.mongodb_problem:
+            return line + f"MongoDB unreachable: {self.mongodb_problem[:120]}"
+        lag = "unknown" if self.event_lag is None else f"{self.event_lag:.1f}s"
+        return line + f"event lag: {lag}"
+
+    def _heartbeat_loop(self) -> None:
+        """Every HEARTBEAT_EVERY: the instance record, the server clock offset, the event lag."""
+        while not self.stop.wait(HEARTBEAT_EVERY):
             try:
                 self.heartbeat()
+                self.store.measure_server_clock()
+                self.mongodb_problem = ""
                 self.metrics.set_up("mongodb", True)
             except PyMongoError as error:
+                self.mongodb_problem = short_error(error)
                 self.metrics.set_up("mongodb", False)
-                log.warning("heartbeat_failed", error=str(error))
+                log.warning("heartbeat_failed", error=self.mongodb_problem)
             if self.metrics.enabled:
                 self.metrics.set_up("lxd", self.lxd.answering_pid() is not None)
 
@@ -230,13 +288,17 @@ class Daemon:
         )
 
     def _measure_event_lag(self) -> None:
-        """Newest job change in the database vs the newest this instance has seen."""
+        """Newest change of a buildimage or deploy job in the database vs the newest this instance has seen."""
         seen = self.source.last_event_at
-        if seen is None or not self.metrics.enabled:  # only the metric needs it (`status` measures its own)
+        newest = self.store.newest_job_update(COMMANDS)  # one read per command on its index
+        if newest is None:
+            self.event_lag = 0.0
             return
-        newest = self.store.newest_job_update()
-        if newest is not None:
-            self.metrics.set_event_lag(max(0.0, (newest - seen).total_seconds()))
+        if seen is None:
+            return
+        self.event_lag = max(0.0, (newest - seen).total_seconds())
+        if self.metrics.enabled:
+            self.metrics.set_event_lag(self.event_lag)
 
     def shutdown(self) -> int:
         self.phase = "stopping"
@@ -270,9 +332,15 @@ def run_daemon(config: Config) -> int:
     except StartupError as error:
         log.error("startup_failed_event_mode", reason=str(error))
         return 1
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda *_: daemon.stop.set())
+    install_signal_handlers(daemon)
     return daemon.run()
+
+
+def install_signal_handlers(daemon: Daemon) -> None:
+    """SIGTERM/SIGINT stop the daemon cleanly; SIGHUP (systemctl reload) is logged and survived."""
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: daemon.request_stop())
+    signal.signal(signal.SIGHUP, lambda *_: daemon.hang_up())
 
 
 def replay_job(config: Config, job_id: str, out: IO[str]) -> int:

@@ -264,7 +264,11 @@ class ChangeStreamSource(Source):
                     next_scan = time.monotonic() + self.config.events.rescan_interval
                     self.store.save_stream_checkpoint(stream.resume_token, scanned_at)
                     saved_token, last_save = stream.resume_token, time.monotonic()
-                change = next_change(stream, self.stop)
+                try:
+                    change = next_change(stream, self.stop)
+                except OperationFailure as error:
+                    self._fall_back_to_scan(error, scanned_at)
+                    return
                 if change is None:
                     if stream.resume_token != saved_token and time.monotonic() - last_save >= CHECKPOINT_EVERY:
                         self.store.save_stream_checkpoint(stream.resume_token, scanned_at)
@@ -281,6 +285,21 @@ class ChangeStreamSource(Source):
                 # Durable step records first, then the token that says "done up to here".
                 self.store.save_stream_checkpoint(stream.resume_token, scanned_at)
                 saved_token, last_save = stream.resume_token, time.monotonic()
+
+    def _fall_back_to_scan(self, error: OperationFailure, scanned_at: datetime) -> None:
+        """A stream error intake does not know (an event too large, say): drop the token, scan instead.
+
+        Resuming at the same token would meet the same error forever; the
+        reopened stream starts now and the catch-up scan from the last scan
+        reads what lay between, jobs included whatever their size.
+        """
+        log.error(
+            "change_stream_failed_catching_up",
+            code=error.code,
+            error=str(error)[:500],
+            consequence="reopening the stream without its token, with a catch-up scan",
+        )
+        self.store.save_stream_checkpoint(None, scanned_at)
 
     def _safety_scan(self, scanned_at: datetime) -> datetime:
         started = utcnow()

@@ -34,8 +34,10 @@ TAG_JOB = TAG_PREFIX + "job"
 TAG_APP = TAG_PREFIX + "app"
 TAG_OWNER = TAG_PREFIX + "owner"
 TAG_KIND = TAG_PREFIX + "kind"
+TAG_CLAIM = TAG_PREFIX + "claim"  # the claim number of the step attempt that made the container
 # Property of images the daemon publishes (the job id): such images are never picked as a base by os/release.
 IMAGE_PROP_JOB = "ghost-buildpackd.job"
+IMAGE_PROP_CLAIM = "ghost-buildpackd.claim"  # the claim number of the step attempt that published it
 
 
 PROBE_INTERVAL = 1.0  # how often a caller waiting for LXD to come back asks whether it is
@@ -112,6 +114,12 @@ class ContainerInfo:
     @property
     def step_id(self) -> str | None:
         return self.tags.get(TAG_STEP)
+
+    @property
+    def claim(self) -> int:
+        """The claim number of the attempt that made it (0 for containers made before claims were tagged)."""
+        value = self.tags.get(TAG_CLAIM, "")
+        return int(value) if value.isdigit() else 0
 
 
 @dataclasses.dataclass(frozen=True)

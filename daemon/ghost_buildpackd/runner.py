@@ -5,7 +5,14 @@
 - A renewer thread extends the lease of every step held here; a lost lease or
   a cancellation request sets the step's `abort` event, which stops its
   command (Lxd.execute force-stops the container).
-- Every write about a step is fenced on its lease token (StepContext.save).
+- Self-fencing: each holder keeps a local deadline, `lease_ttl` minus a margin
+  after it last sent a renewal that succeeded. A guard thread aborts the step
+  when the deadline passes (MongoDB unreachable, or this process paused), so
+  the holder stops acting before the lease expires on the server and a
+  successor may take it. The renewer makes one bounded attempt per round.
+- Every write about a step is fenced on its lease token (StepContext.save); what
+  an attempt makes in LXD carries its claim number and is never touched by an
+  earlier attempt.
 - Shutdown: stop claiming, let running steps finish within the grace period,
   then abort them; an aborted step goes back to where another start resumes it.
 """
@@ -22,6 +29,7 @@ from typing import Any
 
 import structlog
 from bson import ObjectId
+from pymongo.errors import PyMongoError
 
 from .config import Config
 from .ghost import BadDocument
@@ -42,6 +50,7 @@ from .store import (
     TRANSIENT_ERRORS,
     Step,
     Store,
+    short_error,
 )
 
 log = get_logger(__name__)
@@ -49,8 +58,24 @@ log = get_logger(__name__)
 MAX_ATTEMPTS = 5  # claims of one step (a deploy takes two: prepare, run); past it, the step fails
 MAX_LXD_OUTAGES = 3  # the third time LXD goes away under one claim, the step fails instead of waiting again
 IDLE_WAIT = 1.0  # longest a free worker waits before looking for work again unprompted
+GUARD_EVERY = 0.2  # how often the lease guard compares each holder's deadline with the clock
+
+
+def lease_margin(ttl: float) -> float:
+    """How long before the lease's expiry its holder stops counting on it.
+
+    Covers the error of the server-clock estimate, a renewal's round trip and
+    the time the holder takes to notice.
+    """
+    return max(1.0, ttl / 5)
+
 
 StepBody = Callable[[StepContext], Outcome]
+
+
+def cleanup_wait(config: Config) -> float:
+    """At shutdown, how long aborted steps get to remove their containers and put their records back."""
+    return max(30.0, config.lxd.timeout)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,7 +155,11 @@ class Runner:
 
     def start(self) -> None:
         self._accepting.set()
-        for target, name in ((self._dispatch_loop, "dispatcher"), (self._renew_loop, "lease-renewer")):
+        for target, name in (
+            (self._dispatch_loop, "dispatcher"),
+            (self._renew_loop, "lease-renewer"),
+            (self._guard_loop, "lease-guard"),
+        ):
             thread = threading.Thread(target=target, name=name, daemon=True)
             thread.start()
             self._threads.append(thread)
@@ -156,7 +185,7 @@ class Runner:
             held.shutting_down = True
             held.ctx.abort.set()
             log.warning("step_aborted_by_shutdown", step=held.ctx.step.id, grace_s=grace)
-        cleanup_deadline = time.monotonic() + max(30.0, self.config.lxd.timeout)
+        cleanup_deadline = time.monotonic() + cleanup_wait(self.config)
         while self.in_flight() and time.monotonic() < cleanup_deadline:
             self._wait_for_any(cleanup_deadline - time.monotonic())
         self._stopped.set()
@@ -179,6 +208,7 @@ class Runner:
             self.last_tick = time.monotonic()
             if not self.slots.acquire(timeout=IDLE_WAIT):
                 continue
+            sent = time.monotonic()
             try:
                 step = self.store.claim_step(self.owner, self.ttl, self.host, exclude=tuple(self.in_flight()))
                 delay = 0.5
@@ -200,9 +230,17 @@ class Runner:
                 self._wake.wait(IDLE_WAIT)
                 self._wake.clear()
                 continue
-            self._submit(step)
+            self._submit(step, valid_until=self._lease_deadline(sent))
 
-    def _submit(self, step: Step) -> None:
+    def _lease_deadline(self, sent: float) -> float:
+        """Local deadline of a lease granted or renewed by a request sent at monotonic time `sent`.
+
+        The server set the expiry at `ttl` after it received the request, so
+        no earlier than `sent + ttl` on this host's clock.
+        """
+        return sent + self.ttl - lease_margin(self.ttl)
+
+    def _submit(self, step: Step, valid_until: float) -> None:
         ctx = StepContext(
             step=step,
             config=self.config,
@@ -211,6 +249,7 @@ class Runner:
             log=log,
             abort=threading.Event(),
             instance_id=self.owner,
+            lease_valid_until=valid_until,
         )
         held = Held(ctx=ctx, started=time.monotonic())
         with self._lock:
@@ -233,20 +272,39 @@ class Runner:
             with self._lock:
                 held_steps = list(self.held.values())
             for held in held_steps:
-                self._renew(held)
+                if not held.lost:
+                    self._renew(held, within=interval)
 
-    def _renew(self, held: Held) -> None:
+    def _guard_loop(self) -> None:
+        """Abort every step whose lease this process can no longer count on (never blocked by MongoDB)."""
+        while not self._stopped.wait(GUARD_EVERY):
+            now = time.monotonic()
+            with self._lock:
+                held_steps = list(self.held.values())
+            for held in held_steps:
+                if not held.lost and now >= held.ctx.lease_valid_until:
+                    overdue = now - held.ctx.lease_valid_until
+                    self._lose(held, "lease_expired_locally", renewal_overdue_s=round(overdue, 1))
+
+    def _lose(self, held: Held, event: str, **fields: Any) -> None:
+        held.lost = True
+        held.ctx.abort.set()
+        log.error(event, step=held.ctx.step.id, consequence="stopped acting on it; another holder carries on", **fields)
+
+    def _renew(self, held: Held, within: float) -> None:
+        sent = time.monotonic()
         try:
-            renewed = self.store.renew_lease(held.ctx.step, self.ttl)
-        except TRANSIENT_ERRORS as error:
-            log.warning("lease_renewal_failed", step=held.ctx.step.id, error=str(error))
+            renewed = self.store.renew_lease(held.ctx.step, self.ttl, within=within)
+        except PyMongoError as error:  # the guard gives the lease up once its deadline passes
+            log.warning("lease_renewal_failed", step=held.ctx.step.id, error=short_error(error))
             return
         if renewed is None:
             if held.ctx.step.id in self.in_flight() and not held.lost:
-                held.lost = True
-                held.ctx.abort.set()
-                log.error("lease_lost", step=held.ctx.step.id, consequence="aborting; the new holder carries on")
-        elif renewed.cancel_requested and not held.cancelled:
+                self._lose(held, "lease_lost")
+            return
+        if not held.lost:
+            held.ctx.lease_valid_until = self._lease_deadline(sent)
+        if renewed.cancel_requested and not held.cancelled:
             held.cancelled = renewed.cancel_reason or "cancellation requested"
             held.ctx.abort.set()
             log.warning("step_cancel_requested", step=renewed.id, reason=held.cancelled)

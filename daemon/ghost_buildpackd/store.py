@@ -9,6 +9,12 @@ Ghost's collections (`jobs`, `apps`) are read; the one Ghost field written is
 Datetimes the daemon writes are set on insert, inside a sub-document, or with
 `$currentDate` (server time), never as a bare `$set` of a top-level datetime:
 all three are plain MongoDB and keep the BSON date type on every server.
+
+Leases are reckoned on the server's clock (`server_now`: the host's clock plus
+the offset measured from the server's `hello` reply), so a host whose clock is
+skewed neither steals a healthy lease nor keeps an expired one. Writes that
+decide who holds a step and what its outcome is use majority write concern, so
+a replica-set failover cannot roll back an acknowledged claim or outcome.
 """
 
 from __future__ import annotations
@@ -19,13 +25,13 @@ import re
 import threading
 import time
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pymongo
 from bson import ObjectId
-from pymongo import ReturnDocument
+from pymongo import ReturnDocument, WriteConcern
 from pymongo.collection import Collection
 from pymongo.database import Database
 from pymongo.errors import (
@@ -56,6 +62,8 @@ TRANSIENT_ERRORS = (AutoReconnect, ConnectionFailure, NetworkTimeout, ServerSele
 # "free" is one comparison (`lease.expires_at < now`) for every query and index.
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 FREE_LEASE = {"owner": None, "token": None, "expires_at": EPOCH}
+# Claims, leases and outcomes: acknowledged only once a majority of the replica set has them.
+MAJORITY = WriteConcern(w="majority")
 
 
 def utcnow() -> datetime:
@@ -112,6 +120,9 @@ class Step:
     output_tail: str
     cancel_reason: str = ""
     image: str = ""  # alias a deploy step's container was made from
+    # Number of the claim that took the current lease: grows with every claim and is never reset,
+    # so it orders attempts; what an attempt makes in LXD carries it (fencing by attempt).
+    claim: int = 0
 
     @property
     def terminal(self) -> bool:
@@ -143,6 +154,7 @@ class Step:
             output_tail=doc.get("output_tail", ""),
             cancel_reason=doc.get("cancel_reason", ""),
             image=doc.get("image", ""),
+            claim=doc.get("claims", 0),
         )
 
 
@@ -186,6 +198,8 @@ class ImageRecord:
         return cls(alias=doc["_id"], **values)
 
 
+# What intake reads of a change event on jobs (`_id`, the resume token, is always kept).
+JOB_EVENT_FIELDS = ("operationType", "documentKey", "wallTime", "clusterTime")
 QUIET_STREAM_PAUSE = 0.05  # shortest wait between two empty reads of a change stream
 
 
@@ -230,14 +244,16 @@ def connect(uri: str, timeout: float) -> pymongo.MongoClient:
 class Store:
     """Every MongoDB read and write the daemon, its CLI and the Ghost-side client make."""
 
-    def __init__(self, db: Database):
+    def __init__(self, db: Database, clock: Callable[[], datetime] = utcnow):
         self.db = db
         self.jobs: Collection = db["jobs"]
-        self.apps: Collection = db["apps"]
-        self.steps: Collection = db[STEPS]
-        self.images: Collection = db[IMAGES]
+        self.apps: Collection = db.get_collection("apps", write_concern=MAJORITY)
+        self.steps: Collection = db.get_collection(STEPS, write_concern=MAJORITY)
+        self.images: Collection = db.get_collection(IMAGES, write_concern=MAJORITY)
         self.state: Collection = db[STATE]
         self.instances: Collection = db[INSTANCES]
+        self._clock = clock  # this host's clock (tests give a skewed one)
+        self._server_offset = timedelta(0)
 
     @classmethod
     def from_uri(cls, uri: str, database: str, timeout: float = 10.0) -> Store:
@@ -246,8 +262,31 @@ class Store:
     # --- server ------------------------------------------------------------------
 
     def ping(self) -> dict[str, Any]:
-        """Round trip to the server (raises when unreachable or unauthenticated)."""
-        return self.db.command("ping")
+        """Round trip to the server (raises when unreachable or unauthenticated); measures its clock too."""
+        reply = self.db.command("ping")
+        self.measure_server_clock()
+        return reply
+
+    def measure_server_clock(self) -> timedelta:
+        """How far the server's clock is ahead of this host's, from the `localTime` of its `hello` reply.
+
+        The reply was made between sending and receiving, so the midpoint is the
+        estimate: the error is at most half the round trip, which the lease
+        margin covers.
+        """
+        sent = self._clock()
+        reply = self.db.client.admin.command("hello")
+        received = self._clock()
+        server_time = reply.get("localTime")
+        if isinstance(server_time, datetime):
+            if server_time.tzinfo is None:
+                server_time = server_time.replace(tzinfo=UTC)
+            self._server_offset = server_time - (sent + (received - sent) / 2)
+        return self._server_offset
+
+    def server_now(self) -> datetime:
+        """The server's time as last measured: what lease expiry is reckoned on."""
+        return self._clock() + self._server_offset
 
     def server_info(self) -> dict[str, Any]:
         hello = self.db.client.admin.command("hello")
@@ -307,15 +346,28 @@ class Store:
         return heapq.merge(*scans, key=lambda doc: doc["_updated"])
 
     @retry_transient
-    def newest_job_update(self) -> datetime | None:
-        """The newest `_updated` of any job (BSON orders dates above strings and numbers)."""
-        doc = self.jobs.find_one({"_updated": {"$exists": True}}, sort=[("_updated", pymongo.DESCENDING)])
-        updated = doc["_updated"] if doc else None
-        return updated if isinstance(updated, datetime) else None
+    def newest_job_update(self, commands: tuple[str, ...] | None = None) -> datetime | None:
+        """The newest `_updated` of any job, or of jobs of `commands` (then one index read each).
+
+        BSON orders dates above strings and numbers, so a date is found first when there is one.
+        """
+        queries = [{"command": command} for command in commands] if commands else [{}]
+        newest = None
+        for query in queries:
+            doc = self.jobs.find_one({**query, "_updated": {"$exists": True}}, sort=[("_updated", pymongo.DESCENDING)])
+            updated = doc["_updated"] if doc else None
+            if isinstance(updated, datetime) and (newest is None or updated > newest):
+                newest = updated
+        return newest
 
     def watch_jobs(self, resume_token: Mapping[str, Any] | None, max_await: float) -> Any:
-        """A change stream on jobs: writes only (and the events that end a stream)."""
-        pipeline = [
+        """A change stream on jobs: writes only (and the events that end a stream), cut to what intake reads.
+
+        Intake reads the job itself by `documentKey`: the event carries neither
+        the document nor the changed fields, so a job near 16 MB cannot make an
+        event too large for the stream.
+        """
+        pipeline: list[dict[str, Any]] = [
             {
                 "$match": {
                     "operationType": {
@@ -330,7 +382,8 @@ class Store:
                         ]
                     }
                 }
-            }
+            },
+            {"$project": {field: 1 for field in JOB_EVENT_FIELDS}},
         ]
         return self.jobs.watch(pipeline, resume_after=resume_token, max_await_time_ms=int(max_await * 1000))
 
@@ -345,8 +398,22 @@ class Store:
         return self.steps.watch(pipeline, max_await_time_ms=int(max_await * 1000))
 
     @retry_transient
-    def set_app_container_image(self, app_id: ObjectId, alias: str) -> None:
-        self.apps.update_one({"_id": app_id}, {"$set": {"build_infos.container_image": alias}})
+    def app_container_image(self, app_id: ObjectId) -> str | None:
+        doc = self.apps.find_one({"_id": app_id}, {"build_infos": 1})
+        value = ((doc or {}).get("build_infos") or {}).get("container_image")
+        return value if isinstance(value, str) else None
+
+    @retry_transient
+    def set_app_container_image(self, app_id: ObjectId, alias: str, expected: str | None) -> bool:
+        """Point the app at `alias` only if it still names `expected` (None: nothing); False when it moved.
+
+        A compare-and-set: a writer that paused after reading cannot overwrite
+        what someone else wrote meanwhile.
+        """
+        result = self.apps.update_one(
+            {"_id": app_id, "build_infos.container_image": expected}, {"$set": {"build_infos.container_image": alias}}
+        )
+        return result.matched_count == 1
 
     # --- steps ---------------------------------------------------------------------
 
@@ -406,7 +473,14 @@ class Store:
         return [Step.from_doc(doc) for doc in cursor.limit(limit)]
 
     def _lease(self, owner: str, ttl: float) -> dict[str, Any]:
-        return {"owner": owner, "token": uuid.uuid4().hex, "expires_at": utcnow() + timedelta(seconds=ttl)}
+        return {"owner": owner, "token": uuid.uuid4().hex, "expires_at": self.server_now() + timedelta(seconds=ttl)}
+
+    def _claim_update(self, owner: str, ttl: float) -> dict[str, Any]:
+        return {
+            "$set": {"lease": self._lease(owner, ttl)},
+            "$inc": {"attempts": 1, "claims": 1},
+            "$currentDate": {"updated_at": True},
+        }
 
     @retry_transient
     def claim_step(
@@ -414,17 +488,17 @@ class Store:
     ) -> Step | None:
         """Atomically take the lease on one step that needs work, oldest first.
 
-        Work is: a `pending` step, a `requested` deploy step bound to this host,
-        or an active step whose lease expired (its owner died); a deploy step
-        that was running is bound to its host too. The state is left as it was:
-        the caller decides what the step needs next. `exclude` holds the ids
-        this process already works on (its own leases may lapse in an outage).
+        Work is, in this order: a `requested` deploy step bound to this host
+        (Ghost's worker waits for it), a `pending` step, or an active step whose
+        lease expired (its owner died); a deploy step that was running is bound
+        to its host too. The state is left as it was: the caller decides what
+        the step needs next. `exclude` holds the ids this process already works
+        on (its own leases may lapse in an outage).
         """
-        now = utcnow()
-        expired = {"lease.expires_at": {"$lt": now}}
+        expired = {"lease.expires_at": {"$lt": self.server_now()}}
         candidates: list[dict[str, Any]] = [
-            {"state": PENDING, **expired},
             {"state": REQUESTED, "requested_host": host, **expired},
+            {"state": PENDING, **expired},
             {"state": PREPARING, **expired},
             {"state": RUNNING, "kind": BUILDIMAGE, **expired},
             {"state": RUNNING, "kind": DEPLOY, "requested_host": host, **expired},
@@ -438,11 +512,7 @@ class Store:
                 query["kind"] = {"$in": list(kinds)}
             doc = self.steps.find_one_and_update(
                 query,
-                {
-                    "$set": {"lease": self._lease(owner, ttl)},
-                    "$inc": {"attempts": 1},
-                    "$currentDate": {"updated_at": True},
-                },
+                self._claim_update(owner, ttl),
                 sort=[("created_at", pymongo.ASCENDING)],
                 return_document=ReturnDocument.AFTER,
             )
@@ -452,42 +522,53 @@ class Store:
 
     def requested_step_waiting(self, host: str) -> bool:
         """Whether a deploy step requested on `host` waits for a worker (a cheap read on the state index)."""
-        now = utcnow()
-        query = {"state": REQUESTED, "requested_host": host, "lease.expires_at": {"$lt": now}}
+        query = {"state": REQUESTED, "requested_host": host, "lease.expires_at": {"$lt": self.server_now()}}
         return self.steps.find_one(query, {"_id": 1}) is not None
 
     @retry_transient
     def claim_specific(self, sid: str, owner: str, ttl: float, states: tuple[str, ...]) -> Step | None:
         """Take the lease on one named step if it is free and in one of `states`."""
-        now = utcnow()
         doc = self.steps.find_one_and_update(
             {
                 "_id": sid,
                 "state": {"$in": list(states)},
-                "lease.expires_at": {"$lt": now},
+                "lease.expires_at": {"$lt": self.server_now()},
             },
-            {"$set": {"lease": self._lease(owner, ttl)}, "$inc": {"attempts": 1}, "$currentDate": {"updated_at": True}},
+            self._claim_update(owner, ttl),
             return_document=ReturnDocument.AFTER,
         )
         return Step.from_doc(doc) if doc else None
 
-    @retry_transient
-    def renew_lease(self, step: Step, ttl: float) -> Step | None:
-        """Extend the lease; None when it was lost (fencing: a successor may hold it now)."""
-        doc = self.steps.find_one_and_update(
-            {"_id": step.id, "lease.token": step.lease_token},
-            {
-                "$set": {
-                    "lease": {
-                        "owner": step.owner,
-                        "token": step.lease_token,
-                        "expires_at": utcnow() + timedelta(seconds=ttl),
+    def renew_lease(self, step: Step, ttl: float, within: float) -> Step | None:
+        """Extend the lease; None when it was lost (fencing: a successor may hold it now).
+
+        One attempt, given up after `within` seconds (a PyMongoError): the
+        holder's own deadline, not retries, decides when a lease that cannot be
+        renewed counts as lost. A lease that already expired is not renewed,
+        even when nobody took it yet: its holder has stopped acting on it.
+        """
+        with pymongo.timeout(within):
+            now = self.server_now()
+            doc = self.steps.find_one_and_update(
+                {"_id": step.id, "lease.token": step.lease_token, "lease.expires_at": {"$gt": now}},
+                {
+                    "$set": {
+                        "lease": {
+                            "owner": step.owner,
+                            "token": step.lease_token,
+                            "expires_at": now + timedelta(seconds=ttl),
+                        }
                     }
-                }
-            },
-            return_document=ReturnDocument.AFTER,
-        )
+                },
+                return_document=ReturnDocument.AFTER,
+            )
         return Step.from_doc(doc) if doc else None
+
+    @retry_transient
+    def holds_lease(self, step: Step) -> bool:
+        """Whether `step`'s lease token is still the record's and has not expired (server time)."""
+        query = {"_id": step.id, "lease.token": step.lease_token, "lease.expires_at": {"$gt": self.server_now()}}
+        return self.steps.find_one(query, {"_id": 1}) is not None
 
     @retry_transient
     def update_step(
@@ -537,7 +618,7 @@ class Store:
         """Cancel the unfinished steps matching `query` that nobody holds; ask the holders of the others."""
         active = {**query, "state": {"$in": list(ACTIVE)}}
         cancelled = self.steps.update_many(
-            {**active, "lease.expires_at": {"$lt": utcnow()}},
+            {**active, "lease.expires_at": {"$lt": self.server_now()}},
             {
                 "$set": {"state": CANCELLED, "message": reason, "lease": FREE_LEASE},
                 "$currentDate": {"updated_at": True, "times.finished": True},
@@ -625,8 +706,20 @@ class Store:
     # --- images ------------------------------------------------------------------------
 
     @retry_transient
-    def record_image(self, record: ImageRecord) -> None:
-        self.images.replace_one({"_id": record.alias}, record.to_doc(), upsert=True)
+    def record_image(self, record: ImageRecord, claim: int = 0) -> bool:
+        """Write the record unless one made by a later claim of the step exists (then False: fenced out).
+
+        `claim` is the fencing token: a holder that paused and lost its step
+        cannot overwrite what its successor recorded.
+        """
+        doc = {**record.to_doc(), "claim": claim}
+        # A record written before claims were recorded counts as claim 0.
+        self.images.update_one({"_id": record.alias, "claim": {"$exists": False}}, {"$set": {"claim": 0}})
+        try:
+            self.images.replace_one({"_id": record.alias, "claim": {"$lte": claim}}, doc, upsert=True)
+        except DuplicateKeyError:  # the record exists, with a later claim
+            return False
+        return True
 
     @retry_transient
     def get_image_record(self, alias: str) -> ImageRecord | None:
@@ -689,11 +782,11 @@ class Store:
             upsert=True,
         )
 
-    @retry_transient
     def remove_instance(self, instance_id: str) -> None:
+        """At shutdown: one attempt, bounded by the server selection timeout (the record also ages out)."""
         self.instances.delete_one({"_id": instance_id})
 
     @retry_transient
     def live_instances(self, max_age: float) -> list[dict[str, Any]]:
-        since = utcnow() - timedelta(seconds=max_age)
+        since = self.server_now() - timedelta(seconds=max_age)
         return list(self.instances.find({"seen_at": {"$gte": since}}))

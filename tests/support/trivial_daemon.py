@@ -12,12 +12,11 @@ Usage: python -m tests.support.trivial_daemon CONFIG
 from __future__ import annotations
 
 import os
-import signal
 import sys
 from pathlib import Path
 
 from ghost_buildpackd.config import load_config
-from ghost_buildpackd.daemon import Daemon, connect_store
+from ghost_buildpackd.daemon import Daemon, connect_store, install_signal_handlers
 from ghost_buildpackd.logs import configure_logging
 from ghost_buildpackd.lxd import Lxd
 from ghost_buildpackd.runner import Bodies
@@ -52,8 +51,7 @@ def main(config_path: str) -> int:
     config = load_config(Path(config_path)).with_instance_id()
     configure_logging(config.log.format, config.log.level)
     daemon = Daemon(config, connect_store(config), Lxd(config.lxd), bodies=TRIVIAL)
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda *_: daemon.stop.set())
+    install_signal_handlers(daemon)
     return daemon.run()
 
 

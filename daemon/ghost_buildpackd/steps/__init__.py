@@ -10,16 +10,30 @@ from __future__ import annotations
 
 import dataclasses
 import grp
+import math
 import pwd
 import re
 import threading
+import time
 import zlib
 from collections.abc import Callable, Mapping
 from typing import Any
 
 from ..config import Config
 from ..joblog import JobLog, OutputCollector
-from ..lxd import TAG_APP, TAG_JOB, TAG_KIND, TAG_OWNER, TAG_STEP, ContainerSpec, ExecResult, Lxd, Mount, is_unavailable
+from ..lxd import (
+    TAG_APP,
+    TAG_CLAIM,
+    TAG_JOB,
+    TAG_KIND,
+    TAG_OWNER,
+    TAG_STEP,
+    ContainerSpec,
+    ExecResult,
+    Lxd,
+    Mount,
+    is_unavailable,
+)
 from ..store import Step, Store
 
 LXD_OUTAGE_LIMIT = 600.0  # longest a step waits for LXD to come back before it fails
@@ -58,6 +72,9 @@ class StepContext:
     log: Any  # structlog logger bound with the step's context
     abort: threading.Event  # set when the lease is lost, the step is cancelled, or shutdown ran out of time
     instance_id: str
+    # Monotonic time past which this holder no longer counts on its lease: set by the runner at each
+    # claim and renewal, ahead of the lease's expiry by a margin, so it stops before a successor may start.
+    lease_valid_until: float = math.inf
     _job_log: JobLog | None = None
     # Chores the runner does after recording the outcome (so nobody waits for them).
     after_outcome: list[Callable[[], None]] = dataclasses.field(default_factory=list)
@@ -78,6 +95,17 @@ class StepContext:
         self.step = updated
         return updated
 
+    def confirm_lease(self) -> None:
+        """Before an act a successor's work could conflict with: LeaseLost unless the lease is still ours.
+
+        Ours means within the local deadline and, on the server, still this
+        token and not expired. What is checked here cannot change before the
+        act unless this process pauses past the margin in between.
+        """
+        if time.monotonic() >= self.lease_valid_until or not self.store.holds_lease(self.step):
+            self.abort.set()
+            raise LeaseLost(self.step.id)
+
     def say(self, event: str, text: str, **fields: Any) -> None:
         """Tell both audiences: a line in Ghost's job log and a structured log event."""
         self.job_log.write(text)
@@ -85,12 +113,17 @@ class StepContext:
 
 
 def container_name(step: Step) -> str:
-    """An LXD-valid, unique name from the job id (never the AMI name): `gbp-<job>-b` or `gbp-<job>-d-<module>-<crc>`."""
+    """An LXD-valid name, unique to the step's attempt: `gbp-<job>-b-<claim>` or `gbp-<job>-d-<module>-<crc>-<claim>`.
+
+    From the job id (never the AMI name) and the claim number, so two attempts
+    of a step never share a container: whatever one attempt does by name
+    touches only its own.
+    """
     if step.kind == "buildimage":
-        return f"gbp-{step.job_id}-b"
+        return f"gbp-{step.job_id}-b-{step.claim}"
     module = step.module or ""
-    slug = re.sub(r"[^a-z0-9]+", "-", module.lower()).strip("-")[:20] or "m"
-    return f"gbp-{step.job_id}-d-{slug}-{zlib.crc32(module.encode()):08x}"[:63]
+    slug = re.sub(r"[^a-z0-9]+", "-", module.lower()).strip("-")[:16] or "m"
+    return f"gbp-{step.job_id}-d-{slug}-{zlib.crc32(module.encode()):08x}-{step.claim}"[:63]
 
 
 def step_tags(ctx: StepContext) -> dict[str, str]:
@@ -101,6 +134,7 @@ def step_tags(ctx: StepContext) -> dict[str, str]:
         TAG_APP: str(step.app_id or ""),
         TAG_KIND: step.kind,
         TAG_OWNER: ctx.instance_id,
+        TAG_CLAIM: str(step.claim),
     }
 
 
@@ -150,7 +184,8 @@ def container_spec(
 def launch(ctx: StepContext, spec: ContainerSpec) -> str:
     """Create and start the container, and wait until it runs commands."""
     ctx.save(container=spec.name)  # recorded first, so whoever takes over knows what to remove
-    ctx.lxd.delete_container(spec.name)  # a leftover of an earlier attempt of this same step
+    ctx.confirm_lease()
+    remove_leftovers(ctx)  # what earlier attempts of this step left (never a later attempt's)
     ctx.log.info("container_creating", container=spec.name, image=spec.image[:12])
     ctx.lxd.create_container(spec)
     ctx.lxd.start(spec.name)
@@ -269,10 +304,16 @@ def run_after_outcome(ctx: StepContext) -> None:
 
 
 def remove_leftovers(ctx: StepContext) -> list[str]:
-    """Delete every container tagged with this step (LXD is the truth, not the record)."""
+    """Delete the containers of this step made by this attempt or earlier ones (LXD is the truth, not the record).
+
+    Never one of a later attempt: a holder that paused and lost the step must
+    not undo its successor's work.
+    """
     removed = []
     for container in ctx.lxd.list_containers():
-        if container.step_id == ctx.step.id and ctx.lxd.delete_container(container.name):
+        if container.step_id != ctx.step.id or container.claim > ctx.step.claim:
+            continue
+        if ctx.lxd.delete_container(container.name):
             ctx.log.warning("leftover_container_removed", container=container.name)
             removed.append(container.name)
     return removed

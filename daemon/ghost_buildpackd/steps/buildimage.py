@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 
 from ..ghost import App, BadDocument, Job, parse_app, parse_job
 from ..logs import Secrets
-from ..lxd import IMAGE_PROP_JOB, ImageInfo, ImageNotFound, Mount
+from ..lxd import IMAGE_PROP_CLAIM, IMAGE_PROP_JOB, ImageInfo, ImageNotFound, Mount
 from ..store import SUCCEEDED, ImageRecord, utcnow
 from . import (
     SCRIPT_DIR,
@@ -211,11 +211,17 @@ def publish(ctx: StepContext, plan: BuildPlan, base: ImageInfo, container: str) 
     )
     lxd_phase("detaching the provisioner trees", lambda: ctx.lxd.remove_devices(container))
     lxd_phase("stopping the container", lambda: ctx.lxd.stop(container))
-    properties = image_properties(plan, base)
+    properties = {**image_properties(plan, base), IMAGE_PROP_CLAIM: str(ctx.step.claim)}
     image = lxd_phase("publishing the image", lambda: ctx.lxd.publish(container, properties, compression))
     try:
         previous = ctx.lxd.image_by_alias(plan.alias)  # set when the job is replayed
+        if previous is not None and image_claim(previous) > ctx.step.claim:
+            raise LeaseLost(ctx.step.id)  # a later attempt of this step published already
+        ctx.confirm_lease()
         ctx.lxd.point_alias(plan.alias, image.fingerprint, properties["description"])
+    except LeaseLost:
+        ctx.lxd.delete_image(image.fingerprint)
+        raise
     except Exception as error:  # no image without its alias may survive
         ctx.lxd.delete_image(image.fingerprint)
         raise StepFailed(f"pointing alias {plan.alias} at the new image failed: {error}") from error
@@ -246,6 +252,12 @@ def image_properties(plan: BuildPlan, base: ImageInfo) -> dict[str, str]:
     return {key: value for key, value in properties.items() if value}
 
 
+def image_claim(image: ImageInfo) -> int:
+    """The claim number of the attempt that published `image` (0 when it does not say)."""
+    value = image.properties.get(IMAGE_PROP_CLAIM, "")
+    return int(value) if value.isdigit() else 0
+
+
 def delete_replaced_image(ctx: StepContext, alias: str, previous: ImageInfo) -> None:
     """The alias moved on replay: delete the image it left unless something else still names it."""
     current = ctx.lxd.image_by_fingerprint(previous.fingerprint)
@@ -259,9 +271,10 @@ def delete_replaced_image(ctx: StepContext, alias: str, previous: ImageInfo) -> 
 
 
 def record(ctx: StepContext, plan: BuildPlan, base: ImageInfo, image: ImageInfo) -> None:
-    """The two MongoDB writes, only once the image and its alias exist."""
+    """The two MongoDB writes, only once the image and its alias exist, both fenced on the step's attempt."""
     app = plan.app
-    ctx.store.record_image(
+    ctx.confirm_lease()
+    recorded = ctx.store.record_image(
         ImageRecord(
             alias=plan.alias,
             fingerprint=image.fingerprint,
@@ -275,10 +288,33 @@ def record(ctx: StepContext, plan: BuildPlan, base: ImageInfo, image: ImageInfo)
             base_image=base.fingerprint,
             size=image.size,
             created_at=utcnow(),
-        )
+        ),
+        claim=ctx.step.claim,
     )
-    ctx.store.set_app_container_image(app.id, plan.alias)
+    if not recorded:  # a later attempt of this step recorded its own image
+        ctx.abort.set()
+        raise LeaseLost(ctx.step.id)
+    point_app_at_image(ctx, app.id, plan.alias)
     ctx.log.info("image_recorded", image=plan.alias, fingerprint=image.fingerprint, app_id=str(app.id))
+
+
+APP_WRITE_TRIES = 3  # compare-and-set rounds against other builds of the same app finishing at the same moment
+
+
+def point_app_at_image(ctx: StepContext, app_id: Any, alias: str) -> None:
+    """Set `apps.build_infos.container_image`, fenced: read, confirm the lease, then compare-and-set.
+
+    A holder that paused between its check and its write finds the value
+    moved and checks its lease again, which it has lost by then.
+    """
+    for _ in range(APP_WRITE_TRIES):
+        current = ctx.store.app_container_image(app_id)
+        if current == alias:
+            return
+        ctx.confirm_lease()
+        if ctx.store.set_app_container_image(app_id, alias, expected=current):
+            return
+    raise StepFailed(f"apps.build_infos.container_image of app {app_id} kept changing; it was not set to {alias}")
 
 
 # --- after a crash or on replay -------------------------------------------------------------
@@ -296,7 +332,11 @@ def recover_earlier_attempt(ctx: StepContext, plan: BuildPlan) -> Outcome | None
     resumed = ctx.step.attempts > 1
     if resumed:
         remove_leftovers(ctx)
+    ctx.confirm_lease()
     images = ctx.lxd.list_images()  # one snapshot serves every question below
+    ours = [image for image in images if image.properties.get(IMAGE_PROP_JOB) == plan.alias]
+    if any(image_claim(image) > ctx.step.claim for image in ours):
+        raise LeaseLost(ctx.step.id)  # a later attempt of this step is under way: its images are not ours to judge
     kept = recorded_image(ctx, plan.alias, images)
     aliased = next((image for image in images if plan.alias in image.aliases), None)
     if aliased is not None and (kept is None or aliased.fingerprint != kept.fingerprint):
@@ -312,7 +352,7 @@ def recover_earlier_attempt(ctx: StepContext, plan: BuildPlan) -> Outcome | None
             ctx.log.warning("half_published_image_deleted", fingerprint=image.fingerprint, alias=plan.alias)
     if not resumed or kept is None or ctx.step.finished_at is not None:
         return None
-    ctx.store.set_app_container_image(plan.app.id, plan.alias)
+    point_app_at_image(ctx, plan.app.id, plan.alias)
     message = f"container image {plan.alias} was published by an earlier attempt ({kept.fingerprint[:12]})"
     ctx.say("buildimage_recovered", message, image=plan.alias, fingerprint=kept.fingerprint)
     return Outcome(SUCCEEDED, message=message, fields={"image": plan.alias, "fingerprint": kept.fingerprint})

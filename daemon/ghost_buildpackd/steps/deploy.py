@@ -70,7 +70,7 @@ def prepare(ctx: StepContext) -> Outcome:
 
 def run(ctx: StepContext) -> Outcome:
     """Run the module's buildpack on its working copy; the container is removed in every outcome."""
-    name = container_name(ctx.step)
+    name = prepared_container(ctx)
     try:
         app, module = load_app_module(ctx)
         if not module.has_build_pack:
@@ -150,13 +150,20 @@ def prepared_owner(ctx: StepContext, app: App, module: Module) -> tuple[int, int
 # --- the container -----------------------------------------------------------------
 
 
+def prepared_container(ctx: StepContext) -> str:
+    """The container the preparation recorded (made by its own, earlier claim), else this attempt's name."""
+    return ctx.step.container or container_name(ctx.step)
+
+
 def usable_container(ctx: StepContext, app: App, owner: tuple[int, int]) -> str:
     """The prepared container when it runs, untouched, with the right ownership mapping; else a new one.
 
     Untouched: no working copy was ever mounted in it, so no earlier run (cut
     off by a shutdown or an LXD outage) can have left anything running there.
+    The preparation released its lease when it was done, so this attempt may
+    adopt it; one taken over removes it first (`remove_leftovers`).
     """
-    name = container_name(ctx.step)
+    name = prepared_container(ctx)
     wanted = container_spec(ctx, "", idmap=owner).lxd_config()
     current = ctx.lxd.describe_container(name)
     if current is None:
@@ -177,7 +184,7 @@ def usable_container(ctx: StepContext, app: App, owner: tuple[int, int]) -> str:
         )
     spec = container_spec(ctx, image_fingerprint(ctx, app), idmap=owner)
     check_abort(ctx, "launching the container")
-    return launch(ctx, spec)  # launch deletes a stale container of the same name first
+    return launch(ctx, spec)  # launch deletes the containers of earlier attempts first
 
 
 def run_build_pack(

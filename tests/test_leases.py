@@ -1,0 +1,218 @@
+"""Leases against the test MongoDB: claim order, server clock, bounded renewals, fenced writes, self-fencing."""
+
+from __future__ import annotations
+
+import threading
+import time
+from datetime import UTC, datetime, timedelta
+
+import pytest
+import structlog
+from bson import ObjectId
+from pymongo.errors import AutoReconnect, PyMongoError
+
+from ghost_buildpackd.runner import Bodies, Runner, lease_margin
+from ghost_buildpackd.steps import LeaseLost, Outcome, StepContext, StepFailed
+from ghost_buildpackd.store import (
+    BUILDIMAGE,
+    DEPLOY,
+    READY,
+    RUNNING,
+    SUCCEEDED,
+    ImageRecord,
+    Store,
+    step_id,
+    utcnow,
+)
+from tests.support.ghost import make_app, make_job
+from tests.support.mongo import free_port
+from tests.support.waiting import wait_until
+
+HOST = "host-a"
+
+
+def pending_buildimage(store: Store, db) -> str:
+    job = make_job(db, make_app(db))
+    store.create_step(job, BUILDIMAGE, app_id=None)
+    return step_id(job, BUILDIMAGE)
+
+
+def test_a_requested_step_is_claimed_before_older_pending_ones(db, store):
+    older = [pending_buildimage(store, db) for _ in range(3)]
+    job = make_job(db, make_app(db, name="api"), command="deploy", status="started", modules=["app"])
+    store.request_step(job, "app", HOST, None)
+
+    first = store.claim_step("me", 30, HOST)
+
+    assert first is not None and first.id == step_id(job, DEPLOY, "app"), "Ghost's request waited behind builds"
+    assert store.claim_step("me", 30, HOST).id == older[0]
+
+
+def test_claims_leases_and_outcomes_are_written_with_majority_write_concern(db, store):
+    for collection in (store.steps, store.images, store.apps):
+        assert collection.write_concern.document == {"w": "majority"}, collection.name
+    sid = pending_buildimage(store, db)  # the server accepts them
+    assert store.claim_step("me", 30, HOST).id == sid
+
+
+def test_each_claim_gets_a_higher_claim_number_even_after_a_replay(db, store):
+    sid = pending_buildimage(store, db)
+    first = store.claim_step("me", 30, HOST)
+    assert store.update_step(first, state=SUCCEEDED) is not None
+    assert store.reset_step_for_replay(sid)
+    second = store.claim_step("me", 30, HOST)
+    assert (first.claim, second.claim) == (1, 2)
+    assert second.attempts == 1  # the attempt budget starts again; the claim number never does
+
+
+def skewed(db, hours: float) -> Store:
+    store = Store(db, clock=lambda: utcnow() + timedelta(hours=hours))
+    store.measure_server_clock()
+    return store
+
+
+def test_a_host_whose_clock_runs_ahead_cannot_steal_a_healthy_lease(db, store):
+    sid = pending_buildimage(store, db)
+    healthy = store.claim_step("healthy", 30, HOST)
+    assert healthy is not None and healthy.id == sid
+
+    ahead = skewed(db, hours=1)
+
+    assert ahead.claim_step("ahead", 30, HOST) is None
+    assert ahead.renew_lease(healthy, 30, within=5) is not None, "the holder's renewal must still work from there"
+
+
+def test_a_host_whose_clock_runs_behind_takes_leases_that_expire_on_time(db, store):
+    pending_buildimage(store, db)
+    behind = skewed(db, hours=-1)
+
+    step = behind.claim_step("behind", 10, HOST)
+
+    server_now = store.db.client.admin.command("hello")["localTime"].replace(tzinfo=UTC)
+    assert abs((step.lease_expires_at - server_now).total_seconds() - 10) < 5
+
+
+def test_an_expired_lease_is_not_renewed_even_when_nobody_took_it(db, store):
+    pending_buildimage(store, db)
+    step = store.claim_step("me", 30, HOST)
+    store.steps.update_one({"_id": step.id}, {"$set": {"lease.expires_at": datetime(2000, 1, 1, tzinfo=UTC)}})
+    assert store.renew_lease(step, 30, within=5) is None
+    assert not store.holds_lease(step)
+
+
+def test_a_renewal_gives_up_within_its_bound_when_mongodb_is_unreachable(db, store):
+    pending_buildimage(store, db)
+    step = store.claim_step("me", 30, HOST)
+    unreachable = Store.from_uri(f"mongodb://127.0.0.1:{free_port()}/?directConnection=true", db.name, timeout=30)
+    started = time.monotonic()
+    with pytest.raises(PyMongoError):
+        unreachable.renew_lease(step, 30, within=1)
+    # Bounded by `within`, not by 30 s of server selection nor by minutes of retries.
+    assert time.monotonic() - started < 10
+
+
+def image_record(alias: str, fingerprint: str) -> ImageRecord:
+    return ImageRecord(
+        alias=alias,
+        fingerprint=fingerprint,
+        job_id=ObjectId(alias),
+        app_id=ObjectId(),
+        app_identity="shop",
+        app_label="shop",
+        region="eu-west-1",
+        ami_id="ami-1",
+        ami_name="ami",
+        base_image="base",
+        size=1,
+        created_at=utcnow(),
+    )
+
+
+def test_an_image_record_is_never_overwritten_by_an_earlier_claim(store):
+    alias = str(ObjectId())
+    assert store.record_image(image_record(alias, "f" * 64), claim=3)
+    assert not store.record_image(image_record(alias, "e" * 64), claim=2)
+    assert store.get_image_record(alias).fingerprint == "f" * 64
+    assert store.record_image(image_record(alias, "d" * 64), claim=3)  # a retry of the same claim applies
+    assert store.record_image(image_record(alias, "c" * 64), claim=4)
+    assert store.get_image_record(alias).fingerprint == "c" * 64
+
+
+def test_the_app_image_is_set_by_compare_and_set(db, store):
+    app = make_app(db, container_image="old")
+    assert not store.set_app_container_image(app, "mine", expected="something-else")
+    assert store.app_container_image(app) == "old"
+    assert store.set_app_container_image(app, "mine", expected="old")
+    assert store.app_container_image(app) == "mine"
+    fresh = make_app(db, name="fresh")
+    assert store.set_app_container_image(fresh, "first", expected=None)
+    assert store.app_container_image(fresh) == "first"
+
+
+# --- the runner's self-fencing ------------------------------------------------------------------------
+
+
+class Blocking:
+    """A step body that runs until aborted, noting when (as a command stopped by its abort would)."""
+
+    def __init__(self) -> None:
+        self.aborted_at: datetime | None = None
+        self.started = threading.Event()
+
+    def __call__(self, ctx: StepContext) -> Outcome:
+        self.started.set()
+        ctx.abort.wait(120)
+        self.aborted_at = ctx.store.server_now()
+        raise StepFailed("interrupted")
+
+
+def runner_with(make_config, store: Store, body: Blocking, ttl: str) -> Runner:
+    config = make_config(lease_ttl=ttl, workers=1).with_instance_id()
+    ready = lambda ctx: Outcome(READY)  # noqa: E731
+    return Runner(config, store, lxd=None, bodies=Bodies(buildimage=body, prepare_deploy=ready, run_deploy=body))
+
+
+def test_a_holder_that_cannot_renew_stops_acting_before_its_lease_expires(db, store, make_config, monkeypatch):
+    sid = pending_buildimage(store, db)
+    body = Blocking()
+    runner = runner_with(make_config, store, body, ttl="3s")
+
+    def outage(*_args, **_kwargs):
+        raise AutoReconnect("MongoDB unreachable (test)")
+
+    monkeypatch.setattr(store, "renew_lease", outage)
+    with structlog.testing.capture_logs() as logs:
+        runner.start()
+        try:
+            assert body.started.wait(30), "the step was not claimed"
+            expires_at = store.get_step(sid).lease_expires_at
+            wait_until(lambda: body.aborted_at, 15, "the holder to give the step up")
+        finally:
+            runner.stop(grace=5)
+
+    assert body.aborted_at < expires_at, "the holder still acted when a successor could take the step"
+    margin = (expires_at - body.aborted_at).total_seconds()
+    assert margin > lease_margin(3) / 2, f"stopped only {margin:.2f}s before the expiry"
+    assert any(entry["event"] == "lease_expired_locally" for entry in logs)
+    step = store.get_step(sid)
+    assert step.state == RUNNING and step.attempts == 1, "the lost step's outcome must not be recorded"
+
+
+def test_confirm_lease_refuses_once_the_local_deadline_passed(db, store, make_config):
+    pending_buildimage(store, db)
+    step = store.claim_step("me", 30, HOST)
+    ctx = StepContext(
+        step=step,
+        config=make_config(),
+        store=store,
+        lxd=None,
+        log=structlog.get_logger("test"),
+        abort=threading.Event(),
+        instance_id="me",
+        lease_valid_until=time.monotonic() + 60,
+    )
+    ctx.confirm_lease()  # held, with time left
+    ctx.lease_valid_until = time.monotonic() - 0.1
+    with pytest.raises(LeaseLost):
+        ctx.confirm_lease()
+    assert ctx.abort.is_set()
