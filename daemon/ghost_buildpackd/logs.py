@@ -5,6 +5,8 @@ with `bind_contextvars` (job_id, app, step, container, module) by whoever runs
 a step. Secret values (the app's `env_vars` values) are registered with
 `Secrets` while a step runs and replaced by `***` in every string a log line
 carries, as a last line of defence: the code never logs them on purpose.
+Output is masked line by line, so each line of a multi-line value (a PEM key)
+is registered too.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ class Secrets:
     @classmethod
     @contextmanager
     def registered(cls, values: Iterable[str]) -> Iterator[None]:
-        kept = [value for value in values if len(value) >= MIN_SECRET_LENGTH]
+        kept = [piece for value in values for piece in _pieces(value)]
         with cls._lock:
             for value in kept:
                 cls._counts[value] = cls._counts.get(value, 0) + 1
@@ -47,6 +49,29 @@ class Secrets:
                         del cls._counts[value]
 
     @classmethod
+    def safe_cut(cls, data: bytes, at: int) -> int:
+        """The largest index <= `at` where cutting `data` splits no registered secret in it.
+
+        A line cut by force (it has no newline yet) is masked in two parts; a
+        secret straddling the cut would be masked in neither.
+        """
+        secrets = [value.encode("utf-8", "replace") for value in list(cls._counts)]
+        cut = max(0, at)
+        moved = True
+        while moved and cut > 0:  # each move goes left: bounded by `at`
+            moved = False
+            for secret in secrets:
+                start = data.find(secret, max(0, cut - len(secret) + 1), cut + len(secret) - 1)
+                if start != -1 and start < cut:
+                    cut, moved = start, True
+        return cut
+
+    @classmethod
+    def longest(cls) -> int:
+        """Length in bytes of the longest registered value (0 when none)."""
+        return max((len(value.encode("utf-8", "replace")) for value in list(cls._counts)), default=0)
+
+    @classmethod
     def redact(cls, text: str) -> str:
         values = cls._counts
         if not values:
@@ -56,6 +81,12 @@ class Secrets:
             if value in text:
                 text = text.replace(value, REDACTED)
         return text
+
+
+def _pieces(value: str) -> list[str]:
+    """What to mask for one secret value: the value, and each of its lines when it has several."""
+    lines = [line.strip() for line in value.splitlines()] if "\n" in value or "\r" in value else []
+    return [piece for piece in dict.fromkeys([value, *lines]) if len(piece) >= MIN_SECRET_LENGTH]
 
 
 def _redact_value(value: Any) -> Any:
