@@ -4,21 +4,28 @@ from __future__ import annotations
 
 import base64
 import os
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import pytest
 from pymongo.database import Database
 from structlog.testing import capture_logs
 
 from ghost_buildpackd.config import Config
 from ghost_buildpackd.joblog import JobLog, OutputCollector
 from ghost_buildpackd.logs import Secrets
-from ghost_buildpackd.lxd import Lxd
-from ghost_buildpackd.store import SUCCEEDED, Store
+from ghost_buildpackd.lxd import ContainerSpec, Lxd
+from ghost_buildpackd.store import FAILED, SUCCEEDED, Store, step_id
 from tests.conftest import WORKING_COPY_IDS, leftover_containers
-from tests.support.ghost import make_app, make_job, module_doc
-from tests.support.steps import deploy_context
+from tests.support.ghost import finish_buildimage, make_app, make_job, module_doc
+from tests.support.steps import deploy_context, terminal_step
+from tests.support.waiting import wait_until
+from tests.test_buildimage import assert_nothing_published, buildimage_job, fail, salt_tree
+from tests.test_buildimage import config as buildimage_config  # noqa: F401  (a fixture)
 from tests.test_deploy import image_alias, job_log, run_deploy  # noqa: F401  (image_alias is a fixture)
+from tests.test_faults import assert_nothing_left, buildimage_app, daemons, features_config  # noqa: F401  (daemons is a fixture)
+from tests.test_faults import buildimage_job as faults_buildimage_job
 
 
 def pem_key(seed: int) -> str:
@@ -101,3 +108,125 @@ echo buildpack-done
         assert line not in text and line not in glued and line not in logged, line
         assert line not in outcome.output_tail
     assert leftover_containers(lxd, db) == []
+
+
+# --- provisioner trees --------------------------------------------------------------------
+
+
+def _symlinked_tree(tree: Path, top: Path) -> None:
+    real = top.parent / "elsewhere"
+    tree.rename(real)
+    tree.symlink_to(real)
+
+
+def _symlinked_top(tree: Path, top: Path) -> None:
+    real = top.parent / "real-provisioner-tree"
+    top.rename(real)
+    top.symlink_to(real)
+
+
+def _world_writable_tree(tree: Path, top: Path) -> None:
+    tree.chmod(0o777)
+
+
+def _group_writable_top(tree: Path, top: Path) -> None:
+    top.chmod(0o775)
+
+
+def _foreign_owner(tree: Path, top: Path) -> None:
+    os.chown(tree, 4242, 4242)
+
+
+UNSAFE_TREES = {
+    "the tree is a symlink": (_symlinked_tree, "is a symlink (LXD would follow it as root)"),
+    "ghost.provisioner_tree is a symlink": (_symlinked_top, "is a symlink"),
+    "the tree is world-writable": (_world_writable_tree, "writable by its group or by others (mode 0777)"),
+    "ghost.provisioner_tree is group-writable": (_group_writable_top, "writable by its group or by others (mode 0775)"),
+    "the tree belongs to another user": (_foreign_owner, "owned by uid 4242, not by root"),
+}
+
+
+@pytest.mark.parametrize("case", list(UNSAFE_TREES))
+def test_unsafe_provisioner_tree_is_refused_before_any_container(
+    case: str,
+    buildimage_config: Config,  # noqa: F811
+    store: Store,
+    lxd: Lxd,
+    db: Database,
+    ghost_dirs: dict[str, Path],
+) -> None:
+    spoil, reason = UNSAFE_TREES[case]
+    job_id = buildimage_job(db, make_app(db, features=[{"name": "web", "provisioner": "salt"}]))
+    tree = salt_tree(ghost_dirs, job_id, "echo salt ran")
+    spoil(tree, ghost_dirs["provisioner_tree"])
+
+    ctx, error = fail(buildimage_config, store, lxd, job_id)
+
+    assert f"provisioner tree {tree} is not mounted" in error.message, error.message
+    assert reason in error.message, error.message
+    assert store.get_step(ctx.step.id).container is None
+    assert_nothing_published(lxd, store, db, job_id)
+
+
+# --- deadlines ----------------------------------------------------------------------------
+
+HANG_MKDIR = "rm /bin/mkdir && printf '#!/bin/sh\\nexec sleep 100000\\n' > /bin/mkdir && chmod 755 /bin/mkdir"
+
+
+def variant_image(lxd: Lxd, base_image: str, script: str, label: str) -> tuple[str, str]:
+    """A local image: the base image after `sh -c script` ran in it. Returns (alias, fingerprint)."""
+    base = lxd.image_by_alias(base_image)
+    assert base is not None
+    name = f"gbp-test-{label}-{uuid.uuid4().hex[:8]}"
+    lxd.create_container(ContainerSpec(name=name, image=base.fingerprint, tags={}))
+    try:
+        lxd.start(name)
+        lxd.wait_ready(name, 60)
+        output = bytearray()
+        result = lxd.execute(name, ["sh", "-c", script], {}, output.extend, 60)
+        assert result.ok, (result, output.decode())
+        lxd.stop(name)
+        image = lxd.publish(name, {"description": f"ghost-buildpackd test: {label}", **base.properties}, "none")
+    finally:
+        lxd.delete_container(name)
+    lxd.point_alias(name, image.fingerprint)
+    return name, image.fingerprint
+
+
+@pytest.fixture
+def hanging_mkdir_image(lxd: Lxd, base_image: str) -> Iterator[str]:
+    """The base image whose `mkdir` never returns (so the readiness probe hangs); deleted afterwards."""
+    alias, fingerprint = variant_image(lxd, base_image, HANG_MKDIR, "hanging-mkdir")
+    yield alias
+    lxd.delete_alias(alias)
+    lxd.delete_image(fingerprint)
+
+
+@pytest.mark.slow
+def test_an_image_whose_mkdir_hangs_fails_at_the_readiness_deadline_and_frees_the_worker(
+    db: Database,
+    store: Store,
+    lxd: Lxd,
+    base_image: str,
+    hanging_mkdir_image: str,
+    ghost_dirs: dict[str, Path],
+    daemons,  # noqa: F811
+) -> None:
+    group = daemons(workers=1, container=features_config(ready_timeout="5s"))
+    process = group.start()
+    tree = ghost_dirs["provisioner_tree"]
+    hanging = faults_buildimage_job(db, buildimage_app(db, hanging_mkdir_image), tree)
+    finish_buildimage(db, hanging, ami_id="ami-0000hang")
+    good = faults_buildimage_job(db, buildimage_app(db, base_image), tree)
+    finish_buildimage(db, good, ami_id="ami-00000good")
+
+    failed = wait_until(lambda: terminal_step(store, step_id(hanging, "buildimage")), 120, "the hanging step ended")
+    built = wait_until(lambda: terminal_step(store, step_id(good, "buildimage")), 120, "the second step ended")
+
+    assert failed.state == FAILED, failed.message
+    assert "readiness probe `mkdir -p /var/lib/ghost-buildpackd` did not finish within 5s" in failed.message
+    assert (failed.finished_at - failed.started_at).total_seconds() < 5 + 30  # deadline plus a force stop
+    assert built.state == SUCCEEDED, built.message
+    assert built.started_at >= failed.finished_at  # one worker: the second step ran once the first let it go
+    assert process.alive()
+    assert_nothing_left(lxd, db, store)

@@ -242,6 +242,8 @@ class ContainerConfig:
     idmap_user: str = field("ghost", parse_str)
     limits: LimitsConfig = dataclasses.field(default_factory=LimitsConfig)
     exec_timeout: float = field(1800.0, parse_duration)
+    ready_timeout: float = field(120.0, parse_duration)
+    prepared_max_age: float = field(7200.0, parse_duration)
     profiles: tuple[str, ...] = field((), parse_str_list)
     publish_compression: str = field("none", one_of("none", *PUBLISH_COMPRESSORS))
     provisioner_commands: ProvisionerCommands = dataclasses.field(default_factory=ProvisionerCommands)
@@ -330,8 +332,9 @@ def _cross_checks(config: Config, problems: list[str]) -> None:
         problems.append("lxd.cert: lxd.cert and lxd.key go together (client certificate and its key)")
     if config.lease_ttl < 3:
         problems.append(f"lease_ttl: expected at least 3s, got {config.lease_ttl:g}s")
-    if config.container.exec_timeout <= 0:
-        problems.append("container.exec_timeout: expected a duration above zero")
+    for key in ("exec_timeout", "ready_timeout", "prepared_max_age"):
+        if getattr(config.container, key) <= 0:
+            problems.append(f"container.{key}: expected a duration above zero")
 
 
 def config_from_mapping(raw: Any, env: Mapping[str, str] | None = None) -> Config:

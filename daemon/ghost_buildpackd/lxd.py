@@ -456,27 +456,49 @@ class Lxd:
     def start(self, name: str) -> None:
         self.client.instances.get(name).start(wait=True)
 
-    def wait_ready(self, name: str, timeout: float, probe: Sequence[str] = ("true",)) -> None:
-        """Wait until `probe`, a command, runs and exits 0 in the container: a check, never a fixed sleep."""
+    def wait_ready(
+        self,
+        name: str,
+        timeout: float,
+        probe: Sequence[str] = ("true",),
+        abort: threading.Event | None = None,
+    ) -> None:
+        """Wait until `probe`, a command, runs and exits 0 in the container: a check, never a fixed sleep.
+
+        Each probe runs under what is left of `timeout` and stops on `abort`
+        (`execute` force-stops the container): an image whose command hangs
+        cannot hold the caller past the deadline.
+        """
         deadline = time.monotonic() + timeout
+        stop = abort or threading.Event()
         delay = 0.02
         last_error = ""
         last_exception: BaseException | None = None
+        command = " ".join(probe)
         while time.monotonic() < deadline:
             try:
                 instance = self.client.instances.get(name)
                 if instance.status == "Running":
-                    exit_code = self._exec_streaming(name, list(probe), {}, lambda _chunk: None, None)
-                    if exit_code == 0:
+                    remaining = max(0.1, deadline - time.monotonic())
+                    result = self.execute(name, list(probe), {}, lambda _chunk: None, remaining, abort=abort)
+                    if result.ok:
                         return
-                    last_error = f"{' '.join(probe)!r} exited {exit_code}"
+                    if result.timed_out:
+                        raise LxdError(
+                            f"container {name} not ready: the readiness probe `{command}` did not finish "
+                            f"within {timeout:g}s (the container was stopped)"
+                        )
+                    if result.aborted:
+                        raise LxdError(f"container {name} not ready: the readiness probe `{command}` was interrupted")
+                    last_error = result.error or f"`{command}` exited {result.exit_code}"
                 else:
                     last_error = f"status {instance.status}"
             except (LXDAPIException, requests.RequestException, OSError) as error:
                 # OSError: the exec websocket can break (EPIPE) while the container is still starting.
                 last_error = f"{type(error).__name__}: {error}"
                 last_exception = error
-            time.sleep(delay)  # a backoff between readiness checks, not a wait for readiness
+            if stop.wait(delay):  # a backoff between checks, not a wait for readiness
+                raise LxdError(f"container {name} not ready: interrupted ({last_error})")
             delay = min(delay * 2, 0.5)
         if is_unavailable(last_exception):
             raise LxdUnavailable(f"container {name} not ready: LXD went away ({last_error})") from last_exception
