@@ -16,15 +16,15 @@ from ghost_buildpackd.config import Config
 from ghost_buildpackd.joblog import JobLog, OutputCollector
 from ghost_buildpackd.logs import Secrets
 from ghost_buildpackd.lxd import ContainerSpec, Lxd
-from ghost_buildpackd.store import FAILED, SUCCEEDED, Store, step_id
+from ghost_buildpackd.store import CANCELLED, FAILED, READY, SUCCEEDED, Store, step_id
 from tests.conftest import WORKING_COPY_IDS, leftover_containers
-from tests.support.ghost import finish_buildimage, make_app, make_job, module_doc
-from tests.support.steps import deploy_context, terminal_step
+from tests.support.ghost import finish_buildimage, make_app, make_job, module_doc, set_status
+from tests.support.steps import deploy_context, state_of, terminal_step
 from tests.support.waiting import wait_until
-from tests.test_buildimage import assert_nothing_published, buildimage_job, fail, salt_tree
+from tests.test_buildimage import assert_nothing_published, build, buildimage_job, fail, salt_tree
 from tests.test_buildimage import config as buildimage_config  # noqa: F401  (a fixture)
 from tests.test_deploy import image_alias, job_log, run_deploy  # noqa: F401  (image_alias is a fixture)
-from tests.test_faults import assert_nothing_left, buildimage_app, daemons, features_config  # noqa: F401  (daemons is a fixture)
+from tests.test_faults import assert_nothing_left, buildimage_app, daemons, deploy_app, features_config  # noqa: F401  (daemons is a fixture)
 from tests.test_faults import buildimage_job as faults_buildimage_job
 
 
@@ -228,5 +228,56 @@ def test_an_image_whose_mkdir_hangs_fails_at_the_readiness_deadline_and_frees_th
     assert (failed.finished_at - failed.started_at).total_seconds() < 5 + 30  # deadline plus a force stop
     assert built.state == SUCCEEDED, built.message
     assert built.started_at >= failed.finished_at  # one worker: the second step ran once the first let it go
+    assert process.alive()
+    assert_nothing_left(lxd, db, store)
+
+
+@pytest.mark.slow
+def test_a_600mb_publish_outlasting_the_http_timeout_succeeds(
+    make_config: Callable[..., Config],
+    store: Store,
+    lxd: Lxd,
+    db: Database,
+    base_image: str,
+    lxd_cleanup: None,
+) -> None:
+    config = make_config(lxd={"timeout": "3s"})  # publishing 600 MB uncompressed took 7 s here
+    # 600 MB: ten copies of 60 MB of random data (urandom is slow in the container, and the copies do not compress).
+    payload = "mkdir -p /opt && head -c 60000000 /dev/urandom > /opt/part && for i in 0 1 2 3 4 5 6 7 8 9; do " \
+        "cat /opt/part; done > /opt/payload && rm /opt/part && ls -l /opt/payload"  # fmt: skip
+    job_id = buildimage_job(db, make_app(db, source_container_image=base_image, pre_buildimage=payload))
+
+    ctx, outcome = build(config, store, Lxd(config.lxd), job_id)  # the step's LXD client has the 3 s timeout
+
+    assert outcome.state == SUCCEEDED, outcome
+    image = lxd.image_by_alias(str(job_id))
+    assert image is not None and image.size > 600_000_000, image
+    publishing = store.get_step(ctx.step.id)
+    assert publishing.container is not None and lxd.container_status(publishing.container) is None
+
+
+@pytest.mark.slow
+def test_a_prepared_container_nobody_asks_for_is_removed_after_prepared_max_age(
+    db: Database,
+    store: Store,
+    lxd: Lxd,
+    base_image: str,
+    daemons,  # noqa: F811
+) -> None:
+    process = daemons(container={"prepared_max_age": "4s"}, sweep_interval="1s").start()
+    job = make_job(db, deploy_app(db, base_image, "echo never runs"), command="deploy", modules=["api"])
+    set_status(db, job, "started")  # and Ghost's worker dies: nobody ever asks for the buildpack
+    sid = step_id(job, "deploy", "api")
+    wait_until(lambda: state_of(store, sid) == READY, 60, "the step prepared")
+    container = store.get_step(sid).container
+    assert container is not None and lxd.container_status(container) == "Running"
+
+    step = wait_until(lambda: terminal_step(store, sid), 60, "the prepared step expired")
+
+    assert step.state == CANCELLED, step
+    assert "prepared over 4s ago (container.prepared_max_age)" in step.message
+    assert "never asked for the buildpack" in step.message
+    wait_until(lambda: lxd.container_status(container) is None, 30, "the prepared container removed")
+    assert process.saw("prepared_container_expired", step=sid)
     assert process.alive()
     assert_nothing_left(lxd, db, store)

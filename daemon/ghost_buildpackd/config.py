@@ -189,6 +189,7 @@ class LxdConfig:
     verify: bool = field(True, parse_bool)
     image_server: str | None = field(None, optional(parse_str))
     timeout: float = field(120.0, parse_duration)
+    operation_timeout: float = field(1800.0, parse_duration)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -327,14 +328,17 @@ def _build(cls: type, raw: Any, path: str, problems: list[str]) -> Any:
     return cls(**values)
 
 
+POSITIVE_CONTAINER_DURATIONS = ("exec_timeout", "ready_timeout", "prepared_max_age")
+
+
 def _cross_checks(config: Config, problems: list[str]) -> None:
     if config.lxd.endpoint != "local" and (config.lxd.cert is None) != (config.lxd.key is None):
         problems.append("lxd.cert: lxd.cert and lxd.key go together (client certificate and its key)")
     if config.lease_ttl < 3:
         problems.append(f"lease_ttl: expected at least 3s, got {config.lease_ttl:g}s")
-    for key in ("exec_timeout", "ready_timeout", "prepared_max_age"):
-        if getattr(config.container, key) <= 0:
-            problems.append(f"container.{key}: expected a duration above zero")
+    durations = {"lxd.operation_timeout": config.lxd.operation_timeout}
+    durations |= {f"container.{key}": getattr(config.container, key) for key in POSITIVE_CONTAINER_DURATIONS}
+    problems += [f"{key}: expected a duration above zero" for key, value in durations.items() if value <= 0]
 
 
 def config_from_mapping(raw: Any, env: Mapping[str, str] | None = None) -> Config:

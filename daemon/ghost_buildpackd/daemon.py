@@ -27,7 +27,7 @@ from .notify import SystemdNotifier
 from .retention import Reconciler
 from .runner import Bodies, Runner
 from .store import BUILDIMAGE, Store, next_change, redacted_uri, short_error, step_id, utcnow
-from .sweep import sweep_orphans
+from .sweep import expire_prepared, sweep_orphans
 
 log = get_logger(__name__)
 
@@ -86,6 +86,7 @@ class Upkeep:
             self._kick.clear()
 
     def _sweep(self) -> None:
+        expire_prepared(self.store, self.config.container.prepared_max_age, log)
         sweep_orphans(self.store, self.lxd, self.config.container.debug, log)
 
     @staticmethod
