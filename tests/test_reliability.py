@@ -12,10 +12,10 @@ import pytest
 from pymongo.database import Database
 from structlog.testing import capture_logs
 
-from ghost_buildpackd.config import Config
+from ghost_buildpackd.config import Config, LxdConfig
 from ghost_buildpackd.joblog import JobLog, OutputCollector
 from ghost_buildpackd.logs import Secrets
-from ghost_buildpackd.lxd import ContainerSpec, Lxd
+from ghost_buildpackd.lxd import ContainerSpec, Lxd, LxdError
 from ghost_buildpackd.store import CANCELLED, FAILED, READY, SUCCEEDED, Store, step_id
 from tests.conftest import WORKING_COPY_IDS, leftover_containers
 from tests.support.ghost import finish_buildimage, make_app, make_job, module_doc, set_status
@@ -23,7 +23,7 @@ from tests.support.steps import deploy_context, state_of, terminal_step
 from tests.support.waiting import wait_until
 from tests.test_buildimage import assert_nothing_published, build, buildimage_job, fail, salt_tree
 from tests.test_buildimage import config as buildimage_config  # noqa: F401  (a fixture)
-from tests.test_deploy import image_alias, job_log, run_deploy  # noqa: F401  (image_alias is a fixture)
+from tests.test_deploy import image_alias, job_log, prepare_ready, run_deploy  # noqa: F401  (image_alias is a fixture)
 from tests.test_faults import assert_nothing_left, buildimage_app, daemons, deploy_app, features_config  # noqa: F401  (daemons is a fixture)
 from tests.test_faults import buildimage_job as faults_buildimage_job
 
@@ -232,6 +232,23 @@ def test_an_image_whose_mkdir_hangs_fails_at_the_readiness_deadline_and_frees_th
     assert_nothing_left(lxd, db, store)
 
 
+def test_an_lxd_operation_past_its_deadline_fails_with_the_reason(lxd: Lxd, base_image: str) -> None:
+    hurried = Lxd(LxdConfig(timeout=60, operation_timeout=0.001))
+    base = lxd.image_by_alias(base_image)
+    assert base is not None
+    name = f"gbp-test-deadline-{uuid.uuid4().hex[:8]}"
+    try:
+        with pytest.raises(LxdError) as raised:
+            hurried.create_container(ContainerSpec(name=name, image=base.fingerprint, tags={}))
+        assert f"creating container {name}: the LXD operation did not finish within lxd.operation_timeout" in str(
+            raised.value
+        )
+        assert "LXD may still be working on it" in str(raised.value)
+    finally:  # LXD carries on: the container appears, and goes
+        wait_until(lambda: lxd.container_status(name) is not None, 60, "the container LXD went on creating")
+        lxd.delete_container(name)
+
+
 @pytest.mark.slow
 def test_a_600mb_publish_outlasting_the_http_timeout_succeeds(
     make_config: Callable[..., Config],
@@ -281,3 +298,26 @@ def test_a_prepared_container_nobody_asks_for_is_removed_after_prepared_max_age(
     assert process.saw("prepared_container_expired", step=sid)
     assert process.alive()
     assert_nothing_left(lxd, db, store)
+
+
+# --- defaults -----------------------------------------------------------------------------
+
+
+def test_a_step_container_gets_the_default_memory_and_root_disk_limits(
+    make_config: Callable[..., Config],
+    store: Store,
+    lxd: Lxd,
+    db: Database,
+    image_alias: str,  # noqa: F811
+    lxd_cleanup: None,
+) -> None:
+    app_id = make_app(db, container_image=image_alias, modules=[module_doc("app", "/srv/app", "true")])
+    job_id = make_job(db, app_id, command="deploy", status="started", modules=["app"])
+
+    ctx = prepare_ready(make_config(), store, lxd, job_id, "app")
+
+    details = lxd.describe_container(store.get_step(ctx.step.id).container)
+    assert details is not None and details.status == "Running"
+    assert details.config["limits.memory"] == "20%"
+    root = details.devices["root"]
+    assert root["size"] == str(20 << 30) and root["path"] == "/" and root["pool"] == "default"

@@ -141,6 +141,17 @@ def parse_cpu(value: Any) -> str:
     return text
 
 
+def parse_memory(value: Any) -> str:
+    """LXD's limits.memory: a size (`2GiB`, bytes) or a share of the host's memory (`20%`)."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*%\s*", str(value))
+    if match and not isinstance(value, bool) and 0 < float(match.group(1)) <= 100:
+        return f"{match.group(1)}%"
+    try:
+        return str(parse_size(value))
+    except _Invalid:
+        raise _Invalid(f"expected a size like 2GiB or a share of the host's memory like 20%, got {value!r}") from None
+
+
 def parse_endpoint(value: Any) -> str:
     text = parse_str(value)
     if text != "local" and not text.startswith("https://"):
@@ -212,7 +223,8 @@ class EventsConfig:
 @dataclasses.dataclass(frozen=True)
 class LimitsConfig:
     cpu: str | None = field(None, optional(parse_cpu))
-    memory: int | None = field(None, optional(parse_size))
+    memory: str | None = field("20%", optional(parse_memory))  # with the default 4 workers, 80% of the host at most
+    disk: int | None = field(20 << 30, optional(parse_size))
     processes: int | None = field(2000, optional(positive_int()))
 
 

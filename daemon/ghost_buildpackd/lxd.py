@@ -142,7 +142,8 @@ class ContainerSpec:
     privileged: bool = False
     idmap: tuple[int, int] | None = None  # host (uid, gid) that container root maps to
     cpu: str | None = None
-    memory: int | None = None
+    memory: int | str | None = None  # bytes, or a share of the host's memory (`20%`)
+    disk: int | None = None  # bytes of the root disk, where the storage driver enforces it
     processes: int | None = None
     profiles: tuple[str, ...] = ()
     mounts: Mapping[str, Mount] = dataclasses.field(default_factory=dict)
@@ -454,6 +455,10 @@ class Lxd:
 
     def create_container(self, spec: ContainerSpec) -> None:
         devices = {name: disk_device(mount) for name, mount in spec.mounts.items()}
+        if spec.disk:
+            root = self.profile_devices(("default", *spec.profiles)).get("root")
+            if root is not None and root.get("type") == "disk" and root.get("path") == "/":
+                devices["root"] = {**root, "size": str(spec.disk)}
         response = self.client.api.instances.post(
             json={
                 "name": spec.name,
@@ -610,6 +615,14 @@ class Lxd:
             if tags:
                 found.append(ContainerInfo(instance.name, instance.status, tags))
         return found
+
+    @retry_lxd
+    def profile_devices(self, profiles: Sequence[str]) -> dict[str, dict[str, str]]:
+        """The devices a container with `profiles` gets from them (a later profile's device wins by name)."""
+        devices: dict[str, dict[str, str]] = {}
+        for name in profiles:
+            devices |= self.client.api.profiles[name].get().json()["metadata"].get("devices") or {}
+        return devices
 
     @retry_lxd
     def list_profiles(self) -> list[str]:

@@ -141,6 +141,7 @@ def container_spec(
         idmap=None if settings.privileged else idmap,
         cpu=settings.limits.cpu,
         memory=settings.limits.memory,
+        disk=settings.limits.disk,
         processes=settings.limits.processes,
         profiles=settings.profiles,
         mounts=dict(mounts or {}),
