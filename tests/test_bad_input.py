@@ -443,7 +443,10 @@ def test_daemon_with_a_bad_config_exits_2_naming_the_keys_and_starts_nothing(tmp
     assert done.returncode == 2
     assert "invalid configuration (2 problem(s))" in done.stderr
     assert "workers: expected a whole number from 1 to 256, got 0" in done.stderr
-    assert "container.limits.memory: expected a size like 2GiB, got 'lots'" in done.stderr
+    assert (
+        "container.limits.memory: expected a size like 2GiB or a share of the host's memory like 20%, got 'lots'"
+        in done.stderr
+    )
     assert "daemon_ready" not in done.stdout + done.stderr
 
 

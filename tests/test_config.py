@@ -14,6 +14,7 @@ from ghost_buildpackd.config import (
     config_path,
     load_config,
     parse_duration,
+    parse_memory,
     parse_size,
 )
 
@@ -33,6 +34,19 @@ def test_sizes_in_human_form(text, size):
     assert parse_size(text) == size
 
 
+@pytest.mark.parametrize(("text", "limit"), [("20%", "20%"), ("12.5 %", "12.5%"), ("2GiB", str(2 << 30)), (512, "512")])
+def test_memory_limits_as_a_size_or_a_share_of_the_host(text, limit):
+    assert parse_memory(text) == limit
+
+
+def test_defaults_bound_every_container_and_every_wait():
+    container = config_from_mapping({}, env={}).container
+    assert container.limits.memory == "20%" and container.limits.disk == 20 << 30
+    assert container.limits.processes == 2000
+    assert container.ready_timeout == 120 and container.prepared_max_age == 7200
+    assert config_from_mapping({}, env={}).lxd.operation_timeout == 1800
+
+
 def test_defaults_are_valid_and_as_documented():
     config = config_from_mapping({}, env={})
     assert config.ghost.root == Path("/ghost")
@@ -49,7 +63,7 @@ def test_three_mistakes_give_three_precise_errors():
     assert sorted(caught.value.problems) == sorted(
         [
             "container.exec_timeout: expected a duration like 30m, got 'soon'",
-            "container.limits.memory: expected a size like 2GiB, got 'lots'",
+            "container.limits.memory: expected a size like 2GiB or a share of the host's memory like 20%, got 'lots'",
             "workerz: unknown key (known keys here: container, events, ghost, host, instance_id, lease_ttl, log, "
             "lxd, metrics, mongodb, retention, shutdown_grace, sweep_interval, workers)",
         ]
@@ -71,6 +85,11 @@ def test_three_mistakes_give_three_precise_errors():
         ({"container": {"profiles": "net"}}, "container.profiles: expected a list of strings, got 'net'"),
         ({"container": {"limits": {"cpu": "many"}}}, "container.limits.cpu: expected a CPU count like 2"),
         ({"mongodb": ["uri"]}, "mongodb: expected a mapping of keys, got ['uri']"),
+        ({"container": {"limits": {"memory": "150%"}}}, "container.limits.memory: expected a size like 2GiB or a"),
+        ({"container": {"limits": {"disk": "big"}}}, "container.limits.disk: expected a size like 2GiB, got 'big'"),
+        ({"container": {"ready_timeout": 0}}, "container.ready_timeout: expected a duration above zero"),
+        ({"container": {"prepared_max_age": "0s"}}, "container.prepared_max_age: expected a duration above zero"),
+        ({"lxd": {"operation_timeout": "never"}}, "lxd.operation_timeout: expected a duration like 30m"),
         ({"metrics": {"listen": "9469"}}, "metrics.listen: expected host:port like 127.0.0.1:9469, got '9469'"),
     ],
 )
@@ -106,6 +125,10 @@ def test_example_config_is_valid_and_documents_every_key():
         "root",
         "log_dir",
         "provisioner_tree",
+        "operation_timeout",
+        "ready_timeout",
+        "prepared_max_age",
+        "disk",
         "mode",
         "poll_interval",
         "debug",

@@ -1,5 +1,7 @@
 """`ghost-buildpackd check`: can this host do the daemon's work? One line per check, OK or FAIL with the fix.
 
+WARN lines name a risk that does not stop the daemon (the exit code stays 0).
+
 Every wait is bounded by the configured timeouts. The probe container is
 named `gbp-check-<random>` and is always deleted.
 """
@@ -24,6 +26,9 @@ from .store import Store, redacted_uri, short_error
 SUBUID, SUBGID = Path("/etc/subuid"), Path("/etc/subgid")
 GHOST_COLLECTIONS = ("jobs", "apps")
 PROJECT_IMAGE_PREFIX = "ghost-buildpackd/"  # base images built by scripts/build-base-image
+METADATA_ADDRESS = "169.254.169.254"  # the cloud's instance metadata service (on EC2: the host's IAM role)
+# Storage drivers that enforce a root disk size; `dir` does only on a filesystem with project quotas.
+SIZED_STORAGE = ("btrfs", "zfs", "lvm", "ceph")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,10 +37,12 @@ class CheckResult:
     ok: bool
     detail: str
     fix: str = ""
+    warning: bool = False  # ok, but with a risk worth acting on
 
     def render(self) -> str:
-        line = f"{'OK  ' if self.ok else 'FAIL'}  {self.name}: {self.detail}\n"
-        return line + (f"      fix: {self.fix}\n" if not self.ok and self.fix else "")
+        label = "FAIL" if not self.ok else "WARN" if self.warning else "OK  "
+        line = f"{label}  {self.name}: {self.detail}\n"
+        return line + (f"      fix: {self.fix}\n" if (not self.ok or self.warning) and self.fix else "")
 
 
 def ok(name: str, detail: str) -> CheckResult:
@@ -44,6 +51,10 @@ def ok(name: str, detail: str) -> CheckResult:
 
 def fail(name: str, detail: str, fix: str) -> CheckResult:
     return CheckResult(name, False, detail, fix)
+
+
+def warn(name: str, detail: str, fix: str) -> CheckResult:
+    return CheckResult(name, True, detail, fix, warning=True)
 
 
 def run_checks(config: Config, out: TextIO) -> int:
@@ -64,7 +75,8 @@ def run_checks(config: Config, out: TextIO) -> int:
         report(writable_dir_check(name, path))
     report(compressor_check(config))
     failed = sum(not result.ok for result in results)
-    out.write(f"\n{len(results) - failed} OK, {failed} FAIL\n")
+    warned = sum(result.warning for result in results)
+    out.write(f"\n{len(results) - failed - warned} OK, {warned} WARN, {failed} FAIL\n")
     return 0 if failed == 0 else 1
 
 
@@ -151,6 +163,63 @@ def lxd_checks(config: Config, store: Store | None, report: Callable[[CheckResul
     else:
         report(ok("lxd storage", f"pools: {', '.join(pools)}"))
     report(probe_container_check(config, lxd, store))
+    report(limits_check(config, info["storage"]))
+    report(metadata_check(config, lxd))
+
+
+def limits_check(config: Config, storage: str) -> CheckResult:
+    """What bounds one container's memory and disk, and whether this LXD's storage enforces the disk bound."""
+    limits = config.container.limits
+    memory = limits.memory or "unlimited"
+    if limits.memory and limits.memory.endswith("%"):
+        memory = f"{limits.memory} of the host's memory each (workers: {config.workers})"
+    detail = f"memory {memory}, root disk {_size(limits.disk)}, processes {limits.processes or 'unlimited'}"
+    if not limits.memory:
+        return warn("container limits", detail, "set container.limits.memory: one buildpack can take the host down")
+    if limits.disk and storage not in SIZED_STORAGE:
+        return warn(
+            "container limits",
+            f"{detail}; the {storage} storage driver does not enforce the root disk size "
+            "(on `dir`, LXD says 'skipping set quota' unless the filesystem has project quotas)",
+            "bound the disk with a btrfs, zfs or lvm storage pool (`lxc storage create ...`) used by the default "
+            "profile or one of container.profiles",
+        )
+    return ok("container limits", detail)
+
+
+def _size(value: int | None) -> str:
+    if not value:
+        return "unlimited"
+    return f"{value / (1 << 30):g}GiB" if value >= 1 << 30 else f"{value / (1 << 20):g}MiB"
+
+
+def _describe_nic(name: str, device: dict[str, str]) -> str:
+    """`eth0 (bridged lxdbr0)`, plus the ACLs it carries."""
+    link = " ".join(filter(None, (device.get("nictype"), device.get("network") or device.get("parent"))))
+    acls = f" with ACLs {device['security.acls']}" if device.get("security.acls") else ""
+    return f"{name} ({link or 'nic'}){acls}"
+
+
+def metadata_check(config: Config, lxd: Lxd) -> CheckResult:
+    """Whether containers get a network device, over which they could reach the cloud metadata address."""
+    profiles = ("default", *config.container.profiles)
+    try:
+        devices = lxd.profile_devices(profiles)
+    except Exception as error:
+        return fail("metadata address", f"cannot read profiles {', '.join(profiles)}: {error}", "check LXD's log")
+    nics = {name: device for name, device in devices.items() if device.get("type") == "nic"}
+    if not nics:
+        return ok(
+            "metadata address", f"no network device: metadata address unreachable (profiles {', '.join(profiles)})"
+        )
+    described = ", ".join(_describe_nic(name, device) for name, device in sorted(nics.items()))
+    return warn(
+        "metadata address",
+        f"containers get network devices from profiles {', '.join(profiles)}: {described}; unless something blocks "
+        f"it, a buildpack can reach {METADATA_ADDRESS} (on EC2: the credentials of the host's IAM role)",
+        f"drop forwarded traffic to {METADATA_ADDRESS} from the containers' bridge on the host "
+        "(README: Blocking the metadata address)",
+    )
 
 
 def pick_probe_image(lxd: Lxd, store: Store | None) -> ImageInfo | None:

@@ -143,6 +143,17 @@ def parse_cpu(value: Any) -> str:
     return text
 
 
+def parse_memory(value: Any) -> str:
+    """LXD's limits.memory: a size (`2GiB`, bytes) or a share of the host's memory (`20%`)."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*%\s*", str(value))
+    if match and not isinstance(value, bool) and 0 < float(match.group(1)) <= 100:
+        return f"{match.group(1)}%"
+    try:
+        return str(parse_size(value))
+    except _Invalid:
+        raise _Invalid(f"expected a size like 2GiB or a share of the host's memory like 20%, got {value!r}") from None
+
+
 UNIX_ENDPOINT = "unix:"
 
 
@@ -201,6 +212,7 @@ class LxdConfig:
     verify: bool = field(True, parse_bool)
     image_server: str | None = field(None, optional(parse_str))
     timeout: float = field(120.0, parse_duration)
+    operation_timeout: float = field(1800.0, parse_duration)
 
     @property
     def socket_path(self) -> str | None:
@@ -233,7 +245,8 @@ class EventsConfig:
 @dataclasses.dataclass(frozen=True)
 class LimitsConfig:
     cpu: str | None = field(None, optional(parse_cpu))
-    memory: int | None = field(None, optional(parse_size))
+    memory: str | None = field("20%", optional(parse_memory))  # with the default 4 workers, 80% of the host at most
+    disk: int | None = field(20 << 30, optional(parse_size))
     processes: int | None = field(2000, optional(positive_int()))
 
 
@@ -264,6 +277,8 @@ class ContainerConfig:
     idmap_user: str = field("ghost", parse_str)
     limits: LimitsConfig = dataclasses.field(default_factory=LimitsConfig)
     exec_timeout: float = field(1800.0, parse_duration)
+    ready_timeout: float = field(120.0, parse_duration)
+    prepared_max_age: float = field(7200.0, parse_duration)
     profiles: tuple[str, ...] = field((), parse_str_list)
     publish_compression: str = field("none", one_of("none", *PUBLISH_COMPRESSORS))
     provisioner_commands: ProvisionerCommands = dataclasses.field(default_factory=ProvisionerCommands)
@@ -349,13 +364,17 @@ def _build(cls: type, raw: Any, path: str, problems: list[str]) -> Any:
     return cls(**values)
 
 
+POSITIVE_CONTAINER_DURATIONS = ("exec_timeout", "ready_timeout", "prepared_max_age")
+
+
 def _cross_checks(config: Config, problems: list[str]) -> None:
     if not config.lxd.on_this_host and (config.lxd.cert is None) != (config.lxd.key is None):
         problems.append("lxd.cert: lxd.cert and lxd.key go together (client certificate and its key)")
     if config.lease_ttl < 3:
         problems.append(f"lease_ttl: expected at least 3s, got {config.lease_ttl:g}s")
-    if config.container.exec_timeout <= 0:
-        problems.append("container.exec_timeout: expected a duration above zero")
+    durations = {"lxd.operation_timeout": config.lxd.operation_timeout}
+    durations |= {f"container.{key}": getattr(config.container, key) for key in POSITIVE_CONTAINER_DURATIONS}
+    problems += [f"{key}: expected a duration above zero" for key, value in durations.items() if value <= 0]
 
 
 def _uri_from_file(path: Path, problems: list[str]) -> str | None:

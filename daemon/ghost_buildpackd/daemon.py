@@ -30,7 +30,7 @@ from .notify import SystemdNotifier
 from .retention import Reconciler
 from .runner import Bodies, Runner, cleanup_wait
 from .store import BUILDIMAGE, Store, next_change, redacted_uri, short_error, step_id, utcnow
-from .sweep import sweep_orphans
+from .sweep import expire_prepared, sweep_orphans
 
 log = get_logger(__name__)
 
@@ -98,6 +98,7 @@ class Upkeep:
             self._kick.clear()
 
     def _sweep(self) -> None:
+        expire_prepared(self.store, self.config.container.prepared_max_age, log)
         sweep_orphans(self.store, self.lxd, self.config.container.debug, log)
 
     @staticmethod

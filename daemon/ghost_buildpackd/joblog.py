@@ -24,6 +24,7 @@ from .logs import Secrets, get_logger
 log = get_logger(__name__)
 TAIL_FOR_RECORD = 2000  # characters of output kept on the step record for the client
 RECENT_LINES = 40
+LONGEST_LINE = 64 << 10  # bytes of a line without newline before it is written anyway
 
 
 class JobLog:
@@ -78,9 +79,12 @@ class OutputCollector:
             self.total += len(chunk)
             data = self._partial + chunk
             *lines, self._partial = data.split(b"\n")
-            if len(self._partial) > 64 << 10:  # a "line" without newline must not grow unbounded
-                lines.append(self._partial)
-                self._partial = b""
+            if len(self._partial) > LONGEST_LINE:  # a "line" without newline must not grow unbounded
+                # Cut where no secret straddles the cut; what may begin one stays for the next chunk.
+                cut = Secrets.safe_cut(self._partial, len(self._partial) - max(0, Secrets.longest() - 1))
+                if cut:
+                    lines.append(self._partial[:cut])
+                    self._partial = self._partial[cut:]
             self.job_log.write_lines([line for raw in lines if (line := self._route(raw)) is not None])
 
     def _route(self, raw: bytes) -> str | None:

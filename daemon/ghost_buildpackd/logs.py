@@ -11,6 +11,9 @@ the syslog priority `<N>` that journald reads (SyslogLevelPrefix), so
 `journalctl -p warning` and the journal's colours follow the level. Records of
 the standard library's loggers (pylxd, ws4py, urllib3) go through the same
 processors and renderer, so every line has the same shape.
+
+Output is masked line by line, so each line of a multi-line value (a PEM key)
+is registered too.
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ class Secrets:
     @classmethod
     @contextmanager
     def registered(cls, values: Iterable[str]) -> Iterator[None]:
-        kept = [value for value in values if len(value) >= MIN_SECRET_LENGTH]
+        kept = [piece for value in values for piece in _pieces(value)]
         with cls._lock:
             for value in kept:
                 cls._counts[value] = cls._counts.get(value, 0) + 1
@@ -54,6 +57,29 @@ class Secrets:
                         del cls._counts[value]
 
     @classmethod
+    def safe_cut(cls, data: bytes, at: int) -> int:
+        """The largest index <= `at` where cutting `data` splits no registered secret in it.
+
+        A line cut by force (it has no newline yet) is masked in two parts; a
+        secret straddling the cut would be masked in neither.
+        """
+        secrets = [value.encode("utf-8", "replace") for value in list(cls._counts)]
+        cut = max(0, at)
+        moved = True
+        while moved and cut > 0:  # each move goes left: bounded by `at`
+            moved = False
+            for secret in secrets:
+                start = data.find(secret, max(0, cut - len(secret) + 1), cut + len(secret) - 1)
+                if start != -1 and start < cut:
+                    cut, moved = start, True
+        return cut
+
+    @classmethod
+    def longest(cls) -> int:
+        """Length in bytes of the longest registered value (0 when none)."""
+        return max((len(value.encode("utf-8", "replace")) for value in list(cls._counts)), default=0)
+
+    @classmethod
     def redact(cls, text: str) -> str:
         values = cls._counts
         if not values:
@@ -63,6 +89,12 @@ class Secrets:
             if value in text:
                 text = text.replace(value, REDACTED)
         return text
+
+
+def _pieces(value: str) -> list[str]:
+    """What to mask for one secret value: the value, and each of its lines when it has several."""
+    lines = [line.strip() for line in value.splitlines()] if "\n" in value or "\r" in value else []
+    return [piece for piece in dict.fromkeys([value, *lines]) if len(piece) >= MIN_SECRET_LENGTH]
 
 
 def _redact_value(value: Any) -> Any:

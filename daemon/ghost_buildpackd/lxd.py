@@ -1,9 +1,12 @@
 """LXD adapter: the only module that talks to LXD (through pylxd).
 
-Every call has a bounded wait: the HTTP client has a timeout, operations are
-waited on with it, and command execution has a deadline enforced from outside
-pylxd (a force stop of the container), since pylxd's `execute` has none and
-its websocket handling can hang.
+Every call has a bounded wait: the HTTP client has a timeout (`lxd.timeout`);
+long operations (create, start, stop, delete, publish) are waited on as LXD
+operations, in polls each shorter than that timeout, up to their own deadline
+(`lxd.operation_timeout`), so a big image is never cut off by one HTTP read;
+command execution has a deadline enforced from outside pylxd (a force stop of
+the container), since pylxd's `execute` has none and its websocket handling
+can hang.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ IMAGE_PROP_CLAIM = "ghost-buildpackd.claim"  # the claim number of the step atte
 
 
 PROBE_INTERVAL = 1.0  # how often a caller waiting for LXD to come back asks whether it is
+LONGEST_OPERATION_POLL = 30  # seconds one wait on an operation may last (below lxd.timeout, too)
 KILL_TIMEOUT = 30.0  # for the kill that ends a container's processes; past it, the container is force-stopped
 
 
@@ -146,7 +150,8 @@ class ContainerSpec:
     privileged: bool = False
     idmap: tuple[int, int] | None = None  # host (uid, gid) that container root maps to
     cpu: str | None = None
-    memory: int | None = None
+    memory: int | str | None = None  # bytes, or a share of the host's memory (`20%`)
+    disk: int | None = None  # bytes of the root disk, where the storage driver enforces it
     processes: int | None = None
     profiles: tuple[str, ...] = ()
     mounts: Mapping[str, Mount] = dataclasses.field(default_factory=dict)
@@ -402,7 +407,7 @@ class Lxd:
     @retry_lxd
     def delete_image(self, fingerprint: str) -> None:
         with contextlib.suppress(NotFound):
-            self.client.images.get(fingerprint).delete(wait=True)
+            self._wait_operation(self.client.api.images[fingerprint].delete(), f"deleting image {fingerprint[:12]}")
 
     @retry_lxd
     def point_alias(self, alias: str, fingerprint: str, description: str = "") -> None:
@@ -422,30 +427,60 @@ class Lxd:
                 "compression_algorithm": compression,
             }
         )
-        operation = self._wait_operation(response.json()["operation"])
-        return self._image(operation.metadata["fingerprint"])
+        operation = self._wait_operation(response, f"publishing {name}")
+        return self._image(operation["metadata"]["fingerprint"])
 
-    def _wait_operation(self, operation_url: str) -> Any:
-        operation = self.client.operations.wait_for_operation(operation_url)
-        if operation.status_code and operation.status_code >= 400:
-            raise LxdError(f"LXD operation failed: {operation.err}")
-        return operation
+    def _wait_operation(self, response: requests.Response, what: str) -> dict[str, Any]:
+        """Wait for the background operation `response` started; its final state.
+
+        Waited on in polls that each end before the HTTP read timeout, until
+        the operation ends or `lxd.operation_timeout` passes. A failed
+        operation raises LXDAPIException (its text says why), as pylxd does.
+        """
+        operation_id = response.json()["operation"].rsplit("/", 1)[-1]
+        limit = self.config.operation_timeout
+        started = time.monotonic()
+        poll = max(0, min(LONGEST_OPERATION_POLL, int(self.timeout) - 1))
+        while True:
+            left = limit - (time.monotonic() - started)
+            if left <= 0:
+                raise LxdError(
+                    f"{what}: the LXD operation did not finish within lxd.operation_timeout ({limit:g}s); "
+                    f"LXD may still be working on it (operation {operation_id})"
+                )
+            waited = self._poll_operation(operation_id, min(poll, max(0, int(left))))
+            state = waited.json()["metadata"]
+            if state["status"] == "Success":
+                return state
+            if state["status"] in ("Failure", "Cancelled") or not 100 <= int(state.get("status_code") or 0) < 300:
+                raise LXDAPIException(waited)
+            if poll == 0:
+                time.sleep(0.25)  # lxd.timeout under 2s leaves no room for LXD's own wait
+
+    @retry_lxd
+    def _poll_operation(self, operation_id: str, seconds: int) -> requests.Response:
+        """One wait of up to `seconds` on an operation; it answers with the operation's state, finished or not."""
+        return self.client.api.operations[operation_id].wait.get(params={"timeout": seconds})
 
     # --- containers ------------------------------------------------------------------
 
     def create_container(self, spec: ContainerSpec) -> None:
         devices = {name: disk_device(mount) for name, mount in spec.mounts.items()}
-        self.client.instances.create(
-            {
+        if spec.disk:
+            root = self.profile_devices(("default", *spec.profiles)).get("root")
+            if root is not None and root.get("type") == "disk" and root.get("path") == "/":
+                devices["root"] = {**root, "size": str(spec.disk)}
+        response = self.client.api.instances.post(
+            json={
                 "name": spec.name,
                 "type": "container",
                 "source": {"type": "image", "fingerprint": spec.image},
                 "config": spec.lxd_config(),
                 "devices": devices,
                 "profiles": ["default", *spec.profiles],
-            },
-            wait=True,
+            }
         )
+        self._wait_operation(response, f"creating container {spec.name}")
 
     @retry_lxd
     def container_status(self, name: str) -> str | None:
@@ -465,29 +500,56 @@ class Lxd:
         return ContainerDetails(instance.status, dict(instance.config), dict(instance.devices))
 
     def start(self, name: str) -> None:
-        self.client.instances.get(name).start(wait=True)
+        self._change_state(name, "start")
 
-    def wait_ready(self, name: str, timeout: float, probe: Sequence[str] = ("true",)) -> None:
-        """Wait until `probe`, a command, runs and exits 0 in the container: a check, never a fixed sleep."""
+    def _change_state(self, name: str, action: str) -> None:
+        """Start or force-stop a container, waiting on the operation."""
+        request = {"action": action, "force": action == "stop"}
+        self._wait_operation(self.client.api.instances[name].state.put(json=request), f"{action} of {name}")
+
+    def wait_ready(
+        self,
+        name: str,
+        timeout: float,
+        probe: Sequence[str] = ("true",),
+        abort: threading.Event | None = None,
+    ) -> None:
+        """Wait until `probe`, a command, runs and exits 0 in the container: a check, never a fixed sleep.
+
+        Each probe runs under what is left of `timeout` and stops on `abort`
+        (`execute` force-stops the container): an image whose command hangs
+        cannot hold the caller past the deadline.
+        """
         deadline = time.monotonic() + timeout
+        stop = abort or threading.Event()
         delay = 0.02
         last_error = ""
         last_exception: BaseException | None = None
+        command = " ".join(probe)
         while time.monotonic() < deadline:
             try:
                 instance = self.client.instances.get(name)
                 if instance.status == "Running":
-                    exit_code = self._exec_streaming(name, list(probe), {}, lambda _chunk: None, None)
-                    if exit_code == 0:
+                    remaining = max(0.1, deadline - time.monotonic())
+                    result = self.execute(name, list(probe), {}, lambda _chunk: None, remaining, abort=abort)
+                    if result.ok:
                         return
-                    last_error = f"{' '.join(probe)!r} exited {exit_code}"
+                    if result.timed_out:
+                        raise LxdError(
+                            f"container {name} not ready: the readiness probe `{command}` did not finish "
+                            f"within {timeout:g}s (the container was stopped)"
+                        )
+                    if result.aborted:
+                        raise LxdError(f"container {name} not ready: the readiness probe `{command}` was interrupted")
+                    last_error = result.error or f"`{command}` exited {result.exit_code}"
                 else:
                     last_error = f"status {instance.status}"
             except (LXDAPIException, requests.RequestException, OSError) as error:
                 # OSError: the exec websocket can break (EPIPE) while the container is still starting.
                 last_error = f"{type(error).__name__}: {error}"
                 last_exception = error
-            time.sleep(delay)  # a backoff between readiness checks, not a wait for readiness
+            if stop.wait(delay):  # a backoff between checks, not a wait for readiness
+                raise LxdError(f"container {name} not ready: interrupted ({last_error})")
             delay = min(delay * 2, 0.5)
         if is_unavailable(last_exception):
             raise LxdUnavailable(f"container {name} not ready: LXD went away ({last_error})") from last_exception
@@ -537,7 +599,7 @@ class Lxd:
         except NotFound:
             return
         if instance.status != "Stopped":
-            instance.stop(force=True, wait=True)
+            self._change_state(name, "stop")
 
     @retry_lxd
     def delete_container(self, name: str) -> bool:
@@ -547,9 +609,9 @@ class Lxd:
         except NotFound:
             return False
         if instance.status != "Stopped":
-            instance.stop(force=True, wait=True)
+            self._change_state(name, "stop")
         try:
-            instance.delete(wait=True)
+            self._wait_operation(self.client.api.instances[name].delete(), f"deleting container {name}")
         except NotFound:
             return False
         return True
@@ -564,6 +626,14 @@ class Lxd:
             if tags:
                 found.append(ContainerInfo(instance.name, instance.status, tags))
         return found
+
+    @retry_lxd
+    def profile_devices(self, profiles: Sequence[str]) -> dict[str, dict[str, str]]:
+        """The devices a container with `profiles` gets from them (a later profile's device wins by name)."""
+        devices: dict[str, dict[str, str]] = {}
+        for name in profiles:
+            devices |= self.client.api.profiles[name].get().json()["metadata"].get("devices") or {}
+        return devices
 
     @retry_lxd
     def list_profiles(self) -> list[str]:

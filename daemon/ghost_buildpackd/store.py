@@ -652,6 +652,28 @@ class Store:
         return Step.from_doc(doc)
 
     @retry_transient
+    def cancel_stale_ready(self, max_age: float, reason: str) -> list[Step]:
+        """Cancel deploy steps `ready` for longer than `max_age` seconds that nobody asked for; those cancelled.
+
+        Each is cancelled only if it is still `ready` and unchanged, so a request
+        arriving meanwhile wins.
+        """
+        stale = {"state": READY, "updated_at": {"$lt": utcnow() - timedelta(seconds=max_age)}}
+        cancelled = []
+        for found in self.steps.find(stale, {"_id": 1}):
+            doc = self.steps.find_one_and_update(
+                {**stale, "_id": found["_id"], "lease.expires_at": {"$lt": utcnow()}},
+                {
+                    "$set": {"state": CANCELLED, "message": reason, "lease": FREE_LEASE},
+                    "$currentDate": {"updated_at": True, "times.finished": True},
+                },
+                return_document=ReturnDocument.AFTER,
+            )
+            if doc:
+                cancelled.append(Step.from_doc(doc))
+        return cancelled
+
+    @retry_transient
     def abandon_step(self, sid: str, reason: str) -> None:
         """The client gave up waiting: cancel the step whether or not a worker holds it."""
         self._cancel_active({"_id": sid}, reason)

@@ -5,6 +5,10 @@ carrying the daemon's step tag is removed when its step record is gone or
 finished. A container of an active step is left alone even when the step's
 lease expired: whoever takes the step over removes it (`remove_leftovers`),
 and deleting it here would race with that takeover.
+
+Before that, deploy steps prepared longer than `container.prepared_max_age`
+ago and never asked for (Ghost's worker died with its job) are cancelled, so
+their containers go in the same pass.
 """
 
 from __future__ import annotations
@@ -16,6 +20,19 @@ from bson.errors import InvalidId
 
 from .lxd import TAG_JOB, ContainerInfo, Lxd
 from .store import Store
+
+
+def expire_prepared(store: Store, max_age: float, log: Any) -> list[str]:
+    """Cancel deploy steps whose container waited for Ghost's request longer than `max_age`; their ids."""
+    reason = (
+        f"cancelled: the container was prepared over {max_age:g}s ago (container.prepared_max_age) and Ghost "
+        "never asked for the buildpack; its deploy job may have died"
+    )
+    expired = store.cancel_stale_ready(max_age, reason)
+    for step in expired:
+        log.warning("prepared_container_expired", step=step.id, job_id=str(step.job_id), container=step.container,
+                    reason=reason)  # fmt: skip
+    return [step.id for step in expired]
 
 
 def sweep_orphans(store: Store, lxd: Lxd, keep_debug: bool, log: Any) -> list[str]:

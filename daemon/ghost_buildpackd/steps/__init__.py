@@ -175,6 +175,7 @@ def container_spec(
         idmap=None if settings.privileged else idmap,
         cpu=settings.limits.cpu,
         memory=settings.limits.memory,
+        disk=settings.limits.disk,
         processes=settings.limits.processes,
         profiles=settings.profiles,
         mounts=dict(mounts or {}),
@@ -190,7 +191,7 @@ def launch(ctx: StepContext, spec: ContainerSpec) -> str:
     ctx.lxd.create_container(spec)
     ctx.lxd.start(spec.name)
     # The probe also makes the directory scripts are pushed to (push_file expects it to exist).
-    ctx.lxd.wait_ready(spec.name, ctx.config.lxd.timeout, probe=("mkdir", "-p", SCRIPT_DIR))
+    ctx.lxd.wait_ready(spec.name, ctx.config.container.ready_timeout, ("mkdir", "-p", SCRIPT_DIR), ctx.abort)
     ctx.log.info("container_ready", container=spec.name)
     return spec.name
 

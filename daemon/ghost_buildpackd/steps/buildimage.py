@@ -14,7 +14,10 @@ outcome unless `container.debug` is set.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import os
+import stat
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -31,6 +34,7 @@ from . import (
     StepFailed,
     clean_up_container,
     container_spec,
+    idmap_user_ids,
     launch,
     remove_leftovers,
     run_command,
@@ -107,14 +111,50 @@ def make_plan(ctx: StepContext, job: Job, app: App) -> BuildPlan:
 
 
 def provisioner_tree(ctx: StepContext, job: Job, provisioner: str) -> Path:
-    """The tree Ghost prepared for this job's `provisioner` features; StepFailed when it is not there."""
+    """The tree Ghost prepared for this job's `provisioner` features; StepFailed when it is not there or unsafe."""
     tree = ctx.config.ghost.provisioner_tree / f"{provisioner}-{job.id}"
     if not tree.is_dir():
         raise StepFailed(
             f"the app's features use {provisioner}, but its provisioner tree {tree} does not exist "
             "(Ghost prepares it during the buildimage job; is ghost.provisioner_tree right?)"
         )
+    problem = unsafe_tree_problem(tree, ctx.config.ghost.provisioner_tree, trusted_owners(ctx))
+    if problem:
+        raise StepFailed(f"provisioner tree {tree} is not mounted: {problem}")
     return tree
+
+
+def trusted_owners(ctx: StepContext) -> set[int]:
+    """Who may own a provisioner tree: root, the daemon's user and Ghost's user (`container.idmap_user`)."""
+    owners = {0, os.geteuid()}
+    with contextlib.suppress(KeyError):
+        owners.add(idmap_user_ids(ctx.config.container.idmap_user)[0])
+    return owners
+
+
+def unsafe_tree_problem(tree: Path, top: Path, owners: set[int]) -> str:
+    """Why LXD must not mount `tree` (it mounts as root, following symlinks), or "" when it may.
+
+    No component of the path may be a symlink. From `top` (ghost.provisioner_tree,
+    under the world-writable /tmp) down, each directory must belong to a trusted
+    owner and be writable by nobody else. Above `top`, a directory others may
+    write must have the sticky bit (as /tmp has), so nobody can swap what is below.
+    """
+    path = Path("/")
+    for part in tree.parts[1:]:
+        path = path / part
+        info = path.lstat()
+        mode = stat.S_IMODE(info.st_mode)
+        if stat.S_ISLNK(info.st_mode):
+            return f"{path} is a symlink (LXD would follow it as root)"
+        if path == top or top in path.parents:
+            if info.st_uid not in owners:
+                return f"{path} is owned by uid {info.st_uid}, not by root, the daemon's user or Ghost's user"
+            if mode & 0o022:
+                return f"{path} is writable by its group or by others (mode {mode:04o})"
+        elif mode & 0o022 and not mode & stat.S_ISVTX:
+            return f"{path} is writable by its group or by others without the sticky bit (mode {mode:04o})"
+    return ""
 
 
 def resolve_base_image(ctx: StepContext, app: App) -> ImageInfo:
