@@ -149,7 +149,34 @@ def lxd_checks(config: Config, store: Store | None, report: Callable[[CheckResul
         report(fail("lxd storage", "no storage pool", "create one, e.g. `lxc storage create default dir`"))
     else:
         report(ok("lxd storage", f"pools: {', '.join(pools)}"))
+        report(storage_cost_check(config, lxd))
     report(probe_container_check(config, lxd, store))
+
+
+COPY_ON_WRITE = ("btrfs", "zfs", "lvm", "ceph")  # LXD drivers that make a container a snapshot of its image
+
+
+def storage_cost_check(config: Config, lxd: Lxd) -> CheckResult:
+    """Which pool the daemon's containers land on, and what a container costs there."""
+    profiles = ["default", *config.container.profiles]
+    try:
+        found = lxd.root_pool(profiles)
+    except Exception as error:
+        return fail("lxd storage pool", f"cannot read profiles {', '.join(profiles)}: {error}", "create them")
+    if found is None:
+        return fail(
+            "lxd storage pool",
+            f"no root disk in profiles {', '.join(profiles)}",
+            "add one, e.g. `lxc profile device add default root disk path=/ pool=default`",
+        )
+    pool, driver = found
+    if driver in COPY_ON_WRITE:
+        return ok("lxd storage pool", f"{pool}: {driver}, a container is a snapshot of its image")
+    return ok(
+        "lxd storage pool",
+        f"{pool}: {driver}, every container unpacks the whole image (btrfs/zfs make it a snapshot; "
+        "container.max_prepared bounds the containers launched ahead)",
+    )
 
 
 def pick_probe_image(lxd: Lxd, store: Store | None) -> ImageInfo | None:

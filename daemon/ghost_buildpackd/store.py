@@ -620,6 +620,17 @@ class Store:
         return Step.from_doc(doc) if doc else None
 
     @retry_transient
+    def prepared_deploy_count(self, other_than: str) -> int:
+        """Deploy steps whose container is launched or being launched and not yet asked for, but `other_than`."""
+        query = {
+            "kind": DEPLOY,
+            "_id": {"$ne": other_than},
+            "state": {"$in": [PREPARING, READY]},
+            "container": {"$type": "string"},  # recorded before the launch; absent when `run` is to launch it
+        }
+        return self.steps.count_documents(query)
+
+    @retry_transient
     def cancel_job_steps(self, job_id: ObjectId, reason: str, kind: str = DEPLOY) -> int:
         """Cancel a job's unfinished steps: free ones at once, held ones by asking their owner.
 
