@@ -10,20 +10,32 @@ buildimage `done` on an app without container steps, 20% buildimage `failed`,
 measures intake. Times are counted from the daemon process's start (exec) to the
 last `step_created` log line, and to the `catch_up_done` line (end of the scan);
 the daemon's indexes exist already (as after any earlier start).
+
+What the history adds: start->scan done against the history minus the same
+against a history of one qualifying job (a daemon started the same way), next
+to one bulk read of the same jobs (`list(jobs.find({}))`, one query, in this
+process). Round trips per scanned job are counted with a pymongo
+CommandListener on an in-process intake over a copy of the history: one job at
+a time (how the scan read before batches, and what a change-stream event still
+costs) and in batches (the scan now).
 """
 
 from __future__ import annotations
 
 import random
 import time
+from collections import Counter
 from datetime import timedelta
 from typing import Any
 
+from pymongo import monitoring
+from pymongo.database import Database
 from tests.support.ghost import make_app
 
+from ghost_buildpackd.events import COMMANDS, Intake
 from ghost_buildpackd.store import Store, step_id, utcnow
 
-from .common import Bench, log_times, parse_timestamp, running, table, wait_for
+from .common import Bench, log_times, parse_timestamp, percentile, running, table, wait_for
 
 MODES = ("change_stream", "poll")
 
@@ -64,28 +76,34 @@ def history(app: Any, legacy_app: Any, total: int, qualifying: int, rng: random.
     return docs
 
 
-def measure(bench: Bench, mode: str) -> dict[str, Any]:
-    sizes = bench.sizes
-    db = bench.database(f"catchup_{mode}")
-    dirs = bench.ghost_dirs(f"catchup_{mode}")
+def seeded(bench: Bench, name: str, jobs: int, qualifying: int) -> tuple[Database, list[dict[str, Any]], Any]:
+    """A database holding the history (same seed every time) and the checkpoint before it."""
+    db = bench.database(name)
     store = Store(db)
     store.ensure_indexes()
     app = make_app(db)
     legacy = make_app(db, name="legacy", source_container_image=None)
-    docs = history(app, legacy, sizes.catchup_jobs, sizes.catchup_qualifying, random.Random(4))
+    docs = history(app, legacy, jobs, qualifying, random.Random(4))
+    db.jobs.insert_many(docs)
+    checkpoint = utcnow() - timedelta(minutes=55)
+    store.save_stream_checkpoint(None, checkpoint)
+    store.save_poll_checkpoint(checkpoint, checkpoint)
+    return db, docs, app
+
+
+def measure(bench: Bench, mode: str, jobs: int, qualifying: int, label: str) -> dict[str, Any]:
     inserted_at = time.monotonic()
-    ids = db.jobs.insert_many(docs).inserted_ids
+    db, docs, app = seeded(bench, f"catchup_{mode}_{label}", jobs, qualifying)
     insert_seconds = time.monotonic() - inserted_at
+    dirs = bench.ghost_dirs(f"catchup_{mode}_{label}")
+    ids = [doc["_id"] for doc in docs]
     wanted = [
         step_id(job_id, "buildimage")
         for job_id, doc in zip(ids, docs, strict=True)
         if doc["app_id"] == app and doc["command"] == "buildimage" and doc["status"] == "done"
     ]
-    checkpoint = utcnow() - timedelta(minutes=55)
-    store.save_stream_checkpoint(None, checkpoint)
-    store.save_poll_checkpoint(checkpoint, checkpoint)
-    config = bench.write_config(db, dirs, f"catchup-{mode}", events={"mode": mode}, workers=4)
-    process = bench.daemon(config, f"catchup-{mode}", trivial=True)
+    config = bench.write_config(db, dirs, f"catchup-{mode}-{label}", events={"mode": mode}, workers=4)
+    process = bench.daemon(config, f"catchup-{mode}-{label}", trivial=True)
     started = time.time()
     with running(process):
         wait_for(lambda: db.container_steps.count_documents({"_id": {"$in": wanted}}) == len(wanted), 600, "steps")
@@ -96,9 +114,14 @@ def measure(bench: Bench, mode: str) -> dict[str, Any]:
     ready = parse_timestamp(process.saw("daemon_ready")["timestamp"])
     scan = process.saw("catch_up_done", source=mode) or {}
     last_created = max(created[sid] for sid in wanted)
+    bulk_read_at = time.monotonic()
+    read = len(list(db.jobs.find({})))
+    bulk_read_seconds = time.monotonic() - bulk_read_at
     return {
         "mode": mode,
         "jobs": len(docs),
+        "bulk_read_s": bulk_read_seconds,
+        "bulk_read_jobs": read,
         "qualifying": len(wanted),
         "insert_many_seconds": insert_seconds,
         "steps_created": len([sid for sid in wanted if sid in created]),
@@ -109,8 +132,70 @@ def measure(bench: Bench, mode: str) -> dict[str, Any]:
     }
 
 
+class CommandCounter(monitoring.CommandListener):
+    """Every command a client sends: one round trip each."""
+
+    def __init__(self) -> None:
+        self.sent: Counter[str] = Counter()
+
+    def started(self, event: monitoring.CommandStartedEvent) -> None:
+        self.sent[event.command_name] += 1
+
+    def succeeded(self, event: monitoring.CommandSucceededEvent) -> None:
+        pass
+
+    def failed(self, event: monitoring.CommandFailedEvent) -> None:
+        pass
+
+
+def round_trips(bench: Bench, batched: bool) -> dict[str, Any]:
+    """Round trips of an in-process intake scanning the history, one job at a time or in batches."""
+    label = "batched" if batched else "one_by_one"
+    db, _docs, _app = seeded(bench, f"catchup_trips_{label}", bench.sizes.catchup_jobs, bench.sizes.catchup_qualifying)
+    since = utcnow() - timedelta(minutes=55)
+    counter = CommandCounter()
+    client = bench.mongo.client(event_listeners=[counter])
+    try:
+        store = Store(client[db.name])
+        intake = Intake(store, on_new_steps=lambda: None, on_job_ended=lambda _job: None)
+        began = time.monotonic()
+        if batched:
+            scanned = intake.catch_up(since)
+        else:
+            scanned = 0
+            for doc in store.jobs_changed_since(since, COMMANDS):
+                intake.handle_job(doc)
+                scanned += 1
+        seconds = time.monotonic() - began
+    finally:
+        client.close()
+    sent = dict(counter.sent)
+    sent.pop("endSessions", None)
+    total = sum(sent.values())
+    return {"scanned": scanned, "commands": sent, "round_trips": total, "per_job": total / scanned, "seconds": seconds}
+
+
+def median_run(runs: list[dict[str, Any]], key: str) -> dict[str, Any]:
+    """The run whose `key` is the median (the lower one of an even count)."""
+    return dict(sorted(runs, key=lambda run: run[key])[(len(runs) - 1) // 2])
+
+
 def run(bench: Bench) -> dict[str, Any]:
-    results = [measure(bench, mode) for mode in MODES]
+    sizes = bench.sizes
+    results = []
+    for mode in MODES:
+        fulls, singles = [], []
+        for repeat in range(sizes.catchup_repeats):
+            fulls.append(measure(bench, mode, sizes.catchup_jobs, sizes.catchup_qualifying, f"history{repeat}"))
+            singles.append(measure(bench, mode, 1, 1, f"single{repeat}"))
+        full = median_run(fulls, "start_to_catch_up_done_s")
+        single = median_run(singles, "start_to_catch_up_done_s")
+        full["runs"] = len(fulls)
+        full["single_job_start_to_catch_up_done_s"] = single["start_to_catch_up_done_s"]
+        full["added_by_history_s"] = full["start_to_catch_up_done_s"] - single["start_to_catch_up_done_s"]
+        full["bulk_read_s"] = percentile([run["bulk_read_s"] for run in fulls], 0.5)
+        full["added_vs_bulk_read"] = full["added_by_history_s"] / full["bulk_read_s"]
+        results.append(full)
     base = results[0]["start_to_all_steps_s"]
     rows = [
         [
@@ -118,18 +203,42 @@ def run(bench: Bench) -> dict[str, Any]:
             f"{result['jobs']} ({result['qualifying']} qualify)",
             result["jobs_read_by_scan"],
             f"{result['start_to_ready_s']:.2f} s",
-            "-" if result["start_to_catch_up_done_s"] is None else f"{result['start_to_catch_up_done_s']:.2f} s",
+            f"{result['start_to_catch_up_done_s']:.2f} s",
             f"{result['start_to_all_steps_s']:.2f} s",
             f"{result['start_to_all_steps_s'] / base:.2f}x",
+            f"{result['added_by_history_s']:.2f} s",
+            f"{result['bulk_read_s']:.2f} s",
+            f"{result['added_vs_bulk_read']:.2f}x (goal <= 3x)",
         ]
         for result in results
     ]
     print(
         table(
-            "4. Catch-up: daemon start against historical jobs (trivial bodies)",
-            ["mode", "jobs", "scanned", "start->ready", "start->scan done", "start->all steps", "vs stream"],
+            f"4. Catch-up: daemon start against historical jobs (trivial bodies, median of {results[0]['runs']})",
+            [
+                *["mode", "jobs", "scanned", "start->ready", "start->scan done", "start->all steps", "vs stream"],
+                *["added by history", "one bulk read", "added vs bulk read"],
+            ],
             rows,
         )
     )
     print(f"   (insert_many of the history took {results[0]['insert_many_seconds']:.2f} s)")
-    return {"definition": __doc__, "results": results}
+    trips = {label: round_trips(bench, batched) for label, batched in (("one_by_one", False), ("batched", True))}
+    print(
+        table(
+            "   round trips of the scan (in-process intake, pymongo CommandListener)",
+            ["scan", "jobs", "round trips", "per job", "commands", "time"],
+            [
+                [
+                    label.replace("_", " "),
+                    trip["scanned"],
+                    trip["round_trips"],
+                    f"{trip['per_job']:.3f}",
+                    " ".join(f"{name}:{count}" for name, count in sorted(trip["commands"].items())),
+                    f"{trip['seconds']:.2f} s",
+                ]
+                for label, trip in trips.items()
+            ],
+        )
+    )
+    return {"definition": __doc__, "results": results, "round_trips": trips}

@@ -47,16 +47,17 @@ class Sizes:
     throughput_steps: int  # steps per parallelism level (rounded up to a multiple of it)
     catchup_jobs: int
     catchup_qualifying: int
+    catchup_repeats: int  # daemon starts per mode and history (the median is kept)
     footprint_steps: int
     footprint_real_steps: int
 
     @classmethod
     def quick(cls) -> Sizes:
-        return cls(30, 3, 3, 1, 8, 1000, 50, 60, 4)
+        return cls(30, 3, 3, 1, 8, 1000, 50, 1, 60, 4)
 
     @classmethod
     def full(cls) -> Sizes:
-        return cls(200, 10, 10, 3, 8, 10_000, 50, 500, 12)
+        return cls(200, 10, 10, 3, 8, 10_000, 50, 3, 500, 12)
 
 
 class Bench:

@@ -55,6 +55,8 @@ def test_all_ok_on_a_good_host(store: Store, lxd: Lxd, base_image: str, make_con
     assert "uses change_stream" in lines["mongodb events"] or "uses poll" in lines["mongodb events"]
     assert f"LXD {lxd.server_info()['version']}" in lines["lxd"]
     assert "default" in lines["lxd storage"]
+    pool = lxd.root_pool(["default"])
+    assert pool is not None and lines["lxd storage pool"].startswith(f"OK    lxd storage pool: {pool[0]}: {pool[1]}, ")
     assert "with raw.idmap and deleted gbp-check-" in lines["lxd container"]
     assert base_image in lines["lxd container"]
     assert "root may map 1001:1002" in lines["idmap"]
@@ -86,6 +88,25 @@ def test_fail_lines_name_the_problem_and_the_fix(
     assert lines["lxd"].startswith("OK") and lines["ghost.root"].startswith("OK")
     assert lines["lxd container"].startswith("OK")
     assert all(not instance.name.startswith("gbp-check-") for instance in lxd.client.instances.all())
+
+
+def test_storage_pool_line_follows_the_configured_profiles(lxd: Lxd, make_config: Callable[..., Config]) -> None:
+    from ghost_buildpackd.check import storage_cost_check
+
+    missing = storage_cost_check(make_config(container={"profiles": ["gbp-test-no-such-profile"]}), lxd)
+    assert not missing.ok and "cannot read profiles default, gbp-test-no-such-profile" in missing.detail
+    name = "gbp-test-check-pool"
+    pool = lxd.root_pool(["default"])
+    assert pool is not None
+    lxd.client.profiles.create(name, devices={"root": {"type": "disk", "path": "/", "pool": pool[0]}})
+    try:
+        line = storage_cost_check(make_config(container={"profiles": [name]}), lxd)
+    finally:
+        lxd.delete_profile(name)
+    assert line.ok and line.detail.startswith(f"{pool[0]}: {pool[1]}, ")
+    snapshot = pool[1] in ("btrfs", "zfs", "lvm", "ceph")
+    assert ("a snapshot of its image" in line.detail) == snapshot
+    assert ("unpacks the whole image" in line.detail) != snapshot
 
 
 def test_missing_compressor_and_unknown_idmap_user(

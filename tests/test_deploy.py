@@ -161,6 +161,26 @@ def test_modules_of_one_job_run_in_parallel_without_prepare(
     assert leftover_containers(lxd, db) == []
 
 
+def test_max_prepared_bounds_containers_waiting_for_their_request(
+    make_config: Callable[..., Config], store: Store, lxd: Lxd, db: Database, image_alias: str, ghost_dirs, lxd_cleanup
+) -> None:
+    config = make_config(container={"max_prepared": 1})
+    job_id = deploy_job(db, image_alias, [module_doc(n, f"/srv/{n}", "touch made") for n in ("api", "front")])
+    first = prepare_ready(config, store, lxd, job_id, "api")
+    second = prepare_ready(config, store, lxd, job_id, "front")
+    assert lxd.container_status(container_name(first.step)) == "Running"
+    assert lxd.container_status(container_name(second.step)) is None  # past the bound: nothing launched
+    assert store.get_step(second.step.id).state == READY
+    assert "container.max_prepared" in job_log(config, job_id)
+
+    module_dir = working_copy(ghost_dirs["root"], "front")
+    with capture_logs() as events:
+        outcome = run_deploy(deploy_context(config, store, lxd, job_id, "front", "run"))
+    assert outcome.state == SUCCEEDED
+    assert owner(module_dir / "made") == WORKING_COPY_IDS
+    assert any(event["event"] == "deploy_container_not_prepared" for event in events)
+
+
 def test_owner_differing_from_prepared_idmap_recreates_the_container(
     make_config: Callable[..., Config], store: Store, lxd: Lxd, db: Database, image_alias: str, ghost_dirs, lxd_cleanup
 ) -> None:

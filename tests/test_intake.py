@@ -6,10 +6,11 @@ from datetime import timedelta
 
 import pytest
 from bson import ObjectId
+from pymongo import MongoClient, monitoring
 
 from ghost_buildpackd.config import config_from_mapping
 from ghost_buildpackd.events import Intake, StartupError, choose_event_mode
-from ghost_buildpackd.store import CANCELLED, FAILED, PENDING, step_id
+from ghost_buildpackd.store import CANCELLED, FAILED, PENDING, Store, step_id
 from tests.support.ghost import finish_buildimage, make_app, make_job, module_doc, set_status
 
 
@@ -154,6 +155,97 @@ def test_catch_up_reads_jobs_changed_since_a_time(db, store, intake):
     since = db.jobs.find_one({"_id": jobs[0]})["_updated"] - timedelta(seconds=1)
     assert intake.catch_up(since) == 3
     assert set(steps(store)) == {step_id(job, "buildimage") for job in jobs}
+
+
+def test_catch_up_in_batches_decides_like_one_job_at_a_time(db, store, intake, calls, monkeypatch):
+    monkeypatch.setattr("ghost_buildpackd.store.CATCH_UP_BATCH", 2)  # 7 jobs: four batches
+    app = make_app(db, container_image="x", modules=[module_doc("api", "/srv/api", "make")])
+    legacy = make_app(db, name="legacy", source_container_image=None)
+    built = [make_job(db, app) for _ in range(2)]
+    for job in built:
+        finish_buildimage(db, job)
+    skipped = make_job(db, legacy)
+    finish_buildimage(db, skipped)
+    started = make_job(db, app, command="deploy", modules=["api", "nope"])
+    set_status(db, started, "started")
+    ended = make_job(db, app, command="deploy", modules=["api"])
+    set_status(db, ended, "started")
+    intake.handle_job_id(ended)  # its step exists from the job's start, then the job ends unnoticed
+    set_status(db, ended, "aborted")
+    dangling = make_job(db, app)
+    db.jobs.update_one({"_id": dangling}, {"$set": {"app_id": ObjectId("0" * 24)}})
+    finish_buildimage(db, dangling)
+    failed = make_job(db, app)
+    set_status(db, failed, "failed")
+    since = db.jobs.find_one({"_id": built[0]})["_updated"] - timedelta(seconds=1)
+    woken = calls.woken
+
+    assert intake.catch_up(since) == 7
+    records = steps(store)
+    assert set(records) == {
+        *(step_id(job, "buildimage") for job in built),
+        step_id(started, "deploy", "api"),
+        step_id(started, "deploy", "nope"),
+        step_id(ended, "deploy", "api"),
+        step_id(dangling, "buildimage"),
+    }
+    assert records[step_id(started, "deploy", "nope")]["state"] == FAILED
+    assert records[step_id(dangling, "buildimage")]["message"].startswith("malformed app: job.app_id: no app")
+    assert records[step_id(ended, "deploy", "api")]["state"] == CANCELLED
+    assert calls.ended == [ended]
+    assert calls.woken > woken
+
+    # Seen again (an overlap, a restart): nothing new, nobody woken.
+    woken = calls.woken
+    assert intake.catch_up(since) == 7
+    assert steps(store) == records
+    assert calls.woken == woken
+
+
+def test_a_record_another_instance_made_during_a_batch_is_left_as_it_was(db, store):
+    job = make_job(db, make_app(db))
+    finish_buildimage(db, job)
+    batch = store.read_job_batch([db.jobs.find_one({"_id": job})])
+    assert batch.get_step(step_id(job, "buildimage")) is None
+    assert store.create_step(job, "buildimage", state=FAILED, message="the other instance's")
+    assert batch.create_step(job, "buildimage") is True
+    assert batch.create_step(job, "buildimage") is False  # queued once
+    assert batch.flush() == (set(), {step_id(job, "buildimage")})
+    assert store.get_step(step_id(job, "buildimage")).message == "the other instance's"
+
+
+def test_a_batch_costs_the_same_round_trips_whatever_its_size(mongo, db):
+    """Two reads to decide a batch and one write to record it, however many jobs it holds."""
+    commands: list[str] = []
+
+    class Counter(monitoring.CommandListener):
+        def started(self, event):
+            commands.append(event.command_name)
+
+        def succeeded(self, event):
+            pass
+
+        def failed(self, event):
+            pass
+
+    app = make_app(db)
+    jobs = [make_job(db, app) for _ in range(20)]
+    for job in jobs:
+        finish_buildimage(db, job)
+    client = MongoClient(mongo.uri, event_listeners=[Counter()], tz_aware=True)
+    try:
+        counted = Store(client[db.name])
+        docs = list(counted.jobs.find({"_id": {"$in": jobs}}))
+        commands.clear()
+        batch = counted.read_job_batch(docs)
+        for job in jobs:
+            assert batch.create_step(job, "buildimage", app_id=app)
+        created, raced = batch.flush()
+        sent = list(commands)
+    finally:
+        client.close()
+    assert len(created) == 20 and not raced
+    assert sent == ["find", "find", "update"]  # the jobs' steps, their apps, one bulk upsert
 
 
 class StandaloneStore:

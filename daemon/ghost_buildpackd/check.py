@@ -162,6 +162,7 @@ def lxd_checks(config: Config, store: Store | None, report: Callable[[CheckResul
         report(fail("lxd storage", "no storage pool", "create one, e.g. `lxc storage create default dir`"))
     else:
         report(ok("lxd storage", f"pools: {', '.join(pools)}"))
+        report(storage_cost_check(config, lxd))
     report(probe_container_check(config, lxd, store))
     report(limits_check(config, info["storage"]))
     report(metadata_check(config, lxd))
@@ -219,6 +220,32 @@ def metadata_check(config: Config, lxd: Lxd) -> CheckResult:
         f"it, a buildpack can reach {METADATA_ADDRESS} (on EC2: the credentials of the host's IAM role)",
         f"drop forwarded traffic to {METADATA_ADDRESS} from the containers' bridge on the host "
         "(README: Blocking the metadata address)",
+    )
+
+
+COPY_ON_WRITE = ("btrfs", "zfs", "lvm", "ceph")  # LXD drivers that make a container a snapshot of its image
+
+
+def storage_cost_check(config: Config, lxd: Lxd) -> CheckResult:
+    """Which pool the daemon's containers land on, and what a container costs there."""
+    profiles = ["default", *config.container.profiles]
+    try:
+        found = lxd.root_pool(profiles)
+    except Exception as error:
+        return fail("lxd storage pool", f"cannot read profiles {', '.join(profiles)}: {error}", "create them")
+    if found is None:
+        return fail(
+            "lxd storage pool",
+            f"no root disk in profiles {', '.join(profiles)}",
+            "add one, e.g. `lxc profile device add default root disk path=/ pool=default`",
+        )
+    pool, driver = found
+    if driver in COPY_ON_WRITE:
+        return ok("lxd storage pool", f"{pool}: {driver}, a container is a snapshot of its image")
+    return ok(
+        "lxd storage pool",
+        f"{pool}: {driver}, every container unpacks the whole image (btrfs/zfs make it a snapshot; "
+        "container.max_prepared bounds the containers launched ahead)",
     )
 
 

@@ -640,6 +640,18 @@ class Lxd:
         return [profile.name for profile in self.client.profiles.all()]
 
     @retry_lxd
+    def root_pool(self, profiles: Sequence[str]) -> tuple[str, str] | None:
+        """(pool, driver) of the root disk a container with these profiles gets (the last profile naming one wins)."""
+        pool = None
+        for name in profiles:
+            for device in self.client.profiles.get(name).devices.values():
+                if device.get("type") == "disk" and device.get("path") == "/":
+                    pool = device.get("pool", pool)
+        if pool is None:
+            return None
+        return pool, self.client.storage_pools.get(pool).driver
+
+    @retry_lxd
     def delete_profile(self, name: str) -> bool:
         """Delete profile `name`; False when there was nothing to delete."""
         try:

@@ -21,17 +21,18 @@ from __future__ import annotations
 
 import dataclasses
 import heapq
+import itertools
 import re
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pymongo
 from bson import ObjectId
-from pymongo import ReturnDocument, WriteConcern
+from pymongo import ReturnDocument, UpdateOne, WriteConcern
 from pymongo.collection import Collection
 from pymongo.database import Database
 from pymongo.errors import (
@@ -58,6 +59,7 @@ BUILDIMAGE, DEPLOY = "buildimage", "deploy"
 STEPS, IMAGES, STATE, INSTANCES = "container_steps", "container_images", "buildpackd_state", "buildpackd_instances"
 NO_CHANGE_STREAMS = 40573  # "The $changeStream stage is only supported on replica sets"
 TRANSIENT_ERRORS = (AutoReconnect, ConnectionFailure, NetworkTimeout, ServerSelectionTimeoutError)
+CATCH_UP_BATCH = 500  # jobs a catch-up scan decides per bulk read of their steps and apps
 # A step nobody holds carries a lease that expired long ago rather than none, so
 # "free" is one comparison (`lease.expires_at < now`) for every query and index.
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -241,6 +243,86 @@ def connect(uri: str, timeout: float) -> pymongo.MongoClient:
     )
 
 
+def new_step_doc(
+    job_id: ObjectId, kind: str, module: str | None, app_id: ObjectId | None, state: str, message: str
+) -> dict[str, Any]:
+    """A step record as it is first written."""
+    now = utcnow()
+    return {
+        "_id": step_id(job_id, kind, module),
+        "job_id": job_id,
+        "app_id": app_id,
+        "kind": kind,
+        "module": module,
+        "state": state,
+        "attempts": 0,
+        "message": message,
+        "lease": FREE_LEASE,
+        "created_at": now,
+        "updated_at": now,
+        "times": {"finished": now} if state in TERMINAL else {},
+    }
+
+
+class JobBatch:
+    """Jobs of a catch-up scan with their step records and apps, read in bulk.
+
+    It answers the Store calls the intake makes to decide a job (`get_step`,
+    `get_app`, `steps_for_job`) from what was read with the batch, and keeps
+    the records `create_step` asks for until `flush` writes them in one bulk
+    upsert. Any other call goes to the store itself.
+    """
+
+    def __init__(
+        self, store: Store, jobs: list[dict[str, Any]], steps: list[dict[str, Any]], apps: dict[Any, dict[str, Any]]
+    ):
+        self.store = store
+        self.jobs = jobs
+        self._steps = {doc["_id"]: doc for doc in steps}
+        self._by_job: dict[Any, list[dict[str, Any]]] = {}
+        for doc in steps:
+            self._by_job.setdefault(doc["job_id"], []).append(doc)
+        self._apps = apps
+        self._new: dict[str, dict[str, Any]] = {}
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.store, name)
+
+    def get_step(self, sid: str) -> Step | None:
+        doc = self._steps.get(sid)
+        return Step.from_doc(doc) if doc else None
+
+    def get_app(self, app_id: ObjectId) -> dict[str, Any] | None:
+        return self._apps[app_id] if app_id in self._apps else self.store.get_app(app_id)
+
+    def steps_for_job(self, job_id: ObjectId) -> list[Step]:
+        return [Step.from_doc(doc) for doc in self._by_job.get(job_id, [])]
+
+    def create_step(
+        self,
+        job_id: ObjectId,
+        kind: str,
+        module: str | None = None,
+        app_id: ObjectId | None = None,
+        state: str = PENDING,
+        message: str = "",
+    ) -> bool:
+        """Queue the record for `flush`; False when the batch already knows it."""
+        doc = new_step_doc(job_id, kind, module, app_id, state, message)
+        if doc["_id"] in self._steps:
+            return False
+        self._steps[doc["_id"]] = self._new[doc["_id"]] = doc
+        self._by_job.setdefault(job_id, []).append(doc)
+        return True
+
+    def flush(self) -> tuple[set[str], set[str]]:
+        """Write the queued records: (ids created now, ids another instance had created meanwhile)."""
+        created = self.store.insert_new_steps(self._new.values())
+        raced = set(self._new) - created
+        self._new = {}
+        return created, raced
+
+
 class Store:
     """Every MongoDB read and write the daemon, its CLI and the Ghost-side client make."""
 
@@ -340,10 +422,42 @@ class Store:
         One range scan per command on the (command, _updated) index, merged in order.
         """
         scans = [
-            self.jobs.find({"command": command, "_updated": {"$gte": since}}).sort("_updated", pymongo.ASCENDING)
+            self.jobs.find({"command": command, "_updated": {"$gte": since}}, batch_size=CATCH_UP_BATCH).sort(
+                "_updated", pymongo.ASCENDING
+            )
             for command in commands
         ]
         return heapq.merge(*scans, key=lambda doc: doc["_updated"])
+
+    def job_batches(self, since: datetime, commands: tuple[str, ...]) -> Iterator[JobBatch]:
+        """`jobs_changed_since` in batches of CATCH_UP_BATCH, each with its jobs' steps and apps read in bulk."""
+        jobs = self.jobs_changed_since(since, commands)
+        while chunk := list(itertools.islice(jobs, CATCH_UP_BATCH)):
+            yield self.read_job_batch(chunk)
+
+    @retry_transient
+    def read_job_batch(self, jobs: list[dict[str, Any]]) -> JobBatch:
+        """Two queries for any number of jobs: the step records of these jobs, and their apps."""
+        job_ids = [doc["_id"] for doc in jobs if isinstance(doc.get("_id"), ObjectId)]
+        app_ids = list({doc["app_id"] for doc in jobs if isinstance(doc.get("app_id"), ObjectId)})
+        steps = list(self.steps.find({"job_id": {"$in": job_ids}})) if job_ids else []
+        apps = list(self.apps.find({"_id": {"$in": app_ids}})) if app_ids else []
+        return JobBatch(self, jobs, steps, {doc["_id"]: doc for doc in apps})
+
+    @retry_transient
+    def insert_new_steps(self, docs: Iterable[dict[str, Any]]) -> set[str]:
+        """One bulk upsert of step records that must exist; returns the ids that were not there before.
+
+        `$setOnInsert` leaves a record another instance made meanwhile as it is,
+        so retrying the whole batch after an outage is harmless.
+        """
+        ordered = list(docs)
+        if not ordered:
+            return set()
+        result = self.steps.bulk_write(
+            [UpdateOne({"_id": doc["_id"]}, {"$setOnInsert": doc}, upsert=True) for doc in ordered], ordered=False
+        )
+        return {ordered[index]["_id"] for index in result.upserted_ids}
 
     @retry_transient
     def newest_job_update(self, commands: tuple[str, ...] | None = None) -> datetime | None:
@@ -428,23 +542,8 @@ class Store:
         message: str = "",
     ) -> bool:
         """Insert the step record; False when it already exists (a replayed event is harmless)."""
-        now = utcnow()
-        doc = {
-            "_id": step_id(job_id, kind, module),
-            "job_id": job_id,
-            "app_id": app_id,
-            "kind": kind,
-            "module": module,
-            "state": state,
-            "attempts": 0,
-            "message": message,
-            "lease": FREE_LEASE,
-            "created_at": now,
-            "updated_at": now,
-            "times": {"finished": now} if state in TERMINAL else {},
-        }
         try:
-            self.steps.insert_one(doc)
+            self.steps.insert_one(new_step_doc(job_id, kind, module, app_id, state, message))
         except DuplicateKeyError:
             return False
         return True
@@ -604,6 +703,17 @@ class Store:
             query, {"$set": changes, "$currentDate": stamps}, return_document=ReturnDocument.AFTER
         )
         return Step.from_doc(doc) if doc else None
+
+    @retry_transient
+    def prepared_deploy_count(self, other_than: str) -> int:
+        """Deploy steps whose container is launched or being launched and not yet asked for, but `other_than`."""
+        query = {
+            "kind": DEPLOY,
+            "_id": {"$ne": other_than},
+            "state": {"$in": [PREPARING, READY]},
+            "container": {"$type": "string"},  # recorded before the launch; absent when `run` is to launch it
+        }
+        return self.steps.count_documents(query)
 
     @retry_transient
     def cancel_job_steps(self, job_id: ObjectId, reason: str, kind: str = DEPLOY) -> int:

@@ -49,6 +49,8 @@ def prepare(ctx: StepContext) -> Outcome:
         return Outcome(SKIPPED, message=f"module {module.name} has no build_pack")
     image = image_fingerprint(ctx, app)
     ctx.save(image=app.container_image)  # retention keeps an image a step uses
+    if prepared_enough(ctx):
+        return Outcome(READY, message="not launched ahead (container.max_prepared): launched when asked for")
     check_abort(ctx, "launching the container")
     owner = prepared_owner(ctx, app, module)
     spec = container_spec(ctx, image, idmap=owner)
@@ -234,3 +236,17 @@ def give_back_files(ctx: StepContext, name: str, module: Module, owner: tuple[in
     except StepFailed:
         if strict:
             raise
+
+
+def prepared_enough(ctx: StepContext) -> bool:
+    """Whether `container.max_prepared` containers already wait for their request (then `run` launches one)."""
+    bound = ctx.config.container.max_prepared
+    if bound is None or ctx.store.prepared_deploy_count(other_than=ctx.step.id) < bound:
+        return False
+    ctx.say(
+        "deploy_container_deferred",
+        f"module {ctx.step.module}: {bound} prepared container(s) already wait (container.max_prepared); "
+        "this one is launched when Ghost asks for the buildpack",
+        max_prepared=bound,
+    )
+    return True
