@@ -46,7 +46,10 @@ class _Silent:
     def info(self, *_args: object, **_fields: object) -> None:
         pass
 
-    warning = info
+    warning = debug = info
+
+    def bind(self, **_fields: object) -> _Silent:
+        return self
 
 
 def test_every_line_of_a_multi_line_secret_is_masked_in_a_log_string() -> None:
