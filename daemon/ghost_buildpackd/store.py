@@ -253,7 +253,7 @@ class Store:
         self.state: Collection = db[STATE]
         self.instances: Collection = db[INSTANCES]
         self._clock = clock  # this host's clock (tests give a skewed one)
-        self._server_offset = timedelta(0)
+        self._server_offset: timedelta | None = None  # measured at the first need
 
     @classmethod
     def from_uri(cls, uri: str, database: str, timeout: float = 10.0) -> Store:
@@ -282,11 +282,14 @@ class Store:
             if server_time.tzinfo is None:
                 server_time = server_time.replace(tzinfo=UTC)
             self._server_offset = server_time - (sent + (received - sent) / 2)
+        elif self._server_offset is None:  # a server that does not say its time: this host's clock
+            self._server_offset = timedelta(0)
         return self._server_offset
 
     def server_now(self) -> datetime:
-        """The server's time as last measured: what lease expiry is reckoned on."""
-        return self._clock() + self._server_offset
+        """The server's time as last measured (measured first if it never was): what lease expiry is reckoned on."""
+        offset = self._server_offset if self._server_offset is not None else self.measure_server_clock()
+        return self._clock() + offset
 
     def server_info(self) -> dict[str, Any]:
         hello = self.db.client.admin.command("hello")
