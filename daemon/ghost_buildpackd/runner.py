@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -288,6 +289,7 @@ class Runner:
 
     def _lose(self, held: Held, event: str, **fields: Any) -> None:
         held.lost = True
+        held.ctx.lease_valid_until = -math.inf  # confirm_lease refuses from now on
         held.ctx.abort.set()
         log.error(event, step=held.ctx.step.id, consequence="stopped acting on it; another holder carries on", **fields)
 

@@ -564,12 +564,6 @@ class Store:
         return Step.from_doc(doc) if doc else None
 
     @retry_transient
-    def holds_lease(self, step: Step) -> bool:
-        """Whether `step`'s lease token is still the record's and has not expired (server time)."""
-        query = {"_id": step.id, "lease.token": step.lease_token, "lease.expires_at": {"$gt": self.server_now()}}
-        return self.steps.find_one(query, {"_id": 1}) is not None
-
-    @retry_transient
     def update_step(
         self,
         step: Step,
