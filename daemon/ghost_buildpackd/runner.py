@@ -236,8 +236,10 @@ class Runner:
     def _lease_deadline(self, sent: float) -> float:
         """Local deadline of a lease granted or renewed by a request sent at monotonic time `sent`.
 
-        The server set the expiry at `ttl` after it received the request, so
-        no earlier than `sent + ttl` on this host's clock.
+        The expiry written is the server's time when the request was made
+        (as estimated by the store) plus `ttl`: no earlier than `sent + ttl`
+        on this host's clock, give or take the estimate's error, which the
+        margin covers.
         """
         return sent + self.ttl - lease_margin(self.ttl)
 
