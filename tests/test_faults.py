@@ -26,7 +26,7 @@ from bson import ObjectId
 from pymongo.database import Database
 
 from ghost_buildpackd.client import BuildpackResult, run_buildpack
-from ghost_buildpackd.lxd import IMAGE_PROP_JOB, Lxd
+from ghost_buildpackd.lxd import IMAGE_PROP_JOB, TAG_JOB, Lxd
 from ghost_buildpackd.store import FAILED, SUCCEEDED, TERMINAL, Store, step_id
 from tests.conftest import WORKING_COPY_IDS, leftover_containers
 from tests.support import lxd_service
@@ -125,6 +125,11 @@ def assert_nothing_left(lxd: Lxd, db: Database, store: Store) -> None:
             assert str(job) in records, f"stale alias {job}: no container_images record"
 
 
+def containers_of_job(lxd: Lxd, job: ObjectId) -> list[str]:
+    """Containers tagged with `job` (asks LXD only, so it works while MongoDB is down)."""
+    return [c.name for c in lxd.list_containers() if c.tags.get(TAG_JOB) == str(job)]
+
+
 def all_job_ids(db: Database) -> list[ObjectId]:
     return [job["_id"] for job in db.jobs.find({}, {"_id": 1})]
 
@@ -177,7 +182,7 @@ def kill_buildimage(phase: str, process: DaemonProcess, lxd: Lxd, store: Store, 
         freeze(process)
         mongo.stop()  # the record writes cannot happen now
         thaw(process)
-        wait_until(lambda: not leftover_containers(lxd, store.db), 60, "the container to be cleaned up")
+        wait_until(lambda: not containers_of_job(lxd, job), 60, "the container to be cleaned up")
     process.kill()
     if phase == "recording":
         mongo.start()

@@ -92,6 +92,11 @@ def _is_transient(error: BaseException) -> bool:
 retry_lxd = retrying(_is_transient, "lxd_transient_error_retrying", attempts=5, multiplier=0.2, max_wait=10)
 
 
+def claim_number(value: str | None) -> int:
+    """A claim number as LXD stores it (a config or property string); 0 when absent."""
+    return int(value) if value and value.isdigit() else 0
+
+
 @dataclasses.dataclass(frozen=True)
 class ImageInfo:
     fingerprint: str
@@ -99,6 +104,11 @@ class ImageInfo:
     properties: Mapping[str, str]
     size: int
     created_at: str
+
+    @property
+    def claim(self) -> int:
+        """The claim number of the step attempt that published it (0 when it does not say)."""
+        return claim_number(self.properties.get(IMAGE_PROP_CLAIM))
 
     @property
     def os_release(self) -> str:
@@ -122,8 +132,7 @@ class ContainerInfo:
     @property
     def claim(self) -> int:
         """The claim number of the attempt that made it (0 for containers made before claims were tagged)."""
-        value = self.tags.get(TAG_CLAIM, "")
-        return int(value) if value.isdigit() else 0
+        return claim_number(self.tags.get(TAG_CLAIM))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -235,8 +236,10 @@ class Runner:
     def _lease_deadline(self, sent: float) -> float:
         """Local deadline of a lease granted or renewed by a request sent at monotonic time `sent`.
 
-        The server set the expiry at `ttl` after it received the request, so
-        no earlier than `sent + ttl` on this host's clock.
+        The expiry written is the server's time when the request was made
+        (as estimated by the store) plus `ttl`: no earlier than `sent + ttl`
+        on this host's clock, give or take the estimate's error, which the
+        margin covers.
         """
         return sent + self.ttl - lease_margin(self.ttl)
 
@@ -288,6 +291,7 @@ class Runner:
 
     def _lose(self, held: Held, event: str, **fields: Any) -> None:
         held.lost = True
+        held.ctx.lease_valid_until = -math.inf  # confirm_lease refuses from now on
         held.ctx.abort.set()
         log.error(event, step=held.ctx.step.id, consequence="stopped acting on it; another holder carries on", **fields)
 

@@ -335,7 +335,7 @@ class Store:
         self.state: Collection = db[STATE]
         self.instances: Collection = db[INSTANCES]
         self._clock = clock  # this host's clock (tests give a skewed one)
-        self._server_offset = timedelta(0)
+        self._server_offset: timedelta | None = None  # measured at the first need
 
     @classmethod
     def from_uri(cls, uri: str, database: str, timeout: float = 10.0) -> Store:
@@ -364,11 +364,14 @@ class Store:
             if server_time.tzinfo is None:
                 server_time = server_time.replace(tzinfo=UTC)
             self._server_offset = server_time - (sent + (received - sent) / 2)
+        elif self._server_offset is None:  # a server that does not say its time: this host's clock
+            self._server_offset = timedelta(0)
         return self._server_offset
 
     def server_now(self) -> datetime:
-        """The server's time as last measured: what lease expiry is reckoned on."""
-        return self._clock() + self._server_offset
+        """The server's time as last measured (measured first if it never was): what lease expiry is reckoned on."""
+        offset = self._server_offset if self._server_offset is not None else self.measure_server_clock()
+        return self._clock() + offset
 
     def server_info(self) -> dict[str, Any]:
         hello = self.db.client.admin.command("hello")
@@ -662,12 +665,6 @@ class Store:
                 return_document=ReturnDocument.AFTER,
             )
         return Step.from_doc(doc) if doc else None
-
-    @retry_transient
-    def holds_lease(self, step: Step) -> bool:
-        """Whether `step`'s lease token is still the record's and has not expired (server time)."""
-        query = {"_id": step.id, "lease.token": step.lease_token, "lease.expires_at": {"$gt": self.server_now()}}
-        return self.steps.find_one(query, {"_id": 1}) is not None
 
     @retry_transient
     def update_step(

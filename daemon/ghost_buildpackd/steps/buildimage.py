@@ -255,7 +255,7 @@ def publish(ctx: StepContext, plan: BuildPlan, base: ImageInfo, container: str) 
     image = lxd_phase("publishing the image", lambda: ctx.lxd.publish(container, properties, compression))
     try:
         previous = ctx.lxd.image_by_alias(plan.alias)  # set when the job is replayed
-        if previous is not None and image_claim(previous) > ctx.step.claim:
+        if previous is not None and previous.claim > ctx.step.claim:
             raise LeaseLost(ctx.step.id)  # a later attempt of this step published already
         ctx.confirm_lease()
         ctx.lxd.point_alias(plan.alias, image.fingerprint, properties["description"])
@@ -290,12 +290,6 @@ def image_properties(plan: BuildPlan, base: ImageInfo) -> dict[str, str]:
         if base.properties.get(key):
             properties[key] = base.properties[key]
     return {key: value for key, value in properties.items() if value}
-
-
-def image_claim(image: ImageInfo) -> int:
-    """The claim number of the attempt that published `image` (0 when it does not say)."""
-    value = image.properties.get(IMAGE_PROP_CLAIM, "")
-    return int(value) if value.isdigit() else 0
 
 
 def delete_replaced_image(ctx: StepContext, alias: str, previous: ImageInfo) -> None:
@@ -375,7 +369,7 @@ def recover_earlier_attempt(ctx: StepContext, plan: BuildPlan) -> Outcome | None
     ctx.confirm_lease()
     images = ctx.lxd.list_images()  # one snapshot serves every question below
     ours = [image for image in images if image.properties.get(IMAGE_PROP_JOB) == plan.alias]
-    if any(image_claim(image) > ctx.step.claim for image in ours):
+    if any(image.claim > ctx.step.claim for image in ours):
         raise LeaseLost(ctx.step.id)  # a later attempt of this step is under way: its images are not ours to judge
     kept = recorded_image(ctx, plan.alias, images)
     aliased = next((image for image in images if plan.alias in image.aliases), None)
