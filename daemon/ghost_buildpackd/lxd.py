@@ -437,14 +437,15 @@ class Lxd:
                     f"{what}: the LXD operation did not finish within lxd.operation_timeout ({limit:g}s); "
                     f"LXD may still be working on it (operation {operation_id})"
                 )
-            waited = self._poll_operation(operation_id, min(poll, max(0, int(left))))
+            seconds = min(poll, int(left))
+            waited = self._poll_operation(operation_id, seconds)
             state = waited.json()["metadata"]
             if state["status"] == "Success":
                 return state
             if state["status"] in ("Failure", "Cancelled") or not 100 <= int(state.get("status_code") or 0) < 300:
                 raise LXDAPIException(waited)
-            if poll == 0:
-                time.sleep(0.25)  # lxd.timeout under 2s leaves no room for LXD's own wait
+            if seconds == 0:  # LXD answered at once: no whole second left, or lxd.timeout under 2 s
+                time.sleep(min(0.25, left))
 
     @retry_lxd
     def _poll_operation(self, operation_id: str, seconds: int) -> requests.Response:
