@@ -124,6 +124,11 @@ class ContainerDetails:
     config: Mapping[str, str]
     devices: Mapping[str, Mapping[str, str]]  # the container's own, not its profiles'
 
+    @property
+    def mounts(self) -> list[str]:
+        """Its devices that mount a host directory (not, say, its root disk with a size)."""
+        return sorted(name for name, device in self.devices.items() if is_mount(device))
+
 
 @dataclasses.dataclass(frozen=True)
 class Mount:
@@ -175,6 +180,11 @@ class ExecResult:
     @property
     def ok(self) -> bool:
         return self.exit_code == 0
+
+
+def is_mount(device: Mapping[str, str]) -> bool:
+    """Whether an LXD device mounts a host directory (a disk with a source)."""
+    return device.get("type") == "disk" and bool(device.get("source"))
 
 
 def disk_device(mount: Mount) -> dict[str, str]:
@@ -552,9 +562,11 @@ class Lxd:
         instance.save(wait=True)
 
     def remove_devices(self, name: str) -> None:
+        """Detach every host directory mounted in the container (its other devices stay)."""
         instance = self.client.instances.get(name)
-        if instance.devices:
-            instance.devices = {}
+        kept = {device: config for device, config in instance.devices.items() if not is_mount(config)}
+        if kept != instance.devices:
+            instance.devices = kept
             instance.save(wait=True)
 
     def push_file(self, name: str, path: str, content: bytes, mode: int = 0o755) -> None:
