@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import base64
 import os
+import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -16,6 +18,7 @@ from ghost_buildpackd.config import Config, LxdConfig
 from ghost_buildpackd.joblog import JobLog, OutputCollector
 from ghost_buildpackd.logs import Secrets
 from ghost_buildpackd.lxd import ContainerSpec, Lxd, LxdError
+from ghost_buildpackd.steps import StepFailed, deploy
 from ghost_buildpackd.store import CANCELLED, FAILED, READY, SUCCEEDED, Store, step_id
 from tests.conftest import WORKING_COPY_IDS, leftover_containers
 from tests.support.ghost import finish_buildimage, make_app, make_job, module_doc, set_status
@@ -252,6 +255,30 @@ def test_an_lxd_operation_past_its_deadline_fails_with_the_reason(lxd: Lxd, base
     finally:  # LXD carries on: the container appears, and goes
         wait_until(lambda: lxd.container_status(name) is not None, 60, "the container LXD went on creating")
         lxd.delete_container(name)
+
+
+@pytest.mark.slow
+def test_a_cancellation_during_a_hanging_readiness_probe_ends_the_step(
+    make_config: Callable[..., Config],
+    store: Store,
+    lxd: Lxd,
+    db: Database,
+    hanging_mkdir_image: str,
+    lxd_cleanup: None,
+) -> None:
+    app_id = make_app(db, container_image=hanging_mkdir_image, modules=[module_doc("app", "/srv/app", "true")])
+    job_id = make_job(db, app_id, command="deploy", status="started", modules=["app"])
+    ctx = deploy_context(make_config(container={"ready_timeout": "10m"}), store, lxd, job_id, "app", "prepare")
+    cancel = threading.Timer(2.0, ctx.abort.set)  # what the runner does when the step is cancelled
+    cancel.start()
+    started = time.monotonic()
+
+    with pytest.raises(StepFailed) as raised:
+        deploy.prepare(ctx)
+
+    assert "the readiness probe `mkdir -p /var/lib/ghost-buildpackd` was interrupted" in raised.value.message
+    assert time.monotonic() - started < 60, "the probe held the step past its cancellation"
+    assert leftover_containers(lxd, db) == []
 
 
 @pytest.mark.slow

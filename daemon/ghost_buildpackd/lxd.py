@@ -141,6 +141,11 @@ class ContainerDetails:
     config: Mapping[str, str]
     devices: Mapping[str, Mapping[str, str]]  # the container's own, not its profiles'
 
+    @property
+    def mounts(self) -> list[str]:
+        """Its devices that mount a host directory (not, say, its root disk with a size)."""
+        return sorted(name for name, device in self.devices.items() if is_mount(device))
+
 
 @dataclasses.dataclass(frozen=True)
 class Mount:
@@ -192,6 +197,11 @@ class ExecResult:
     @property
     def ok(self) -> bool:
         return self.exit_code == 0
+
+
+def is_mount(device: Mapping[str, str]) -> bool:
+    """Whether an LXD device mounts a host directory (a disk with a source)."""
+    return device.get("type") == "disk" and bool(device.get("source"))
 
 
 def disk_device(mount: Mount) -> dict[str, str]:
@@ -457,14 +467,15 @@ class Lxd:
                     f"{what}: the LXD operation did not finish within lxd.operation_timeout ({limit:g}s); "
                     f"LXD may still be working on it (operation {operation_id})"
                 )
-            waited = self._poll_operation(operation_id, min(poll, max(0, int(left))))
+            seconds = min(poll, int(left))
+            waited = self._poll_operation(operation_id, seconds)
             state = waited.json()["metadata"]
             if state["status"] == "Success":
                 return state
             if state["status"] in ("Failure", "Cancelled") or not 100 <= int(state.get("status_code") or 0) < 300:
                 raise LXDAPIException(waited)
-            if poll == 0:
-                time.sleep(0.25)  # lxd.timeout under 2s leaves no room for LXD's own wait
+            if seconds == 0:  # LXD answered at once: no whole second left, or lxd.timeout under 2 s
+                time.sleep(min(0.25, left))
 
     @retry_lxd
     def _poll_operation(self, operation_id: str, seconds: int) -> requests.Response:
@@ -571,9 +582,11 @@ class Lxd:
         instance.save(wait=True)
 
     def remove_devices(self, name: str) -> None:
+        """Detach every host directory mounted in the container (its other devices stay)."""
         instance = self.client.instances.get(name)
-        if instance.devices:
-            instance.devices = {}
+        kept = {device: config for device, config in instance.devices.items() if not is_mount(config)}
+        if kept != instance.devices:
+            instance.devices = kept
             instance.save(wait=True)
 
     def push_file(self, name: str, path: str, content: bytes, mode: int = 0o755) -> None:

@@ -31,6 +31,8 @@ from ..lxd import (
     ContainerSpec,
     ExecResult,
     Lxd,
+    LxdError,
+    LxdUnavailable,
     Mount,
     is_unavailable,
 )
@@ -193,7 +195,12 @@ def launch(ctx: StepContext, spec: ContainerSpec) -> str:
     ctx.lxd.create_container(spec)
     ctx.lxd.start(spec.name)
     # The probe also makes the directory scripts are pushed to (push_file expects it to exist).
-    ctx.lxd.wait_ready(spec.name, ctx.config.container.ready_timeout, ("mkdir", "-p", SCRIPT_DIR), ctx.abort)
+    try:
+        ctx.lxd.wait_ready(spec.name, ctx.config.container.ready_timeout, ("mkdir", "-p", SCRIPT_DIR), ctx.abort)
+    except LxdUnavailable:
+        raise
+    except LxdError as error:  # the image's fault (a command that hangs or fails), or a cancellation
+        raise StepFailed(f"{error} (container.ready_timeout {ctx.config.container.ready_timeout:g}s)") from error
     ctx.log.info("container_ready", container=spec.name)
     return spec.name
 

@@ -170,10 +170,8 @@ def usable_container(ctx: StepContext, app: App, owner: tuple[int, int]) -> str:
     current = ctx.lxd.describe_container(name)
     if current is None:
         ctx.log.info("deploy_container_not_prepared", container=name)
-    elif current.status != "Running" or current.devices:
-        ctx.log.warning(
-            "deploy_container_recreated", container=name, status=current.status, devices=sorted(current.devices)
-        )
+    elif current.status != "Running" or current.mounts:
+        ctx.log.warning("deploy_container_recreated", container=name, status=current.status, devices=current.mounts)
     elif all(current.config.get(key) == wanted.get(key) for key in OWNERSHIP_KEYS):
         ctx.log.info("deploy_container_reused", container=name)
         return name
