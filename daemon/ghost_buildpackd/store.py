@@ -620,13 +620,18 @@ class Store:
         return Step.from_doc(doc) if doc else None
 
     @retry_transient
-    def prepared_deploy_count(self, other_than: str) -> int:
-        """Deploy steps whose container is launched or being launched and not yet asked for, but `other_than`."""
+    def prepared_deploy_count(self, sid: str) -> int:
+        """Deploy steps other than `sid` whose container is launched ahead, or about to be, and not yet asked for.
+
+        The container's name is recorded before its launch (absent when `run`
+        is to launch it); of steps deciding at the same moment, those with a
+        smaller id count first, so two of them never both take the last place.
+        """
+        launched = {"container": {"$type": "string"}}
         query = {
             "kind": DEPLOY,
-            "_id": {"$ne": other_than},
             "state": {"$in": [PREPARING, READY]},
-            "container": {"$type": "string"},  # recorded before the launch; absent when `run` is to launch it
+            "$or": [{**launched, "_id": {"$ne": sid}}, {"state": PREPARING, "_id": {"$lt": sid}}],
         }
         return self.steps.count_documents(query)
 
