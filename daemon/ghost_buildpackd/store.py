@@ -260,7 +260,11 @@ class JobBatch:
     """
 
     def __init__(
-        self, store: Store, jobs: list[dict[str, Any]], steps: list[dict[str, Any]], apps: dict[Any, dict[str, Any]]
+        self,
+        store: Store,
+        jobs: list[dict[str, Any]],
+        steps: list[dict[str, Any]],
+        apps: dict[Any, dict[str, Any] | None],  # None: read with the batch, and not there
     ):
         self.store = store
         self.jobs = jobs
@@ -401,9 +405,11 @@ class Store:
         """Two queries for any number of jobs: the step records of these jobs, and their apps."""
         job_ids = [doc["_id"] for doc in jobs if isinstance(doc.get("_id"), ObjectId)]
         app_ids = list({doc["app_id"] for doc in jobs if isinstance(doc.get("app_id"), ObjectId)})
-        steps = list(self.steps.find({"job_id": {"$in": job_ids}})) if job_ids else []
-        apps = list(self.apps.find({"_id": {"$in": app_ids}})) if app_ids else []
-        return JobBatch(self, jobs, steps, {doc["_id"]: doc for doc in apps})
+        # Deciding needs whether a record exists and whether it is finished, not its output.
+        steps = list(self.steps.find({"job_id": {"$in": job_ids}}, {"output_tail": 0})) if job_ids else []
+        apps: dict[Any, dict[str, Any] | None] = dict.fromkeys(app_ids)
+        apps.update((doc["_id"], doc) for doc in (self.apps.find({"_id": {"$in": app_ids}}) if app_ids else []))
+        return JobBatch(self, jobs, steps, apps)
 
     @retry_transient
     def insert_new_steps(self, docs: Iterable[dict[str, Any]]) -> set[str]:
