@@ -23,7 +23,7 @@ from typing import Any
 
 import yaml
 from pymongo.database import Database
-from tests.conftest import BASE_IMAGE, leftover_containers, raw_config
+from tests.conftest import BASE_IMAGE, leftover_containers, raw_config, remove_job_images
 from tests.support.daemon import DaemonProcess
 from tests.support.mongo import MongoServer, start_mongo
 from tests.support.waiting import wait_until
@@ -48,16 +48,17 @@ class Sizes:
     catchup_jobs: int
     catchup_qualifying: int
     catchup_repeats: int  # daemon starts per mode and history (the median is kept)
+    debian_runs: int  # builds and deploys per pool and case in the Debian tier
     footprint_steps: int
     footprint_real_steps: int
 
     @classmethod
     def quick(cls) -> Sizes:
-        return cls(30, 3, 3, 1, 8, 1000, 50, 1, 60, 4)
+        return cls(30, 3, 3, 1, 8, 1000, 50, 1, 1, 60, 4)
 
     @classmethod
     def full(cls) -> Sizes:
-        return cls(200, 10, 10, 3, 8, 10_000, 50, 3, 500, 12)
+        return cls(200, 10, 10, 3, 8, 10_000, 50, 3, 3, 500, 12)
 
 
 class Bench:
@@ -139,6 +140,10 @@ class Bench:
         # Trivial bodies do no simulated work here: the figures are the intake's and the runner's.
         env = {"TEST_WORK_SECONDS": "0"} if trivial else {}
         return DaemonProcess(config, config.parent / f"{name}.log", extra_env=env, trivial_bodies=trivial)
+
+    def remove_images(self, db: Database) -> None:
+        """Delete the images the daemon built for this database's jobs."""
+        remove_job_images(self.lxd, db)
 
     def remove_containers(self, db: Database) -> list[str]:
         """Delete containers tagged with this database's jobs (none should remain: say so if some did)."""

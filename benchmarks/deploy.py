@@ -27,6 +27,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import pylxd
@@ -37,7 +38,7 @@ from ghost_buildpackd.client import run_buildpack
 from ghost_buildpackd.lxd import ContainerSpec
 from ghost_buildpackd.store import SUCCEEDED, step_id
 
-from .common import Bench, FirstLine, ms, ratio, running, summary, table, wait_for
+from .common import Bench, FirstLine, log_times, ms, ratio, running, summary, table, wait_for
 
 FIRST_OUTPUT = "gbp-first-output"
 BUILD_PACK = f"echo {FIRST_OUTPUT}"
@@ -67,29 +68,40 @@ def deploy_app(db: Any, dirs: dict[str, Any], alias: str) -> Any:
     return app
 
 
-def one_deploy(bench: Bench, db: Any, dirs: dict[str, Any], app: Any) -> dict[str, float]:
-    """Job started -> ready -> client request -> terminal; seconds of each phase."""
+def one_deploy(
+    bench: Bench, db: Any, dirs: dict[str, Any], app: Any, clone: float | None = None, process: Any = None
+) -> dict[str, float]:
+    """Job started -> ready -> client request -> terminal; seconds of each phase.
+
+    With `clone`, the request comes that many seconds after the job started
+    (Ghost's clone of the module) whether the step is ready or not, and
+    `prepare` is read from the daemon's `step_prepared` log line (`process`).
+    """
     job = make_job(db, app, command="deploy", modules=["api"])
     sid = step_id(job, "deploy", "api")
     started = time.time()
     set_status(db, job, "started")
-    wait_for(lambda: (s := db.container_steps.find_one({"_id": sid})) and s["state"] == "ready", 120, "step ready")
+    if clone is None:
+        wait_for(lambda: (s := db.container_steps.find_one({"_id": sid})) and s["state"] == "ready", 600, "step ready")
+    else:
+        time.sleep(clone)  # Ghost cloning the module: what the preparation may hide behind
     ready = time.time()
     with FirstLine(dirs["log_dir"] / f"{job}.txt", FIRST_OUTPUT) as first:
         requested = time.time()
-        result = run_buildpack(db, job, "api", timeout=120)
+        result = run_buildpack(db, job, "api", timeout=600)
         returned = time.time()
         if result.state != SUCCEEDED:
             set_status(db, job, "failed")
             raise RuntimeError(f"deploy step {sid} ended {result.state}: {result.message}")
         container = db.container_steps.find_one({"_id": sid})["container"]
-        wait_for(lambda: bench.lxd.container_status(container) is None, 30, "the container deleted", interval=0.005)
+        wait_for(lambda: bench.lxd.container_status(container) is None, 120, "the container deleted", interval=0.005)
         deleted = time.time()
         wait_for(lambda: first.seen_at is not None, 10, "the first output line in the job log")
     set_status(db, job, "done")
     finished = db.container_steps.find_one({"_id": sid})["times"]["finished"].timestamp()
+    prepared = log_times(process, "step_prepared").get(sid) if clone is not None else ready
     return {
-        "prepare": ready - started,
+        "prepare": (prepared or float("nan")) - started,
         "request_to_first_output": (first.seen_at or float("nan")) - requested,
         "request_to_terminal": finished - requested,
         "request_to_client_returned": returned - requested,
@@ -125,14 +137,37 @@ def quiet_pylxd_teardown(args: Any) -> None:
     threading.__excepthook__(args)
 
 
-def pylxd_sequence(name: str, config: dict[str, str], sleep: float) -> dict[str, float]:
-    """create from alias, start, [sleep], exec, stop, delete: seconds of each part."""
-    client = pylxd.Client(timeout=120)
-    t0 = time.time()
-    container = client.instances.create(
-        {"name": name, "type": "container", "source": {"type": "image", "alias": BASE_IMAGE}, "config": config},
+def create_from_alias(
+    client: pylxd.Client, name: str, image: str, profiles: tuple[str, ...], config: dict[str, str]
+) -> Any:
+    """The yardsticks' container: from an image alias, with the `default` profile then `profiles`."""
+    return client.instances.create(
+        {
+            "name": name,
+            "type": "container",
+            "source": {"type": "image", "alias": image},
+            "config": config,
+            "profiles": ["default", *profiles],
+        },
         wait=True,
     )
+
+
+def pylxd_sequence(
+    name: str,
+    config: dict[str, str],
+    sleep: float,
+    image: str = BASE_IMAGE,
+    profiles: tuple[str, ...] = (),
+    on_started: Callable[[str], None] | None = None,
+) -> dict[str, float]:
+    """create from alias, start, [sleep], exec, stop, delete: seconds of each part.
+
+    `on_started` (not timed) sees the container's name once it runs, e.g. to measure its disk.
+    """
+    client = pylxd.Client(timeout=600)
+    t0 = time.time()
+    container = create_from_alias(client, name, image, profiles, config)
     try:
         container.start(wait=True)
         t_started = time.time()
@@ -143,6 +178,9 @@ def pylxd_sequence(name: str, config: dict[str, str], sleep: float) -> dict[str,
         t_ran = time.time()
         if result.exit_code != 0 or FIRST_OUTPUT not in result.stdout:
             raise RuntimeError(f"exec in {name} failed: {result.exit_code} {result.stderr!r}")
+        if on_started is not None:
+            on_started(name)
+        t_resumed = time.time()
     finally:
         container.stop(force=True, wait=True)
         container.delete(wait=True)
@@ -150,13 +188,18 @@ def pylxd_sequence(name: str, config: dict[str, str], sleep: float) -> dict[str,
     return {
         "create_start": t_started - t0,
         "exec": t_ran - t_exec,
-        "stop_delete": t_end - t_ran,
-        "total": t_end - t0,
+        "stop_delete": t_end - t_resumed,
+        "total": t_end - t0 - (t_resumed - t_ran),  # without the time `on_started` took
     }
 
 
-def script_runs(label: str, count: int, config: dict[str, str], sleep: float, warm_up: bool) -> dict[str, Any]:
-    runs = [pylxd_sequence(f"gbp-bench-{os.getpid()}-{label}-{i}", config, sleep) for i in range(count + warm_up)]
+def script_runs(
+    label: str, count: int, config: dict[str, str], sleep: float, warm_up: bool, **where: Any
+) -> dict[str, Any]:
+    """`count` runs of the sequence (after one not counted with `warm_up`); `where`: image, profiles, on_started."""
+    runs = [
+        pylxd_sequence(f"gbp-bench-{os.getpid()}-{label}-{i}", config, sleep, **where) for i in range(count + warm_up)
+    ]
     runs = runs[1:] if warm_up else runs
     return {key: summary([run[key] for run in runs]) for key in runs[0]}
 

@@ -171,6 +171,11 @@ def lxd_cleanup(lxd: Lxd, db: Database) -> Iterator[None]:
     yield
     for name in leftover_containers(lxd, db):
         lxd.delete_container(name)
+    remove_job_images(lxd, db)
+
+
+def remove_job_images(lxd: Lxd, db: Database) -> None:
+    """Delete the images (and aliases) built for this database's jobs."""
     jobs = job_ids(db)
     for image in lxd.list_images():
         if image.properties.get(IMAGE_PROP_JOB) in jobs:

@@ -385,6 +385,10 @@ CONFIG_CASES: dict[str, tuple[Any, str]] = {
         "container.provisioner_commands.salt: expected a list of strings",
     ),
     "compression unknown": ({"container": {"publish_compression": "rar"}}, "container.publish_compression: expected"),
+    "max_prepared negative": (
+        {"container": {"max_prepared": -1}},
+        "container.max_prepared: expected a whole number of at least 0, got -1",
+    ),
     "lxd endpoint http": (
         {"lxd": {"endpoint": "http://lxd:8443"}},
         "lxd.endpoint: expected 'local', unix:/path/to/unix.socket or an https://",

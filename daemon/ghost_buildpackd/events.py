@@ -159,7 +159,9 @@ class Intake:
 
         Jobs are decided a batch at a time: the batch's steps and apps are read
         in two queries and its new records written in one bulk upsert (instead
-        of one to three round trips per job). `on_handled` sees each job once
+        of one to three round trips per job). `step_created` is logged as a
+        record is queued; one that another instance wrote meanwhile is named in
+        `steps_created_by_another_instance`. `on_handled` sees each job once
         its records are written.
         """
         count = 0

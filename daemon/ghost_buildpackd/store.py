@@ -274,7 +274,11 @@ class JobBatch:
     """
 
     def __init__(
-        self, store: Store, jobs: list[dict[str, Any]], steps: list[dict[str, Any]], apps: dict[Any, dict[str, Any]]
+        self,
+        store: Store,
+        jobs: list[dict[str, Any]],
+        steps: list[dict[str, Any]],
+        apps: dict[Any, dict[str, Any] | None],  # None: read with the batch, and not there
     ):
         self.store = store
         self.jobs = jobs
@@ -443,9 +447,11 @@ class Store:
         """Two queries for any number of jobs: the step records of these jobs, and their apps."""
         job_ids = [doc["_id"] for doc in jobs if isinstance(doc.get("_id"), ObjectId)]
         app_ids = list({doc["app_id"] for doc in jobs if isinstance(doc.get("app_id"), ObjectId)})
-        steps = list(self.steps.find({"job_id": {"$in": job_ids}})) if job_ids else []
-        apps = list(self.apps.find({"_id": {"$in": app_ids}})) if app_ids else []
-        return JobBatch(self, jobs, steps, {doc["_id"]: doc for doc in apps})
+        # Deciding needs whether a record exists and whether it is finished, not its output.
+        steps = list(self.steps.find({"job_id": {"$in": job_ids}}, {"output_tail": 0})) if job_ids else []
+        apps: dict[Any, dict[str, Any] | None] = dict.fromkeys(app_ids)
+        apps.update((doc["_id"], doc) for doc in (self.apps.find({"_id": {"$in": app_ids}}) if app_ids else []))
+        return JobBatch(self, jobs, steps, apps)
 
     @retry_transient
     def insert_new_steps(self, docs: Iterable[dict[str, Any]]) -> set[str]:
@@ -702,13 +708,18 @@ class Store:
         return Step.from_doc(doc) if doc else None
 
     @retry_transient
-    def prepared_deploy_count(self, other_than: str) -> int:
-        """Deploy steps whose container is launched or being launched and not yet asked for, but `other_than`."""
+    def prepared_deploy_count(self, sid: str) -> int:
+        """Deploy steps other than `sid` whose container is launched ahead, or about to be, and not yet asked for.
+
+        The container's name is recorded before its launch (absent when `run`
+        is to launch it); of steps deciding at the same moment, those with a
+        smaller id count first, so two of them never both take the last place.
+        """
+        launched = {"container": {"$type": "string"}}
         query = {
             "kind": DEPLOY,
-            "_id": {"$ne": other_than},
             "state": {"$in": [PREPARING, READY]},
-            "container": {"$type": "string"},  # recorded before the launch; absent when `run` is to launch it
+            "$or": [{**launched, "_id": {"$ne": sid}}, {"state": PREPARING, "_id": {"$lt": sid}}],
         }
         return self.steps.count_documents(query)
 

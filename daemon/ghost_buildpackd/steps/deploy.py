@@ -239,7 +239,7 @@ def give_back_files(ctx: StepContext, name: str, module: Module, owner: tuple[in
 def prepared_enough(ctx: StepContext) -> bool:
     """Whether `container.max_prepared` containers already wait for their request (then `run` launches one)."""
     bound = ctx.config.container.max_prepared
-    if bound is None or ctx.store.prepared_deploy_count(other_than=ctx.step.id) < bound:
+    if bound is None or ctx.store.prepared_deploy_count(ctx.step.id) < bound:
         return False
     ctx.say(
         "deploy_container_deferred",
