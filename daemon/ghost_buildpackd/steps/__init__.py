@@ -29,10 +29,11 @@ SCRIPT_DIR = "/var/lib/ghost-buildpackd"  # where scripts are put inside contain
 class StepFailed(Exception):
     """The step cannot succeed; `message` says why in words a Ghost user can act on."""
 
-    def __init__(self, message: str, exit_code: int | None = None, output_tail: str = ""):
+    def __init__(self, message: str, exit_code: int | None = None, output_tail: str = "", timed_out: bool = False):
         self.message = message
         self.exit_code = exit_code
         self.output_tail = output_tail  # the end of the failed command's output
+        self.timed_out = timed_out  # killed at container.exec_timeout
         super().__init__(message)
 
 
@@ -199,7 +200,7 @@ def run_command(
         if result.exit_code == 137:  # 128 + SIGKILL: in a container, nearly always the out-of-memory killer
             reason += " (killed by SIGKILL: out of memory under container.limits.memory?)"
     ctx.log.error("command_failed", reason=reason, **fields)
-    raise StepFailed(reason, result.exit_code, collector.tail_text())
+    raise StepFailed(reason, result.exit_code, collector.tail_text(), timed_out=result.timed_out)
 
 
 def remove_container(ctx: StepContext, name: str | None) -> None:
