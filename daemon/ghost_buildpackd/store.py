@@ -268,6 +268,7 @@ class Store:
             "version": self.db.client.server_info().get("version", "unknown"),
             "replica_set": hello.get("setName"),
             "sharded": hello.get("msg") == "isdbgrid",
+            "max_wire_version": hello.get("maxWireVersion"),
         }
 
     def change_streams_supported(self) -> tuple[bool, str]:
