@@ -291,3 +291,45 @@ def test_deploy_waits_for_the_build_in_flight_then_uses_its_image(
         lxd.delete_alias(alias)
         if image is not None:
             lxd.delete_image(image.fingerprint)
+
+
+@pytest.mark.slow
+@pytest.mark.lxd
+def test_a_daemon_that_dies_while_the_script_runs_is_noticed_by_its_heartbeat(
+    db, store, lxd, image_alias, write_config, ghost_dirs, tmp_path, lxd_cleanup
+):
+    app = make_app(
+        db,
+        source_container_image=image_alias,
+        container_image=image_alias,
+        modules=[module_doc("app", "/srv/app", "sleep 600")],
+    )
+    working_copy(ghost_dirs["root"], "app")
+    config = write_config()
+    daemon = DaemonProcess(config, tmp_path / "daemon.log").start()
+    try:
+        daemon.wait_ready()
+        job = started_deploy(db, app, ["app"])
+        sid = step_id(job, DEPLOY, "app")
+        command = subprocess.Popen(
+            [sys.executable, "-m", "ghost_buildpackd", "buildpack", str(job), "app", "--config", str(config)],
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        wait_until(lambda: (s := store.get_step(sid)) is not None and s.state == RUNNING, 60, "the buildpack running")
+        daemon.kill()
+        killed_at = time.monotonic()
+        out, err = command.communicate(timeout=120)  # its own timeout is 40 minutes: the heartbeat ends it
+    finally:
+        daemon.kill()
+    assert command.returncode == EXIT_NO_DAEMON, out + err
+    assert time.monotonic() - killed_at < 60  # the heartbeat's age limit (30 s) plus a look every 5 s
+    assert (
+        err == ""
+        and len(out.splitlines()) == 1
+        and "no live ghost-buildpackd on host" in out
+        and "while waiting" in out
+    )
+    assert store.get_step(sid).state == CANCELLED  # a daemon started later will not run it
