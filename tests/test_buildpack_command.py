@@ -114,7 +114,8 @@ def test_exit_codes_and_one_copy_of_the_output(
         assert text.count("after-5512") == 1
         record = store.get_step(step_id(job, DEPLOY, "api", "after_all_deploy"))
         assert (record.state, record.script) == (SUCCEEDED, "after_all_deploy")
-        assert store.get_step(step_id(job, DEPLOY, "api")).state == SUCCEEDED  # the build_pack step, apart
+        build_pack = store.get_step(step_id(job, DEPLOY, "api"))  # a step of its own, in a container of its own
+        assert build_pack.state == SUCCEEDED and f"{job}-a-api-" in record.container != build_pack.container
 
         started = time.monotonic()
         code, lines, text = gcall(config, log_dir, job, "slow", "--timeout", "3s")

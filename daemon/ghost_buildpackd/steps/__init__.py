@@ -20,7 +20,7 @@ from typing import Any
 from ..config import Config
 from ..joblog import JobLog, OutputCollector
 from ..lxd import TAG_APP, TAG_JOB, TAG_KIND, TAG_OWNER, TAG_STEP, ContainerSpec, ExecResult, Lxd, Mount, is_unavailable
-from ..store import Step, Store
+from ..store import BUILD_PACK, Step, Store
 
 LXD_OUTAGE_LIMIT = 600.0  # longest a step waits for LXD to come back before it fails
 SCRIPT_DIR = "/var/lib/ghost-buildpackd"  # where scripts are put inside containers
@@ -86,12 +86,14 @@ class StepContext:
 
 
 def container_name(step: Step) -> str:
-    """An LXD-valid, unique name from the job id (never the AMI name): `gbp-<job>-b` or `gbp-<job>-d-<module>-<crc>`."""
+    """An LXD-valid, unique name from the job id (never the AMI name): `gbp-<job>-b`, or
+    `gbp-<job>-d-<module>-<crc>` for a build_pack and `gbp-<job>-a-<module>-<crc>` for an after_all_deploy."""
     if step.kind == "buildimage":
         return f"gbp-{step.job_id}-b"
     module = step.module or ""
     slug = re.sub(r"[^a-z0-9]+", "-", module.lower()).strip("-")[:20] or "m"
-    return f"gbp-{step.job_id}-d-{slug}-{zlib.crc32(module.encode()):08x}"[:63]
+    script = "d" if step.script == BUILD_PACK else "a"
+    return f"gbp-{step.job_id}-{script}-{slug}-{zlib.crc32(module.encode()):08x}"[:63]
 
 
 def step_tags(ctx: StepContext) -> dict[str, str]:
