@@ -704,8 +704,9 @@ class Store:
 
     @retry_transient
     def successful_buildimage_jobs(self, app_ids: list[ObjectId]) -> list[dict[str, Any]]:
-        """Ghost's successful buildimage jobs (status done) of these apps: what Ghost's AMI retention counts."""
-        query = {"command": BUILDIMAGE, "status": "done", "app_id": {"$in": list(app_ids)}}
+        """Ghost's buildimage jobs of these apps that ended `done` or `failed` (the caller keeps those that
+        built their AMI: a failure at the autoscaling group update comes after it)."""
+        query = {"command": BUILDIMAGE, "status": {"$in": ["done", "failed"]}, "app_id": {"$in": list(app_ids)}}
         return list(self.jobs.find(query))
 
     # --- instances -----------------------------------------------------------------------
