@@ -211,6 +211,10 @@ def test_no_live_daemon_answers_at_once_and_asks_nothing(db, store, write_config
     )
     assert store.steps.count_documents({}) == 0
 
+    code, lines, text = gcall(write_config(), ghost_dirs["log_dir"], "not-an-id", "app")  # type: ignore[arg-type]
+    assert code == 2 and lines[-1].startswith("ghost-buildpackd: build_pack of module app: bad arguments: job_id: ")
+    assert store.steps.count_documents({}) == 0
+
 
 @pytest.mark.lxd
 def test_ghost_config_debug_keeps_the_deploy_container(
