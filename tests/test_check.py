@@ -52,6 +52,7 @@ def test_all_ok_on_a_good_host(store: Store, lxd: Lxd, base_image: str, make_con
     )
     assert set(lines) >= {"mongodb", "mongodb events", "ghost collections", "lxd", "lxd storage", "lxd container"}
     assert "reachable and authenticated" in lines["mongodb"]
+    assert "speaks wire version" in lines["mongodb version"] and "pymongo " in lines["mongodb version"]
     assert "uses change_stream" in lines["mongodb events"] or "uses poll" in lines["mongodb events"]
     assert f"LXD {lxd.server_info()['version']}" in lines["lxd"]
     assert "default" in lines["lxd storage"]
@@ -154,3 +155,19 @@ def test_no_memory_limit_is_warned_about(
     assert lines["container limits"].startswith("WARN")
     assert "memory unlimited, root disk unlimited" in lines["container limits"]
     assert "fix: set container.limits.memory: one buildpack can take the host down" in lines["container limits"]
+
+
+def test_a_server_older_than_pymongos_floor_fails_with_the_floor() -> None:
+    import pymongo
+
+    from ghost_buildpackd.check import wire_version_check
+
+    floor = pymongo.common.MIN_SUPPORTED_WIRE_VERSION
+    assert wire_version_check(floor, "x").ok
+    result = wire_version_check(floor - 1, "3.6.23")
+    assert not result.ok
+    assert f"MongoDB 3.6.23 (wire version {floor - 1}) is older than the floor: pymongo {pymongo.version} needs " in (
+        result.detail
+    )
+    assert "upgrade MongoDB to" in result.fix
+    assert not wire_version_check(None, "unknown").ok

@@ -23,6 +23,8 @@ from bson.errors import InvalidId
 _MODULE_PATH = re.compile(r"^(/[a-zA-Z0-9.\-_]+)+$")
 _SEGMENT = re.compile(r"^[A-Za-z0-9_.+\-]+$")
 _AMI_IN_MESSAGE = re.compile(r"\[(ami-[0-9a-f]+)\]")
+# How Ghost's buildimage ends when only the autoscaling group update failed, after the AMI was recorded.
+ASG_UPDATE_FAILED = "Autoscaling group update failed"
 MAX_SCRIPT_BYTES = 1 << 20
 MAX_ENV_VAR_BYTES = 128 << 10  # Linux MAX_ARG_STRLEN: one `NAME=value` string given to execve
 PROVISIONERS = ("salt", "ansible")
@@ -138,10 +140,15 @@ class Module:
     path: str
     git_repo: str
     build_pack: str  # decoded shell script, "" when the module has none
+    after_all_deploy: str = ""  # decoded, "" when the module has none
 
     @property
     def has_build_pack(self) -> bool:
         return bool(self.build_pack.strip())
+
+    def script(self, name: str) -> str:
+        """The decoded module script `name` (`build_pack` or `after_all_deploy`), "" when absent."""
+        return {"build_pack": self.build_pack, "after_all_deploy": self.after_all_deploy}[name]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -255,6 +262,7 @@ def _parse_module(doc: Mapping[str, Any], where: str) -> Module:
         path=validate_module_path(doc.get("path"), f"{where}.path"),
         git_repo=_string(doc, "git_repo", where, required=False),
         build_pack=decode_script(doc.get("build_pack"), f"{where}.build_pack"),
+        after_all_deploy=decode_script(doc.get("after_all_deploy"), f"{where}.after_all_deploy"),
     )
 
 
@@ -317,6 +325,14 @@ class Job:
     updated: datetime | None
     module_names: tuple[str, ...]
     raw: Mapping[str, Any] = dataclasses.field(repr=False, compare=False)
+
+    @property
+    def built_image(self) -> bool:
+        """A buildimage that built and recorded its AMI: `done`, or `failed` only at the autoscaling
+        group update that comes after (Ghost's own container build ran for those too)."""
+        return self.command == "buildimage" and (
+            self.status == "done" or (self.status == "failed" and self.message.startswith(ASG_UPDATE_FAILED))
+        )
 
     @property
     def ami_id(self) -> str:

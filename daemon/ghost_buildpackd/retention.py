@@ -28,7 +28,7 @@ from typing import Any, Protocol, TextIO
 from bson import ObjectId
 
 from .config import Config
-from .ghost import BadDocument, parse_app, parse_job, parse_object_id
+from .ghost import BadDocument, Job, parse_app, parse_job, parse_object_id
 from .logs import get_logger
 from .lxd import ImageInfo, Lxd
 from .status import table
@@ -111,11 +111,20 @@ class GhostInventory:
                 job = parse_job(doc)
             except BadDocument:
                 continue
-            if job.ami_id and job.app_id in app_identity:
-                builds.setdefault(app_identity[job.app_id], []).append(
-                    (_job_time(job.updated, job.id), job.id, job.ami_id)
-                )
+            ami_id = self._built_ami(job) if job.app_id in app_identity else ""
+            if ami_id:
+                builds.setdefault(app_identity[job.app_id], []).append((_job_time(job.updated, job.id), job.id, ami_id))
         return {identity: _unique(ami for *_, ami in sorted(found, reverse=True)) for identity, found in builds.items()}
+
+    def _built_ami(self, job: Job) -> str:
+        """The AMI a buildimage job built: from `Build image OK: [ami-...]`, or, for a job that failed only at
+        the autoscaling group update (its message names no AMI), from the image built after it."""
+        if not job.built_image:
+            return ""
+        if job.ami_id:
+            return job.ami_id
+        record = self.store.get_image_record(str(job.id))
+        return record.ami_id if record is not None else ""
 
     @staticmethod
     def _verdict(record: ImageRecord, amis: list[str], keep: int) -> Verdict:

@@ -54,7 +54,10 @@ PENDING, PREPARING, READY, REQUESTED, RUNNING = "pending", "preparing", "ready",
 SUCCEEDED, FAILED, CANCELLED, SKIPPED = "succeeded", "failed", "cancelled", "skipped"
 TERMINAL = (SUCCEEDED, FAILED, CANCELLED, SKIPPED)
 ACTIVE = (PENDING, PREPARING, READY, REQUESTED, RUNNING)
-BUILDIMAGE, DEPLOY = "buildimage", "deploy"
+BUILDIMAGE, DEPLOY, REDEPLOY = "buildimage", "deploy", "redeploy"
+# The module scripts Ghost runs on its host during deploy (and redeploy), which a deploy step may run instead.
+BUILD_PACK, AFTER_ALL_DEPLOY = "build_pack", "after_all_deploy"
+MODULE_SCRIPTS = (BUILD_PACK, AFTER_ALL_DEPLOY)
 
 STEPS, IMAGES, STATE, INSTANCES = "container_steps", "container_images", "buildpackd_state", "buildpackd_instances"
 NO_CHANGE_STREAMS = 40573  # "The $changeStream stage is only supported on replica sets"
@@ -81,9 +84,15 @@ def same_id(value: ObjectId) -> dict[str, list[ObjectId]]:
     return {"$in": [value]}
 
 
-def step_id(job_id: ObjectId | str, kind: str, module: str | None = None) -> str:
-    """Deterministic step id: `<job_id>:buildimage` or `<job_id>:deploy:<module>`."""
-    return f"{job_id}:{kind}:{module}" if module else f"{job_id}:{kind}"
+def step_id(job_id: ObjectId | str, kind: str, module: str | None = None, script: str = BUILD_PACK) -> str:
+    """Deterministic step id: `<job_id>:buildimage`, `<job_id>:deploy:<module>` (its build_pack), or
+    `<job_id>:deploy.<script>:<module>` for another module script (`after_all_deploy`).
+
+    The script sits before the module name, so no module name can make two steps share an id.
+    """
+    if not module:
+        return f"{job_id}:{kind}"
+    return f"{job_id}:{kind}:{module}" if script == BUILD_PACK else f"{job_id}:{kind}.{script}:{module}"
 
 
 # Retries a MongoDB call through outages: exponential backoff, ~2 minutes in all.
@@ -125,6 +134,8 @@ class Step:
     # Number of the claim that took the current lease: grows with every claim and is never reset,
     # so it orders attempts; what an attempt makes in LXD carries it (fencing by attempt).
     claim: int = 0
+    script: str = BUILD_PACK  # the module script a deploy step runs
+    timed_out: bool = False  # the command was killed at container.exec_timeout
 
     @property
     def terminal(self) -> bool:
@@ -157,6 +168,8 @@ class Step:
             cancel_reason=doc.get("cancel_reason", ""),
             image=doc.get("image", ""),
             claim=doc.get("claims", 0),
+            script=doc.get("script") or BUILD_PACK,
+            timed_out=bool(doc.get("timed_out")),
         )
 
 
@@ -244,12 +257,18 @@ def connect(uri: str, timeout: float) -> pymongo.MongoClient:
 
 
 def new_step_doc(
-    job_id: ObjectId, kind: str, module: str | None, app_id: ObjectId | None, state: str, message: str
+    job_id: ObjectId,
+    kind: str,
+    module: str | None,
+    app_id: ObjectId | None,
+    state: str,
+    message: str,
+    script: str = BUILD_PACK,
 ) -> dict[str, Any]:
-    """A step record as it is first written."""
+    """A step record as it is first written (`script` only on a deploy step of another script than build_pack)."""
     now = utcnow()
-    return {
-        "_id": step_id(job_id, kind, module),
+    doc = {
+        "_id": step_id(job_id, kind, module, script),
         "job_id": job_id,
         "app_id": app_id,
         "kind": kind,
@@ -262,6 +281,9 @@ def new_step_doc(
         "updated_at": now,
         "times": {"finished": now} if state in TERMINAL else {},
     }
+    if script != BUILD_PACK:
+        doc["script"] = script
+    return doc
 
 
 class JobBatch:
@@ -310,9 +332,10 @@ class JobBatch:
         app_id: ObjectId | None = None,
         state: str = PENDING,
         message: str = "",
+        script: str = BUILD_PACK,
     ) -> bool:
         """Queue the record for `flush`; False when the batch already knows it."""
-        doc = new_step_doc(job_id, kind, module, app_id, state, message)
+        doc = new_step_doc(job_id, kind, module, app_id, state, message, script)
         if doc["_id"] in self._steps:
             return False
         self._steps[doc["_id"]] = self._new[doc["_id"]] = doc
@@ -383,6 +406,7 @@ class Store:
             "version": self.db.client.server_info().get("version", "unknown"),
             "replica_set": hello.get("setName"),
             "sharded": hello.get("msg") == "isdbgrid",
+            "max_wire_version": hello.get("maxWireVersion"),
         }
 
     def change_streams_supported(self) -> tuple[bool, str]:
@@ -549,10 +573,11 @@ class Store:
         app_id: ObjectId | None = None,
         state: str = PENDING,
         message: str = "",
+        script: str = BUILD_PACK,
     ) -> bool:
         """Insert the step record; False when it already exists (a replayed event is harmless)."""
         try:
-            self.steps.insert_one(new_step_doc(job_id, kind, module, app_id, state, message))
+            self.steps.insert_one(new_step_doc(job_id, kind, module, app_id, state, message, script))
         except DuplicateKeyError:
             return False
         return True
@@ -570,6 +595,19 @@ class Store:
     def steps_in_states(self, states: tuple[str, ...]) -> list[Step]:
         cursor = self.steps.find({"state": {"$in": list(states)}}).sort("created_at", pymongo.ASCENDING)
         return [Step.from_doc(doc) for doc in cursor]
+
+    @retry_transient
+    def newest_app_build(self, app_id: ObjectId) -> Step | None:
+        """The app's newest buildimage step (a deploy reports when it failed)."""
+        query = {"app_id": same_id(app_id), "kind": BUILDIMAGE}
+        doc = self.steps.find_one(query, sort=[("created_at", pymongo.DESCENDING)])
+        return Step.from_doc(doc) if doc else None
+
+    @retry_transient
+    def app_build_in_flight(self, app_id: ObjectId) -> Step | None:
+        """The app's container build that has not finished yet (pending or running), if any."""
+        doc = self.steps.find_one({"app_id": same_id(app_id), "kind": BUILDIMAGE, "state": {"$in": list(ACTIVE)}})
+        return Step.from_doc(doc) if doc else None
 
     @retry_transient
     def recent_finished_steps(self, limit: int, since: datetime | None = None) -> list[Step]:
@@ -749,13 +787,16 @@ class Store:
         return cancelled
 
     @retry_transient
-    def request_step(self, job_id: ObjectId, module: str, host: str, app_id: ObjectId | None) -> Step:
-        """Ghost's side of the deploy handshake: ask for the buildpack to run now, on `host`.
+    def request_step(
+        self, job_id: ObjectId, module: str, host: str, app_id: ObjectId | None, script: str = BUILD_PACK
+    ) -> Step:
+        """Ghost's side of the deploy handshake: ask for the module's script to run now, on `host`.
 
-        Creates the record when the daemon has not yet; an already finished step
-        is returned as it is (the client then reports its outcome).
+        Creates the record when the daemon has not yet (always, for after_all_deploy:
+        nothing prepares it); an already finished step is returned as it is (the
+        client then reports its outcome).
         """
-        sid = step_id(job_id, DEPLOY, module)
+        sid = step_id(job_id, DEPLOY, module, script)
         waiting = {"_id": sid, "state": {"$in": [PENDING, PREPARING, READY]}}
         request = {
             "$set": {"state": REQUESTED, "requested_host": host},
@@ -764,7 +805,7 @@ class Store:
         # Usually the daemon made the record at job start: one round trip.
         doc = self.steps.find_one_and_update(waiting, request, return_document=ReturnDocument.AFTER)
         if doc is None:
-            self.create_step(job_id, DEPLOY, module, app_id=app_id)
+            self.create_step(job_id, DEPLOY, module, app_id=app_id, script=script)
             doc = self.steps.find_one_and_update(waiting, request, return_document=ReturnDocument.AFTER)
             doc = doc or self.steps.find_one({"_id": sid})
         return Step.from_doc(doc)
@@ -908,8 +949,9 @@ class Store:
 
     @retry_transient
     def successful_buildimage_jobs(self, app_ids: list[ObjectId]) -> list[dict[str, Any]]:
-        """Ghost's successful buildimage jobs (status done) of these apps: what Ghost's AMI retention counts."""
-        query = {"command": BUILDIMAGE, "status": "done", "app_id": {"$in": list(app_ids)}}
+        """Ghost's buildimage jobs of these apps that ended `done` or `failed` (the caller keeps those that
+        built their AMI: a failure at the autoscaling group update comes after it)."""
+        query = {"command": BUILDIMAGE, "status": {"$in": ["done", "failed"]}, "app_id": {"$in": list(app_ids)}}
         return list(self.jobs.find(query))
 
     # --- instances -----------------------------------------------------------------------
@@ -922,6 +964,13 @@ class Store:
             upsert=True,
         )
 
+    @retry_transient
+    def live_instances_on(self, host: str, max_age: float) -> list[dict[str, Any]]:
+        """Instances on `host` whose heartbeat is younger than `max_age` seconds."""
+        since = utcnow() - timedelta(seconds=max_age)
+        return list(self.instances.find({"seen_at": {"$gte": since}, "info.host": host}))
+
+    @retry_transient
     def remove_instance(self, instance_id: str) -> None:
         """At shutdown: one attempt, bounded by the server selection timeout (the record also ages out)."""
         self.instances.delete_one({"_id": instance_id})

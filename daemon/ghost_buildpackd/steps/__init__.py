@@ -36,7 +36,7 @@ from ..lxd import (
     Mount,
     is_unavailable,
 )
-from ..store import Step, Store
+from ..store import BUILD_PACK, Step, Store
 
 LXD_OUTAGE_LIMIT = 600.0  # longest a step waits for LXD to come back before it fails
 SCRIPT_DIR = "/var/lib/ghost-buildpackd"  # where scripts are put inside containers
@@ -45,10 +45,11 @@ SCRIPT_DIR = "/var/lib/ghost-buildpackd"  # where scripts are put inside contain
 class StepFailed(Exception):
     """The step cannot succeed; `message` says why in words a Ghost user can act on."""
 
-    def __init__(self, message: str, exit_code: int | None = None, output_tail: str = ""):
+    def __init__(self, message: str, exit_code: int | None = None, output_tail: str = "", timed_out: bool = False):
         self.message = message
         self.exit_code = exit_code
         self.output_tail = output_tail  # the end of the failed command's output
+        self.timed_out = timed_out  # killed at container.exec_timeout
         super().__init__(message)
 
 
@@ -117,7 +118,9 @@ class StepContext:
 
 
 def container_name(step: Step) -> str:
-    """An LXD-valid name, unique to the step's attempt: `gbp-<job>-b-<claim>` or `gbp-<job>-d-<module>-<crc>-<claim>`.
+    """An LXD-valid name, unique to the step's attempt: `gbp-<job>-b-<claim>`, or
+    `gbp-<job>-d-<module>-<crc>-<claim>` for a build_pack and `gbp-<job>-a-<module>-<crc>-<claim>`
+    for an after_all_deploy.
 
     From the job id (never the AMI name) and the claim number, so two attempts
     of a step never share a container: whatever one attempt does by name
@@ -127,7 +130,8 @@ def container_name(step: Step) -> str:
         return f"gbp-{step.job_id}-b-{step.claim}"
     module = step.module or ""
     slug = re.sub(r"[^a-z0-9]+", "-", module.lower()).strip("-")[:16] or "m"
-    return f"gbp-{step.job_id}-d-{slug}-{zlib.crc32(module.encode()):08x}-{step.claim}"[:63]
+    script = "d" if step.script == BUILD_PACK else "a"
+    return f"gbp-{step.job_id}-{script}-{slug}-{zlib.crc32(module.encode()):08x}-{step.claim}"[:63]
 
 
 def step_tags(ctx: StepContext) -> dict[str, str]:
@@ -244,7 +248,7 @@ def run_command(
         if result.exit_code == 137:  # 128 + SIGKILL: in a container, nearly always the out-of-memory killer
             reason += " (killed by SIGKILL: out of memory under container.limits.memory?)"
     ctx.log.error("command_failed", reason=reason, **fields)
-    raise StepFailed(reason, result.exit_code, collector.tail_text())
+    raise StepFailed(reason, result.exit_code, collector.tail_text(), timed_out=result.timed_out)
 
 
 def remove_container(ctx: StepContext, name: str | None) -> None:
