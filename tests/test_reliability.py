@@ -26,7 +26,7 @@ from tests.support.steps import deploy_context, state_of, terminal_step
 from tests.support.waiting import wait_until
 from tests.test_buildimage import assert_nothing_published, build, buildimage_job, fail, salt_tree
 from tests.test_buildimage import config as buildimage_config  # noqa: F401  (a fixture)
-from tests.test_deploy import image_alias, job_log, prepare_ready, run_deploy  # noqa: F401  (image_alias is a fixture)
+from tests.test_deploy import job_log, prepare_ready, run_deploy
 from tests.test_faults import assert_nothing_left, buildimage_app, daemons, deploy_app, features_config  # noqa: F401  (daemons is a fixture)
 from tests.test_faults import buildimage_job as faults_buildimage_job
 
