@@ -85,7 +85,7 @@ def test_a_multi_line_secret_is_masked_in_the_job_log_and_the_structured_log_of_
     store: Store,
     lxd: Lxd,
     db: Database,
-    image_alias: str,  # noqa: F811
+    image_alias: str,
     ghost_dirs: dict[str, Path],
     lxd_cleanup: None,
 ) -> None:
@@ -340,7 +340,7 @@ def test_a_step_container_gets_the_default_memory_and_root_disk_limits(
     store: Store,
     lxd: Lxd,
     db: Database,
-    image_alias: str,  # noqa: F811
+    image_alias: str,
     lxd_cleanup: None,
 ) -> None:
     app_id = make_app(db, container_image=image_alias, modules=[module_doc("app", "/srv/app", "true")])
