@@ -18,7 +18,6 @@ import yaml
 from bson import ObjectId
 
 from ghost_buildpackd.buildpack_command import EXIT_CANCELLED, EXIT_NO_DAEMON, EXIT_REFUSED, EXIT_TIMED_OUT
-from ghost_buildpackd.steps import container_name
 from ghost_buildpackd.store import CANCELLED, DEPLOY, FAILED, RUNNING, SUCCEEDED, step_id
 from tests.conftest import WORKING_COPY_IDS, leftover_containers
 from tests.support.daemon import DaemonProcess
@@ -231,7 +230,7 @@ def test_ghost_config_debug_keeps_the_deploy_container(
         job = started_deploy(db, app, ["app"])
         code, _lines, text = gcall(config, ghost_dirs["log_dir"], job, "app")
         assert code == 0, text
-        name = container_name(store.get_step(step_id(job, DEPLOY, "app")))
+        name = store.get_step(step_id(job, DEPLOY, "app")).container  # the prepared container, adopted by the run
         assert f"debug: container {name} kept; get in with: lxc exec {name} -- sh" in text
         assert daemon.terminate() == 0
     assert lxd.container_status(name) is not None  # kept after the outcome and after the daemon stopped

@@ -424,8 +424,8 @@ class Lxd:
         log.info("image_pull_started", server=server, **{key: ref})
         try:
             response = self.client.api.images.post(json={"public": False, "auto_update": False, "source": source})
-            operation = self._wait_operation(response.json()["operation"])
-            return self._image(operation.metadata["fingerprint"])
+            operation = self._wait_operation(response, f"pulling {key} {ref} from {server}")
+            return self._image(operation["metadata"]["fingerprint"])
         except (LXDAPIException, LxdError, requests.RequestException) as error:
             log.warning("image_pull_failed", server=server, image=ref, error=str(error))
             raise ImageNotFound(
