@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 from bson import ObjectId
+from pymongo.errors import AutoReconnect
 
 from ghost_buildpackd.store import FAILED, SUCCEEDED, TERMINAL, step_id, utcnow
 from tests.support.daemon import DaemonProcess
@@ -37,6 +38,14 @@ def buildimage_jobs(db, app: ObjectId, count: int) -> list[ObjectId]:
         finish_buildimage(db, job)
         jobs.append(job)
     return jobs
+
+
+def answers(db) -> bool:
+    try:
+        db.command("ping")
+    except AutoReconnect:
+        return False
+    return True
 
 
 def all_steps_finished(db, jobs: list[ObjectId], kind: str = "buildimage"):
@@ -159,6 +168,8 @@ def test_mongodb_outage_while_jobs_arrive_loses_nothing(mongo, db, write_config,
             assert process.alive()
         finally:
             mongo.start()
+        # Ghost's worker reconnects too: its first call may meet a pooled connection the restart closed.
+        wait_until(lambda: answers(db), 30, "the test's own MongoDB client to reconnect")
         after = buildimage_jobs(db, app, 5)
         records = wait_until(lambda: all_steps_finished(db, before + after), 90, "steps after the outage")
         assert process.terminate() == 0
