@@ -22,8 +22,9 @@ stop+delete) on the same image and pool, also with the settings the daemon
 gives a deploy container (raw.idmap, limits.processes). `prepare` is job start ->
 `step_prepared` (absent when the request came first). Disk: three modules
 prepared at once, each container's own disk use (dir: `du -sxb` of its
-directory; btrfs: the exclusive data of its subvolume, `btrfs filesystem du`),
-then the same with `container.max_prepared: 1`.
+directory; btrfs: the exclusive data of its subvolume, `btrfs filesystem du`,
+and how much the pool's use, data and metadata, grew), then the same with
+`container.max_prepared: 1`.
 """
 
 from __future__ import annotations
@@ -214,6 +215,7 @@ def prepared_disk(bench: Bench, pool: Pool, max_prepared: int | None) -> dict[st
     sids = []
     try:
         with running(bench.daemon(config, label, trivial=False)) as process:
+            before = pool_used(pool)
             job = make_job(db, app, command="deploy", modules=modules)
             set_status(db, job, "started")
             sids = [step_id(job, "deploy", m) for m in modules]
@@ -226,12 +228,29 @@ def prepared_disk(bench: Bench, pool: Pool, max_prepared: int | None) -> dict[st
             names = [doc.get("container") for doc in db.container_steps.find({"_id": {"$in": sids}})]
             launched = [name for name in names if name and bench.lxd.container_status(name) == "Running"]
             used = [container_disk(pool, name) for name in launched]
+            grown = pool_used(pool) - before if before is not None else None
             set_status(db, job, "done")
             wait_for(lambda: not leftover_containers(bench.lxd, db), 300, "prepared containers removed", interval=0.1)
             process.terminate()
     finally:
         bench.remove_containers(db)
-    return {"modules": len(modules), "launched": len(launched), "bytes_each": used, "bytes_total": sum(used)}
+    return {
+        "modules": len(modules),
+        "launched": len(launched),
+        "bytes_each": used,
+        "bytes_total": sum(used),
+        "pool_growth_bytes": grown,
+    }
+
+
+def pool_used(pool: Pool) -> int | None:
+    """Bytes a btrfs pool uses, data and metadata (only this benchmark uses the pool); None on other drivers."""
+    if pool.driver != "btrfs":
+        return None
+    out = subprocess.run(
+        ["btrfs", "filesystem", "usage", "-b", str(LXD_POOLS / pool.name)], check=True, capture_output=True, text=True
+    ).stdout
+    return next(int(line.split()[1]) for line in out.splitlines() if line.strip().startswith("Used:"))
 
 
 def container_disk(pool: Pool, name: str) -> int:
@@ -356,7 +375,10 @@ def run(bench: Bench) -> dict[str, Any]:
     for key, label in (("disk_unbounded", "no bound"), ("disk_max_prepared_1", "max_prepared: 1")):
         row(
             f"disk, {DISK_MODULES} modules prepared ({label})",
-            lambda r, key=key: f"{r[key]['launched']} launched, {mib(r[key]['bytes_total'])}",
+            lambda r, key=key: (
+                f"{r[key]['launched']} launched, {mib(r[key]['bytes_total'])}"
+                + ("" if r[key]["pool_growth_bytes"] is None else f" (pool +{mib(r[key]['pool_growth_bytes'])})")
+            ),
         )
     print(table("6. Debian tier: builds and deploys on Debian 12 minbase, per pool (p50)", ["", *heads], rows))
     return {"definition": __doc__, "image": IMAGE, "pools": results}
