@@ -179,3 +179,15 @@ def lxd_cleanup(lxd: Lxd, db: Database) -> Iterator[None]:
             lxd.delete_image(image.fingerprint)
     for job in jobs:
         lxd.delete_alias(job)
+
+
+@pytest.fixture
+def published_aliases(lxd: Lxd) -> Iterator[list[str]]:
+    """Aliases the daemon publishes in a test; their images are deleted afterwards."""
+    aliases: list[str] = []
+    yield aliases
+    for alias in aliases:
+        image = lxd.image_by_alias(alias)
+        lxd.delete_alias(alias)
+        if image is not None and image.aliases == (alias,):
+            lxd.delete_image(image.fingerprint)
