@@ -196,3 +196,15 @@ def remove_job_images(lxd: Lxd, db: Database) -> None:
             lxd.delete_image(image.fingerprint)
     for job in jobs:
         lxd.delete_alias(job)
+
+
+@pytest.fixture
+def published_aliases(lxd: Lxd) -> Iterator[list[str]]:
+    """Aliases the daemon publishes in a test; their images are deleted afterwards."""
+    aliases: list[str] = []
+    yield aliases
+    for alias in aliases:
+        image = lxd.image_by_alias(alias)
+        lxd.delete_alias(alias)
+        if image is not None and image.aliases == (alias,):
+            lxd.delete_image(image.fingerprint)

@@ -258,3 +258,5 @@ def test_unix_endpoint_reaches_lxd():
     lxd = Lxd(config_from_mapping({"lxd": {"endpoint": f"unix:{socket_path}", "timeout": "10s"}}, env={}).lxd)
     assert lxd.server_info()["version"]
     assert lxd.answering_pid() is not None
+    lxd.server_pid = -1  # as if another server had answered before: a health probe must not change it
+    assert lxd.answers() and lxd.server_pid == -1

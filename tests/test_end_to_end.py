@@ -30,18 +30,6 @@ print(json.dumps({"state": result.state, "exit_code": result.exit_code, "message
 """
 
 
-@pytest.fixture
-def published_aliases(lxd):
-    """Aliases the daemon publishes in a test; their images are deleted afterwards."""
-    aliases: list[str] = []
-    yield aliases
-    for alias in aliases:
-        image = lxd.image_by_alias(alias)
-        lxd.delete_alias(alias)
-        if image is not None and image.aliases == (alias,):
-            lxd.delete_image(image.fingerprint)
-
-
 @pytest.mark.lxd
 def test_buildimage_then_deploy_through_the_client(
     mongo, db, store, lxd, base_image, write_config, ghost_dirs, tmp_path, published_aliases

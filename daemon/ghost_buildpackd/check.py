@@ -9,8 +9,8 @@ named `gbp-check-<random>` and is always deleted.
 from __future__ import annotations
 
 import dataclasses
-import getpass
 import os
+import pwd
 import shutil
 import uuid
 from collections.abc import Callable
@@ -386,16 +386,20 @@ def idmap_check(config: Config) -> CheckResult:
 
 
 def _current_user() -> str:
+    # By uid, not $USER: `setpriv`/`runuser` may keep the caller's environment.
     try:
-        return f"{getpass.getuser()} (uid {os.getuid()})"
-    except (KeyError, OSError):
+        return f"{pwd.getpwuid(os.getuid()).pw_name} (uid {os.getuid()})"
+    except KeyError:
         return f"uid {os.getuid()}"
 
 
 def writable_dir_check(name: str, path: Path) -> CheckResult:
     """The directory exists and the user running this check can write in it."""
     who = _current_user()
-    hint = "run the check as the daemon's user (`sudo -u ghost ghost-buildpackd check`) to test what the service sees"
+    hint = (
+        "run the check as the daemon's user to test what the service sees "
+        "(`setpriv --reuid=ghost --regid=ghost --groups=lxd ghost-buildpackd check`)"
+    )
     if not path.is_dir():
         return fail(
             name, f"{path} does not exist", f"create it (systemd/tmpfiles.d/ghost-buildpackd.conf) or fix {name}"

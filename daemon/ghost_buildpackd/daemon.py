@@ -215,7 +215,7 @@ class Daemon:
                 self.metrics.set_up("mongodb", False)
                 log.warning("heartbeat_failed", error=self.mongodb_problem)
             if self.metrics.enabled:
-                self.metrics.set_up("lxd", self.lxd.answering_pid() is not None)
+                self.metrics.set_up("lxd", self.lxd.answers())
 
     def stalled_loops(self) -> list[str]:
         """The loops (events, dispatcher) without progress for STALL_AFTER seconds."""
@@ -243,7 +243,7 @@ class Daemon:
         except PyMongoError as error:
             self.metrics.set_up("mongodb", False)
             problems.append(f"mongodb does not answer: {short_error(error)}")
-        lxd_up = self.lxd.answering_pid() is not None
+        lxd_up = self.lxd.answers()
         self.metrics.set_up("lxd", lxd_up)
         if not lxd_up:
             problems.append(f"lxd does not answer at {self.config.lxd.endpoint}")

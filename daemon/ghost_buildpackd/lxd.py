@@ -307,15 +307,27 @@ class Lxd:
             "idmap_supported": "idmapped_mounts" in env.get("kernel_features", {}),
         }
 
-    def answering_pid(self) -> int | None:
-        """One unretried call: the pid of the LXD daemon answering, None when none does (or it fails)."""
+    def _answering_environment(self) -> dict[str, Any] | None:
+        """One unretried call: the answering server's environment, None when none answers (or it fails)."""
         try:
-            pid = self.client.api.get().json()["metadata"]["environment"].get("server_pid")
+            return self.client.api.get().json()["metadata"]["environment"]
         except Exception as error:
             log.debug("lxd_not_answering", error=str(error))
             return None
+
+    def answering_pid(self) -> int | None:
+        """The pid of the LXD daemon answering (remembered as `server_pid`), None when none does."""
+        environment = self._answering_environment()
+        if environment is None:
+            return None
+        pid = environment.get("server_pid")
         self.server_pid = pid
         return pid if pid is not None else 0  # a server not saying its pid still answers
+
+    def answers(self) -> bool:
+        """Whether LXD answers now, for health probes: unlike answering_pid, it leaves `server_pid` alone
+        (an outage wait compares it with the pid of the server that went away)."""
+        return self._answering_environment() is not None
 
     def wait_until_back(self, error: BaseException, abort: threading.Event, limit: float) -> bool:
         """After `error` said LXD went away: True once it answers again, False on `abort` or after `limit` s.
