@@ -390,7 +390,8 @@ def test_a_holder_paused_past_its_lease_leaves_the_successor_alone(db, store, lx
     assert "buildpack done" in result.output_tail
     # The holder's run was cut off with its container; the successor's ran to its end.
     assert (copy / "runs.log").read_text().split() == ["start", "start", "end"]
-    assert event_of(successor, "step_succeeded", job)
+    wait_until(lambda: event_of(successor, "step_succeeded", job), 30, "the successor's outcome in its log")
+    assert not successor.saw("lease_lost", step=sid) and not successor.saw("lease_expired_locally", step=sid)
     assert not event_of(holder, "step_succeeded", job) and not event_of(holder, "step_failed", job)
     stopped_acting = holder.saw("lease_expired_locally", since=thawed_at) or holder.saw("lease_lost", since=thawed_at)
     assert stopped_acting, "the holder did not notice it had lost its lease"

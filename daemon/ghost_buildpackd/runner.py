@@ -103,6 +103,7 @@ class Held:
     cancelled: str = ""  # why, when a cancellation was requested
     lost: bool = False
     shutting_down: bool = False
+    finishing: bool = False  # its outcome is being recorded, which releases the lease: renewals stop
 
 
 def with_job_log_problem(ctx: StepContext, message: str) -> str:
@@ -276,7 +277,7 @@ class Runner:
             with self._lock:
                 held_steps = list(self.held.values())
             for held in held_steps:
-                if not held.lost:
+                if not held.lost and not held.finishing:
                     self._renew(held, within=interval)
 
     def _guard_loop(self) -> None:
@@ -422,6 +423,7 @@ class Runner:
         ctx = held.ctx
         if held.lost:
             raise LeaseLost(ctx.step.id)
+        held.finishing = True
         if held.shutting_down and outcome.state != SUCCEEDED:
             self._release_for_restart(ctx)
             return
