@@ -18,8 +18,8 @@ from typing import TextIO
 from .config import PUBLISH_COMPRESSORS, Config
 from .lxd import ContainerSpec, ImageInfo, Lxd
 from .retention import JOB_ALIAS
-from .steps import idmap_user_ids
-from .store import Store, redacted_uri, short_error
+from .steps import UNPRIVILEGED_HINT, idmap_user_ids
+from .store import FAILED, Store, redacted_uri, short_error
 
 SUBUID, SUBGID = Path("/etc/subuid"), Path("/etc/subgid")
 GHOST_COLLECTIONS = ("jobs", "apps")
@@ -58,6 +58,7 @@ def run_checks(config: Config, out: TextIO) -> int:
     store = mongo_checks(config, report)
     lxd_checks(config, store, report)
     if store is not None:
+        report(unprivileged_failures_check(config, store))
         store.db.client.close()
     report(idmap_check(config))
     for name, path in (("ghost.root", config.ghost.root), ("ghost.log_dir", config.ghost.log_dir)):
@@ -150,6 +151,30 @@ def lxd_checks(config: Config, store: Store | None, report: Callable[[CheckResul
     else:
         report(ok("lxd storage", f"pools: {', '.join(pools)}"))
     report(probe_container_check(config, lxd, store))
+
+
+RECENT_STEPS = 50  # finished steps read for failures an unprivileged container caused
+
+
+def unprivileged_failures_check(config: Config, store: Store) -> CheckResult:
+    """Recent steps that failed on an operation an unprivileged container refuses (see steps.looks_unprivileged)."""
+    name = "container.privileged"
+    if config.container.privileged:
+        return ok(name, "true: containers are privileged")
+    try:
+        steps = store.recent_finished_steps(RECENT_STEPS)
+    except Exception as error:
+        return fail(name, f"cannot read recent steps: {short_error(error)}", "fix the mongodb check first")
+    failed = [step for step in steps if step.state == FAILED and UNPRIVILEGED_HINT in step.message]
+    if not failed:
+        return ok(name, f"false; none of the last {len(steps)} finished steps failed for being unprivileged")
+    return fail(
+        name,
+        f"{len(failed)} of the last {len(steps)} finished steps failed on an operation unprivileged containers "
+        f"refuse: {', '.join(step.id for step in failed[:3])}",
+        "make the hook, feature or buildpack work without it, or set container.privileged: true "
+        "(Ghost's own default; containers then run as root on this host)",
+    )
 
 
 def pick_probe_image(lxd: Lxd, store: Store | None) -> ImageInfo | None:

@@ -5,7 +5,10 @@ Two phases, driven by the runner:
   start overlaps Ghost's git clone. No working copy yet.
 - `run` (Ghost's client set `requested`): mount the working copy at the
   module's `path`, push the buildpack outside the module directory, run it with
-  `sh` in the module directory, and remove the container whatever happens.
+  `bash` (`sh` when the image has no bash) in the module directory, and remove
+  the container whatever happens. As Ghost does, a `build_pack` file at the root
+  of the working copy wins over the stored script, and is removed from the
+  working copy once it succeeded.
 
 Everything that can be refused (module, paths, scripts, image) is checked
 before anything runs. Files the buildpack writes belong to the working copy's
@@ -15,10 +18,11 @@ owner: by raw.idmap in unprivileged containers, by a chown to the same
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
-from ..ghost import App, BadDocument, Module, parse_app, parse_job
+from ..ghost import App, BadDocument, Module, ModuleScript, parse_app, parse_job
 from ..joblog import OutputCollector
 from ..logs import Secrets
 from ..lxd import Mount
@@ -35,8 +39,10 @@ from . import (
     idmap_user_ids,
     launch,
     run_command,
+    script_shell,
 )
 
+BUILD_PACK = "build_pack"  # the module script this step runs (Ghost's script name)
 MOUNT_DEVICE = "ghost-module"  # the LXD disk device holding the working copy
 # Container settings that decide who owns what the buildpack writes.
 OWNERSHIP_KEYS = ("raw.idmap", "security.privileged")
@@ -76,10 +82,12 @@ def run(ctx: StepContext) -> Outcome:
         if not module.has_build_pack:
             return Outcome(SKIPPED, message=f"module {module.name} has no build_pack")
         working_copy = app.working_copy(ctx.config.ghost.root, module)
+        script = module.script(working_copy, BUILD_PACK)
         owner = path_owner(working_copy)
         with Secrets.registered(app.secret_values):
             name = usable_container(ctx, app, owner)
-            collector = run_build_pack(ctx, name, app, module, working_copy, owner)
+            collector = run_build_pack(ctx, name, app, module, script, working_copy, owner)
+        remove_committed_script(ctx, working_copy, script)
     finally:
         clean_up_container(ctx, name, after_outcome=True)  # also a prepared one, when the input was refused
     message = f"buildpack of module {module.name} succeeded"
@@ -185,25 +193,38 @@ def run_build_pack(
     name: str,
     app: App,
     module: Module,
+    script: ModuleScript,
     working_copy: Path,
     owner: tuple[int, int],
 ) -> OutputCollector:
-    """Mount, push, run with `sh` in the module directory; privileged mode then hands files back."""
+    """Mount, push, run with bash (or sh) in the module directory; privileged mode then hands files back."""
     check_abort(ctx, "mounting the working copy")
     ctx.lxd.add_mount(name, MOUNT_DEVICE, Mount(working_copy, module.path))
-    script = f"{SCRIPT_DIR}/buildpack-{module.name}.sh"  # outside the module: the working copy stays as cloned
-    ctx.lxd.push_file(name, script, module.build_pack.encode("utf-8"), mode=0o644)
+    path = f"{SCRIPT_DIR}/buildpack-{module.name}.sh"  # outside the module: the working copy stays as cloned
+    ctx.lxd.push_file(name, path, script.content, mode=0o644)
     check_abort(ctx, "running the buildpack")
+    shell = script_shell(ctx, name)
     ctx.say(
         "deploy_buildpack_starting",
-        f"module {module.name}: running its buildpack in {module.path} (container {name})",
+        f"module {module.name}: running its buildpack ({script.source}) with {shell} in {module.path} "
+        f"(container {name})",
         module=module.name,
         path=module.path,
         working_copy=str(working_copy),
+        source=script.source,
+        shell=shell,
     )
+    dropped = app.non_ascii_env_keys
+    if dropped:  # names only: values may be secrets
+        ctx.say(
+            "env_non_ascii_dropped",
+            f"env_vars {', '.join(dropped)}: non-ASCII characters dropped from their values, as Ghost does for "
+            "module scripts",
+            keys=dropped,
+        )
     label = f"buildpack of module {module.name}"
     try:
-        collector = run_command(ctx, name, ["sh", script], app.module_env(module), label, cwd=module.path)
+        collector = run_command(ctx, name, [shell, path], app.module_env(module), label, cwd=module.path)
     except StepFailed:
         if ctx.config.container.privileged:
             give_back_files(ctx, name, module, owner, strict=False)
@@ -211,6 +232,15 @@ def run_build_pack(
     if ctx.config.container.privileged:
         give_back_files(ctx, name, module, owner, strict=True)
     return collector
+
+
+def remove_committed_script(ctx: StepContext, working_copy: Path, script: ModuleScript) -> None:
+    """Ghost deletes the script it ran from the clone (`rm -vf`), so a committed one is not packaged."""
+    if script.path is None:
+        return
+    with contextlib.suppress(FileNotFoundError):
+        (working_copy / script.path.name).unlink()
+    ctx.say("module_script_removed", f"{script.path.name} removed from the working copy, as Ghost does once it ran")
 
 
 def give_back_files(ctx: StepContext, name: str, module: Module, owner: tuple[int, int], strict: bool) -> None:
