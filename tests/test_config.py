@@ -101,6 +101,8 @@ def test_example_config_is_valid_and_documents_every_key():
         "root",
         "log_dir",
         "provisioner_tree",
+        "venv",
+        "salt_bootstrap",
         "mode",
         "poll_interval",
         "debug",

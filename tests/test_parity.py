@@ -29,12 +29,12 @@ from ghost_buildpackd.config import ConfigError, config_from_mapping
 from ghost_buildpackd.ghost import BadDocument, choose_module_script, ghost_b64decode, parse_app
 from ghost_buildpackd.lxd import ContainerSpec, Lxd
 from ghost_buildpackd.retention import Ec2Inventory, GhostInventory
-from ghost_buildpackd.steps import looks_unprivileged
-from ghost_buildpackd.store import FAILED, SUCCEEDED, ImageRecord, step_id
+from ghost_buildpackd.steps import StepFailed, buildimage, looks_unprivileged
+from ghost_buildpackd.store import BUILDIMAGE, FAILED, SUCCEEDED, ImageRecord, step_id
 from tests.conftest import WORKING_COPY_IDS, leftover_containers
 from tests.support.daemon import DaemonProcess
 from tests.support.ghost import b64, finish_buildimage, make_app, make_job, module_doc, set_status
-from tests.support.steps import terminal_step
+from tests.support.steps import step_context, terminal_step
 from tests.support.waiting import wait_until
 
 BASH_IMAGE = "ghost-buildpackd/busybox-bash"  # scripts/setup builds it (scripts/build-base-image --with-bash)
@@ -195,6 +195,24 @@ def test_a_failure_of_an_unprivileged_container_names_container_privileged(
     assert "container.privileged: true" in job_log(ghost_dirs, job)
     result = unprivileged_failures_check(make_config(), store)
     assert not result.ok and step.id in result.detail and "container.privileged" in result.fix
+
+
+@pytest.mark.lxd
+def test_ghosts_default_salt_runs_without_features_and_a_missing_salt_call_is_named(
+    make_config, store, lxd, db, ghost_dirs, lxd_cleanup
+):
+    app = make_app(db, features=[])  # Ghost's default features_provisioners: salt alone
+    job = make_job(db, app)
+    finish_buildimage(db, job)
+    provisioner_trees(ghost_dirs, job, "salt")
+    ctx = step_context(make_config(), store, lxd, job, BUILDIMAGE)
+    with pytest.raises(StepFailed) as failure:
+        buildimage.run(ctx)
+    assert failure.value.message == (
+        "features install (salt): `salt-call` is not in the container's image (exit 127: command not found)"
+    )
+    assert "salt bootstrap skipped" in job_log(ghost_dirs, job)
+    assert leftover_containers(lxd, db) == []
 
 
 def test_the_unprivileged_heuristic_needs_a_refused_privileged_operation():
@@ -400,6 +418,22 @@ def test_environments_are_ghosts_variable_for_variable():
 # --- poll mode: Ghost's cancel writes local time ----------------------------------------------
 
 
+def high_water_at_least(store, when: datetime) -> bool:
+    mark = store.load_checkpoint().poll_high_water
+    return mark is not None and (mark if mark.tzinfo else mark.replace(tzinfo=UTC)) >= when
+
+
+def job_doc(app: ObjectId, status: str, message: str, updated: datetime) -> dict[str, Any]:
+    return {
+        "command": "buildimage",
+        "app_id": app,
+        "status": status,
+        "message": message,
+        "options": [],
+        "_updated": updated,
+    }
+
+
 @pytest.mark.lxd
 def test_poll_high_water_mark_never_passes_this_hosts_clock(db, store, write_config, tmp_path):
     config = write_config(events={"mode": "poll", "poll_interval": "200ms"})
@@ -407,27 +441,18 @@ def test_poll_high_water_mark_never_passes_this_hosts_clock(db, store, write_con
     with DaemonProcess(config, tmp_path / "daemon.log", trivial_bodies=True) as daemon:
         daemon.wait_ready()
         # Ghost's run.py cancels with a local-time _updated: on a host at UTC+3 that is 3 hours ahead.
-        ahead = datetime.now(UTC) + timedelta(hours=3)
-        db.jobs.insert_one(
-            {
-                "command": "buildimage",
-                "app_id": app,
-                "status": "cancelled",
-                "message": "",
-                "options": [],
-                "_updated": ahead,
-            }
-        )
-        wait_until(lambda: daemon.saw("job_updated_in_the_future"), 30, "the future _updated to be noticed")
-        later = make_job(db, app)
-        finish_buildimage(db, later)
+        # Both jobs are inserted whole with their dates: the stand-in cannot compare a date it stored
+        # from $currentDate with one given in a document.
+        now = datetime.now(UTC)
+        db.jobs.insert_one(job_doc(app, "cancelled", "", now + timedelta(hours=3)))
+        wait_until(lambda: high_water_at_least(store, now), 30, "a poll that read the cancelled job")
+        later = db.jobs.insert_one(
+            job_doc(app, "done", "Build image OK: [ami-0b000001]", datetime.now(UTC))
+        ).inserted_id
         wait_until(lambda: store.get_step(step_id(later, "buildimage")), 30, "the next job to be seen")
+        assert daemon.saw("job_updated_in_the_future")
         assert daemon.terminate() == 0
-    high_water = store.load_checkpoint().poll_high_water
-    assert high_water is not None
-    if high_water.tzinfo is None:
-        high_water = high_water.replace(tzinfo=UTC)
-    assert high_water <= datetime.now(UTC)
+    assert not high_water_at_least(store, datetime.now(UTC) + timedelta(seconds=1))  # never past the clock
 
 
 # --- retention: Ghost counts builds; the ec2 inventory asks in each app's account -----------------

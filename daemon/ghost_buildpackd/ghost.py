@@ -226,6 +226,10 @@ class Module:
     def has_build_pack(self) -> bool:
         return bool(self.raw.get("build_pack"))
 
+    def check_stored_script(self, script_name: str) -> None:
+        """BadDocument when the stored script cannot be decoded (checked before the clone exists)."""
+        decode_script(self.raw.get(script_name), f"{self.where}.{script_name}")
+
     def script(self, working_copy: Path, script_name: str) -> ModuleScript:
         """The module script (`build_pack`, `after_all_deploy`) Ghost would run: see choose_module_script.
         Stored scripts stay undecoded until then: a file of the clone may replace them."""

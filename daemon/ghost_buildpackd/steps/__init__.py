@@ -24,6 +24,7 @@ from ..store import Step, Store
 
 LXD_OUTAGE_LIMIT = 600.0  # longest a step waits for LXD to come back before it fails
 SCRIPT_DIR = "/var/lib/ghost-buildpackd"  # where scripts are put inside containers
+COMMAND_NOT_FOUND = "Command not found"  # how LXD reports an exec whose command exits 127
 
 
 class StepFailed(Exception):
@@ -192,6 +193,8 @@ def run_command(
         reason = f"{label}: `{command}` did not finish within {ctx.config.container.exec_timeout:g}s (killed)"
     elif result.aborted:
         reason = f"{label}: `{command}` was interrupted (step cancelled or taken over)"
+    elif result.exit_code is None and COMMAND_NOT_FOUND in result.error:
+        reason = f"{label}: `{argv[0]}` is not in the container's image (exit 127: command not found)"
     elif result.exit_code is None:
         reason = f"{label}: `{command}` was lost ({result.error or 'the container went away'})"
     else:
@@ -206,7 +209,9 @@ def run_command(
 
 def script_shell(ctx: StepContext, container: str) -> str:
     """`bash` when the image has it, as Ghost runs module scripts (`bash script`); else `sh`, said in the job log."""
-    probe = ctx.lxd.execute(container, ["sh", "-c", "command -v bash"], {}, lambda _chunk: None, ctx.config.lxd.timeout)
+    # Exit 1, not 127, when absent: LXD reports an exit code of 127 as an error ("Command not found").
+    argv = ["sh", "-c", "command -v bash >/dev/null 2>&1 || exit 1"]
+    probe = ctx.lxd.execute(container, argv, {}, lambda _chunk: None, ctx.config.lxd.timeout)
     if probe.ok:
         return "bash"
     if probe.exit_code is None:  # the container went away: the script's own run reports it

@@ -53,6 +53,7 @@ def prepare(ctx: StepContext) -> Outcome:
     app, module = load_app_module(ctx)
     if not module.has_build_pack:
         return Outcome(SKIPPED, message=f"module {module.name} has no build_pack")
+    module.check_stored_script(BUILD_PACK)  # refused now rather than after a container was launched
     image = image_fingerprint(ctx, app)
     ctx.save(image=app.container_image)  # retention keeps an image a step uses
     check_abort(ctx, "launching the container")
