@@ -24,7 +24,7 @@ from botocore.session import get_session
 from botocore.stub import Stubber
 from bson import ObjectId
 
-from ghost_buildpackd.check import unprivileged_failures_check
+from ghost_buildpackd.check import unprivileged_failures_check, venv_check
 from ghost_buildpackd.config import ConfigError, config_from_mapping
 from ghost_buildpackd.ghost import BadDocument, choose_module_script, ghost_b64decode, parse_app
 from ghost_buildpackd.lxd import ContainerSpec, Lxd
@@ -574,3 +574,12 @@ def test_ec2_inventory_uses_each_apps_assumed_role(db, store):
 def test_ghost_venv_must_not_be_a_system_directory():
     with pytest.raises(ConfigError, match=r"ghost\.venv: /usr is a system directory"):
         config_from_mapping({"ghost": {"venv": "/usr"}}, env={})
+
+
+def test_check_says_when_ghosts_virtualenv_lacks_ansible(tmp_path, fake_venv):
+    ghost_config = ghost_config_file(tmp_path, "features_provisioners:\n  ansible: {}\n")
+    missing = config_from_mapping({"ghost": {"config": ghost_config, "venv": str(tmp_path / "nowhere")}}, env={})
+    result = venv_check(missing)
+    assert not result.ok and "ansible-playbook does not exist" in result.detail and "sys.exec_prefix" in result.fix
+    assert venv_check(config_from_mapping({"ghost": {"config": ghost_config, "venv": str(fake_venv)}}, env={})).ok
+    assert venv_check(config_from_mapping({"ghost": {"venv": str(tmp_path / "nowhere")}}, env={})).ok  # salt only

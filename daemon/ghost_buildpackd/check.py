@@ -64,6 +64,7 @@ def run_checks(config: Config, out: TextIO) -> int:
     for name, path in (("ghost.root", config.ghost.root), ("ghost.log_dir", config.ghost.log_dir)):
         report(writable_dir_check(name, path))
     report(compressor_check(config))
+    report(venv_check(config))
     failed = sum(not result.ok for result in results)
     out.write(f"\n{len(results) - failed} OK, {failed} FAIL\n")
     return 0 if failed == 0 else 1
@@ -151,6 +152,22 @@ def lxd_checks(config: Config, store: Store | None, report: Callable[[CheckResul
     else:
         report(ok("lxd storage", f"pools: {', '.join(pools)}"))
     report(probe_container_check(config, lxd, store))
+
+
+def venv_check(config: Config) -> CheckResult:
+    """Ghost's virtualenv, where ansible runs from, when Ghost's features_provisioners lists ansible."""
+    venv = config.ghost.venv
+    if "ansible" not in config.ghost_settings.features_provisioners:
+        return ok("ghost.venv", "not needed: Ghost's features_provisioners does not list ansible")
+    playbook = venv / "bin" / "ansible-playbook"
+    if not playbook.is_file():
+        return fail(
+            "ghost.venv",
+            f"{playbook} does not exist: every build would fail at the ansible features install",
+            "set ghost.venv to Ghost's virtualenv (python -c 'import sys; print(sys.exec_prefix)' "
+            "with the python of Ghost's worker)",
+        )
+    return ok("ghost.venv", f"{playbook} exists")
 
 
 RECENT_STEPS = 50  # finished steps read for failures an unprivileged container caused
