@@ -7,9 +7,9 @@ belongs to can fail with a message a person can act on.
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import re
-import string
 from collections.abc import Mapping
 from datetime import datetime
 from pathlib import Path
@@ -72,49 +72,37 @@ def decode_script(value: Any, field: str) -> str:
         raise BadDocument(field, "decoded script is not valid UTF-8") from None
 
 
-_B64_ALPHABET = {
-    char: index for index, char in enumerate(string.ascii_uppercase + string.ascii_lowercase + string.digits + "+/")
-}
+_NOT_BASE64 = re.compile(r"[^A-Za-z0-9+/=]")
 _B64_PAD = "="
 
 
 def ghost_b64decode(text: str) -> bytes:
-    """Python 2.7's lenient `base64.b64decode`, which Ghost's `b64decode_utf8` uses, step for step.
+    """Python 2.7's lenient `base64.b64decode`, which Ghost's `b64decode_utf8` uses, rule for rule.
 
     Characters outside the alphabet (line breaks from `base64`, spaces, anything
     else) are skipped. A `=` ends the input only where it can pad a quantum: after
-    two characters of a quantum it must be followed (skipping invalid characters)
-    by another `=`, otherwise it is skipped too. Input that ends inside a quantum
-    is "incorrect padding". Python 2 refuses non-ASCII text before decoding.
-    ValueError with the reason when Ghost's decoder raises.
+    three characters of a quantum, or after two when the next character that is
+    not skipped is another `=`; any other `=` is skipped too. Input that ends
+    inside a quantum is "incorrect padding". Python 2 refuses non-ASCII text
+    before decoding. ValueError with the reason when Ghost's decoder raises.
     """
     if not text.isascii():
         raise ValueError("contains non-ASCII characters")
-    out = bytearray()
-    quad = bits = nbits = 0
-    for position, char in enumerate(text):
-        if char == _B64_PAD:
-            if quad < 2 or (quad == 2 and _next_base64_char(text, position + 1) != _B64_PAD):
-                continue
-            nbits = 0
+    runs = _NOT_BASE64.sub("", text).split(_B64_PAD)  # runs of the alphabet, a `=` between each two
+    kept, count, ended = [runs[0]], len(runs[0]), False
+    for index in range(1, len(runs)):
+        quad = count % 4  # where the `=` before runs[index] falls in its quantum
+        if quad == 3 or (quad == 2 and runs[index] == "" and index + 1 < len(runs)):
+            ended = True
             break
-        value = _B64_ALPHABET.get(char)
-        if value is None:
-            continue
-        quad = (quad + 1) & 3
-        bits, nbits = (bits << 6) | value, nbits + 6
-        if nbits >= 8:
-            nbits -= 8
-            out.append((bits >> nbits) & 0xFF)
-            bits &= (1 << nbits) - 1
-    if nbits:
+        kept.append(runs[index])
+        count += len(runs[index])
+    data = "".join(kept)
+    if ended:  # the bits of the unfinished quantum beyond its last whole byte are dropped, as padding does
+        data += _B64_PAD * (4 - len(data) % 4)
+    elif len(data) % 4:
         raise ValueError("incorrect padding")
-    return bytes(out)
-
-
-def _next_base64_char(text: str, start: int) -> str:
-    """The next character from `start` that is in the alphabet or `=`; "" when none."""
-    return next((char for char in text[start:] if char == _B64_PAD or char in _B64_ALPHABET), "")
+    return base64.b64decode(data, validate=True)
 
 
 def choose_module_script(working_copy: Path, script_name: str, stored_b64: Any, field: str = "") -> ModuleScript:

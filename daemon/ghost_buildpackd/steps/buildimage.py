@@ -7,9 +7,9 @@ the image aliased with the job id. Features are installed as Ghost's image
 builder installs them: every provisioner of Ghost's `features_provisioners`
 runs for every build (salt, then ansible), salt bootstrapped first unless the
 job's `options[0]` says to skip it, ansible from Ghost's virtualenv mounted at
-its own path, log levels from `provisioner_log_level`. The `container_images` record and
-`apps.build_infos.container_image` are written only once the image and its
-alias exist, so the app keeps its previous image when anything fails.
+its own path, log levels from `provisioner_log_level`. The `container_images`
+record and `apps.build_infos.container_image` are written only once the image
+and its alias exist, so the app keeps its previous image when anything fails.
 
 Everything that can be refused (job, app, hooks, features, provisioner trees)
 is checked before a container is created. The container is removed in every
@@ -119,17 +119,15 @@ def make_plan(ctx: StepContext, job: Job, app: App) -> BuildPlan:
                 )
             continue
         tree = provisioner_tree(ctx, job, provisioner)
-        if tree is None:
+        if not tree.is_dir():
             if provisioner in used:
                 raise StepFailed(
-                    f"the app's features use {provisioner}, but its provisioner tree "
-                    f"{ctx.config.ghost.provisioner_tree / f'{provisioner}-{job.id}'} does not exist "
+                    f"the app's features use {provisioner}, but its provisioner tree {tree} does not exist "
                     "(Ghost prepares it during the buildimage job; is ghost.provisioner_tree right?)"
                 )
             notes.append(
-                f"{provisioner} (Ghost's features_provisioners) skipped: its tree "
-                f"{ctx.config.ghost.provisioner_tree / f'{provisioner}-{job.id}'} does not exist and the app's "
-                "features do not use it (Ghost's own builder would fail the build here)"
+                f"{provisioner} (Ghost's features_provisioners) skipped: its tree {tree} does not exist and the "
+                "app's features do not use it (Ghost's own builder would fail the build here)"
             )
             continue
         provisioners.append(provisioner)
@@ -149,10 +147,9 @@ def make_plan(ctx: StepContext, job: Job, app: App) -> BuildPlan:
     )
 
 
-def provisioner_tree(ctx: StepContext, job: Job, provisioner: str) -> Path | None:
-    """The tree Ghost prepared for this job's `provisioner`, or None when it is not there."""
-    tree = ctx.config.ghost.provisioner_tree / f"{provisioner}-{job.id}"
-    return tree if tree.is_dir() else None
+def provisioner_tree(ctx: StepContext, job: Job, provisioner: str) -> Path:
+    """Where Ghost prepares this job's `provisioner` tree."""
+    return ctx.config.ghost.provisioner_tree / f"{provisioner}-{job.id}"
 
 
 def venv_mount(ctx: StepContext) -> dict[str, Mount]:
