@@ -18,7 +18,6 @@ owner: by raw.idmap in unprivileged containers, by a chown to the same
 
 from __future__ import annotations
 
-import contextlib
 import os
 from pathlib import Path
 
@@ -88,9 +87,9 @@ def run(ctx: StepContext) -> Outcome:
         with Secrets.registered(app.secret_values):
             name = usable_container(ctx, app, owner)
             collector = run_build_pack(ctx, name, app, module, script, working_copy, owner)
-        remove_committed_script(ctx, working_copy, script)
     finally:
         clean_up_container(ctx, name, after_outcome=True)  # also a prepared one, when the input was refused
+    remove_committed_script(ctx, working_copy, script)  # nothing in the container can touch the copy now
     message = f"buildpack of module {module.name} succeeded"
     ctx.say("deploy_buildpack_succeeded", message, module=module.name)
     return Outcome(SUCCEEDED, message=message, exit_code=0, output_tail=collector.tail_text())
@@ -239,8 +238,11 @@ def remove_committed_script(ctx: StepContext, working_copy: Path, script: Module
     """Ghost deletes the script it ran from the clone (`rm -vf`), so a committed one is not packaged."""
     if script.path is None:
         return
-    with contextlib.suppress(FileNotFoundError):
-        (working_copy / script.path.name).unlink()
+    try:
+        (working_copy / script.path.name).unlink(missing_ok=True)
+    except OSError as error:  # the buildpack succeeded: say so rather than fail the deploy
+        ctx.say("module_script_not_removed", f"{script.path.name} could not be removed from the working copy: {error}")
+        return
     ctx.say("module_script_removed", f"{script.path.name} removed from the working copy, as Ghost does once it ran")
 
 
