@@ -583,3 +583,22 @@ def test_check_says_when_ghosts_virtualenv_lacks_ansible(tmp_path, fake_venv):
     assert not result.ok and "ansible-playbook does not exist" in result.detail and "sys.exec_prefix" in result.fix
     assert venv_check(config_from_mapping({"ghost": {"config": ghost_config, "venv": str(fake_venv)}}, env={})).ok
     assert venv_check(config_from_mapping({"ghost": {"venv": str(tmp_path / "nowhere")}}, env={})).ok  # salt only
+
+
+@pytest.mark.parametrize(
+    ("level", "salt_level", "ansible_flag"),
+    [("warning", "warning", []), ("error", "error", []), ("info", "info", ["-v"]), ("trace", "trace", ["-vvvv"])],
+)
+def test_provisioner_commands_take_ghosts_log_level(tmp_path, level, salt_level, ansible_flag):
+    ghost_config = ghost_config_file(tmp_path, f"provisioner_log_level: {level}\n")
+    config = config_from_mapping({"ghost": {"config": ghost_config, "venv": "/opt/ghost/venv"}}, env={})
+    commands = config.container.provisioner_commands
+    assert buildimage.provisioner_argv(config, commands.salt)[-2:] == ["-l", salt_level]
+    assert buildimage.provisioner_argv(config, commands.ansible) == [
+        "/opt/ghost/venv/bin/ansible-playbook",
+        "-i",
+        "localhost,",
+        "--connection=local",
+        "/srv/ansible/main.yml",
+        *ansible_flag,  # Ghost's map has no flag for error and warning: none is passed
+    ]

@@ -23,7 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from ..config import PLACEHOLDER_ANSIBLE_VERBOSITY, PLACEHOLDER_LOG_LEVEL, PLACEHOLDER_VENV
+from ..config import PLACEHOLDER_ANSIBLE_VERBOSITY, PLACEHOLDER_LOG_LEVEL, PLACEHOLDER_VENV, Config
 from ..ghost import PROVISIONERS, App, BadDocument, Job, parse_app, parse_job
 from ..logs import Secrets
 from ..lxd import IMAGE_PROP_JOB, ImageInfo, ImageNotFound, Mount
@@ -243,7 +243,7 @@ def run_hook(ctx: StepContext, plan: BuildPlan, container: str, name: str, env: 
 def bootstrap_salt(ctx: StepContext, plan: BuildPlan, container: str) -> None:
     if plan.bootstrap_salt:
         for command in ctx.config.container.provisioner_commands.salt_bootstrap:
-            run_command(ctx, container, provisioner_argv(ctx, command), {}, "salt bootstrap")
+            run_command(ctx, container, provisioner_argv(ctx.config, command), {}, "salt bootstrap")
     elif "salt" in plan.provisioners:
         ctx.say("salt_bootstrap_skipped", "salt bootstrap skipped (the job's options[0] says so, or it has no options)")
 
@@ -255,17 +255,17 @@ def install_features(ctx: StepContext, plan: BuildPlan, container: str, env: dic
         return
     commands = ctx.config.container.provisioner_commands
     for provisioner in plan.provisioners:
-        argv = provisioner_argv(ctx, getattr(commands, provisioner))
+        argv = provisioner_argv(ctx.config, getattr(commands, provisioner))
         run_command(ctx, container, argv, env, f"features install ({provisioner})")
 
 
-def provisioner_argv(ctx: StepContext, template: tuple[str, ...]) -> list[str]:
+def provisioner_argv(config: Config, template: tuple[str, ...]) -> list[str]:
     """The command with its placeholders filled as Ghost fills them; an argument left empty is dropped."""
-    level = ctx.config.ghost_settings.provisioner_log_level
+    level = config.ghost_settings.provisioner_log_level
     values = {
         PLACEHOLDER_LOG_LEVEL: level,
         PLACEHOLDER_ANSIBLE_VERBOSITY: ANSIBLE_VERBOSITY.get(level, ""),
-        PLACEHOLDER_VENV: str(ctx.config.ghost.venv),
+        PLACEHOLDER_VENV: str(config.ghost.venv),
     }
     argv = []
     for arg in template:
