@@ -26,7 +26,7 @@ from bson import ObjectId
 
 from ghost_buildpackd.check import unprivileged_failures_check, venv_check
 from ghost_buildpackd.config import ConfigError, config_from_mapping
-from ghost_buildpackd.ghost import BadDocument, choose_module_script, ghost_b64decode, parse_app
+from ghost_buildpackd.ghost import BadDocument, choose_module_script, ghost_b64decode, parse_app, parse_job
 from ghost_buildpackd.lxd import ContainerSpec, Lxd
 from ghost_buildpackd.retention import Ec2Inventory, GhostInventory
 from ghost_buildpackd.steps import StepFailed, buildimage, looks_unprivileged
@@ -602,3 +602,23 @@ def test_provisioner_commands_take_ghosts_log_level(tmp_path, level, salt_level,
         "/srv/ansible/main.yml",
         *ansible_flag,  # Ghost's map has no flag for error and warning: none is passed
     ]
+
+
+def test_the_plan_follows_ghosts_provisioners_not_the_apps_features(make_config, store, lxd, db, ghost_dirs):
+    app = make_app(db, features=[{"name": "web", "provisioner": "ansible"}])  # Ghost's config: salt alone
+    with_tree, without_tree = make_job(db, app), make_job(db, app)
+    provisioner_trees(ghost_dirs, with_tree, "salt")
+    config = make_config()
+
+    def plan(job: ObjectId) -> buildimage.BuildPlan:
+        ctx = step_context(config, store, lxd, job, BUILDIMAGE)
+        return buildimage.make_plan(ctx, parse_job(store.get_job(job)), parse_app(store.get_app(app)))
+
+    planned = plan(with_tree)
+    assert planned.provisioners == ["salt"] and not planned.bootstrap_salt  # no options: no bootstrap
+    assert planned.notes == [
+        "the app's features use ansible, which Ghost's features_provisioners does not list: not installed "
+        "(Ghost runs only the provisioners its config.yml lists)"
+    ]
+    planned = plan(without_tree)
+    assert planned.provisioners == [] and "salt (Ghost's features_provisioners) skipped" in planned.notes[0]
