@@ -252,20 +252,20 @@ def run_client(mongo, db, job: ObjectId, module: str) -> dict[str, Any]:
 
 
 @pytest.fixture
-def image_aliases(lxd: Lxd) -> Iterator[dict[str, str]]:
+def image_aliases(lxd: Lxd) -> Iterator[list[str]]:
     """Aliases standing for "the app's last built image", pointed at a base image; removed afterwards."""
-    made: dict[str, str] = {}
+    made: list[str] = []
     yield made
-    for alias in made.values():
+    for alias in made:
         lxd.delete_alias(alias)
 
 
-def alias_of(lxd: Lxd, image_aliases: dict[str, str], base: str) -> str:
+def alias_of(lxd: Lxd, image_aliases: list[str], base: str) -> str:
     alias = f"gbp-test-parity-{uuid.uuid4().hex[:10]}"
     image = lxd.image_by_alias(base)
     assert image is not None
+    image_aliases.append(alias)
     lxd.point_alias(alias, image.fingerprint, "ghost-buildpackd test_parity")
-    image_aliases[base] = alias
     return alias
 
 
