@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -90,6 +91,17 @@ def base_image(lxd: Lxd) -> str:
     if lxd.image_by_alias(BASE_IMAGE) is None:
         pytest.fail(f"base image {BASE_IMAGE!r} is missing: run scripts/build-base-image")
     return BASE_IMAGE
+
+
+@pytest.fixture
+def image_alias(lxd: Lxd, base_image: str) -> Iterator[str]:
+    """An alias of the base image standing for "the app's last built image"; removed afterwards."""
+    alias = f"gbp-test-{uuid.uuid4().hex[:10]}"
+    base = lxd.image_by_alias(base_image)
+    assert base is not None
+    lxd.point_alias(alias, base.fingerprint, "ghost-buildpackd tests")
+    yield alias
+    lxd.delete_alias(alias)
 
 
 @pytest.fixture

@@ -352,6 +352,7 @@ CLIENT_CASES: dict[str, tuple[dict[str, Any], str]] = {
     "module name not a string": ({"module_name": ["api"]}, "module_name: expected a module name"),
     "timeout zero": ({"timeout": 0}, "timeout and poll_interval"),
     "unknown wait mode": ({"wait_mode": "push"}, "wait_mode: expected one of"),
+    "unknown module script": ({"script": "pre_deploy"}, "script: expected one of build_pack, after_all_deploy"),
 }
 
 

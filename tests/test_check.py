@@ -42,6 +42,7 @@ def test_all_ok_on_a_good_host(store: Store, lxd: Lxd, base_image: str, make_con
     assert all(line.startswith("OK") for line in lines.values())
     assert set(lines) >= {"mongodb", "mongodb events", "ghost collections", "lxd", "lxd storage", "lxd container"}
     assert "reachable and authenticated" in lines["mongodb"]
+    assert "speaks wire version" in lines["mongodb version"] and "pymongo " in lines["mongodb version"]
     assert "uses change_stream" in lines["mongodb events"] or "uses poll" in lines["mongodb events"]
     assert f"LXD {lxd.server_info()['version']}" in lines["lxd"]
     assert "default" in lines["lxd storage"]
@@ -88,3 +89,19 @@ def test_missing_compressor_and_unknown_idmap_user(
     assert not result.ok and "zstd is not on PATH" in result.detail
     result = check.idmap_check(make_config(container={"idmap_user": "no-such-user-gbp"}))
     assert not result.ok and "is no user on this host" in result.detail
+
+
+def test_a_server_older_than_pymongos_floor_fails_with_the_floor() -> None:
+    import pymongo
+
+    from ghost_buildpackd.check import wire_version_check
+
+    floor = pymongo.common.MIN_SUPPORTED_WIRE_VERSION
+    assert wire_version_check(floor, "x").ok
+    result = wire_version_check(floor - 1, "3.6.23")
+    assert not result.ok
+    assert f"MongoDB 3.6.23 (wire version {floor - 1}) is older than the floor: pymongo {pymongo.version} needs " in (
+        result.detail
+    )
+    assert "upgrade MongoDB to" in result.fix
+    assert not wire_version_check(None, "unknown").ok

@@ -49,8 +49,8 @@ def test_three_mistakes_give_three_precise_errors():
         [
             "container.exec_timeout: expected a duration like 30m, got 'soon'",
             "container.limits.memory: expected a size like 2GiB, got 'lots'",
-            "workerz: unknown key (known keys here: container, events, ghost, host, instance_id, lease_ttl, log, "
-            "lxd, metrics, mongodb, retention, shutdown_grace, sweep_interval, workers)",
+            "workerz: unknown key (known keys here: buildpack, container, events, ghost, host, instance_id, lease_ttl, "
+            "log, lxd, metrics, mongodb, retention, shutdown_grace, sweep_interval, workers)",
         ]
     )
 

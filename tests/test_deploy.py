@@ -5,8 +5,7 @@ from __future__ import annotations
 import os
 import threading
 import time
-import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -35,17 +34,6 @@ def run_deploy(ctx):
         return deploy.run(ctx)
     finally:
         run_after_outcome(ctx)
-
-
-@pytest.fixture
-def image_alias(lxd: Lxd, base_image: str) -> Iterator[str]:
-    """An alias of the base image standing for "the app's last built image"; removed afterwards."""
-    alias = f"gbp-test-deploy-{uuid.uuid4().hex[:10]}"
-    base = lxd.image_by_alias(base_image)
-    assert base is not None
-    lxd.point_alias(alias, base.fingerprint, "ghost-buildpackd test_deploy")
-    yield alias
-    lxd.delete_alias(alias)
 
 
 def working_copy(root: Path, module: str, app: tuple[str, ...] = ("shop", "prod", "web")) -> Path:

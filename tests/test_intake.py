@@ -73,11 +73,50 @@ def test_deploy_started_makes_a_step_per_module_with_a_buildpack(db, store, inta
     assert list(steps(store)) == [step_id(job, "deploy", "api")]
 
 
-def test_deploy_without_a_built_image_makes_nothing(db, store, intake):
-    job = make_job(db, make_app(db), command="deploy")
+def test_deploy_of_an_app_switched_off_makes_nothing_even_with_a_left_over_image(db, store, intake):
+    # Ghost's "Don't use containers" clears source_container_image; container_image stays.
+    app = make_app(db, source_container_image=None, container_image="left-over-build")
+    job = make_job(db, app, command="deploy")
     set_status(db, job, "started")
     intake.handle_job_id(job)
     assert steps(store) == {}
+
+
+def test_deploy_of_an_app_with_containers_but_no_image_yet_makes_the_step(db, store, intake):
+    # The step then fails saying no image was built yet: Ghost's job fails instead of running on its host.
+    job = make_job(db, make_app(db), command="deploy")
+    set_status(db, job, "started")
+    intake.handle_job_id(job)
+    assert list(steps(store)) == [step_id(job, "deploy", "app")]
+
+
+def test_redeploy_end_cancels_its_after_all_deploy_step(db, store, intake):
+    app = make_app(db, container_image="x")
+    job = make_job(db, app, command="redeploy", options=["deploy-id"])
+    store.request_step(job, "app", "some-host", app, script="after_all_deploy")
+    set_status(db, job, "failed", "Redeploy Failed")
+    intake.handle_job_id(job)
+    record = steps(store)[step_id(job, "deploy", "app", "after_all_deploy")]
+    assert record["_id"] == f"{job}:deploy.after_all_deploy:app" and record["script"] == "after_all_deploy"
+    assert record["state"] == CANCELLED
+
+
+@pytest.mark.parametrize(
+    ("status", "message", "made"),
+    [
+        ("failed", "Autoscaling group update failed: throttled", True),
+        ("failed", "Autoscaling group update failed", True),
+        ("failed", "ERROR: ami_id not found. The packer process may have failed.", False),
+        ("aborted", "Autoscaling group update failed", False),
+    ],
+)
+def test_buildimage_failed_only_at_the_autoscaling_update_still_gets_its_image(
+    db, store, intake, status, message, made
+):
+    job = make_job(db, make_app(db))
+    set_status(db, job, status, message)
+    intake.handle_job_id(job)
+    assert (step_id(job, "buildimage") in steps(store)) is made
 
 
 def test_deploy_of_an_unknown_module_fails_its_step_with_the_reason(db, store, intake):

@@ -36,7 +36,7 @@ from ghost_buildpackd.retention import (
     reconcile_command,
 )
 from ghost_buildpackd.store import RUNNING, SUCCEEDED, ImageRecord, Store, step_id
-from tests.support.ghost import finish_buildimage, make_app, make_job
+from tests.support.ghost import finish_buildimage, make_app, make_job, set_status
 
 pytestmark = [pytest.mark.lxd, pytest.mark.mongodb]
 
@@ -204,6 +204,25 @@ def test_keeps_the_newest_images_per_app_and_nothing_else_goes(
         image.fingerprint: image.aliases for image in lxd.list_images() if image.fingerprint in mine
     }
     assert metrics.deleted == 8
+
+
+@pytest.mark.parametrize(
+    ("message", "kept"),
+    [
+        ("Autoscaling group update failed: Throttling", [1, 2]),  # its AMI was built: it counts among the newest
+        ("ERROR: ami_id not found. The packer process may have failed.", [0, 1, 2]),  # no answer for it: kept
+    ],
+)
+def test_a_build_failed_only_at_the_autoscaling_update_counts_as_built(
+    make_config, db, store, lxd, images, message, kept
+):
+    made = builds(db, store, images, make_app(db, name="shop"), 3, "c")
+    set_status(db, ObjectId(made[1].alias), "failed", message)
+
+    report = Reconciler(keep_two(make_config), store, lxd).run()
+
+    assert report.ok, report.error
+    assert surviving(images, made) == [made[index].alias for index in kept]
 
 
 def test_current_image_and_step_in_flight_are_protected(make_config, db, store, lxd, images, two_apps):

@@ -15,6 +15,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TextIO
 
+import pymongo
+
 from .config import PUBLISH_COMPRESSORS, Config
 from .lxd import ContainerSpec, ImageInfo, Lxd
 from .retention import JOB_ALIAS
@@ -79,9 +81,12 @@ def mongo_checks(config: Config, report: Callable[[CheckResult], None]) -> Store
     store = Store.from_uri(config.mongodb.uri, config.mongodb.database, config.mongodb.timeout)
     try:
         store.ping()
-        version = store.server_info()["version"]
+        server = store.server_info()
+        version = server["version"]
     except Exception as error:
         store.db.client.close()
+        if "wire version" in str(error):  # pymongo refuses a server older than its floor before any command
+            report(wire_version_check(None, "unknown"))
         report(
             fail(
                 "mongodb",
@@ -93,9 +98,25 @@ def mongo_checks(config: Config, report: Callable[[CheckResult], None]) -> Store
             report(fail(name, "not checked: MongoDB is unreachable", "fix the mongodb check first"))
         return None
     report(ok("mongodb", f"reachable and authenticated at {where} (MongoDB {version})"))
+    report(wire_version_check(server["max_wire_version"], version))
     report(events_check(config, store))
     report(collections_check(config, store))
     return store
+
+
+def wire_version_check(max_wire_version: int | None, version: str) -> CheckResult:
+    """The server against the floor of the pymongo installed here (its oldest supported wire version)."""
+    floor, floor_version = pymongo.common.MIN_SUPPORTED_WIRE_VERSION, pymongo.common.MIN_SUPPORTED_SERVER_VERSION
+    driver = f"pymongo {pymongo.version} needs MongoDB {floor_version} or newer (wire version {floor})"
+    if max_wire_version is not None and max_wire_version >= floor:
+        return ok("mongodb version", f"MongoDB {version} speaks wire version {max_wire_version}; {driver}")
+    return fail(
+        "mongodb version",
+        f"MongoDB {version} (wire version {max_wire_version if max_wire_version is not None else 'unknown'}) "
+        f"is older than the floor: {driver}",
+        f"upgrade MongoDB to {floor_version} or newer, or install the daemon with an older pymongo "
+        "whose floor the server meets (pymongo's compatibility table)",
+    )
 
 
 def events_check(config: Config, store: Store) -> CheckResult:

@@ -1,4 +1,4 @@
-"""Command line: `ghost-buildpackd run|check|status|reconcile|replay|demo`."""
+"""Command line: `ghost-buildpackd run|check|status|reconcile|replay|buildpack|demo`."""
 
 from __future__ import annotations
 
@@ -7,8 +7,9 @@ import sys
 from collections.abc import Sequence
 
 from . import __version__
-from .config import Config, ConfigError, config_path, load_config
+from .config import Config, ConfigError, config_path, load_config, parse_duration
 from .logs import configure_logging
+from .store import BUILD_PACK, MODULE_SCRIPTS
 
 EXIT_CONFIG = 2
 
@@ -40,8 +41,30 @@ def build_parser() -> argparse.ArgumentParser:
     reconcile.add_argument("--app", metavar="APP_ID", help="only this app")
     replay = command("replay", "run a finished buildimage step of a job again")
     replay.add_argument("job_id", metavar="JOB_ID")
+    buildpack = command(
+        "buildpack",
+        "run a module's script in a container for a deploy job (what Ghost's worker calls); "
+        "prints one outcome line, exits 0, the script's own code, or 65 refused, 66 cancelled, 67 timed out, "
+        "69 no live daemon on this host",
+    )
+    buildpack.add_argument("job_id", metavar="JOB_ID", help="the deploy (or redeploy) job's id")
+    buildpack.add_argument("module", metavar="MODULE", help="the module's name")
+    buildpack.add_argument("--script", choices=MODULE_SCRIPTS, default=BUILD_PACK, help="default: build_pack")
+    buildpack.add_argument(
+        "--timeout", type=_duration, metavar="DURATION", help="e.g. 40m (default: buildpack.timeout)"
+    )
     command("demo", "the whole flow on an embedded default: build an image, run a buildpack")
     return parser
+
+
+def _duration(text: str) -> float:
+    try:
+        seconds = parse_duration(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    if seconds <= 0:
+        raise argparse.ArgumentTypeError(f"expected a duration above zero, got {text!r}")
+    return seconds
 
 
 def _load(args: argparse.Namespace) -> Config:
@@ -62,6 +85,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         for problem in error.problems:
             print(f"  {problem}", file=sys.stderr)
         return EXIT_CONFIG
+    if args.command == "buildpack":
+        from .buildpack_command import buildpack_command
+
+        # Its output lands in Ghost's job log: only the outcome line, and errors.
+        configure_logging(config.log.format, "error")
+        return buildpack_command(config, args.job_id, args.module, args.script, args.timeout, sys.stdout)
     configure_logging(config.log.format, config.log.level)
     if args.command == "run":
         from .daemon import run_daemon

@@ -1,16 +1,19 @@
-"""Ghost's side of the deploy handshake: ask for a module's buildpack and wait for its outcome.
+"""Ghost's side of the deploy handshake: ask for a module's script and wait for its outcome.
 
-Imported by Ghost's deploy worker (pymongo only, no LXD): once Ghost has
-cloned the module, `run_buildpack` sets the deploy step to `requested`, bound
-to the host it runs on (the disk holding the working copy), and waits for the
-daemon on that host to finish it. On its own timeout it abandons the request,
-so the daemon stops and cleans up.
+`ghost-buildpackd buildpack` (what Ghost's Python 2.7 worker runs) is a thin
+command over `run_buildpack`, which Python 3 code may also call directly
+(pymongo only, no LXD). Once Ghost has cloned the module, `run_buildpack`
+waits for the app's container build still in flight (bounded), sets the
+deploy step to `requested`, bound to the host it runs on (the disk holding the
+working copy), and waits for the daemon on that host to finish it. It gives
+up early when that daemon's heartbeat stops; on its own timeout it abandons
+the request, so the daemon stops and cleans up.
 
     from ghost_buildpackd.client import run_buildpack
 
     result = run_buildpack(db, job["_id"], module["name"], timeout=2400)
     if not result.ok:
-        raise GCallException(f"buildpack: {result.state}: {result.message}")
+        raise RuntimeError(f"buildpack: {result.state}: {result.message}")
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ import dataclasses
 import socket
 import threading
 import time
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from bson import ObjectId
@@ -26,20 +31,24 @@ from pymongo.database import Database
 from pymongo.errors import PyMongoError
 
 from .ghost import BadDocument, parse_object_id
-from .store import CANCELLED, SKIPPED, SUCCEEDED, Step, Store, next_change, step_id
+from .joblog import JobLog
+from .store import BUILD_PACK, CANCELLED, DEPLOY, MODULE_SCRIPTS, SKIPPED, SUCCEEDED, Step, Store, next_change, step_id
 
-ABANDONED = "abandoned"  # the client's own state: it stopped waiting and cancelled the request
+# The client's own states: it stopped waiting and cancelled the request; no live daemon on its host.
+ABANDONED, NO_DAEMON = "abandoned", "no_daemon"
 WAIT_MODES = ("auto", "change_stream", "poll")
+LIVENESS_EVERY = 5.0  # seconds between two looks at the daemon's heartbeat while waiting
 
 
 @dataclasses.dataclass(frozen=True)
 class BuildpackResult:
     """What became of a buildpack request."""
 
-    state: str  # succeeded | failed | cancelled | skipped | abandoned
+    state: str  # succeeded | failed | cancelled | skipped | abandoned | no_daemon
     exit_code: int | None
     message: str
     output_tail: str
+    timed_out: bool = False  # failed: the daemon killed the script at container.exec_timeout
 
     @property
     def ok(self) -> bool:
@@ -54,32 +63,95 @@ def run_buildpack(
     host: str | None = None,
     poll_interval: float = 2.0,
     wait_mode: str = "auto",
+    script: str = BUILD_PACK,
+    daemon_max_age: float | None = None,
+    build_wait: float = 0.0,
+    job_log_dir: Path | None = None,
 ) -> BuildpackResult:
-    """Ask the daemon to run `module_name`'s buildpack for deploy job `job_id` and wait for the outcome.
+    """Ask the daemon to run `module_name`'s `script` for deploy (or redeploy) job `job_id`; wait for the outcome.
 
-    `timeout` should exceed the daemon's `container.exec_timeout` (30m by default)
-    plus a container start, so the daemon reports a timeout before the client gives up.
-    `host` is the name the daemon on this host uses (its `host` setting, else the
-    hostname). `wait_mode`: `auto` (change stream when the server offers one, else
-    polling every `poll_interval`), `change_stream` or `poll`.
+    `timeout` counts from the request and should exceed the daemon's
+    `container.exec_timeout` (30m by default) plus a container start, so the
+    daemon reports a timeout before the client gives up. `host` is the name the
+    daemon on this host uses (its `host` setting, else the hostname).
+    `wait_mode`: `auto` (change stream when the server offers one, else polling
+    every `poll_interval`), `change_stream` or `poll`. With `daemon_max_age`,
+    nothing is asked unless a daemon on `host` has a heartbeat younger than
+    that, and the wait ends (the request cancelled) once none has. With
+    `build_wait`, the app's container build still in flight is waited for first,
+    at most that long. `job_log_dir` (Ghost's log directory): where those waits
+    are said, in the job's log.
     """
     job_oid = _job_object_id(job_id)
     if not isinstance(module_name, str) or not module_name.strip():
         raise ValueError(f"module_name: expected a module name, got {module_name!r}")
+    if script not in MODULE_SCRIPTS:
+        raise ValueError(f"script: expected one of {', '.join(MODULE_SCRIPTS)}, got {script!r}")
     if timeout <= 0 or poll_interval <= 0:
         raise ValueError("timeout and poll_interval: expected durations above zero")
     if wait_mode not in WAIT_MODES:
         raise ValueError(f"wait_mode: expected one of {', '.join(WAIT_MODES)}, got {wait_mode!r}")
     store = Store(db)
-    deadline = time.monotonic() + timeout
-    sid = step_id(job_oid, "deploy", module_name)
+    host = host or socket.gethostname()
+    alive = _liveness(store, host, daemon_max_age)
+    if not alive():
+        return BuildpackResult(NO_DAEMON, None, _no_daemon(host, daemon_max_age), "")
+    sid = step_id(job_oid, DEPLOY, module_name, script)
     job = store.get_job(job_oid)
-    step = store.request_step(job_oid, module_name, host or socket.gethostname(), job.get("app_id") if job else None)
+    app_id = job.get("app_id") if job else None
+    if app_id is not None and build_wait > 0:
+        notes = JobLog(job_log_dir, str(job_oid), f"container {DEPLOY} {module_name}") if job_log_dir else None
+        wait_for_build(store, app_id, build_wait, poll_interval, notes)
+    deadline = time.monotonic() + timeout
+    step = store.request_step(job_oid, module_name, host, app_id, script)
     if not step.terminal:
-        step = _wait(store, sid, deadline, poll_interval, wait_mode) or step
+        step = _wait(store, sid, deadline, poll_interval, wait_mode, alive) or step
     if step.terminal:
         return _result(step)
-    return _abandon(store, sid, timeout)
+    if not alive():
+        return _abandon(store, sid, _no_daemon(host, daemon_max_age, "while waiting"), NO_DAEMON)
+    return _abandon(store, sid, f"abandoned by Ghost's client after waiting {timeout:g}s")
+
+
+def wait_for_build(store: Store, app_id: Any, limit: float, poll_interval: float, notes: JobLog | None) -> None:
+    """Wait (at most `limit` seconds) for the app's container build in flight, so the deploy uses its image."""
+    build = store.app_build_in_flight(app_id)
+    if build is None:
+        return
+    say = notes.write if notes is not None else (lambda text: None)
+    say(
+        f"waiting up to {limit:g}s for the app's container build (buildimage job {build.job_id}, {build.state}), "
+        "so this deploy uses the image it makes"
+    )
+    deadline = time.monotonic() + limit
+    pause = threading.Event()  # never set: an interruptible sleep
+    while build is not None and not build.terminal and (remaining := deadline - time.monotonic()) > 0:
+        pause.wait(min(poll_interval, remaining))
+        build = store.get_step(build.id)
+    if build is None or not build.terminal:
+        say(f"the container build is still not finished after {limit:g}s: this deploy uses the app's current image")
+    else:
+        say(f"the container build of job {build.job_id} ended: {build.state} ({build.message})")
+
+
+def _liveness(store: Store, host: str, max_age: float | None) -> Callable[[], bool]:
+    """Whether a daemon on `host` is alive, looked up at most every LIVENESS_EVERY seconds."""
+    if max_age is None:
+        return lambda: True
+    last: dict[str, Any] = {"at": -LIVENESS_EVERY, "alive": True}
+
+    def alive() -> bool:
+        if time.monotonic() - last["at"] >= LIVENESS_EVERY:
+            last["alive"] = bool(store.live_instances_on(host, max_age))
+            last["at"] = time.monotonic()
+        return last["alive"]
+
+    return alive
+
+
+def _no_daemon(host: str, max_age: float | None, when: str = "") -> str:
+    lapse = f"{max_age:g}s" if max_age is not None else "a while"
+    return f"no live ghost-buildpackd on host {host}{' ' + when if when else ''} (no heartbeat for {lapse})"
 
 
 def _job_object_id(job_id: Any) -> ObjectId:
@@ -90,31 +162,33 @@ def _job_object_id(job_id: Any) -> ObjectId:
 
 
 def _result(step: Step) -> BuildpackResult:
-    return BuildpackResult(step.state, step.exit_code, step.message, step.output_tail)
+    return BuildpackResult(step.state, step.exit_code, step.message, step.output_tail, step.timed_out)
 
 
-def _abandon(store: Store, sid: str, timeout: float) -> BuildpackResult:
+def _abandon(store: Store, sid: str, reason: str, state: str = ABANDONED) -> BuildpackResult:
     """Give up: cancel the request (the daemon stops and cleans up); a finish that raced us wins."""
-    reason = f"abandoned by Ghost's client after waiting {timeout:g}s"
     store.abandon_step(sid, reason)
     step = store.get_step(sid)
     if step is not None and step.terminal and not (step.state == CANCELLED and step.message == reason):
         return _result(step)
-    return BuildpackResult(ABANDONED, None, reason, step.output_tail if step else "")
+    return BuildpackResult(state, None, reason, step.output_tail if step else "")
 
 
-def _wait(store: Store, sid: str, deadline: float, poll_interval: float, mode: str) -> Step | None:
-    """The step once terminal, or its last known record at the deadline."""
+Alive = Callable[[], bool]
+
+
+def _wait(store: Store, sid: str, deadline: float, poll_interval: float, mode: str, alive: Alive) -> Step | None:
+    """The step once terminal, or its last known record at the deadline or once no daemon is alive."""
     if mode != "poll":  # in auto mode a server without change streams refuses the stream: then poll
         try:
-            return _wait_by_change_stream(store, sid, deadline, poll_interval)
+            return _wait_by_change_stream(store, sid, deadline, poll_interval, alive)
         except PyMongoError:  # the stream broke (or was refused): polling still gets the outcome
             if mode == "change_stream":
                 raise
-    return _wait_by_polling(store, sid, deadline, poll_interval)
+    return _wait_by_polling(store, sid, deadline, poll_interval, alive)
 
 
-def _wait_by_change_stream(store: Store, sid: str, deadline: float, poll_interval: float) -> Step | None:
+def _wait_by_change_stream(store: Store, sid: str, deadline: float, poll_interval: float, alive: Alive) -> Step | None:
     """Wake on each write to the record; re-read it then (and at least every poll_interval, as a safety net)."""
     step = None
     remaining = deadline - time.monotonic()
@@ -122,16 +196,16 @@ def _wait_by_change_stream(store: Store, sid: str, deadline: float, poll_interva
         while True:
             # Read after the stream is open, so no write between the two is missed.
             step = store.get_step(sid)
-            if step is None or step.terminal or time.monotonic() >= deadline:
+            if step is None or step.terminal or time.monotonic() >= deadline or not alive():
                 return step
             next_change(stream)
 
 
-def _wait_by_polling(store: Store, sid: str, deadline: float, poll_interval: float) -> Step | None:
+def _wait_by_polling(store: Store, sid: str, deadline: float, poll_interval: float, alive: Alive) -> Step | None:
     pause = threading.Event()  # never set: wait() is an interruptible sleep bounded by the deadline
     while True:
         step = store.get_step(sid)
         remaining = deadline - time.monotonic()
-        if step is None or step.terminal or remaining <= 0:
+        if step is None or step.terminal or remaining <= 0 or not alive():
             return step
         pause.wait(min(poll_interval, remaining))

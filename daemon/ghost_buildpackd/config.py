@@ -301,6 +301,14 @@ class RetentionConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class BuildpackConfig:
+    """`ghost-buildpackd buildpack`, the command Ghost's worker runs for a module script."""
+
+    timeout: float = field(2400.0, parse_duration)  # above container.exec_timeout plus a container start
+    build_wait: float = field(1800.0, parse_duration)  # longest wait for the app's container build in flight
+
+
+@dataclasses.dataclass(frozen=True)
 class LogConfig:
     format: str = field("auto", one_of("auto", "json", "console"))
     level: str = field("info", one_of("debug", "info", "warning", "error"))
@@ -319,6 +327,7 @@ class Config:
     events: EventsConfig = dataclasses.field(default_factory=EventsConfig)
     container: ContainerConfig = dataclasses.field(default_factory=ContainerConfig)
     retention: RetentionConfig = dataclasses.field(default_factory=RetentionConfig)
+    buildpack: BuildpackConfig = dataclasses.field(default_factory=BuildpackConfig)
     log: LogConfig = dataclasses.field(default_factory=LogConfig)
     metrics: MetricsConfig = dataclasses.field(default_factory=MetricsConfig)
     workers: int = field(4, positive_int(1, 256))

@@ -23,13 +23,14 @@ from bson import ObjectId
 from pymongo.errors import OperationFailure, PyMongoError
 
 from .config import Config
-from .ghost import BadDocument, Job, parse_app, parse_job
+from .ghost import ASG_UPDATE_FAILED, BadDocument, Job, parse_app, parse_job
 from .logs import get_logger
-from .store import BUILDIMAGE, DEPLOY, FAILED, TRANSIENT_ERRORS, Store, next_change, step_id, utcnow
+from .store import BUILDIMAGE, DEPLOY, FAILED, REDEPLOY, TRANSIENT_ERRORS, Store, next_change, step_id, utcnow
 
 log = get_logger(__name__)
 
-COMMANDS = (BUILDIMAGE, DEPLOY)
+# redeploy: Ghost runs after_all_deploy then, so its steps are cancelled when the job ends.
+COMMANDS = (BUILDIMAGE, DEPLOY, REDEPLOY)
 DEPLOY_ENDED = ("done", "failed", "aborted", "cancelled")
 # The server no longer has the history the token points into, or the token cannot resume.
 TOKEN_UNUSABLE = {286, 280, 260, 9}
@@ -85,22 +86,23 @@ class Intake:
         except BadDocument as error:
             self._record_bad_job(doc, error)
             return
-        if job.command == BUILDIMAGE and job.status == "done":
+        if job.built_image:
             self._buildimage_done(job)
         elif job.command == DEPLOY and job.status == "started":
             self._deploy_started(job)
-        elif job.command == DEPLOY and job.status in DEPLOY_ENDED:
+        elif job.command in (DEPLOY, REDEPLOY) and job.status in DEPLOY_ENDED:
             self._deploy_ended(job)
 
     def _record_bad_job(self, doc: Mapping[str, Any], error: BadDocument) -> None:
         job_id = doc.get("_id")
-        relevant = (doc.get("command") == BUILDIMAGE and doc.get("status") == "done") or (
-            doc.get("command") == DEPLOY and doc.get("status") == "started"
-        )
+        status, message = doc.get("status"), str(doc.get("message") or "")
+        built = status == "done" or (status == "failed" and message.startswith(ASG_UPDATE_FAILED))
+        command = doc.get("command")
+        relevant = (command == BUILDIMAGE and built) or (command == DEPLOY and status == "started")
         if not relevant or not isinstance(job_id, ObjectId):
             log.warning("job_ignored_malformed", job_id=str(job_id), reason=str(error))
             return
-        kind = doc["command"]
+        kind = command
         if self.store.create_step(job_id, kind, state=FAILED, message=f"malformed job: {error}"):
             log.error("step_failed_malformed_job", job_id=str(job_id), kind=kind, reason=str(error))
 
@@ -128,8 +130,8 @@ class Intake:
             for module in job.module_names:
                 self._create_failed(job, DEPLOY, module, f"malformed app: {error}")
             return
-        if not app.container_image:
-            log.debug("deploy_without_container_image", job_id=str(job.id), app=app.label)
+        if not app.source_container_image:  # the per-app switch: Ghost runs the scripts on its host
+            log.debug("deploy_without_containers", job_id=str(job.id), app=app.label)
             return
         created = 0
         for module in job.module_names:

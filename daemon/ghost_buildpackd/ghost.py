@@ -212,7 +212,11 @@ class Module:
 
     @property
     def has_build_pack(self) -> bool:
-        return bool(self.raw.get("build_pack"))
+        return self.has_script("build_pack")
+
+    def has_script(self, script_name: str) -> bool:
+        """Whether the module stores a non-empty `script_name` (a file of the clone can only replace one)."""
+        return bool(self.raw.get(script_name))
 
     def check_stored_script(self, script_name: str) -> None:
         """BadDocument when the stored script cannot be decoded (checked before the clone exists)."""

@@ -50,6 +50,11 @@ class ImageNotFound(LxdError):
     pass
 
 
+def _is_hex(text: str) -> bool:
+    """Whether `text` can be (a prefix of) an image fingerprint."""
+    return all(c in "0123456789abcdef" for c in text.lower())
+
+
 class LxdUnavailable(LxdError):
     """LXD itself went away (stopped, restarting, shutting down), as opposed to refusing a request."""
 
@@ -342,14 +347,17 @@ class Lxd:
     def resolve_image(self, ref: str) -> ImageInfo:
         """A local image by alias, fingerprint (or unique prefix), or `os/release` (newest match).
 
-        With `lxd.image_server` set, an alias not found locally is copied from there first.
+        With `lxd.image_server` set (Ghost's `container.endpoint`, a remote LXD), a
+        reference not found locally is pulled from there over LXD's protocol, as
+        Ghost did: by fingerprint (what Ghost's UI stores), else by alias. LXD keeps
+        the copy under the same fingerprint, so the next build finds it locally.
         """
         ref = ref.strip()
         images = self.list_images()
         for image in images:
             if ref in image.aliases:
                 return image
-        if len(ref) >= 6 and all(c in "0123456789abcdef" for c in ref.lower()):
+        if len(ref) >= 6 and _is_hex(ref):
             matches = [image for image in images if image.fingerprint.startswith(ref.lower())]
             if len(matches) == 1:
                 return matches[0]
@@ -367,21 +375,28 @@ class Lxd:
             if matches:
                 return max(matches, key=lambda image: image.created_at)
         if self.config.image_server:
-            pulled = self._pull(ref)
-            if pulled:
-                return pulled
+            return self._pull(ref)
         existing = "; ".join(image.describe() for image in images) or "no images at all"
         raise ImageNotFound(
             f"no LXD image matches {ref!r} as an alias, a fingerprint or an os/release; local images: {existing}"
         )
 
-    def _pull(self, ref: str) -> ImageInfo | None:
+    def _pull(self, ref: str) -> ImageInfo:
+        """Copy `ref` from `lxd.image_server`; ImageNotFound naming the server and the reference when it fails."""
+        server = self.config.image_server
+        key = "fingerprint" if len(ref) >= 12 and _is_hex(ref) else "alias"
+        source = {"type": "image", "mode": "pull", "protocol": "lxd", "server": server, key: ref}
+        log.info("image_pull_started", server=server, **{key: ref})
         try:
-            image = self.client.images.create_from_simplestreams(self.config.image_server, ref, auto_update=False)
-        except (LXDAPIException, requests.RequestException) as error:
-            log.warning("image_pull_failed", server=self.config.image_server, image=ref, error=str(error))
-            return None
-        return self._image(image.fingerprint)
+            response = self.client.api.images.post(json={"public": False, "auto_update": False, "source": source})
+            operation = self._wait_operation(response.json()["operation"])
+            return self._image(operation.metadata["fingerprint"])
+        except (LXDAPIException, LxdError, requests.RequestException) as error:
+            log.warning("image_pull_failed", server=server, image=ref, error=str(error))
+            raise ImageNotFound(
+                f"no local LXD image matches {ref!r}, and pulling {key} {ref} from {server} "
+                f"(lxd.image_server, else Ghost's container.endpoint) over LXD's protocol failed: {error}"
+            ) from error
 
     @retry_lxd
     def delete_alias(self, alias: str) -> None:

@@ -88,7 +88,8 @@ def with_job_log_problem(ctx: StepContext, message: str) -> str:
 def failure_outcome(error: Exception) -> Outcome:
     """The failed outcome a body's exception stands for: its own message when it is one for people."""
     if isinstance(error, StepFailed):
-        return Outcome(FAILED, error.message, error.exit_code, error.output_tail)
+        fields = {"timed_out": True} if error.timed_out else {}
+        return Outcome(FAILED, error.message, error.exit_code, error.output_tail, fields)
     if isinstance(error, BadDocument):
         return Outcome(FAILED, f"bad input: {error}")
     log.exception("step_crashed")

@@ -47,7 +47,10 @@ PENDING, PREPARING, READY, REQUESTED, RUNNING = "pending", "preparing", "ready",
 SUCCEEDED, FAILED, CANCELLED, SKIPPED = "succeeded", "failed", "cancelled", "skipped"
 TERMINAL = (SUCCEEDED, FAILED, CANCELLED, SKIPPED)
 ACTIVE = (PENDING, PREPARING, READY, REQUESTED, RUNNING)
-BUILDIMAGE, DEPLOY = "buildimage", "deploy"
+BUILDIMAGE, DEPLOY, REDEPLOY = "buildimage", "deploy", "redeploy"
+# The module scripts Ghost runs on its host during deploy (and redeploy), which a deploy step may run instead.
+BUILD_PACK, AFTER_ALL_DEPLOY = "build_pack", "after_all_deploy"
+MODULE_SCRIPTS = (BUILD_PACK, AFTER_ALL_DEPLOY)
 
 STEPS, IMAGES, STATE, INSTANCES = "container_steps", "container_images", "buildpackd_state", "buildpackd_instances"
 NO_CHANGE_STREAMS = 40573  # "The $changeStream stage is only supported on replica sets"
@@ -71,9 +74,15 @@ def same_id(value: ObjectId) -> dict[str, list[ObjectId]]:
     return {"$in": [value]}
 
 
-def step_id(job_id: ObjectId | str, kind: str, module: str | None = None) -> str:
-    """Deterministic step id: `<job_id>:buildimage` or `<job_id>:deploy:<module>`."""
-    return f"{job_id}:{kind}:{module}" if module else f"{job_id}:{kind}"
+def step_id(job_id: ObjectId | str, kind: str, module: str | None = None, script: str = BUILD_PACK) -> str:
+    """Deterministic step id: `<job_id>:buildimage`, `<job_id>:deploy:<module>` (its build_pack), or
+    `<job_id>:deploy.<script>:<module>` for another module script (`after_all_deploy`).
+
+    The script sits before the module name, so no module name can make two steps share an id.
+    """
+    if not module:
+        return f"{job_id}:{kind}"
+    return f"{job_id}:{kind}:{module}" if script == BUILD_PACK else f"{job_id}:{kind}.{script}:{module}"
 
 
 # Retries a MongoDB call through outages: exponential backoff, ~2 minutes in all.
@@ -112,6 +121,8 @@ class Step:
     output_tail: str
     cancel_reason: str = ""
     image: str = ""  # alias a deploy step's container was made from
+    script: str = BUILD_PACK  # the module script a deploy step runs
+    timed_out: bool = False  # the command was killed at container.exec_timeout
 
     @property
     def terminal(self) -> bool:
@@ -143,6 +154,8 @@ class Step:
             output_tail=doc.get("output_tail", ""),
             cancel_reason=doc.get("cancel_reason", ""),
             image=doc.get("image", ""),
+            script=doc.get("script") or BUILD_PACK,
+            timed_out=bool(doc.get("timed_out")),
         )
 
 
@@ -255,6 +268,7 @@ class Store:
             "version": self.db.client.server_info().get("version", "unknown"),
             "replica_set": hello.get("setName"),
             "sharded": hello.get("msg") == "isdbgrid",
+            "max_wire_version": hello.get("maxWireVersion"),
         }
 
     def change_streams_supported(self) -> tuple[bool, str]:
@@ -359,11 +373,12 @@ class Store:
         app_id: ObjectId | None = None,
         state: str = PENDING,
         message: str = "",
+        script: str = BUILD_PACK,
     ) -> bool:
         """Insert the step record; False when it already exists (a replayed event is harmless)."""
         now = utcnow()
         doc = {
-            "_id": step_id(job_id, kind, module),
+            "_id": step_id(job_id, kind, module, script),
             "job_id": job_id,
             "app_id": app_id,
             "kind": kind,
@@ -376,6 +391,8 @@ class Store:
             "updated_at": now,
             "times": {"finished": now} if state in TERMINAL else {},
         }
+        if script != BUILD_PACK:
+            doc["script"] = script
         try:
             self.steps.insert_one(doc)
         except DuplicateKeyError:
@@ -395,6 +412,19 @@ class Store:
     def steps_in_states(self, states: tuple[str, ...]) -> list[Step]:
         cursor = self.steps.find({"state": {"$in": list(states)}}).sort("created_at", pymongo.ASCENDING)
         return [Step.from_doc(doc) for doc in cursor]
+
+    @retry_transient
+    def newest_app_build(self, app_id: ObjectId) -> Step | None:
+        """The app's newest buildimage step (a deploy reports when it failed)."""
+        query = {"app_id": same_id(app_id), "kind": BUILDIMAGE}
+        doc = self.steps.find_one(query, sort=[("created_at", pymongo.DESCENDING)])
+        return Step.from_doc(doc) if doc else None
+
+    @retry_transient
+    def app_build_in_flight(self, app_id: ObjectId) -> Step | None:
+        """The app's container build that has not finished yet (pending or running), if any."""
+        doc = self.steps.find_one({"app_id": same_id(app_id), "kind": BUILDIMAGE, "state": {"$in": list(ACTIVE)}})
+        return Step.from_doc(doc) if doc else None
 
     @retry_transient
     def recent_finished_steps(self, limit: int) -> list[Step]:
@@ -546,13 +576,16 @@ class Store:
         return cancelled
 
     @retry_transient
-    def request_step(self, job_id: ObjectId, module: str, host: str, app_id: ObjectId | None) -> Step:
-        """Ghost's side of the deploy handshake: ask for the buildpack to run now, on `host`.
+    def request_step(
+        self, job_id: ObjectId, module: str, host: str, app_id: ObjectId | None, script: str = BUILD_PACK
+    ) -> Step:
+        """Ghost's side of the deploy handshake: ask for the module's script to run now, on `host`.
 
-        Creates the record when the daemon has not yet; an already finished step
-        is returned as it is (the client then reports its outcome).
+        Creates the record when the daemon has not yet (always, for after_all_deploy:
+        nothing prepares it); an already finished step is returned as it is (the
+        client then reports its outcome).
         """
-        sid = step_id(job_id, DEPLOY, module)
+        sid = step_id(job_id, DEPLOY, module, script)
         waiting = {"_id": sid, "state": {"$in": [PENDING, PREPARING, READY]}}
         request = {
             "$set": {"state": REQUESTED, "requested_host": host},
@@ -561,7 +594,7 @@ class Store:
         # Usually the daemon made the record at job start: one round trip.
         doc = self.steps.find_one_and_update(waiting, request, return_document=ReturnDocument.AFTER)
         if doc is None:
-            self.create_step(job_id, DEPLOY, module, app_id=app_id)
+            self.create_step(job_id, DEPLOY, module, app_id=app_id, script=script)
             doc = self.steps.find_one_and_update(waiting, request, return_document=ReturnDocument.AFTER)
             doc = doc or self.steps.find_one({"_id": sid})
         return Step.from_doc(doc)
@@ -685,6 +718,12 @@ class Store:
             {"$set": {"info": dict(info)}, "$currentDate": {"seen_at": True}},
             upsert=True,
         )
+
+    @retry_transient
+    def live_instances_on(self, host: str, max_age: float) -> list[dict[str, Any]]:
+        """Instances on `host` whose heartbeat is younger than `max_age` seconds."""
+        since = utcnow() - timedelta(seconds=max_age)
+        return list(self.instances.find({"seen_at": {"$gte": since}, "info.host": host}))
 
     @retry_transient
     def remove_instance(self, instance_id: str) -> None:

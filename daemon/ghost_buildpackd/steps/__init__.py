@@ -20,7 +20,7 @@ from typing import Any
 from ..config import Config
 from ..joblog import JobLog, OutputCollector
 from ..lxd import TAG_APP, TAG_JOB, TAG_KIND, TAG_OWNER, TAG_STEP, ContainerSpec, ExecResult, Lxd, Mount, is_unavailable
-from ..store import Step, Store
+from ..store import BUILD_PACK, Step, Store
 
 LXD_OUTAGE_LIMIT = 600.0  # longest a step waits for LXD to come back before it fails
 SCRIPT_DIR = "/var/lib/ghost-buildpackd"  # where scripts are put inside containers
@@ -30,10 +30,11 @@ COMMAND_NOT_FOUND = "Command not found"  # how LXD reports an exec whose command
 class StepFailed(Exception):
     """The step cannot succeed; `message` says why in words a Ghost user can act on."""
 
-    def __init__(self, message: str, exit_code: int | None = None, output_tail: str = ""):
+    def __init__(self, message: str, exit_code: int | None = None, output_tail: str = "", timed_out: bool = False):
         self.message = message
         self.exit_code = exit_code
         self.output_tail = output_tail  # the end of the failed command's output
+        self.timed_out = timed_out  # killed at container.exec_timeout
         super().__init__(message)
 
 
@@ -86,12 +87,14 @@ class StepContext:
 
 
 def container_name(step: Step) -> str:
-    """An LXD-valid, unique name from the job id (never the AMI name): `gbp-<job>-b` or `gbp-<job>-d-<module>-<crc>`."""
+    """An LXD-valid, unique name from the job id (never the AMI name): `gbp-<job>-b`, or
+    `gbp-<job>-d-<module>-<crc>` for a build_pack and `gbp-<job>-a-<module>-<crc>` for an after_all_deploy."""
     if step.kind == "buildimage":
         return f"gbp-{step.job_id}-b"
     module = step.module or ""
     slug = re.sub(r"[^a-z0-9]+", "-", module.lower()).strip("-")[:20] or "m"
-    return f"gbp-{step.job_id}-d-{slug}-{zlib.crc32(module.encode()):08x}"[:63]
+    script = "d" if step.script == BUILD_PACK else "a"
+    return f"gbp-{step.job_id}-{script}-{slug}-{zlib.crc32(module.encode()):08x}"[:63]
 
 
 def step_tags(ctx: StepContext) -> dict[str, str]:
@@ -204,7 +207,7 @@ def run_command(
         elif not ctx.config.container.privileged and looks_unprivileged(collector.tail_text()):
             reason += UNPRIVILEGED_HINT
     ctx.log.error("command_failed", reason=reason, **fields)
-    raise StepFailed(reason, result.exit_code, collector.tail_text())
+    raise StepFailed(reason, result.exit_code, collector.tail_text(), timed_out=result.timed_out)
 
 
 def script_shell(ctx: StepContext, container: str) -> str:

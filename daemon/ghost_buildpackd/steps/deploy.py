@@ -1,4 +1,5 @@
-"""The deploy step: a module's buildpack in a container made from the app's last built image.
+"""The deploy step: a module's script (`build_pack`, or `after_all_deploy` in deploy and redeploy)
+in a container made from the app's last built image.
 
 Two phases, driven by the runner:
 - `prepare` (job `started`): check the image, launch the container early so its
@@ -25,7 +26,7 @@ from ..ghost import App, BadDocument, Module, ModuleScript, parse_app, parse_job
 from ..joblog import OutputCollector
 from ..logs import Secrets
 from ..lxd import Mount
-from ..store import DEPLOY, READY, SKIPPED, SUCCEEDED
+from ..store import BUILD_PACK, DEPLOY, FAILED, READY, REDEPLOY, SKIPPED, SUCCEEDED
 from . import (
     SCRIPT_DIR,
     Outcome,
@@ -41,7 +42,6 @@ from . import (
     script_shell,
 )
 
-BUILD_PACK = "build_pack"  # the module script this step runs (Ghost's script name)
 MOUNT_DEVICE = "ghost-module"  # the LXD disk device holding the working copy
 # Container settings that decide who owns what the buildpack writes.
 OWNERSHIP_KEYS = ("raw.idmap", "security.privileged")
@@ -50,10 +50,13 @@ OWNERSHIP_KEYS = ("raw.idmap", "security.privileged")
 def prepare(ctx: StepContext) -> Outcome:
     """Check the app's image and launch the container from it, before Ghost has cloned the module."""
     app, module = load_app_module(ctx)
-    if not module.has_build_pack:
-        return Outcome(SKIPPED, message=f"module {module.name} has no build_pack")
-    module.check_stored_script(BUILD_PACK)  # refused now rather than after a container was launched
+    if not module.has_script(ctx.step.script):
+        return Outcome(SKIPPED, message=f"module {module.name} has no {ctx.step.script}")
+    module.check_stored_script(ctx.step.script)  # refused now rather than after a container was launched
+    if ctx.store.app_build_in_flight(app.id) is not None:  # the run waits for its image: a container now is stale
+        return Outcome(READY, message="no container prepared: a container build of the app is in flight")
     image = image_fingerprint(ctx, app)
+    announce_image(ctx, app)
     ctx.save(image=app.container_image)  # retention keeps an image a step uses
     check_abort(ctx, "launching the container")
     owner = prepared_owner(ctx, app, module)
@@ -75,14 +78,14 @@ def prepare(ctx: StepContext) -> Outcome:
 
 
 def run(ctx: StepContext) -> Outcome:
-    """Run the module's buildpack on its working copy; the container is removed in every outcome."""
+    """Run the module's script on its working copy; the container is removed in every outcome."""
     name = container_name(ctx.step)
     try:
         app, module = load_app_module(ctx)
-        if not module.has_build_pack:
-            return Outcome(SKIPPED, message=f"module {module.name} has no build_pack")
+        if not module.has_script(ctx.step.script):
+            return Outcome(SKIPPED, message=f"module {module.name} has no {ctx.step.script}")
         working_copy = app.working_copy(ctx.config.ghost.root, module)
-        script = module.script(working_copy, BUILD_PACK)
+        script = module.script(working_copy, ctx.step.script)
         owner = path_owner(working_copy)
         with Secrets.registered(app.secret_values):
             name = usable_container(ctx, app, owner)
@@ -90,8 +93,8 @@ def run(ctx: StepContext) -> Outcome:
     finally:
         clean_up_container(ctx, name, after_outcome=True)  # also a prepared one, when the input was refused
     remove_committed_script(ctx, working_copy, script)  # nothing in the container can touch the copy now
-    message = f"buildpack of module {module.name} succeeded"
-    ctx.say("deploy_buildpack_succeeded", message, module=module.name)
+    message = f"{script_label(ctx, module)} succeeded"
+    ctx.say("deploy_buildpack_succeeded", message, module=module.name, script=ctx.step.script)
     return Outcome(SUCCEEDED, message=message, exit_code=0, output_tail=collector.tail_text())
 
 
@@ -107,10 +110,44 @@ def load_app_module(ctx: StepContext) -> tuple[App, Module]:
     if job_doc is None:
         raise StepFailed(f"job {step.job_id} does not exist")
     job = parse_job(job_doc)
-    if job.command != "deploy":
-        raise BadDocument("job.command", f"expected deploy, got {job.command!r}")
+    commands = (DEPLOY,) if step.script == BUILD_PACK else (DEPLOY, REDEPLOY)
+    if job.command not in commands:
+        raise BadDocument("job.command", f"expected {' or '.join(commands)} for {step.script}, got {job.command!r}")
     app = parse_app(ctx.store.get_app(job.app_id), job.app_id)
+    if not app.source_container_image:
+        raise StepFailed(
+            "refused: app.build_infos.source_container_image is not set, so container steps are off for this app "
+            f"and Ghost runs its {step.script} on its own host (an unpatched Ghost, or the app was switched to "
+            '"Don\'t use containers" after the job started)'
+        )
     return app, app.module(step.module)
+
+
+def script_word(ctx: StepContext) -> str:
+    """What the step runs, in messages and file names: `buildpack` or `after_all_deploy`."""
+    return "buildpack" if ctx.step.script == BUILD_PACK else ctx.step.script
+
+
+def script_label(ctx: StepContext, module: Module) -> str:
+    """`buildpack of module api` or `after_all_deploy of module api`, for messages."""
+    return f"{script_word(ctx)} of module {module.name}"
+
+
+# --- which image -------------------------------------------------------------------
+
+
+def announce_image(ctx: StepContext, app: App) -> None:
+    """When the app's newest container build failed, say in Ghost's job log which older image runs and why."""
+    failed = ctx.store.newest_app_build(app.id)
+    if failed is None or failed.state != FAILED or str(failed.job_id) == app.container_image:
+        return
+    ctx.say(
+        "deploy_uses_older_image",
+        f"the app's last container build (buildimage job {failed.job_id}) failed: {failed.message}; "
+        f"this deploy uses the older image {app.container_image} (the app's build_infos.container_image)",
+        failed_build=str(failed.job_id),
+        image=app.container_image,
+    )
 
 
 def image_fingerprint(ctx: StepContext, app: App) -> str:
@@ -173,6 +210,14 @@ def usable_container(ctx: StepContext, app: App, owner: tuple[int, int]) -> str:
         ctx.log.warning(
             "deploy_container_recreated", container=name, status=current.status, devices=sorted(current.devices)
         )
+    elif ctx.step.image != app.container_image:
+        ctx.say(
+            "deploy_container_recreated_for_new_image",
+            f"the app's container image is now {app.container_image} (the container was prepared from "
+            f"{ctx.step.image or 'an older one'}): starting a new container",
+            container=name,
+            image=app.container_image,
+        )
     elif all(current.config.get(key) == wanted.get(key) for key in OWNERSHIP_KEYS):
         ctx.log.info("deploy_container_reused", container=name)
         return name
@@ -184,6 +229,9 @@ def usable_container(ctx: StepContext, app: App, owner: tuple[int, int]) -> str:
             owner=describe_ids(*owner),
         )
     spec = container_spec(ctx, image_fingerprint(ctx, app), idmap=owner)
+    ctx.save(image=app.container_image)  # retention keeps an image a step uses
+    if current is None:  # nothing prepared (a build was in flight at job start, or no preparation for this script)
+        announce_image(ctx, app)
     check_abort(ctx, "launching the container")
     return launch(ctx, spec)  # launch deletes a stale container of the same name first
 
@@ -200,17 +248,19 @@ def run_build_pack(
     """Mount, push, run with bash (or sh) in the module directory; privileged mode then hands files back."""
     check_abort(ctx, "mounting the working copy")
     ctx.lxd.add_mount(name, MOUNT_DEVICE, Mount(working_copy, module.path))
-    path = f"{SCRIPT_DIR}/buildpack-{module.name}.sh"  # outside the module: the working copy stays as cloned
+    # Outside the module: the working copy stays as cloned.
+    path = f"{SCRIPT_DIR}/{script_word(ctx)}-{module.name}.sh"
     ctx.lxd.push_file(name, path, script.content, mode=0o644)
-    check_abort(ctx, "running the buildpack")
+    check_abort(ctx, f"running the {ctx.step.script}")
     shell = script_shell(ctx, name)
     ctx.say(
         "deploy_buildpack_starting",
-        f"module {module.name}: running its buildpack ({script.source}) with {shell} in {module.path} "
+        f"module {module.name}: running its {ctx.step.script} ({script.source}) with {shell} in {module.path} "
         f"(container {name})",
         module=module.name,
         path=module.path,
         working_copy=str(working_copy),
+        script=ctx.step.script,
         source=script.source,
         shell=shell,
     )
@@ -222,7 +272,7 @@ def run_build_pack(
             "module scripts",
             keys=dropped,
         )
-    label = f"buildpack of module {module.name}"
+    label = script_label(ctx, module)
     try:
         collector = run_command(ctx, name, [shell, path], app.module_env(module), label, cwd=module.path)
     except StepFailed:

@@ -1,0 +1,97 @@
+"""`ghost-buildpackd buildpack JOB_ID MODULE`: what Ghost's worker runs for a module script.
+
+Ghost 19.08 (Python 2.7) runs it through its `gcall`, whose stdout and stderr go
+straight into the job's log. So it prints exactly one outcome line; the script's
+own output reaches the job log once, written there by the daemon as it runs.
+The exit code says what happened (EXIT_CODES); `gcall` fails the job on any
+code but 0.
+"""
+
+from __future__ import annotations
+
+from typing import TextIO
+
+from pymongo.errors import PyMongoError
+
+from .client import ABANDONED, NO_DAEMON, BuildpackResult, run_buildpack
+from .config import Config
+from .status import heartbeat_max_age
+from .store import CANCELLED, FAILED, SKIPPED, SUCCEEDED, Store, redacted_uri, short_error
+
+EXIT_OK = 0  # the script succeeded, or there was nothing to run
+EXIT_USAGE = 2  # bad arguments or configuration: nothing was asked
+EXIT_REFUSED = 65  # the daemon refused (bad input, containers off for the app, no image) or could not run it
+EXIT_CANCELLED = 66  # the job ended, or the request was cancelled, before the script finished
+EXIT_TIMED_OUT = 67  # --timeout ran out (the request is cancelled), or container.exec_timeout killed the script
+EXIT_NO_DAEMON = 69  # no live daemon on this host (heartbeat), or MongoDB unreachable: nothing ran
+# Any other non-zero code is the script's own exit code.
+
+EXIT_CODES = {
+    EXIT_OK: "succeeded, or nothing to run",
+    EXIT_USAGE: "bad arguments or configuration",
+    EXIT_REFUSED: "refused, or could not run",
+    EXIT_CANCELLED: "cancelled",
+    EXIT_TIMED_OUT: "timed out",
+    EXIT_NO_DAEMON: "no live daemon on this host",
+}
+
+
+def exit_code_for(result: BuildpackResult) -> int:
+    """The command's exit code for an outcome."""
+    if result.state in (SUCCEEDED, SKIPPED):
+        return EXIT_OK
+    if result.state == FAILED:
+        if result.timed_out:
+            return EXIT_TIMED_OUT
+        if result.exit_code:  # the script ran and failed: its own code
+            return result.exit_code
+        return EXIT_REFUSED
+    if result.state == CANCELLED:
+        return EXIT_CANCELLED
+    if result.state == ABANDONED:
+        return EXIT_TIMED_OUT
+    if result.state == NO_DAEMON:
+        return EXIT_NO_DAEMON
+    return EXIT_REFUSED
+
+
+def outcome_line(script: str, module: str, result: BuildpackResult, code: int) -> str:
+    """The one line Ghost's job log gets from this command."""
+    what = f"ghost-buildpackd: {script} of module {module}"
+    if result.state == SKIPPED:
+        return f"{what}: nothing to run ({result.message}), exit {code}"
+    if code == EXIT_OK:
+        return f"{what}: succeeded in a container, exit {code}"
+    kind = "script failed" if result.state == FAILED and code == result.exit_code else EXIT_CODES[code]
+    return f"{what}: {kind}: {result.message}, exit {code}"
+
+
+def buildpack_command(config: Config, job_id: str, module: str, script: str, timeout: float | None, out: TextIO) -> int:
+    """Ask this host's daemon to run the script, wait, print one line, return the exit code."""
+    store = Store.from_uri(config.mongodb.uri, config.mongodb.database, config.mongodb.timeout)
+    try:
+        store.ping()  # bounded by mongodb.timeout, where the calls below would retry through an outage
+        result = run_buildpack(
+            store.db,
+            job_id,
+            module,
+            timeout=timeout or config.buildpack.timeout,
+            host=config.host_name,
+            poll_interval=min(2.0, config.events.poll_interval),
+            script=script,
+            daemon_max_age=heartbeat_max_age(config),
+            build_wait=config.buildpack.build_wait,
+            job_log_dir=config.ghost.log_dir,
+        )
+    except ValueError as error:
+        out.write(f"ghost-buildpackd: {script} of module {module}: bad arguments: {error}, exit {EXIT_USAGE}\n")
+        return EXIT_USAGE
+    except PyMongoError as error:
+        reason = f"cannot reach MongoDB at {redacted_uri(config.mongodb.uri)}: {short_error(error)}"
+        out.write(f"ghost-buildpackd: {script} of module {module}: {reason}, exit {EXIT_NO_DAEMON}\n")
+        return EXIT_NO_DAEMON
+    finally:
+        store.db.client.close()
+    code = exit_code_for(result)
+    out.write(outcome_line(script, module, result, code) + "\n")
+    return code
