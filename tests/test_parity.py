@@ -339,6 +339,8 @@ def test_a_committed_script_is_preferred_and_the_stored_one_then_not_decoded(tmp
     with pytest.raises(BadDocument, match=r"app.modules\[0\].build_pack: not valid base64 \(incorrect padding\)"):
         choose_module_script(tmp_path, "build_pack", "YWJjZA", "app.modules[0].build_pack")
     assert choose_module_script(tmp_path, "after_all_deploy", b64("echo after")).content == b"echo after"
+    (tmp_path / "after_all_deploy").write_text("echo committed after\n")  # the same rule for after_all_deploy
+    assert choose_module_script(tmp_path, "after_all_deploy", b64("echo after")).content == b"echo committed after\n"
 
 
 def test_a_committed_script_outside_the_working_copy_is_refused(tmp_path):
