@@ -159,7 +159,7 @@ CASES: dict[str, Case] = {
         app={"lifecycle_hooks": {"post_buildimage": base64.b64encode(b"echo \xff\xfe").decode()}},
     ),
     "build_pack not base64": Case(
-        "deploy", ("app.modules[0].build_pack", "not valid base64"), app={"modules": _api(build_pack="%%%")}
+        "deploy", ("app.modules[0].build_pack", "not valid base64"), app={"modules": _api(build_pack="%%%YWJjZA")}
     ),
     # path traversal in every field that becomes a path
     "app name ..": Case("buildimage", ("app.name", SEGMENT), app={"name": ".."}),

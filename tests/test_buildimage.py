@@ -344,12 +344,12 @@ def test_invalid_base64_hook_fails_before_any_container(config: Config, store: S
 def test_missing_provisioner_tree_fails_before_any_container(
     config: Config, store: Store, lxd: Lxd, db: Database, ghost_dirs: dict[str, Path]
 ) -> None:
-    app_id = make_app(db, features=[{"name": "web", "provisioner": "ansible"}])
+    app_id = make_app(db, features=[{"name": "web", "provisioner": "salt"}])  # salt: Ghost's default provisioner
     job_id = buildimage_job(db, app_id)
 
     ctx, error = fail(config, store, lxd, job_id)
 
-    assert str(ghost_dirs["provisioner_tree"] / f"ansible-{job_id}") in error.message and "ansible" in error.message
+    assert str(ghost_dirs["provisioner_tree"] / f"salt-{job_id}") in error.message and "salt" in error.message
     assert store.get_step(ctx.step.id).container is None
     assert_nothing_published(lxd, store, db, job_id)
 

@@ -129,6 +129,8 @@ def test_example_config_is_valid_and_documents_every_key():
         "ready_timeout",
         "prepared_max_age",
         "disk",
+        "venv",
+        "salt_bootstrap",
         "mode",
         "poll_interval",
         "debug",

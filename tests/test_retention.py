@@ -401,12 +401,12 @@ def ec2_client(region: str = "eu-west-1") -> Any:
     )
 
 
-def stubbed_ec2(setup: Callable[[Stubber], None], region: str = "eu-west-1") -> Callable[[str], Any]:
+def stubbed_ec2(setup: Callable[[Stubber], None], region: str = "eu-west-1") -> Callable[[str, Any], Any]:
     client = ec2_client(region)
     stub = Stubber(client)
     setup(stub)
     stub.activate()
-    return lambda asked: client if asked == region else pytest.fail(f"unexpected region {asked}")
+    return lambda asked, credentials: client if asked == region else pytest.fail(f"unexpected region {asked}")
 
 
 def record(alias: str, ami: str, region: str = "eu-west-1") -> ImageRecord:
@@ -481,7 +481,8 @@ def test_ec2_inventory_asks_each_region_in_batches_of_100():
             "describe_images", described(*((a, "available") for a in west[100:])), {"ImageIds": west[100:]}
         )
         east_stub.add_response("describe_images", described(), {"ImageIds": east})
-        inventory = Ec2Inventory({"eu-west-1": west_client, "us-east-1": east_client}.__getitem__)
+        clients = {"eu-west-1": west_client, "us-east-1": east_client}
+        inventory = Ec2Inventory(lambda region, credentials: clients[region])
         verdicts = inventory.verdicts([record(a, a) for a in west] + [record(a, a, "us-east-1") for a in east])
         west_stub.assert_no_pending_responses()
         east_stub.assert_no_pending_responses()

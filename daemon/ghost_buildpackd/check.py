@@ -22,8 +22,8 @@ import pymongo
 from .config import PUBLISH_COMPRESSORS, Config
 from .lxd import ContainerSpec, ImageInfo, Lxd
 from .retention import JOB_ALIAS
-from .steps import idmap_user_ids
-from .store import Store, redacted_uri, short_error
+from .steps import UNPRIVILEGED_HINT, idmap_user_ids
+from .store import FAILED, Store, redacted_uri, short_error
 
 SUBUID, SUBGID = Path("/etc/subuid"), Path("/etc/subgid")
 GHOST_COLLECTIONS = ("jobs", "apps")
@@ -71,11 +71,13 @@ def run_checks(config: Config, out: TextIO) -> int:
     store = mongo_checks(config, report)
     lxd_checks(config, store, report)
     if store is not None:
+        report(unprivileged_failures_check(config, store))
         store.db.client.close()
     report(idmap_check(config))
     for name, path in (("ghost.root", config.ghost.root), ("ghost.log_dir", config.ghost.log_dir)):
         report(writable_dir_check(name, path))
     report(compressor_check(config))
+    report(venv_check(config))
     failed = sum(not result.ok for result in results)
     warned = sum(result.warning for result in results)
     out.write(f"\n{len(results) - failed - warned} OK, {warned} WARN, {failed} FAIL\n")
@@ -267,6 +269,46 @@ def storage_cost_check(config: Config, lxd: Lxd) -> CheckResult:
         "lxd storage pool",
         f"{pool}: {driver}, every container unpacks the whole image (btrfs/zfs make it a snapshot; "
         "container.max_prepared bounds the containers launched ahead)",
+    )
+
+
+def venv_check(config: Config) -> CheckResult:
+    """Ghost's virtualenv, where ansible runs from, when Ghost's features_provisioners lists ansible."""
+    venv = config.ghost.venv
+    if "ansible" not in config.ghost_settings.features_provisioners:
+        return ok("ghost.venv", "not needed: Ghost's features_provisioners does not list ansible")
+    playbook = venv / "bin" / "ansible-playbook"
+    if not playbook.is_file():
+        return fail(
+            "ghost.venv",
+            f"{playbook} does not exist: every build would fail at the ansible features install",
+            "set ghost.venv to Ghost's virtualenv (python -c 'import sys; print(sys.exec_prefix)' "
+            "with the python of Ghost's worker)",
+        )
+    return ok("ghost.venv", f"{playbook} exists")
+
+
+RECENT_STEPS = 50  # finished steps read for failures an unprivileged container caused
+
+
+def unprivileged_failures_check(config: Config, store: Store) -> CheckResult:
+    """Recent steps that failed on an operation an unprivileged container refuses (see steps.looks_unprivileged)."""
+    name = "container.privileged"
+    if config.container.privileged:
+        return ok(name, "true: containers are privileged")
+    try:
+        steps = store.recent_finished_steps(RECENT_STEPS)
+    except Exception as error:
+        return fail(name, f"cannot read recent steps: {short_error(error)}", "fix the mongodb check first")
+    failed = [step for step in steps if step.state == FAILED and UNPRIVILEGED_HINT in step.message]
+    if not failed:
+        return ok(name, f"false; none of the last {len(steps)} finished steps failed for being unprivileged")
+    return fail(
+        name,
+        f"{len(failed)} of the last {len(steps)} finished steps failed on an operation unprivileged containers "
+        f"refuse: {', '.join(step.id for step in failed[:3])}",
+        "make the hook, feature or buildpack work without it, or set container.privileged: true "
+        "(Ghost's own default; containers then run as root on this host)",
     )
 
 

@@ -97,6 +97,12 @@ def parse_str_list(value: Any) -> tuple[str, ...]:
     return tuple(value)
 
 
+def parse_command_list(value: Any) -> tuple[tuple[str, ...], ...]:
+    if not isinstance(value, list) or not all(isinstance(item, list) for item in value):
+        raise _Invalid(f"expected a list of commands (each a list of strings), got {value!r}")
+    return tuple(parse_str_list(item) for item in value)
+
+
 def parse_absolute_path(value: Any) -> Path:
     text = parse_str(value)
     if not text.startswith("/"):
@@ -225,12 +231,28 @@ class LxdConfig:
         return not self.endpoint.startswith("https://")
 
 
+# Host directories that hold a system's own programs: mounting one over the container's replaces the image's.
+SYSTEM_PREFIXES = ("/", "/usr", "/usr/local", "/bin", "/lib", "/etc", "/var", "/opt", "/sbin")
+
+
+def parse_venv(value: Any) -> Path:
+    path = parse_absolute_path(value)
+    if str(path).rstrip("/") in SYSTEM_PREFIXES or str(path) == "/":
+        raise _Invalid(
+            f"{path} is a system directory; it is mounted at the same path in build containers and would hide "
+            "the image's own (give Ghost's virtualenv, e.g. /usr/local/share/ghost/venv)"
+        )
+    return path
+
+
 @dataclasses.dataclass(frozen=True)
 class GhostPaths:
     root: Path = field(Path("/ghost"), parse_absolute_path)
     log_dir: Path = field(Path("/var/log/ghost"), parse_absolute_path)
     provisioner_tree: Path = field(Path("/tmp/ghost-features-provisioner"), parse_absolute_path)
     config: Path | None = field(None, optional(parse_absolute_path))
+    # Ghost's virtualenv (its worker's sys.exec_prefix): mounted at the same path when ansible runs.
+    venv: Path = field(Path("/usr/local/share/ghost/venv"), parse_venv)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -250,8 +272,16 @@ class LimitsConfig:
     processes: int | None = field(2000, optional(positive_int()))
 
 
+# Placeholders of provisioner_commands, replaced in each argument when a build runs.
+PLACEHOLDER_LOG_LEVEL = "{log_level}"  # Ghost's provisioner_log_level
+PLACEHOLDER_ANSIBLE_VERBOSITY = "{ansible_verbosity}"  # its ansible flag (-v...); the argument goes when empty
+PLACEHOLDER_VENV = "{venv}"  # ghost.venv
+
+
 @dataclasses.dataclass(frozen=True)
 class ProvisionerCommands:
+    """The commands Ghost's image builder runs in the container, as it runs them."""
+
     salt: tuple[str, ...] = field(
         (
             "salt-call",
@@ -260,13 +290,25 @@ class ProvisionerCommands:
             "--pillar-root=/srv/salt/pillar",
             "--local",
             "-l",
-            "info",
+            PLACEHOLDER_LOG_LEVEL,
         ),
         parse_str_list,
     )
     ansible: tuple[str, ...] = field(
-        ("ansible-playbook", "-i", "localhost,", "--connection=local", "/srv/ansible/main.yml"),
+        (
+            f"{PLACEHOLDER_VENV}/bin/ansible-playbook",
+            "-i",
+            "localhost,",
+            "--connection=local",
+            "/srv/ansible/main.yml",
+            PLACEHOLDER_ANSIBLE_VERBOSITY,
+        ),
         parse_str_list,
+    )
+    # Before the pre hook, unless the job's options[0] is true (Ghost's "skip salt bootstrap"): commands run in turn.
+    salt_bootstrap: tuple[tuple[str, ...], ...] = field(
+        (("wget", "-O", "bootstrap-salt.sh", "https://bootstrap.saltstack.com"), ("sh", "bootstrap-salt.sh")),
+        parse_command_list,
     )
 
 

@@ -354,8 +354,35 @@ class _Prefetched:
         self.stream.close()
 
 
+def clamp_to_clock(updated: Any, now: datetime) -> datetime | None:
+    """A job's `_updated` as a high-water candidate, never later than `now` (MongoDB's clock when the
+    query started, as the store estimates it). Ghost's cancel (`run.py`) writes `_updated` in local
+    time: on a host ahead of UTC that is hours in the future, and a mark there would skip every job
+    changed until then."""
+    if not isinstance(updated, datetime):
+        return None
+    if updated.tzinfo is None:
+        now = now.replace(tzinfo=None)
+    return min(updated, now)
+
+
 class PollSource(Source):
     name = "poll"
+    _future_jobs: set[Any] | None = None
+
+    def _warn_future(self, doc: Mapping[str, Any]) -> None:
+        """Once per job: its `_updated` is ahead of this host's clock (re-read each poll until it is not)."""
+        if self._future_jobs is None:
+            self._future_jobs = set()
+        if doc.get("_id") in self._future_jobs:
+            return
+        self._future_jobs.add(doc.get("_id"))
+        log.warning(
+            "job_updated_in_the_future",
+            job_id=str(doc.get("_id")),
+            updated=str(doc.get("_updated")),
+            consequence="the high-water mark stays at MongoDB's clock (Ghost's cancel writes local time)",
+        )
 
     def run_once(self) -> None:
         checkpoint = self.store.load_checkpoint()
@@ -369,11 +396,14 @@ class PollSource(Source):
                 if first and high_water is None
                 else (high_water or started) - timedelta(seconds=self.config.events.overlap)
             )
+            clock = self.store.server_now()  # no mark past the server's clock (see clamp_to_clock)
 
-            def handled(doc: Mapping[str, Any]) -> None:
+            def handled(doc: Mapping[str, Any], clock: datetime = clock) -> None:
                 nonlocal high_water
-                updated = doc.get("_updated")
-                if isinstance(updated, datetime) and (high_water is None or updated > high_water):
+                updated = clamp_to_clock(doc.get("_updated"), clock)
+                if updated is not None and updated != doc.get("_updated"):
+                    self._warn_future(doc)
+                if updated is not None and (high_water is None or updated > high_water):
                     high_water = updated
                     self.seen(updated)
 

@@ -8,7 +8,6 @@ belongs to can fail with a message a person can act on.
 from __future__ import annotations
 
 import base64
-import binascii
 import dataclasses
 import re
 from collections.abc import Mapping
@@ -52,21 +51,90 @@ def parse_object_id(value: Any, field: str) -> ObjectId:
 
 
 def decode_script(value: Any, field: str) -> str:
-    """Ghost stores scripts as base64 of UTF-8; missing or empty means no script."""
+    """Ghost stores scripts as base64 of UTF-8; missing or empty means no script.
+
+    Decoded as Ghost's `b64decode_utf8` decodes (`ghost_b64decode`), so a script
+    Ghost runs is never refused here.
+    """
     if value is None or value == "":
         return ""
     if not isinstance(value, str):
         raise BadDocument(field, f"expected a base64 string, got {type(value).__name__}")
-    if len(value) > MAX_SCRIPT_BYTES * 4 // 3 + 4:
+    if len(value) > MAX_SCRIPT_BYTES * 2:  # room for line breaks and other characters the decoder skips
         raise BadDocument(field, f"script is larger than {MAX_SCRIPT_BYTES} bytes")
     try:
-        raw = base64.b64decode(value, validate=True)
-    except (binascii.Error, ValueError):
-        raise BadDocument(field, "not valid base64") from None
+        raw = ghost_b64decode(value)
+    except ValueError as error:
+        raise BadDocument(field, f"not valid base64 ({error})") from None
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError:
         raise BadDocument(field, "decoded script is not valid UTF-8") from None
+
+
+_NOT_BASE64 = re.compile(r"[^A-Za-z0-9+/=]")
+_B64_PAD = "="
+
+
+def ghost_b64decode(text: str) -> bytes:
+    """Python 2.7's lenient `base64.b64decode`, which Ghost's `b64decode_utf8` uses, rule for rule.
+
+    Characters outside the alphabet (line breaks from `base64`, spaces, anything
+    else) are skipped. A `=` ends the input only where it can pad a quantum: after
+    three characters of a quantum, or after two when the next character that is
+    not skipped is another `=`; any other `=` is skipped too. Input that ends
+    inside a quantum is "incorrect padding". Python 2 refuses non-ASCII text
+    before decoding. ValueError with the reason when Ghost's decoder raises.
+    """
+    if not text.isascii():
+        raise ValueError("contains non-ASCII characters")
+    runs = _NOT_BASE64.sub("", text).split(_B64_PAD)  # runs of the alphabet, a `=` between each two
+    kept, count, ended = [runs[0]], len(runs[0]), False
+    for index in range(1, len(runs)):
+        quad = count % 4  # where the `=` before runs[index] falls in its quantum
+        if quad == 3 or (quad == 2 and runs[index] == "" and index + 1 < len(runs)):
+            ended = True
+            break
+        kept.append(runs[index])
+        count += len(runs[index])
+    data = "".join(kept)
+    if ended:  # the bits of the unfinished quantum beyond its last whole byte are dropped, as padding does
+        data += _B64_PAD * (4 - len(data) % 4)
+    elif len(data) % 4:
+        raise ValueError("incorrect padding")
+    return base64.b64decode(data, validate=True)
+
+
+def choose_module_script(working_copy: Path, script_name: str, stored_b64: Any, field: str = "") -> ModuleScript:
+    """The script Ghost would run for a module: a file named `script_name` at the root of the clone
+    wins over the stored base64 script (Ghost's `execute_module_script_on_ghost`), which is then
+    not decoded at all.
+
+    BadDocument names `field` (default: the script name) when the stored script is unusable, or
+    the file when it cannot be used. A file that resolves outside the working copy (a symbolic link
+    in the repository) is refused: its content would leave the host for the container.
+    """
+    candidate = working_copy / script_name
+    if candidate.is_file():
+        where = f"working copy file {script_name}"
+        if working_copy.resolve() not in candidate.resolve().parents:
+            raise BadDocument(where, f"resolves to {candidate.resolve()}, outside the working copy")
+        try:
+            data = candidate.read_bytes()
+        except OSError as error:
+            raise BadDocument(where, f"cannot be read ({error.strerror})") from None
+        if len(data) > MAX_SCRIPT_BYTES:
+            raise BadDocument(where, f"larger than {MAX_SCRIPT_BYTES} bytes")
+        return ModuleScript(data, f"the file {script_name} at the root of the working copy", candidate)
+    script = decode_script(stored_b64, field or script_name)
+    return ModuleScript(script.encode("utf-8"), f"the module's stored {script_name}", None)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModuleScript:
+    content: bytes
+    source: str  # where it came from, for the job log
+    path: Path | None  # the file of the working copy it was read from, None for the stored script
 
 
 def _short(value: Any, limit: int = 60) -> str:
@@ -138,17 +206,37 @@ class Feature:
 class Module:
     name: str
     path: str
-    git_repo: str
-    build_pack: str  # decoded shell script, "" when the module has none
-    after_all_deploy: str = ""  # decoded, "" when the module has none
+    git_repo: str  # after Ghost's normalisation: `git_repo`, else `source.url`
+    where: str  # the module's place in the app document, e.g. app.modules[0]
+    raw: Mapping[str, Any] = dataclasses.field(repr=False, compare=False)
 
     @property
     def has_build_pack(self) -> bool:
-        return bool(self.build_pack.strip())
+        return self.has_script("build_pack")
 
-    def script(self, name: str) -> str:
-        """The decoded module script `name` (`build_pack` or `after_all_deploy`), "" when absent."""
-        return {"build_pack": self.build_pack, "after_all_deploy": self.after_all_deploy}[name]
+    def has_script(self, script_name: str) -> bool:
+        """Whether the module stores a non-empty `script_name` (a file of the clone can only replace one)."""
+        return bool(self.raw.get(script_name))
+
+    def check_stored_script(self, script_name: str) -> None:
+        """BadDocument when the stored script cannot be decoded (checked before the clone exists)."""
+        decode_script(self.raw.get(script_name), f"{self.where}.{script_name}")
+
+    def script(self, working_copy: Path, script_name: str) -> ModuleScript:
+        """The module script (`build_pack`, `after_all_deploy`) Ghost would run: see choose_module_script.
+        Stored scripts stay undecoded until then: a file of the clone may replace them."""
+        return choose_module_script(working_copy, script_name, self.raw.get(script_name), f"{self.where}.{script_name}")
+
+
+@dataclasses.dataclass(frozen=True)
+class AssumedRole:
+    account_id: str
+    role_name: str
+    region: str  # where STS is asked; "" for the caller's region
+
+    @property
+    def arn(self) -> str:
+        return f"arn:aws:iam::{self.account_id}:role/{self.role_name}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -181,26 +269,45 @@ class App:
     def secret_values(self) -> list[str]:
         return [value for _, value in self.env_vars if value]
 
-    def ghost_env(self) -> dict[str, str]:
-        """The environment Ghost gives hooks: GHOST_* then every env_vars entry."""
+    def hook_env(self) -> dict[str, str]:
+        """What Ghost's image builder gives hooks (`ImageBuilder._get_ghost_env_vars`): GHOST_APP,
+        GHOST_ENV, GHOST_ENV_COLOR (always, "" without a colour), GHOST_ROLE, then every env_vars entry."""
+        env = {"GHOST_APP": self.name, "GHOST_ENV": self.env, "GHOST_ENV_COLOR": self.color, "GHOST_ROLE": self.role}
+        env.update(dict(self.env_vars))
+        return env
+
+    def module_env(self, module: Module) -> dict[str, str]:
+        """What Ghost gives a module script (`get_ghost_env_variables(app, module)`): GHOST_APP, GHOST_ENV,
+        GHOST_ROLE, with a colour GHOST_ENV_COLOR and GHOST_ACTIVE_COLOR, the GHOST_MODULE_* three, then
+        every env_vars entry with its non-ASCII characters dropped (Ghost encodes them to ASCII, ignoring errors).
+        """
         env = {"GHOST_APP": self.name, "GHOST_ENV": self.env, "GHOST_ROLE": self.role}
         if self.color:
             inverted = {"blue": "green", "green": "blue"}
             env["GHOST_ENV_COLOR"] = self.color
             env["GHOST_ACTIVE_COLOR"] = self.color if self.is_online else inverted.get(self.color, self.color)
-        env.update(dict(self.env_vars))
-        return env
-
-    def module_env(self, module: Module) -> dict[str, str]:
-        """The environment of a module's buildpack."""
-        env = self.ghost_env()
         env.update(
             GHOST_MODULE_NAME=module.name,
             GHOST_MODULE_PATH=module.path,
             GHOST_MODULE_REPO=module.git_repo.strip(),
         )
-        env.update(dict(self.env_vars))  # the app's own variables win, as in Ghost
+        env.update({key: ascii_only(value) for key, value in self.env_vars})
         return env
+
+    @property
+    def non_ascii_env_keys(self) -> list[str]:
+        """env_vars whose value loses characters in a module script's environment (names only: values may be secret)."""
+        return [key for key, value in self.env_vars if not value.isascii()]
+
+    @property
+    def assumed_role(self) -> AssumedRole | None:
+        """The AWS role Ghost assumes for this app's AWS calls (`get_aws_connection_data`): only when
+        both `assumed_account_id` and `assumed_role_name` are set."""
+        account = _string(self.raw, "assumed_account_id", "app", required=False)
+        role = _string(self.raw, "assumed_role_name", "app", required=False)
+        if not account or not role:
+            return None
+        return AssumedRole(account, role, _string(self.raw, "assumed_region_name", "app", required=False))
 
     def hook(self, name: str) -> str:
         """Decoded `lifecycle_hooks.<name>` script ("" when absent or empty)."""
@@ -256,14 +363,28 @@ class App:
         return resolved
 
 
+def ascii_only(text: str) -> str:
+    """`text` without its non-ASCII characters, as Python 2's `encode('ascii', 'ignore')` gives it."""
+    return text.encode("ascii", "ignore").decode("ascii")
+
+
 def _parse_module(doc: Mapping[str, Any], where: str) -> Module:
     return Module(
         name=_segment(doc, "name", where),
         path=validate_module_path(doc.get("path"), f"{where}.path"),
-        git_repo=_string(doc, "git_repo", where, required=False),
-        build_pack=decode_script(doc.get("build_pack"), f"{where}.build_pack"),
-        after_all_deploy=decode_script(doc.get("after_all_deploy"), f"{where}.after_all_deploy"),
+        git_repo=_module_repo(doc, where),
+        where=where,
+        raw=doc,
     )
+
+
+def _module_repo(doc: Mapping[str, Any], where: str) -> str:
+    """Ghost's normalisation of a module (`ghost_data.py`): `git_repo`, else `source.url`."""
+    git_repo = _string(doc, "git_repo", where, required=False)
+    if git_repo:
+        return git_repo
+    source = _mapping(doc.get("source"), f"{where}.source")
+    return _string(source, "url", f"{where}.source", required=False)
 
 
 def _env_vars(value: Any) -> tuple[tuple[str, str], ...]:
@@ -315,6 +436,16 @@ def parse_app(doc: Mapping[str, Any] | None, app_id: Any = None) -> App:
     )
 
 
+# Ghost's `boolify`: the values it reads as true (a bool is itself).
+_GHOST_TRUE = ("TRUE", "True", "true", "1", 1, "Yes", "Y", "YES", "y")
+
+
+def ghost_boolify(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    return value in _GHOST_TRUE
+
+
 @dataclasses.dataclass(frozen=True)
 class Job:
     id: ObjectId
@@ -333,6 +464,15 @@ class Job:
         return self.command == "buildimage" and (
             self.status == "done" or (self.status == "failed" and self.message.startswith(ASG_UPDATE_FAILED))
         )
+
+    @property
+    def skips_salt_bootstrap(self) -> bool:
+        """Ghost's image builder: `options[0]`, read by `boolify`, says to skip salt's bootstrap; without
+        options it is skipped."""
+        options = self.raw.get("options")
+        if not isinstance(options, list | str) or not options:
+            return True
+        return ghost_boolify(options[0])
 
     @property
     def ami_id(self) -> str:

@@ -8,12 +8,19 @@ users see what ran in the container. Output is bounded: the first
 `output_head` bytes are written as they come, then only a tail of
 `output_tail` bytes is kept in memory and written when the command ends, so a
 command printing gigabytes costs neither disk nor daemon memory.
+
+Lines follow Ghost's own format (`ghost_log.py`): each message of the daemon
+starts with Ghost's timestamp prefix (`2026/11/30 01:36:15 GMT: `), which Ghost's
+UI turns into the heading of a group; a command's output follows its `$ command`
+line unprefixed, as Ghost's `gcall` writes output, so it is grouped under it.
+Every line also carries the step's marker (`[container buildimage]`).
 """
 
 from __future__ import annotations
 
 import collections
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +34,12 @@ RECENT_LINES = 40
 LONGEST_LINE = 64 << 10  # bytes of a line without newline before it is written anyway
 
 
+def ghost_timestamp() -> str:
+    """Ghost's prefix: the host's local time, labelled GMT as Ghost labels it (`datetime.now()` in
+    `ghost_log.log`), so the daemon's lines sort with Ghost's own on any host."""
+    return time.strftime("%Y/%m/%d %H:%M:%S GMT")
+
+
 class JobLog:
     """Appends marked lines to one Ghost job log; never fails the step it serves."""
 
@@ -37,13 +50,18 @@ class JobLog:
         self._lock = threading.Lock()
 
     def write(self, text: str) -> None:
-        self.write_lines([text])
+        """A message of the daemon: a heading in Ghost's UI (its first line carries Ghost's timestamp)."""
+        self._append(f"{ghost_timestamp()}: {self._marked([text])}")
 
     def write_lines(self, texts: list[str]) -> None:
-        """Append each text as marked lines, with one open of the file for all of them."""
-        if not texts:
-            return
-        lines = "".join(f"[{self.marker}] {line}\n" for text in texts for line in text.splitlines() or [""])
+        """Append command output as marked lines, with one open of the file for all of them."""
+        if texts:
+            self._append(self._marked(texts))
+
+    def _marked(self, texts: list[str]) -> str:
+        return "".join(f"[{self.marker}] {line}\n" for text in texts for line in text.splitlines() or [""])
+
+    def _append(self, lines: str) -> None:
         with self._lock:
             if self.problem:
                 return

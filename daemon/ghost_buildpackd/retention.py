@@ -8,10 +8,12 @@ When any fact cannot be gathered (MongoDB, LXD, the AMI inventory), the pass
 deletes nothing.
 
 Which AMIs are live comes from an inventory (`retention.inventory`):
-- `ghost` mirrors Ghost's own rule from its jobs: per app identity (the AMI name
-  prefix `ami.{env}.{region}.{role}.{name}[.{color}]`), the AMIs of the
-  `ami_retention` newest successful buildimage jobs are live;
-- `ec2` asks EC2 which recorded AMI ids still exist, per region.
+- `ghost` applies Ghost's intended rule from its jobs: per app identity (the AMI
+  name prefix `ami.{env}.{region}.{role}.{name}[.{color}]`), the AMIs of the
+  `ami_retention` newest builds are live. A build is a buildimage job that
+  recorded its AMI: `done`, or `failed` at the autoscaling group update after it;
+- `ec2` asks EC2 which recorded AMI ids still exist, per region, through each
+  app's assumed role when it has one (as Ghost's AWS calls do).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from typing import Any, Protocol, TextIO
 from bson import ObjectId
 
 from .config import Config
-from .ghost import BadDocument, Job, parse_app, parse_job, parse_object_id
+from .ghost import AssumedRole, BadDocument, parse_app, parse_job, parse_object_id
 from .logs import get_logger
 from .lxd import ImageInfo, Lxd
 from .status import table
@@ -37,6 +39,7 @@ from .store import ImageRecord, Store
 log = get_logger(__name__)
 
 EC2_BATCH = 100  # AMI ids per DescribeImages call
+STS_SESSION_NAME = "ghost-buildpackd-retention"
 JOB_ALIAS = re.compile(r"[0-9a-f]{24}")  # the aliases of images the daemon published are job ids
 
 # Actions in the report
@@ -94,7 +97,11 @@ class GhostInventory:
         return {record.alias: self._verdict(record, newest.get(record.app_identity, []), keep) for record in records}
 
     def _amis_by_identity(self, identities: set[str]) -> dict[str, list[str]]:
-        """Identity -> its AMI ids from successful buildimages, newest first."""
+        """Identity -> the AMI of each of its builds, newest first.
+
+        A failed build's message names no AMI: the image record of that job does;
+        without one, the build still takes its place among the newest.
+        """
         app_identity: dict[ObjectId, str] = {}
         for doc in self.store.all_apps():
             try:
@@ -105,26 +112,18 @@ class GhostInventory:
                 continue
             if app.identity in identities:
                 app_identity[app.id] = app.identity
+        recorded = {record.job_id: record.ami_id for record in self.store.image_records(state=None)}
         builds: dict[str, list[tuple[datetime, ObjectId, str]]] = {}
-        for doc in self.store.successful_buildimage_jobs(list(app_identity)):
+        for doc in self.store.ended_buildimage_jobs(list(app_identity)):
             try:
                 job = parse_job(doc)
             except BadDocument:
                 continue
-            ami_id = self._built_ami(job) if job.app_id in app_identity else ""
-            if ami_id:
-                builds.setdefault(app_identity[job.app_id], []).append((_job_time(job.updated, job.id), job.id, ami_id))
+            if not job.built_image or job.app_id not in app_identity:
+                continue
+            ami = job.ami_id or recorded.get(job.id) or f"(AMI of build {job.id})"
+            builds.setdefault(app_identity[job.app_id], []).append((_job_time(job.updated, job.id), job.id, ami))
         return {identity: _unique(ami for *_, ami in sorted(found, reverse=True)) for identity, found in builds.items()}
-
-    def _built_ami(self, job: Job) -> str:
-        """The AMI a buildimage job built: from `Build image OK: [ami-...]`, or, for a job that failed only at
-        the autoscaling group update (its message names no AMI), from the image built after it."""
-        if not job.built_image:
-            return ""
-        if job.ami_id:
-            return job.ami_id
-        record = self.store.get_image_record(str(job.id))
-        return record.ami_id if record is not None else ""
 
     @staticmethod
     def _verdict(record: ImageRecord, amis: list[str], keep: int) -> Verdict:
@@ -134,7 +133,7 @@ class GhostInventory:
             return Verdict(True, f"among the {keep} newest AMIs of {record.app_identity}")
         if record.ami_id in amis:
             return Verdict(False, f"not among the {keep} newest AMIs of {record.app_identity} (ami_retention)")
-        return Verdict(None, f"no successful buildimage job of {record.app_identity} produced {record.ami_id}")
+        return Verdict(None, f"no buildimage job of {record.app_identity} produced {record.ami_id}")
 
 
 def _job_time(updated: datetime | None, job_id: ObjectId) -> datetime:
@@ -152,52 +151,104 @@ _MALFORMED = "InvalidAMIID.Malformed"
 
 
 class Ec2Inventory:
-    """Asks EC2 which recorded AMI ids still exist (DescribeImages, per region)."""
+    """Asks EC2 which recorded AMI ids still exist (DescribeImages, per region and account).
 
-    def __init__(self, client_factory: Callable[[str], Any] | None = None):
+    An app with an assumed role (`assumed_account_id`, `assumed_role_name`,
+    `assumed_region_name`) has its AMIs in that account: they are asked for with
+    the role's credentials from STS AssumeRole, as Ghost makes its AWS calls.
+    """
+
+    def __init__(
+        self,
+        client_factory: Callable[[str, Mapping[str, str] | None], Any] | None = None,
+        store: Store | None = None,
+        sts_factory: Callable[[str], Any] | None = None,
+    ):
         self.client_factory = client_factory or _boto3_client
+        self.store = store
+        self.sts_factory = sts_factory or _boto3_sts_client
 
     def verdicts(self, records: list[ImageRecord]) -> dict[str, Verdict]:
-        by_region: dict[str, set[str]] = {}
+        roles = self._roles()
+        groups: dict[tuple[str, AssumedRole | None], set[str]] = {}
         result: dict[str, Verdict] = {}
         for record in records:
             region = _record_region(record)
             if not record.ami_id or not region:
                 result[record.alias] = Verdict(None, "the record has no AMI id or region")
             else:
-                by_region.setdefault(region, set()).add(record.ami_id)
-        states = {region: self._states(region, sorted(amis)) for region, amis in by_region.items()}
+                groups.setdefault((region, roles.get(record.app_id)), set()).add(record.ami_id)
+        states = {group: self._states(*group, sorted(amis)) for group, amis in groups.items()}
         for record in records:
             if record.alias not in result:
-                region = _record_region(record)
-                result[record.alias] = _ec2_verdict(region, states[region].get(record.ami_id, "absent"))
+                group = (_record_region(record), roles.get(record.app_id))
+                result[record.alias] = _ec2_verdict(_where(*group), states[group].get(record.ami_id, "absent"))
         return result
 
-    def _states(self, region: str, ami_ids: list[str]) -> dict[str, str]:
-        """AMI id -> EC2 state (`available`, `deregistered`, ..., `absent`, `malformed`)."""
+    def _roles(self) -> dict[ObjectId, AssumedRole]:
+        """App id -> its assumed role; apps without one use the daemon's own credentials."""
+        if self.store is None:
+            return {}
+        roles = {}
         try:
-            client = self.client_factory(region)
+            for doc in self.store.all_apps():
+                try:
+                    app = parse_app(doc)
+                    role = app.assumed_role
+                except BadDocument as error:  # its AMIs are asked for with the daemon's credentials
+                    log.warning("retention_app_skipped", app_id=str(doc.get("_id")), reason=str(error))
+                    continue
+                if role is not None:
+                    roles[app.id] = role
         except Exception as error:
-            raise InventoryUnavailable(f"EC2 client for {region}: {type(error).__name__}: {error}") from error
+            raise InventoryUnavailable(f"cannot read Ghost's apps: {type(error).__name__}: {error}") from error
+        return roles
+
+    def _states(self, region: str, role: AssumedRole | None, ami_ids: list[str]) -> dict[str, str]:
+        """AMI id -> EC2 state (`available`, `deregistered`, ..., `absent`, `malformed`)."""
+        where = _where(region, role)
+        try:
+            client = self.client_factory(region, self._credentials(region, role))
+        except InventoryUnavailable:
+            raise
+        except Exception as error:
+            raise InventoryUnavailable(f"EC2 client for {where}: {type(error).__name__}: {error}") from error
         states: dict[str, str] = {}
         for start in range(0, len(ami_ids), EC2_BATCH):
-            states.update(self._describe(client, region, ami_ids[start : start + EC2_BATCH]))
+            states.update(self._describe(client, where, ami_ids[start : start + EC2_BATCH]))
         return states
 
-    def _describe(self, client: Any, region: str, batch: list[str]) -> dict[str, str]:
+    def _credentials(self, region: str, role: AssumedRole | None) -> Mapping[str, str] | None:
+        """Temporary credentials of the app's role (STS AssumeRole), None for the daemon's own."""
+        if role is None:
+            return None
+        try:
+            answer = self.sts_factory(role.region or region).assume_role(
+                RoleArn=role.arn, RoleSessionName=STS_SESSION_NAME
+            )
+        except Exception as error:
+            raise InventoryUnavailable(f"STS AssumeRole {role.arn}: {type(error).__name__}: {error}") from error
+        credentials = answer["Credentials"]
+        return {
+            "aws_access_key_id": credentials["AccessKeyId"],
+            "aws_secret_access_key": credentials["SecretAccessKey"],
+            "aws_session_token": credentials["SessionToken"],
+        }
+
+    def _describe(self, client: Any, where: str, batch: list[str]) -> dict[str, str]:
         """One batch; when EC2 refuses an id it names none of, ask in halves down to single ids."""
         try:
             response = client.describe_images(ImageIds=batch)
         except Exception as error:
             code = _error_code(error)
             if code not in (*_GONE, _MALFORMED):
-                raise InventoryUnavailable(f"EC2 DescribeImages in {region}: {error}") from error
+                raise InventoryUnavailable(f"EC2 DescribeImages in {where}: {error}") from error
             if len(batch) == 1:
                 return {batch[0]: "malformed" if code == _MALFORMED else "absent"}
             middle = len(batch) // 2
             return {
-                **self._describe(client, region, batch[:middle]),
-                **self._describe(client, region, batch[middle:]),
+                **self._describe(client, where, batch[:middle]),
+                **self._describe(client, where, batch[middle:]),
             }
         states = {ami: "absent" for ami in batch}
         for image in response.get("Images", []):
@@ -205,7 +256,7 @@ class Ec2Inventory:
         return states
 
 
-def _boto3_client(region: str) -> Any:
+def _boto3() -> tuple[Any, Any]:
     try:
         import boto3
         from botocore.config import Config as BotoConfig
@@ -213,9 +264,23 @@ def _boto3_client(region: str) -> Any:
         raise InventoryUnavailable(
             "retention.inventory is ec2 but boto3 is not installed (pip install 'ghost-buildpackd[ec2]')"
         ) from error
-    # Credentials come from the environment (variables, instance profile): boto3's default chain.
     settings = BotoConfig(connect_timeout=10, read_timeout=30, retries={"max_attempts": 4, "mode": "standard"})
-    return boto3.client("ec2", region_name=region, config=settings)
+    return boto3, settings
+
+
+def _boto3_client(region: str, credentials: Mapping[str, str] | None) -> Any:
+    """EC2 in `region`: with `credentials` (an assumed role's), else boto3's default chain (the environment)."""
+    boto3, settings = _boto3()
+    return boto3.client("ec2", region_name=region, config=settings, **(credentials or {}))
+
+
+def _boto3_sts_client(region: str) -> Any:
+    boto3, settings = _boto3()
+    return boto3.client("sts", region_name=region, config=settings)
+
+
+def _where(region: str, role: AssumedRole | None) -> str:
+    return f"{region}, account {role.account_id}" if role else region
 
 
 def _error_code(error: Exception) -> str:
@@ -231,17 +296,17 @@ def _record_region(record: ImageRecord) -> str:
     return parts[2] if len(parts) >= 5 else ""
 
 
-def _ec2_verdict(region: str, state: str) -> Verdict:
+def _ec2_verdict(where: str, state: str) -> Verdict:
     if state == "malformed":
-        return Verdict(None, f"EC2 ({region}) calls the AMI id malformed")
+        return Verdict(None, f"EC2 ({where}) calls the AMI id malformed")
     if state in ("absent", "deregistered"):
-        return Verdict(False, f"AMI {state} in EC2 ({region})")
-    return Verdict(True, f"AMI {state} in EC2 ({region})")
+        return Verdict(False, f"AMI {state} in EC2 ({where})")
+    return Verdict(True, f"AMI {state} in EC2 ({where})")
 
 
 def make_inventory(config: Config, store: Store) -> Inventory:
     if config.retention.inventory == "ec2":
-        return Ec2Inventory()
+        return Ec2Inventory(store=store)
     return GhostInventory(config, store)
 
 

@@ -948,9 +948,9 @@ class Store:
         return used
 
     @retry_transient
-    def successful_buildimage_jobs(self, app_ids: list[ObjectId]) -> list[dict[str, Any]]:
+    def ended_buildimage_jobs(self, app_ids: list[ObjectId]) -> list[dict[str, Any]]:
         """Ghost's buildimage jobs of these apps that ended `done` or `failed` (the caller keeps those that
-        built their AMI: a failure at the autoscaling group update comes after it)."""
+        built their AMI: `ghost.Job.built_image`)."""
         query = {"command": BUILDIMAGE, "status": {"$in": ["done", "failed"]}, "app_id": {"$in": list(app_ids)}}
         return list(self.jobs.find(query))
 

@@ -40,6 +40,7 @@ from ..store import BUILD_PACK, Step, Store
 
 LXD_OUTAGE_LIMIT = 600.0  # longest a step waits for LXD to come back before it fails
 SCRIPT_DIR = "/var/lib/ghost-buildpackd"  # where scripts are put inside containers
+COMMAND_NOT_FOUND = "Command not found"  # how LXD reports an exec whose command exits 127
 
 
 class StepFailed(Exception):
@@ -241,14 +242,56 @@ def run_command(
         reason = f"{label}: `{command}` did not finish within {ctx.config.container.exec_timeout:g}s (killed)"
     elif result.aborted:
         reason = f"{label}: `{command}` was interrupted (step cancelled or taken over)"
+    elif result.exit_code is None and COMMAND_NOT_FOUND in result.error:
+        reason = f"{label}: `{argv[0]}` is not in the container's image (exit 127: command not found)"
     elif result.exit_code is None:
         reason = f"{label}: `{command}` was lost ({result.error or 'the container went away'})"
     else:
         reason = f"{label}: `{command}` exited with code {result.exit_code}"
         if result.exit_code == 137:  # 128 + SIGKILL: in a container, nearly always the out-of-memory killer
             reason += " (killed by SIGKILL: out of memory under container.limits.memory?)"
+        elif not ctx.config.container.privileged and looks_unprivileged(collector.tail_text()):
+            reason += UNPRIVILEGED_HINT
     ctx.log.error("command_failed", reason=reason, **fields)
     raise StepFailed(reason, result.exit_code, collector.tail_text(), timed_out=result.timed_out)
+
+
+def script_shell(ctx: StepContext, container: str) -> str:
+    """`bash` when the image has it, as Ghost runs module scripts (`bash script`); else `sh`, said in the job log."""
+    # Exit 1, not 127, when absent: LXD reports an exit code of 127 as an error ("Command not found").
+    argv = ["sh", "-c", "command -v bash >/dev/null 2>&1 || exit 1"]
+    probe = ctx.lxd.execute(container, argv, {}, lambda _chunk: None, ctx.config.lxd.timeout)
+    if probe.ok:
+        return "bash"
+    if probe.exit_code is None:  # the container went away: the script's own run reports it
+        raise StepFailed(f"looking for bash in container {container} failed ({probe.error or 'interrupted'})")
+    ctx.say(
+        "script_shell_fallback",
+        "the image has no bash: the script runs with sh (Ghost runs module scripts with bash; "
+        "bash-only syntax will fail here)",
+        shell="sh",
+    )
+    return "sh"
+
+
+# Unprivileged containers refuse what needs real root on the host: mounts, kernel settings, device nodes.
+UNPRIVILEGED_HINT = (
+    " (the container is unprivileged, and the output shows an operation only a privileged container may do: "
+    "make it unneeded, or set container.privileged: true, Ghost's own default)"
+)
+_REFUSALS = ("operation not permitted", "permission denied", "read-only file system")
+_PRIVILEGED_OPERATIONS = re.compile(
+    r"\b(mount|umount|sysctl|mknod|modprobe|insmod|swapon|iptables|setcap|unshare|apparmor_parser)\b|/proc/sys|/sys/",
+    re.IGNORECASE,
+)
+
+
+def looks_unprivileged(output_tail: str) -> bool:
+    """A failure typical of an unprivileged container: a line refusing a privileged operation."""
+    return any(
+        any(refusal in line.lower() for refusal in _REFUSALS) and _PRIVILEGED_OPERATIONS.search(line)
+        for line in output_tail.splitlines()
+    )
 
 
 def remove_container(ctx: StepContext, name: str | None) -> None:

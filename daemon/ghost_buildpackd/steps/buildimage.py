@@ -3,9 +3,13 @@
 From the app's base image (`build_infos.source_container_image`), a container
 runs Ghost's pre hook, the features install (salt or ansible, on the job's
 provisioner trees mounted read-only) and the post hook, then is published as
-the image aliased with the job id. The `container_images` record and
-`apps.build_infos.container_image` are written only once the image and its
-alias exist, so the app keeps its previous image when anything fails.
+the image aliased with the job id. Features are installed as Ghost's image
+builder installs them: every provisioner of Ghost's `features_provisioners`
+runs for every build (salt, then ansible), salt bootstrapped first unless the
+job's `options[0]` says to skip it, ansible from Ghost's virtualenv mounted at
+its own path, log levels from `provisioner_log_level`. The `container_images`
+record and `apps.build_infos.container_image` are written only once the image
+and its alias exist, so the app keeps its previous image when anything fails.
 
 Everything that can be refused (job, app, hooks, features, provisioner trees)
 is checked before a container is created. The container is removed in every
@@ -22,7 +26,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from ..ghost import App, BadDocument, Job, parse_app, parse_job
+from ..config import PLACEHOLDER_ANSIBLE_VERBOSITY, PLACEHOLDER_LOG_LEVEL, PLACEHOLDER_VENV, Config
+from ..ghost import PROVISIONERS, App, BadDocument, Job, parse_app, parse_job
 from ..logs import Secrets
 from ..lxd import IMAGE_PROP_CLAIM, IMAGE_PROP_JOB, ImageInfo, ImageNotFound, Mount
 from ..store import SUCCEEDED, ImageRecord, utcnow
@@ -42,6 +47,16 @@ from . import (
 
 HOOKS = ("pre_buildimage", "post_buildimage")
 PROVISIONER_MOUNT = "/srv/{provisioner}"  # where Ghost's commands expect each provisioner tree
+VENV_DEVICE = "ghost-venv"
+# Ghost's ANSIBLE_LOG_LEVEL_MAP: provisioner_log_level -> ansible-playbook's verbosity (none for error, warning).
+ANSIBLE_VERBOSITY = {
+    "info": "-v",
+    "profile": "-vv",
+    "debug": "-vvv",
+    "trace": "-vvvv",
+    "garbage": "-vvvv",
+    "all": "-vvvv",
+}
 
 T = TypeVar("T")
 
@@ -55,8 +70,10 @@ class BuildPlan:
     alias: str
     ami_id: str
     hooks: dict[str, str]  # hook name -> decoded script ("" runs nothing)
-    provisioners: list[str]  # provisioners the app's features use, in run order
-    mounts: dict[str, Mount]  # LXD device name -> provisioner tree
+    provisioners: list[str]  # provisioners to run, in Ghost's order
+    mounts: dict[str, Mount]  # LXD device name -> provisioner tree or Ghost's virtualenv
+    bootstrap_salt: bool
+    notes: list[str]  # what differs from the app's features, said in the job log
 
 
 def run(ctx: StepContext) -> Outcome:
@@ -92,13 +109,38 @@ def load_job_app(ctx: StepContext) -> tuple[Job, App]:
 
 
 def make_plan(ctx: StepContext, job: Job, app: App) -> BuildPlan:
-    """Decode hooks, list provisioners and find their trees; BadDocument/StepFailed when unusable."""
+    """Decode hooks, choose provisioners and find their trees; BadDocument/StepFailed when unusable."""
     hooks = {name: app.hook(name) for name in HOOKS}
-    provisioners = app.provisioners()
-    mounts = {}
-    for provisioner in provisioners:
+    configured = ctx.config.ghost_settings.features_provisioners
+    used = set(app.provisioners())
+    provisioners, mounts, notes = [], {}, []
+    for provisioner in PROVISIONERS:  # Ghost's image builder runs salt, then ansible
+        if provisioner not in configured:
+            if provisioner in used:
+                notes.append(
+                    f"the app's features use {provisioner}, which Ghost's features_provisioners does not list: "
+                    "not installed (Ghost runs only the provisioners its config.yml lists)"
+                )
+            continue
         tree = provisioner_tree(ctx, job, provisioner)
+        if not tree.is_dir():
+            if provisioner in used:
+                raise StepFailed(
+                    f"the app's features use {provisioner}, but its provisioner tree {tree} does not exist "
+                    "(Ghost prepares it during the buildimage job; is ghost.provisioner_tree right?)"
+                )
+            notes.append(
+                f"{provisioner} (Ghost's features_provisioners) skipped: its tree {tree} does not exist and the "
+                "app's features do not use it (Ghost's own builder would fail the build here)"
+            )
+            continue
+        problem = unsafe_tree_problem(tree, ctx.config.ghost.provisioner_tree, trusted_owners(ctx))
+        if problem:
+            raise StepFailed(f"provisioner tree {tree} is not mounted: {problem}")
+        provisioners.append(provisioner)
         mounts[f"provisioner-{provisioner}"] = Mount(tree, PROVISIONER_MOUNT.format(provisioner=provisioner), True)
+    if "ansible" in provisioners:
+        mounts.update(venv_mount(ctx))
     return BuildPlan(
         job=job,
         app=app,
@@ -107,21 +149,27 @@ def make_plan(ctx: StepContext, job: Job, app: App) -> BuildPlan:
         hooks=hooks,
         provisioners=provisioners,
         mounts=mounts,
+        bootstrap_salt="salt" in provisioners and not job.skips_salt_bootstrap,
+        notes=notes,
     )
 
 
 def provisioner_tree(ctx: StepContext, job: Job, provisioner: str) -> Path:
-    """The tree Ghost prepared for this job's `provisioner` features; StepFailed when it is not there or unsafe."""
-    tree = ctx.config.ghost.provisioner_tree / f"{provisioner}-{job.id}"
-    if not tree.is_dir():
+    """Where Ghost prepares this job's `provisioner` tree."""
+    return ctx.config.ghost.provisioner_tree / f"{provisioner}-{job.id}"
+
+
+def venv_mount(ctx: StepContext) -> dict[str, Mount]:
+    """Ghost's virtualenv at its own path, read-only, when the ansible command names it."""
+    venv = ctx.config.ghost.venv
+    if not any(PLACEHOLDER_VENV in arg for arg in ctx.config.container.provisioner_commands.ansible):
+        return {}
+    if not venv.is_dir():
         raise StepFailed(
-            f"the app's features use {provisioner}, but its provisioner tree {tree} does not exist "
-            "(Ghost prepares it during the buildimage job; is ghost.provisioner_tree right?)"
+            f"ansible runs from Ghost's virtualenv, but ghost.venv {venv} is not a directory "
+            "(set ghost.venv to the sys.exec_prefix of Ghost's worker)"
         )
-    problem = unsafe_tree_problem(tree, ctx.config.ghost.provisioner_tree, trusted_owners(ctx))
-    if problem:
-        raise StepFailed(f"provisioner tree {tree} is not mounted: {problem}")
-    return tree
+    return {VENV_DEVICE: Mount(venv, str(venv), True)}
 
 
 def trusted_owners(ctx: StepContext) -> set[int]:
@@ -200,9 +248,12 @@ def build(ctx: StepContext, plan: BuildPlan, base: ImageInfo) -> Outcome:
 
 
 def run_scripts(ctx: StepContext, plan: BuildPlan, container: str) -> None:
-    """Pre hook, features install, post hook, in that order, each under container.exec_timeout."""
-    env = plan.app.ghost_env()
+    """Salt bootstrap, pre hook, features install, post hook, in that order, each under container.exec_timeout."""
+    env = plan.app.hook_env()
+    for note in plan.notes:
+        ctx.say("features_note", note)
     push_hooks(ctx, plan, container)
+    bootstrap_salt(ctx, plan, container)
     run_hook(ctx, plan, container, "pre_buildimage", env)
     check_abort(ctx, "installing the features")
     install_features(ctx, plan, container, env)
@@ -229,14 +280,40 @@ def run_hook(ctx: StepContext, plan: BuildPlan, container: str, name: str, env: 
     run_command(ctx, container, ["sh", hook_path(name)], env, f"{name} hook")
 
 
+def bootstrap_salt(ctx: StepContext, plan: BuildPlan, container: str) -> None:
+    if plan.bootstrap_salt:
+        for command in ctx.config.container.provisioner_commands.salt_bootstrap:
+            run_command(ctx, container, provisioner_argv(ctx.config, command), {}, "salt bootstrap")
+    elif "salt" in plan.provisioners:
+        ctx.say("salt_bootstrap_skipped", "salt bootstrap skipped (the job's options[0] says so, or it has no options)")
+
+
 def install_features(ctx: StepContext, plan: BuildPlan, container: str, env: dict[str, str]) -> None:
+    """Every provisioner of Ghost's features_provisioners, whatever the app's features (as Ghost)."""
     if not plan.provisioners:
-        ctx.say("features_skipped", "the app has no features: features install skipped")
+        ctx.say("features_skipped", "no provisioner to run: features install skipped")
         return
     commands = ctx.config.container.provisioner_commands
     for provisioner in plan.provisioners:
-        argv = list(getattr(commands, provisioner))
+        argv = provisioner_argv(ctx.config, getattr(commands, provisioner))
         run_command(ctx, container, argv, env, f"features install ({provisioner})")
+
+
+def provisioner_argv(config: Config, template: tuple[str, ...]) -> list[str]:
+    """The command with its placeholders filled as Ghost fills them; an argument left empty is dropped."""
+    level = config.ghost_settings.provisioner_log_level
+    values = {
+        PLACEHOLDER_LOG_LEVEL: level,
+        PLACEHOLDER_ANSIBLE_VERBOSITY: ANSIBLE_VERBOSITY.get(level, ""),
+        PLACEHOLDER_VENV: str(config.ghost.venv),
+    }
+    argv = []
+    for arg in template:
+        for placeholder, value in values.items():
+            arg = arg.replace(placeholder, value)
+        if arg:
+            argv.append(arg)
+    return argv
 
 
 def publish(ctx: StepContext, plan: BuildPlan, base: ImageInfo, container: str) -> ImageInfo:

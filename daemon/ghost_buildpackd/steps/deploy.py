@@ -6,7 +6,10 @@ Two phases, driven by the runner:
   start overlaps Ghost's git clone. No working copy yet.
 - `run` (Ghost's client set `requested`): mount the working copy at the
   module's `path`, push the buildpack outside the module directory, run it with
-  `sh` in the module directory, and remove the container whatever happens.
+  `bash` (`sh` when the image has no bash) in the module directory, and remove
+  the container whatever happens. As Ghost does, a `build_pack` file at the root
+  of the working copy wins over the stored script, and is removed from the
+  working copy once it succeeded.
 
 Everything that can be refused (module, paths, scripts, image) is checked
 before anything runs. Files the buildpack writes belong to the working copy's
@@ -19,7 +22,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from ..ghost import App, BadDocument, Module, parse_app, parse_job
+from ..ghost import App, BadDocument, Module, ModuleScript, parse_app, parse_job
 from ..joblog import OutputCollector
 from ..logs import Secrets
 from ..lxd import Mount
@@ -36,6 +39,7 @@ from . import (
     idmap_user_ids,
     launch,
     run_command,
+    script_shell,
 )
 
 MOUNT_DEVICE = "ghost-module"  # the LXD disk device holding the working copy
@@ -46,8 +50,9 @@ OWNERSHIP_KEYS = ("raw.idmap", "security.privileged")
 def prepare(ctx: StepContext) -> Outcome:
     """Check the app's image and launch the container from it, before Ghost has cloned the module."""
     app, module = load_app_module(ctx)
-    if not module.script(ctx.step.script).strip():
+    if not module.has_script(ctx.step.script):
         return Outcome(SKIPPED, message=f"module {module.name} has no {ctx.step.script}")
+    module.check_stored_script(ctx.step.script)  # refused now rather than after a container was launched
     if ctx.store.app_build_in_flight(app.id) is not None:  # the run waits for its image: a container now is stale
         return Outcome(READY, message="no container prepared: a container build of the app is in flight")
     image = image_fingerprint(ctx, app)
@@ -79,15 +84,17 @@ def run(ctx: StepContext) -> Outcome:
     name = prepared_container(ctx)
     try:
         app, module = load_app_module(ctx)
-        if not module.script(ctx.step.script).strip():
+        if not module.has_script(ctx.step.script):
             return Outcome(SKIPPED, message=f"module {module.name} has no {ctx.step.script}")
         working_copy = app.working_copy(ctx.config.ghost.root, module)
+        script = module.script(working_copy, ctx.step.script)
         owner = path_owner(working_copy)
         with Secrets.registered(app.secret_values):
             name = usable_container(ctx, app, owner)
-            collector = run_build_pack(ctx, name, app, module, working_copy, owner)
+            collector = run_build_pack(ctx, name, app, module, script, working_copy, owner)
     finally:
         clean_up_container(ctx, name, after_outcome=True)  # also a prepared one, when the input was refused
+    remove_committed_script(ctx, working_copy, script)  # nothing in the container can touch the copy now
     message = f"{script_label(ctx, module)} succeeded"
     ctx.say("deploy_buildpack_succeeded", message, module=module.name, script=ctx.step.script)
     return Outcome(SUCCEEDED, message=message, exit_code=0, output_tail=collector.tail_text())
@@ -241,27 +248,40 @@ def run_build_pack(
     name: str,
     app: App,
     module: Module,
+    script: ModuleScript,
     working_copy: Path,
     owner: tuple[int, int],
 ) -> OutputCollector:
-    """Mount, push, run with `sh` in the module directory; privileged mode then hands files back."""
+    """Mount, push, run with bash (or sh) in the module directory; privileged mode then hands files back."""
     check_abort(ctx, "mounting the working copy")
     ctx.lxd.add_mount(name, MOUNT_DEVICE, Mount(working_copy, module.path))
     # Outside the module: the working copy stays as cloned.
-    script = f"{SCRIPT_DIR}/{script_word(ctx)}-{module.name}.sh"
-    ctx.lxd.push_file(name, script, module.script(ctx.step.script).encode("utf-8"), mode=0o644)
+    path = f"{SCRIPT_DIR}/{script_word(ctx)}-{module.name}.sh"
+    ctx.lxd.push_file(name, path, script.content, mode=0o644)
     check_abort(ctx, f"running the {ctx.step.script}")
-    label = script_label(ctx, module)
+    shell = script_shell(ctx, name)
     ctx.say(
         "deploy_buildpack_starting",
-        f"module {module.name}: running its {ctx.step.script} in {module.path} (container {name})",
+        f"module {module.name}: running its {ctx.step.script} ({script.source}) with {shell} in {module.path} "
+        f"(container {name})",
         module=module.name,
         path=module.path,
         working_copy=str(working_copy),
         script=ctx.step.script,
+        source=script.source,
+        shell=shell,
     )
+    dropped = app.non_ascii_env_keys
+    if dropped:  # names only: values may be secrets
+        ctx.say(
+            "env_non_ascii_dropped",
+            f"env_vars {', '.join(dropped)}: non-ASCII characters dropped from their values, as Ghost does for "
+            "module scripts",
+            keys=dropped,
+        )
+    label = script_label(ctx, module)
     try:
-        collector = run_command(ctx, name, ["sh", script], app.module_env(module), label, cwd=module.path)
+        collector = run_command(ctx, name, [shell, path], app.module_env(module), label, cwd=module.path)
     except StepFailed:
         if ctx.config.container.privileged:
             give_back_files(ctx, name, module, owner, strict=False)
@@ -269,6 +289,18 @@ def run_build_pack(
     if ctx.config.container.privileged:
         give_back_files(ctx, name, module, owner, strict=True)
     return collector
+
+
+def remove_committed_script(ctx: StepContext, working_copy: Path, script: ModuleScript) -> None:
+    """Ghost deletes the script it ran from the clone (`rm -vf`), so a committed one is not packaged."""
+    if script.path is None:
+        return
+    try:
+        (working_copy / script.path.name).unlink(missing_ok=True)
+    except OSError as error:  # the buildpack succeeded: say so rather than fail the deploy
+        ctx.say("module_script_not_removed", f"{script.path.name} could not be removed from the working copy: {error}")
+        return
+    ctx.say("module_script_removed", f"{script.path.name} removed from the working copy, as Ghost does once it ran")
 
 
 def give_back_files(ctx: StepContext, name: str, module: Module, owner: tuple[int, int], strict: bool) -> None:
