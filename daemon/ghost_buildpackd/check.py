@@ -187,8 +187,20 @@ def lxd_checks(config: Config, store: Store | None, report: Callable[[CheckResul
         report(ok("lxd storage", f"pools: {', '.join(pools)}"))
         report(storage_cost_check(config, lxd))
     report(probe_container_check(config, lxd, store))
-    report(limits_check(config, info["storage"]))
+    report(limits_check(config, root_driver(config, lxd) or info["storage"]))
     report(metadata_check(config, lxd))
+
+
+def root_driver(config: Config, lxd: Lxd) -> str | None:
+    """The storage driver of the pool the daemon's containers get their root disk from (None: unknown).
+
+    A server may hold several pools: what bounds a container's disk is the one its profiles name.
+    """
+    try:
+        found = lxd.root_pool(["default", *config.container.profiles])
+    except Exception:  # storage_cost_check reports the profiles it cannot read
+        return None
+    return found[1] if found else None
 
 
 def limits_check(config: Config, storage: str) -> CheckResult:
