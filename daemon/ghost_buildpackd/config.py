@@ -18,9 +18,14 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from .ghost_config import DEFAULT_GHOST_CONFIG, GhostConfigError, GhostSettings, read_ghost_settings
+from .ghost_config import (
+    DEFAULT_GHOST_CONFIG,
+    GhostConfigError,
+    GhostSettings,
+    YamlFileError,
+    read_ghost_settings,
+    read_yaml_file,
+)
 
 DEFAULT_PATH = Path("/etc/ghost-buildpackd/config.yml")
 ENV_CONFIG = "GHOST_BUILDPACKD_CONFIG"
@@ -525,11 +530,9 @@ def config_path(cli_path: str | None, env: Mapping[str, str] | None = None) -> P
 def load_config(path: Path, env: Mapping[str, str] | None = None) -> Config:
     """Read and validate the YAML file at `path`."""
     try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as error:
-        raise ConfigError([f"{path}: cannot read the configuration file ({error.strerror})"]) from error
-    try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as error:
+        raw = read_yaml_file(path)
+    except YamlFileError as error:
+        if error.unreadable is not None:
+            raise ConfigError([f"{path}: cannot read the configuration file ({error.unreadable})"]) from error
         raise ConfigError([f"{path}: not valid YAML ({error})"]) from error
     return config_from_mapping(raw, env)

@@ -64,15 +64,33 @@ class GhostSettings:
         return None if self.container_endpoint == LOCAL_ENDPOINT else self.container_endpoint
 
 
-def read_ghost_settings(path: Path) -> GhostSettings:
-    """Read and validate Ghost's config.yml at `path`."""
+class YamlFileError(ValueError):
+    """A YAML file could not be read (`unreadable` names the OS error) or parsed (`unreadable` is None)."""
+
+    def __init__(self, reason: str, unreadable: str | None):
+        self.unreadable = unreadable
+        super().__init__(reason)
+
+
+def read_yaml_file(path: Path) -> Any:
+    """The YAML document in `path` (the daemon's configuration and Ghost's config.yml alike)."""
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as error:
-        raise GhostConfigError([f"ghost.config: cannot read {path} ({error.strerror})"]) from error
+        raise YamlFileError(str(error.strerror), error.strerror) from error
     try:
-        raw = yaml.safe_load(text)
+        return yaml.safe_load(text)
     except yaml.YAMLError as error:
+        raise YamlFileError(str(error), None) from error
+
+
+def read_ghost_settings(path: Path) -> GhostSettings:
+    """Read and validate Ghost's config.yml at `path`."""
+    try:
+        raw = read_yaml_file(path)
+    except YamlFileError as error:
+        if error.unreadable is not None:
+            raise GhostConfigError([f"ghost.config: cannot read {path} ({error.unreadable})"]) from error
         raise GhostConfigError([f"ghost.config: {path} is not valid YAML ({error})"]) from error
     return ghost_settings_from_mapping(raw, path)
 
