@@ -92,16 +92,18 @@ def test_fail_lines_name_the_problem_and_the_fix(
 
 
 def test_storage_pool_line_follows_the_configured_profiles(lxd: Lxd, make_config: Callable[..., Config]) -> None:
-    from ghost_buildpackd.check import storage_cost_check
+    from ghost_buildpackd.check import read_root_pool, storage_cost_check
 
-    missing = storage_cost_check(make_config(container={"profiles": ["gbp-test-no-such-profile"]}), lxd)
+    missing_config = make_config(container={"profiles": ["gbp-test-no-such-profile"]})
+    missing = storage_cost_check(missing_config, read_root_pool(missing_config, lxd))
     assert not missing.ok and "cannot read profiles default, gbp-test-no-such-profile" in missing.detail
     name = "gbp-test-check-pool"
     pool = lxd.root_pool(["default"])
     assert pool is not None
     lxd.client.profiles.create(name, devices={"root": {"type": "disk", "path": "/", "pool": pool[0]}})
     try:
-        line = storage_cost_check(make_config(container={"profiles": [name]}), lxd)
+        config = make_config(container={"profiles": [name]})
+        line = storage_cost_check(config, read_root_pool(config, lxd))
     finally:
         lxd.delete_profile(name)
     assert line.ok and line.detail.startswith(f"{pool[0]}: {pool[1]}, ")

@@ -181,26 +181,24 @@ def lxd_checks(config: Config, store: Store | None, report: Callable[[CheckResul
         report(fail("lxd container", "not checked: LXD is unreachable", "fix the lxd check first"))
         return
     report(ok("lxd", f"reachable at {endpoint} (LXD {info['version']}, storage driver {info['storage']})"))
+    root = read_root_pool(config, lxd)
     if not pools:
         report(fail("lxd storage", "no storage pool", "create one, e.g. `lxc storage create default dir`"))
     else:
         report(ok("lxd storage", f"pools: {', '.join(pools)}"))
-        report(storage_cost_check(config, lxd))
+        report(storage_cost_check(config, root))
     report(probe_container_check(config, lxd, store))
-    report(limits_check(config, root_driver(config, lxd) or info["storage"]))
+    # A server may hold several pools: what bounds a container's disk is the one its profiles name.
+    report(limits_check(config, root[1] if isinstance(root, tuple) else info["storage"]))
     report(metadata_check(config, lxd))
 
 
-def root_driver(config: Config, lxd: Lxd) -> str | None:
-    """The storage driver of the pool the daemon's containers get their root disk from (None: unknown).
-
-    A server may hold several pools: what bounds a container's disk is the one its profiles name.
-    """
+def read_root_pool(config: Config, lxd: Lxd) -> tuple[str, str] | Exception | None:
+    """(pool, driver) of the root disk the daemon's containers get; None without one; the error if unreadable."""
     try:
-        found = lxd.root_pool(["default", *config.container.profiles])
-    except Exception:  # storage_cost_check reports the profiles it cannot read
-        return None
-    return found[1] if found else None
+        return lxd.root_pool(["default", *config.container.profiles])
+    except Exception as error:  # storage_cost_check reports it
+        return error
 
 
 def limits_check(config: Config, storage: str) -> CheckResult:
@@ -261,13 +259,11 @@ def metadata_check(config: Config, lxd: Lxd) -> CheckResult:
 COPY_ON_WRITE = ("btrfs", "zfs", "lvm", "ceph")  # LXD drivers that make a container a snapshot of its image
 
 
-def storage_cost_check(config: Config, lxd: Lxd) -> CheckResult:
-    """Which pool the daemon's containers land on, and what a container costs there."""
+def storage_cost_check(config: Config, found: tuple[str, str] | Exception | None) -> CheckResult:
+    """Which pool the daemon's containers land on (`found`, from read_root_pool), and what a container costs there."""
     profiles = ["default", *config.container.profiles]
-    try:
-        found = lxd.root_pool(profiles)
-    except Exception as error:
-        return fail("lxd storage pool", f"cannot read profiles {', '.join(profiles)}: {error}", "create them")
+    if isinstance(found, Exception):
+        return fail("lxd storage pool", f"cannot read profiles {', '.join(profiles)}: {found}", "create them")
     if found is None:
         return fail(
             "lxd storage pool",

@@ -115,7 +115,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.check:
             thresholds = Thresholds(max_lag=args.max_lag, max_failures=args.max_failures, window=args.window)
             return check_status(config, sys.stdout, as_json=args.json, thresholds=thresholds)
-        return show_status(config, sys.stdout, as_json=args.json, last=max(0, args.last))
+        return show_status(config, sys.stdout, as_json=args.json, last=args.last)
     if args.command == "reconcile":
         from .retention import reconcile_command
 

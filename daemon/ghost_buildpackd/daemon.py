@@ -189,9 +189,10 @@ class Daemon:
                 log.error("loop_stalled_watchdog_not_fed", loops=stalled)
             else:
                 self.notifier.watchdog()
-            if self.status_line() != status:
-                status = self.status_line()
-                self.notifier.status(status)
+            line = self.status_line()
+            if line != status:
+                status = line
+                self.notifier.status(line)
 
     def status_line(self) -> str:
         """systemd's STATUS=: event mode, busy workers, event lag (or why MongoDB is not answering)."""

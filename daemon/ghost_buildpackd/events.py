@@ -24,7 +24,7 @@ from bson import ObjectId
 from pymongo.errors import OperationFailure, PyMongoError
 
 from .config import Config
-from .ghost import ASG_UPDATE_FAILED, BadDocument, Job, parse_app, parse_job
+from .ghost import BadDocument, Job, built_image, parse_app, parse_job
 from .logs import get_logger
 from .store import BUILDIMAGE, DEPLOY, FAILED, REDEPLOY, TRANSIENT_ERRORS, Store, next_change, step_id, utcnow
 
@@ -96,10 +96,10 @@ class Intake:
 
     def _record_bad_job(self, doc: Mapping[str, Any], error: BadDocument) -> None:
         job_id = doc.get("_id")
-        status, message = doc.get("status"), str(doc.get("message") or "")
-        built = status == "done" or (status == "failed" and message.startswith(ASG_UPDATE_FAILED))
-        command = doc.get("command")
-        relevant = (command == BUILDIMAGE and built) or (command == DEPLOY and status == "started")
+        command, status = doc.get("command"), doc.get("status")
+        relevant = (command == BUILDIMAGE and built_image(status, doc.get("message"))) or (
+            command == DEPLOY and status == "started"
+        )
         if not relevant or not isinstance(job_id, ObjectId):
             log.warning("job_ignored_malformed", job_id=str(job_id), reason=str(error))
             return
@@ -368,12 +368,13 @@ def clamp_to_clock(updated: Any, now: datetime) -> datetime | None:
 
 class PollSource(Source):
     name = "poll"
-    _future_jobs: set[Any] | None = None
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self._future_jobs: set[Any] = set()  # jobs already warned about (job_updated_in_the_future)
 
     def _warn_future(self, doc: Mapping[str, Any]) -> None:
-        """Once per job: its `_updated` is ahead of this host's clock (re-read each poll until it is not)."""
-        if self._future_jobs is None:
-            self._future_jobs = set()
+        """Once per job: its `_updated` is ahead of MongoDB's clock (re-read each poll until it is not)."""
         if doc.get("_id") in self._future_jobs:
             return
         self._future_jobs.add(doc.get("_id"))

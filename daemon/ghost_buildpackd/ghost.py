@@ -29,6 +29,12 @@ MAX_ENV_VAR_BYTES = 128 << 10  # Linux MAX_ARG_STRLEN: one `NAME=value` string g
 PROVISIONERS = ("salt", "ansible")
 
 
+def built_image(status: Any, message: Any) -> bool:
+    """Whether a buildimage job in this state built and recorded its AMI: `done`, or `failed` only at the
+    autoscaling group update that comes after (Ghost's own container build ran for those too)."""
+    return status == "done" or (status == "failed" and str(message or "").startswith(ASG_UPDATE_FAILED))
+
+
 class BadDocument(ValueError):
     """A Ghost document cannot be used; `field` names where, `reason` says why."""
 
@@ -209,10 +215,6 @@ class Module:
     git_repo: str  # after Ghost's normalisation: `git_repo`, else `source.url`
     where: str  # the module's place in the app document, e.g. app.modules[0]
     raw: Mapping[str, Any] = dataclasses.field(repr=False, compare=False)
-
-    @property
-    def has_build_pack(self) -> bool:
-        return self.has_script("build_pack")
 
     def has_script(self, script_name: str) -> bool:
         """Whether the module stores a non-empty `script_name` (a file of the clone can only replace one)."""
@@ -461,9 +463,7 @@ class Job:
     def built_image(self) -> bool:
         """A buildimage that built and recorded its AMI: `done`, or `failed` only at the autoscaling
         group update that comes after (Ghost's own container build ran for those too)."""
-        return self.command == "buildimage" and (
-            self.status == "done" or (self.status == "failed" and self.message.startswith(ASG_UPDATE_FAILED))
-        )
+        return self.command == "buildimage" and built_image(self.status, self.message)
 
     @property
     def skips_salt_bootstrap(self) -> bool:

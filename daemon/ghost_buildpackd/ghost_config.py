@@ -55,8 +55,6 @@ class GhostSettings:
         default_factory=lambda: MappingProxyType({"salt": MappingProxyType({})})
     )
     provisioner_log_level: str = GHOST_DEFAULT_LOG_LEVEL
-    # Keys present in the file (dotted, e.g. `container.debug`): a value Ghost's operator set.
-    given: frozenset[str] = frozenset()
 
     @property
     def remote_endpoint(self) -> str | None:
@@ -104,14 +102,12 @@ def ghost_settings_from_mapping(raw: Any, path: Path | None = None) -> GhostSett
         raise GhostConfigError([f"{where}: expected a mapping of keys, got {type(raw).__name__}"])
     problems: list[str] = []
     values: dict[str, Any] = {"path": path}
-    given: set[str] = set()
 
     def take(key: str, parse: Any, into: str, source: Mapping[str, Any] = raw, prefix: str = "") -> None:
         if key not in source or source[key] is None:
             return
         try:
             values[into] = parse(source[key])
-            given.add(prefix + key)
         except ValueError as error:
             problems.append(f"{where}: {prefix}{key}: {error}")
 
@@ -123,12 +119,14 @@ def ghost_settings_from_mapping(raw: Any, path: Path | None = None) -> GhostSett
         take("enabled", _ghost_bool, "container_enabled", container, "container.")
         take("endpoint", _endpoint, "container_endpoint", container, "container.")
         take("debug", _ghost_bool, "container_debug", container, "container.")
-    take("ami_retention", _positive_int, "ami_retention")
+    from .config import one_of, positive_int  # here: config.py imports this module
+
+    take("ami_retention", positive_int(), "ami_retention")
     take("features_provisioners", _provisioners, "features_provisioners")
-    take("provisioner_log_level", _log_level, "provisioner_log_level")
+    take("provisioner_log_level", one_of(*GHOST_LOG_LEVELS), "provisioner_log_level")
     if problems:
         raise GhostConfigError(problems)
-    return GhostSettings(**values, given=frozenset(given))
+    return GhostSettings(**values)
 
 
 def _ghost_bool(value: Any) -> bool:
@@ -149,12 +147,6 @@ def _endpoint(value: Any) -> str:
     return text
 
 
-def _positive_int(value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"expected a whole number of at least 1, got {value!r}")
-    return value
-
-
 def _provisioners(value: Any) -> Mapping[str, Mapping[str, Any]]:
     if not isinstance(value, Mapping) or not value:
         raise ValueError(f"expected a mapping of provisioners (salt, ansible), got {value!r}")
@@ -168,9 +160,3 @@ def _provisioners(value: Any) -> Mapping[str, Mapping[str, Any]]:
             raise ValueError(f"{name}: expected a mapping of settings, got {type(options).__name__}")
         settings[name] = MappingProxyType(dict(options or {}))
     return MappingProxyType(settings)
-
-
-def _log_level(value: Any) -> str:
-    if value not in GHOST_LOG_LEVELS:
-        raise ValueError(f"expected one of {', '.join(GHOST_LOG_LEVELS)}, got {value!r}")
-    return value

@@ -128,9 +128,9 @@ JOURNALD_PRIORITIES = {
 }
 
 
-def stream_is_journal(stream: Any, env: dict[str, str] | None = None) -> bool:
+def stream_is_journal(stream: Any) -> bool:
     """True when `stream` is the journald stream systemd gave this process (`JOURNAL_STREAM=dev:ino`)."""
-    value = (os.environ if env is None else env).get("JOURNAL_STREAM", "")
+    value = os.environ.get("JOURNAL_STREAM", "")
     try:
         device, inode = (int(part) for part in value.split(":"))
         stat = os.fstat(stream.fileno())

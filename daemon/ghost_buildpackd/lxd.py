@@ -692,10 +692,9 @@ class Lxd:
     def root_pool(self, profiles: Sequence[str]) -> tuple[str, str] | None:
         """(pool, driver) of the root disk a container with these profiles gets (the last profile naming one wins)."""
         pool = None
-        for name in profiles:
-            for device in self.client.profiles.get(name).devices.values():
-                if device.get("type") == "disk" and device.get("path") == "/":
-                    pool = device.get("pool", pool)
+        for device in self.profile_devices(profiles).values():
+            if device.get("type") == "disk" and device.get("path") == "/":
+                pool = device.get("pool", pool)
         if pool is None:
             return None
         return pool, self.client.storage_pools.get(pool).driver

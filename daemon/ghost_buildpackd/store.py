@@ -371,10 +371,8 @@ class Store:
     # --- server ------------------------------------------------------------------
 
     def ping(self) -> dict[str, Any]:
-        """Round trip to the server (raises when unreachable or unauthenticated); measures its clock too."""
-        reply = self.db.command("ping")
-        self.measure_server_clock()
-        return reply
+        """Round trip to the server (raises when unreachable or unauthenticated)."""
+        return self.db.command("ping")
 
     def measure_server_clock(self) -> timedelta:
         """How far the server's clock is ahead of this host's, from the `localTime` of its `hello` reply.
@@ -817,11 +815,12 @@ class Store:
         Each is cancelled only if it is still `ready` and unchanged, so a request
         arriving meanwhile wins.
         """
-        stale = {"state": READY, "updated_at": {"$lt": utcnow() - timedelta(seconds=max_age)}}
+        now = self.server_now()  # updated_at and lease expiry are on the server's clock
+        stale = {"state": READY, "updated_at": {"$lt": now - timedelta(seconds=max_age)}}
         cancelled = []
         for found in self.steps.find(stale, {"_id": 1}):
             doc = self.steps.find_one_and_update(
-                {**stale, "_id": found["_id"], "lease.expires_at": {"$lt": utcnow()}},
+                {**stale, "_id": found["_id"], "lease.expires_at": {"$lt": now}},
                 {
                     "$set": {"state": CANCELLED, "message": reason, "lease": FREE_LEASE},
                     "$currentDate": {"updated_at": True, "times.finished": True},
@@ -967,10 +966,9 @@ class Store:
     @retry_transient
     def live_instances_on(self, host: str, max_age: float) -> list[dict[str, Any]]:
         """Instances on `host` whose heartbeat is younger than `max_age` seconds."""
-        since = utcnow() - timedelta(seconds=max_age)
+        since = self.server_now() - timedelta(seconds=max_age)  # seen_at is the server's time
         return list(self.instances.find({"seen_at": {"$gte": since}, "info.host": host}))
 
-    @retry_transient
     def remove_instance(self, instance_id: str) -> None:
         """At shutdown: one attempt, bounded by the server selection timeout (the record also ages out)."""
         self.instances.delete_one({"_id": instance_id})
