@@ -25,6 +25,11 @@ prepared at once, each container's own disk use (dir: `du -sxb` of its
 directory; btrfs: the exclusive data of its subvolume, `btrfs filesystem du`,
 and how much the pool's use, data and metadata, grew), then the same with
 `container.max_prepared: 1`.
+
+Templates (templates.py): each pool's series starts with none of the image, so
+the first build and the first deploy make theirs (shown apart as "first"); the
+p50s are of copies. The templates left at the end and their own disk close
+the pool's column.
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ from tests.conftest import leftover_containers
 from tests.support.ghost import finish_buildimage, make_app, make_job, module_doc, set_status
 
 from ghost_buildpackd.store import READY, SUCCEEDED, step_id
+from ghost_buildpackd.templates import TAG_TEMPLATE
 
 from . import deploy
 from .common import REPO, Bench, ms, parse_timestamp, ratio, running, steps_terminal, summary, table, wait_for
@@ -127,7 +133,8 @@ def daemon_builds(bench: Bench, pool: Pool, count: int) -> dict[str, Any]:
         }
         for sid in sids
     ]
-    return {**{key: summary([run[key] for run in runs]) for key in runs[0]}, "image_bytes": max(sizes)}
+    summaries = {key: summary([run[key] for run in runs]) for key in runs[0]}
+    return {**summaries, "image_bytes": max(sizes), "first": runs[0]}
 
 
 def step_event_times(process: Any, events: tuple[str, ...]) -> dict[str, dict[str, float]]:
@@ -201,7 +208,8 @@ def daemon_deploys(bench: Bench, pool: Pool, clone: float, count: int) -> dict[s
         bench.remove_containers(db)
     for run in runs:
         run["job_start_to_terminal"] = clone + run["request_to_terminal"]
-    return {key: summary([run[key] for run in runs if run[key] == run[key]]) for key in runs[0]}
+    summaries = {key: summary([run[key] for run in runs if run[key] == run[key]]) for key in runs[0]}
+    return {**summaries, "first": runs[0]}
 
 
 def prepared_disk(bench: Bench, pool: Pool, max_prepared: int | None) -> dict[str, Any]:
@@ -283,10 +291,26 @@ def minimal_deploys(pool: Pool, count: int, settings: dict[str, str]) -> dict[st
 # --- the tier ----------------------------------------------------------------------------
 
 
+def image_templates(bench: Bench, pool: Pool) -> list[str]:
+    """The daemon's template containers of the Debian image on this pool (templates.py)."""
+    image = bench.lxd.image_by_alias(IMAGE)
+    assert image is not None
+    on_pool = {path.name for path in (LXD_POOLS / pool.name / "containers").iterdir()}
+    templates = [c.name for c in bench.lxd.list_containers() if c.tags.get(TAG_TEMPLATE) == image.fingerprint]
+    return [name for name in templates if name in on_pool]
+
+
+def remove_image_templates(bench: Bench, pool: Pool) -> None:
+    """So the first build and the first deploy of the pool's series make their template, as on a new host."""
+    for name in image_templates(bench, pool):
+        bench.lxd.delete_container(name)
+
+
 def measure_pool(bench: Bench, pool: Pool) -> dict[str, Any]:
     sizes = bench.sizes
     print(f"   {pool.name} ({pool.driver}): builds", flush=True)
     result: dict[str, Any] = {"pool": pool.name, "driver": pool.driver, "profiles": list(pool.profiles)}
+    remove_image_templates(bench, pool)
     result["build_minimal"] = minimal_builds(pool, sizes.debian_runs)
     result["build_daemon"] = daemon_builds(bench, pool, sizes.debian_runs)
     print(f"   {pool.name} ({pool.driver}): deploys", flush=True)
@@ -297,6 +321,8 @@ def measure_pool(bench: Bench, pool: Pool) -> dict[str, Any]:
     print(f"   {pool.name} ({pool.driver}): disk of prepared containers", flush=True)
     result["disk_unbounded"] = prepared_disk(bench, pool, None)
     result["disk_max_prepared_1"] = prepared_disk(bench, pool, 1)
+    templates = image_templates(bench, pool)
+    result["templates"] = {"count": len(templates), "bytes": sum(container_disk(pool, name) for name in templates)}
     return result
 
 
@@ -336,6 +362,7 @@ def run(bench: Bench) -> dict[str, Any]:
             + ratio(p50(r, "build_daemon", "total"), p50(r, "build_minimal", "total"))
         ),
     )
+    row("build, first of the series (makes the template): total", lambda r: ms(r["build_daemon"]["first"]["total"]))
     row(
         "image size: daemon / minimal",
         lambda r: f"{mib(r['build_daemon']['image_bytes'])} / {mib(r['build_minimal']['image_bytes']['max'])}",
@@ -363,6 +390,13 @@ def run(bench: Bench) -> dict[str, Any]:
                 + ratio(p50(r, case, "request_to_container_deleted"), p50(r, "deploy_minimal", "total"))
             ),
         )
+    row(
+        "deploy, request at job start, first (makes the template): prepare / req->outcome",
+        lambda r: (
+            f"{ms(r['deploy_at_start']['first']['prepare'])} / "
+            f"{ms(r['deploy_at_start']['first']['request_to_terminal'])}"
+        ),
+    )
     row("deploy, minimal total", lambda r: ms(p50(r, "deploy_minimal", "total")))
     row(
         "deploy, minimal with the daemon's settings: create+start / total",
@@ -380,5 +414,6 @@ def run(bench: Bench) -> dict[str, Any]:
                 + ("" if r[key]["pool_growth_bytes"] is None else f" (pool +{mib(r[key]['pool_growth_bytes'])})")
             ),
         )
+    row("templates of the image kept, disk", lambda r: f"{r['templates']['count']}, {mib(r['templates']['bytes'])}")
     print(table("6. Debian tier: builds and deploys on Debian 12 minbase, per pool (p50)", ["", *heads], rows))
     return {"definition": __doc__, "image": IMAGE, "pools": results}

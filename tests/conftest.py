@@ -10,12 +10,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import structlog
 import yaml
 from pymongo.database import Database
 
 from ghost_buildpackd.config import Config, LxdConfig, config_from_mapping
 from ghost_buildpackd.lxd import IMAGE_PROP_JOB, TAG_JOB, Lxd
 from ghost_buildpackd.store import Store
+from ghost_buildpackd.templates import remove_templates_of
 from tests.support.mongo import MongoServer, start_mongo
 
 BASE_IMAGE = os.environ.get("GHOST_BUILDPACKD_TEST_IMAGE", "ghost-buildpackd/busybox")
@@ -194,6 +196,7 @@ def remove_job_images(lxd: Lxd, db: Database) -> None:
             for alias in image.aliases:
                 lxd.delete_alias(alias)
             lxd.delete_image(image.fingerprint)
+            remove_templates_of(lxd, image.fingerprint, structlog.get_logger("tests"))
     for job in jobs:
         lxd.delete_alias(job)
 

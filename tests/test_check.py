@@ -104,12 +104,16 @@ def test_storage_pool_line_follows_the_configured_profiles(lxd: Lxd, make_config
     try:
         config = make_config(container={"profiles": [name]})
         line = storage_cost_check(config, read_root_pool(config, lxd))
+        no_templates = make_config(container={"profiles": [name], "templates": 0})
+        without = storage_cost_check(no_templates, read_root_pool(no_templates, lxd))
     finally:
         lxd.delete_profile(name)
     assert line.ok and line.detail.startswith(f"{pool[0]}: {pool[1]}, ")
     snapshot = pool[1] in ("btrfs", "zfs", "lvm", "ceph")
-    assert ("a snapshot of its image" in line.detail) == snapshot
-    assert ("unpacks the whole image" in line.detail) != snapshot
+    assert ("a snapshot of its template (container.templates: 8)" in line.detail) == snapshot
+    assert ("a full copy of its template's files (container.templates: 8" in line.detail) != snapshot
+    assert ("a snapshot of its image (container.templates: 0)" in without.detail) == snapshot
+    assert ("unpacks the whole image (container.templates: 0" in without.detail) != snapshot
 
 
 def test_missing_compressor_and_unknown_idmap_user(

@@ -256,7 +256,7 @@ def metadata_check(config: Config, lxd: Lxd) -> CheckResult:
     )
 
 
-COPY_ON_WRITE = ("btrfs", "zfs", "lvm", "ceph")  # LXD drivers that make a container a snapshot of its image
+COPY_ON_WRITE = ("btrfs", "zfs", "lvm", "ceph")  # LXD drivers that make a container a snapshot of its source
 
 
 def storage_cost_check(config: Config, found: tuple[str, str] | Exception | None) -> CheckResult:
@@ -271,11 +271,17 @@ def storage_cost_check(config: Config, found: tuple[str, str] | Exception | None
             "add one, e.g. `lxc profile device add default root disk path=/ pool=default`",
         )
     pool, driver = found
+    kept = config.container.templates
     if driver in COPY_ON_WRITE:
-        return ok("lxd storage pool", f"{pool}: {driver}, a container is a snapshot of its image")
+        source = f"its template (container.templates: {kept})" if kept else "its image (container.templates: 0)"
+        return ok("lxd storage pool", f"{pool}: {driver}, a container is a snapshot of {source}")
+    if kept:
+        cost = f"is a full copy of its template's files (container.templates: {kept}, each a whole root filesystem"
+    else:
+        cost = "unpacks the whole image (container.templates: 0"
     return ok(
         "lxd storage pool",
-        f"{pool}: {driver}, every container unpacks the whole image (btrfs/zfs make it a snapshot; "
+        f"{pool}: {driver}, every container {cost}; btrfs/zfs make it a snapshot; "
         "container.max_prepared bounds the containers launched ahead)",
     )
 

@@ -31,6 +31,7 @@ from .retention import Reconciler
 from .runner import Bodies, Runner, cleanup_wait
 from .store import BUILDIMAGE, Store, next_change, redacted_uri, short_error, step_id, utcnow
 from .sweep import expire_prepared, sweep_orphans
+from .templates import remove_stale_templates
 
 log = get_logger(__name__)
 
@@ -55,7 +56,7 @@ def connect_store(config: Config) -> Store:
 
 
 class Upkeep:
-    """Periodic and on-demand chores off the hot paths: orphan sweep and image retention."""
+    """Periodic and on-demand chores off the hot paths: orphan sweep, stale templates and image retention."""
 
     def __init__(self, config: Config, store: Store, lxd: Lxd, reconciler: Reconciler, stop: threading.Event):
         self.config = config
@@ -100,6 +101,7 @@ class Upkeep:
     def _sweep(self) -> None:
         expire_prepared(self.store, self.config.container.prepared_max_age, log)
         sweep_orphans(self.store, self.lxd, self.config.container.debug, log)
+        remove_stale_templates(self.lxd, {image.fingerprint for image in self.lxd.list_images()}, log)
 
     @staticmethod
     def _guarded(what: str, action: Any) -> None:

@@ -16,6 +16,7 @@ import dataclasses
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlparse
@@ -97,6 +98,18 @@ def _is_transient(error: BaseException) -> bool:
 retry_lxd = retrying(_is_transient, "lxd_transient_error_retrying", attempts=5, multiplier=0.2, max_wait=10)
 
 
+def _lxd_time(value: str | None) -> datetime | None:
+    """A timestamp as LXD writes it (RFC 3339 with nanoseconds); None when absent or unreadable."""
+    if not value:
+        return None
+    whole, _, rest = value.partition(".")
+    zone = rest.lstrip("0123456789") if rest else value[19:]
+    try:
+        return datetime.fromisoformat(whole[:19] + (zone.replace("Z", "+00:00") or "+00:00"))
+    except ValueError:
+        return None
+
+
 def claim_number(value: str | None) -> int:
     """A claim number as LXD stores it (a config or property string); 0 when absent."""
     return int(value) if value and value.isdigit() else 0
@@ -129,6 +142,7 @@ class ContainerInfo:
     name: str
     status: str
     tags: Mapping[str, str]
+    created_at: datetime | None = None
 
     @property
     def step_id(self) -> str | None:
@@ -511,23 +525,41 @@ class Lxd:
 
     # --- containers ------------------------------------------------------------------
 
-    def create_container(self, spec: ContainerSpec) -> None:
+    def create_container(self, spec: ContainerSpec, copy_of: str | None = None) -> None:
+        """Create the container from its image, or as a copy of the stopped container `copy_of`.
+
+        A copy lands on the source's pool (a snapshot on copy-on-write pools),
+        keeps the source's id-shifted root filesystem, and has exactly the
+        spec's configuration: keys of the source that the spec does not set are
+        cleared rather than inherited.
+        """
         devices = {name: disk_device(mount) for name, mount in spec.mounts.items()}
         if spec.disk:
             root = self.profile_devices(("default", *spec.profiles)).get("root")
             if root is not None and root.get("type") == "disk" and root.get("path") == "/":
                 devices["root"] = {**root, "size": str(spec.disk)}
+        config = spec.lxd_config()
+        source: dict[str, Any] = {"type": "image", "fingerprint": spec.image}
+        if copy_of:
+            source = {"type": "copy", "source": copy_of, "instance_only": True}
+            inherited = self.client.api.instances[copy_of].get().json()["metadata"]["config"]
+            config = {key: "" for key in inherited if not key.startswith("volatile.")} | config
         response = self.client.api.instances.post(
             json={
                 "name": spec.name,
                 "type": "container",
-                "source": {"type": "image", "fingerprint": spec.image},
-                "config": spec.lxd_config(),
+                "source": source,
+                "config": config,
                 "devices": devices,
                 "profiles": ["default", *spec.profiles],
             }
         )
         self._wait_operation(response, f"creating container {spec.name}")
+
+    def rename_container(self, name: str, new_name: str) -> None:
+        """Rename a stopped container; LXDAPIException when `new_name` is taken."""
+        response = self.client.api.instances[name].post(json={"name": new_name})
+        self._wait_operation(response, f"renaming container {name} to {new_name}")
 
     @retry_lxd
     def container_status(self, name: str) -> str | None:
@@ -673,7 +705,7 @@ class Lxd:
         for instance in self.client.instances.all(recursion=1):
             tags = {key: value for key, value in instance.config.items() if key.startswith(TAG_PREFIX)}
             if tags:
-                found.append(ContainerInfo(instance.name, instance.status, tags))
+                found.append(ContainerInfo(instance.name, instance.status, tags, _lxd_time(instance.created_at)))
         return found
 
     @retry_lxd

@@ -35,6 +35,7 @@ from .logs import get_logger
 from .lxd import ImageInfo, Lxd
 from .status import table
 from .store import ImageRecord, Store
+from .templates import remove_templates_of
 
 log = get_logger(__name__)
 
@@ -463,6 +464,7 @@ class Reconciler:
         image_deleted = current is not None and not current.aliases
         if image_deleted:
             self.lxd.delete_image(image.fingerprint)
+            remove_templates_of(self.lxd, image.fingerprint, log)
         self.store.mark_image_pruned(record.alias, reason)
         log.info(
             "image_pruned",

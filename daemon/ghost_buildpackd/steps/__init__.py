@@ -19,6 +19,7 @@ import zlib
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from .. import templates
 from ..config import Config
 from ..joblog import JobLog, OutputCollector
 from ..lxd import (
@@ -197,7 +198,7 @@ def launch(ctx: StepContext, spec: ContainerSpec) -> str:
     ctx.confirm_lease()
     remove_leftovers(ctx)  # what earlier attempts of this step left (never a later attempt's)
     ctx.log.info("container_creating", container=spec.name, image=spec.image[:12])
-    ctx.lxd.create_container(spec)
+    templates.create_container(ctx.lxd, spec, ctx.config.container.templates, ctx.log)
     ctx.lxd.start(spec.name)
     # The probe also makes the directory scripts are pushed to (push_file expects it to exist).
     try:

@@ -26,6 +26,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+from .. import templates
 from ..config import PLACEHOLDER_ANSIBLE_VERBOSITY, PLACEHOLDER_LOG_LEVEL, PLACEHOLDER_VENV, Config
 from ..ghost import PROVISIONERS, App, BadDocument, Job, parse_app, parse_job
 from ..logs import Secrets
@@ -242,9 +243,24 @@ def build(ctx: StepContext, plan: BuildPlan, base: ImageInfo) -> Outcome:
     finally:
         clean_up_container(ctx, spec.name)
     record(ctx, plan, base, image)
+    ctx.after_outcome.append(lambda: make_deploy_template(ctx, image))
     message = f"container image {plan.alias} published ({image.fingerprint[:12]}, {image.size} bytes)"
     ctx.say("buildimage_succeeded", message, image=plan.alias, fingerprint=image.fingerprint, size=image.size)
     return Outcome(SUCCEEDED, message=message, fields={"image": plan.alias, "fingerprint": image.fingerprint})
+
+
+def make_deploy_template(ctx: StepContext, image: ImageInfo) -> None:
+    """The template the app's deploys will copy, made now (after the outcome) rather than by the first deploy.
+
+    For working copies owned by `container.idmap_user`, as Ghost's are.
+    """
+    keep = ctx.config.container.templates
+    try:
+        owner = idmap_user_ids(ctx.config.container.idmap_user)
+    except KeyError:
+        return  # the deploys fail and say why; nothing to prepare
+    if keep > 0:
+        templates.ready_template(ctx.lxd, container_spec(ctx, image.fingerprint, idmap=owner), keep, ctx.log)
 
 
 def run_scripts(ctx: StepContext, plan: BuildPlan, container: str) -> None:
