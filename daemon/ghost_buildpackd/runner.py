@@ -36,8 +36,7 @@ from .config import Config
 from .ghost import BadDocument
 from .logs import get_logger
 from .lxd import Lxd, LxdUnavailable, is_unavailable
-from .steps import LXD_OUTAGE_LIMIT, LeaseLost, Outcome, StepContext, StepFailed, remove_leftovers, run_after_outcome
-from .store import (
+from .model import (
     BUILDIMAGE,
     CANCELLED,
     DEPLOY,
@@ -48,11 +47,12 @@ from .store import (
     REQUESTED,
     RUNNING,
     SUCCEEDED,
-    TRANSIENT_ERRORS,
+    Actor,
     Step,
-    Store,
-    short_error,
+    next_state,
 )
+from .steps import LXD_OUTAGE_LIMIT, LeaseLost, Outcome, StepContext, StepFailed, remove_leftovers, run_after_outcome
+from .store import TRANSIENT_ERRORS, Store, short_error
 
 log = get_logger(__name__)
 
@@ -405,7 +405,7 @@ class Runner:
                 log.warning("deploy_run_taken_over", consequence="the buildpack runs again in a new container")
             ctx.save(RUNNING, message="running the buildpack")
             return self.bodies.run_deploy(ctx)
-        raise StepFailed(f"deploy step in unexpected state {ctx.step.state!r}")
+        raise StepFailed(f"deploy step in unexpected state '{ctx.step.state}'")
 
     def _save_unless_requested(self, ctx: StepContext, state: str, **fields: Any) -> bool:
         """Move to `state` unless the client requested the run meanwhile (then ctx.step says so)."""
@@ -464,8 +464,14 @@ class Runner:
         log.info("step_prepared", container=ctx.step.container)
 
     def _release_for_restart(self, ctx: StepContext) -> None:
-        """Shutdown interrupted the step: put it back so the next start (or another instance) resumes it."""
-        back = {RUNNING: REQUESTED if ctx.step.kind == DEPLOY else PENDING, PREPARING: PENDING}
-        state = back.get(ctx.step.state, ctx.step.state)
-        ctx.store.update_step(ctx.step, state=state, release=True, message="interrupted by daemon shutdown; resumes")
-        log.warning("step_released_for_restart", state=state)
+        """Shutdown interrupted the step: put it back so the next start (or another instance) resumes it.
+
+        Where it goes back to is the shutdown's row of the transition table; a
+        step the client requested meanwhile keeps its request.
+        """
+        state = next_state(Actor.SHUTDOWN, ctx.step.state, ctx.step.kind) or ctx.step.state
+        message = "interrupted by daemon shutdown; resumes"
+        released = ctx.store.update_step(
+            ctx.step, state=state, release=True, expect_state=ctx.step.state, message=message
+        ) or ctx.store.update_step(ctx.step, release=True, message=message)
+        log.warning("step_released_for_restart", state=released.state if released else state)
