@@ -12,9 +12,11 @@
   successor may take it. The renewer makes one bounded attempt per round.
 - Every write about a step is fenced on its lease token (StepContext.save); what
   an attempt makes in LXD carries its claim number and is never touched by an
-  earlier attempt.
+  earlier attempt. The states it writes are the runner's rows of the
+  transition table (model.py).
 - Shutdown: stop claiming, let running steps finish within the grace period,
-  then abort them; an aborted step goes back to where another start resumes it.
+  then abort them; an aborted step goes back along the table's shutdown rows,
+  where another start resumes it.
 """
 
 from __future__ import annotations
