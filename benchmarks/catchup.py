@@ -33,7 +33,8 @@ from pymongo.database import Database
 from tests.support.ghost import make_app
 
 from ghost_buildpackd.events import COMMANDS, Intake
-from ghost_buildpackd.store import Store, step_id, utcnow
+from ghost_buildpackd.model import step_id
+from ghost_buildpackd.store import Store, utcnow
 
 from .common import Bench, log_times, parse_timestamp, percentile, running, table, wait_for
 

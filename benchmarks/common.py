@@ -30,7 +30,8 @@ from tests.support.waiting import wait_until
 
 from ghost_buildpackd.config import LxdConfig
 from ghost_buildpackd.lxd import Lxd
-from ghost_buildpackd.store import TERMINAL, Store
+from ghost_buildpackd.model import TERMINAL
+from ghost_buildpackd.store import Store
 
 REPO = Path(__file__).resolve().parents[1]
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")

@@ -45,7 +45,7 @@ import pylxd
 from tests.conftest import leftover_containers
 from tests.support.ghost import finish_buildimage, make_app, make_job, module_doc, set_status
 
-from ghost_buildpackd.store import READY, SUCCEEDED, step_id
+from ghost_buildpackd.model import READY, SUCCEEDED, step_id
 from ghost_buildpackd.templates import TAG_TEMPLATE
 
 from . import deploy

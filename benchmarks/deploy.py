@@ -36,7 +36,7 @@ from tests.support.ghost import make_app, make_job, module_doc, set_status
 
 from ghost_buildpackd.client import run_buildpack
 from ghost_buildpackd.lxd import ContainerSpec
-from ghost_buildpackd.store import SUCCEEDED, step_id
+from ghost_buildpackd.model import SUCCEEDED, step_id
 
 from .common import Bench, FirstLine, log_times, ms, ratio, running, summary, table, wait_for
 

@@ -18,7 +18,7 @@ from typing import Any
 
 from tests.support.ghost import finish_buildimage, make_app, make_job
 
-from ghost_buildpackd.store import step_id
+from ghost_buildpackd.model import step_id
 
 from .common import Bench, cpu_seconds, open_fds, rss_mib, running, steps_terminal, table, wait_for
 from .deploy import bench_alias, deploy_app

@@ -22,7 +22,7 @@ from typing import Any
 
 from tests.support.ghost import finish_buildimage, make_app, make_job
 
-from ghost_buildpackd.store import step_id
+from ghost_buildpackd.model import step_id
 
 from .common import Bench, log_times, ms, running, steps_terminal, summary, table, wait_for
 

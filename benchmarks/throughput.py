@@ -19,7 +19,7 @@ from typing import Any
 from tests.support.ghost import make_job, set_status
 
 from ghost_buildpackd.client import run_buildpack
-from ghost_buildpackd.store import SUCCEEDED, step_id
+from ghost_buildpackd.model import SUCCEEDED, step_id
 
 from .common import Bench, cpu_seconds, running, table, wait_for
 from .deploy import bench_alias, deploy_app

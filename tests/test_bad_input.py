@@ -28,7 +28,8 @@ from pymongo.database import Database
 from ghost_buildpackd.client import run_buildpack
 from ghost_buildpackd.config import ConfigError, config_from_mapping, load_config
 from ghost_buildpackd.lxd import Lxd
-from ghost_buildpackd.store import FAILED, SUCCEEDED, Step, Store
+from ghost_buildpackd.model import FAILED, SUCCEEDED, Step
+from ghost_buildpackd.store import Store
 from tests.conftest import BASE_IMAGE, WORKING_COPY_IDS, leftover_containers, raw_config
 from tests.support.daemon import DaemonProcess
 from tests.support.ghost import b64, finish_buildimage, make_app, make_job, module_doc, set_status

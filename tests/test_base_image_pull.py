@@ -17,8 +17,8 @@ import pytest
 import yaml
 
 from ghost_buildpackd.lxd import ImageNotFound, Lxd
+from ghost_buildpackd.model import BUILDIMAGE
 from ghost_buildpackd.steps import StepFailed, buildimage
-from ghost_buildpackd.store import BUILDIMAGE
 from tests.support.ghost import finish_buildimage, make_app, make_job
 from tests.support.mongo import free_port
 from tests.support.steps import step_context

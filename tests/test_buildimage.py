@@ -23,8 +23,9 @@ from ghost_buildpackd.config import Config
 from ghost_buildpackd.ghost import BadDocument
 from ghost_buildpackd.logs import configure_logging
 from ghost_buildpackd.lxd import IMAGE_PROP_JOB, TAG_JOB, ContainerSpec, ImageInfo, Lxd
+from ghost_buildpackd.model import BUILDIMAGE, SUCCEEDED, step_id
 from ghost_buildpackd.steps import StepContext, StepFailed, buildimage, container_name, run_after_outcome, step_tags
-from ghost_buildpackd.store import BUILDIMAGE, SUCCEEDED, Store, step_id
+from ghost_buildpackd.store import Store
 from ghost_buildpackd.templates import TAG_TEMPLATE
 from tests.conftest import leftover_containers
 from tests.support.daemon import DaemonProcess

@@ -18,7 +18,7 @@ import yaml
 from bson import ObjectId
 
 from ghost_buildpackd.buildpack_command import EXIT_CANCELLED, EXIT_NO_DAEMON, EXIT_REFUSED, EXIT_TIMED_OUT
-from ghost_buildpackd.store import CANCELLED, DEPLOY, FAILED, RUNNING, SUCCEEDED, step_id
+from ghost_buildpackd.model import CANCELLED, DEPLOY, FAILED, RUNNING, SUCCEEDED, step_id
 from tests.conftest import WORKING_COPY_IDS, leftover_containers
 from tests.support.daemon import DaemonProcess
 from tests.support.ghost import b64, finish_buildimage, make_app, make_job, module_doc, set_status

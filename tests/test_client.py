@@ -10,16 +10,8 @@ from bson import ObjectId
 from pymongo.database import Database
 
 from ghost_buildpackd.client import ABANDONED, run_buildpack
-from ghost_buildpackd.store import (
-    CANCELLED,
-    DEPLOY,
-    FAILED,
-    REQUESTED,
-    RUNNING,
-    SUCCEEDED,
-    Store,
-    step_id,
-)
+from ghost_buildpackd.model import CANCELLED, DEPLOY, FAILED, REQUESTED, RUNNING, SUCCEEDED, step_id
+from ghost_buildpackd.store import Store
 from tests.support.ghost import make_app, make_job
 from tests.support.waiting import wait_until
 

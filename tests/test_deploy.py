@@ -18,8 +18,9 @@ from ghost_buildpackd.client import run_buildpack
 from ghost_buildpackd.config import Config
 from ghost_buildpackd.ghost import BadDocument
 from ghost_buildpackd.lxd import Lxd
+from ghost_buildpackd.model import CANCELLED, READY, SUCCEEDED, step_id
 from ghost_buildpackd.steps import StepContext, StepFailed, container_name, deploy, remove_leftovers, run_after_outcome
-from ghost_buildpackd.store import CANCELLED, READY, SUCCEEDED, Store, step_id
+from ghost_buildpackd.store import Store
 from tests.conftest import WORKING_COPY_IDS, leftover_containers
 from tests.support.ghost import b64, make_app, make_job, module_doc
 from tests.support.steps import deploy_context, finish_preparation

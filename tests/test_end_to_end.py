@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from ghost_buildpackd.store import SUCCEEDED, step_id
+from ghost_buildpackd.model import SUCCEEDED, step_id
 from tests.conftest import WORKING_COPY_IDS, leftover_containers
 from tests.support.daemon import DaemonProcess
 from tests.support.ghost import finish_buildimage, make_app, make_job, module_doc, set_status

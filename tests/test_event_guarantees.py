@@ -17,7 +17,8 @@ import pytest
 from bson import ObjectId
 from pymongo.errors import AutoReconnect
 
-from ghost_buildpackd.store import FAILED, SUCCEEDED, TERMINAL, step_id, utcnow
+from ghost_buildpackd.model import FAILED, SUCCEEDED, TERMINAL, step_id
+from ghost_buildpackd.store import utcnow
 from tests.support.daemon import DaemonProcess
 from tests.support.ghost import finish_buildimage, make_app, make_job, module_doc, set_status
 from tests.support.mongo import skip_unless_restartable

@@ -27,7 +27,8 @@ from pymongo.database import Database
 
 from ghost_buildpackd.client import BuildpackResult, run_buildpack
 from ghost_buildpackd.lxd import IMAGE_PROP_JOB, TAG_JOB, Lxd
-from ghost_buildpackd.store import FAILED, SUCCEEDED, TERMINAL, Store, step_id
+from ghost_buildpackd.model import FAILED, SUCCEEDED, TERMINAL, step_id
+from ghost_buildpackd.store import Store
 from tests.conftest import WORKING_COPY_IDS, leftover_containers
 from tests.support import lxd_service
 from tests.support.daemon import DaemonProcess

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 
 from ghost_buildpackd.lxd import TAG_CLAIM
+from ghost_buildpackd.model import BUILDIMAGE
 from ghost_buildpackd.steps import LeaseLost, clean_up_container, container_name, container_spec, launch
 from ghost_buildpackd.steps import remove_leftovers as remove_step_leftovers
-from ghost_buildpackd.store import BUILDIMAGE
 from tests.conftest import leftover_containers
 from tests.support.ghost import make_app, make_job
 from tests.support.steps import step_context, take_over_after_crash

@@ -10,7 +10,8 @@ from pymongo import MongoClient, monitoring
 
 from ghost_buildpackd.config import config_from_mapping
 from ghost_buildpackd.events import Intake, StartupError, choose_event_mode
-from ghost_buildpackd.store import CANCELLED, FAILED, PENDING, Store, step_id
+from ghost_buildpackd.model import CANCELLED, FAILED, PENDING, step_id
+from ghost_buildpackd.store import Store
 from tests.support.ghost import finish_buildimage, make_app, make_job, module_doc, set_status
 
 

@@ -11,19 +11,10 @@ import structlog
 from bson import ObjectId
 from pymongo.errors import AutoReconnect, PyMongoError
 
+from ghost_buildpackd.model import BUILDIMAGE, DEPLOY, READY, RUNNING, SUCCEEDED, step_id
 from ghost_buildpackd.runner import Bodies, Runner, lease_margin
 from ghost_buildpackd.steps import LeaseLost, Outcome, StepContext, StepFailed
-from ghost_buildpackd.store import (
-    BUILDIMAGE,
-    DEPLOY,
-    READY,
-    RUNNING,
-    SUCCEEDED,
-    ImageRecord,
-    Store,
-    step_id,
-    utcnow,
-)
+from ghost_buildpackd.store import ImageRecord, Store, utcnow
 from tests.support.ghost import make_app, make_job
 from tests.support.mongo import free_port
 from tests.support.waiting import wait_until

@@ -15,8 +15,9 @@ from pathlib import Path
 
 import pytest
 
+from ghost_buildpackd.model import BUILDIMAGE, step_id
 from ghost_buildpackd.notify import SystemdNotifier
-from ghost_buildpackd.store import BUILDIMAGE, Store, step_id
+from ghost_buildpackd.store import Store
 from tests.support.daemon import DaemonProcess
 from tests.support.ghost import finish_buildimage, make_app, make_job
 from tests.support.mongo import skip_unless_restartable

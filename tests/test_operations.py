@@ -10,8 +10,8 @@ import pytest
 
 from ghost_buildpackd.config import load_config
 from ghost_buildpackd.lxd import TAG_STEP
+from ghost_buildpackd.model import CANCELLED, step_id
 from ghost_buildpackd.status import show_status
-from ghost_buildpackd.store import CANCELLED, step_id
 from tests.conftest import leftover_containers
 from tests.support.daemon import DaemonProcess
 from tests.support.ghost import make_app, make_job, module_doc, set_status

@@ -28,9 +28,10 @@ from ghost_buildpackd.check import unprivileged_failures_check, venv_check
 from ghost_buildpackd.config import ConfigError, config_from_mapping
 from ghost_buildpackd.ghost import BadDocument, choose_module_script, ghost_b64decode, parse_app, parse_job
 from ghost_buildpackd.lxd import ContainerSpec, Lxd
+from ghost_buildpackd.model import BUILDIMAGE, FAILED, SUCCEEDED, step_id
 from ghost_buildpackd.retention import Ec2Inventory, GhostInventory
 from ghost_buildpackd.steps import StepFailed, buildimage, looks_unprivileged
-from ghost_buildpackd.store import BUILDIMAGE, FAILED, SUCCEEDED, ImageRecord, step_id
+from ghost_buildpackd.store import ImageRecord
 from tests.conftest import WORKING_COPY_IDS, leftover_containers
 from tests.support.daemon import DaemonProcess
 from tests.support.ghost import b64, finish_buildimage, make_app, make_job, module_doc, set_status

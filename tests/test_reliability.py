@@ -18,8 +18,9 @@ from ghost_buildpackd.config import Config, LxdConfig
 from ghost_buildpackd.joblog import JobLog, OutputCollector
 from ghost_buildpackd.logs import Secrets
 from ghost_buildpackd.lxd import ContainerSpec, Lxd, LxdError
+from ghost_buildpackd.model import CANCELLED, FAILED, READY, SUCCEEDED, step_id
 from ghost_buildpackd.steps import StepFailed, deploy
-from ghost_buildpackd.store import CANCELLED, FAILED, READY, SUCCEEDED, Store, step_id
+from ghost_buildpackd.store import Store
 from tests.conftest import WORKING_COPY_IDS, leftover_containers
 from tests.support.ghost import finish_buildimage, make_app, make_job, module_doc, set_status
 from tests.support.steps import deploy_context, state_of, terminal_step

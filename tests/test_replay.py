@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ghost_buildpackd.cli import main
-from ghost_buildpackd.store import FAILED, PENDING, step_id
+from ghost_buildpackd.model import FAILED, PENDING, step_id
 from tests.support.ghost import finish_buildimage, make_app, make_job
 
 

@@ -23,6 +23,7 @@ from pymongo.database import Database
 from ghost_buildpackd.config import Config, ConfigError, config_from_mapping
 from ghost_buildpackd.ghost import parse_app
 from ghost_buildpackd.lxd import ContainerSpec, Lxd
+from ghost_buildpackd.model import RUNNING, SUCCEEDED, step_id
 from ghost_buildpackd.retention import (
     KEEP,
     LEAVE,
@@ -35,7 +36,7 @@ from ghost_buildpackd.retention import (
     ami_retention,
     reconcile_command,
 )
-from ghost_buildpackd.store import RUNNING, SUCCEEDED, ImageRecord, Store, step_id
+from ghost_buildpackd.store import ImageRecord, Store
 from tests.support.ghost import finish_buildimage, make_app, make_job, set_status
 
 pytestmark = [pytest.mark.lxd, pytest.mark.mongodb]

@@ -11,19 +11,9 @@ from datetime import timedelta
 import pytest
 
 from ghost_buildpackd.config import Config
+from ghost_buildpackd.model import BUILDIMAGE, DEPLOY, FAILED, RUNNING, SUCCEEDED, step_id
 from ghost_buildpackd.status import Thresholds, check_status, show_status
-from ghost_buildpackd.store import (
-    BUILDIMAGE,
-    DEPLOY,
-    FAILED,
-    RUNNING,
-    SUCCEEDED,
-    ImageRecord,
-    Store,
-    redacted_uri,
-    step_id,
-    utcnow,
-)
+from ghost_buildpackd.store import ImageRecord, Store, redacted_uri, utcnow
 from tests.support.ghost import make_app, make_job
 from tests.support.mongo import free_port
 

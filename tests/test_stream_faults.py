@@ -12,7 +12,8 @@ from bson import ObjectId
 from pymongo.errors import OperationFailure
 
 from ghost_buildpackd.events import ChangeStreamSource, Intake
-from ghost_buildpackd.store import BUILDIMAGE, JOB_EVENT_FIELDS, Store, next_change, step_id
+from ghost_buildpackd.model import BUILDIMAGE, step_id
+from ghost_buildpackd.store import JOB_EVENT_FIELDS, Store, next_change
 from tests.support.ghost import finish_buildimage, make_app, make_job
 from tests.support.waiting import wait_until
 

@@ -15,7 +15,8 @@ import pytest
 from bson import ObjectId
 
 from ghost_buildpackd.lxd import TAG_APP, TAG_JOB, TAG_KIND, TAG_OWNER, TAG_STEP, ContainerSpec, Lxd
-from ghost_buildpackd.store import BUILDIMAGE, FAILED, RUNNING, SUCCEEDED, Store, step_id, utcnow
+from ghost_buildpackd.model import BUILDIMAGE, FAILED, RUNNING, SUCCEEDED, step_id
+from ghost_buildpackd.store import Store, utcnow
 from ghost_buildpackd.sweep import sweep_orphans
 from tests.support.ghost import make_app, make_job
 

@@ -23,7 +23,8 @@ import pytest
 from pymongo.database import Database
 
 from ghost_buildpackd.lxd import Lxd
-from ghost_buildpackd.store import RUNNING, SUCCEEDED, Store, step_id
+from ghost_buildpackd.model import RUNNING, SUCCEEDED, step_id
+from ghost_buildpackd.store import Store
 from tests.support.ghost import finish_buildimage, make_app, make_job
 from tests.support.mongo import MongoServer
 from tests.support.steps import state_of, terminal_step

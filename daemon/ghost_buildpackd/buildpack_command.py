@@ -15,8 +15,9 @@ from pymongo.errors import PyMongoError
 
 from .client import ABANDONED, NO_DAEMON, BuildpackResult, run_buildpack
 from .config import Config
+from .model import CANCELLED, FAILED, SKIPPED, SUCCEEDED
 from .status import heartbeat_max_age
-from .store import CANCELLED, FAILED, SKIPPED, SUCCEEDED, Store, redacted_uri, short_error
+from .store import Store, redacted_uri, short_error
 
 EXIT_OK = 0  # the script succeeded, or there was nothing to run
 EXIT_USAGE = 2  # bad arguments or configuration: nothing was asked

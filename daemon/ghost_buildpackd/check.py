@@ -21,9 +21,10 @@ import pymongo
 
 from .config import PUBLISH_COMPRESSORS, Config
 from .lxd import ContainerSpec, ImageInfo, Lxd
+from .model import FAILED
 from .retention import JOB_ALIAS
 from .steps import UNPRIVILEGED_HINT, idmap_user_ids
-from .store import FAILED, Store, redacted_uri, short_error
+from .store import Store, redacted_uri, short_error
 
 SUBUID, SUBGID = Path("/etc/subuid"), Path("/etc/subgid")
 GHOST_COLLECTIONS = ("jobs", "apps")

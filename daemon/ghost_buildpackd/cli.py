@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from . import __version__
 from .config import Config, ConfigError, config_path, load_config, parse_duration
 from .logs import configure_logging
-from .store import BUILD_PACK, MODULE_SCRIPTS
+from .model import BUILD_PACK, MODULE_SCRIPTS
 
 EXIT_CONFIG = 2
 

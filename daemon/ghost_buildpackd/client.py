@@ -32,7 +32,8 @@ from pymongo.errors import PyMongoError
 
 from .ghost import BadDocument, parse_object_id
 from .joblog import JobLog
-from .store import BUILD_PACK, CANCELLED, DEPLOY, MODULE_SCRIPTS, SKIPPED, SUCCEEDED, Step, Store, next_change, step_id
+from .model import BUILD_PACK, CANCELLED, DEPLOY, MODULE_SCRIPTS, SKIPPED, SUCCEEDED, Step, step_id
+from .store import Store, next_change
 
 # The client's own states: it stopped waiting and cancelled the request; no live daemon on its host.
 ABANDONED, NO_DAEMON = "abandoned", "no_daemon"

@@ -26,10 +26,11 @@ from .ghost import BadDocument, parse_object_id
 from .logs import get_logger
 from .lxd import Lxd
 from .metrics import start_metrics
+from .model import BUILDIMAGE, step_id
 from .notify import SystemdNotifier
 from .retention import Reconciler
 from .runner import Bodies, Runner, cleanup_wait
-from .store import BUILDIMAGE, Store, next_change, redacted_uri, short_error, step_id, utcnow
+from .store import Store, next_change, redacted_uri, short_error, utcnow
 from .sweep import expire_prepared, sweep_orphans
 from .templates import remove_stale_templates
 

@@ -28,7 +28,8 @@ from .client import run_buildpack
 from .config import ENV_MONGODB_URI, LxdConfig
 from .ghost import BadDocument
 from .lxd import TAG_JOB, Lxd
-from .store import Store, step_id
+from .model import step_id
+from .store import Store
 
 BASE_IMAGE = "ghost-buildpackd/busybox"
 OWNER = (1001, 1002)  # the working copy's owner; scripts/setup-lxd lets LXD map these ids

@@ -26,7 +26,8 @@ from pymongo.errors import OperationFailure, PyMongoError
 from .config import Config
 from .ghost import BadDocument, Job, built_image, parse_app, parse_job
 from .logs import get_logger
-from .store import BUILDIMAGE, DEPLOY, FAILED, REDEPLOY, TRANSIENT_ERRORS, Store, next_change, step_id, utcnow
+from .model import BUILDIMAGE, DEPLOY, FAILED, REDEPLOY, step_id
+from .store import TRANSIENT_ERRORS, Store, next_change, utcnow
 
 log = get_logger(__name__)
 

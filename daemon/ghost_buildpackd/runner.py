@@ -12,9 +12,11 @@
   successor may take it. The renewer makes one bounded attempt per round.
 - Every write about a step is fenced on its lease token (StepContext.save); what
   an attempt makes in LXD carries its claim number and is never touched by an
-  earlier attempt.
+  earlier attempt. The states it writes are the runner's rows of the
+  transition table (model.py).
 - Shutdown: stop claiming, let running steps finish within the grace period,
-  then abort them; an aborted step goes back to where another start resumes it.
+  then abort them; an aborted step goes back along the table's shutdown rows,
+  where another start resumes it.
 """
 
 from __future__ import annotations
@@ -36,8 +38,7 @@ from .config import Config
 from .ghost import BadDocument
 from .logs import get_logger
 from .lxd import Lxd, LxdUnavailable, is_unavailable
-from .steps import LXD_OUTAGE_LIMIT, LeaseLost, Outcome, StepContext, StepFailed, remove_leftovers, run_after_outcome
-from .store import (
+from .model import (
     BUILDIMAGE,
     CANCELLED,
     DEPLOY,
@@ -48,11 +49,12 @@ from .store import (
     REQUESTED,
     RUNNING,
     SUCCEEDED,
-    TRANSIENT_ERRORS,
+    Actor,
     Step,
-    Store,
-    short_error,
+    next_state,
 )
+from .steps import LXD_OUTAGE_LIMIT, LeaseLost, Outcome, StepContext, StepFailed, remove_leftovers, run_after_outcome
+from .store import TRANSIENT_ERRORS, Store, short_error
 
 log = get_logger(__name__)
 
@@ -405,7 +407,7 @@ class Runner:
                 log.warning("deploy_run_taken_over", consequence="the buildpack runs again in a new container")
             ctx.save(RUNNING, message="running the buildpack")
             return self.bodies.run_deploy(ctx)
-        raise StepFailed(f"deploy step in unexpected state {ctx.step.state!r}")
+        raise StepFailed(f"deploy step in unexpected state '{ctx.step.state}'")
 
     def _save_unless_requested(self, ctx: StepContext, state: str, **fields: Any) -> bool:
         """Move to `state` unless the client requested the run meanwhile (then ctx.step says so)."""
@@ -464,8 +466,14 @@ class Runner:
         log.info("step_prepared", container=ctx.step.container)
 
     def _release_for_restart(self, ctx: StepContext) -> None:
-        """Shutdown interrupted the step: put it back so the next start (or another instance) resumes it."""
-        back = {RUNNING: REQUESTED if ctx.step.kind == DEPLOY else PENDING, PREPARING: PENDING}
-        state = back.get(ctx.step.state, ctx.step.state)
-        ctx.store.update_step(ctx.step, state=state, release=True, message="interrupted by daemon shutdown; resumes")
-        log.warning("step_released_for_restart", state=state)
+        """Shutdown interrupted the step: put it back so the next start (or another instance) resumes it.
+
+        Where it goes back to is the shutdown's row of the transition table; a
+        step the client requested meanwhile keeps its request.
+        """
+        state = next_state(Actor.SHUTDOWN, ctx.step.state, ctx.step.kind) or ctx.step.state
+        message = "interrupted by daemon shutdown; resumes"
+        released = ctx.store.update_step(
+            ctx.step, state=state, release=True, expect_state=ctx.step.state, message=message
+        ) or ctx.store.update_step(ctx.step, release=True, message=message)
+        log.warning("step_released_for_restart", state=released.state if released else state)

@@ -20,7 +20,8 @@ from typing import Any, TextIO, TypeVar
 from pymongo.errors import PyMongoError
 
 from .config import Config
-from .store import ACTIVE, FAILED, Step, Store, redacted_uri, short_error, utcnow
+from .model import ACTIVE, FAILED, Step
+from .store import Store, redacted_uri, short_error, utcnow
 
 # An instance is alive when its heartbeat (written every few seconds) is younger than this.
 MIN_HEARTBEAT_AGE = 30.0

@@ -4,7 +4,9 @@ Ghost's collections (`jobs`, `apps`) are read; the one Ghost field written is
 `apps.build_infos.container_image`. The daemon's own state lives beside them:
 `container_steps` (one record per step, with its lease), `container_images`
 (what each published image is), `buildpackd_state` (event checkpoints) and
-`buildpackd_instances` (heartbeats).
+`buildpackd_instances` (heartbeats). What a step is (kinds, states, the
+`Step` record) and who may move it where is `model.py`'s; the queries here
+that move steps take their from-states from its transition table.
 
 Datetimes the daemon writes are set on insert, inside a sub-document, or with
 `$currentDate` (server time), never as a bare `$set` of a top-level datetime:
@@ -45,19 +47,30 @@ from pymongo.errors import (
 )
 
 from .logs import get_logger
+from .model import (
+    ACTIVE,
+    BUILD_PACK,
+    BUILDIMAGE,
+    CANCELLED,
+    DEPLOY,
+    PENDING,
+    PREPARING,
+    READY,
+    REQUESTED,
+    RUNNING,
+    TERMINAL,
+    Actor,
+    Script,
+    Step,
+    StepKind,
+    StepState,
+    from_states,
+    known,
+    step_id,
+)
 from .retries import retrying
 
 log = get_logger(__name__)
-
-# Step states
-PENDING, PREPARING, READY, REQUESTED, RUNNING = "pending", "preparing", "ready", "requested", "running"
-SUCCEEDED, FAILED, CANCELLED, SKIPPED = "succeeded", "failed", "cancelled", "skipped"
-TERMINAL = (SUCCEEDED, FAILED, CANCELLED, SKIPPED)
-ACTIVE = (PENDING, PREPARING, READY, REQUESTED, RUNNING)
-BUILDIMAGE, DEPLOY, REDEPLOY = "buildimage", "deploy", "redeploy"
-# The module scripts Ghost runs on its host during deploy (and redeploy), which a deploy step may run instead.
-BUILD_PACK, AFTER_ALL_DEPLOY = "build_pack", "after_all_deploy"
-MODULE_SCRIPTS = (BUILD_PACK, AFTER_ALL_DEPLOY)
 
 STEPS, IMAGES, STATE, INSTANCES = "container_steps", "container_images", "buildpackd_state", "buildpackd_instances"
 NO_CHANGE_STREAMS = 40573  # "The $changeStream stage is only supported on replica sets"
@@ -84,17 +97,6 @@ def same_id(value: ObjectId) -> dict[str, list[ObjectId]]:
     return {"$in": [value]}
 
 
-def step_id(job_id: ObjectId | str, kind: str, module: str | None = None, script: str = BUILD_PACK) -> str:
-    """Deterministic step id: `<job_id>:buildimage`, `<job_id>:deploy:<module>` (its build_pack), or
-    `<job_id>:deploy.<script>:<module>` for another module script (`after_all_deploy`).
-
-    The script sits before the module name, so no module name can make two steps share an id.
-    """
-    if not module:
-        return f"{job_id}:{kind}"
-    return f"{job_id}:{kind}:{module}" if script == BUILD_PACK else f"{job_id}:{kind}.{script}:{module}"
-
-
 # Retries a MongoDB call through outages: exponential backoff, ~2 minutes in all.
 retry_transient = retrying(
     lambda error: isinstance(error, TRANSIENT_ERRORS),
@@ -105,72 +107,36 @@ retry_transient = retrying(
 )
 
 
-@dataclasses.dataclass(frozen=True)
-class Step:
-    """A `container_steps` record."""
-
-    id: str
-    job_id: ObjectId
-    app_id: ObjectId | None
-    kind: str
-    module: str | None
-    state: str
-    attempts: int
-    message: str
-    owner: str | None
-    lease_token: str | None
-    lease_expires_at: datetime | None
-    requested_host: str | None
-    cancel_requested: bool
-    exit_code: int | None
-    container: str | None
-    created_at: datetime | None
-    updated_at: datetime | None
-    started_at: datetime | None
-    finished_at: datetime | None
-    output_tail: str
-    cancel_reason: str = ""
-    image: str = ""  # alias a deploy step's container was made from
-    # Number of the claim that took the current lease: grows with every claim and is never reset,
-    # so it orders attempts; what an attempt makes in LXD carries it (fencing by attempt).
-    claim: int = 0
-    script: str = BUILD_PACK  # the module script a deploy step runs
-    timed_out: bool = False  # the command was killed at container.exec_timeout
-
-    @property
-    def terminal(self) -> bool:
-        return self.state in TERMINAL
-
-    @classmethod
-    def from_doc(cls, doc: Mapping[str, Any]) -> Step:
-        lease = doc.get("lease") or {}
-        return cls(
-            id=doc["_id"],
-            job_id=doc["job_id"],
-            app_id=doc.get("app_id"),
-            kind=doc["kind"],
-            module=doc.get("module"),
-            state=doc["state"],
-            attempts=doc.get("attempts", 0),
-            message=doc.get("message", ""),
-            owner=lease.get("owner"),
-            lease_token=lease.get("token"),
-            lease_expires_at=lease.get("expires_at"),
-            requested_host=doc.get("requested_host"),
-            cancel_requested=bool(doc.get("cancel_requested")),
-            exit_code=doc.get("exit_code"),
-            container=doc.get("container"),
-            created_at=doc.get("created_at"),
-            updated_at=doc.get("updated_at"),
-            started_at=(doc.get("times") or {}).get("started"),
-            finished_at=(doc.get("times") or {}).get("finished"),
-            output_tail=doc.get("output_tail", ""),
-            cancel_reason=doc.get("cancel_reason", ""),
-            image=doc.get("image", ""),
-            claim=doc.get("claims", 0),
-            script=doc.get("script") or BUILD_PACK,
-            timed_out=bool(doc.get("timed_out")),
-        )
+def step_from_doc(doc: Mapping[str, Any]) -> Step:
+    """The step record a `container_steps` document holds."""
+    lease = doc.get("lease") or {}
+    return Step(
+        id=doc["_id"],
+        job_id=doc["job_id"],
+        app_id=doc.get("app_id"),
+        kind=known(StepKind, doc["kind"]),
+        module=doc.get("module"),
+        state=known(StepState, doc["state"]),
+        attempts=doc.get("attempts", 0),
+        message=doc.get("message", ""),
+        owner=lease.get("owner"),
+        lease_token=lease.get("token"),
+        lease_expires_at=lease.get("expires_at"),
+        requested_host=doc.get("requested_host"),
+        cancel_requested=bool(doc.get("cancel_requested")),
+        exit_code=doc.get("exit_code"),
+        container=doc.get("container"),
+        created_at=doc.get("created_at"),
+        updated_at=doc.get("updated_at"),
+        started_at=(doc.get("times") or {}).get("started"),
+        finished_at=(doc.get("times") or {}).get("finished"),
+        output_tail=doc.get("output_tail", ""),
+        cancel_reason=doc.get("cancel_reason", ""),
+        image=doc.get("image", ""),
+        claim=doc.get("claims", 0),
+        script=known(Script, doc.get("script") or BUILD_PACK),
+        timed_out=bool(doc.get("timed_out")),
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -316,13 +282,13 @@ class JobBatch:
 
     def get_step(self, sid: str) -> Step | None:
         doc = self._steps.get(sid)
-        return Step.from_doc(doc) if doc else None
+        return step_from_doc(doc) if doc else None
 
     def get_app(self, app_id: ObjectId) -> dict[str, Any] | None:
         return self._apps[app_id] if app_id in self._apps else self.store.get_app(app_id)
 
     def steps_for_job(self, job_id: ObjectId) -> list[Step]:
-        return [Step.from_doc(doc) for doc in self._by_job.get(job_id, [])]
+        return [step_from_doc(doc) for doc in self._by_job.get(job_id, [])]
 
     def create_step(
         self,
@@ -583,29 +549,29 @@ class Store:
     @retry_transient
     def get_step(self, sid: str) -> Step | None:
         doc = self.steps.find_one({"_id": sid})
-        return Step.from_doc(doc) if doc else None
+        return step_from_doc(doc) if doc else None
 
     @retry_transient
     def steps_for_job(self, job_id: ObjectId) -> list[Step]:
-        return [Step.from_doc(doc) for doc in self.steps.find({"job_id": same_id(job_id)})]
+        return [step_from_doc(doc) for doc in self.steps.find({"job_id": same_id(job_id)})]
 
     @retry_transient
     def steps_in_states(self, states: tuple[str, ...]) -> list[Step]:
         cursor = self.steps.find({"state": {"$in": list(states)}}).sort("created_at", pymongo.ASCENDING)
-        return [Step.from_doc(doc) for doc in cursor]
+        return [step_from_doc(doc) for doc in cursor]
 
     @retry_transient
     def newest_app_build(self, app_id: ObjectId) -> Step | None:
         """The app's newest buildimage step (a deploy reports when it failed)."""
         query = {"app_id": same_id(app_id), "kind": BUILDIMAGE}
         doc = self.steps.find_one(query, sort=[("created_at", pymongo.DESCENDING)])
-        return Step.from_doc(doc) if doc else None
+        return step_from_doc(doc) if doc else None
 
     @retry_transient
     def app_build_in_flight(self, app_id: ObjectId) -> Step | None:
         """The app's container build that has not finished yet (pending or running), if any."""
         doc = self.steps.find_one({"app_id": same_id(app_id), "kind": BUILDIMAGE, "state": {"$in": list(ACTIVE)}})
-        return Step.from_doc(doc) if doc else None
+        return step_from_doc(doc) if doc else None
 
     @retry_transient
     def recent_finished_steps(self, limit: int, since: datetime | None = None) -> list[Step]:
@@ -614,7 +580,7 @@ class Store:
         if since is not None:
             query["updated_at"] = {"$gte": since}
         cursor = self.steps.find(query).sort("updated_at", pymongo.DESCENDING)
-        return [Step.from_doc(doc) for doc in cursor.limit(limit)]
+        return [step_from_doc(doc) for doc in cursor.limit(limit)]
 
     def _lease(self, owner: str, ttl: float) -> dict[str, Any]:
         return {"owner": owner, "token": uuid.uuid4().hex, "expires_at": self.server_now() + timedelta(seconds=ttl)}
@@ -661,7 +627,7 @@ class Store:
                 return_document=ReturnDocument.AFTER,
             )
             if doc:
-                return Step.from_doc(doc)
+                return step_from_doc(doc)
         return None
 
     def requested_step_waiting(self, host: str) -> bool:
@@ -681,7 +647,7 @@ class Store:
             self._claim_update(owner, ttl),
             return_document=ReturnDocument.AFTER,
         )
-        return Step.from_doc(doc) if doc else None
+        return step_from_doc(doc) if doc else None
 
     def renew_lease(self, step: Step, ttl: float, within: float) -> Step | None:
         """Extend the lease; None when it was lost (fencing: a successor may hold it now).
@@ -706,7 +672,7 @@ class Store:
                 },
                 return_document=ReturnDocument.AFTER,
             )
-        return Step.from_doc(doc) if doc else None
+        return step_from_doc(doc) if doc else None
 
     @retry_transient
     def update_step(
@@ -723,6 +689,11 @@ class Store:
         stamps `times.started`. With `expect_state`, it also applies only if the
         state is still that one (the client may have moved it meanwhile).
         Returns the new record, or None if the lease was lost or the state moved.
+
+        A write that sets a state and releases the lease (an outcome, `ready`,
+        a release at shutdown) is idempotent: retried after an outage that lost
+        its acknowledgement, it finds the token gone because it applied, and
+        reports success when the record holds what it wrote (`_written_by`).
         """
         changes: dict[str, Any] = dict(fields)
         stamps: dict[str, bool] = {"updated_at": True}
@@ -741,7 +712,25 @@ class Store:
         doc = self.steps.find_one_and_update(
             query, {"$set": changes, "$currentDate": stamps}, return_document=ReturnDocument.AFTER
         )
-        return Step.from_doc(doc) if doc else None
+        if doc is None and state and release:
+            return self._written_by(step, state, fields)
+        return step_from_doc(doc) if doc else None
+
+    def _written_by(self, step: Step, state: str, fields: Mapping[str, Any]) -> Step | None:
+        """The record, if it holds `state` and `fields` with its lease released and no claim since `step`'s.
+
+        Then the releasing write already applied under our claim: nobody
+        claimed the step since, and what it holds is exactly what we write.
+        """
+        doc = self.steps.find_one({"_id": step.id})
+        written = (
+            doc is not None
+            and doc.get("state") == state
+            and doc.get("claims", 0) == step.claim
+            and (doc.get("lease") or {}).get("token") is None
+            and all(doc.get(key) == value for key, value in fields.items())
+        )
+        return step_from_doc(doc) if written else None
 
     @retry_transient
     def prepared_deploy_count(self, sid: str) -> int:
@@ -760,17 +749,17 @@ class Store:
         return self.steps.count_documents(query)
 
     @retry_transient
-    def cancel_job_steps(self, job_id: ObjectId, reason: str, kind: str = DEPLOY) -> int:
-        """Cancel a job's unfinished steps: free ones at once, held ones by asking their owner.
+    def cancel_job_steps(self, job_id: ObjectId, reason: str) -> int:
+        """Intake: cancel a deploy job's unfinished steps: free ones at once, held ones by asking their owner.
 
         Returns how many were cancelled outright; held ones get `cancel_requested`
         and their owner ends them (it checks at each lease renewal).
         """
-        return self._cancel_active({"job_id": same_id(job_id), "kind": kind}, reason)
+        return self._cancel_active(Actor.INTAKE, {"job_id": same_id(job_id), "kind": DEPLOY}, reason)
 
-    def _cancel_active(self, query: dict[str, Any], reason: str) -> int:
-        """Cancel the unfinished steps matching `query` that nobody holds; ask the holders of the others."""
-        active = {**query, "state": {"$in": list(ACTIVE)}}
+    def _cancel_active(self, actor: Actor, query: dict[str, Any], reason: str) -> int:
+        """Cancel the steps matching `query` that `actor` may cancel and nobody holds; ask the holders of the others."""
+        active = {**query, "state": {"$in": list(from_states(actor, CANCELLED, query.get("kind")))}}
         cancelled = self.steps.update_many(
             {**active, "lease.expires_at": {"$lt": self.server_now()}},
             {
@@ -795,7 +784,7 @@ class Store:
         client then reports its outcome).
         """
         sid = step_id(job_id, DEPLOY, module, script)
-        waiting = {"_id": sid, "state": {"$in": [PENDING, PREPARING, READY]}}
+        waiting = {"_id": sid, "state": {"$in": list(from_states(Actor.CLIENT, REQUESTED))}}
         request = {
             "$set": {"state": REQUESTED, "requested_host": host},
             "$currentDate": {"updated_at": True, "times.requested": True},
@@ -806,7 +795,7 @@ class Store:
             self.create_step(job_id, DEPLOY, module, app_id=app_id, script=script)
             doc = self.steps.find_one_and_update(waiting, request, return_document=ReturnDocument.AFTER)
             doc = doc or self.steps.find_one({"_id": sid})
-        return Step.from_doc(doc)
+        return step_from_doc(doc)
 
     @retry_transient
     def cancel_stale_ready(self, max_age: float, reason: str) -> list[Step]:
@@ -816,7 +805,10 @@ class Store:
         arriving meanwhile wins.
         """
         now = self.server_now()  # updated_at and lease expiry are on the server's clock
-        stale = {"state": READY, "updated_at": {"$lt": now - timedelta(seconds=max_age)}}
+        stale = {
+            "state": {"$in": list(from_states(Actor.SWEEP, CANCELLED))},
+            "updated_at": {"$lt": now - timedelta(seconds=max_age)},
+        }
         cancelled = []
         for found in self.steps.find(stale, {"_id": 1}):
             doc = self.steps.find_one_and_update(
@@ -828,19 +820,19 @@ class Store:
                 return_document=ReturnDocument.AFTER,
             )
             if doc:
-                cancelled.append(Step.from_doc(doc))
+                cancelled.append(step_from_doc(doc))
         return cancelled
 
     @retry_transient
     def abandon_step(self, sid: str, reason: str) -> None:
         """The client gave up waiting: cancel the step whether or not a worker holds it."""
-        self._cancel_active({"_id": sid}, reason)
+        self._cancel_active(Actor.CLIENT, {"_id": sid}, reason)
 
     @retry_transient
     def reset_step_for_replay(self, sid: str) -> bool:
         """`replay`: put a finished step back to pending (a new attempt, same id)."""
         result = self.steps.update_one(
-            {"_id": sid, "state": {"$in": list(TERMINAL)}},
+            {"_id": sid, "state": {"$in": list(from_states(Actor.REPLAY, PENDING))}},
             {
                 "$set": {
                     "state": PENDING,

@@ -10,8 +10,9 @@ from bson import ObjectId
 
 from ghost_buildpackd.config import Config
 from ghost_buildpackd.lxd import Lxd
+from ghost_buildpackd.model import DEPLOY, PENDING, PREPARING, READY, REQUESTED, RUNNING, Step, step_id
 from ghost_buildpackd.steps import StepContext
-from ghost_buildpackd.store import DEPLOY, PENDING, PREPARING, READY, REQUESTED, RUNNING, Step, Store, step_id, utcnow
+from ghost_buildpackd.store import Store, utcnow
 
 TEST_OWNER = "test-instance"
 TEST_LEASE_TTL = 600.0  # nothing renews the lease in these tests; long enough for any one step

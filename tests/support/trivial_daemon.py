@@ -19,9 +19,10 @@ from ghost_buildpackd.config import load_config
 from ghost_buildpackd.daemon import Daemon, connect_store, install_signal_handlers
 from ghost_buildpackd.logs import configure_logging
 from ghost_buildpackd.lxd import Lxd
+from ghost_buildpackd.model import READY, SUCCEEDED
 from ghost_buildpackd.runner import Bodies
 from ghost_buildpackd.steps import Outcome, StepContext, StepFailed
-from ghost_buildpackd.store import READY, SUCCEEDED, retry_transient
+from ghost_buildpackd.store import retry_transient
 
 WORK_SECONDS = float(os.environ.get("TEST_WORK_SECONDS", "0.05"))
 

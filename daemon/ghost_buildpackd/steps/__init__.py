@@ -37,7 +37,8 @@ from ..lxd import (
     Mount,
     is_unavailable,
 )
-from ..store import BUILD_PACK, Step, Store
+from ..model import BUILD_PACK, Step
+from ..store import Store
 
 LXD_OUTAGE_LIMIT = 600.0  # longest a step waits for LXD to come back before it fails
 SCRIPT_DIR = "/var/lib/ghost-buildpackd"  # where scripts are put inside containers

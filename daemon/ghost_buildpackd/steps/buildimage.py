@@ -31,7 +31,8 @@ from ..config import PLACEHOLDER_ANSIBLE_VERBOSITY, PLACEHOLDER_LOG_LEVEL, PLACE
 from ..ghost import PROVISIONERS, App, BadDocument, Job, parse_app, parse_job
 from ..logs import Secrets
 from ..lxd import IMAGE_PROP_CLAIM, IMAGE_PROP_JOB, ImageInfo, ImageNotFound, Mount
-from ..store import SUCCEEDED, ImageRecord, utcnow
+from ..model import SUCCEEDED
+from ..store import ImageRecord, utcnow
 from . import (
     SCRIPT_DIR,
     LeaseLost,

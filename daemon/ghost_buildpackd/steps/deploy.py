@@ -26,7 +26,7 @@ from ..ghost import App, BadDocument, Module, ModuleScript, parse_app, parse_job
 from ..joblog import OutputCollector
 from ..logs import Secrets
 from ..lxd import Mount
-from ..store import BUILD_PACK, DEPLOY, FAILED, READY, REDEPLOY, SKIPPED, SUCCEEDED
+from ..model import BUILD_PACK, DEPLOY, FAILED, READY, REDEPLOY, SKIPPED, SUCCEEDED
 from . import (
     SCRIPT_DIR,
     Outcome,

@@ -1,0 +1,254 @@
+"""The step lifecycle: kinds, states, scripts, the step record, and who moves a step from X to Y.
+
+A step is one container task the daemon runs for a Ghost job: the image build
+after a `buildimage` job, or one module script of a `deploy` job. Its record
+(`container_steps`, written by `store.py`) moves through the states below;
+`TRANSITIONS` is the one table saying which actor makes each move and when.
+Store queries that move steps take their from-states from this table
+(`from_states`), and the runner's shutdown release looks its move up here
+(`next_state`), so the table and the writes cannot drift apart unnoticed
+(tests/test_model.py drives each actor over every state and checks).
+
+The enums are `StrEnum`s whose values are the strings stored in MongoDB, so a
+member compares equal to, and is written as, the plain string.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from datetime import datetime
+from typing import TypeVar
+
+from bson import ObjectId
+
+
+class StepKind(enum.StrEnum):
+    """What a step does; the value is the command of the Ghost job that made it."""
+
+    BUILDIMAGE = "buildimage"  # build and publish the app's container image after the AMI
+    DEPLOY = "deploy"  # run one module script of a deploy in a container
+
+
+class StepState(enum.StrEnum):
+    PENDING = "pending"  # recorded, waiting for a runner to claim it
+    PREPARING = "preparing"  # deploy: a runner launches the container ahead of Ghost's request
+    READY = "ready"  # deploy: prepared, no lease held, waiting for Ghost's request
+    REQUESTED = "requested"  # deploy: Ghost's worker asked for the run on its host
+    RUNNING = "running"  # the build or the script runs
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    SKIPPED = "skipped"  # deploy: the module has no such script
+
+
+class Script(enum.StrEnum):
+    """The module scripts Ghost runs on its host during deploy (and redeploy), which a deploy step may run instead."""
+
+    BUILD_PACK = "build_pack"
+    AFTER_ALL_DEPLOY = "after_all_deploy"
+
+
+class Actor(enum.StrEnum):
+    """Who writes a step's state."""
+
+    INTAKE = "intake"  # events.py: reacts to Ghost's jobs
+    CLIENT = "client"  # client.py: Ghost's worker, through `ghost-buildpackd buildpack`
+    RUNNER = "runner"  # runner.py: the holder of the step's lease
+    SHUTDOWN = "shutdown"  # runner.py: the holder, when the daemon stops before the step ends
+    SWEEP = "sweep"  # sweep.py: upkeep of prepared containers nobody asked for
+    REPLAY = "replay"  # `ghost-buildpackd replay JOB_ID`
+
+
+# Short names for the members, as the rest of the code uses them.
+BUILDIMAGE, DEPLOY = StepKind.BUILDIMAGE, StepKind.DEPLOY
+PENDING, PREPARING, READY = StepState.PENDING, StepState.PREPARING, StepState.READY
+REQUESTED, RUNNING = StepState.REQUESTED, StepState.RUNNING
+SUCCEEDED, FAILED, CANCELLED, SKIPPED = StepState.SUCCEEDED, StepState.FAILED, StepState.CANCELLED, StepState.SKIPPED
+BUILD_PACK, AFTER_ALL_DEPLOY = Script.BUILD_PACK, Script.AFTER_ALL_DEPLOY
+REDEPLOY = "redeploy"  # a Ghost job command, never a step kind: its after_all_deploy runs in a deploy step
+
+TERMINAL = (SUCCEEDED, FAILED, CANCELLED, SKIPPED)
+ACTIVE = (PENDING, PREPARING, READY, REQUESTED, RUNNING)
+MODULE_SCRIPTS = tuple(Script)
+# The states of a step a runner may hold: every state it moves a step from (a `ready` step is never held).
+HELD = (PENDING, PREPARING, REQUESTED, RUNNING)
+NEW = ()  # from-states of a move that creates the record
+BOTH_KINDS = tuple(StepKind)
+
+
+@dataclasses.dataclass(frozen=True)
+class Transition:
+    """One row of the table: `actor` moves a step of one of `kinds` from one of `from_states` to `to_state`."""
+
+    actor: Actor
+    from_states: tuple[StepState, ...]  # NEW: the move creates the record in `to_state`
+    to_state: StepState
+    kinds: tuple[StepKind, ...]
+    when: str
+
+
+TRANSITIONS: tuple[Transition, ...] = (
+    # --- intake: Ghost's jobs ---
+    Transition(
+        Actor.INTAKE, NEW, PENDING, BOTH_KINDS,
+        "a buildimage job built its AMI, or a deploy job started, for an app with a container image "
+        "(a deploy step per module with a build_pack)",
+    ),
+    Transition(
+        Actor.INTAKE, NEW, FAILED, BOTH_KINDS,
+        "such a job, its app or its module list is malformed: recorded failed, nothing runs",
+    ),
+    Transition(
+        Actor.INTAKE, ACTIVE, CANCELLED, (DEPLOY,),
+        "the deploy (or redeploy) job ended first; only a step nobody holds: a held one is asked "
+        "(cancel_requested) and its runner ends it",
+    ),
+    # --- client: Ghost's worker ---
+    Transition(
+        Actor.CLIENT, NEW, PENDING, (DEPLOY,),
+        "the worker asks for a script the daemon has not recorded (always so for after_all_deploy); "
+        "it requests it at once",
+    ),
+    Transition(
+        Actor.CLIENT, (PENDING, PREPARING, READY), REQUESTED, (DEPLOY,),
+        "the worker asks for the script to run now, on its host (whether or not a runner prepares it)",
+    ),
+    Transition(
+        Actor.CLIENT, ACTIVE, CANCELLED, (DEPLOY,),
+        "the worker gave up waiting (its timeout, or no live daemon on its host); only a step nobody holds, as above",
+    ),
+    # --- runner: the lease holder ---
+    Transition(
+        Actor.RUNNER, (PENDING, RUNNING), RUNNING, (BUILDIMAGE,),
+        "claimed: the build starts (a running build whose holder died starts over)",
+    ),
+    Transition(
+        Actor.RUNNER, (PENDING, PREPARING), PREPARING, (DEPLOY,),
+        "claimed before Ghost's request: the container is launched ahead (unless the request came meanwhile)",
+    ),
+    Transition(
+        Actor.RUNNER, (PREPARING,), READY, (DEPLOY,),
+        "prepared (or left for the run to launch): the lease is released until Ghost's request",
+    ),
+    Transition(
+        Actor.RUNNER, (REQUESTED, RUNNING), RUNNING, (DEPLOY,),
+        "claimed on the requested host: the script runs (a running step whose holder died runs again)",
+    ),
+    Transition(Actor.RUNNER, (RUNNING,), SUCCEEDED, BOTH_KINDS, "the build or the script succeeded"),
+    Transition(
+        Actor.RUNNER, HELD, FAILED, BOTH_KINDS,
+        "the body failed, LXD stayed away, or the step used up its attempts",
+    ),
+    Transition(Actor.RUNNER, HELD, CANCELLED, BOTH_KINDS, "its holder was asked to cancel it (cancel_requested)"),
+    Transition(
+        Actor.RUNNER, (PREPARING, REQUESTED, RUNNING), SKIPPED, (DEPLOY,), "the module has no such script"
+    ),
+    # --- shutdown: the holder, out of time (a step whose move has no row keeps its state) ---
+    Transition(Actor.SHUTDOWN, (RUNNING,), PENDING, (BUILDIMAGE,), "the build was interrupted: the next start builds"),
+    Transition(
+        Actor.SHUTDOWN, (PREPARING,), PENDING, (DEPLOY,), "the preparation was interrupted: the next start prepares"
+    ),
+    Transition(
+        Actor.SHUTDOWN, (RUNNING,), REQUESTED, (DEPLOY,),
+        "the script was interrupted: the next start on the requested host runs it again",
+    ),
+    # --- upkeep and operators ---
+    Transition(
+        Actor.SWEEP, (READY,), CANCELLED, (DEPLOY,),
+        "prepared longer than container.prepared_max_age and never asked for (Ghost's worker died)",
+    ),
+    Transition(Actor.REPLAY, NEW, PENDING, (BUILDIMAGE,), "replay of a buildimage job the daemon never recorded"),
+    Transition(Actor.REPLAY, TERMINAL, PENDING, (BUILDIMAGE,), "replay of a finished build: a new attempt, same id"),
+)  # fmt: skip
+
+
+def transitions(actor: Actor, to_state: StepState | None = None, kind: str | None = None) -> list[Transition]:
+    """The rows of `actor` (into `to_state`, for `kind`, when given)."""
+    return [
+        row
+        for row in TRANSITIONS
+        if row.actor == actor and (to_state is None or row.to_state == to_state) and (kind is None or kind in row.kinds)
+    ]
+
+
+def from_states(actor: Actor, to_state: StepState, kind: str | None = None) -> tuple[StepState, ...]:
+    """The states `actor` moves a step (of `kind`, when given) from into `to_state`, in lifecycle order."""
+    found = {state for row in transitions(actor, to_state, kind) for state in row.from_states}
+    return tuple(state for state in StepState if state in found)
+
+
+def next_state(actor: Actor, state: str, kind: str) -> StepState | None:
+    """Where `actor` moves a step of `kind` in `state`; None when the table has no such move."""
+    targets = {row.to_state for row in transitions(actor, kind=kind) if state in row.from_states}
+    if len(targets) > 1:
+        raise ValueError(f"{actor} has several moves from {state} for {kind}: {sorted(targets)}")
+    return targets.pop() if targets else None
+
+
+def may_move(actor: Actor, from_state: str | None, to_state: str, kind: str) -> bool:
+    """Whether a row lets `actor` move a step of `kind` from `from_state` (None: no record yet) to `to_state`."""
+    return any(
+        row.to_state == to_state and (row.from_states == NEW if from_state is None else from_state in row.from_states)
+        for row in transitions(actor, kind=kind)
+    )
+
+
+Member = TypeVar("Member", bound=enum.StrEnum)
+
+
+def known(vocabulary: type[Member], value: str) -> Member | str:
+    """`value` as a member of `vocabulary`, or as it is when unknown (a record edited by hand or written by a
+    newer version): the runner then fails that step by name instead of every read of it failing."""
+    try:
+        return vocabulary(value)
+    except ValueError:
+        return value
+
+
+def step_id(job_id: ObjectId | str, kind: str, module: str | None = None, script: str = BUILD_PACK) -> str:
+    """Deterministic step id: `<job_id>:buildimage`, `<job_id>:deploy:<module>` (its build_pack), or
+    `<job_id>:deploy.<script>:<module>` for another module script (`after_all_deploy`).
+
+    The script sits before the module name, so no module name can make two steps share an id.
+    """
+    if not module:
+        return f"{job_id}:{kind}"
+    return f"{job_id}:{kind}:{module}" if script == BUILD_PACK else f"{job_id}:{kind}.{script}:{module}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Step:
+    """A step's record, as `store.py` reads it from `container_steps`."""
+
+    id: str
+    job_id: ObjectId
+    app_id: ObjectId | None
+    kind: StepKind | str  # a plain string only when unknown (`known`)
+    module: str | None
+    state: StepState | str
+    attempts: int
+    message: str
+    owner: str | None
+    lease_token: str | None
+    lease_expires_at: datetime | None
+    requested_host: str | None
+    cancel_requested: bool
+    exit_code: int | None
+    container: str | None
+    created_at: datetime | None
+    updated_at: datetime | None
+    started_at: datetime | None
+    finished_at: datetime | None
+    output_tail: str
+    cancel_reason: str = ""
+    image: str = ""  # alias a deploy step's container was made from
+    # Number of the claim that took the current lease: grows with every claim and is never reset,
+    # so it orders attempts; what an attempt makes in LXD carries it (fencing by attempt).
+    claim: int = 0
+    script: Script | str = BUILD_PACK  # the module script a deploy step runs
+    timed_out: bool = False  # the command was killed at container.exec_timeout
+
+    @property
+    def terminal(self) -> bool:
+        return self.state in TERMINAL

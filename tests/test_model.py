@@ -1,0 +1,363 @@
+"""The transition table against what the code does, and idempotent releasing writes.
+
+Each store query that moves steps is driven over a step in every state: it must
+move exactly those the table lets its actor move. The runner is run with
+trivial bodies and every state it writes is checked against the runner's and
+shutdown's rows. Then a fenced outcome retried after a lost acknowledgement.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from pymongo.errors import AutoReconnect
+
+from ghost_buildpackd.model import (
+    ACTIVE,
+    BUILDIMAGE,
+    DEPLOY,
+    FAILED,
+    HELD,
+    NEW,
+    READY,
+    REQUESTED,
+    RUNNING,
+    SUCCEEDED,
+    TERMINAL,
+    TRANSITIONS,
+    Actor,
+    Step,
+    StepKind,
+    StepState,
+    from_states,
+    may_move,
+    next_state,
+    step_id,
+)
+from ghost_buildpackd.runner import Bodies, Runner
+from ghost_buildpackd.steps import Outcome, StepContext, StepFailed
+from ghost_buildpackd.store import FREE_LEASE, Store
+from tests.support.ghost import make_app, make_job
+from tests.support.waiting import wait_until
+
+HOST = "host-a"
+MODULE = "app"
+
+# --- the table itself -------------------------------------------------------------------------
+
+
+def test_every_state_is_reached_and_every_unfinished_state_is_left():
+    reached = {row.to_state for row in TRANSITIONS}
+    left = {state for row in TRANSITIONS for state in row.from_states}
+    assert reached == set(StepState)
+    assert left >= set(ACTIVE), "a step would be stuck in a state nobody moves it from"
+    assert {row.to_state for row in TRANSITIONS if row.from_states == NEW} == {StepState.PENDING, FAILED}
+
+
+def test_only_replay_moves_a_finished_step():
+    for row in TRANSITIONS:
+        if set(row.from_states) & set(TERMINAL):
+            assert row.actor == Actor.REPLAY, row
+
+
+def test_a_runner_holds_exactly_the_states_it_moves_steps_from():
+    moved_from = {state for row in TRANSITIONS if row.actor == Actor.RUNNER for state in row.from_states}
+    assert set(HELD) == moved_from
+    assert READY not in HELD  # a prepared step waits without a lease
+
+
+@pytest.mark.parametrize("kind", list(StepKind))
+def test_shutdown_has_at_most_one_move_from_each_state(kind):
+    for state in StepState:
+        next_state(Actor.SHUTDOWN, state, kind)  # raises when two rows disagree
+
+
+# --- store queries move steps along the table ---------------------------------------------------
+
+
+def step_in(store: Store, db, kind: StepKind, state: StepState, **fields: Any) -> str:
+    """A fresh step of `kind` recorded in `state`, nobody holding it."""
+    app = make_app(db)
+    job = make_job(db, app, command=kind, modules=[MODULE])
+    module = MODULE if kind == DEPLOY else None
+    assert store.create_step(job, kind, module, app_id=app)
+    sid = step_id(job, kind, module)
+    store.steps.update_one({"_id": sid}, {"$set": {"state": state, **fields}})
+    return sid
+
+
+def moves(store: Store, db, kind: StepKind, act: Callable[[Step], object]) -> dict[StepState, StepState]:
+    """For a step of `kind` in each state: the state `act` left it in."""
+    after = {}
+    for state in StepState:
+        sid = step_in(store, db, kind, state)
+        act(store.get_step(sid))
+        after[state] = store.get_step(sid).state
+    return after
+
+
+def assert_moves_along(actor: Actor, to_state: StepState, kind: StepKind, after: dict[StepState, StepState]) -> None:
+    moved = {state for state, now in after.items() if now != state}
+    assert moved == set(from_states(actor, to_state, kind)) - {to_state}, after
+    assert all(after[state] == to_state for state in moved), after
+    assert all(may_move(actor, state, to_state, kind) for state in moved)
+
+
+def test_intake_cancels_deploy_steps_in_the_states_of_its_row(db, store):
+    after = moves(store, db, DEPLOY, lambda step: store.cancel_job_steps(step.job_id, "job ended"))
+    assert_moves_along(Actor.INTAKE, StepState.CANCELLED, DEPLOY, after)
+
+
+def test_the_client_requests_deploy_steps_in_the_states_of_its_row(db, store):
+    after = moves(store, db, DEPLOY, lambda step: store.request_step(step.job_id, MODULE, HOST, step.app_id))
+    assert_moves_along(Actor.CLIENT, REQUESTED, DEPLOY, after)
+
+
+def test_the_client_abandons_deploy_steps_in_the_states_of_its_row(db, store):
+    after = moves(store, db, DEPLOY, lambda step: store.abandon_step(step.id, "gave up"))
+    assert_moves_along(Actor.CLIENT, StepState.CANCELLED, DEPLOY, after)
+
+
+def test_the_sweep_cancels_deploy_steps_in_the_states_of_its_row(db, store):
+    # A negative age makes every step stale, however recent its last write.
+    after = moves(store, db, DEPLOY, lambda step: store.cancel_stale_ready(-3600, "never asked for"))
+    assert_moves_along(Actor.SWEEP, StepState.CANCELLED, DEPLOY, after)
+
+
+def test_replay_resets_buildimage_steps_in_the_states_of_its_row(db, store):
+    after = moves(store, db, BUILDIMAGE, lambda step: store.reset_step_for_replay(step.id))
+    assert_moves_along(Actor.REPLAY, StepState.PENDING, BUILDIMAGE, after)
+
+
+def test_the_client_creates_a_step_the_daemon_never_recorded_and_requests_it(db, store):
+    app = make_app(db)
+    job = make_job(db, app, command=DEPLOY, modules=[MODULE])
+    assert may_move(Actor.CLIENT, None, StepState.PENDING, DEPLOY)
+    assert store.request_step(job, MODULE, HOST, app).state == REQUESTED
+
+
+@pytest.mark.parametrize("kind", list(StepKind))
+def test_a_runner_claims_a_free_step_exactly_in_the_held_states(db, store, kind):
+    claimed = set()
+    for state in StepState:
+        sid = step_in(store, db, kind, state, requested_host=HOST)
+        step = store.claim_step("me", 30, HOST, kinds=(kind,))
+        if step is not None:
+            assert step.id == sid and step.state == state  # a claim takes the lease, not a move
+            claimed.add(state)
+            store.update_step(step, release=True)
+            store.steps.update_one({"_id": sid}, {"$set": {"state": FAILED}})  # out of the next claims
+    assert claimed == set(HELD)
+
+
+# --- the runner's writes follow the runner's and shutdown's rows ----------------------------------
+
+
+class Recorder:
+    """Wraps Store.update_step, noting each state it changes: (kind, from, to)."""
+
+    def __init__(self, store: Store):
+        self.store = store
+        self.update_step = store.update_step
+        self.moves: list[tuple[str, str, str]] = []
+
+    def __call__(self, step: Step, state: str | None = None, **kwargs: Any) -> Step | None:
+        before = self.store.get_step(step.id)
+        updated = self.update_step(step, state=state, **kwargs)
+        if updated is not None and updated.state != before.state:
+            self.moves.append((updated.kind, before.state, updated.state))
+        return updated
+
+
+class Blocking:
+    """A body that runs until aborted, then fails (as a command stopped by its abort would)."""
+
+    def __init__(self) -> None:
+        self.started = threading.Event()
+
+    def __call__(self, ctx: StepContext) -> Outcome:
+        self.started.set()
+        ctx.abort.wait(60)
+        raise StepFailed("interrupted")
+
+
+def runner(make_config, store: Store, **bodies: Any) -> Runner:
+    config = make_config(lease_ttl="3s", workers=1).with_instance_id()
+    default = {
+        "buildimage": lambda ctx: Outcome(SUCCEEDED, "built"),
+        "prepare_deploy": lambda ctx: Outcome(READY, "prepared"),
+        "run_deploy": lambda ctx: Outcome(SUCCEEDED, "ran", exit_code=0),
+    }
+    return Runner(config, store, lxd=None, bodies=Bodies(**{**default, **bodies}))
+
+
+def new_step(store: Store, db, kind: StepKind) -> str:
+    app = make_app(db)
+    job = make_job(db, app, command=kind, modules=[MODULE])
+    module = MODULE if kind == DEPLOY else None
+    store.create_step(job, kind, module, app_id=app)
+    return step_id(job, kind, module)
+
+
+def terminal(store: Store, sid: str) -> Callable[[], bool]:
+    return lambda: store.get_step(sid).terminal
+
+
+def request_when_ready(store: Store, running: Runner, sid: str) -> None:
+    """Play Ghost's worker once the runner prepared the deploy step: request the run on the runner's host."""
+    wait_until(lambda: store.get_step(sid).state == READY, 30, "the deploy step to be prepared")
+    step = store.get_step(sid)
+    store.request_step(step.job_id, MODULE, running.host, step.app_id)
+    running.wake()
+
+
+def test_the_runner_moves_steps_only_along_its_rows(db, store, make_config, monkeypatch):
+    recorder = Recorder(store)
+    monkeypatch.setattr(store, "update_step", recorder)
+
+    def broken(ctx: StepContext) -> Outcome:
+        raise StepFailed("broken")
+
+    failing = {"buildimage": broken}
+    for bodies, kind in (({}, BUILDIMAGE), (failing, BUILDIMAGE), ({}, DEPLOY)):
+        running = runner(make_config, store, **bodies)
+        running.start()
+        try:
+            sid = new_step(store, db, kind)
+            if kind == DEPLOY:
+                request_when_ready(store, running, sid)
+            wait_until(terminal(store, sid), 30, "the step to finish")
+        finally:
+            running.stop(grace=5)
+    seen = {(kind, before, after) for kind, before, after in recorder.moves}
+    assert (BUILDIMAGE, StepState.PENDING, RUNNING) in seen and (BUILDIMAGE, RUNNING, FAILED) in seen
+    assert {(DEPLOY, StepState.PREPARING, READY), (DEPLOY, RUNNING, SUCCEEDED)} <= seen
+    for kind, before, after in seen:
+        assert may_move(Actor.RUNNER, before, after, kind), f"runner moved a {kind} step {before} -> {after}"
+
+
+@pytest.mark.parametrize("kind", list(StepKind))
+def test_shutdown_puts_a_running_step_back_along_its_row(db, store, make_config, monkeypatch, kind):
+    recorder = Recorder(store)
+    monkeypatch.setattr(store, "update_step", recorder)
+    body = Blocking()
+    running = runner(make_config, store, buildimage=body, run_deploy=body)
+    running.start()
+    sid = new_step(store, db, kind)
+    try:
+        if kind == DEPLOY:
+            request_when_ready(store, running, sid)
+        assert body.started.wait(30), "the step did not start"
+    finally:
+        running.stop(grace=0)
+    back = next_state(Actor.SHUTDOWN, RUNNING, kind)
+    assert back is not None and store.get_step(sid).state == back
+    assert recorder.moves[-1] == (kind, RUNNING, back)
+
+
+def test_shutdown_leaves_a_request_made_during_preparation(db, store, make_config):
+    preparing = threading.Event()
+    requested = threading.Event()
+
+    def prepare(ctx: StepContext) -> Outcome:
+        preparing.set()
+        assert requested.wait(30)
+        return Outcome(READY, "prepared")
+
+    running = runner(make_config, store, prepare_deploy=prepare)
+    running.start()
+    sid = new_step(store, db, DEPLOY)
+    try:
+        assert preparing.wait(30), "the preparation did not start"
+        step = store.get_step(sid)
+        store.request_step(step.job_id, MODULE, running.host, step.app_id)
+    finally:
+        stopping = threading.Thread(target=running.stop, kwargs={"grace": 0})
+        stopping.start()
+        wait_until(lambda: running.held and all(h.shutting_down for h in running.held.values()), 10, "the abort")
+        requested.set()
+        stopping.join(30)
+    # The dispatcher may still claim the step once as it stops, and then releases it.
+    step = wait_until(lambda: (found := store.get_step(sid)).owner is None and found, 10, "the lease released")
+    assert step.state == REQUESTED, "the request must survive the shutdown"
+
+
+# --- releasing writes are idempotent -------------------------------------------------------------
+
+
+class LosesOneAcknowledgement:
+    """The steps collection, except that the first write of `state` applies and then its reply is lost."""
+
+    def __init__(self, collection: Any, state: str):
+        self.collection = collection
+        self.state = state
+        self.lost = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.collection, name)
+
+    def find_one_and_update(self, query: Any, update: Any, **kwargs: Any) -> Any:
+        doc = self.collection.find_one_and_update(query, update, **kwargs)
+        if not self.lost and update.get("$set", {}).get("state") == self.state:
+            self.lost += 1
+            raise AutoReconnect("connection closed before the reply (test)")
+        return doc
+
+
+def held_step(store: Store, db) -> Step:
+    new_step(store, db, BUILDIMAGE)
+    step = store.claim_step("me", 30, HOST)
+    return store.update_step(step, state=RUNNING)
+
+
+def test_an_outcome_retried_after_a_lost_acknowledgement_reports_success(db, store, monkeypatch):
+    step = held_step(store, db)
+    lossy = LosesOneAcknowledgement(store.steps, FAILED)
+    monkeypatch.setattr(store, "steps", lossy)
+    written = store.update_step(step, state=FAILED, message="exit 2", exit_code=2, output_tail="boom")
+    assert lossy.lost == 1, "the write's reply was not lost: the test proves nothing"
+    assert written is not None, "a retried outcome reported a lost lease"
+    assert (written.state, written.message, written.exit_code, written.owner) == (FAILED, "exit 2", 2, None)
+
+
+def test_ready_retried_after_a_lost_acknowledgement_reports_success(db, store, monkeypatch):
+    new_step(store, db, DEPLOY)
+    step = store.update_step(store.claim_step("me", 30, HOST), state=StepState.PREPARING)
+    lossy = LosesOneAcknowledgement(store.steps, READY)
+    monkeypatch.setattr(store, "steps", lossy)
+    written = store.update_step(step, state=READY, release=True, expect_state=StepState.PREPARING)
+    assert lossy.lost == 1 and written is not None and written.state == READY
+
+
+def test_an_outcome_is_not_taken_for_ours_after_a_successor_claimed(db, store):
+    step = held_step(store, db)
+    assert store.update_step(step, state=FAILED, message="exit 2") is not None
+    assert store.reset_step_for_replay(step.id)
+    successor = store.update_step(store.claim_step("other", 30, HOST), state=RUNNING)
+    assert store.update_step(successor, state=FAILED, message="exit 2") is not None
+    assert store.update_step(step, state=FAILED, message="exit 2") is None, "a write under an old claim was accepted"
+
+
+def test_another_outcome_already_recorded_is_not_taken_for_ours(db, store):
+    step = held_step(store, db)
+    cancelled = {"state": StepState.CANCELLED, "message": "deploy job ended", "lease": FREE_LEASE}
+    store.steps.update_one({"_id": step.id}, {"$set": cancelled})
+    assert store.update_step(step, state=FAILED, message="exit 2") is None
+    assert store.update_step(step, state=StepState.CANCELLED, message="another reason") is None
+    assert store.get_step(step.id).message == "deploy job ended"
+
+
+def test_a_record_of_an_unknown_kind_fails_by_name_instead_of_wedging_the_runner(db, store, make_config):
+    sid = new_step(store, db, BUILDIMAGE)
+    store.steps.update_one({"_id": sid}, {"$set": {"kind": "rebuild"}})  # written by a newer version, say
+    assert store.get_step(sid).kind == "rebuild"
+    running = runner(make_config, store)
+    running.start()
+    try:
+        step = wait_until(lambda: (found := store.get_step(sid)).terminal and found, 30, "the step to finish")
+    finally:
+        running.stop(grace=5)
+    assert (step.state, step.message) == (FAILED, "unknown step kind 'rebuild'")
