@@ -28,6 +28,7 @@ from ghost_buildpackd.store import BUILDIMAGE, SUCCEEDED, Store, step_id
 from tests.conftest import leftover_containers
 from tests.support.daemon import DaemonProcess
 from tests.support.ghost import b64, finish_buildimage, make_app, make_job, set_status
+from tests.support.profiles import profile_names
 from tests.support.steps import step_context, take_over_after_crash
 from tests.support.waiting import wait_until
 
@@ -114,7 +115,7 @@ def assert_nothing_published(lxd: Lxd, store: Store, db: Database, job_id: Objec
     assert not [i for i in lxd.list_images() if i.properties.get(IMAGE_PROP_JOB) == str(job_id)]
     assert store.get_image_record(str(job_id)) is None
     assert leftover_containers(lxd, db) == []
-    assert not [profile for profile in lxd.list_profiles() if str(job_id) in profile]
+    assert not [profile for profile in profile_names(lxd) if str(job_id) in profile]
 
 
 # --- a successful build ----------------------------------------------------------------------
