@@ -21,6 +21,7 @@ from ghost_buildpackd.store import (
     step_id,
 )
 from tests.support.ghost import make_app, make_job
+from tests.support.steps import claim_named_step
 from tests.support.waiting import wait_until
 
 HOST = "ghost-host-1"
@@ -45,7 +46,7 @@ class FakeDaemon:
     def _run(self) -> None:
         try:
             step = wait_until(
-                lambda: self.store.claim_specific(self.sid, "fake-daemon", 30, (REQUESTED,)), 20, "the request"
+                lambda: claim_named_step(self.store, self.sid, "fake-daemon", 30, (REQUESTED,)), 20, "the request"
             )
             assert step.requested_host == HOST
             step = self.store.update_step(step, state=RUNNING)
