@@ -228,26 +228,18 @@ def _size(value: int | None) -> str:
     return f"{value / (1 << 30):g}GiB" if value >= 1 << 30 else f"{value / (1 << 20):g}MiB"
 
 
-def _describe_nic(name: str, device: dict[str, str]) -> str:
-    """`eth0 (bridged lxdbr0)`, plus the ACLs it carries."""
-    link = " ".join(filter(None, (device.get("nictype"), device.get("network") or device.get("parent"))))
-    acls = f" with ACLs {device['security.acls']}" if device.get("security.acls") else ""
-    return f"{name} ({link or 'nic'}){acls}"
-
-
 def metadata_check(config: Config, lxd: Lxd) -> CheckResult:
     """Whether containers get a network device, over which they could reach the cloud metadata address."""
     profiles = ("default", *config.container.profiles)
     try:
-        devices = lxd.profile_devices(profiles)
+        nics = lxd.network_devices(profiles)
     except Exception as error:
         return fail("metadata address", f"cannot read profiles {', '.join(profiles)}: {error}", "check LXD's log")
-    nics = {name: device for name, device in devices.items() if device.get("type") == "nic"}
     if not nics:
         return ok(
             "metadata address", f"no network device: metadata address unreachable (profiles {', '.join(profiles)})"
         )
-    described = ", ".join(_describe_nic(name, device) for name, device in sorted(nics.items()))
+    described = ", ".join(nics)
     return warn(
         "metadata address",
         f"containers get network devices from profiles {', '.join(profiles)}: {described}; unless something blocks "

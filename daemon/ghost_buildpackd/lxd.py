@@ -1,4 +1,10 @@
-"""LXD adapter: the only module that talks to LXD (through pylxd).
+"""LXD adapter: the only module that talks to LXD (through pylxd), and mechanism only.
+
+It carries out calls (images by alias or fingerprint, listings, pulls,
+containers, exec) and never decides which image a step uses (`images.py`
+does). LXD's own configuration keys (`raw.idmap`, `security.privileged`,
+`limits.*`, device keys) stay here: callers describe a container with a
+`ContainerSpec` and read one back as `ContainerDetails`.
 
 Every call has a bounded wait: the HTTP client has a timeout (`lxd.timeout`);
 long operations (create, start, stop, delete, publish) are waited on as LXD
@@ -211,6 +217,13 @@ class ExecResult:
 def is_mount(device: Mapping[str, str]) -> bool:
     """Whether an LXD device mounts a host directory (a disk with a source)."""
     return device.get("type") == "disk" and bool(device.get("source"))
+
+
+def _describe_nic(name: str, device: Mapping[str, str]) -> str:
+    """`eth0 (bridged lxdbr0)`, plus the ACLs it carries."""
+    link = " ".join(filter(None, (device.get("nictype"), device.get("network") or device.get("parent"))))
+    acls = f" with ACLs {device['security.acls']}" if device.get("security.acls") else ""
+    return f"{name} ({link or 'nic'}){acls}"
 
 
 def disk_device(mount: Mount) -> dict[str, str]:
@@ -648,6 +661,11 @@ class Lxd:
         for name in profiles:
             devices |= self.client.api.profiles[name].get().json()["metadata"].get("devices") or {}
         return devices
+
+    def network_devices(self, profiles: Sequence[str]) -> list[str]:
+        """The network devices a container with `profiles` gets, described: `eth0 (bridged lxdbr0) with ACLs x`."""
+        devices = self.profile_devices(profiles)
+        return [_describe_nic(name, device) for name, device in sorted(devices.items()) if device.get("type") == "nic"]
 
     @retry_lxd
     def root_pool(self, profiles: Sequence[str]) -> tuple[str, str] | None:
