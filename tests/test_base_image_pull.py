@@ -16,7 +16,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ghost_buildpackd.lxd import ImageNotFound, Lxd
+from ghost_buildpackd import images
+from ghost_buildpackd.images import ImageNotFound
+from ghost_buildpackd.lxd import Lxd
 from ghost_buildpackd.model import BUILDIMAGE
 from ghost_buildpackd.steps import StepFailed, buildimage
 from tests.support.ghost import finish_buildimage, make_app, make_job
@@ -66,7 +68,7 @@ def test_a_local_fingerprint_never_goes_to_the_endpoint(make_config, tmp_path, b
     lxd = Lxd(config.lxd)
     local = lxd.image_by_alias(base_image)
     assert local is not None
-    assert lxd.resolve_image(local.fingerprint).fingerprint == local.fingerprint
+    assert images.base_image(lxd, local.fingerprint, config.lxd.image_server).fingerprint == local.fingerprint
 
 
 def test_localhost_means_local_images_only(make_config, tmp_path):
@@ -74,6 +76,6 @@ def test_localhost_means_local_images_only(make_config, tmp_path):
     assert config.lxd.image_server is None
     fingerprint = unknown_fingerprint()
     with pytest.raises(ImageNotFound) as raised:
-        Lxd(config.lxd).resolve_image(fingerprint)
+        images.base_image(Lxd(config.lxd), fingerprint, config.lxd.image_server)
     assert f"no LXD image matches {fingerprint!r}" in str(raised.value)
     assert "pulling" not in str(raised.value)

@@ -30,6 +30,7 @@ from ghost_buildpackd.templates import TAG_TEMPLATE
 from tests.conftest import leftover_containers
 from tests.support.daemon import DaemonProcess
 from tests.support.ghost import b64, finish_buildimage, make_app, make_job, set_status
+from tests.support.profiles import profile_names
 from tests.support.steps import step_context, take_over_after_crash
 from tests.support.waiting import wait_until
 
@@ -116,7 +117,7 @@ def assert_nothing_published(lxd: Lxd, store: Store, db: Database, job_id: Objec
     assert not [i for i in lxd.list_images() if i.properties.get(IMAGE_PROP_JOB) == str(job_id)]
     assert store.get_image_record(str(job_id)) is None
     assert leftover_containers(lxd, db) == []
-    assert not [profile for profile in lxd.list_profiles() if str(job_id) in profile]
+    assert not [profile for profile in profile_names(lxd) if str(job_id) in profile]
 
 
 # --- a successful build ----------------------------------------------------------------------

@@ -14,6 +14,7 @@ from ghost_buildpackd.lxd import Lxd
 from ghost_buildpackd.store import Store
 from tests.support.ghost import make_app
 from tests.support.mongo import free_port
+from tests.support.profiles import delete_profile
 
 pytestmark = [pytest.mark.lxd, pytest.mark.mongodb]
 
@@ -107,7 +108,7 @@ def test_storage_pool_line_follows_the_configured_profiles(lxd: Lxd, make_config
         no_templates = make_config(container={"profiles": [name], "templates": 0})
         without = storage_cost_check(no_templates, read_root_pool(no_templates, lxd))
     finally:
-        lxd.delete_profile(name)
+        delete_profile(lxd, name)
     assert line.ok and line.detail.startswith(f"{pool[0]}: {pool[1]}, ")
     snapshot = pool[1] in ("btrfs", "zfs", "lvm", "ceph")
     assert ("a snapshot of its template (container.templates: 8)" in line.detail) == snapshot
@@ -134,7 +135,7 @@ def nic_profile(lxd: Lxd) -> Iterator[str]:
     name = f"gbp-test-nic-{uuid.uuid4().hex[:8]}"
     lxd.client.profiles.create(name, devices={"eth0": {"type": "nic", "nictype": "bridged", "parent": "gbptestbr0"}})
     yield name
-    lxd.delete_profile(name)
+    delete_profile(lxd, name)
 
 
 def test_containers_with_a_network_device_are_warned_about_the_metadata_address(

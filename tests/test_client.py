@@ -13,6 +13,7 @@ from ghost_buildpackd.client import ABANDONED, run_buildpack
 from ghost_buildpackd.model import CANCELLED, DEPLOY, FAILED, REQUESTED, RUNNING, SUCCEEDED, step_id
 from ghost_buildpackd.store import Store
 from tests.support.ghost import make_app, make_job
+from tests.support.steps import claim_named_step
 from tests.support.waiting import wait_until
 
 HOST = "ghost-host-1"
@@ -37,7 +38,7 @@ class FakeDaemon:
     def _run(self) -> None:
         try:
             step = wait_until(
-                lambda: self.store.claim_specific(self.sid, "fake-daemon", 30, (REQUESTED,)), 20, "the request"
+                lambda: claim_named_step(self.store, self.sid, "fake-daemon", 30, (REQUESTED,)), 20, "the request"
             )
             assert step.requested_host == HOST
             step = self.store.update_step(step, state=RUNNING)

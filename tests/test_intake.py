@@ -13,6 +13,7 @@ from ghost_buildpackd.events import Intake, StartupError, choose_event_mode
 from ghost_buildpackd.model import CANCELLED, FAILED, PENDING, step_id
 from ghost_buildpackd.store import Store
 from tests.support.ghost import finish_buildimage, make_app, make_job, module_doc, set_status
+from tests.support.steps import claim_named_step
 
 
 class Calls:
@@ -137,7 +138,7 @@ def test_deploy_end_cancels_free_steps_and_asks_holders_to_stop(db, store, intak
     job = make_job(db, app, command="deploy", modules=["a", "b"])
     set_status(db, job, "started")
     intake.handle_job_id(job)
-    held = store.claim_specific(step_id(job, "deploy", "b"), "someone", 60, (PENDING,))
+    held = claim_named_step(store, step_id(job, "deploy", "b"), "someone", 60, (PENDING,))
     assert held is not None
     set_status(db, job, "aborted")
     intake.handle_job_id(job)

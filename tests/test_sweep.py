@@ -19,6 +19,7 @@ from ghost_buildpackd.model import BUILDIMAGE, FAILED, RUNNING, SUCCEEDED, step_
 from ghost_buildpackd.store import Store, utcnow
 from ghost_buildpackd.sweep import sweep_orphans
 from tests.support.ghost import make_app, make_job
+from tests.support.profiles import delete_profile, profile_names
 
 pytestmark = [pytest.mark.lxd, pytest.mark.mongodb]
 
@@ -59,7 +60,7 @@ def remaining(lxd: Lxd, names: dict[str, str]) -> set[str]:
 
 
 def test_sweep_removes_containers_of_missing_and_finished_steps_only(store: Store, lxd: Lxd, base_image: str) -> None:
-    fingerprint = lxd.resolve_image(base_image).fingerprint
+    fingerprint = lxd.image_by_alias(base_image).fingerprint  # type: ignore[union-attr]
     app_id = make_app(store.db)
     jobs = {role: make_job(store.db, app_id) for role in ("missing", "succeeded", "failed", "live", "expired")}
     store.create_step(jobs["succeeded"], BUILDIMAGE, app_id=app_id, state=SUCCEEDED)
@@ -85,7 +86,7 @@ def test_sweep_removes_containers_of_missing_and_finished_steps_only(store: Stor
             {"container": names["missing"], "step": step_id(jobs["missing"], BUILDIMAGE), "reason": "no step record"}
         ]
         # Profiles are the operator's: even an unused one named like the daemon's containers stays.
-        profiles = lxd.list_profiles()
+        profiles = profile_names(lxd)
         assert used_profile in profiles
         assert unused_profile in profiles
 
@@ -100,4 +101,4 @@ def test_sweep_removes_containers_of_missing_and_finished_steps_only(store: Stor
         for name in names.values():
             lxd.delete_container(name)
         for profile in (used_profile, unused_profile):
-            lxd.delete_profile(profile)
+            delete_profile(lxd, profile)

@@ -8,6 +8,7 @@ named `gbp-check-<random>` and is always deleted.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import pwd
@@ -20,9 +21,9 @@ from typing import TextIO
 import pymongo
 
 from .config import PUBLISH_COMPRESSORS, Config
+from .images import ImageNotFound, is_job_alias, local_base_image
 from .lxd import ContainerSpec, ImageInfo, Lxd
 from .model import FAILED
-from .retention import JOB_ALIAS
 from .steps import UNPRIVILEGED_HINT, idmap_user_ids
 from .store import Store, redacted_uri, short_error
 
@@ -228,26 +229,18 @@ def _size(value: int | None) -> str:
     return f"{value / (1 << 30):g}GiB" if value >= 1 << 30 else f"{value / (1 << 20):g}MiB"
 
 
-def _describe_nic(name: str, device: dict[str, str]) -> str:
-    """`eth0 (bridged lxdbr0)`, plus the ACLs it carries."""
-    link = " ".join(filter(None, (device.get("nictype"), device.get("network") or device.get("parent"))))
-    acls = f" with ACLs {device['security.acls']}" if device.get("security.acls") else ""
-    return f"{name} ({link or 'nic'}){acls}"
-
-
 def metadata_check(config: Config, lxd: Lxd) -> CheckResult:
     """Whether containers get a network device, over which they could reach the cloud metadata address."""
     profiles = ("default", *config.container.profiles)
     try:
-        devices = lxd.profile_devices(profiles)
+        nics = lxd.network_devices(profiles)
     except Exception as error:
         return fail("metadata address", f"cannot read profiles {', '.join(profiles)}: {error}", "check LXD's log")
-    nics = {name: device for name, device in devices.items() if device.get("type") == "nic"}
     if not nics:
         return ok(
             "metadata address", f"no network device: metadata address unreachable (profiles {', '.join(profiles)})"
         )
-    described = ", ".join(_describe_nic(name, device) for name, device in sorted(nics.items()))
+    described = ", ".join(nics)
     return warn(
         "metadata address",
         f"containers get network devices from profiles {', '.join(profiles)}: {described}; unless something blocks "
@@ -328,20 +321,22 @@ def unprivileged_failures_check(config: Config, store: Store) -> CheckResult:
 
 
 def pick_probe_image(lxd: Lxd, store: Store | None) -> ImageInfo | None:
-    """An image apps use, else the project's base image, else any aliased image (smallest first)."""
+    """An image an app's builds start from, else the project's base image, else any aliased image (smallest first)."""
     images = lxd.list_images()
     if store is not None:
         for app in store.all_apps():
             ref = (app.get("build_infos") or {}).get("source_container_image")
-            for image in images:
-                if ref and (ref in image.aliases or image.fingerprint.startswith(str(ref))):
+            if not isinstance(ref, str) or not ref.strip():
+                continue
+            with contextlib.suppress(ImageNotFound):  # an ambiguous prefix: the build would refuse it too
+                if image := local_base_image(ref.strip(), images):
                     return image
     aliased = sorted((image for image in images if image.aliases), key=lambda image: image.size)
     for image in aliased:
         if any(alias.startswith(PROJECT_IMAGE_PREFIX) for alias in image.aliases):
             return image
     # Images the daemon published (aliased by job id) may be deleted by retention at any time.
-    stable = [image for image in aliased if not all(JOB_ALIAS.fullmatch(alias) for alias in image.aliases)]
+    stable = [image for image in aliased if not all(is_job_alias(alias) for alias in image.aliases)]
     return stable[0] if stable else None
 
 

@@ -1,4 +1,10 @@
-"""LXD adapter: the only module that talks to LXD (through pylxd).
+"""LXD adapter: the only module that talks to LXD (through pylxd), and mechanism only.
+
+It carries out calls (images by alias or fingerprint, listings, pulls,
+containers, exec) and never decides which image a step uses (`images.py`
+does). LXD's own configuration keys (`raw.idmap`, `security.privileged`,
+`limits.*`, device keys) stay here: callers describe a container with a
+`ContainerSpec` and read one back as `ContainerDetails`.
 
 Every call has a bounded wait: the HTTP client has a timeout (`lxd.timeout`);
 long operations (create, start, stop, delete, publish) are waited on as LXD
@@ -53,13 +59,8 @@ class LxdError(Exception):
     """An LXD operation failed in a way the caller should report."""
 
 
-class ImageNotFound(LxdError):
-    pass
-
-
-def _is_hex(text: str) -> bool:
-    """Whether `text` can be (a prefix of) an image fingerprint."""
-    return all(c in "0123456789abcdef" for c in text.lower())
+class ImagePullFailed(LxdError):
+    """Copying an image from another LXD server failed; the text says why."""
 
 
 class LxdUnavailable(LxdError):
@@ -154,6 +155,10 @@ class ContainerInfo:
         return claim_number(self.tags.get(TAG_CLAIM))
 
 
+# Container settings that decide who owns what a command in it writes to a mounted directory.
+OWNERSHIP_KEYS = ("raw.idmap", "security.privileged")
+
+
 @dataclasses.dataclass(frozen=True)
 class ContainerDetails:
     status: str
@@ -164,6 +169,11 @@ class ContainerDetails:
     def mounts(self) -> list[str]:
         """Its devices that mount a host directory (not, say, its root disk with a size)."""
         return sorted(name for name, device in self.devices.items() if is_mount(device))
+
+    def maps_ownership_as(self, spec: ContainerSpec) -> bool:
+        """Whether files written in it get the owner they would in a container made from `spec`."""
+        wanted = spec.lxd_config()
+        return all(self.config.get(key) == wanted.get(key) for key in OWNERSHIP_KEYS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -221,6 +231,13 @@ class ExecResult:
 def is_mount(device: Mapping[str, str]) -> bool:
     """Whether an LXD device mounts a host directory (a disk with a source)."""
     return device.get("type") == "disk" and bool(device.get("source"))
+
+
+def _describe_nic(name: str, device: Mapping[str, str]) -> str:
+    """`eth0 (bridged lxdbr0)`, plus the ACLs it carries."""
+    link = " ".join(filter(None, (device.get("nictype"), device.get("network") or device.get("parent"))))
+    acls = f" with ACLs {device['security.acls']}" if device.get("security.acls") else ""
+    return f"{name} ({link or 'nic'}){acls}"
 
 
 def disk_device(mount: Mount) -> dict[str, str]:
@@ -405,47 +422,11 @@ class Lxd:
         except NotFound:
             return None
 
-    def resolve_image(self, ref: str) -> ImageInfo:
-        """A local image by alias, fingerprint (or unique prefix), or `os/release` (newest match).
+    def pull_image(self, server: str, key: str, ref: str) -> ImageInfo:
+        """Copy the image whose `key` (`fingerprint` or `alias`) is `ref` from the LXD at `server`, over LXD's protocol.
 
-        With `lxd.image_server` set (Ghost's `container.endpoint`, a remote LXD), a
-        reference not found locally is pulled from there over LXD's protocol, as
-        Ghost did: by fingerprint (what Ghost's UI stores), else by alias. LXD keeps
-        the copy under the same fingerprint, so the next build finds it locally.
+        LXD keeps the copy under the same fingerprint. ImagePullFailed says why when it fails.
         """
-        ref = ref.strip()
-        images = self.list_images()
-        for image in images:
-            if ref in image.aliases:
-                return image
-        if len(ref) >= 6 and _is_hex(ref):
-            matches = [image for image in images if image.fingerprint.startswith(ref.lower())]
-            if len(matches) == 1:
-                return matches[0]
-            if len(matches) > 1:
-                raise ImageNotFound(f"image prefix {ref!r} is ambiguous: {', '.join(m.describe() for m in matches)}")
-        if "/" in ref:
-            os_name, _, release = ref.partition("/")
-            matches = [
-                image
-                for image in images
-                if image.properties.get("os", "").lower() == os_name.lower()
-                and image.properties.get("release", "").lower() == release.lower()
-                and IMAGE_PROP_JOB not in image.properties
-            ]
-            if matches:
-                return max(matches, key=lambda image: image.created_at)
-        if self.config.image_server:
-            return self._pull(ref)
-        existing = "; ".join(image.describe() for image in images) or "no images at all"
-        raise ImageNotFound(
-            f"no LXD image matches {ref!r} as an alias, a fingerprint or an os/release; local images: {existing}"
-        )
-
-    def _pull(self, ref: str) -> ImageInfo:
-        """Copy `ref` from `lxd.image_server`; ImageNotFound naming the server and the reference when it fails."""
-        server = self.config.image_server
-        key = "fingerprint" if len(ref) >= 12 and _is_hex(ref) else "alias"
         source = {"type": "image", "mode": "pull", "protocol": "lxd", "server": server, key: ref}
         log.info("image_pull_started", server=server, **{key: ref})
         try:
@@ -454,10 +435,7 @@ class Lxd:
             return self._image(operation["metadata"]["fingerprint"])
         except (LXDAPIException, LxdError, requests.RequestException) as error:
             log.warning("image_pull_failed", server=server, image=ref, error=str(error))
-            raise ImageNotFound(
-                f"no local LXD image matches {ref!r}, and pulling {key} {ref} from {server} "
-                f"(lxd.image_server, else Ghost's container.endpoint) over LXD's protocol failed: {error}"
-            ) from error
+            raise ImagePullFailed(str(error)) from error
 
     @retry_lxd
     def delete_alias(self, alias: str) -> None:
@@ -716,9 +694,10 @@ class Lxd:
             devices |= self.client.api.profiles[name].get().json()["metadata"].get("devices") or {}
         return devices
 
-    @retry_lxd
-    def list_profiles(self) -> list[str]:
-        return [profile.name for profile in self.client.profiles.all()]
+    def network_devices(self, profiles: Sequence[str]) -> list[str]:
+        """The network devices a container with `profiles` gets, described: `eth0 (bridged lxdbr0) with ACLs x`."""
+        devices = self.profile_devices(profiles)
+        return [_describe_nic(name, device) for name, device in sorted(devices.items()) if device.get("type") == "nic"]
 
     @retry_lxd
     def root_pool(self, profiles: Sequence[str]) -> tuple[str, str] | None:
@@ -730,15 +709,6 @@ class Lxd:
         if pool is None:
             return None
         return pool, self.client.storage_pools.get(pool).driver
-
-    @retry_lxd
-    def delete_profile(self, name: str) -> bool:
-        """Delete profile `name`; False when there was nothing to delete."""
-        try:
-            self.client.profiles.get(name).delete()
-        except NotFound:
-            return False
-        return True
 
     def _exec_streaming(
         self, name: str, argv: list[str], env: Mapping[str, str], on_output: Callable[[bytes], None], cwd: str | None
@@ -756,7 +726,7 @@ class Lxd:
                   "interactive": False, "cwd": cwd}
         ).json()  # fmt: skip
         fds = response["metadata"]["metadata"]["fds"]
-        path = urlparse(client.api.operations[response["operation"].rsplit("/", 1)[-1]].websocket._api_endpoint).path
+        path = urlparse(response["operation"]).path + "/websocket"  # the operation's URL, as LXD gave it
         streams: list[_OutputStream] = []
         stdin = _InputStream(client.websocket_url, ssl_options=client.ssl_options)
         try:

@@ -19,7 +19,6 @@ Which AMIs are live comes from an inventory (`retention.inventory`):
 from __future__ import annotations
 
 import dataclasses
-import re
 import sys
 import threading
 from collections import Counter
@@ -31,6 +30,7 @@ from bson import ObjectId
 
 from .config import Config
 from .ghost import AssumedRole, BadDocument, parse_app, parse_job, parse_object_id
+from .images import is_job_alias, named_image
 from .logs import get_logger
 from .lxd import ImageInfo, Lxd
 from .status import table
@@ -41,7 +41,6 @@ log = get_logger(__name__)
 
 EC2_BATCH = 100  # AMI ids per DescribeImages call
 STS_SESSION_NAME = "ghost-buildpackd-retention"
-JOB_ALIAS = re.compile(r"[0-9a-f]{24}")  # the aliases of images the daemon published are job ids
 
 # Actions in the report
 KEEP = "keep"
@@ -390,10 +389,10 @@ class Reconciler:
         """Images never touched: an app's current image, and images of steps in flight."""
         protected: dict[str, str] = {}
         for name, steps in self.store.active_step_images().items():
-            for image in _resolve(name, images):
+            if image := named_image(name, images):
                 protected[image.fingerprint] = f"used by step in flight {', '.join(sorted(steps))}"
         for name, apps in self.store.apps_container_images().items():
-            for image in _resolve(name, images):
+            if image := named_image(name, images):
                 protected[image.fingerprint] = f"current container_image of app {', '.join(sorted(apps))}"
         return protected
 
@@ -484,7 +483,7 @@ class Reconciler:
         live = {record.alias for record in facts.records}
         for image in facts.images:
             for alias in image.aliases:
-                if not JOB_ALIAS.fullmatch(alias) or alias in live:
+                if not is_job_alias(alias) or alias in live:
                     continue
                 reason = (
                     "its record is pruned but the alias exists: left alone"
@@ -492,16 +491,6 @@ class Reconciler:
                     else "alias with no container_images record: left alone"
                 )
                 report.add(ReportRow("?", alias, "", None, LEAVE, reason))
-
-
-def _resolve(name: str, images: list[ImageInfo]) -> list[ImageInfo]:
-    """Images a name designates: by alias, by fingerprint, or by a unique fingerprint prefix."""
-    by_alias = [image for image in images if name in image.aliases]
-    if by_alias:
-        return by_alias
-    prefix = name.lower()
-    matches = [image for image in images if len(prefix) >= 6 and image.fingerprint.startswith(prefix)]
-    return matches if len(matches) == 1 else []
 
 
 def _describe_error(error: Exception) -> str:

@@ -635,20 +635,6 @@ class Store:
         query = {"state": REQUESTED, "requested_host": host, "lease.expires_at": {"$lt": self.server_now()}}
         return self.steps.find_one(query, {"_id": 1}) is not None
 
-    @retry_transient
-    def claim_specific(self, sid: str, owner: str, ttl: float, states: tuple[str, ...]) -> Step | None:
-        """Take the lease on one named step if it is free and in one of `states`."""
-        doc = self.steps.find_one_and_update(
-            {
-                "_id": sid,
-                "state": {"$in": list(states)},
-                "lease.expires_at": {"$lt": self.server_now()},
-            },
-            self._claim_update(owner, ttl),
-            return_document=ReturnDocument.AFTER,
-        )
-        return step_from_doc(doc) if doc else None
-
     def renew_lease(self, step: Step, ttl: float, within: float) -> Step | None:
         """Extend the lease; None when it was lost (fencing: a successor may hold it now).
 

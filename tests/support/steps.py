@@ -7,12 +7,13 @@ from datetime import timedelta
 
 import structlog
 from bson import ObjectId
+from pymongo import ReturnDocument
 
 from ghost_buildpackd.config import Config
 from ghost_buildpackd.lxd import Lxd
 from ghost_buildpackd.model import DEPLOY, PENDING, PREPARING, READY, REQUESTED, RUNNING, Step, step_id
 from ghost_buildpackd.steps import StepContext
-from ghost_buildpackd.store import Store, utcnow
+from ghost_buildpackd.store import Store, retry_transient, step_from_doc, utcnow
 
 TEST_OWNER = "test-instance"
 TEST_LEASE_TTL = 600.0  # nothing renews the lease in these tests; long enough for any one step
@@ -40,6 +41,21 @@ def step_context(
     step = store.claim_step(_owner(config), TEST_LEASE_TTL, config.host_name, kinds=(kind,))
     assert step is not None and step.id == sid and step.state == PENDING, f"could not take the lease on step {sid}"
     return _taken(config, store, lxd, step, RUNNING)
+
+
+@retry_transient
+def claim_named_step(store: Store, sid: str, owner: str, ttl: float, states: tuple[str, ...]) -> Step | None:
+    """Take the lease on one named step if it is free and in one of `states` (the runner claims by priority instead)."""
+    doc = store.steps.find_one_and_update(
+        {
+            "_id": sid,
+            "state": {"$in": list(states)},
+            "lease.expires_at": {"$lt": store.server_now()},
+        },
+        store._claim_update(owner, ttl),
+        return_document=ReturnDocument.AFTER,
+    )
+    return step_from_doc(doc) if doc else None
 
 
 def _owner(config: Config) -> str:
@@ -101,7 +117,7 @@ def deploy_context(config: Config, store: Store, lxd: Lxd, job_id: ObjectId, mod
     else:
         store.request_step(job_id, module, config.host_name, job.get("app_id"))
         wanted, state = (REQUESTED,), RUNNING
-    step = store.claim_specific(sid, _owner(config), TEST_LEASE_TTL, wanted)
+    step = claim_named_step(store, sid, _owner(config), TEST_LEASE_TTL, wanted)
     assert step is not None, f"could not take the lease on step {sid} in {wanted}"
     return _taken(config, store, lxd, step, state)
 

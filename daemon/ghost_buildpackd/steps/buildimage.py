@@ -29,8 +29,9 @@ from typing import Any, TypeVar
 from .. import templates
 from ..config import PLACEHOLDER_ANSIBLE_VERBOSITY, PLACEHOLDER_LOG_LEVEL, PLACEHOLDER_VENV, Config
 from ..ghost import PROVISIONERS, App, BadDocument, Job, parse_app, parse_job
+from ..images import ImageNotFound, base_image
 from ..logs import Secrets
-from ..lxd import IMAGE_PROP_CLAIM, IMAGE_PROP_JOB, ImageInfo, ImageNotFound, Mount
+from ..lxd import IMAGE_PROP_CLAIM, IMAGE_PROP_JOB, ImageInfo, Mount
 from ..model import SUCCEEDED
 from ..store import ImageRecord, utcnow
 from . import (
@@ -208,8 +209,10 @@ def unsafe_tree_problem(tree: Path, top: Path, owners: set[int]) -> str:
 
 
 def resolve_base_image(ctx: StepContext, app: App) -> ImageInfo:
+    """The image the build starts from (`images.base_image`), said in Ghost's job log."""
+    reference, server = app.source_container_image, ctx.config.lxd.image_server
     try:
-        base = lxd_phase("resolving the base image", lambda: ctx.lxd.resolve_image(app.source_container_image))
+        base = lxd_phase("resolving the base image", lambda: base_image(ctx.lxd, reference, server))
     except StepFailed as error:
         if isinstance(error.__cause__, ImageNotFound):
             raise StepFailed(f"base image (app.build_infos.source_container_image): {error.__cause__}") from None

@@ -23,6 +23,7 @@ import os
 from pathlib import Path
 
 from ..ghost import App, BadDocument, Module, ModuleScript, parse_app, parse_job
+from ..images import ImageNotFound, deploy_image
 from ..joblog import OutputCollector
 from ..logs import Secrets
 from ..lxd import Mount
@@ -43,8 +44,6 @@ from . import (
 )
 
 MOUNT_DEVICE = "ghost-module"  # the LXD disk device holding the working copy
-# Container settings that decide who owns what the buildpack writes.
-OWNERSHIP_KEYS = ("raw.idmap", "security.privileged")
 
 
 def prepare(ctx: StepContext) -> Outcome:
@@ -153,20 +152,11 @@ def announce_image(ctx: StepContext, app: App) -> None:
 
 
 def image_fingerprint(ctx: StepContext, app: App) -> str:
-    """The fingerprint behind `build_infos.container_image`; StepFailed when there is none."""
-    alias = app.container_image
-    if not alias:
-        raise StepFailed(
-            "app.build_infos.container_image is not set: no container image was built for this app yet "
-            "(run a buildimage first)"
-        )
-    image = ctx.lxd.image_by_alias(alias)
-    if image is None:
-        raise StepFailed(
-            f"app.build_infos.container_image: LXD image {alias!r} does not exist on this host "
-            "(deleted, or built on another host); run a buildimage again"
-        )
-    return image.fingerprint
+    """The fingerprint of the image the deploy runs (`images.deploy_image`); StepFailed when there is none."""
+    try:
+        return deploy_image(ctx.lxd, app.container_image).fingerprint
+    except ImageNotFound as error:
+        raise StepFailed(str(error)) from None
 
 
 def check_abort(ctx: StepContext, before: str) -> None:
@@ -211,7 +201,7 @@ def usable_container(ctx: StepContext, app: App, owner: tuple[int, int]) -> str:
     adopt it; one taken over removes it first (`remove_leftovers`).
     """
     name = prepared_container(ctx)
-    wanted = container_spec(ctx, "", idmap=owner).lxd_config()
+    wanted = container_spec(ctx, "", idmap=owner)
     current = ctx.lxd.describe_container(name)
     if current is None:
         ctx.log.info("deploy_container_not_prepared", container=name)
@@ -225,7 +215,7 @@ def usable_container(ctx: StepContext, app: App, owner: tuple[int, int]) -> str:
             container=name,
             image=app.container_image,
         )
-    elif all(current.config.get(key) == wanted.get(key) for key in OWNERSHIP_KEYS):
+    elif current.maps_ownership_as(wanted):
         ctx.log.info("deploy_container_reused", container=name)
         return name
     else:

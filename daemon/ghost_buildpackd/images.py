@@ -1,0 +1,121 @@
+"""Which LXD image wins: the image policy of builds, deploys, retention and `check`, apart from the LXD calls.
+
+- A build starts from the app's base image (`build_infos.source_container_image`):
+  the image of that alias, else of that fingerprint or unique fingerprint prefix
+  (6 hex digits or more), else the newest `os/release` image the daemon did not
+  publish itself. With `lxd.image_server` set (Ghost's `container.endpoint`, a
+  remote LXD), a reference no local image matches is pulled from there, as Ghost
+  did: by fingerprint (what Ghost's UI stores), else by alias.
+- A deploy runs the app's last built image, `build_infos.container_image` (the
+  alias of its buildimage job), and no other.
+- Retention and `check` read image names with the same rules (`named_image`,
+  `local_base_image`); the images the daemon publishes are aliased by their job
+  id (`is_job_alias`).
+
+`lxd.py` only carries out the calls (list, get by alias or fingerprint, pull).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+from .lxd import IMAGE_PROP_JOB, ImageInfo, ImagePullFailed, Lxd, LxdError
+
+MIN_PREFIX = 6  # hex digits of a fingerprint prefix that may name an image
+MIN_PULL_FINGERPRINT = 12  # a shorter hex reference is pulled as an alias
+JOB_ALIAS = re.compile(r"[0-9a-f]{24}")  # the aliases of images the daemon published are job ids
+
+
+class ImageNotFound(LxdError):
+    """No image is the one asked for; the text says what was looked for and what exists."""
+
+
+def is_job_alias(alias: str) -> bool:
+    """Whether `alias` is one the daemon gives the images it publishes (a job id)."""
+    return JOB_ALIAS.fullmatch(alias) is not None
+
+
+def _is_hex(text: str) -> bool:
+    """Whether `text` can be (a prefix of) an image fingerprint."""
+    return all(c in "0123456789abcdef" for c in text.lower())
+
+
+def named_images(name: str, images: Sequence[ImageInfo]) -> list[ImageInfo]:
+    """The images `name` designates: the one it is an alias of, else those whose fingerprint starts with it."""
+    by_alias = [image for image in images if name in image.aliases]
+    if by_alias or len(name) < MIN_PREFIX or not _is_hex(name):
+        return by_alias
+    return [image for image in images if image.fingerprint.startswith(name.lower())]
+
+
+def named_image(name: str, images: Sequence[ImageInfo]) -> ImageInfo | None:
+    """The image `name` designates by alias or fingerprint (prefix); None when none does or the prefix is ambiguous."""
+    matches = named_images(name, images)
+    return matches[0] if len(matches) == 1 else None
+
+
+def local_base_image(ref: str, images: Sequence[ImageInfo]) -> ImageInfo | None:
+    """Which of `images` a build on base image `ref` starts from; None when none matches.
+
+    ImageNotFound when `ref` is a fingerprint prefix several images share.
+    """
+    matches = named_images(ref, images)
+    if len(matches) > 1:
+        raise ImageNotFound(f"image prefix {ref!r} is ambiguous: {', '.join(m.describe() for m in matches)}")
+    if matches:
+        return matches[0]
+    if "/" not in ref:
+        return None
+    os_name, _, release = ref.partition("/")
+    same_release = [
+        image
+        for image in images
+        if image.properties.get("os", "").lower() == os_name.lower()
+        and image.properties.get("release", "").lower() == release.lower()
+        and IMAGE_PROP_JOB not in image.properties  # an app's build is never another app's base
+    ]
+    return max(same_release, key=lambda image: image.created_at) if same_release else None
+
+
+def base_image(lxd: Lxd, ref: str, image_server: str | None) -> ImageInfo:
+    """The image a build on base image `ref` starts from, pulled from `image_server` when none is local."""
+    ref = ref.strip()
+    images = lxd.list_images()
+    local = local_base_image(ref, images)
+    if local is not None:
+        return local
+    if image_server:
+        return pull_base_image(lxd, ref, image_server)
+    existing = "; ".join(image.describe() for image in images) or "no images at all"
+    raise ImageNotFound(
+        f"no LXD image matches {ref!r} as an alias, a fingerprint or an os/release; local images: {existing}"
+    )
+
+
+def pull_base_image(lxd: Lxd, ref: str, server: str) -> ImageInfo:
+    """Copy `ref` from `server`; ImageNotFound naming the server and the reference when it fails."""
+    key = "fingerprint" if len(ref) >= MIN_PULL_FINGERPRINT and _is_hex(ref) else "alias"
+    try:
+        return lxd.pull_image(server, key, ref)
+    except ImagePullFailed as error:
+        raise ImageNotFound(
+            f"no local LXD image matches {ref!r}, and pulling {key} {ref} from {server} "
+            f"(lxd.image_server, else Ghost's container.endpoint) over LXD's protocol failed: {error}"
+        ) from error
+
+
+def deploy_image(lxd: Lxd, alias: str | None) -> ImageInfo:
+    """The image a deploy runs: the app's `build_infos.container_image`; ImageNotFound saying why there is none."""
+    if not alias:
+        raise ImageNotFound(
+            "app.build_infos.container_image is not set: no container image was built for this app yet "
+            "(run a buildimage first)"
+        )
+    image = lxd.image_by_alias(alias)
+    if image is None:
+        raise ImageNotFound(
+            f"app.build_infos.container_image: LXD image {alias!r} does not exist on this host "
+            "(deleted, or built on another host); run a buildimage again"
+        )
+    return image

@@ -1,0 +1,59 @@
+"""Which image a name designates (images.py), on image lists as LXD describes them: no LXD needed.
+
+The same rules on the real LXD: test_buildimage.py (base image by fingerprint,
+prefix, alias, os/release), test_base_image_pull.py (the pull), test_deploy.py
+(the deploy's image), test_retention.py and test_check.py.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from ghost_buildpackd.images import ImageNotFound, is_job_alias, local_base_image, named_image, named_images
+from ghost_buildpackd.lxd import IMAGE_PROP_JOB, ImageInfo
+
+
+def image(fingerprint: str, *aliases: str, created_at: str = "2026-01-01", **properties: str) -> ImageInfo:
+    return ImageInfo(fingerprint.ljust(64, "0"), aliases, properties, size=1, created_at=created_at)
+
+
+DEBIAN_OLD = image("aaaa11", "debian-old", os="Debian", release="bookworm", created_at="2026-01-01")
+DEBIAN_NEW = image("aaaa22", "debian-new", os="debian", release="Bookworm", created_at="2026-02-01")
+PUBLISHED = image(
+    "bbbb33", "0123456789abcdef01234567", os="debian", release="bookworm", created_at="2026-03-01",
+    **{IMAGE_PROP_JOB: "0123456789abcdef01234567"},
+)  # fmt: skip
+IMAGES = [DEBIAN_OLD, DEBIAN_NEW, PUBLISHED]
+
+
+def test_an_alias_wins_over_a_fingerprint_prefix() -> None:
+    aliased_like_a_prefix = image("cccc44", "aaaa22")
+    assert named_images("aaaa22", [*IMAGES, aliased_like_a_prefix]) == [aliased_like_a_prefix]
+
+
+def test_a_fingerprint_prefix_needs_six_hex_digits_and_ignores_case() -> None:
+    assert named_image("AAAA22", IMAGES) is DEBIAN_NEW
+    assert named_image(DEBIAN_NEW.fingerprint, IMAGES) is DEBIAN_NEW
+    assert named_images("aaaa2", IMAGES) == []  # five digits name nothing
+    assert named_images("aaaa2z", IMAGES) == []
+
+
+def test_an_ambiguous_prefix_names_no_image_and_a_build_refuses_it() -> None:
+    assert len(named_images("aaaa", IMAGES)) == 0
+    assert len(named_images("aaaa00", [image("aaaa00"), image("aaaa001")])) == 2
+    assert named_image("aaaa00", [image("aaaa00"), image("aaaa001")]) is None
+    with pytest.raises(ImageNotFound, match="image prefix 'aaaa00' is ambiguous"):
+        local_base_image("aaaa00", [image("aaaa00"), image("aaaa001")])
+
+
+def test_os_release_takes_the_newest_image_the_daemon_did_not_publish() -> None:
+    assert local_base_image("debian/bookworm", IMAGES) is DEBIAN_NEW
+    assert local_base_image("debian/trixie", IMAGES) is None
+    assert local_base_image("no-such-alias", IMAGES) is None
+    assert named_image("debian/bookworm", IMAGES) is None  # retention and deploys never read os/release
+
+
+def test_job_aliases_are_job_ids() -> None:
+    assert is_job_alias("0123456789abcdef01234567")
+    assert not is_job_alias("0123456789abcdef0123456")
+    assert not is_job_alias("ghost-buildpackd/busybox")
