@@ -24,10 +24,10 @@ from ghost_buildpackd.ghost import BadDocument
 from ghost_buildpackd.logs import configure_logging
 from ghost_buildpackd.lxd import IMAGE_PROP_JOB, TAG_JOB, ContainerSpec, ImageInfo, Lxd
 from ghost_buildpackd.model import BUILDIMAGE, SUCCEEDED, step_id
-from ghost_buildpackd.steps import StepContext, StepFailed, buildimage, container_name, run_after_outcome, step_tags
+from ghost_buildpackd.steps import StepContext, StepFailed, buildimage, container_name, container_spec, step_tags
 from ghost_buildpackd.store import Store
-from ghost_buildpackd.templates import TAG_TEMPLATE
-from tests.conftest import leftover_containers
+from ghost_buildpackd.templates import TAG_TEMPLATE, template_name
+from tests.conftest import WORKING_COPY_IDS, leftover_containers
 from tests.support.daemon import DaemonProcess
 from tests.support.ghost import b64, finish_buildimage, make_app, make_job, set_status
 from tests.support.profiles import profile_names
@@ -181,9 +181,11 @@ def test_hooks_and_features_are_baked_into_the_published_image(
     assert record.app_identity == "ami.prod.eu-west-1.web.shop.blue" and record.base_image == base.fingerprint
     assert record.size > 0 and record.state == "live"
     assert db.apps.find_one({"_id": app_id})["build_infos"]["container_image"] == alias
-    run_after_outcome(ctx)  # the deploys' template of the new image is made once the outcome is recorded
-    templates = [c for c in lxd.list_containers() if c.tags.get(TAG_TEMPLATE) == image.fingerprint]
-    assert [c.status for c in templates] == ["Stopped"]
+    # The build's container is kept as the template of the app's deploys: mapped as theirs, no job tags.
+    deploy_spec = container_spec(ctx, image.fingerprint, idmap=WORKING_COPY_IDS)
+    assert lxd.container_status(template_name(deploy_spec)) == "Stopped"
+    kept = [c for c in lxd.list_containers() if c.tags.get(TAG_TEMPLATE) == image.fingerprint]
+    assert [c.name for c in kept] == [template_name(deploy_spec)] and TAG_JOB not in kept[0].tags
 
     marks = run_in_image(
         lxd,

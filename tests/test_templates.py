@@ -18,6 +18,7 @@ import pytest
 from ghost_buildpackd.lxd import TAG_STEP, ContainerSpec, Lxd
 from ghost_buildpackd.templates import (
     TAG_TEMPLATE,
+    adopt,
     create_container,
     remove_stale_templates,
     remove_templates_of,
@@ -224,3 +225,21 @@ def test_the_sweep_removes_templates_of_deleted_images_and_half_made_ones(scene:
     assert ours.intersection(now_removed) == {template_name(gone)}  # a temporary one of seconds may be in the making
     assert ours.intersection(later_removed) == {half_made}
     assert scene.templates() == {template_name(kept): "Stopped"}
+
+
+def test_a_stopped_container_is_adopted_as_template_unless_one_exists(scene: Scene, lxd: Lxd) -> None:
+    first, second = scene.spec(idmap=WORKING_COPY_IDS), scene.spec(idmap=WORKING_COPY_IDS)
+    lxd.create_container(first)
+    lxd.create_container(second)
+
+    assert adopt(lxd, first.name, first, 8, scene.log) is True
+    assert adopt(lxd, second.name, second, 8, scene.log) is False  # the first one is the template now
+
+    template = template_name(first)
+    assert scene.templates() == {template: "Stopped"}
+    assert lxd.container_status(first.name) is None and lxd.container_status(second.name) == "Stopped"
+    details = lxd.describe_container(template)
+    assert details is not None and TAG_STEP not in details.config  # no step may claim it as its container
+    create_container(lxd, scene.spec(idmap=WORKING_COPY_IDS), 8, scene.log)
+    assert [event["template"] for event in scene.log.named("container_copied_from_template")] == [template]
+    assert scene.log.named("container_template_made") == []

@@ -521,7 +521,8 @@ class Lxd:
         if copy_of:
             source = {"type": "copy", "source": copy_of, "instance_only": True}
             inherited = self.client.api.instances[copy_of].get().json()["metadata"]["config"]
-            config = {key: "" for key in inherited if not key.startswith("volatile.")} | config
+            # LXD keeps the source's volatile state (its id shift) and `image.*` (the files' origin).
+            config = {key: "" for key in inherited if not key.startswith(("volatile.", "image."))} | config
         response = self.client.api.instances.post(
             json={
                 "name": spec.name,
@@ -533,6 +534,13 @@ class Lxd:
             }
         )
         self._wait_operation(response, f"creating container {spec.name}")
+
+    def retag_container(self, name: str, tags: Mapping[str, str]) -> None:
+        """Replace the daemon's tags on a container with `tags` (its other configuration stays)."""
+        instance = self.client.instances.get(name)
+        instance.config = {key: value for key, value in instance.config.items() if not key.startswith(TAG_PREFIX)}
+        instance.config.update(tags)
+        instance.save(wait=True)
 
     def rename_container(self, name: str, new_name: str) -> None:
         """Rename a stopped container; LXDAPIException when `new_name` is taken."""

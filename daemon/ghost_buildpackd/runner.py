@@ -334,9 +334,9 @@ class Runner:
             except Exception:  # never let one step take the daemon down
                 log.exception("step_bookkeeping_failed")
             finally:
-                run_after_outcome(ctx)
-                with self._lock:
+                with self._lock:  # the lease is given up: its guard and renewals end before the chores
                     self.held.pop(step.id, None)
+                run_after_outcome(ctx)
 
     def _run_riding_lxd_outages(self, held: Held) -> Outcome:
         """Run the body; when LXD goes away, keep the lease, wait for LXD and start the body over.

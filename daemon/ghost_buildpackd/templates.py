@@ -12,6 +12,9 @@ depend on: the image, the id mapping (privileged, or the host ids container
 root maps to), the profiles (so the pool) and the root disk's size; its name
 says so (`template_name`). It is made under a temporary name, started once,
 stopped and renamed, so a template under its own name is always complete.
+A build's container, once its image is published, holds exactly that image's
+files, shifted already: it becomes the template of the app's deploys as it is
+(`adopt`), so a new image costs no template-making at all.
 Whatever goes wrong with one, the container is created from the image, as
 without templates.
 
@@ -118,6 +121,23 @@ def make_template(lxd: Lxd, spec: ContainerSpec, name: str, log: Any) -> None:
     log.info(
         "container_template_made", template=name, image=spec.image[:12], seconds=round(time.monotonic() - started, 2)
     )
+
+
+def adopt(lxd: Lxd, container: str, spec: ContainerSpec, keep: int, log: Any) -> bool:
+    """Make the stopped `container` the template for containers like `spec`; False when they have one already.
+
+    For a container that holds exactly the files of `spec.image`, shifted for
+    `spec`'s mapping: a build's container once its image is published.
+    """
+    name = template_name(spec)
+    with _maker_lock(name):
+        if lxd.container_status(name) is not None:
+            return False
+        lxd.retag_container(container, {TAG_TEMPLATE: spec.image})
+        lxd.rename_container(container, name)
+    log.info("container_template_adopted", template=name, container=container, image=spec.image[:12])
+    evict_templates(lxd, keep, log, spare=name)
+    return True
 
 
 def evict_templates(lxd: Lxd, keep: int, log: Any, spare: str = "") -> list[str]:

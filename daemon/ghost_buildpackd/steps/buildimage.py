@@ -31,7 +31,7 @@ from ..config import PLACEHOLDER_ANSIBLE_VERBOSITY, PLACEHOLDER_LOG_LEVEL, PLACE
 from ..ghost import PROVISIONERS, App, BadDocument, Job, parse_app, parse_job
 from ..images import ImageNotFound, base_image
 from ..logs import Secrets
-from ..lxd import IMAGE_PROP_CLAIM, IMAGE_PROP_JOB, ImageInfo, Mount
+from ..lxd import IMAGE_PROP_CLAIM, IMAGE_PROP_JOB, ContainerSpec, ImageInfo, Mount, is_unavailable
 from ..model import SUCCEEDED
 from ..store import ImageRecord, utcnow
 from . import (
@@ -230,7 +230,7 @@ def resolve_base_image(ctx: StepContext, app: App) -> ImageInfo:
 
 
 def build(ctx: StepContext, plan: BuildPlan, base: ImageInfo) -> Outcome:
-    spec = container_spec(ctx, base.fingerprint, plan.mounts, idmap=None)  # mounts are read-only
+    spec = container_spec(ctx, base.fingerprint, plan.mounts, idmap=build_owner(ctx))  # mounts are read-only
     ctx.say(
         "buildimage_started",
         f"building the container image of {plan.app.label} (job {plan.alias}, AMI {plan.ami_id or 'unknown'}) "
@@ -238,33 +238,43 @@ def build(ctx: StepContext, plan: BuildPlan, base: ImageInfo) -> Outcome:
         container=spec.name,
         ami_id=plan.ami_id,
     )
+    published: ImageInfo | None = None
     try:
         check_abort(ctx, "creating the container")
         lxd_phase("creating the container", lambda: launch(ctx, spec))
         run_scripts(ctx, plan, spec.name)
         check_abort(ctx, "publishing the image")
-        image = publish(ctx, plan, base, spec.name)
+        image = published = publish(ctx, plan, base, spec.name)
     finally:
-        clean_up_container(ctx, spec.name)
+        if published is None or not adopt_as_template(ctx, spec, published):
+            clean_up_container(ctx, spec.name)
     record(ctx, plan, base, image)
-    ctx.after_outcome.append(lambda: make_deploy_template(ctx, image))
     message = f"container image {plan.alias} published ({image.fingerprint[:12]}, {image.size} bytes)"
     ctx.say("buildimage_succeeded", message, image=plan.alias, fingerprint=image.fingerprint, size=image.size)
     return Outcome(SUCCEEDED, message=message, fields={"image": plan.alias, "fingerprint": image.fingerprint})
 
 
-def make_deploy_template(ctx: StepContext, image: ImageInfo) -> None:
-    """The template the app's deploys will copy, made now (after the outcome) rather than by the first deploy.
-
-    For working copies owned by `container.idmap_user`, as Ghost's are.
-    """
-    keep = ctx.config.container.templates
+def build_owner(ctx: StepContext) -> tuple[int, int] | None:
+    """Container root maps to `container.idmap_user`, as in deploys, so the build's container can become
+    the template of the app's deploys (`adopt_as_template`); the default mapping when that user is unknown."""
     try:
-        owner = idmap_user_ids(ctx.config.container.idmap_user)
+        return idmap_user_ids(ctx.config.container.idmap_user)
     except KeyError:
-        return  # the deploys fail and say why; nothing to prepare
-    if keep > 0:
-        templates.ready_template(ctx.lxd, container_spec(ctx, image.fingerprint, idmap=owner), keep, ctx.log)
+        return None
+
+
+def adopt_as_template(ctx: StepContext, spec: ContainerSpec, image: ImageInfo) -> bool:
+    """Keep the build's stopped container as the template of deploys of its image; False when it is not kept."""
+    keep = ctx.config.container.templates
+    if keep <= 0 or ctx.config.container.debug:
+        return False
+    try:
+        return templates.adopt(ctx.lxd, spec.name, dataclasses.replace(spec, image=image.fingerprint), keep, ctx.log)
+    except Exception as error:
+        if is_unavailable(error):
+            raise
+        ctx.log.warning("container_template_not_adopted", container=spec.name, error=str(error))
+        return False
 
 
 def run_scripts(ctx: StepContext, plan: BuildPlan, container: str) -> None:
