@@ -14,7 +14,8 @@ import os
 import signal
 import threading
 import time
-from typing import IO, Any
+from collections.abc import Callable
+from typing import IO
 
 from bson import ObjectId
 from pymongo.errors import PyMongoError
@@ -102,7 +103,7 @@ class Upkeep:
         sweep_orphans(self.store, self.lxd, self.config.container.debug, log)
 
     @staticmethod
-    def _guarded(what: str, action: Any) -> None:
+    def _guarded(what: str, action: Callable[..., object]) -> None:
         try:
             action()
         except Exception:

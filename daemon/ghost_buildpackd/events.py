@@ -26,6 +26,7 @@ from pymongo.errors import OperationFailure, PyMongoError
 from .config import Config
 from .ghost import BadDocument, Job, built_image, parse_app, parse_job
 from .logs import get_logger
+from .metrics import MetricsRecorder
 from .store import BUILDIMAGE, DEPLOY, FAILED, REDEPLOY, TRANSIENT_ERRORS, Store, next_change, step_id, utcnow
 
 log = get_logger(__name__)
@@ -189,7 +190,14 @@ class Source:
 
     name = "source"
 
-    def __init__(self, config: Config, store: Store, intake: Intake, stop: threading.Event, metrics: Any = None):
+    def __init__(
+        self,
+        config: Config,
+        store: Store,
+        intake: Intake,
+        stop: threading.Event,
+        metrics: MetricsRecorder | None = None,
+    ):
         self.config = config
         self.store = store
         self.intake = intake

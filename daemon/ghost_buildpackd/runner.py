@@ -36,6 +36,7 @@ from .config import Config
 from .ghost import BadDocument
 from .logs import get_logger
 from .lxd import Lxd, LxdUnavailable, is_unavailable
+from .metrics import MetricsRecorder
 from .steps import LXD_OUTAGE_LIMIT, LeaseLost, Outcome, StepContext, StepFailed, remove_leftovers, run_after_outcome
 from .store import (
     BUILDIMAGE,
@@ -130,7 +131,7 @@ class Runner:
         store: Store,
         lxd: Lxd,
         bodies: Bodies | None = None,
-        metrics: Any = None,
+        metrics: MetricsRecorder | None = None,
         on_image_built: Callable[[ObjectId], None] | None = None,
     ):
         assert config.instance_id, "Config.with_instance_id() first"
