@@ -48,7 +48,17 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
     return lines
 
 
+# Fixtures that reach the real LXD: a test using any of them (directly or through another fixture)
+# is marked `lxd`, so `-m "not lxd"` runs no test that drives LXD. Tests reaching LXD otherwise (a
+# daemon process connects to it at start) carry the mark themselves.
+LXD_FIXTURES = frozenset({"lxd", "base_image", "image_alias", "lxd_cleanup", "published_aliases"})
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects by mark
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if LXD_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.lxd)
     if _server is None or _server.real:
         return
     reason = f"needs real MongoDB behaviour; this run uses {_server.kind}"

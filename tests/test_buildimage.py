@@ -34,6 +34,8 @@ from tests.support.profiles import profile_names
 from tests.support.steps import step_context, take_over_after_crash
 from tests.support.waiting import wait_until
 
+pytestmark = pytest.mark.lxd  # every test here drives the real LXD
+
 SECRET = "s3cr3t-Token-4711"
 STUB_SALT = ["sh", "/srv/salt/salt/stub.sh"]
 
@@ -362,7 +364,7 @@ def test_missing_provisioner_tree_fails_before_any_container(
     assert_nothing_published(lxd, store, db, job_id)
 
 
-def test_a_cancelled_step_stops_before_creating_the_container(
+def test_a_step_aborted_before_it_starts_creates_no_container(
     config: Config, store: Store, lxd: Lxd, db: Database
 ) -> None:
     job_id = buildimage_job(db, make_app(db))

@@ -63,7 +63,7 @@ class FakeDaemon:
         assert self.error is None, self.error
 
 
-def test_follows_the_daemon_by_change_stream(db: Database, store: Store, job_id: ObjectId) -> None:
+def test_follows_the_step_record_by_change_stream(db: Database, store: Store, job_id: ObjectId) -> None:
     # poll_interval is long: only the change stream can bring the outcome back quickly.
     with FakeDaemon(store, job_id, SUCCEEDED, 0, "installed 3 packages") as daemon:
         result = run_buildpack(db, job_id, "app", timeout=60, host=HOST, poll_interval=30, wait_mode="change_stream")
@@ -76,7 +76,7 @@ def test_follows_the_daemon_by_change_stream(db: Database, store: Store, job_id:
     assert record.requested_host == HOST and record.state == SUCCEEDED
 
 
-def test_follows_the_daemon_by_polling(db: Database, store: Store, job_id: ObjectId) -> None:
+def test_follows_the_step_record_by_polling(db: Database, store: Store, job_id: ObjectId) -> None:
     with FakeDaemon(store, job_id, FAILED, 3, "exit 3 here"):
         result = run_buildpack(db, str(job_id), "app", timeout=60, host=HOST, poll_interval=0.1, wait_mode="poll")
 

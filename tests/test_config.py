@@ -218,6 +218,7 @@ def test_missing_uri_file_is_named(tmp_path):
 
 
 @pytest.mark.mongodb
+@pytest.mark.lxd  # reconcile reads LXD's images
 def test_every_subcommand_sees_the_uri_file(tmp_path, mongo, db, capsys):
     """The daemon and the commands an operator or Ghost runs read one source: no environment needed."""
     path = uri_file(tmp_path, mongo.uri + "\n")

@@ -16,15 +16,20 @@ from structlog.testing import capture_logs
 
 from ghost_buildpackd.client import run_buildpack
 from ghost_buildpackd.config import Config
+from ghost_buildpackd.events import Intake
 from ghost_buildpackd.ghost import BadDocument
+from ghost_buildpackd.logs import get_logger
 from ghost_buildpackd.lxd import Lxd
 from ghost_buildpackd.model import CANCELLED, READY, SUCCEEDED, step_id
-from ghost_buildpackd.steps import StepContext, StepFailed, container_name, deploy, remove_leftovers, run_after_outcome
+from ghost_buildpackd.steps import StepContext, StepFailed, container_name, deploy, run_after_outcome
 from ghost_buildpackd.store import Store
+from ghost_buildpackd.sweep import sweep_orphans
 from tests.conftest import WORKING_COPY_IDS, leftover_containers
-from tests.support.ghost import b64, make_app, make_job, module_doc
+from tests.support.ghost import b64, make_app, make_job, module_doc, set_status
 from tests.support.steps import deploy_context, finish_preparation
 from tests.support.waiting import wait_until
+
+pytestmark = pytest.mark.lxd  # every test here drives the real LXD
 
 SECRET = "s3cr3t-token-value"
 
@@ -339,18 +344,23 @@ def test_missing_image_fails_prepare_and_run_with_a_message(
 # --- a deploy cancelled before Ghost asked -------------------------------------------------
 
 
-def test_deploy_ended_before_the_request_cancels_and_removes_the_prepared_container(
+def test_deploy_ended_before_the_request_intake_cancels_the_step_and_the_sweep_it_asks_for_removes_the_container(
     make_config: Callable[..., Config], store: Store, lxd: Lxd, db: Database, image_alias: str, lxd_cleanup
 ) -> None:
+    """Intake reads the ended job and asks for a sweep (the daemon wires that to its upkeep's sweep)."""
     config = make_config()
     job_id = deploy_job(db, image_alias, [module_doc("app", "/srv/app", "touch made")])
     prepared = prepare_ready(config, store, lxd, job_id, "app")
     assert leftover_containers(lxd, db) == [container_name(prepared.step)]
+    ended: list[ObjectId] = []
+    intake = Intake(store, on_new_steps=lambda: None, on_job_ended=ended.append)
 
-    store.cancel_job_steps(job_id, "deploy job ended (failed)")  # what the runner does when the job ends
-    remove_leftovers(prepared)
+    set_status(db, job_id, "failed")  # Ghost's worker ends the job before it asks for the buildpack
+    intake.handle_job_id(job_id)
 
     assert store.get_step(prepared.step.id).state == CANCELLED
+    assert ended == [job_id]
+    assert sweep_orphans(store, lxd, keep_debug=False, log=get_logger("test")) == [container_name(prepared.step)]
     result = run_buildpack(db, job_id, "app", timeout=5, poll_interval=0.1, host=config.host_name)
     assert result.state == CANCELLED and not result.ok
     assert leftover_containers(lxd, db) == []

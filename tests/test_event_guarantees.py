@@ -24,6 +24,9 @@ from tests.support.ghost import finish_buildimage, make_app, make_job, module_do
 from tests.support.mongo import skip_unless_restartable
 from tests.support.waiting import wait_until
 
+# Each test runs daemon processes (trivial bodies): a daemon connects to LXD at start, as in production.
+pytestmark = pytest.mark.lxd
+
 MODES = ["change_stream", "poll"]
 
 

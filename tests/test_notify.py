@@ -141,6 +141,7 @@ OUTAGE = 45.0
 
 
 @pytest.mark.slow
+@pytest.mark.lxd  # a daemon process connects to LXD at start
 def test_the_watchdog_is_fed_throughout_a_45s_mongodb_outage(mongo, write_config, tmp_path, listener):
     skip_unless_restartable(mongo)
     sock, path = listener
@@ -175,6 +176,7 @@ def test_the_watchdog_is_fed_throughout_a_45s_mongodb_outage(mongo, write_config
 
 
 @pytest.mark.slow
+@pytest.mark.lxd  # a daemon process connects to LXD at start
 def test_sighup_is_logged_and_survived_and_status_shows_busy_workers_and_lag(db, write_config, tmp_path, listener):
     sock, path = listener
     received = Received(sock)

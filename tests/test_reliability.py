@@ -259,7 +259,7 @@ def test_an_lxd_operation_past_its_deadline_fails_with_the_reason(lxd: Lxd, base
 
 
 @pytest.mark.slow
-def test_a_cancellation_during_a_hanging_readiness_probe_ends_the_step(
+def test_an_abort_during_a_hanging_readiness_probe_ends_the_step(
     make_config: Callable[..., Config],
     store: Store,
     lxd: Lxd,
@@ -270,7 +270,7 @@ def test_a_cancellation_during_a_hanging_readiness_probe_ends_the_step(
     app_id = make_app(db, container_image=hanging_mkdir_image, modules=[module_doc("app", "/srv/app", "true")])
     job_id = make_job(db, app_id, command="deploy", status="started", modules=["app"])
     ctx = deploy_context(make_config(container={"ready_timeout": "10m"}), store, lxd, job_id, "app", "prepare")
-    cancel = threading.Timer(2.0, ctx.abort.set)  # what the runner does when the step is cancelled
+    cancel = threading.Timer(2.0, ctx.abort.set)  # the runner sets it on a cancellation, a lost lease or shutdown
     cancel.start()
     started = time.monotonic()
 

@@ -1,14 +1,16 @@
-"""The set-up scripts: a first run on a machine without the base image, and no SIGPIPE races."""
+"""The set-up scripts: a first run on a machine without the base image, no SIGPIPE races, and the demo."""
 
 from __future__ import annotations
 
 import os
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
+from ghost_buildpackd.config import ENV_MONGODB_URI
 from ghost_buildpackd.lxd import Lxd
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,6 +52,26 @@ def test_build_base_image_first_run_then_idempotent(lxd: Lxd) -> None:
             _delete(lxd, alias)
     finally:
         _delete(lxd, alias)
+
+
+@pytest.mark.lxd
+def test_demo_runs_the_whole_flow_on_its_embedded_default(lxd: Lxd, base_image: str) -> None:
+    """What scripts/demo runs after scripts/setup: its own nx-27017, the daemon, Ghost's part, the clean-up."""
+    env = {key: value for key, value in os.environ.items() if key != ENV_MONGODB_URI}
+    env["PYTHONPATH"] = str(ROOT)
+    demo = subprocess.run(
+        [sys.executable, ROOT / "scripts/demo.py"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert demo.returncode == 0, demo.stdout[-4000:] + demo.stderr[-4000:]
+    assert "MongoDB: embedded nx-27017 stand-in" in demo.stdout
+    assert "-> succeeded (exit code 0)" in demo.stdout
+    assert "owned by 1001:1002 on the host" in demo.stdout
+    assert "containers left in LXD: none" in demo.stdout
+    assert "secret value in any log: no" in demo.stdout
+    assert demo.stdout.rstrip().splitlines()[-1].startswith("demo OK")
+    built = re.search(r"LXD image alias '(\w+)' -> \w+", demo.stdout)
+    assert built is not None, demo.stdout
+    assert lxd.image_by_alias(built.group(1)) is None  # the image it built is removed with the rest
 
 
 def _delete(lxd: Lxd, alias: str) -> None:

@@ -1,4 +1,4 @@
-"""Command line: `ghost-buildpackd run|check|status|reconcile|replay|buildpack|demo`."""
+"""Command line: `ghost-buildpackd run|check|status|reconcile|replay|buildpack`."""
 
 from __future__ import annotations
 
@@ -62,7 +62,6 @@ def build_parser() -> argparse.ArgumentParser:
     buildpack.add_argument(
         "--timeout", type=_duration, metavar="DURATION", help="e.g. 40m (default: buildpack.timeout)"
     )
-    command("demo", "the whole flow on an embedded default: build an image, run a buildpack")
     return parser
 
 
@@ -82,11 +81,6 @@ def _load(args: argparse.Namespace) -> Config:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command == "demo":
-        from .demo import run_demo
-
-        configure_logging("console", "info")
-        return run_demo()
     try:
         config = _load(args)
     except ConfigError as error:

@@ -14,7 +14,8 @@ import os
 import signal
 import threading
 import time
-from typing import IO, Any
+from collections.abc import Callable
+from typing import IO
 
 from bson import ObjectId
 from pymongo.errors import PyMongoError
@@ -105,7 +106,7 @@ class Upkeep:
         remove_stale_templates(self.lxd, {image.fingerprint for image in self.lxd.list_images()}, log)
 
     @staticmethod
-    def _guarded(what: str, action: Any) -> None:
+    def _guarded(what: str, action: Callable[..., object]) -> None:
         try:
             action()
         except Exception:

@@ -26,6 +26,7 @@ from pymongo.errors import OperationFailure, PyMongoError
 from .config import Config
 from .ghost import BadDocument, Job, built_image, parse_app, parse_job
 from .logs import get_logger
+from .metrics import MetricsRecorder
 from .model import BUILDIMAGE, DEPLOY, FAILED, REDEPLOY, step_id
 from .store import TRANSIENT_ERRORS, Store, next_change, utcnow
 
@@ -190,7 +191,14 @@ class Source:
 
     name = "source"
 
-    def __init__(self, config: Config, store: Store, intake: Intake, stop: threading.Event, metrics: Any = None):
+    def __init__(
+        self,
+        config: Config,
+        store: Store,
+        intake: Intake,
+        stop: threading.Event,
+        metrics: MetricsRecorder | None = None,
+    ):
         self.config = config
         self.store = store
         self.intake = intake

@@ -22,11 +22,10 @@ import collections
 import threading
 import time
 from pathlib import Path
-from typing import Any
 
 import structlog
 
-from .logs import Secrets, get_logger
+from .logs import Logger, Secrets, get_logger
 
 log = get_logger(__name__)
 TAIL_FOR_RECORD = 2000  # characters of output kept on the step record for the client
@@ -76,7 +75,7 @@ class JobLog:
 class OutputCollector:
     """Receives raw output chunks from a command and routes complete lines."""
 
-    def __init__(self, job_log: JobLog, logger: Any, head_bytes: int, tail_bytes: int):
+    def __init__(self, job_log: JobLog, logger: Logger, head_bytes: int, tail_bytes: int):
         self.job_log = job_log
         # Output arrives on LXD's reader thread, outside the step's context: carry job_id, step... along.
         self.log = logger.bind(**structlog.contextvars.get_contextvars())

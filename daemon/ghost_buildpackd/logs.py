@@ -14,6 +14,8 @@ processors and renderer, so every line has the same shape.
 
 Output is masked line by line, so each line of a multi-line value (a PEM key)
 is registered too.
+
+Modules take and hold loggers as `Logger`, the protocol of the calls they make.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import sys
 import threading
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from typing import Any, TextIO
+from typing import Any, Protocol, TextIO
 
 import structlog
 
@@ -209,5 +211,21 @@ def configure_logging(fmt: str = "auto", level: str = "info", stream: TextIO | N
     root.setLevel(LIBRARY_LEVEL)
 
 
-def get_logger(name: str | None = None) -> Any:
+class Logger(Protocol):
+    """What the daemon's modules call on a logger: an event name and fields (structlog's loggers)."""
+
+    def debug(self, event: str, **fields: Any) -> Any: ...
+
+    def info(self, event: str, **fields: Any) -> Any: ...
+
+    def warning(self, event: str, **fields: Any) -> Any: ...
+
+    def error(self, event: str, **fields: Any) -> Any: ...
+
+    def exception(self, event: str, **fields: Any) -> Any: ...
+
+    def bind(self, **fields: Any) -> Logger: ...
+
+
+def get_logger(name: str | None = None) -> Logger:
     return structlog.get_logger(name) if name else structlog.get_logger()

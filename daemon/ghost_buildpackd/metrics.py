@@ -10,6 +10,9 @@ prometheus-client is imported only when an endpoint is configured. Without it,
 or when metrics cannot be served, the daemon gets the no-op `Metrics` and the
 log says why: metrics never stop the daemon's real work. The health checks
 are served whether or not prometheus-client is installed.
+
+The loops that count (intake, runner, retention) see only `MetricsRecorder`,
+the protocol of what they record.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from typing import Any, Protocol
 
 from . import __version__
 from .config import MetricsConfig
+from .logs import Logger
 
 PREFIX = "ghost_buildpackd"
 # Steps last from seconds (a buildpack) to tens of minutes (a salt highstate).
@@ -36,6 +40,16 @@ class Health(Protocol):
     def liveness(self) -> list[str]: ...
 
     def readiness(self) -> list[str]: ...
+
+
+class MetricsRecorder(Protocol):
+    """What the daemon's loops record: `Metrics` (no-op) and `PrometheusMetrics` have it."""
+
+    def event_received(self, source: str) -> None: ...
+
+    def step_finished(self, kind: str, outcome: str, seconds: float) -> None: ...
+
+    def image_deleted(self) -> None: ...
 
 
 class AlwaysHealthy:
@@ -196,7 +210,7 @@ def _serve(metrics: Metrics, health: Health, host: str, port: int) -> None:
     metrics.address = (str(bound[0]), int(bound[1]))
 
 
-def start_metrics(config: MetricsConfig, log: Any, health: Health | None = None) -> Metrics:
+def start_metrics(config: MetricsConfig, log: Logger, health: Health | None = None) -> Metrics:
     """Serve metrics and health on `metrics.listen`, or return the no-op Metrics and log why."""
     if config.listen is None:
         log.info("metrics_disabled", reason="metrics.listen is null")

@@ -33,6 +33,7 @@ from .ghost import AssumedRole, BadDocument, parse_app, parse_job, parse_object_
 from .images import is_job_alias, named_image
 from .logs import get_logger
 from .lxd import ImageInfo, Lxd
+from .metrics import MetricsRecorder
 from .status import table
 from .store import ImageRecord, Store
 from .templates import remove_templates_of
@@ -353,7 +354,14 @@ class _Facts:
 class Reconciler:
     """Deletes container images whose AMIs were pruned, and nothing else."""
 
-    def __init__(self, config: Config, store: Store, lxd: Lxd, metrics: Any = None, inventory: Inventory | None = None):
+    def __init__(
+        self,
+        config: Config,
+        store: Store,
+        lxd: Lxd,
+        metrics: MetricsRecorder | None = None,
+        inventory: Inventory | None = None,
+    ):
         self.config = config
         self.store = store
         self.lxd = lxd

@@ -38,6 +38,7 @@ from .config import Config
 from .ghost import BadDocument
 from .logs import get_logger
 from .lxd import Lxd, LxdUnavailable, is_unavailable
+from .metrics import MetricsRecorder
 from .model import (
     BUILDIMAGE,
     CANCELLED,
@@ -132,7 +133,7 @@ class Runner:
         store: Store,
         lxd: Lxd,
         bodies: Bodies | None = None,
-        metrics: Any = None,
+        metrics: MetricsRecorder | None = None,
         on_image_built: Callable[[ObjectId], None] | None = None,
     ):
         assert config.instance_id, "Config.with_instance_id() first"

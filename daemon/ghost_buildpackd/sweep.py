@@ -13,16 +13,15 @@ their containers go in the same pass.
 
 from __future__ import annotations
 
-from typing import Any
-
 from bson import ObjectId
 from bson.errors import InvalidId
 
+from .logs import Logger
 from .lxd import TAG_JOB, ContainerInfo, Lxd
 from .store import Store
 
 
-def expire_prepared(store: Store, max_age: float, log: Any) -> list[str]:
+def expire_prepared(store: Store, max_age: float, log: Logger) -> list[str]:
     """Cancel deploy steps whose container waited for Ghost's request longer than `max_age`; their ids."""
     reason = (
         f"cancelled: the container was prepared over {max_age:g}s ago (container.prepared_max_age) and Ghost "
@@ -35,7 +34,7 @@ def expire_prepared(store: Store, max_age: float, log: Any) -> list[str]:
     return [step.id for step in expired]
 
 
-def sweep_orphans(store: Store, lxd: Lxd, keep_debug: bool, log: Any) -> list[str]:
+def sweep_orphans(store: Store, lxd: Lxd, keep_debug: bool, log: Logger) -> list[str]:
     """Remove orphaned tagged containers; returns the containers removed.
 
     The daemon creates no LXD profiles (devices live on the container), so it
@@ -78,7 +77,7 @@ def _job_known(store: Store, job_id: str | None) -> bool:
         return False
 
 
-def _remove_container(lxd: Lxd, container: ContainerInfo, reason: str, log: Any) -> bool:
+def _remove_container(lxd: Lxd, container: ContainerInfo, reason: str, log: Logger) -> bool:
     try:
         deleted = lxd.delete_container(container.name)
     except Exception as error:  # one stuck container must not stop the sweep

@@ -1,4 +1,4 @@
-"""Running `ghost-buildpackd run` as a real process, for tests that stop or kill it."""
+"""Running `ghost-buildpackd run` as a real process, for tests that stop or kill it and for scripts/demo.py."""
 
 from __future__ import annotations
 
@@ -70,9 +70,10 @@ class DaemonProcess:
         return None
 
     def wait_ready(self, timeout: float = 60) -> None:
-        wait_until(lambda: self._check_alive() and self.saw("daemon_ready"), timeout, "daemon_ready in the log")
+        wait_until(lambda: self.assert_alive() and self.saw("daemon_ready"), timeout, "daemon_ready in the log")
 
-    def _check_alive(self) -> bool:
+    def assert_alive(self) -> bool:
+        """True while the process runs; fails with the end of its log once it has exited."""
         if not self.alive():
             raise AssertionError(
                 f"daemon exited with {self.process.returncode if self.process else None}:\n"

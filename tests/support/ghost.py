@@ -1,4 +1,4 @@
-"""Ghost-shaped documents and Ghost's own writes, for tests."""
+"""Ghost-shaped documents and Ghost's own writes to its collections, for tests and scripts/demo.py."""
 
 from __future__ import annotations
 

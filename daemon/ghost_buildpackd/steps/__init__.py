@@ -22,6 +22,7 @@ from typing import Any
 from .. import templates
 from ..config import Config
 from ..joblog import JobLog, OutputCollector
+from ..logs import Logger
 from ..lxd import (
     TAG_APP,
     TAG_CLAIM,
@@ -75,7 +76,7 @@ class StepContext:
     config: Config
     store: Store
     lxd: Lxd
-    log: Any  # structlog logger bound with the step's context
+    log: Logger  # bound with the step's context
     abort: threading.Event  # set when the lease is lost, the step is cancelled, or shutdown ran out of time
     instance_id: str
     # Monotonic time past which this holder no longer counts on its lease: set by the runner at each
