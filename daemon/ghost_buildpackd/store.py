@@ -45,7 +45,7 @@ from pymongo.errors import (
 )
 
 from .logs import get_logger
-from .retries import retrying
+from .policy import MONGODB_RETRY, retrying
 
 log = get_logger(__name__)
 
@@ -97,11 +97,7 @@ def step_id(job_id: ObjectId | str, kind: str, module: str | None = None, script
 
 # Retries a MongoDB call through outages: exponential backoff, ~2 minutes in all.
 retry_transient = retrying(
-    lambda error: isinstance(error, TRANSIENT_ERRORS),
-    "mongodb_unavailable_retrying",
-    attempts=8,
-    multiplier=0.25,
-    max_wait=30,
+    lambda error: isinstance(error, TRANSIENT_ERRORS), "mongodb_unavailable_retrying", MONGODB_RETRY
 )
 
 
