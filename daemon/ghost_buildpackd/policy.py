@@ -125,7 +125,7 @@ class Limits:
     # without progress for `stall_after` (at least `min_stall_after`) stops feeding the watchdog.
     idle_wait: float = 1.0
     min_stall_after: float = 120.0
-    stall_margin: float = 15.0
+    stall_margin: float = 15.0  # the loop's own work between two marks of progress, on a busy host
     # LXD going away under a step: asked every `lxd_probe_every` whether it is back, for at most
     # `lxd_outage_wait`; the step fails the `max_lxd_outages`-th time instead of waiting again.
     lxd_probe_every: float = 1.0
@@ -140,6 +140,7 @@ class Limits:
 
     @staticmethod
     def renew_every(ttl: float) -> float:
+        """How often a holder renews its leases; each renewal is one attempt bounded by this too."""
         return ttl / 3
 
     def lease_margin(self, ttl: float) -> float:
@@ -151,7 +152,7 @@ class Limits:
         return max(self.min_lease_margin, ttl / 5)
 
     def heartbeat_max_age(self, config: Config) -> float:
-        """Age past which an instance's record says it is dead."""
+        """Age past which an instance's record says it is dead (never under three lease TTLs)."""
         return max(self.min_heartbeat_age, 3 * config.lease_ttl)
 
     def longest_quiet_loop(self, config: Config) -> float:
