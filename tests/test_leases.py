@@ -12,7 +12,8 @@ from bson import ObjectId
 from pymongo.errors import AutoReconnect, PyMongoError
 
 from ghost_buildpackd.model import BUILDIMAGE, DEPLOY, READY, RUNNING, SUCCEEDED, step_id
-from ghost_buildpackd.runner import Bodies, Runner, lease_margin
+from ghost_buildpackd.policy import LIMITS
+from ghost_buildpackd.runner import Bodies, Runner
 from ghost_buildpackd.steps import LeaseLost, Outcome, StepContext, StepFailed
 from ghost_buildpackd.store import ImageRecord, Store, utcnow
 from tests.support.ghost import make_app, make_job
@@ -182,7 +183,7 @@ def test_a_holder_that_cannot_renew_stops_acting_before_its_lease_expires(db, st
 
     assert body.aborted_at < expires_at, "the holder still acted when a successor could take the step"
     margin = (expires_at - body.aborted_at).total_seconds()
-    assert margin > lease_margin(3) / 2, f"stopped only {margin:.2f}s before the expiry"
+    assert margin > LIMITS.lease_margin(3) / 2, f"stopped only {margin:.2f}s before the expiry"
     assert any(entry["event"] == "lease_expired_locally" for entry in logs)
     step = store.get_step(sid)
     assert step.state == RUNNING and step.attempts == 1, "the lost step's outcome must not be recorded"

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from ghost_buildpackd.cli import EXIT_CONFIG
 from ghost_buildpackd.config import Config, parse_duration
-from ghost_buildpackd.daemon import longest_stop
+from ghost_buildpackd.policy import LIMITS
 
 UNIT = Path(__file__).resolve().parents[1] / "systemd" / "ghost-buildpackd.service"
 
@@ -33,4 +33,4 @@ def test_reload_sends_sighup_which_the_daemon_survives():
 
 def test_the_stop_timeout_is_above_the_longest_stop_with_the_default_settings():
     timeout = parse_duration(service_settings()["TimeoutStopSec"])
-    assert timeout > longest_stop(Config()) + 30, f"TimeoutStopSec={timeout:g}s leaves too little margin"
+    assert timeout > LIMITS.longest_stop(Config()) + 30, f"TimeoutStopSec={timeout:g}s leaves too little margin"

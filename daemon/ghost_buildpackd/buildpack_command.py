@@ -16,7 +16,7 @@ from pymongo.errors import PyMongoError
 from .client import ABANDONED, NO_DAEMON, BuildpackResult, run_buildpack
 from .config import Config
 from .model import CANCELLED, FAILED, SKIPPED, SUCCEEDED
-from .status import heartbeat_max_age
+from .policy import LIMITS
 from .store import Store, redacted_uri, short_error
 
 EXIT_OK = 0  # the script succeeded, or there was nothing to run
@@ -80,7 +80,7 @@ def buildpack_command(config: Config, job_id: str, module: str, script: str, tim
             host=config.host_name,
             poll_interval=min(2.0, config.events.poll_interval),
             script=script,
-            daemon_max_age=heartbeat_max_age(config),
+            daemon_max_age=LIMITS.heartbeat_max_age(config),
             build_wait=config.buildpack.build_wait,
             job_log_dir=config.ghost.log_dir,
         )

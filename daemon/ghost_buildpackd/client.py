@@ -33,12 +33,12 @@ from pymongo.errors import PyMongoError
 from .ghost import BadDocument, parse_object_id
 from .joblog import JobLog
 from .model import BUILD_PACK, CANCELLED, DEPLOY, MODULE_SCRIPTS, SKIPPED, SUCCEEDED, Step, step_id
+from .policy import LIMITS
 from .store import Store, next_change
 
 # The client's own states: it stopped waiting and cancelled the request; no live daemon on its host.
 ABANDONED, NO_DAEMON = "abandoned", "no_daemon"
 WAIT_MODES = ("auto", "change_stream", "poll")
-LIVENESS_EVERY = 5.0  # seconds between two looks at the daemon's heartbeat while waiting
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,13 +136,13 @@ def wait_for_build(store: Store, app_id: Any, limit: float, poll_interval: float
 
 
 def _liveness(store: Store, host: str, max_age: float | None) -> Callable[[], bool]:
-    """Whether a daemon on `host` is alive, looked up at most every LIVENESS_EVERY seconds."""
+    """Whether a daemon on `host` is alive, looked up at most every `liveness_every` seconds."""
     if max_age is None:
         return lambda: True
-    last: dict[str, Any] = {"at": -LIVENESS_EVERY, "alive": True}
+    last: dict[str, Any] = {"at": -LIMITS.liveness_every, "alive": True}
 
     def alive() -> bool:
-        if time.monotonic() - last["at"] >= LIVENESS_EVERY:
+        if time.monotonic() - last["at"] >= LIMITS.liveness_every:
             last["alive"] = bool(store.live_instances_on(host, max_age))
             last["at"] = time.monotonic()
         return last["alive"]

@@ -26,6 +26,7 @@ from .ghost_config import (
     read_ghost_settings,
     read_yaml_file,
 )
+from .policy import LIMITS
 
 DEFAULT_PATH = Path("/etc/ghost-buildpackd/config.yml")
 ENV_CONFIG = "GHOST_BUILDPACKD_CONFIG"
@@ -428,8 +429,7 @@ POSITIVE_CONTAINER_DURATIONS = ("exec_timeout", "ready_timeout", "prepared_max_a
 def _cross_checks(config: Config, problems: list[str]) -> None:
     if not config.lxd.on_this_host and (config.lxd.cert is None) != (config.lxd.key is None):
         problems.append("lxd.cert: lxd.cert and lxd.key go together (client certificate and its key)")
-    if config.lease_ttl < 3:
-        problems.append(f"lease_ttl: expected at least 3s, got {config.lease_ttl:g}s")
+    problems += LIMITS.config_problems(config)
     durations = {"lxd.operation_timeout": config.lxd.operation_timeout}
     durations |= {f"container.{key}": getattr(config.container, key) for key in POSITIVE_CONTAINER_DURATIONS}
     problems += [f"{key}: expected a duration above zero" for key, value in durations.items() if value <= 0]

@@ -29,26 +29,17 @@ from .lxd import Lxd
 from .metrics import start_metrics
 from .model import BUILDIMAGE, step_id
 from .notify import SystemdNotifier
+from .policy import LIMITS
 from .retention import Reconciler
-from .runner import Bodies, Runner, cleanup_wait
+from .runner import Bodies, Runner
 from .store import Store, next_change, redacted_uri, short_error, utcnow
 from .sweep import expire_prepared, sweep_orphans
 from .templates import remove_stale_templates
 
 log = get_logger(__name__)
 
-HEARTBEAT_EVERY = 5.0
 STATUS_EVERY = 1.0  # how often the STATUS line is refreshed (sent only when it changed)
 REQUEST_POLL = 0.2  # poll mode: how often to look for a client's buildpack request
-STALL_AFTER = 120.0  # a loop without progress for this long stops feeding the watchdog
-
-
-def longest_stop(config: Config) -> float:
-    """The most a stop (SIGTERM) can take: grace for running steps, their clean-up, the instance record.
-
-    The unit's TimeoutStopSec must stay above it for the default settings.
-    """
-    return config.shutdown_grace + cleanup_wait(config) + config.mongodb.timeout
 
 
 def connect_store(config: Config) -> Store:
@@ -135,6 +126,7 @@ class Daemon:
         self._hangups = 0  # SIGHUPs received and not yet logged
         self.event_lag: float | None = None  # seconds, as last measured by the heartbeat thread
         self.mongodb_problem = ""  # why the last heartbeat failed, while it fails
+        self.stall_after = LIMITS.stall_after(config)  # a loop without progress for this long starves the watchdog
 
     def run(self) -> int:
         self.store.ensure_indexes()
@@ -208,8 +200,8 @@ class Daemon:
         return line + f"event lag: {lag}"
 
     def _heartbeat_loop(self) -> None:
-        """Every HEARTBEAT_EVERY: the instance record, the server clock offset, the event lag."""
-        while not self.stop.wait(HEARTBEAT_EVERY):
+        """Every heartbeat interval: the instance record, the server clock offset, the event lag."""
+        while not self.stop.wait(LIMITS.heartbeat_every):
             try:
                 self.heartbeat()
                 self.store.measure_server_clock()
@@ -223,12 +215,12 @@ class Daemon:
                 self.metrics.set_up("lxd", self.lxd.answers())
 
     def stalled_loops(self) -> list[str]:
-        """The loops (events, dispatcher) without progress for STALL_AFTER seconds."""
+        """The loops (events, dispatcher) without progress for `stall_after` seconds."""
         now = time.monotonic()
         return [
             name
             for name, last in (("events", self.source.last_tick), ("dispatcher", self.runner.last_tick))
-            if now - last > STALL_AFTER
+            if now - last > self.stall_after
         ]
 
     # --- /healthz and /readyz (metrics.listen) ----------------------------------------------
@@ -237,7 +229,7 @@ class Daemon:
         """Problems that a restart would cure: a loop that stopped making progress."""
         if self.phase == "starting":  # the endpoint answers before the loops exist
             return []
-        return [f"{name} loop without progress for over {STALL_AFTER:g}s" for name in self.stalled_loops()]
+        return [f"{name} loop without progress for over {self.stall_after:g}s" for name in self.stalled_loops()]
 
     def readiness(self) -> list[str]:
         """Problems that keep steps from running now: not started yet, stopping, MongoDB or LXD not answering."""

@@ -28,6 +28,7 @@ from .ghost import BadDocument, Job, built_image, parse_app, parse_job
 from .logs import get_logger
 from .metrics import MetricsRecorder
 from .model import BUILDIMAGE, DEPLOY, FAILED, REDEPLOY, step_id
+from .policy import Pacer
 from .store import TRANSIENT_ERRORS, Store, next_change, utcnow
 
 log = get_logger(__name__)
@@ -222,19 +223,20 @@ class Source:
         return caught_up_at - timedelta(seconds=self.config.events.overlap)
 
     def run(self) -> None:
-        """Run until `stop` is set, riding out MongoDB outages with backoff."""
-        delay = 0.5
+        """Run until `stop` is set, riding out MongoDB outages with the loops' backoff."""
+        pacer = Pacer()
         while not self.stop.is_set():
             try:
                 self.run_once()
-                delay = 0.5
+                pacer.succeeded()
             except TRANSIENT_ERRORS as error:
-                log.warning("event_source_mongodb_unavailable", source=self.name, error=str(error), retry_in_s=delay)
+                log.warning(
+                    "event_source_mongodb_unavailable", source=self.name, error=str(error), retry_in_s=pacer.delay
+                )
             except PyMongoError as error:
-                log.error("event_source_error", source=self.name, error=str(error), retry_in_s=delay)
+                log.error("event_source_error", source=self.name, error=str(error), retry_in_s=pacer.delay)
             self.tick()
-            self.stop.wait(delay)
-            delay = min(delay * 2, 30.0)
+            pacer.pause(self.stop)
 
     def run_once(self) -> None:
         raise NotImplementedError

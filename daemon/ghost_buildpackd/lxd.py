@@ -34,7 +34,7 @@ from ws4py.client import WebSocketBaseClient
 
 from .config import LxdConfig
 from .logs import get_logger
-from .retries import retrying
+from .policy import LIMITS, LXD_RETRY, retrying
 
 log = get_logger(__name__)
 
@@ -50,7 +50,6 @@ IMAGE_PROP_JOB = "ghost-buildpackd.job"
 IMAGE_PROP_CLAIM = "ghost-buildpackd.claim"  # the claim number of the step attempt that published it
 
 
-PROBE_INTERVAL = 1.0  # how often a caller waiting for LXD to come back asks whether it is
 LONGEST_OPERATION_POLL = 30  # seconds one wait on an operation may last (below lxd.timeout, too)
 KILL_TIMEOUT = 30.0  # for the kill that ends a container's processes; past it, the container is force-stopped
 
@@ -96,7 +95,7 @@ def _is_transient(error: BaseException) -> bool:
     return False
 
 
-retry_lxd = retrying(_is_transient, "lxd_transient_error_retrying", attempts=5, multiplier=0.2, max_wait=10)
+retry_lxd = retrying(_is_transient, "lxd_transient_error_retrying", LXD_RETRY)
 
 
 def _lxd_time(value: str | None) -> datetime | None:
@@ -368,7 +367,7 @@ class Lxd:
         """
         leaving = self.server_pid if is_shutting_down(error) else None
         started = time.monotonic()
-        while not abort.wait(PROBE_INTERVAL):
+        while not abort.wait(LIMITS.lxd_probe_every):
             pid = self.answering_pid()
             if pid is not None and (leaving is None or pid != leaving):
                 log.info("lxd_available_again", waited_s=round(time.monotonic() - started, 1))

@@ -54,32 +54,15 @@ from .model import (
     Step,
     next_state,
 )
-from .steps import LXD_OUTAGE_LIMIT, LeaseLost, Outcome, StepContext, StepFailed, remove_leftovers, run_after_outcome
+from .policy import LIMITS, Pacer
+from .steps import LeaseLost, Outcome, StepContext, StepFailed, remove_leftovers, run_after_outcome
 from .store import TRANSIENT_ERRORS, Store, short_error
 
 log = get_logger(__name__)
 
 MAX_ATTEMPTS = 5  # claims of one step (a deploy takes two: prepare, run); past it, the step fails
-MAX_LXD_OUTAGES = 3  # the third time LXD goes away under one claim, the step fails instead of waiting again
-IDLE_WAIT = 1.0  # longest a free worker waits before looking for work again unprompted
-GUARD_EVERY = 0.2  # how often the lease guard compares each holder's deadline with the clock
-
-
-def lease_margin(ttl: float) -> float:
-    """How long before the lease's expiry its holder stops counting on it.
-
-    Covers the error of the server-clock estimate, a renewal's round trip and
-    the time the holder takes to notice.
-    """
-    return max(1.0, ttl / 5)
-
 
 StepBody = Callable[[StepContext], Outcome]
-
-
-def cleanup_wait(config: Config) -> float:
-    """At shutdown, how long aborted steps get to remove their containers and put their records back."""
-    return max(30.0, config.lxd.timeout)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -191,7 +174,7 @@ class Runner:
             held.shutting_down = True
             held.ctx.abort.set()
             log.warning("step_aborted_by_shutdown", step=held.ctx.step.id, grace_s=grace)
-        cleanup_deadline = time.monotonic() + cleanup_wait(self.config)
+        cleanup_deadline = time.monotonic() + LIMITS.cleanup_wait(self.config)
         while self.in_flight() and time.monotonic() < cleanup_deadline:
             self._wait_for_any(cleanup_deadline - time.monotonic())
         self._stopped.set()
@@ -209,31 +192,30 @@ class Runner:
     # --- dispatching --------------------------------------------------------------------------
 
     def _dispatch_loop(self) -> None:
-        delay = 0.5
+        pacer = Pacer()
         while self._accepting.is_set():
             self.last_tick = time.monotonic()
-            if not self.slots.acquire(timeout=IDLE_WAIT):
+            if not self.slots.acquire(timeout=LIMITS.idle_wait):
                 continue
             sent = time.monotonic()
             try:
                 step = self.store.claim_step(self.owner, self.ttl, self.host, exclude=tuple(self.in_flight()))
-                delay = 0.5
+                pacer.succeeded()
             except TRANSIENT_ERRORS as error:
                 self.slots.release()
-                log.warning("claim_failed_mongodb_unavailable", error=str(error), retry_in_s=delay)
-                self._wake.wait(delay)
-                delay = min(delay * 2, 30.0)
+                log.warning("claim_failed_mongodb_unavailable", error=str(error), retry_in_s=pacer.delay)
+                pacer.pause(self._wake)
                 continue
             except Exception:
                 self.slots.release()
                 log.exception("claim_failed")
-                self._wake.wait(delay)
+                self._wake.wait(pacer.delay)  # not an outage: the wait does not lengthen
                 continue
             if step is None or not self._accepting.is_set():
                 self.slots.release()
                 if step is not None:
                     self.store.update_step(step, release=True)
-                self._wake.wait(IDLE_WAIT)
+                self._wake.wait(LIMITS.idle_wait)
                 self._wake.clear()
                 continue
             self._submit(step, valid_until=self._lease_deadline(sent))
@@ -246,7 +228,7 @@ class Runner:
         on this host's clock, give or take the estimate's error, which the
         margin covers.
         """
-        return sent + self.ttl - lease_margin(self.ttl)
+        return sent + self.ttl - LIMITS.lease_margin(self.ttl)
 
     def _submit(self, step: Step, valid_until: float) -> None:
         ctx = StepContext(
@@ -275,7 +257,7 @@ class Runner:
     # --- lease renewal -----------------------------------------------------------------------
 
     def _renew_loop(self) -> None:
-        interval = self.ttl / 3
+        interval = LIMITS.renew_every(self.ttl)
         while not self._stopped.wait(interval):
             with self._lock:
                 held_steps = list(self.held.values())
@@ -285,7 +267,7 @@ class Runner:
 
     def _guard_loop(self) -> None:
         """Abort every step whose lease this process can no longer count on (never blocked by MongoDB)."""
-        while not self._stopped.wait(GUARD_EVERY):
+        while not self._stopped.wait(LIMITS.guard_every):
             now = time.monotonic()
             with self._lock:
                 held_steps = list(self.held.values())
@@ -354,7 +336,7 @@ class Runner:
                 return self._run_body(held, start_over=outages > 0)
             except LxdUnavailable as error:
                 outages += 1
-                if outages == MAX_LXD_OUTAGES:
+                if outages == LIMITS.max_lxd_outages:
                     return Outcome(FAILED, f"LXD went away {outages} times while this step ran; giving up ({error})")
                 ctx.log.warning(
                     "lxd_unavailable_step_waits",
@@ -365,10 +347,10 @@ class Runner:
                 ctx.job_log.write(f"LXD went away ({error}); the step starts over when it is back")
                 with contextlib.suppress(*TRANSIENT_ERRORS):  # only what `status` shows meanwhile
                     ctx.save(message=f"waiting for LXD to come back: {error}")
-                if not self.lxd.wait_until_back(error, ctx.abort, LXD_OUTAGE_LIMIT):
+                if not self.lxd.wait_until_back(error, ctx.abort, LIMITS.lxd_outage_wait):
                     if ctx.abort.is_set():  # shutdown, cancellation or a lost lease: _finish says which
                         return Outcome(FAILED, f"LXD unavailable: {error}")
-                    return Outcome(FAILED, f"LXD did not come back within {LXD_OUTAGE_LIMIT:g}s: {error}")
+                    return Outcome(FAILED, f"LXD did not come back within {LIMITS.lxd_outage_wait:g}s: {error}")
                 ctx.save(message="LXD is back; the step starts over")  # fenced: LeaseLost before touching LXD
 
     def _run_body(self, held: Held, start_over: bool = False) -> Outcome:

@@ -21,15 +21,8 @@ from pymongo.errors import PyMongoError
 
 from .config import Config
 from .model import ACTIVE, FAILED, Step
+from .policy import LIMITS
 from .store import Store, redacted_uri, short_error, utcnow
-
-# An instance is alive when its heartbeat (written every few seconds) is younger than this.
-MIN_HEARTBEAT_AGE = 30.0
-
-
-def heartbeat_max_age(config: Config) -> float:
-    return max(MIN_HEARTBEAT_AGE, 3 * config.lease_ttl)
-
 
 # Failed steps `status --check` looks at, at most, within its window.
 FAILURES_READ = 1000
@@ -66,7 +59,7 @@ def _read_mongodb(config: Config, out: TextIO, as_json: bool, read: Callable[[St
 def show_status(config: Config, out: TextIO, as_json: bool, last: int) -> int:
     """Print the status report; 0, or 1 when MongoDB cannot be reached (with the reason)."""
     report = _read_mongodb(
-        config, out, as_json, lambda store: collect_status(store, heartbeat_max_age(config), max(0, last))
+        config, out, as_json, lambda store: collect_status(store, LIMITS.heartbeat_max_age(config), max(0, last))
     )
     if report is None:
         return 1
@@ -80,7 +73,7 @@ def check_status(config: Config, out: TextIO, as_json: bool, thresholds: Thresho
     def read(store: Store) -> tuple[dict[str, Any], list[Step]]:
         since = utcnow() - timedelta(seconds=thresholds.window)
         finished = store.recent_finished_steps(FAILURES_READ, since=since)
-        return collect_status(store, heartbeat_max_age(config), 0), [s for s in finished if s.state == FAILED]
+        return collect_status(store, LIMITS.heartbeat_max_age(config), 0), [s for s in finished if s.state == FAILED]
 
     read_back = _read_mongodb(config, out, as_json, read)
     if read_back is None:

@@ -68,7 +68,7 @@ from .model import (
     known,
     step_id,
 )
-from .retries import retrying
+from .policy import MONGODB_RETRY, retrying
 
 log = get_logger(__name__)
 
@@ -99,11 +99,7 @@ def same_id(value: ObjectId) -> dict[str, list[ObjectId]]:
 
 # Retries a MongoDB call through outages: exponential backoff, ~2 minutes in all.
 retry_transient = retrying(
-    lambda error: isinstance(error, TRANSIENT_ERRORS),
-    "mongodb_unavailable_retrying",
-    attempts=8,
-    multiplier=0.25,
-    max_wait=30,
+    lambda error: isinstance(error, TRANSIENT_ERRORS), "mongodb_unavailable_retrying", MONGODB_RETRY
 )
 
 

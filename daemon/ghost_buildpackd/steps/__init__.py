@@ -39,9 +39,9 @@ from ..lxd import (
     is_unavailable,
 )
 from ..model import BUILD_PACK, Step
+from ..policy import LIMITS
 from ..store import Store
 
-LXD_OUTAGE_LIMIT = 600.0  # longest a step waits for LXD to come back before it fails
 SCRIPT_DIR = "/var/lib/ghost-buildpackd"  # where scripts are put inside containers
 COMMAND_NOT_FOUND = "Command not found"  # how LXD reports an exec whose command exits 127
 
@@ -346,7 +346,7 @@ def release_container(ctx: StepContext, name: str, status: str) -> None:
         ctx.log.warning("container_release_failed_deleting_now", container=name, error=str(error))
         if is_unavailable(error):  # an LXD restart: the outcome waits until the container is gone
             ctx.job_log.write(f"LXD went away ({error}); removing the container once it is back")
-            if not ctx.lxd.wait_until_back(error, ctx.abort, LXD_OUTAGE_LIMIT):
+            if not ctx.lxd.wait_until_back(error, ctx.abort, LIMITS.lxd_outage_wait):
                 raise
         remove_container(ctx, name)  # nothing in it may carry on once the outcome is known
         return
