@@ -24,7 +24,15 @@ from ghost_buildpackd.ghost import BadDocument
 from ghost_buildpackd.logs import configure_logging
 from ghost_buildpackd.lxd import IMAGE_PROP_JOB, TAG_JOB, ContainerSpec, ImageInfo, Lxd
 from ghost_buildpackd.model import BUILDIMAGE, SUCCEEDED, step_id
-from ghost_buildpackd.steps import StepContext, StepFailed, buildimage, container_name, container_spec, step_tags
+from ghost_buildpackd.steps import (
+    StepContext,
+    StepFailed,
+    buildimage,
+    container_name,
+    container_spec,
+    run_after_outcome,
+    step_tags,
+)
 from ghost_buildpackd.store import Store
 from ghost_buildpackd.templates import TAG_TEMPLATE, template_name
 from tests.conftest import WORKING_COPY_IDS, leftover_containers
@@ -64,8 +72,11 @@ def buildimage_job(db: Database, app_id: ObjectId, ami_id: str = "ami-0123abcd")
 
 
 def build(config: Config, store: Store, lxd: Lxd, job_id: ObjectId) -> tuple[StepContext, Any]:
+    """The body, then its after-outcome chores, as the runner runs them."""
     ctx = step_context(config, store, lxd, job_id, BUILDIMAGE)
-    return ctx, buildimage.run(ctx)
+    outcome = buildimage.run(ctx)
+    run_after_outcome(ctx)
+    return ctx, outcome
 
 
 def fail(config: Config, store: Store, lxd: Lxd, job_id: ObjectId) -> tuple[StepContext, StepFailed]:
@@ -183,7 +194,8 @@ def test_hooks_and_features_are_baked_into_the_published_image(
     assert record.app_identity == "ami.prod.eu-west-1.web.shop.blue" and record.base_image == base.fingerprint
     assert record.size > 0 and record.state == "live"
     assert db.apps.find_one({"_id": app_id})["build_infos"]["container_image"] == alias
-    # The build's container is kept as the template of the app's deploys: mapped as theirs, no job tags.
+    # After the outcome, the build's container is kept as the template of the app's deploys: mapped as
+    # theirs, no job tags.
     deploy_spec = container_spec(ctx, image.fingerprint, idmap=WORKING_COPY_IDS)
     assert lxd.container_status(template_name(deploy_spec)) == "Stopped"
     kept = [c for c in lxd.list_containers() if c.tags.get(TAG_TEMPLATE) == image.fingerprint]

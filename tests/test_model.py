@@ -33,9 +33,9 @@ from ghost_buildpackd.model import (
     StepKind,
     StepState,
     from_states,
-    may_move,
     next_state,
     step_id,
+    transitions,
 )
 from ghost_buildpackd.runner import Bodies, Runner
 from ghost_buildpackd.steps import Outcome, StepContext, StepFailed
@@ -47,6 +47,14 @@ HOST = "host-a"
 MODULE = "app"
 
 # --- the table itself -------------------------------------------------------------------------
+
+
+def may_move(actor: Actor, from_state: str | None, to_state: str, kind: str) -> bool:
+    """Whether a row lets `actor` move a step of `kind` from `from_state` (None: no record yet) to `to_state`."""
+    return any(
+        row.to_state == to_state and (row.from_states == NEW if from_state is None else from_state in row.from_states)
+        for row in transitions(actor, kind=kind)
+    )
 
 
 def test_every_state_is_reached_and_every_unfinished_state_is_left():

@@ -94,7 +94,7 @@ class Upkeep:
     def _sweep(self) -> None:
         expire_prepared(self.store, self.config.container.prepared_max_age, log)
         sweep_orphans(self.store, self.lxd, self.config.container.debug, log)
-        remove_stale_templates(self.lxd, {image.fingerprint for image in self.lxd.list_images()}, log)
+        remove_stale_templates(self.lxd, log)
 
     @staticmethod
     def _guarded(what: str, action: Callable[..., object]) -> None:

@@ -186,14 +186,6 @@ def next_state(actor: Actor, state: str, kind: str) -> StepState | None:
     return targets.pop() if targets else None
 
 
-def may_move(actor: Actor, from_state: str | None, to_state: str, kind: str) -> bool:
-    """Whether a row lets `actor` move a step of `kind` from `from_state` (None: no record yet) to `to_state`."""
-    return any(
-        row.to_state == to_state and (row.from_states == NEW if from_state is None else from_state in row.from_states)
-        for row in transitions(actor, kind=kind)
-    )
-
-
 Member = TypeVar("Member", bound=enum.StrEnum)
 
 

@@ -272,7 +272,7 @@ class Runner:
             with self._lock:
                 held_steps = list(self.held.values())
             for held in held_steps:
-                if not held.lost and now >= held.ctx.lease_valid_until:
+                if not held.lost and not held.finishing and now >= held.ctx.lease_valid_until:
                     overdue = now - held.ctx.lease_valid_until
                     self._lose(held, "lease_expired_locally", renewal_overdue_s=round(overdue, 1))
 
@@ -317,9 +317,10 @@ class Runner:
             except Exception:  # never let one step take the daemon down
                 log.exception("step_bookkeeping_failed")
             finally:
-                with self._lock:  # the lease is given up: its guard and renewals end before the chores
-                    self.held.pop(step.id, None)
+                held.finishing = True  # the lease is given up: no renewal, no guard during the chores
                 run_after_outcome(ctx)
+                with self._lock:
+                    self.held.pop(step.id, None)
 
     def _run_riding_lxd_outages(self, held: Held) -> Outcome:
         """Run the body; when LXD goes away, keep the lease, wait for LXD and start the body over.

@@ -88,6 +88,17 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+def any_of(values: Iterable[str]) -> Any:
+    """A filter matching any of `values`: the value itself when there is one, else `$in`.
+
+    The same query either way; the equality form is also what the wire-protocol
+    stand-in used in tests answers when the filter has a range on another field
+    (it drops every match of a one-element `$in` there).
+    """
+    found = list(values)
+    return found[0] if len(found) == 1 else {"$in": found}
+
+
 def same_id(value: ObjectId) -> dict[str, list[ObjectId]]:
     """Equality filter on an ObjectId field other than `_id`, written as a one-element `$in`.
 
@@ -788,7 +799,7 @@ class Store:
         """
         now = self.server_now()  # updated_at and lease expiry are on the server's clock
         stale = {
-            "state": {"$in": list(from_states(Actor.SWEEP, CANCELLED))},
+            "state": any_of(from_states(Actor.SWEEP, CANCELLED)),
             "updated_at": {"$lt": now - timedelta(seconds=max_age)},
         }
         cancelled = []

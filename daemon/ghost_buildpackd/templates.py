@@ -31,8 +31,8 @@ import time
 import uuid
 import zlib
 from datetime import UTC, datetime, timedelta
-from typing import Any
 
+from .logs import Logger
 from .lxd import TAG_PREFIX, ContainerInfo, ContainerSpec, Lxd, is_unavailable
 
 TAG_TEMPLATE = TAG_PREFIX + "template"  # on a template: the fingerprint of its image
@@ -69,7 +69,7 @@ def is_template(container: ContainerInfo) -> bool:
     return TAG_TEMPLATE in container.tags and TEMPLATE_NAME.fullmatch(container.name) is not None
 
 
-def create_container(lxd: Lxd, spec: ContainerSpec, keep: int, log: Any) -> None:
+def create_container(lxd: Lxd, spec: ContainerSpec, keep: int, log: Logger) -> None:
     """Create `spec`'s container as a copy of its template when `keep` allows templates, else from its image."""
     if keep > 0:
         try:
@@ -88,7 +88,7 @@ def create_container(lxd: Lxd, spec: ContainerSpec, keep: int, log: Any) -> None
     lxd.create_container(spec)
 
 
-def ready_template(lxd: Lxd, spec: ContainerSpec, keep: int, log: Any) -> str:
+def ready_template(lxd: Lxd, spec: ContainerSpec, keep: int, log: Logger) -> str:
     """The name of the complete template for containers like `spec`, made now when there is none."""
     name = template_name(spec)
     with _maker_lock(name):
@@ -104,7 +104,7 @@ def _maker_lock(name: str) -> threading.Lock:
         return _making.setdefault(name, threading.Lock())
 
 
-def make_template(lxd: Lxd, spec: ContainerSpec, name: str, log: Any) -> None:
+def make_template(lxd: Lxd, spec: ContainerSpec, name: str, log: Logger) -> None:
     """Create, start once (the shift), stop, then rename: under `name`, a template is complete."""
     temporary = f"{name}-{uuid.uuid4().hex[:6]}"
     started = time.monotonic()
@@ -123,7 +123,7 @@ def make_template(lxd: Lxd, spec: ContainerSpec, name: str, log: Any) -> None:
     )
 
 
-def adopt(lxd: Lxd, container: str, spec: ContainerSpec, keep: int, log: Any) -> bool:
+def adopt(lxd: Lxd, container: str, spec: ContainerSpec, keep: int, log: Logger) -> bool:
     """Make the stopped `container` the template for containers like `spec`; False when they have one already.
 
     For a container that holds exactly the files of `spec.image`, shifted for
@@ -140,7 +140,7 @@ def adopt(lxd: Lxd, container: str, spec: ContainerSpec, keep: int, log: Any) ->
     return True
 
 
-def evict_templates(lxd: Lxd, keep: int, log: Any, spare: str = "") -> list[str]:
+def evict_templates(lxd: Lxd, keep: int, log: Logger, spare: str = "") -> list[str]:
     """Delete the least recently used templates beyond `keep` (never `spare`); their names."""
     templates = [container for container in lxd.list_containers() if is_template(container)]
     never = datetime.min.replace(tzinfo=UTC)
@@ -149,13 +149,14 @@ def evict_templates(lxd: Lxd, keep: int, log: Any, spare: str = "") -> list[str]
     return [name for name in excess if _remove_template(lxd, name, "over container.templates", log)]
 
 
-def remove_stale_templates(lxd: Lxd, images: set[str], log: Any, now: datetime | None = None) -> list[str]:
-    """Delete templates whose image is gone (not in `images`, fingerprints) and temporary ones a crash left."""
+def remove_stale_templates(lxd: Lxd, log: Logger, now: datetime | None = None) -> list[str]:
+    """Delete templates whose image is gone and temporary ones a crash left; their names."""
     now = now or datetime.now(UTC)
+    found = [container for container in lxd.list_containers() if TAG_TEMPLATE in container.tags]
+    # Images read after the containers: a template adopted in between has its image published already.
+    images = {image.fingerprint for image in lxd.list_images()}
     removed = []
-    for container in lxd.list_containers():
-        if TAG_TEMPLATE not in container.tags:
-            continue
+    for container in found:
         if container.tags[TAG_TEMPLATE] not in images:
             reason = "its image is gone"
         elif not is_template(container) and container.created_at and now - container.created_at > ABANDONED_AFTER:
@@ -167,13 +168,13 @@ def remove_stale_templates(lxd: Lxd, images: set[str], log: Any, now: datetime |
     return removed
 
 
-def remove_templates_of(lxd: Lxd, fingerprint: str, log: Any) -> list[str]:
+def remove_templates_of(lxd: Lxd, fingerprint: str, log: Logger) -> list[str]:
     """Delete every template of the image `fingerprint` (when the image itself is deleted)."""
     names = [c.name for c in lxd.list_containers() if c.tags.get(TAG_TEMPLATE) == fingerprint]
     return [name for name in names if _remove_template(lxd, name, "its image was deleted", log)]
 
 
-def _remove_template(lxd: Lxd, name: str, reason: str, log: Any) -> bool:
+def _remove_template(lxd: Lxd, name: str, reason: str, log: Logger) -> bool:
     try:
         deleted = lxd.delete_container(name)
     except Exception as error:  # a template in use by a copy right now, LXD busy: the next pass retries

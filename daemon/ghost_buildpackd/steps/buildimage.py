@@ -13,7 +13,8 @@ and its alias exist, so the app keeps its previous image when anything fails.
 
 Everything that can be refused (job, app, hooks, features, provisioner trees)
 is checked before a container is created. The container is removed in every
-outcome unless `container.debug` is set.
+outcome unless `container.debug` is set, or once the image is published kept
+as the template of the app's deploys (`templates.py`), after the outcome.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from ..config import PLACEHOLDER_ANSIBLE_VERBOSITY, PLACEHOLDER_LOG_LEVEL, PLACE
 from ..ghost import PROVISIONERS, App, BadDocument, Job, parse_app, parse_job
 from ..images import ImageNotFound, base_image
 from ..logs import Secrets
-from ..lxd import IMAGE_PROP_CLAIM, IMAGE_PROP_JOB, ContainerSpec, ImageInfo, Mount, is_unavailable
+from ..lxd import IMAGE_PROP_CLAIM, IMAGE_PROP_JOB, ContainerSpec, ImageInfo, Mount
 from ..model import SUCCEEDED
 from ..store import ImageRecord, utcnow
 from . import (
@@ -246,8 +247,9 @@ def build(ctx: StepContext, plan: BuildPlan, base: ImageInfo) -> Outcome:
         check_abort(ctx, "publishing the image")
         image = published = publish(ctx, plan, base, spec.name)
     finally:
-        if published is None or not adopt_as_template(ctx, spec, published):
+        if published is None:
             clean_up_container(ctx, spec.name)
+    ctx.after_outcome.append(lambda: keep_as_template(ctx, spec, image))
     record(ctx, plan, base, image)
     message = f"container image {plan.alias} published ({image.fingerprint[:12]}, {image.size} bytes)"
     ctx.say("buildimage_succeeded", message, image=plan.alias, fingerprint=image.fingerprint, size=image.size)
@@ -255,26 +257,31 @@ def build(ctx: StepContext, plan: BuildPlan, base: ImageInfo) -> Outcome:
 
 
 def build_owner(ctx: StepContext) -> tuple[int, int] | None:
-    """Container root maps to `container.idmap_user`, as in deploys, so the build's container can become
-    the template of the app's deploys (`adopt_as_template`); the default mapping when that user is unknown."""
+    """With templates, container root maps to `container.idmap_user` as in deploys, so the build's container
+    can become the template of the app's deploys (`keep_as_template`); else, or when that user is unknown,
+    the default mapping."""
+    if ctx.config.container.templates <= 0:
+        return None
     try:
         return idmap_user_ids(ctx.config.container.idmap_user)
     except KeyError:
         return None
 
 
-def adopt_as_template(ctx: StepContext, spec: ContainerSpec, image: ImageInfo) -> bool:
-    """Keep the build's stopped container as the template of deploys of its image; False when it is not kept."""
+def keep_as_template(ctx: StepContext, spec: ContainerSpec, image: ImageInfo) -> None:
+    """After the outcome: the build's stopped container becomes the template of deploys of its image, else goes.
+
+    Never raises: the image is recorded already, and a container left over is
+    a finished step's, which the orphan sweep removes.
+    """
     keep = ctx.config.container.templates
-    if keep <= 0 or ctx.config.container.debug:
-        return False
-    try:
-        return templates.adopt(ctx.lxd, spec.name, dataclasses.replace(spec, image=image.fingerprint), keep, ctx.log)
-    except Exception as error:
-        if is_unavailable(error):
-            raise
-        ctx.log.warning("container_template_not_adopted", container=spec.name, error=str(error))
-        return False
+    if keep > 0 and not ctx.config.container.debug:
+        try:
+            if templates.adopt(ctx.lxd, spec.name, dataclasses.replace(spec, image=image.fingerprint), keep, ctx.log):
+                return
+        except Exception as error:
+            ctx.log.warning("container_template_not_adopted", container=spec.name, error=str(error))
+    clean_up_container(ctx, spec.name)
 
 
 def run_scripts(ctx: StepContext, plan: BuildPlan, container: str) -> None:
