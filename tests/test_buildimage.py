@@ -194,7 +194,7 @@ def test_hooks_and_features_are_baked_into_the_published_image(
     assert record.app_identity == "ami.prod.eu-west-1.web.shop.blue" and record.base_image == base.fingerprint
     assert record.size > 0 and record.state == "live"
     assert db.apps.find_one({"_id": app_id})["build_infos"]["container_image"] == alias
-    # After the outcome, the build's container is kept as the template of the app's deploys: mapped as
+    # Once the image is published, the build's container is kept as the template of the app's deploys: mapped as
     # theirs, no job tags.
     deploy_spec = container_spec(ctx, image.fingerprint, idmap=WORKING_COPY_IDS)
     assert lxd.container_status(template_name(deploy_spec)) == "Stopped"

@@ -13,8 +13,8 @@ and its alias exist, so the app keeps its previous image when anything fails.
 
 Everything that can be refused (job, app, hooks, features, provisioner trees)
 is checked before a container is created. The container is removed in every
-outcome unless `container.debug` is set, or once the image is published kept
-as the template of the app's deploys (`templates.py`), after the outcome.
+outcome unless `container.debug` is set, or, once the image is published, kept
+as the template of the app's deploys (`templates.py`).
 """
 
 from __future__ import annotations
@@ -246,10 +246,11 @@ def build(ctx: StepContext, plan: BuildPlan, base: ImageInfo) -> Outcome:
         run_scripts(ctx, plan, spec.name)
         check_abort(ctx, "publishing the image")
         image = published = publish(ctx, plan, base, spec.name)
-    finally:
+    finally:  # before the records, so a container never outlives a build that cannot record (MongoDB down)
         if published is None:
             clean_up_container(ctx, spec.name)
-    ctx.after_outcome.append(lambda: keep_as_template(ctx, spec, image))
+        else:
+            keep_as_template(ctx, spec, published)
     record(ctx, plan, base, image)
     message = f"container image {plan.alias} published ({image.fingerprint[:12]}, {image.size} bytes)"
     ctx.say("buildimage_succeeded", message, image=plan.alias, fingerprint=image.fingerprint, size=image.size)
@@ -269,10 +270,11 @@ def build_owner(ctx: StepContext) -> tuple[int, int] | None:
 
 
 def keep_as_template(ctx: StepContext, spec: ContainerSpec, image: ImageInfo) -> None:
-    """After the outcome: the build's stopped container becomes the template of deploys of its image, else goes.
+    """The build's stopped container becomes the template of deploys of its published image, else goes.
 
-    Never raises: the image is recorded already, and a container left over is
-    a finished step's, which the orphan sweep removes.
+    Never raises, like `clean_up_container`: the image is published, and
+    whatever is left (LXD gone meanwhile) is a tagged container of a finished
+    step, which the orphan sweep removes.
     """
     keep = ctx.config.container.templates
     if keep > 0 and not ctx.config.container.debug:
