@@ -19,6 +19,7 @@ from bson import ObjectId
 
 from ghost_buildpackd.buildpack_command import EXIT_CANCELLED, EXIT_NO_DAEMON, EXIT_REFUSED, EXIT_TIMED_OUT
 from ghost_buildpackd.model import CANCELLED, DEPLOY, FAILED, RUNNING, SUCCEEDED, step_id
+from ghost_buildpackd.store import Store
 from tests.conftest import WORKING_COPY_IDS, leftover_containers
 from tests.support.daemon import DaemonProcess
 from tests.support.ghost import b64, finish_buildimage, make_app, make_job, module_doc, set_status
@@ -59,6 +60,20 @@ def gcall(config: Path, log_dir: Path, job: ObjectId, module: str, *options: str
         ).returncode
     text = job_log.read_text()
     return code, [line for line in text.splitlines() if line.startswith(OUTCOME_PREFIX)], text
+
+
+def buildpack_running(config: Path, store: Store, job: ObjectId, module: str) -> subprocess.Popen[str]:
+    """Ghost's `buildpack` command for `module`, started, once the daemon runs the script."""
+    command = subprocess.Popen(
+        [sys.executable, "-m", "ghost_buildpackd", "buildpack", str(job), module, "--config", str(config)],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    sid = step_id(job, DEPLOY, module)
+    wait_until(lambda: (s := store.get_step(sid)) is not None and s.state == RUNNING, 60, "the buildpack running")
+    return command
 
 
 def started_deploy(db, app: ObjectId, modules: list[str]) -> ObjectId:
@@ -159,15 +174,7 @@ def test_redeploy_runs_after_all_deploy_and_a_job_end_cancels(
 
         # The job ends (Ghost's worker failed it elsewhere) while the buildpack runs: cancelled.
         deploy = started_deploy(db, app, ["api"])
-        sid = step_id(deploy, DEPLOY, "api")
-        command = subprocess.Popen(
-            [sys.executable, "-m", "ghost_buildpackd", "buildpack", str(deploy), "api", "--config", str(config)],
-            cwd=REPO,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        wait_until(lambda: (s := store.get_step(sid)) is not None and s.state == RUNNING, 60, "the buildpack running")
+        command = buildpack_running(config, store, deploy, "api")
         set_status(db, deploy, "failed", "aborted by the user")
         out, err = command.communicate(timeout=90)
         assert command.returncode == EXIT_CANCELLED, out + err
@@ -315,14 +322,7 @@ def test_a_daemon_that_dies_while_the_script_runs_is_noticed_by_its_heartbeat(
         daemon.wait_ready()
         job = started_deploy(db, app, ["app"])
         sid = step_id(job, DEPLOY, "app")
-        command = subprocess.Popen(
-            [sys.executable, "-m", "ghost_buildpackd", "buildpack", str(job), "app", "--config", str(config)],
-            cwd=REPO,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        wait_until(lambda: (s := store.get_step(sid)) is not None and s.state == RUNNING, 60, "the buildpack running")
+        command = buildpack_running(config, store, job, "app")
         daemon.kill()
         killed_at = time.monotonic()
         out, err = command.communicate(timeout=120)  # its own timeout is 40 minutes: the heartbeat ends it

@@ -89,7 +89,8 @@ def utcnow() -> datetime:
 
 
 def any_of(values: Iterable[str]) -> Any:
-    """A filter matching any of `values`: the value itself when there is one, else `$in`.
+    """A filter matching any of `values` (the states the transition table allows a move from): the
+    value itself when there is one, else `$in`.
 
     The same query either way; the equality form is also what the wire-protocol
     stand-in used in tests answers when the filter has a range on another field
@@ -752,7 +753,7 @@ class Store:
 
     def _cancel_active(self, actor: Actor, query: dict[str, Any], reason: str) -> int:
         """Cancel the steps matching `query` that `actor` may cancel and nobody holds; ask the holders of the others."""
-        active = {**query, "state": {"$in": list(from_states(actor, CANCELLED, query.get("kind")))}}
+        active = {**query, "state": any_of(from_states(actor, CANCELLED, query.get("kind")))}
         cancelled = self.steps.update_many(
             {**active, "lease.expires_at": {"$lt": self.server_now()}},
             {
@@ -777,7 +778,7 @@ class Store:
         client then reports its outcome).
         """
         sid = step_id(job_id, DEPLOY, module, script)
-        waiting = {"_id": sid, "state": {"$in": list(from_states(Actor.CLIENT, REQUESTED))}}
+        waiting = {"_id": sid, "state": any_of(from_states(Actor.CLIENT, REQUESTED))}
         request = {
             "$set": {"state": REQUESTED, "requested_host": host},
             "$currentDate": {"updated_at": True, "times.requested": True},
@@ -825,7 +826,7 @@ class Store:
     def reset_step_for_replay(self, sid: str) -> bool:
         """`replay`: put a finished step back to pending (a new attempt, same id)."""
         result = self.steps.update_one(
-            {"_id": sid, "state": {"$in": list(from_states(Actor.REPLAY, PENDING))}},
+            {"_id": sid, "state": any_of(from_states(Actor.REPLAY, PENDING))},
             {
                 "$set": {
                     "state": PENDING,
