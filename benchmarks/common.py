@@ -1,8 +1,8 @@
 """What every benchmark shares: the MongoDB and LXD of the run, daemon processes, logs, figures, tables.
 
 The MongoDB is the one the tests use (tests/support/mongo.py: a URI from the
-environment, testcontainers, else nx-27017), so figures and tests speak of the
-same server. Each benchmark gets a database of its own, dropped afterwards,
+environment, else a real mongod as a one-node replica set), so figures and
+tests speak of the same server. Each benchmark gets a database of its own, dropped afterwards,
 and deletes every container, image alias and directory it made.
 """
 
@@ -25,7 +25,7 @@ import yaml
 from pymongo.database import Database
 from tests.conftest import BASE_IMAGE, leftover_containers, raw_config, remove_job_images
 from tests.support.daemon import DaemonProcess
-from tests.support.mongo import MongoServer, start_mongo
+from tests.support.mongo import MongoServer, MongoServers
 from tests.support.waiting import wait_until
 
 from ghost_buildpackd.config import LxdConfig
@@ -69,7 +69,8 @@ class Bench:
         self.sizes = sizes
         self.poll_interval = poll_interval
         self.scratch = Path(tempfile.mkdtemp(prefix="gbp-bench-"))
-        self.mongo: MongoServer = start_mongo()
+        self._servers = MongoServers()
+        self.mongo: MongoServer = self._servers.get("replica_set")
         self.lxd = Lxd(LxdConfig(timeout=60))
         self._databases: list[str] = []
 
@@ -79,7 +80,7 @@ class Bench:
         for name in self._databases:
             client.drop_database(name)
         client.close()
-        self.mongo.close()
+        self._servers.close()
         if keep_logs:
             print(f"daemon logs and configs kept in {self.scratch}")
         else:

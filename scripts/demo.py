@@ -1,13 +1,14 @@
 """The whole flow once on an embedded default, for a new user (run by scripts/demo).
 
-Starts a MongoDB stand-in (nx-27017) unless GHOST_BUILDPACKD_MONGODB_URI is
+Starts a real MongoDB (a one-node replica set of the mongod that
+scripts/setup-mongodb installs) unless GHOST_BUILDPACKD_MONGODB_URI is
 given, runs the daemon as a process exactly as the service would, plays
 Ghost's part (an app, a buildimage job that finishes, a deploy job, Ghost's
 client asking for the buildpack), prints what happened, and removes
 everything it made. Needs LXD and the base image (scripts/demo sets them up).
 
 This is harness, not product: it lives beside the scripts and reuses the test
-harness for the MongoDB stand-in, the daemon process, waiting on conditions,
+harness for the MongoDB server, the daemon process, waiting on conditions,
 Ghost's own writes (tests/support) and the clean-up of what a job left in LXD
 (tests/conftest.py). The daemon's records are read through the Store, as the
 daemon's CLI reads them.
@@ -29,7 +30,7 @@ from pymongo.errors import PyMongoError
 from tests.conftest import leftover_containers, remove_job_images
 from tests.support import ghost as ghost_writes  # Ghost's own writes to its collections
 from tests.support.daemon import DaemonProcess
-from tests.support.mongo import ExternalMongo, MongoServer, NxMongo
+from tests.support.mongo import ExternalMongo, MongoServer, ReplicaSetMongo, mongod_build
 from tests.support.waiting import wait_until
 
 from ghost_buildpackd.client import run_buildpack
@@ -201,8 +202,8 @@ def start_mongo() -> MongoServer:
     if uri:
         say("MongoDB: from " + ENV_MONGODB_URI)
         return ExternalMongo(uri)
-    mongo = NxMongo()
-    say(f"MongoDB: embedded nx-27017 stand-in at {mongo.uri} ({ENV_MONGODB_URI} to use a real one)")
+    mongo = ReplicaSetMongo(mongod_build(), Path(tempfile.mkdtemp(prefix="ghost-buildpackd-demo-mongodb-")))
+    say(f"MongoDB: embedded {mongo.kind} at {mongo.uri} ({ENV_MONGODB_URI} to use another)")
     return mongo
 
 

@@ -18,28 +18,30 @@ from ghost_buildpackd.config import Config, LxdConfig, config_from_mapping
 from ghost_buildpackd.lxd import IMAGE_PROP_JOB, TAG_JOB, Lxd
 from ghost_buildpackd.store import Store
 from ghost_buildpackd.templates import remove_templates_of
-from tests.support.mongo import MongoServer, start_mongo
+from tests.support.daemon import Daemons
+from tests.support.mongo import MongoServer, MongoServers
 
 BASE_IMAGE = os.environ.get("GHOST_BUILDPACKD_TEST_IMAGE", "ghost-buildpackd/busybox")
 WORKING_COPY_IDS = (1001, 1002)  # owner of test working copies; /etc/subuid allows mapping it (scripts/setup-lxd)
 
-_server: MongoServer | None = None
+_servers: MongoServers | None = None
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    global _server
+    global _servers
     if config.option.collectonly or hasattr(config, "workerinput"):
         return
-    _server = start_mongo()
+    _servers = MongoServers()
+    _servers.get("replica_set")  # fail fast: every run needs it
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
-    if _server is not None:
-        _server.close()
+    if _servers is not None:
+        _servers.close()
 
 
 def pytest_report_header(config: pytest.Config) -> list[str]:
-    lines = [f"MongoDB: {_server.describe() if _server else 'not started'}"]
+    lines = [f"MongoDB: {_servers.describe() if _servers else 'not started'}"]
     try:
         info = Lxd(LxdConfig(timeout=10)).server_info()
         lines.append(f"LXD: {info['version']} (storage {info['storage']}), base image {BASE_IMAGE}")
@@ -59,18 +61,24 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if LXD_FIXTURES.intersection(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.lxd)
-    if _server is None or _server.real:
-        return
-    reason = f"needs real MongoDB behaviour; this run uses {_server.kind}"
-    for item in items:
-        if "real_mongodb" in item.keywords:
-            item.add_marker(pytest.mark.skip(reason=reason))
+
+
+def session_mongo(topology: str) -> MongoServer:
+    assert _servers is not None, "the MongoDB of the test session did not start"
+    return _servers.get(topology)
 
 
 @pytest.fixture(scope="session")
-def mongo() -> MongoServer:
-    assert _server is not None, "the MongoDB of the test session did not start"
-    return _server
+def replica_set_mongo() -> MongoServer:
+    """The session's one-node replica set (change streams), for fixtures wider than a test."""
+    return session_mongo("replica_set")
+
+
+@pytest.fixture
+def mongo(request: pytest.FixtureRequest) -> MongoServer:
+    """The MongoDB of this test: the one-node replica set, or the standalone server when the test
+    asks with `@pytest.mark.parametrize("mongo", ["standalone"], indirect=True)`."""
+    return session_mongo(getattr(request, "param", "replica_set"))
 
 
 @pytest.fixture
@@ -221,3 +229,17 @@ def published_aliases(lxd: Lxd) -> Iterator[list[str]]:
         lxd.delete_alias(alias)
         if image is not None and image.aliases == (alias,):
             lxd.delete_image(image.fingerprint)
+
+
+@pytest.fixture
+def daemons(write_config, tmp_path: Path, lxd_cleanup) -> Iterator[Callable[..., Daemons]]:
+    """Groups of `ghost-buildpackd run` processes with these config overrides; stopped at the end."""
+    made: list[Daemons] = []
+
+    def make(**overrides: Any) -> Daemons:
+        made.append(Daemons(write_config, tmp_path, overrides))
+        return made[-1]
+
+    yield make
+    for group in made:
+        group.stop_all()

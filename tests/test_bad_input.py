@@ -237,7 +237,9 @@ class CorpusRun:
 
 
 @pytest.fixture(scope="module")
-def corpus(mongo, lxd: Lxd, base_image: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[CorpusRun]:
+def corpus(
+    replica_set_mongo, lxd: Lxd, base_image: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[CorpusRun]:
     """Every case through one daemon process, then a good deploy through Ghost's client."""
     base = tmp_path_factory.mktemp("bad_input")
     dirs = {name: base / name for name in ("root", "log_dir", "provisioner_tree")}
@@ -246,11 +248,11 @@ def corpus(mongo, lxd: Lxd, base_image: str, tmp_path_factory: pytest.TempPathFa
     for path in (base, *base.parents):
         if path != Path("/"):
             path.chmod(path.stat().st_mode | 0o011)
-    client = mongo.client()
+    client = replica_set_mongo.client()
     db = client[f"t_bad_input_{os.getpid()}"]
     client.drop_database(db.name)
     config = base / "config.yml"
-    config.write_text(yaml.safe_dump(raw_config(mongo, db, dirs, lease_ttl="3s")))
+    config.write_text(yaml.safe_dump(raw_config(replica_set_mongo, db, dirs, lease_ttl="3s")))
     daemon = DaemonProcess(config, base / "daemon.log").start()
     try:
         daemon.wait_ready()

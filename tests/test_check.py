@@ -36,7 +36,9 @@ def check_lines(config: Config) -> tuple[int, dict[str, str]]:
     return code, lines
 
 
-def test_all_ok_on_a_good_host(store: Store, lxd: Lxd, base_image: str, make_config: Callable[..., Config]) -> None:
+def test_all_ok_on_a_good_host(
+    mongo, store: Store, lxd: Lxd, base_image: str, make_config: Callable[..., Config]
+) -> None:
     make_app(store.db, source_container_image=base_image)  # Ghost's collections exist, and name the image
     code, lines = check_lines(make_config())
     print("\n".join(lines.values()))
@@ -53,7 +55,7 @@ def test_all_ok_on_a_good_host(store: Store, lxd: Lxd, base_image: str, make_con
     )
     assert set(lines) >= {"mongodb", "mongodb events", "ghost collections", "lxd", "lxd storage", "lxd container"}
     assert "reachable and authenticated" in lines["mongodb"]
-    assert "speaks wire version" in lines["mongodb version"] and "pymongo " in lines["mongodb version"]
+    assert f"MongoDB {mongo.version}; supported: MongoDB 4.2 to 6.0 (pymongo " in lines["mongodb version"]
     assert "uses change_stream" in lines["mongodb events"] or "uses poll" in lines["mongodb events"]
     assert f"LXD {lxd.server_info()['version']}" in lines["lxd"]
     assert "default" in lines["lxd storage"]
@@ -164,17 +166,19 @@ def test_no_memory_limit_is_warned_about(
     assert "fix: set container.limits.memory: one buildpack can take the host down" in lines["container limits"]
 
 
-def test_a_server_older_than_pymongos_floor_fails_with_the_floor() -> None:
-    import pymongo
+def test_the_mongodb_version_is_named_and_checked_against_the_supported_range() -> None:
+    from ghost_buildpackd.check import mongodb_version_check
 
-    from ghost_buildpackd.check import wire_version_check
-
-    floor = pymongo.common.MIN_SUPPORTED_WIRE_VERSION
-    assert wire_version_check(floor, "x").ok
-    result = wire_version_check(floor - 1, "3.6.23")
-    assert not result.ok
-    assert f"MongoDB 3.6.23 (wire version {floor - 1}) is older than the floor: pymongo {pymongo.version} needs " in (
-        result.detail
+    assert mongodb_version_check(8, "4.2.6").ok and "MongoDB 4.2.6; supported: MongoDB 4.2 to 6.0" in (
+        mongodb_version_check(8, "4.2.6").detail
     )
-    assert "upgrade MongoDB to" in result.fix
-    assert not wire_version_check(None, "unknown").ok
+    assert mongodb_version_check(17, "6.0.5").ok
+    older = mongodb_version_check(7, "4.0.28")
+    assert not older.ok and not older.warning
+    assert "MongoDB 4.0.28 (wire version 7) is older than the oldest supported; supported: MongoDB 4.2 to 6.0" in (
+        older.detail
+    )
+    assert "upgrade MongoDB to 4.2 or newer" in older.fix
+    newer = mongodb_version_check(21, "7.0.2")
+    assert newer.warning and "newer than the newest tested (6.0)" in newer.detail
+    assert not mongodb_version_check(None, "unknown").ok

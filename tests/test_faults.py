@@ -17,7 +17,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +31,7 @@ from ghost_buildpackd.model import FAILED, SUCCEEDED, TERMINAL, step_id
 from ghost_buildpackd.store import Store
 from tests.conftest import WORKING_COPY_IDS, leftover_containers
 from tests.support import lxd_service
-from tests.support.daemon import DaemonProcess
+from tests.support.daemon import DaemonProcess, Daemons
 from tests.support.ghost import finish_buildimage, make_app, make_job, module_doc, set_status
 from tests.support.mongo import skip_unless_restartable
 from tests.support.steps import state_of, terminal_step
@@ -40,6 +40,7 @@ from tests.support.waiting import wait_until
 pytestmark = pytest.mark.lxd
 
 LEASE_TTL = "3s"
+FAULT_DEFAULTS = {"lease_ttl": LEASE_TTL, "workers": 2}
 WAIT_FOR_GO = 'while [ ! -e "{path}" ]; do sleep 0.1; done'  # blocks until the test creates the file
 BUILDPACK_LABEL = "buildpack of module api"
 
@@ -47,43 +48,10 @@ BUILDPACK_LABEL = "buildpack of module api"
 # --- helpers ---------------------------------------------------------------------------------
 
 
-class Daemons:
-    """Daemon processes of one test, each with its own log; all stopped at the end."""
-
-    def __init__(self, write_config: Callable[..., Path], tmp_path: Path, overrides: dict[str, Any]):
-        self.write_config = write_config
-        self.tmp_path = tmp_path
-        self.overrides = {"lease_ttl": LEASE_TTL, "workers": 2, **overrides}
-        self.started: list[DaemonProcess] = []
-
-    def start(self, **more: Any) -> DaemonProcess:
-        name = f"d{len(self.started)}"
-        config = self.write_config(f"{name}.yml", **{**self.overrides, **more})
-        process = DaemonProcess(config, self.tmp_path / f"{name}.log").start()
-        self.started.append(process)
-        process.wait_ready()
-        return process
-
-    def stop_all(self) -> None:
-        for process in self.started:
-            if process.alive():
-                try:
-                    process.terminate(60)
-                except Exception:
-                    process.kill()
-
-
 @pytest.fixture
-def daemons(write_config, tmp_path, lxd_cleanup) -> Iterator[Callable[..., Daemons]]:
-    made: list[Daemons] = []
-
-    def make(**overrides: Any) -> Daemons:
-        made.append(Daemons(write_config, tmp_path, overrides))
-        return made[-1]
-
-    yield make
-    for group in made:
-        group.stop_all()
+def daemons(daemons):
+    """The shared fixture with the fault tests' defaults (short leases, two workers)."""
+    return lambda **overrides: daemons(**{**FAULT_DEFAULTS, **overrides})
 
 
 def event_of(process: DaemonProcess, event: str, job: ObjectId, **fields: Any) -> dict[str, Any] | None:

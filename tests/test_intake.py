@@ -192,7 +192,7 @@ def test_catch_up_reads_jobs_changed_since_a_time(db, store, intake):
     jobs = [make_job(db, make_app(db, name=f"app{i}")) for i in range(3)]
     for job in jobs:
         finish_buildimage(db, job)
-    # A second of margin: the stand-in MongoDB compares datetimes coarsely.
+    # From a second before the first of them changed.
     since = db.jobs.find_one({"_id": jobs[0]})["_updated"] - timedelta(seconds=1)
     assert intake.catch_up(since) == 3
     assert set(steps(store)) == {step_id(job, "buildimage") for job in jobs}

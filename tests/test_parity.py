@@ -438,14 +438,13 @@ def job_doc(app: ObjectId, status: str, message: str, updated: datetime) -> dict
 
 
 @pytest.mark.lxd
+@pytest.mark.parametrize("mongo", ["standalone"], indirect=True)
 def test_poll_high_water_mark_never_passes_this_hosts_clock(db, store, write_config, tmp_path):
     config = write_config(events={"mode": "poll", "poll_interval": "200ms"})
     app = make_app(db)
     with DaemonProcess(config, tmp_path / "daemon.log", trivial_bodies=True) as daemon:
         daemon.wait_ready()
         # Ghost's run.py cancels with a local-time _updated: on a host at UTC+3 that is 3 hours ahead.
-        # Both jobs are inserted whole with their dates: the stand-in cannot compare a date it stored
-        # from $currentDate with one given in a document.
         now = datetime.now(UTC)
         db.jobs.insert_one(job_doc(app, "cancelled", "", now + timedelta(hours=3)))
         wait_until(lambda: high_water_at_least(store, now), 30, "a poll that read the cancelled job")

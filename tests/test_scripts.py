@@ -56,14 +56,14 @@ def test_build_base_image_first_run_then_idempotent(lxd: Lxd) -> None:
 
 @pytest.mark.lxd
 def test_demo_runs_the_whole_flow_on_its_embedded_default(lxd: Lxd, base_image: str) -> None:
-    """What scripts/demo runs after scripts/setup: its own nx-27017, the daemon, Ghost's part, the clean-up."""
+    """What scripts/demo runs after scripts/setup: its own mongod, the daemon, Ghost's part, the clean-up."""
     env = {key: value for key, value in os.environ.items() if key != ENV_MONGODB_URI}
     env["PYTHONPATH"] = str(ROOT)
     demo = subprocess.run(
         [sys.executable, ROOT / "scripts/demo.py"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
     )
     assert demo.returncode == 0, demo.stdout[-4000:] + demo.stderr[-4000:]
-    assert "MongoDB: embedded nx-27017 stand-in" in demo.stdout
+    assert "MongoDB: embedded mongod 6.0.5, 1-node replica set" in demo.stdout
     assert "-> succeeded (exit code 0)" in demo.stdout
     assert "owned by 1001:1002 on the host" in demo.stdout
     assert "containers left in LXD: none" in demo.stdout

@@ -99,7 +99,6 @@ def test_job_events_carry_only_what_intake_reads(db, store):
     assert change["documentKey"]["_id"] == job
 
 
-@pytest.mark.real_mongodb  # the nx-27017 stand-in ignores $project in change streams and has no 16 MB limit
 def test_a_job_near_16_mb_does_not_break_the_stream(db, store):
     job = make_job(db, make_app(db))
     with store.watch_jobs(None, max_await=0.5) as stream:

@@ -89,6 +89,7 @@ def test_unit_under_systemd(
     mongo_url = urlparse(mongo.uri)
     if "," in (mongo_url.netloc or ""):
         pytest.skip("the container reaches one MongoDB host through one proxy device")
+    mongo_host, mongo_port = mongo_url.hostname, mongo_url.port or 27017
 
     # --- README: on a host without PyPI, a wheelhouse made elsewhere, then scripts/install ----------
     started = time.monotonic()
@@ -113,7 +114,7 @@ def test_unit_under_systemd(
     lxd_gid = system.run("getent", "group", "lxd").stdout.split(":")[2]
     system.run("mkdir", "-p", os.path.dirname(LXD_SOCKET))
     system.add_proxy("lxd", f"unix:{LXD_SOCKET}", f"unix:{LXD_SOCKET}", uid="0", gid=lxd_gid, mode="0660")
-    system.add_proxy("mongodb", "tcp:127.0.0.1:27017", f"tcp:{mongo_url.hostname}:{mongo_url.port}")
+    system.add_proxy("mongodb", "tcp:127.0.0.1:27017", f"tcp:{mongo_host}:{mongo_port}")
 
     # Ghost's database has its collections (the store fixture made jobs); this host's LXD (the one
     # the container reaches) may map the working-copy owner of config_yml: the container's idmap files say so too.
@@ -121,7 +122,8 @@ def test_unit_under_systemd(
     system.run("sh", "-c", "echo root:1001:1 >> /etc/subuid; echo root:1002:1 >> /etc/subgid")
 
     # --- README: credentials in one file, the configuration, `check` as the service's user ----------
-    uri = f"mongodb://127.0.0.1:27017/{'?' + mongo_url.query if mongo_url.query else ''}"
+    # One member through one proxy: a direct connection (the member's own name does not resolve inside).
+    uri = "mongodb://127.0.0.1:27017/?directConnection=true"
     # As README writes them, by a shell in the container (lxc exec's own stdin is not readable as /dev/stdin there).
     system.run("bash", "-c", f"install -m 640 -g ghost /dev/stdin /etc/ghost-buildpackd/mongodb-uri <<< '{uri}'")
     system.run("bash", "-c", "install -m 640 -g ghost /dev/stdin /etc/ghost-buildpackd/config.yml <<'YAML'\n"

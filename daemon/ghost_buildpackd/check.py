@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import os
 import pwd
+import re
 import shutil
 import uuid
 from collections.abc import Callable
@@ -24,6 +25,7 @@ from .config import PUBLISH_COMPRESSORS, Config
 from .images import ImageNotFound, is_job_alias, local_base_image
 from .lxd import ContainerSpec, ImageInfo, Lxd
 from .model import FAILED
+from .policy import MONGODB_NEWEST_TESTED, MONGODB_OLDEST
 from .steps import UNPRIVILEGED_HINT, idmap_user_ids
 from .store import Store, redacted_uri, short_error
 
@@ -100,7 +102,7 @@ def mongo_checks(config: Config, report: Callable[[CheckResult], None]) -> Store
     except Exception as error:
         store.db.client.close()
         if "wire version" in str(error):  # pymongo refuses a server older than its floor before any command
-            report(wire_version_check(None, "unknown"))
+            report(mongodb_version_check(None, "unknown"))
         report(
             fail(
                 "mongodb",
@@ -113,25 +115,35 @@ def mongo_checks(config: Config, report: Callable[[CheckResult], None]) -> Store
             report(fail(name, "not checked: MongoDB is unreachable", "fix the mongodb check first"))
         return None
     report(ok("mongodb", f"reachable and authenticated at {where} (MongoDB {version})"))
-    report(wire_version_check(server["max_wire_version"], version))
+    report(mongodb_version_check(server["max_wire_version"], version))
     report(events_check(config, store))
     report(collections_check(config, store))
     return store
 
 
-def wire_version_check(max_wire_version: int | None, version: str) -> CheckResult:
-    """The server against the floor of the pymongo installed here (its oldest supported wire version)."""
-    floor, floor_version = pymongo.common.MIN_SUPPORTED_WIRE_VERSION, pymongo.common.MIN_SUPPORTED_SERVER_VERSION
-    driver = f"pymongo {pymongo.version} needs MongoDB {floor_version} or newer (wire version {floor})"
-    if max_wire_version is not None and max_wire_version >= floor:
-        return ok("mongodb version", f"MongoDB {version} speaks wire version {max_wire_version}; {driver}")
-    return fail(
-        "mongodb version",
-        f"MongoDB {version} (wire version {max_wire_version if max_wire_version is not None else 'unknown'}) "
-        f"is older than the floor: {driver}",
-        f"upgrade MongoDB to {floor_version} or newer, or install the daemon with an older pymongo "
-        "whose floor the server meets (pymongo's compatibility table)",
-    )
+def version_tuple(version: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in re.findall(r"\d+", version)[:2])
+
+
+def mongodb_version_check(max_wire_version: int | None, version: str) -> CheckResult:
+    """The server against the supported range (policy.MONGODB_OLDEST to MONGODB_NEWEST_TESTED)."""
+    oldest, newest = (".".join(map(str, v)) for v in (MONGODB_OLDEST, MONGODB_NEWEST_TESTED))
+    supported = f"supported: MongoDB {oldest} to {newest} (pymongo {pymongo.version})"
+    found = version_tuple(version) if version != "unknown" else ()
+    if not found or found < MONGODB_OLDEST:
+        wire = max_wire_version if max_wire_version is not None else "unknown"
+        return fail(
+            "mongodb version",
+            f"MongoDB {version} (wire version {wire}) is older than the oldest supported; {supported}",
+            f"upgrade MongoDB to {oldest} or newer (an in-place upgrade one release at a time, as MongoDB documents)",
+        )
+    if found > MONGODB_NEWEST_TESTED:
+        return warn(
+            "mongodb version",
+            f"MongoDB {version} is newer than the newest tested ({newest}); {supported}",
+            "nothing to do if it works; report what does not",
+        )
+    return ok("mongodb version", f"MongoDB {version}; {supported}")
 
 
 def events_check(config: Config, store: Store) -> CheckResult:

@@ -268,7 +268,7 @@ class ChangeStreamSource(Source):
             first = stream.try_next() if token is not None else None
             return _Prefetched(stream, first)
         except OperationFailure as error:
-            if token is not None and (error.code in TOKEN_UNUSABLE or "resume" in str(error).lower()):
+            if token is not None and self._token_is_the_problem(error):
                 log.error(
                     "resume_token_unusable_catching_up",
                     code=error.code,
@@ -277,6 +277,20 @@ class ChangeStreamSource(Source):
                 )
                 return None
             raise
+
+    def _token_is_the_problem(self, error: OperationFailure) -> bool:
+        """Whether a stream the server refused with our token would open without it.
+
+        Known codes say so at once; otherwise the server is asked (a garbled token
+        gives whatever its parser hit, e.g. 15 Overflow on MongoDB 6.0).
+        """
+        if error.code in TOKEN_UNUSABLE or "resume" in str(error).lower():
+            return True
+        try:
+            self.store.watch_jobs(None, max_await=0.01).close()
+        except OperationFailure:
+            return False
+        return True
 
     def _consume(self, stream: _Prefetched, scanned_at: datetime) -> None:
         """Handle changes as they come; every `rescan_interval`, a safety scan of recent jobs.

@@ -65,6 +65,12 @@ MONGODB_RETRY = Retry(attempts=8, backoff=Backoff(first=0.25, longest=30))
 LXD_RETRY = Retry(attempts=5, backoff=Backoff(first=0.2, longest=10))
 LOOP_BACKOFF = Backoff(first=0.5, longest=30)
 
+# The MongoDB servers the daemon is tested against and supports: 4.2 (the oldest build that runs here,
+# and what Ghost 19.08's docker-compose's unpinned `mongo` gave in 2019) to 6.0 (the newest build that
+# runs here). pymongo 4.17 is the last driver line whose floor is 4.2 (4.18 needs 4.4).
+MONGODB_OLDEST = (4, 2)
+MONGODB_NEWEST_TESTED = (6, 0)
+
 
 def retrying(transient: Callable[[BaseException], bool], event: str, retry: Retry) -> Any:
     """A decorator retrying calls that fail with a transient error, logging `event` before each wait."""

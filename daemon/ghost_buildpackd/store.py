@@ -22,6 +22,7 @@ a replica-set failover cannot roll back an acknowledged claim or outcome.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import heapq
 import itertools
 import re
@@ -74,6 +75,7 @@ log = get_logger(__name__)
 
 STEPS, IMAGES, STATE, INSTANCES = "container_steps", "container_images", "buildpackd_state", "buildpackd_instances"
 NO_CHANGE_STREAMS = 40573  # "The $changeStream stage is only supported on replica sets"
+COMMAND_NOT_FOUND = 59  # `hello` on servers before 4.2.10 and 4.4.2
 TRANSIENT_ERRORS = (AutoReconnect, ConnectionFailure, NetworkTimeout, ServerSelectionTimeoutError)
 CATCH_UP_BATCH = 500  # jobs a catch-up scan decides per bulk read of their steps and apps
 # A step nobody holds carries a lease that expired long ago rather than none, so
@@ -88,31 +90,54 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
-def any_of(values: Iterable[str]) -> Any:
-    """A filter matching any of `values` (the states the transition table allows a move from): the
-    value itself when there is one, else `$in`.
-
-    The same query either way; the equality form is also what the wire-protocol
-    stand-in used in tests answers when the filter has a range on another field
-    (it drops every match of a one-element `$in` there).
-    """
-    found = list(values)
-    return found[0] if len(found) == 1 else {"$in": found}
+def any_of(values: Iterable[str]) -> dict[str, list[str]]:
+    """A filter matching any of `values` (the states the transition table allows a move from)."""
+    return {"$in": list(values)}
 
 
-def same_id(value: ObjectId) -> dict[str, list[ObjectId]]:
-    """Equality filter on an ObjectId field other than `_id`, written as a one-element `$in`.
-
-    Identical in MongoDB; the nx-27017 stand-in used by tests only matches
-    ObjectIds in non-`_id` fields through `$in`.
-    """
-    return {"$in": [value]}
+# Codes a server answers with while it shuts down or its primary changes: the same call succeeds once it
+# is back or a new primary is elected (ShutdownInProgress, PrimarySteppedDown, NotWritablePrimary,
+# InterruptedAtShutdown, InterruptedDueToReplStateChange, NotPrimaryNoSecondaryOk, NotPrimaryOrSecondary).
+IN_TRANSITION = frozenset({91, 189, 10107, 11600, 11602, 13435, 13436})
 
 
-# Retries a MongoDB call through outages: exponential backoff, ~2 minutes in all.
-retry_transient = retrying(
+class ServerInTransition(AutoReconnect):
+    """A call the server refused while shutting down or changing primary (often as a write concern error,
+    which pymongo does not count as a lost connection): handled like one, so every retry and outage path
+    that knows AutoReconnect knows it."""
+
+
+def in_transition(error: BaseException) -> bool:
+    return isinstance(error, OperationFailure) and (
+        error.code in IN_TRANSITION or error.has_error_label("RetryableWriteError")
+    )
+
+
+def _transitions_as_transient(call: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(call)
+    def translated(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return call(*args, **kwargs)
+        except OperationFailure as error:
+            if in_transition(error):
+                raise ServerInTransition(str(error), error.details) from error
+            raise
+
+    return translated
+
+
+_retry_through_outages = retrying(
     lambda error: isinstance(error, TRANSIENT_ERRORS), "mongodb_unavailable_retrying", MONGODB_RETRY
 )
+
+
+def retry_transient(call: Callable[..., Any]) -> Callable[..., Any]:
+    """Retries a MongoDB call through outages and primary changes: exponential backoff, ~2 minutes in all.
+
+    As after a lost connection, a write the server applied before refusing to acknowledge it cannot
+    apply twice: the writes are conditional (on a state, a lease, a claim number), and an outcome
+    already written under our claim is recognised as ours."""
+    return _retry_through_outages(_transitions_as_transient(call))
 
 
 def step_from_doc(doc: Mapping[str, Any]) -> Step:
@@ -196,7 +221,7 @@ def next_change(stream: Any, pause: threading.Event | None = None) -> Any:
     """The next change of `stream`, or None when there is none yet.
 
     The server normally holds an empty read for the stream's maxAwaitTimeMS;
-    one that answers at once (some stand-ins do) would make a quiet stream a
+    a server or proxy that answers at once would make a quiet stream a
     busy loop, so an empty answer takes at least QUIET_STREAM_PAUSE.
     """
     started = time.monotonic()
@@ -356,7 +381,7 @@ class Store:
         margin covers.
         """
         sent = self._clock()
-        reply = self.db.client.admin.command("hello")
+        reply = self._hello()
         received = self._clock()
         server_time = reply.get("localTime")
         if isinstance(server_time, datetime):
@@ -372,8 +397,17 @@ class Store:
         offset = self._server_offset if self._server_offset is not None else self.measure_server_clock()
         return self._clock() + offset
 
+    def _hello(self) -> dict[str, Any]:
+        """The server's handshake reply: `hello` (4.4.2 and later), else its older name `isMaster` (4.2)."""
+        try:
+            return self.db.client.admin.command("hello")
+        except OperationFailure as error:
+            if error.code != COMMAND_NOT_FOUND:
+                raise
+            return self.db.client.admin.command("isMaster")
+
     def server_info(self) -> dict[str, Any]:
-        hello = self.db.client.admin.command("hello")
+        hello = self._hello()
         return {
             "version": self.db.client.server_info().get("version", "unknown"),
             "replica_set": hello.get("setName"),
@@ -561,7 +595,7 @@ class Store:
 
     @retry_transient
     def steps_for_job(self, job_id: ObjectId) -> list[Step]:
-        return [step_from_doc(doc) for doc in self.steps.find({"job_id": same_id(job_id)})]
+        return [step_from_doc(doc) for doc in self.steps.find({"job_id": job_id})]
 
     @retry_transient
     def steps_in_states(self, states: tuple[str, ...]) -> list[Step]:
@@ -571,14 +605,14 @@ class Store:
     @retry_transient
     def newest_app_build(self, app_id: ObjectId) -> Step | None:
         """The app's newest buildimage step (a deploy reports when it failed)."""
-        query = {"app_id": same_id(app_id), "kind": BUILDIMAGE}
+        query = {"app_id": app_id, "kind": BUILDIMAGE}
         doc = self.steps.find_one(query, sort=[("created_at", pymongo.DESCENDING)])
         return step_from_doc(doc) if doc else None
 
     @retry_transient
     def app_build_in_flight(self, app_id: ObjectId) -> Step | None:
         """The app's container build that has not finished yet (pending or running), if any."""
-        doc = self.steps.find_one({"app_id": same_id(app_id), "kind": BUILDIMAGE, "state": {"$in": list(ACTIVE)}})
+        doc = self.steps.find_one({"app_id": app_id, "kind": BUILDIMAGE, "state": {"$in": list(ACTIVE)}})
         return step_from_doc(doc) if doc else None
 
     @retry_transient
@@ -749,7 +783,7 @@ class Store:
         Returns how many were cancelled outright; held ones get `cancel_requested`
         and their owner ends them (it checks at each lease renewal).
         """
-        return self._cancel_active(Actor.INTAKE, {"job_id": same_id(job_id), "kind": DEPLOY}, reason)
+        return self._cancel_active(Actor.INTAKE, {"job_id": job_id, "kind": DEPLOY}, reason)
 
     def _cancel_active(self, actor: Actor, query: dict[str, Any], reason: str) -> int:
         """Cancel the steps matching `query` that `actor` may cancel and nobody holds; ask the holders of the others."""
@@ -896,7 +930,7 @@ class Store:
     def image_records(self, app_id: ObjectId | None = None, state: str | None = "live") -> list[ImageRecord]:
         query: dict[str, Any] = {}
         if app_id is not None:
-            query["app_id"] = same_id(app_id)
+            query["app_id"] = app_id
         if state is not None:
             query["state"] = state
         return [ImageRecord.from_doc(doc) for doc in self.images.find(query).sort("created_at", -1)]

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -103,3 +104,29 @@ class DaemonProcess:
                 self.terminate(30)
             except subprocess.TimeoutExpired:
                 self.kill()
+
+
+class Daemons:
+    """Daemon processes of one test, each with its own config and log; all stopped at the end."""
+
+    def __init__(self, write_config: Callable[..., Path], tmp_path: Path, overrides: dict[str, Any]):
+        self.write_config = write_config
+        self.tmp_path = tmp_path
+        self.overrides = overrides
+        self.started: list[DaemonProcess] = []
+
+    def start(self, **more: Any) -> DaemonProcess:
+        name = f"d{len(self.started)}"
+        config = self.write_config(f"{name}.yml", **{**self.overrides, **more})
+        process = DaemonProcess(config, self.tmp_path / f"{name}.log").start()
+        self.started.append(process)
+        process.wait_ready()
+        return process
+
+    def stop_all(self) -> None:
+        for process in self.started:
+            if process.alive():
+                try:
+                    process.terminate(60)
+                except Exception:
+                    process.kill()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+from datetime import UTC, datetime
 from typing import Any
 
 from bson import ObjectId
@@ -87,22 +88,13 @@ def make_job(
     }
     if command == "deploy":
         doc["modules"] = [{"name": name, "rev": "main"} for name in (modules or ["app"])]
-    job_id = db.jobs.insert_one(doc).inserted_id
-    # Ghost's Eve layer stamps _updated; see set_status for why $currentDate.
-    db.jobs.update_one({"_id": job_id}, {"$currentDate": {"_updated": True}})
-    return job_id
+    now = datetime.now(UTC).replace(microsecond=0)  # Eve stamps both, to the second
+    return db.jobs.insert_one({**doc, "_created": now, "_updated": now}).inserted_id
 
 
 def set_status(db: Database, job_id: ObjectId, status: str, message: str = "") -> None:
-    """Ghost's worker: update_one({_id}, {$set: {status, message, _updated}}).
-
-    `_updated` is stamped with $currentDate rather than a client-side datetime in
-    $set: the same BSON date on real MongoDB, and the nx-27017 stand-in stores a
-    top-level datetime given in $set as a string (a difference of the stand-in).
-    """
-    db.jobs.update_one(
-        {"_id": job_id}, {"$set": {"status": status, "message": message}, "$currentDate": {"_updated": True}}
-    )
+    """Ghost's worker: update_one({_id}, {$set: {status, message, _updated}}), `_updated` in UTC."""
+    db.jobs.update_one({"_id": job_id}, {"$set": {"status": status, "message": message, "_updated": datetime.now(UTC)}})
 
 
 def finish_buildimage(db: Database, job_id: ObjectId, ami_id: str = "ami-0123abcd") -> None:

@@ -1,54 +1,190 @@
-"""The MongoDB the tests use: a real replica set when one is at hand, else nx-27017.
+"""The real MongoDB servers the tests, the demo and the benchmarks run.
 
-Order: `GHOST_BUILDPACKD_TEST_MONGODB_URI` (a real server given by the
-environment), then a single-node replica set in Docker through testcontainers
-when a Docker engine answers, then an `nx-27017` wire-protocol server started
-here as a local process (no real mongod can be installed on build machines).
+`mongod` builds come from `scripts/setup-mongodb` (6.0.5, the newest supported line, by default;
+GHOST_BUILDPACKD_TEST_MONGODB_VERSION=4.2.6 runs the oldest). Each server listens on port 27017 at
+a loopback address of its own (127.27.x.y): Ghost 19.08 hard-codes that port, so its worker can
+reach any of them through MONGO_HOST. `GHOST_BUILDPACKD_TEST_MONGODB_URI` points the whole run at
+an external server instead.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
 import shutil
 import signal
 import socket
 import subprocess
-import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import pymongo
 import pytest
+from pymongo.errors import PyMongoError
 
 from .waiting import wait_until
 
 ENV_URI = "GHOST_BUILDPACKD_TEST_MONGODB_URI"
+ENV_VERSION = "GHOST_BUILDPACKD_TEST_MONGODB_VERSION"
+ENV_CACHE = "GHOST_BUILDPACKD_MONGODB_CACHE"
+DEFAULT_VERSION = "6.0.5"
+OLDEST_VERSION = "4.2.6"
+PORT = 27017  # Ghost 19.08's settings.py: MONGO_PORT = 27017, whatever MONGO_HOST says
+REPLICA_SET = "rs0"
+START_TIMEOUT = 60.0
+
+
+@dataclass(frozen=True)
+class MongodBuild:
+    """One installed `mongod`, with the private libraries its build needs."""
+
+    version: str
+    mongod: Path
+    lib: Path | None
+
+    def env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        if self.lib is not None:
+            env["LD_LIBRARY_PATH"] = str(self.lib)  # this process only: OpenSSL 1.1 for the 4.2 build
+        return env
+
+
+def mongod_build(version: str | None = None) -> MongodBuild:
+    version = version or os.environ.get(ENV_VERSION) or DEFAULT_VERSION
+    root = Path(os.environ.get(ENV_CACHE, "/var/cache/ghost-buildpackd/mongodb")) / version
+    mongod = root / "bin" / "mongod"
+    if not mongod.is_file():
+        raise RuntimeError(f"MongoDB {version} is not installed at {root}: run scripts/setup-mongodb {version}")
+    lib = root / "lib"
+    return MongodBuild(version, mongod, lib if lib.is_dir() else None)
 
 
 def free_port() -> int:
+    """A port nothing listens on (for tests of unreachable servers and local listeners)."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
 
 
-class MongoServer:
-    """A MongoDB for the test session. `kind` says which; `real` whether it is real MongoDB."""
+def free_loopback_address(taken: set[str] = frozenset()) -> str:  # type: ignore[assignment]
+    """A 127.27.x.y address whose port 27017 is free (every address in 127/8 is this host's loopback)."""
+    base = os.getpid() % 250
+    for step in range(250 * 250):
+        address = f"127.27.{(base + step // 250) % 250 + 1}.{step % 250 + 1}"
+        if address in taken:
+            continue
+        with socket.socket() as sock:
+            try:
+                sock.bind((address, PORT))
+            except OSError:
+                continue
+        return address
+    raise RuntimeError("no loopback address with a free port 27017")
 
-    kind = "unknown"
-    real = True
-    can_restart = False
 
-    def __init__(self, uri: str):
-        self.uri = uri
+class Mongod:
+    """One `mongod` process on ADDRESS:27017, restartable on the same data."""
 
-    def client(self, **kwargs: object) -> pymongo.MongoClient:
-        return pymongo.MongoClient(self.uri, tz_aware=True, serverSelectionTimeoutMS=5000, **kwargs)
+    def __init__(self, build: MongodBuild, address: str, workdir: Path, replica_set: str | None):
+        self.build = build
+        self.address = address
+        self.dir = workdir
+        self.replica_set = replica_set
+        self.process: subprocess.Popen[bytes] | None = None
+        (self.dir / "data").mkdir(parents=True, exist_ok=True)
 
-    def stop(self) -> None:
-        pass
+    @property
+    def host(self) -> str:
+        return f"{self.address}:{PORT}"
+
+    def command_line(self) -> list[str]:
+        args = [str(self.build.mongod), "--bind_ip", self.address, "--port", str(PORT)]
+        args += ["--dbpath", str(self.dir / "data"), "--logpath", str(self.dir / "mongod.log"), "--logappend"]
+        # Small and quiet: a 10 MB journal instead of 300 MB preallocated, a 256 MB cache, no FTDC.
+        args += ["--wiredTigerCacheSizeGB", "0.25"]
+        args += ["--wiredTigerEngineConfigString", "log=(file_max=10MB,prealloc=false)"]
+        args += ["--setParameter", "diagnosticDataCollectionEnabled=false"]
+        if self.replica_set:
+            args += ["--replSet", self.replica_set]
+        return args
 
     def start(self) -> None:
-        pass
+        self.process = subprocess.Popen(
+            self.command_line(),
+            env=self.build.env(),
+            stdout=subprocess.DEVNULL,
+            stderr=open(self.dir / "stderr.log", "ab"),  # noqa: SIM115 (the child keeps it)
+            start_new_session=True,
+        )
+        probe = self.direct_client(serverSelectionTimeoutMS=500)
+        try:
+            wait_until(lambda: self._answers(probe), START_TIMEOUT, f"mongod at {self.host} to answer")
+        finally:
+            probe.close()
+
+    def _answers(self, client: pymongo.MongoClient) -> bool:
+        if self.process is not None and self.process.poll() is not None:
+            raise RuntimeError(f"mongod exited with {self.process.returncode}: see {self.dir}/mongod.log")
+        try:
+            client.admin.command("ping")
+            return True
+        except PyMongoError:
+            return False
+
+    def direct_client(self, **kwargs: object) -> pymongo.MongoClient:
+        return pymongo.MongoClient(self.host, directConnection=True, tz_aware=True, **kwargs)
+
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def stop(self) -> None:
+        self._signal(signal.SIGTERM, 60)
+
+    def kill(self) -> None:
+        self._signal(signal.SIGKILL, 10)
+
+    def freeze(self) -> None:
+        """SIGSTOP: the member stops answering (a network partition, as far as the others can tell)."""
+        assert self.process is not None
+        self.process.send_signal(signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGCONT)
+
+    def _signal(self, sig: signal.Signals, timeout: float) -> None:
+        if self.running():
+            assert self.process is not None
+            self.process.send_signal(sig)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(10)
+
+
+class MongoServer:
+    """A MongoDB for the tests: `uri`, `host` (address Ghost's MONGO_HOST names, port 27017), `kind`."""
+
+    kind = "unknown"
+    topology = "unknown"  # "replica_set" or "standalone"
+    can_restart = False
+
+    def __init__(self, uri: str, host: str = "127.0.0.1", version: str = "unknown"):
+        self.uri = uri
+        self.host = host
+        self.version = version
+
+    def client(self, **kwargs: object) -> pymongo.MongoClient:
+        return pymongo.MongoClient(self.uri, tz_aware=True, serverSelectionTimeoutMS=10000, **kwargs)
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    def start(self) -> None:
+        raise NotImplementedError
 
     def close(self) -> None:
         pass
@@ -60,112 +196,142 @@ class MongoServer:
 class ExternalMongo(MongoServer):
     kind = "external (GHOST_BUILDPACKD_TEST_MONGODB_URI)"
 
-
-class DockerMongo(MongoServer):
-    """A single-node replica set in Docker, for change streams."""
-
-    kind = "testcontainers (mongo:7, single-node replica set)"
-
-    def __init__(self) -> None:
-        from testcontainers.core.container import DockerContainer
-
-        self.container = (
-            DockerContainer("mongo:7").with_command("--replSet rs0 --bind_ip_all").with_exposed_ports(27017)
-        )
-        self.container.start()
-        host = self.container.get_container_host_ip()
-        port = self.container.get_exposed_port(27017)
-        direct = pymongo.MongoClient(host, int(port), directConnection=True, serverSelectionTimeoutMS=30000)
-        direct.admin.command("replSetInitiate", {"_id": "rs0", "members": [{"_id": 0, "host": "localhost:27017"}]})
-        wait_until(lambda: direct.admin.command("hello").get("isWritablePrimary"), 60, "replica set primary")
-        super().__init__(f"mongodb://{host}:{port}/?directConnection=true")
-
-    def close(self) -> None:
-        self.container.stop()
+    def __init__(self, uri: str):
+        super().__init__(uri)
+        with pymongo.MongoClient(uri, serverSelectionTimeoutMS=10000) as client:
+            hello = client.admin.command("ismaster")
+            self.version = client.server_info()["version"]
+        self.topology = "replica_set" if hello.get("setName") else "standalone"
 
 
-class NxMongo(MongoServer):
-    """nx-27017 as a local process; restartable on the same port and data for outage tests."""
+class StandaloneMongo(MongoServer):
+    """One mongod without a replica set: what Ghost's docker-compose runs; the daemon polls it."""
 
-    kind = "nx-27017 (MongoDB wire-protocol stand-in on SQLite)"
-    real = False
+    topology = "standalone"
     can_restart = True
 
-    def __init__(self) -> None:
-        self.dir = Path(tempfile.mkdtemp(prefix="gbp-nx-"))
-        self.port = free_port()
-        self.process: subprocess.Popen[bytes] | None = None
-        super().__init__(f"mongodb://127.0.0.1:{self.port}/?directConnection=true")
-        self.start()
-
-    def start(self) -> None:
-        executable = shutil.which("nx-27017", path=str(Path(sys.executable).parent)) or "nx-27017"
-        self.process = subprocess.Popen(
-            [
-                executable,
-                "--data-dir",
-                str(self.dir / "data"),
-                "--host",
-                "127.0.0.1",
-                "-p",
-                str(self.port),
-                "--pid-file",
-                str(self.dir / "nx.pid"),
-                "--log-file",
-                str(self.dir / "nx.log"),
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=open(self.dir / "stderr.log", "ab"),  # noqa: SIM115
-            start_new_session=True,
-        )
-        probe = pymongo.MongoClient(self.uri, serverSelectionTimeoutMS=500)
-        try:
-            wait_until(lambda: self._answers(probe), 30, "nx-27017 to answer")
-        finally:
-            probe.close()
-
-    def _answers(self, client: pymongo.MongoClient) -> bool:
-        if self.process is not None and self.process.poll() is not None:
-            raise RuntimeError(f"nx-27017 exited with {self.process.returncode}: see {self.dir}/stderr.log")
-        try:
-            client.admin.command("ping")
-            return True
-        except pymongo.errors.PyMongoError:
-            return False
+    def __init__(self, build: MongodBuild, workdir: Path):
+        self.node = Mongod(build, free_loopback_address(), workdir, replica_set=None)
+        self.kind = f"mongod {build.version}, standalone"
+        super().__init__(f"mongodb://{self.node.host}/", self.node.address, build.version)
+        self.node.start()
 
     def stop(self) -> None:
-        if self.process and self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
+        self.node.stop()
+
+    def start(self) -> None:
+        self.node.start()
+
+    def close(self) -> None:
+        self.node.stop()
+        shutil.rmtree(self.node.dir, ignore_errors=True)
+
+
+class ReplicaSetMongo(MongoServer):
+    """A replica set of `size` mongod processes on loopback; the driver follows its primary."""
+
+    topology = "replica_set"
+    can_restart = True
+
+    def __init__(self, build: MongodBuild, workdir: Path, size: int = 1):
+        taken: set[str] = set()
+        self.nodes: list[Mongod] = []
+        for index in range(size):
+            address = free_loopback_address(taken)
+            taken.add(address)
+            self.nodes.append(Mongod(build, address, workdir / f"node{index}", REPLICA_SET))
+        self.workdir = workdir
+        self.kind = f"mongod {build.version}, {size}-node replica set"
+        hosts = ",".join(node.host for node in self.nodes)
+        super().__init__(f"mongodb://{hosts}/?replicaSet={REPLICA_SET}", self.nodes[0].address, build.version)
+        for node in self.nodes:
+            node.start()
+        self._initiate()
+
+    def _initiate(self) -> None:
+        members = [{"_id": index, "host": node.host} for index, node in enumerate(self.nodes)]
+        with self.nodes[0].direct_client() as direct:
+            direct.admin.command("replSetInitiate", {"_id": REPLICA_SET, "members": members})
+        self.wait_for_primary()
+
+    def primary(self) -> Mongod | None:
+        for node in self.nodes:
+            if not node.running():
+                continue
             try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(10)
-        (self.dir / "nx.pid").unlink(missing_ok=True)
+                with node.direct_client(serverSelectionTimeoutMS=1000) as direct:
+                    if direct.admin.command("ismaster").get("ismaster"):
+                        return node
+            except PyMongoError:
+                continue
+        return None
+
+    def wait_for_primary(self, timeout: float = START_TIMEOUT) -> Mongod:
+        return wait_until(self.primary, timeout, f"a primary in {self.kind}", interval=0.1)
+
+    def step_down(self, seconds: int = 10) -> Mongod:
+        """Ask the primary to step down (an election follows); returns the old primary."""
+        old = self.wait_for_primary()
+        # Servers before 4.2 close every connection when they step down, this one too.
+        with old.direct_client() as direct, contextlib.suppress(pymongo.errors.AutoReconnect):
+            direct.admin.command("replSetStepDown", seconds, secondaryCatchUpPeriodSecs=5)
+        return old
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()
+
+    def start(self) -> None:
+        for node in self.nodes:
+            if not node.running():
+                node.start()
+        self.wait_for_primary()
 
     def close(self) -> None:
         self.stop()
-        shutil.rmtree(self.dir, ignore_errors=True)
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+class MongoServers:
+    """The session's servers, each started on first use: a one-node replica set, a standalone server
+    and, for the failover tests, a three-node replica set."""
+
+    def __init__(self) -> None:
+        self.workdir = Path(tempfile.mkdtemp(prefix="gbp-mongo-"))
+        self._servers: dict[str, MongoServer] = {}
+        self.external = os.environ.get(ENV_URI)
+
+    def get(self, topology: str) -> MongoServer:
+        if self.external:
+            return self._servers.setdefault("external", ExternalMongo(self.external))
+        if topology not in self._servers:
+            self._servers[topology] = self._start(topology)
+        return self._servers[topology]
+
+    def _start(self, topology: str) -> MongoServer:
+        build = mongod_build()
+        if topology == "replica_set":
+            return ReplicaSetMongo(build, self.workdir / "replica_set", size=1)
+        if topology == "standalone":
+            return StandaloneMongo(build, self.workdir / "standalone")
+        if topology == "three_node":  # the failover tests' (slow suite)
+            return ReplicaSetMongo(build, self.workdir / "three_node", size=3)
+        raise ValueError(f"unknown MongoDB topology {topology!r}")
+
+    def describe(self) -> str:
+        return "; ".join(server.describe() for server in self._servers.values()) or "none started"
+
+    def close(self) -> None:
+        for server in self._servers.values():
+            server.close()
+        shutil.rmtree(self.workdir, ignore_errors=True)
 
 
 def skip_unless_restartable(mongo: MongoServer) -> None:
-    """Skip a test that stops and starts MongoDB when this run's server cannot be."""
+    """Skip a test that stops and starts MongoDB when this run's server cannot be (an external one)."""
     if not mongo.can_restart:
         pytest.skip(f"this run's MongoDB ({mongo.kind}) cannot be stopped by the tests")
 
 
-def docker_engine_answers() -> bool:
-    if not shutil.which("docker"):
-        return False
-    try:
-        return subprocess.run(["docker", "info"], capture_output=True, timeout=10).returncode == 0
-    except (OSError, subprocess.TimeoutExpired):
-        return False
-
-
-def start_mongo() -> MongoServer:
-    if os.environ.get(ENV_URI):
-        return ExternalMongo(os.environ[ENV_URI])
-    if docker_engine_answers():
-        return DockerMongo()
-    return NxMongo()
+def server_version_tuple(version: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in re.findall(r"\d+", version)[:3])
