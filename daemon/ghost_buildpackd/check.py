@@ -313,11 +313,9 @@ def venv_check(config: Config) -> CheckResult:
 def containers_enabled_check(config: Config) -> CheckResult:
     """Ghost's container.enabled: off, the daemon makes no step (as 19.08's lxd_is_available gate)."""
     ghost = config.ghost_settings
-    where = (
-        str(ghost.path) if ghost.path else f"no Ghost config.yml read (ghost.config, default {DEFAULT_GHOST_CONFIG})"
-    )
     if ghost.container_enabled:
-        return ok("ghost container.enabled", f"true in {where}")
+        return ok("ghost container.enabled", f"true in {ghost.path}")
+    where = f"in {ghost.path}" if ghost.path else f"no Ghost config.yml read (ghost.config; no {DEFAULT_GHOST_CONFIG})"
     return warn(
         "ghost container.enabled",
         f"not true ({where}): no container step is made; Ghost runs module scripts on its host",
@@ -329,17 +327,14 @@ def buildpack_waits_check(config: Config) -> CheckResult:
     """The buildpack command's longest life must fit in Ghost's RQ job timeout, which kills the whole job."""
     timeout, build_wait = config.buildpack.timeout, config.buildpack.build_wait
     limit = config.ghost_settings.rq_worker_job_timeout
-    detail = (
-        f"buildpack.build_wait {build_wait:g}s + buildpack.timeout {timeout:g}s = {build_wait + timeout:g}s "
-        f"for each module script, within Ghost's rq_worker_job_timeout {limit}s"
-    )
+    waits = f"buildpack.build_wait {build_wait:g}s + buildpack.timeout {timeout:g}s = {build_wait + timeout:g}s"
     if waits_fit(timeout, build_wait, limit):
-        return ok("buildpack waits", detail)
+        return ok("buildpack waits", f"{waits} per module script, within Ghost's rq_worker_job_timeout {limit}s")
     derived_timeout, derived_wait = buildpack_waits(limit)
     return warn(
         "buildpack waits",
-        f"{detail} leave less than a sixth of it to the rest of the deploy: rq kills the job first, with "
-        "the script maybe still running",
+        f"{waits} per module script: more than five sixths of Ghost's rq_worker_job_timeout {limit}s, which "
+        "leaves too little to the rest of the deploy: rq may kill the whole job first, the script still running",
         f"leave buildpack.timeout and buildpack.build_wait out (then {derived_timeout:g}s and {derived_wait:g}s), "
         "lower them, or raise rq_worker_job_timeout in Ghost's config.yml",
     )
