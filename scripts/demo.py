@@ -66,13 +66,15 @@ class Demo:
         for path in (self.root, self.log_dir, workdir / "provisioners"):
             path.mkdir(parents=True, exist_ok=True)
         workdir.chmod(0o755)  # LXD mounts the working copy from below it
+        ghost_config = workdir / "ghost-config.yml"  # Ghost's config.yml, as a Ghost with containers has it
+        ghost_config.write_text("container:\n  enabled: true\n  endpoint: localhost\n")
         config_path = workdir / "config.yml"
         config_path.write_text(
             yaml.safe_dump(
                 {
                     "mongodb": {"uri": mongo.uri, "database": DATABASE},
                     "ghost": {"root": str(self.root), "log_dir": str(self.log_dir),
-                              "provisioner_tree": str(workdir / "provisioners")},
+                              "provisioner_tree": str(workdir / "provisioners"), "config": str(ghost_config)},
                     "container": {"idmap_user": f"{OWNER[0]}:{OWNER[1]}", "exec_timeout": "2m"},
                     "events": {"poll_interval": "1s"},
                     "log": {"format": "json"},

@@ -151,11 +151,18 @@ def make_config(mongo: MongoServer, db: Database, ghost_dirs: dict[str, Path]) -
     return build
 
 
+# Ghost's config.yml as a Ghost with containers has it: without `container.enabled: true` no step is made.
+GHOST_CONFIG_WITH_CONTAINERS = "container:\n  enabled: true\n  endpoint: localhost\n"
+
+
 def raw_config(mongo: MongoServer, db: Database, ghost_dirs: dict[str, Path], **overrides: Any) -> dict[str, Any]:
+    ghost_config = ghost_dirs["root"].parent / "ghost-config.yml"  # a test may write its own there first
+    if not ghost_config.exists():
+        ghost_config.write_text(GHOST_CONFIG_WITH_CONTAINERS)
     raw: dict[str, Any] = {
         "mongodb": {"uri": mongo.uri, "database": db.name, "timeout": "5s"},
         "lxd": {"timeout": "60s"},
-        "ghost": {key: str(path) for key, path in ghost_dirs.items()},
+        "ghost": {**{key: str(path) for key, path in ghost_dirs.items()}, "config": str(ghost_config)},
         "events": {"poll_interval": "200ms"},
         "container": {"idmap_user": "{}:{}".format(*WORKING_COPY_IDS), "exec_timeout": "60s"},
         "lease_ttl": "5s",

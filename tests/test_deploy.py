@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -20,7 +21,7 @@ from ghost_buildpackd.events import Intake
 from ghost_buildpackd.ghost import BadDocument
 from ghost_buildpackd.logs import get_logger
 from ghost_buildpackd.lxd import Lxd
-from ghost_buildpackd.model import CANCELLED, READY, SUCCEEDED, step_id
+from ghost_buildpackd.model import CANCELLED, READY, SKIPPED, SUCCEEDED, step_id
 from ghost_buildpackd.steps import StepContext, StepFailed, container_name, deploy, run_after_outcome
 from ghost_buildpackd.store import Store
 from ghost_buildpackd.sweep import sweep_orphans
@@ -152,6 +153,48 @@ def test_modules_of_one_job_run_in_parallel_without_prepare(
         assert (path / "made-by.txt").read_text().strip() == module
         assert owner(path / "cache" / "deep" / "file") == WORKING_COPY_IDS
     assert elapsed < 60
+    assert leftover_containers(lxd, db) == []
+
+
+INTERLEAVED = 'for i in 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20; do echo "out-$i"; echo "err-$i" >&2; done'
+
+
+def test_stdout_and_stderr_reach_the_job_log_in_the_order_written(
+    make_config: Callable[..., Config], store: Store, lxd: Lxd, db: Database, image_alias: str, ghost_dirs, lxd_cleanup
+) -> None:
+    """One stream, as Ghost's gcall gives a command (stdout and stderr both the job log)."""
+    config = make_config()
+    job_id = deploy_job(db, image_alias, [module_doc("app", "/srv/app", INTERLEAVED)])
+    working_copy(ghost_dirs["root"], "app")
+
+    outcome = run_deploy(deploy_context(config, store, lxd, job_id, "app", "run"))
+
+    assert outcome.state == SUCCEEDED, outcome
+    text = job_log(config, job_id)
+    written = re.findall(r"^\[container deploy app\] ((?:out|err)-\d+)$", text, re.MULTILINE)
+    assert written == [f"{stream}-{i}" for i in range(1, 21) for stream in ("out", "err")], text
+
+
+def test_an_empty_stored_build_pack_runs_the_file_committed_in_the_clone(
+    make_config: Callable[..., Config], store: Store, lxd: Lxd, db: Database, image_alias: str, ghost_dirs, lxd_cleanup
+) -> None:
+    """Ghost tests `'build_pack' in module`, then the clone's file wins: an empty stored script still runs it."""
+    config = make_config()
+    job_id = deploy_job(db, image_alias, [module_doc("app", "/srv/app", ""), module_doc("idle", "/srv/idle", "")])
+    assert db.apps.find_one()["modules"][0]["build_pack"] == ""
+    prepared = prepare_ready(config, store, lxd, job_id, "app")
+    assert prepared.step.container is None and leftover_containers(lxd, db) == []  # nothing launched ahead
+    module_dir = working_copy(ghost_dirs["root"], "app")
+    (module_dir / "build_pack").write_text("echo committed-build-pack-ran; touch made-by-file\n")
+    working_copy(ghost_dirs["root"], "idle")  # no file: nothing to run
+
+    outcome = run_deploy(deploy_context(config, store, lxd, job_id, "app", "run"))
+    idle = run_deploy(deploy_context(config, store, lxd, job_id, "idle", "run"))
+
+    assert outcome.state == SUCCEEDED, outcome
+    assert "committed-build-pack-ran" in job_log(config, job_id)
+    assert (module_dir / "made-by-file").exists() and not (module_dir / "build_pack").exists()
+    assert idle.state == SKIPPED and "is empty" in idle.message
     assert leftover_containers(lxd, db) == []
 
 

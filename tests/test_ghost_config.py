@@ -6,8 +6,10 @@ from pathlib import Path
 
 import pytest
 
+from ghost_buildpackd.check import buildpack_waits_check, collections_check, containers_enabled_check
 from ghost_buildpackd.config import ConfigError, config_from_mapping
 from ghost_buildpackd.ghost_config import GhostConfigError, ghost_settings_from_mapping, read_ghost_settings
+from ghost_buildpackd.store import Store
 
 GHOST_SAMPLE = """\
 ghost_root_path: /usr/local/share/ghost
@@ -111,3 +113,59 @@ def test_an_explicit_ghost_config_must_be_readable_and_valid(tmp_path):
 def test_ghost_settings_is_not_a_key_of_the_daemons_file():
     with pytest.raises(ConfigError, match="ghost_settings: unknown key"):
         config_from_mapping({"ghost_settings": {}}, env={})
+
+
+# --- what a stock Ghost 19.08 install says: containers, MongoDB, the RQ job timeout -------------------------
+
+
+def test_containers_are_on_only_when_ghosts_config_says_container_enabled(tmp_path):
+    assert read_ghost_settings(write(tmp_path, GHOST_SAMPLE)).container_enabled is True
+    assert read_ghost_settings(write(tmp_path, "ami_retention: 3\n")).container_enabled is False  # 19.08's default
+    assert read_ghost_settings(write(tmp_path, "container: {enabled: false}\n")).container_enabled is False
+    assert config_from_mapping({"ghost": {"config": None}}, env={}).ghost_settings.container_enabled is False
+    assert containers_enabled_check(config_from_mapping({}, env={})).warning
+    on = config_from_mapping({"ghost": {"config": str(write(tmp_path, GHOST_SAMPLE))}}, env={})
+    assert not containers_enabled_check(on).warning and on.ghost_settings.container_enabled
+
+
+def test_mongodb_defaults_are_ghosts_own(tmp_path):
+    ghost = str(write(tmp_path, "mongo_host: db.internal\n"))
+    config = config_from_mapping({"ghost": {"config": ghost}}, env={})
+    assert (config.mongodb.uri, config.mongodb.database) == ("mongodb://db.internal:27017/", "apitest")
+    # settings.py: MONGO_HOST from the environment wins over mongo_host
+    assert config_from_mapping({"ghost": {"config": ghost}}, env={"MONGO_HOST": "mongo"}).mongodb.uri == (
+        "mongodb://mongo:27017/"
+    )
+    assert config_from_mapping({}, env={}).mongodb.uri == "mongodb://localhost:27017/"
+    mine = config_from_mapping(
+        {"ghost": {"config": ghost}, "mongodb": {"uri": "mongodb://mine/", "database": "other"}},
+        env={"MONGO_HOST": "mongo"},
+    )
+    assert (mine.mongodb.uri, mine.mongodb.database) == ("mongodb://mine/", "other")
+    assert config_from_mapping(
+        {}, env={"GHOST_BUILDPACKD_MONGODB_URI": "mongodb://env/", "MONGO_HOST": "x"}
+    ).mongodb.uri == ("mongodb://env/")
+
+
+def test_buildpack_waits_default_to_shares_of_ghosts_rq_job_timeout(tmp_path):
+    default = config_from_mapping({}, env={})
+    assert (default.buildpack.timeout, default.buildpack.build_wait) == (2400, 600)  # of Ghost's 3600 s
+    assert default.buildpack.timeout + default.buildpack.build_wait < 3600
+    longer = config_from_mapping({"ghost": {"config": str(write(tmp_path, "rq_worker_job_timeout: 7200\n"))}}, env={})
+    assert (longer.buildpack.timeout, longer.buildpack.build_wait) == (4800, 1200)
+    assert not buildpack_waits_check(longer).warning
+    too_long = config_from_mapping({"buildpack": {"timeout": "40m", "build_wait": "30m"}}, env={})  # the old defaults
+    result = buildpack_waits_check(too_long)
+    assert result.ok and result.warning and "rq_worker_job_timeout 3600s" in result.detail
+    assert "then 2400s and 600s" in result.fix
+
+
+def test_check_takes_a_ghost_database_without_jobs_and_names_ghosts_real_keys(db):
+    store = Store(db)  # no ensure_indexes: the database as Ghost's Eve leaves it
+    config = config_from_mapping({"mongodb": {"database": db.name}}, env={})
+    empty = collections_check(config, store)
+    assert empty.ok and empty.warning and "mongo_dbname" not in empty.fix
+    assert "'apitest'" in empty.fix and "MONGO_HOST" in empty.fix and "mongo_host" in empty.fix
+    db.apps.insert_one({"name": "shop"})  # Eve makes a collection at its first insert: no job yet
+    first_app = collections_check(config, store)
+    assert first_app.ok and not first_app.warning and "no job yet" in first_app.detail

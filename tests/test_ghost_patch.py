@@ -16,13 +16,17 @@ import re
 import shlex
 import shutil
 import subprocess
+import sys
 import textwrap
 import warnings
 from pathlib import Path
 
 import pytest
+from bson import ObjectId
 
 from ghost_buildpackd.cli import build_parser
+from ghost_buildpackd.ghost import containers_off, parse_app
+from ghost_buildpackd.model import DEPLOY
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore", DeprecationWarning)  # lib2to3 is deprecated, still in Python 3.11
@@ -106,7 +110,7 @@ def added_fragments() -> list[tuple[str, str]]:
 
 
 def test_every_added_line_parses_as_python_2():
-    assert len(added_fragments()) == 4
+    assert len(added_fragments()) == 5
 
 
 COMPILE_ALL = """
@@ -158,9 +162,92 @@ def test_the_deploy_change_runs_this_projects_command_with_arguments_it_accepts(
         "0123456789abcdef01234567",
         "api",
     )
-    # The per-app switch is the one the daemon uses, and Ghost's own LXD deploy path is gone.
-    assert "+        if app['build_infos'].get('source_container_image'):" in deploy
+    # Ghost's own LXD deploy path is gone: the command runs in its stead (decide_like_the_patch says when).
     assert "-            container = LXDImageBuilder(app, job, None, log_file, config)" in deploy
+
+
+# --- when the patched Ghost asks for a container: the added lines themselves, run -----------------------------
+
+DECIDE = """
+import json, sys
+cases = json.load(sys.stdin)
+calls = []
+def gcall(command, description, log_file):
+    calls.append('container')
+def log(text, log_file):
+    calls.append('said: ' + text)
+{functions}
+def decide(app, module, script_name, script_friendly_name, job, config, log_file):
+{run}
+    calls.append('host')
+results = []
+for app, config in cases:
+    del calls[:]
+    decide(app, {{'name': 'api'}}, 'build_pack', 'Buildpack', {{'_id': 'job'}}, config, 'log')
+    results.append([container_source_image(app), containers_enabled(config), list(calls)])
+print(json.dumps(results))
+"""
+
+
+def deploy_hunk_additions() -> list[list[str]]:
+    """The runs of lines the patch adds to libs/deploy.py, without their marks."""
+    runs = []
+    for name, lines in hunks(PATCH.read_text()):
+        if name == "libs/deploy.py":
+            runs += [run for _before, run in added_runs(lines)]
+    return runs
+
+
+def decide_like_the_patch(interpreter: str, cases: list[tuple[dict, dict]]) -> list[list]:
+    """For each (app, Ghost config): the patch's container_source_image, containers_enabled, and what
+    execute_module_script_on_ghost does (its added lines, run by `interpreter`)."""
+    functions, branch = deploy_hunk_additions()[:2]
+    run = textwrap.indent(textwrap.dedent("\n".join(branch)), "    ")
+    program = DECIDE.format(functions="\n".join(functions), run=run)
+    done = subprocess.run([interpreter, "-c", program], input=json.dumps(cases), capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+ENABLED = {"container": {"enabled": True}}
+SOURCE_IMAGES = ["", "None", " None ", None, "missing", "a1b2c3d4e5f6"]
+
+
+def patch_cases() -> list[tuple[dict, dict]]:
+    cases = []
+    for source in SOURCE_IMAGES:
+        for built in (None, "5f0c0ffee0c0ffee0c0ffee0"):
+            build_infos = {} if source == "missing" else {"source_container_image": source}
+            if built:
+                build_infos["container_image"] = built
+            for config in (ENABLED, {}, {"container": {"enabled": False}}, {"container": None}):
+                cases.append(({"build_infos": build_infos}, config))
+    return cases
+
+
+@pytest.mark.parametrize("runtime", ["python3", "python2.7"])
+def test_the_patch_decides_as_the_daemon_does(runtime):
+    """Same cases, same answer: the daemon makes a deploy step exactly when the patched Ghost asks for one."""
+    interpreter = sys.executable if runtime == "python3" else python2()
+    if interpreter is None:
+        pytest.skip("no Python 2.7 here (set GHOST_BUILDPACKD_TEST_PYTHON2 to one)")
+    cases = patch_cases()
+    for (app, config), (source, enabled, calls) in zip(cases, decide_like_the_patch(interpreter, cases), strict=True):
+        doc = {"_id": ObjectId(), "name": "shop", "env": "prod", "role": "web", "build_infos": app["build_infos"]}
+        daemon_app = parse_app({**doc, "build_infos": {k: v for k, v in app["build_infos"].items() if v is not None}})
+        assert (source or "") == daemon_app.source_container_image, app
+        assert enabled is bool(config and (config.get("container") or {}).get("enabled")), config
+        off = containers_off(daemon_app, enabled, DEPLOY)
+        if off is None:
+            assert calls == ["container"], (app, config)
+        else:
+            assert calls[-1] == "host", (app, config, calls)
+        # One line says why the host runs it, only when the app is waiting for its first container image.
+        waiting = enabled and source and not app["build_infos"].get("container_image")
+        said = [call for call in calls if call.startswith("said: ")]
+        assert len(said) == (1 if waiting else 0), (app, config, calls)
+        if waiting:
+            assert "a successful buildimage builds one" in said[0] and "container_image" in said[0]
 
 
 @pytest.mark.parametrize("marker", ["+", "-"])

@@ -10,7 +10,8 @@ from pymongo import MongoClient, monitoring
 
 from ghost_buildpackd.config import config_from_mapping
 from ghost_buildpackd.events import Intake, StartupError, choose_event_mode
-from ghost_buildpackd.model import CANCELLED, FAILED, PENDING, step_id
+from ghost_buildpackd.ghost import parse_app
+from ghost_buildpackd.model import CANCELLED, FAILED, PENDING, RUNNING, step_id
 from ghost_buildpackd.store import Store
 from tests.support.ghost import finish_buildimage, make_app, make_job, module_doc, set_status
 from tests.support.steps import claim_named_step
@@ -85,12 +86,47 @@ def test_deploy_of_an_app_switched_off_makes_nothing_even_with_a_left_over_image
     assert steps(store) == {}
 
 
-def test_deploy_of_an_app_with_containers_but_no_image_yet_makes_the_step(db, store, intake):
-    # The step then fails saying no image was built yet: Ghost's job fails instead of running on its host.
+def test_deploy_of_an_app_with_containers_but_no_image_yet_makes_no_step(db, store, intake):
+    # Ghost 19.08 runs the buildpacks on its host until build_infos.container_image is set; the patch does too.
     job = make_job(db, make_app(db), command="deploy")
     set_status(db, job, "started")
     intake.handle_job_id(job)
-    assert list(steps(store)) == [step_id(job, "deploy", "app")]
+    assert steps(store) == {}
+
+
+@pytest.mark.parametrize("stored", ["", "None", " None ", "missing"])
+def test_an_app_without_a_source_image_however_ghost_wrote_it_makes_no_step(db, store, intake, stored):
+    # Ghost's UI writes '' ("Don't use containers") or 'None' (its selector hidden); API apps may lack the key.
+    app = make_app(db, source_container_image=None if stored == "missing" else stored, container_image="older-build")
+    build = make_job(db, app)
+    finish_buildimage(db, build)
+    deploy = make_job(db, app, command="deploy")
+    set_status(db, deploy, "started")
+    for job in (build, deploy):
+        intake.handle_job_id(job)
+    assert steps(store) == {}
+    assert parse_app(db.apps.find_one({"_id": app})).source_container_image == ""
+
+
+def test_containers_disabled_in_ghost_config_make_no_step(db, store, calls):
+    intake = Intake(store, on_new_steps=calls.wake, on_job_ended=calls.job_ended, containers_enabled=False)
+    app = make_app(db, container_image="older-build")
+    build = make_job(db, app)
+    finish_buildimage(db, build)
+    deploy = make_job(db, app, command="deploy")
+    set_status(db, deploy, "started")
+    for job in (build, deploy):
+        intake.handle_job_id(job)
+    assert steps(store) == {} and calls.woken == 0
+
+
+def test_an_empty_stored_build_pack_makes_a_step_as_ghost_runs_it(db, store, intake):
+    # `'build_pack' in module`: a build_pack file committed in the clone runs even when the stored one is empty.
+    app = make_app(db, container_image="x", modules=[module_doc("api", "/srv/api", ""), module_doc("doc", "/d", None)])
+    job = make_job(db, app, command="deploy", modules=["api", "doc"])
+    set_status(db, job, "started")
+    intake.handle_job_id(job)
+    assert list(steps(store)) == [step_id(job, "deploy", "api")]
 
 
 def test_redeploy_end_cancels_its_after_all_deploy_step(db, store, intake):
@@ -144,10 +180,27 @@ def test_deploy_end_cancels_free_steps_and_asks_holders_to_stop(db, store, intak
     intake.handle_job_id(job)
     records = steps(store)
     assert records[step_id(job, "deploy", "a")]["state"] == CANCELLED
-    assert "aborted" in records[step_id(job, "deploy", "a")]["message"]
+    assert records[step_id(job, "deploy", "a")]["message"] == "deploy job ended (aborted), before the script ran"
     assert records[step_id(job, "deploy", "b")]["state"] == PENDING
     assert store.get_step(step_id(job, "deploy", "b")).cancel_requested is True
     assert calls.ended == [job]
+
+
+def test_a_job_killed_at_ghosts_rq_timeout_says_so_and_that_the_script_was_running(db, store, intake):
+    app = make_app(db, container_image="x", modules=[module_doc("a", "/srv/a", "x")])
+    job = make_job(db, app, command="deploy", modules=["a"])
+    set_status(db, job, "started")
+    intake.handle_job_id(job)
+    sid = step_id(job, "deploy", "a")
+    store.steps.update_one({"_id": sid}, {"$set": {"state": RUNNING}})  # its holder died: the lease is free
+    set_status(db, job, "failed", "<class 'rq.timeouts.JobTimeoutException'>")  # how Ghost records rq's kill
+    intake.handle_job_id(job)
+    step = store.get_step(sid)
+    assert step.state == CANCELLED
+    assert step.message == (
+        "deploy job ended (failed) at Ghost's RQ job timeout (rq_worker_job_timeout killed it), "
+        "while the script was running (stopped)"
+    )
 
 
 @pytest.mark.parametrize(

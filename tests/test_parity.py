@@ -32,7 +32,7 @@ from ghost_buildpackd.model import BUILDIMAGE, FAILED, SUCCEEDED, step_id
 from ghost_buildpackd.retention import Ec2Inventory, GhostInventory
 from ghost_buildpackd.steps import StepFailed, buildimage, looks_unprivileged
 from ghost_buildpackd.store import ImageRecord
-from tests.conftest import WORKING_COPY_IDS, leftover_containers
+from tests.conftest import GHOST_CONFIG_WITH_CONTAINERS, WORKING_COPY_IDS, leftover_containers
 from tests.support.daemon import DaemonProcess
 from tests.support.ghost import b64, finish_buildimage, make_app, make_job, module_doc, set_status
 from tests.support.steps import step_context, terminal_step
@@ -102,8 +102,9 @@ def fake_venv(tmp_path: Path) -> Path:
 
 
 def ghost_config_file(tmp_path: Path, text: str) -> str:
+    """Ghost's config.yml with containers enabled, plus `text`."""
     path = tmp_path / "ghost-config.yml"
-    path.write_text(text)
+    path.write_text(GHOST_CONFIG_WITH_CONTAINERS + text)
     return str(path)
 
 

@@ -128,6 +128,9 @@ def test_unit_under_systemd(
     system.run("bash", "-c", f"install -m 640 -g ghost /dev/stdin /etc/ghost-buildpackd/mongodb-uri <<< '{uri}'")
     system.run("bash", "-c", "install -m 640 -g ghost /dev/stdin /etc/ghost-buildpackd/config.yml <<'YAML'\n"
                f"{config_yml(db.name)}YAML\n")  # fmt: skip
+    # Ghost's own config.yml at its default place, as a Ghost with containers has it (the daemon's switch).
+    system.run("sh", "-c", "mkdir -p /usr/local/share/ghost && printf 'container:\\n  enabled: true\\n' "
+               "> /usr/local/share/ghost/config.yml")  # fmt: skip
     check = system.run(*AS_GHOST, CLI, "check", check=False)
     assert check.returncode == 0, check.stdout + check.stderr
 

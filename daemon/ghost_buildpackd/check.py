@@ -21,7 +21,9 @@ from typing import TextIO
 
 import pymongo
 
-from .config import PUBLISH_COMPRESSORS, Config
+from .config import PUBLISH_COMPRESSORS, Config, buildpack_waits, waits_fit
+from .ghost import NO_SOURCE_IMAGE
+from .ghost_config import DEFAULT_GHOST_CONFIG, GHOST_MONGO_DBNAME
 from .images import ImageNotFound, is_job_alias, local_base_image
 from .lxd import ContainerSpec, ImageInfo, Lxd
 from .model import FAILED
@@ -82,6 +84,8 @@ def run_checks(config: Config, out: TextIO) -> int:
         report(writable_dir_check(name, path))
     report(compressor_check(config))
     report(venv_check(config))
+    report(containers_enabled_check(config))
+    report(buildpack_waits_check(config))
     failed = sum(not result.ok for result in results)
     warned = sum(result.warning for result in results)
     out.write(f"\n{len(results) - failed - warned} OK, {warned} WARN, {failed} FAIL\n")
@@ -107,8 +111,8 @@ def mongo_checks(config: Config, report: Callable[[CheckResult], None]) -> Store
             fail(
                 "mongodb",
                 f"cannot reach or authenticate to {where} within {config.mongodb.timeout:g}s: {short_error(error)}",
-                "check mongodb.uri or mongodb.uri_file (or GHOST_BUILDPACKD_MONGODB_URI), that MongoDB listens there, "
-                "and the credentials",
+                "check mongodb.uri or mongodb.uri_file (or GHOST_BUILDPACKD_MONGODB_URI; left out: MONGO_HOST, else "
+                "mongo_host of Ghost's config.yml, port 27017), that MongoDB listens there, and the credentials",
             )
         )
         for name in ("mongodb events", "ghost collections"):
@@ -160,16 +164,26 @@ def events_check(config: Config, store: Store) -> CheckResult:
     return ok("mongodb events", f"{reason}: events.mode {config.events.mode} uses {picked}")
 
 
+GHOST_DATABASE_HINT = (
+    f"Ghost's database is {GHOST_MONGO_DBNAME!r} (settings.py hard-codes it) on the host of MONGO_HOST, else of "
+    "mongo_host in Ghost's config.yml, port 27017: leave mongodb.uri and mongodb.database out to use those, "
+    "or set them to where Ghost's apps live"
+)
+
+
 def collections_check(config: Config, store: Store) -> CheckResult:
+    """Ghost's collections. Eve makes a collection at its first insert: a Ghost that never ran a job has no
+    `jobs`, one without an app has no `apps` either (then this may as well be another database: a warning)."""
     names = set(store.collection_names())
-    missing = [name for name in GHOST_COLLECTIONS if name not in names]
     database = config.mongodb.database
-    if missing:
-        return fail(
+    if "apps" not in names:
+        return warn(
             "ghost collections",
-            f"database {database!r} has no {', '.join(missing)} collection",
-            "set mongodb.database to Ghost's database (Ghost's config.yml: mongo_dbname), where jobs and apps live",
+            f"database {database!r} has no apps collection: not Ghost's database, or a Ghost without any app yet",
+            GHOST_DATABASE_HINT,
         )
+    if "jobs" not in names:
+        return ok("ghost collections", f"database {database!r} holds apps, no job yet (Eve makes jobs at the first)")
     return ok("ghost collections", f"database {database!r} holds {', '.join(GHOST_COLLECTIONS)}")
 
 
@@ -308,6 +322,36 @@ def venv_check(config: Config) -> CheckResult:
     return ok("ghost.venv", f"{playbook} exists")
 
 
+def containers_enabled_check(config: Config) -> CheckResult:
+    """Ghost's container.enabled: off, the daemon makes no step (as 19.08's lxd_is_available gate)."""
+    ghost = config.ghost_settings
+    if ghost.container_enabled:
+        return ok("ghost container.enabled", f"true in {ghost.path}")
+    where = f"in {ghost.path}" if ghost.path else f"no Ghost config.yml read (ghost.config; no {DEFAULT_GHOST_CONFIG})"
+    return warn(
+        "ghost container.enabled",
+        f"not true ({where}): no container step is made; Ghost runs module scripts on its host",
+        "set container.enabled: true in Ghost's config.yml (ghost.config names it), then restart the daemon",
+    )
+
+
+def buildpack_waits_check(config: Config) -> CheckResult:
+    """The buildpack command's longest life must fit in Ghost's RQ job timeout, which kills the whole job."""
+    timeout, build_wait = config.buildpack.timeout, config.buildpack.build_wait
+    limit = config.ghost_settings.rq_worker_job_timeout
+    waits = f"buildpack.build_wait {build_wait:g}s + buildpack.timeout {timeout:g}s = {build_wait + timeout:g}s"
+    if waits_fit(timeout, build_wait, limit):
+        return ok("buildpack waits", f"{waits} per module script, within Ghost's rq_worker_job_timeout {limit}s")
+    derived_timeout, derived_wait = buildpack_waits(limit)
+    return warn(
+        "buildpack waits",
+        f"{waits} per module script: more than five sixths of Ghost's rq_worker_job_timeout {limit}s, which "
+        "leaves too little to the rest of the deploy: rq may kill the whole job first, the script still running",
+        f"leave buildpack.timeout and buildpack.build_wait out (then {derived_timeout:g}s and {derived_wait:g}s), "
+        "lower them, or raise rq_worker_job_timeout in Ghost's config.yml",
+    )
+
+
 RECENT_STEPS = 50  # finished steps read for failures an unprivileged container caused
 
 
@@ -338,7 +382,7 @@ def pick_probe_image(lxd: Lxd, store: Store | None) -> ImageInfo | None:
     if store is not None:
         for app in store.all_apps():
             ref = (app.get("build_infos") or {}).get("source_container_image")
-            if not isinstance(ref, str) or not ref.strip():
+            if not isinstance(ref, str) or ref.strip() in NO_SOURCE_IMAGE:
                 continue
             with contextlib.suppress(ImageNotFound):  # an ambiguous prefix: the build would refuse it too
                 if image := local_base_image(ref.strip(), images):

@@ -32,7 +32,7 @@ from pymongo.errors import PyMongoError
 
 from .ghost import BadDocument, parse_object_id
 from .joblog import JobLog
-from .model import BUILD_PACK, CANCELLED, DEPLOY, MODULE_SCRIPTS, SKIPPED, SUCCEEDED, Step, step_id
+from .model import BUILD_PACK, CANCELLED, DEPLOY, MODULE_SCRIPTS, SKIPPED, SUCCEEDED, Step, cancellation, step_id
 from .policy import LIMITS
 from .store import Store, next_change
 
@@ -111,7 +111,7 @@ def run_buildpack(
         return _result(step)
     if not alive():
         return _abandon(store, sid, _no_daemon(host, daemon_max_age, "while waiting"), NO_DAEMON)
-    return _abandon(store, sid, f"abandoned by Ghost's client after waiting {timeout:g}s")
+    return _abandon(store, sid, f"abandoned by Ghost's client after waiting {timeout:g}s for the outcome")
 
 
 def wait_for_build(store: Store, app_id: Any, limit: float, poll_interval: float, notes: JobLog | None) -> None:
@@ -168,11 +168,15 @@ def _result(step: Step) -> BuildpackResult:
 
 def _abandon(store: Store, sid: str, reason: str, state: str = ABANDONED) -> BuildpackResult:
     """Give up: cancel the request (the daemon stops and cleans up); a finish that raced us wins."""
+    before = store.get_step(sid)
     store.abandon_step(sid, reason)
     step = store.get_step(sid)
-    if step is not None and step.terminal and not (step.state == CANCELLED and step.message == reason):
+    if step is not None and step.terminal and not (step.state == CANCELLED and step.message.startswith(reason)):
         return _result(step)
-    return BuildpackResult(state, None, reason, step.output_tail if step else "")
+    said = step.message if step is not None and step.state == CANCELLED else reason
+    if said == reason and before is not None and not before.terminal:  # a holder ends it: say what it was doing
+        said = cancellation(reason, before.state)
+    return BuildpackResult(state, None, said, step.output_tail if step else "")
 
 
 Alive = Callable[[], bool]

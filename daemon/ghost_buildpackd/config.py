@@ -20,6 +20,8 @@ from typing import Any
 
 from .ghost_config import (
     DEFAULT_GHOST_CONFIG,
+    GHOST_DEFAULT_RQ_JOB_TIMEOUT,
+    GHOST_MONGO_DBNAME,
     GhostConfigError,
     GhostSettings,
     YamlFileError,
@@ -209,10 +211,11 @@ def field(default: Any, parse: Callable[[Any], Any]) -> Any:
 
 @dataclasses.dataclass(frozen=True)
 class MongoConfig:
-    uri: str = field("mongodb://127.0.0.1:27017/", parse_str)
+    # Left out: Ghost's own (MONGO_HOST, else its config.yml's mongo_host, port 27017): resolve_ghost_settings.
+    uri: str = field("mongodb://localhost:27017/", parse_str)
     # A file holding the URI (with its credentials), read by every command: see `_uri_from_file`.
     uri_file: Path | None = field(None, optional(parse_absolute_path))
-    database: str = field("ghost", parse_str)
+    database: str = field(GHOST_MONGO_DBNAME, parse_str)  # Ghost's settings.py hard-codes it
     timeout: float = field(10.0, parse_duration)
 
 
@@ -343,12 +346,31 @@ class RetentionConfig:
     interval: float = field(3600.0, parse_duration)
 
 
+# Left out, the buildpack command's waits are shares of Ghost's RQ job timeout (rq kills the whole job
+# after it): the two together take five sixths of it, the last sixth is the rest of the deploy (clone,
+# packaging, instances). With Ghost's default 3600 s: 40 min and 10 min.
+TIMEOUT_SHARE, BUILD_WAIT_SHARE = 4 / 6, 1 / 6
+
+
+def buildpack_waits(rq_job_timeout: float) -> tuple[float, float]:
+    """Default (buildpack.timeout, buildpack.build_wait) for Ghost's `rq_worker_job_timeout`."""
+    return rq_job_timeout * TIMEOUT_SHARE, rq_job_timeout * BUILD_WAIT_SHARE
+
+
+def waits_fit(timeout: float, build_wait: float, rq_job_timeout: float) -> bool:
+    """Whether the command's longest life leaves the rest of the deploy its sixth of the RQ job timeout."""
+    return timeout + build_wait <= rq_job_timeout * (TIMEOUT_SHARE + BUILD_WAIT_SHARE) + 1e-6
+
+
+_DEFAULT_TIMEOUT, _DEFAULT_BUILD_WAIT = buildpack_waits(GHOST_DEFAULT_RQ_JOB_TIMEOUT)
+
+
 @dataclasses.dataclass(frozen=True)
 class BuildpackConfig:
     """`ghost-buildpackd buildpack`, the command Ghost's worker runs for a module script."""
 
-    timeout: float = field(2400.0, parse_duration)  # above container.exec_timeout plus a container start
-    build_wait: float = field(1800.0, parse_duration)  # longest wait for the app's container build in flight
+    timeout: float = field(_DEFAULT_TIMEOUT, parse_duration)  # above container.exec_timeout plus a container start
+    build_wait: float = field(_DEFAULT_BUILD_WAIT, parse_duration)  # longest wait for the app's build in flight
 
 
 @dataclasses.dataclass(frozen=True)
@@ -477,8 +499,9 @@ def config_from_mapping(raw: Any, env: Mapping[str, str] | None = None) -> Confi
     Ghost's config.yml (`ghost.config`) is read here too, so every command sees the same values.
     """
     problems: list[str] = []
+    env = os.environ if env is None else env
     config = _build(Config, raw, "", problems)
-    config = _mongodb_uri(config, raw, os.environ if env is None else env, problems)
+    config = _mongodb_uri(config, raw, env, problems)
     _cross_checks(config, problems)
     if problems:
         raise ConfigError(problems)
@@ -486,7 +509,7 @@ def config_from_mapping(raw: Any, env: Mapping[str, str] | None = None) -> Confi
         ghost = _read_ghost_settings(config.ghost.config)
     except GhostConfigError as error:
         raise ConfigError(error.problems) from error
-    return resolve_ghost_settings(config, ghost, raw if isinstance(raw, Mapping) else {})
+    return resolve_ghost_settings(config, ghost, raw if isinstance(raw, Mapping) else {}, env)
 
 
 def _read_ghost_settings(path: Path | None) -> GhostSettings:
@@ -498,23 +521,53 @@ def _read_ghost_settings(path: Path | None) -> GhostSettings:
     return GhostSettings()
 
 
-def resolve_ghost_settings(config: Config, ghost: GhostSettings, raw: Mapping[str, Any]) -> Config:
+def resolve_ghost_settings(
+    config: Config, ghost: GhostSettings, raw: Mapping[str, Any], env: Mapping[str, str] | None = None
+) -> Config:
     """Fill the daemon's keys that Ghost's config.yml also sets: a key in the daemon's file wins,
     else Ghost's value, else the default. The one place that says which value wins:
 
-    | daemon key              | Ghost's config.yml key | when neither is set |
-    | container.debug         | container.debug        | false               |
-    | lxd.image_server        | container.endpoint     | local images only   |
-    | retention.ami_retention | ami_retention          | 5                   |
+    | daemon key                   | Ghost's config.yml key            | when neither is set     |
+    | container.debug              | container.debug                   | false                   |
+    | lxd.image_server             | container.endpoint                | local images only       |
+    | retention.ami_retention      | ami_retention                     | 5                       |
+    | mongodb.uri (and uri_file)   | MONGO_HOST (environment), mongo_host, port 27017 | localhost:27017 |
+    | buildpack.timeout            | rq_worker_job_timeout x 4/6       | 40m (of 3600 s)         |
+    | buildpack.build_wait         | rq_worker_job_timeout x 1/6       | 10m (of 3600 s)         |
+
+    `mongodb.database` is Ghost's `apitest` unless the daemon's file sets it (settings.py hard-codes it).
+    Ghost's `container.enabled` has no daemon key: off, no container step is made (`ghost.containers_off`).
     """
-    container, lxd, retention = config.container, config.lxd, config.retention
+    env = {} if env is None else env
+    container, lxd, retention, mongodb, buildpack = (
+        config.container,
+        config.lxd,
+        config.retention,
+        config.mongodb,
+        config.buildpack,
+    )
     if not _given(raw, "container", "debug"):
         container = dataclasses.replace(container, debug=ghost.container_debug)
     if not _given(raw, "lxd", "image_server"):
         lxd = dataclasses.replace(lxd, image_server=ghost.remote_endpoint)
     if retention.ami_retention is None:
         retention = dataclasses.replace(retention, ami_retention=ghost.ami_retention)
-    return dataclasses.replace(config, container=container, lxd=lxd, retention=retention, ghost_settings=ghost)
+    if not (env.get(ENV_MONGODB_URI) or mongodb.uri_file or _given(raw, "mongodb", "uri")):
+        mongodb = dataclasses.replace(mongodb, uri=ghost.mongodb_uri(env))
+    timeout, build_wait = buildpack_waits(ghost.rq_worker_job_timeout)
+    if not _given(raw, "buildpack", "timeout"):
+        buildpack = dataclasses.replace(buildpack, timeout=timeout)
+    if not _given(raw, "buildpack", "build_wait"):
+        buildpack = dataclasses.replace(buildpack, build_wait=build_wait)
+    return dataclasses.replace(
+        config,
+        container=container,
+        lxd=lxd,
+        retention=retention,
+        mongodb=mongodb,
+        buildpack=buildpack,
+        ghost_settings=ghost,
+    )
 
 
 def _given(raw: Mapping[str, Any], section: str, key: str) -> bool:

@@ -104,6 +104,20 @@ class Upkeep:
             log.exception("upkeep_failed", task=what)
 
 
+def log_containers_off(config: Config) -> None:
+    """Once at start: Ghost's container.enabled is off, so this daemon makes no step (19.08's lxd_is_available)."""
+    where = config.ghost_settings.path
+    log.warning(
+        "containers_off_in_ghost_config",
+        ghost_config=str(where) if where else None,
+        reason=(
+            f"container.enabled is not true in {where}" if where else "no Ghost config.yml was read (ghost.config)"
+        ),
+        consequence="no container step is made for builds or deploys; Ghost runs module scripts on its host",
+        fix="set container.enabled: true in Ghost's config.yml (ghost.config), then restart ghost-buildpackd",
+    )
+
+
 class Daemon:
     def __init__(self, config: Config, store: Store, lxd: Lxd, bodies: Bodies | None = None):
         self.config = config
@@ -115,7 +129,12 @@ class Daemon:
         self.reconciler = Reconciler(config, store, lxd, self.metrics)
         self.upkeep = Upkeep(config, store, lxd, self.reconciler, self.stop)
         self.runner = Runner(config, store, lxd, bodies, self.metrics, on_image_built=self.upkeep.image_built)
-        self.intake = Intake(store, on_new_steps=self.runner.wake, on_job_ended=self.upkeep.job_ended)
+        self.intake = Intake(
+            store,
+            on_new_steps=self.runner.wake,
+            on_job_ended=self.upkeep.job_ended,
+            containers_enabled=config.ghost_settings.container_enabled,
+        )
         self.mode, self.mode_reason = choose_event_mode(config, store)
         source_class = ChangeStreamSource if self.mode == "change_stream" else PollSource
         self.source = source_class(config, store, self.intake, self.stop, self.metrics)
@@ -151,6 +170,8 @@ class Daemon:
             workers=self.config.workers,
             host=self.config.host_name,
         )
+        if not self.config.ghost_settings.container_enabled:
+            log_containers_off(self.config)
         self._main_loop()
         return self.shutdown()
 

@@ -24,7 +24,7 @@ from bson import ObjectId
 from pymongo.errors import OperationFailure, PyMongoError
 
 from .config import Config
-from .ghost import BadDocument, Job, built_image, parse_app, parse_job
+from .ghost import BadDocument, Job, built_image, containers_off, parse_app, parse_job
 from .logs import get_logger
 from .metrics import MetricsRecorder
 from .model import BUILDIMAGE, DEPLOY, FAILED, REDEPLOY, step_id
@@ -33,7 +33,8 @@ from .store import TRANSIENT_ERRORS, Store, next_change, utcnow
 
 log = get_logger(__name__)
 
-# redeploy: Ghost runs after_all_deploy then, so its steps are cancelled when the job ends.
+# redeploy: the `buildpack` command takes its after_all_deploy (Ghost 19.08 never asks: its redeploy module is
+# `{path, name}` only), so such steps are cancelled when the job ends.
 COMMANDS = (BUILDIMAGE, DEPLOY, REDEPLOY)
 DEPLOY_ENDED = ("done", "failed", "aborted", "cancelled")
 # The server no longer has the history the token points into, or the token cannot resume.
@@ -61,13 +62,32 @@ def choose_event_mode(config: Config, store: Store) -> tuple[str, str]:
     return "poll", f"{why}; polling jobs every {config.events.poll_interval:g}s"
 
 
+# How rq ends a job at its timeout (rq_worker_job_timeout): Ghost records the exception's class as the message.
+RQ_TIMEOUT = "JobTimeoutException"
+
+
+def job_end_reason(job: Job) -> str:
+    """Why a deploy's steps are cancelled: the job ended, and how, as far as its record says."""
+    reason = f"{job.command} job ended ({job.status})"
+    if RQ_TIMEOUT in job.message:
+        reason += " at Ghost's RQ job timeout (rq_worker_job_timeout killed it)"
+    return reason
+
+
 class Intake:
     """Decides, from a job as it is now, which step records must exist."""
 
-    def __init__(self, store: Store, on_new_steps: Callable[[], None], on_job_ended: Callable[[ObjectId], None]):
+    def __init__(
+        self,
+        store: Store,
+        on_new_steps: Callable[[], None],
+        on_job_ended: Callable[[ObjectId], None],
+        containers_enabled: bool = True,
+    ):
         self.store = store
         self.on_new_steps = on_new_steps
         self.on_job_ended = on_job_ended
+        self.containers_enabled = containers_enabled  # Ghost's container.enabled: off, no step is made
 
     def handle_job_id(self, job_id: Any) -> None:
         doc = self.store.get_job(job_id)
@@ -118,8 +138,9 @@ class Intake:
         except BadDocument as error:
             self._create_failed(job, BUILDIMAGE, None, f"malformed app: {error}")
             return
-        if not app.source_container_image:
-            log.debug("buildimage_without_container_image", job_id=str(job.id), app=app.label)
+        off = containers_off(app, self.containers_enabled, BUILDIMAGE)
+        if off:
+            log.debug("buildimage_without_containers", job_id=str(job.id), app=app.label, reason=off)
             return
         if self.store.create_step(job.id, BUILDIMAGE, app_id=app.id):
             log.info("step_created", job_id=str(job.id), step=step_id(job.id, BUILDIMAGE), app=app.label)
@@ -134,8 +155,9 @@ class Intake:
             for module in job.module_names:
                 self._create_failed(job, DEPLOY, module, f"malformed app: {error}")
             return
-        if not app.source_container_image:  # the per-app switch: Ghost runs the scripts on its host
-            log.debug("deploy_without_containers", job_id=str(job.id), app=app.label)
+        off = containers_off(app, self.containers_enabled, DEPLOY)
+        if off:  # Ghost runs the scripts on its host: nothing to prepare
+            log.debug("deploy_without_containers", job_id=str(job.id), app=app.label, reason=off)
             return
         created = 0
         for module in job.module_names:
@@ -150,7 +172,7 @@ class Intake:
     def _deploy_ended(self, job: Job) -> None:
         if not any(not step.terminal for step in self.store.steps_for_job(job.id)):
             return  # nothing to cancel or clean (most ended deploys a catch-up scan reads)
-        cancelled = self.store.cancel_job_steps(job.id, f"deploy job ended ({job.status}) before the buildpack ran")
+        cancelled = self.store.cancel_job_steps(job.id, job_end_reason(job))
         if cancelled:
             log.info("deploy_steps_cancelled", job_id=str(job.id), count=cancelled, job_status=job.status)
         self.on_job_ended(job.id)

@@ -18,6 +18,8 @@ from typing import Any
 from bson import ObjectId
 from bson.errors import InvalidId
 
+from .model import BUILDIMAGE
+
 # Ghost's own validation of a module path; `..` segments pass it, so they are refused separately.
 _MODULE_PATH = re.compile(r"^(/[a-zA-Z0-9.\-_]+)+$")
 _SEGMENT = re.compile(r"^[A-Za-z0-9_.+\-]+$")
@@ -27,6 +29,10 @@ ASG_UPDATE_FAILED = "Autoscaling group update failed"
 MAX_SCRIPT_BYTES = 1 << 20
 MAX_ENV_VAR_BYTES = 128 << 10  # Linux MAX_ARG_STRLEN: one `NAME=value` string given to execve
 PROVISIONERS = ("salt", "ansible")
+# What `build_infos.source_container_image` holds when an app uses no container: Ghost's UI writes '' for
+# "Don't use containers" and the text 'None' whenever its selector was not drawn (WTForms 2.2.1 coerces a
+# missing SelectField with text_type); apps made through the API may lack the key.
+NO_SOURCE_IMAGE = ("", "None")
 
 
 def built_image(status: Any, message: Any) -> bool:
@@ -217,8 +223,9 @@ class Module:
     raw: Mapping[str, Any] = dataclasses.field(repr=False, compare=False)
 
     def has_script(self, script_name: str) -> bool:
-        """Whether the module stores a non-empty `script_name` (a file of the clone can only replace one)."""
-        return bool(self.raw.get(script_name))
+        """Whether Ghost runs `script_name` for this module: `script_name in module`, as Ghost tests it, so an
+        empty stored script counts (a file of that name committed in the clone then runs instead)."""
+        return script_name in self.raw
 
     def check_stored_script(self, script_name: str) -> None:
         """BadDocument when the stored script cannot be decoded (checked before the clone exists)."""
@@ -340,10 +347,10 @@ class App:
         raise BadDocument("app.modules", f"the app has no module named {_short(name)}")
 
     def module_names_with_build_pack(self) -> set[str]:
-        """Names of app modules whose build_pack is a non-empty value (not yet decoded)."""
+        """Names of app modules Ghost runs a build_pack for: the key is there, even empty (`has_script`)."""
         names = set()
         for item in _list(self.raw.get("modules"), "app.modules"):
-            if isinstance(item, Mapping) and item.get("build_pack") and isinstance(item.get("name"), str):
+            if isinstance(item, Mapping) and "build_pack" in item and isinstance(item.get("name"), str):
                 names.add(item["name"])
         return names
 
@@ -431,11 +438,40 @@ def parse_app(doc: Mapping[str, Any] | None, app_id: Any = None) -> App:
         is_online=bool(blue_green.get("is_online", False)),
         ami=_string(doc, "ami", "app", required=False),
         ami_name=_string(build_infos, "ami_name", "app.build_infos", required=False),
-        source_container_image=_string(build_infos, "source_container_image", "app.build_infos", False),
+        source_container_image=_source_image(build_infos),
         container_image=_string(build_infos, "container_image", "app.build_infos", required=False),
         env_vars=_env_vars(doc.get("env_vars")),
         raw=doc,
     )
+
+
+def _source_image(build_infos: Mapping[str, Any]) -> str:
+    """The app's base image, "" when it uses no container (NO_SOURCE_IMAGE, or no key)."""
+    value = _string(build_infos, "source_container_image", "app.build_infos", required=False).strip()
+    return "" if value in NO_SOURCE_IMAGE else value
+
+
+def containers_off(app: App, containers_enabled: bool, kind: str) -> str | None:
+    """Why Ghost 19.08 would run none of this app's `kind` step (buildimage, deploy) in a container; None
+    when it would. The one rule the daemon and the patched Ghost (libs/deploy.py) share:
+
+    - Ghost's `container.enabled` (config.yml; absent means false), its `lxd_is_available` gate;
+    - the app's `build_infos.source_container_image` (see NO_SOURCE_IMAGE);
+    - for a deploy, `build_infos.container_image`: until a build made one, Ghost runs the scripts on its host.
+    """
+    if not containers_enabled:
+        return "container.enabled is not true in Ghost's config.yml: container steps are off on this Ghost"
+    if not app.source_container_image:
+        return (
+            "app.build_infos.source_container_image is not set, so container steps are off for this app "
+            '("Don\'t use containers", or no container image chosen)'
+        )
+    if kind != BUILDIMAGE and not app.container_image:
+        return (
+            "app.build_infos.container_image is not set: no container image was built for this app yet, so Ghost "
+            "runs its module scripts on its own host until a buildimage makes one"
+        )
+    return None
 
 
 # Ghost's `boolify`: the values it reads as true (a bool is itself).

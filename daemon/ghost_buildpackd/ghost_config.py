@@ -3,7 +3,8 @@
 Ghost 19.08 reads `{ghost_root_path}/config.yml` (`/usr/local/share/ghost/config.yml` by
 default). The daemon reads the keys that concern container steps from the same file, so one
 setting is made in one place: `container.enabled`, `container.endpoint`, `container.debug`,
-`ami_retention`, `features_provisioners` and `provisioner_log_level`. Ghost's defaults apply to
+`ami_retention`, `features_provisioners`, `provisioner_log_level`, `mongo_host` and
+`rq_worker_job_timeout`. Ghost's defaults apply to
 missing keys, as in Ghost's code. The daemon's own configuration overrides each value
 (`config.resolve_ghost_settings` says which key wins).
 
@@ -28,6 +29,13 @@ GHOST_DEFAULT_AMI_RETENTION = 5
 GHOST_DEFAULT_LOG_LEVEL = "info"
 GHOST_LOG_LEVELS = ("error", "warning", "info", "debug", "trace")
 GHOST_PROVISIONERS = ("salt", "ansible")
+# settings.py: MONGO_HOST (environment) wins over config.yml's mongo_host; port and database are hard-coded.
+GHOST_MONGO_HOST_ENV = "MONGO_HOST"
+GHOST_DEFAULT_MONGO_HOST = "localhost"
+GHOST_MONGO_PORT = 27017
+GHOST_MONGO_DBNAME = "apitest"
+# settings.RQ_JOB_TIMEOUT: rq kills a whole Ghost job (a deploy and every command it runs) after this long.
+GHOST_DEFAULT_RQ_JOB_TIMEOUT = 3600
 
 
 class GhostConfigError(ValueError):
@@ -55,6 +63,16 @@ class GhostSettings:
         default_factory=lambda: MappingProxyType({"salt": MappingProxyType({})})
     )
     provisioner_log_level: str = GHOST_DEFAULT_LOG_LEVEL
+    mongo_host: str = GHOST_DEFAULT_MONGO_HOST
+    rq_worker_job_timeout: int = GHOST_DEFAULT_RQ_JOB_TIMEOUT
+
+    def mongodb_uri(self, env: Mapping[str, str]) -> str:
+        """The MongoDB Ghost's processes use: MONGO_HOST from `env`, else `mongo_host`, port 27017
+        (pymongo's `MongoClient(host=..., port=27017)`: a host may be a whole mongodb:// URI, or carry a port)."""
+        host = (env.get(GHOST_MONGO_HOST_ENV) or self.mongo_host).strip()
+        if host.startswith(("mongodb://", "mongodb+srv://")):
+            return host
+        return f"mongodb://{host}/" if ":" in host else f"mongodb://{host}:{GHOST_MONGO_PORT}/"
 
     @property
     def remote_endpoint(self) -> str | None:
@@ -124,6 +142,8 @@ def ghost_settings_from_mapping(raw: Any, path: Path | None = None) -> GhostSett
     take("ami_retention", positive_int(), "ami_retention")
     take("features_provisioners", _provisioners, "features_provisioners")
     take("provisioner_log_level", one_of(*GHOST_LOG_LEVELS), "provisioner_log_level")
+    take("mongo_host", _host, "mongo_host")
+    take("rq_worker_job_timeout", positive_int(), "rq_worker_job_timeout")
     if problems:
         raise GhostConfigError(problems)
     return GhostSettings(**values)
@@ -136,6 +156,12 @@ def _ghost_bool(value: Any) -> bool:
     if isinstance(value, str) and value.strip().lower() in ("true", "yes", "on", "1", "false", "no", "off", "0"):
         return value.strip().lower() in ("true", "yes", "on", "1")
     raise ValueError(f"expected true or false, got {value!r}")
+
+
+def _host(value: Any) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"expected a host name, got {value!r}")
+    return value.strip()
 
 
 def _endpoint(value: Any) -> str:

@@ -198,6 +198,13 @@ def known(vocabulary: type[Member], value: str) -> Member | str:
         return value
 
 
+def cancellation(reason: str, state: str) -> str:
+    """A cancelled deploy step's message: `reason`, and whether its script had started (then it was stopped)."""
+    if state == RUNNING:
+        return f"{reason}, while the script was running (stopped)"
+    return f"{reason}, before the script ran"
+
+
 def step_id(job_id: ObjectId | str, kind: str, module: str | None = None, script: str = BUILD_PACK) -> str:
     """Deterministic step id: `<job_id>:buildimage`, `<job_id>:deploy:<module>` (its build_pack), or
     `<job_id>:deploy.<script>:<module>` for another module script (`after_all_deploy`).

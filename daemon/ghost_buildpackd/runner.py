@@ -52,6 +52,7 @@ from .model import (
     SUCCEEDED,
     Actor,
     Step,
+    cancellation,
     next_state,
 )
 from .policy import LIMITS, Pacer
@@ -96,6 +97,11 @@ def with_job_log_problem(ctx: StepContext, message: str) -> str:
     """The outcome's message, plus why Ghost's job log could not be written (the step went on without it)."""
     problem = ctx._job_log.problem if ctx._job_log is not None else ""
     return f"{message} ({problem})" if message and problem else message or problem
+
+
+def cancelled_message(step: Step, reason: str) -> str:
+    """A cancelled step's message: for a deploy step, whether its script had started."""
+    return cancellation(reason, step.state) if step.kind == DEPLOY else reason
 
 
 def failure_outcome(error: Exception) -> Outcome:
@@ -361,7 +367,7 @@ class Runner:
             if start_over or ctx.step.cancel_requested or ctx.step.attempts > MAX_ATTEMPTS:
                 remove_leftovers(ctx)
             if ctx.step.cancel_requested:
-                return Outcome(CANCELLED, ctx.step.cancel_reason or "cancelled")
+                return Outcome(CANCELLED, cancelled_message(ctx.step, ctx.step.cancel_reason or "cancelled"))
             if ctx.step.attempts > MAX_ATTEMPTS:
                 return Outcome(
                     FAILED, f"gave up after {MAX_ATTEMPTS} attempts: the daemon running it stopped each time"
@@ -414,7 +420,7 @@ class Runner:
             self._release_for_restart(ctx)
             return
         if held.cancelled and outcome.state != SUCCEEDED:
-            outcome = Outcome(CANCELLED, held.cancelled)
+            outcome = Outcome(CANCELLED, cancelled_message(ctx.step, held.cancelled))
         if outcome.state == READY:
             self._finish_preparation(ctx)
             return

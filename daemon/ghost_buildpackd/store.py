@@ -65,6 +65,7 @@ from .model import (
     Step,
     StepKind,
     StepState,
+    cancellation,
     from_states,
     known,
     step_id,
@@ -787,14 +788,21 @@ class Store:
 
     def _cancel_active(self, actor: Actor, query: dict[str, Any], reason: str) -> int:
         """Cancel the steps matching `query` that `actor` may cancel and nobody holds; ask the holders of the others."""
-        active = {**query, "state": any_of(from_states(actor, CANCELLED, query.get("kind")))}
-        cancelled = self.steps.update_many(
-            {**active, "lease.expires_at": {"$lt": self.server_now()}},
-            {
-                "$set": {"state": CANCELLED, "message": reason, "lease": FREE_LEASE},
-                "$currentDate": {"updated_at": True, "times.finished": True},
-            },
-        ).modified_count
+        states = from_states(actor, CANCELLED, query.get("kind"))
+        active = {**query, "state": any_of(states)}
+        free = {**query, "lease.expires_at": {"$lt": self.server_now()}}
+        cancelled = 0
+        for started in (False, True):  # the message says whether the script had started (a running one is stopped)
+            which = [state for state in states if (state == RUNNING) == started]
+            if not which:
+                continue
+            cancelled += self.steps.update_many(
+                {**free, "state": any_of(which)},
+                {
+                    "$set": {"state": CANCELLED, "message": cancellation(reason, which[0]), "lease": FREE_LEASE},
+                    "$currentDate": {"updated_at": True, "times.finished": True},
+                },
+            ).modified_count
         self.steps.update_many(
             active,
             {"$set": {"cancel_requested": True, "cancel_reason": reason}, "$currentDate": {"updated_at": True}},

@@ -228,7 +228,7 @@ def run_command(
         ctx.job_log, ctx.log, ctx.config.container.output_head, ctx.config.container.output_tail
     )
     result: ExecResult = ctx.lxd.execute(
-        container, argv, env, collector, ctx.config.container.exec_timeout, cwd=cwd, abort=ctx.abort
+        container, one_stream(argv), env, collector, ctx.config.container.exec_timeout, cwd=cwd, abort=ctx.abort
     )
     collector.finish()
     fields = {
@@ -257,6 +257,22 @@ def run_command(
             reason += UNPRIVILEGED_HINT
     ctx.log.error("command_failed", reason=reason, **fields)
     raise StepFailed(reason, result.exit_code, collector.tail_text(), timed_out=result.timed_out)
+
+
+SHELLS = ("sh", "bash")
+
+
+def one_stream(argv: list[str]) -> list[str]:
+    """A script run (`sh script`, `bash script`: hooks, buildpacks) with its stderr joined to its stdout inside
+    the container, as Ghost's gcall gives a command one file for both: LXD carries the two over separate
+    websockets, whose chunks would interleave out of order.
+
+    Other commands (salt-call, ansible-playbook) keep LXD's own lookup of their name: a shell would look it up
+    differently (busybox's sh may run its own applet of that name instead of the image's program).
+    """
+    if not argv or argv[0] not in SHELLS:
+        return argv
+    return [argv[0], "-c", 'exec "$0" "$@" 2>&1', *argv]
 
 
 def script_shell(ctx: StepContext, container: str) -> str:

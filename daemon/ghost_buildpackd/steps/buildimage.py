@@ -29,11 +29,11 @@ from typing import Any, TypeVar
 
 from .. import templates
 from ..config import PLACEHOLDER_ANSIBLE_VERBOSITY, PLACEHOLDER_LOG_LEVEL, PLACEHOLDER_VENV, Config
-from ..ghost import PROVISIONERS, App, BadDocument, Job, parse_app, parse_job
+from ..ghost import PROVISIONERS, App, BadDocument, Job, containers_off, parse_app, parse_job
 from ..images import ImageNotFound, base_image
 from ..logs import Secrets
 from ..lxd import IMAGE_PROP_CLAIM, IMAGE_PROP_JOB, ContainerSpec, ImageInfo, Mount
-from ..model import SUCCEEDED
+from ..model import BUILDIMAGE, SUCCEEDED
 from ..store import ImageRecord, utcnow
 from . import (
     SCRIPT_DIR,
@@ -105,10 +105,9 @@ def load_job_app(ctx: StepContext) -> tuple[Job, App]:
         raise BadDocument("job", f"no job with _id {ctx.step.job_id}")
     job = parse_job(doc)
     app = parse_app(ctx.store.get_app(job.app_id), job.app_id)
-    if not app.source_container_image:
-        raise BadDocument(
-            "app.build_infos.source_container_image", "not set: container steps are not enabled for this app"
-        )
+    off = containers_off(app, ctx.config.ghost_settings.container_enabled, BUILDIMAGE)
+    if off:
+        raise StepFailed(f"refused: {off}")
     return job, app
 
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from ..ghost import App, BadDocument, Module, ModuleScript, parse_app, parse_job
+from ..ghost import App, BadDocument, Module, ModuleScript, containers_off, parse_app, parse_job
 from ..images import ImageNotFound, deploy_image
 from ..joblog import OutputCollector
 from ..logs import Secrets
@@ -52,6 +52,8 @@ def prepare(ctx: StepContext) -> Outcome:
     if not module.has_script(ctx.step.script):
         return Outcome(SKIPPED, message=f"module {module.name} has no {ctx.step.script}")
     module.check_stored_script(ctx.step.script)  # refused now rather than after a container was launched
+    if not module.raw.get(ctx.step.script):  # only a file committed in the clone can give it something to run
+        return Outcome(READY, message=f"no container prepared: the stored {ctx.step.script} is empty")
     if ctx.store.app_build_in_flight(app.id) is not None:  # the run waits for its image: a container now is stale
         return Outcome(READY, message="no container prepared: a container build of the app is in flight")
     image = image_fingerprint(ctx, app)
@@ -87,6 +89,8 @@ def run(ctx: StepContext) -> Outcome:
             return Outcome(SKIPPED, message=f"module {module.name} has no {ctx.step.script}")
         working_copy = app.working_copy(ctx.config.ghost.root, module)
         script = module.script(working_copy, ctx.step.script)
+        if not script.content and script.path is None:  # Ghost runs it with bash: nothing happens, it succeeds
+            return Outcome(SKIPPED, message=f"{script.source} is empty and the working copy has no such file")
         owner = path_owner(working_copy)
         with Secrets.registered(app.secret_values):
             name = usable_container(ctx, app, owner)
@@ -115,11 +119,11 @@ def load_app_module(ctx: StepContext) -> tuple[App, Module]:
     if job.command not in commands:
         raise BadDocument("job.command", f"expected {' or '.join(commands)} for {step.script}, got {job.command!r}")
     app = parse_app(ctx.store.get_app(job.app_id), job.app_id)
-    if not app.source_container_image:
+    off = containers_off(app, ctx.config.ghost_settings.container_enabled, DEPLOY)
+    if off:
         raise StepFailed(
-            "refused: app.build_infos.source_container_image is not set, so container steps are off for this app "
-            f"and Ghost runs its {step.script} on its own host (an unpatched Ghost, or the app was switched to "
-            '"Don\'t use containers" after the job started)'
+            f"refused: {off}; the patched Ghost runs its {step.script} on its own host then (an unpatched Ghost, "
+            "or a setting changed after the job started)"
         )
     return app, app.module(step.module)
 
