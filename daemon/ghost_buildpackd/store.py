@@ -21,6 +21,7 @@ a replica-set failover cannot roll back an acknowledged claim or outcome.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import heapq
 import itertools
@@ -607,18 +608,23 @@ class Store:
         """Atomically take the lease on one step that needs work, oldest first.
 
         Work is, in this order: a `requested` deploy step bound to this host
-        (Ghost's worker waits for it), a `pending` step, or an active step whose
-        lease expired (its owner died); a deploy step that was running is bound
-        to its host too. The state is left as it was: the caller decides what
+        (Ghost's worker waits for it), a build Ghost's buildimage job asked for
+        on this host (it waits too), a `pending` step, or an active step whose
+        lease expired (its owner died); a deploy step that was running, and a
+        build asked for by a job, are bound to their host. The state is left as it was: the caller decides what
         the step needs next. `exclude` holds the ids this process already works
         on (its own leases may lapse in an outage).
         """
         expired = {"lease.expires_at": {"$lt": self.server_now()}}
+        # A build Ghost's job asked for runs on the job's host (its provisioner trees are there);
+        # one the intake made (no requested_host) runs anywhere.
+        here_or_anywhere = {"requested_host": {"$in": [None, host]}}
         candidates: list[dict[str, Any]] = [
             {"state": REQUESTED, "requested_host": host, **expired},
-            {"state": PENDING, **expired},
+            {"state": PENDING, "kind": BUILDIMAGE, "requested_host": host, **expired},
+            {"state": PENDING, **here_or_anywhere, **expired},
             {"state": PREPARING, **expired},
-            {"state": RUNNING, "kind": BUILDIMAGE, **expired},
+            {"state": RUNNING, "kind": BUILDIMAGE, **here_or_anywhere, **expired},
             {"state": RUNNING, "kind": DEPLOY, "requested_host": host, **expired},
         ]
         for query in candidates:
@@ -639,8 +645,13 @@ class Store:
         return None
 
     def requested_step_waiting(self, host: str) -> bool:
-        """Whether a deploy step requested on `host` waits for a worker (a cheap read on the state index)."""
-        query = {"state": REQUESTED, "requested_host": host, "lease.expires_at": {"$lt": self.server_now()}}
+        """Whether a step requested on `host` waits for a worker (a cheap read on the state index): a deploy
+        step `requested`, or a build Ghost's buildimage job asked for (`pending`, bound to its host)."""
+        query = {
+            "state": {"$in": [REQUESTED, PENDING]},
+            "requested_host": host,
+            "lease.expires_at": {"$lt": self.server_now()},
+        }
         return self.steps.find_one(query, {"_id": 1}) is not None
 
     def renew_lease(self, step: Step, ttl: float, within: float) -> Step | None:
@@ -790,6 +801,16 @@ class Store:
             doc = self.steps.find_one_and_update(waiting, request, return_document=ReturnDocument.AFTER)
             doc = doc or self.steps.find_one({"_id": sid})
         return step_from_doc(doc)
+
+    @retry_transient
+    def request_build(self, job_id: ObjectId, app_id: ObjectId | None, host: str) -> Step:
+        """Ghost's buildimage job asks for its container build now, on `host`: the step is made at once
+        (the job is still `started`), or found as it is (one build per job, whoever made it first)."""
+        doc = new_step_doc(job_id, BUILDIMAGE, None, app_id, PENDING, "requested by Ghost's buildimage job")
+        doc["requested_host"] = host
+        with contextlib.suppress(DuplicateKeyError):  # made by the intake, an earlier request, or a replay
+            self.steps.insert_one(doc)
+        return step_from_doc(self.steps.find_one({"_id": doc["_id"]}))
 
     @retry_transient
     def cancel_stale_ready(self, max_age: float, reason: str) -> list[Step]:
