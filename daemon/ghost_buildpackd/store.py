@@ -3,8 +3,9 @@
 Ghost's collections (`jobs`, `apps`) are read; the one Ghost field written is
 `apps.build_infos.container_image`. The daemon's own state lives beside them:
 `container_steps` (one record per step, with its lease), `container_images`
-(what each published image is), `buildpackd_state` (event checkpoints) and
-`buildpackd_instances` (heartbeats). What a step is (kinds, states, the
+(what each published image is), `buildpackd_state` (event checkpoints),
+`buildpackd_instances` (heartbeats) and `buildpackd_base_images` (the base
+images Ghost's UI offers, read by Ghost's patched `libs/lxd.py`). What a step is (kinds, states, the
 `Step` record) and who may move it where is `model.py`'s; the queries here
 that move steps take their from-states from its transition table.
 
@@ -74,6 +75,9 @@ from .policy import MONGODB_RETRY, retrying
 log = get_logger(__name__)
 
 STEPS, IMAGES, STATE, INSTANCES = "container_steps", "container_images", "buildpackd_state", "buildpackd_instances"
+# The base images Ghost's UI may offer, one document (BASE_IMAGES_ID) that Ghost's patched libs/lxd.py reads
+# with pymongo 3.7: `images`, `refreshed_at` (server time), `fresh_for` (seconds), `refreshed_by`.
+BASE_IMAGES, BASE_IMAGES_ID = "buildpackd_base_images", "selectable"
 NO_CHANGE_STREAMS = 40573  # "The $changeStream stage is only supported on replica sets"
 TRANSIENT_ERRORS = (AutoReconnect, ConnectionFailure, NetworkTimeout, ServerSelectionTimeoutError)
 CATCH_UP_BATCH = 500  # jobs a catch-up scan decides per bulk read of their steps and apps
@@ -146,6 +150,21 @@ def step_from_doc(doc: Mapping[str, Any]) -> Step:
         script=known(Script, doc.get("script") or BUILD_PACK),
         timed_out=bool(doc.get("timed_out")),
     )
+
+
+@dataclasses.dataclass(frozen=True)
+class BaseImage:
+    """An image Ghost's UI may offer as an app's base image (`buildpackd_base_images`), in the words of
+    Ghost 19.08's `list_lxd_images`: the fingerprint it stores, the description and aliases it shows."""
+
+    fingerprint: str
+    aliases: tuple[str, ...]
+    description: str | None  # the image's `description` property; None when it has none (Ghost shows "None")
+    os: str | None
+    release: str | None
+
+    def to_doc(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "aliases": list(self.aliases)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -336,6 +355,7 @@ class Store:
         self.images: Collection = db.get_collection(IMAGES, write_concern=MAJORITY)
         self.state: Collection = db[STATE]
         self.instances: Collection = db[INSTANCES]
+        self.base_images: Collection = db[BASE_IMAGES]
         self._clock = clock  # this host's clock (tests give a skewed one)
         self._server_offset: timedelta | None = None  # measured at the first need
 
@@ -959,6 +979,37 @@ class Store:
         built their AMI: `ghost.Job.built_image`)."""
         query = {"command": BUILDIMAGE, "status": {"$in": ["done", "failed"]}, "app_id": {"$in": list(app_ids)}}
         return list(self.jobs.find(query))
+
+    # --- the base images Ghost's UI offers ---------------------------------------------------
+
+    @retry_transient
+    def save_base_images(self, images: Iterable[BaseImage], fresh_for: float, instance_id: str) -> None:
+        """Replace the list Ghost's UI offers; Ghost shows it while `refreshed_at` is under `fresh_for` seconds old
+        on the server's clock (Ghost compares it with the server's `localTime`, never its own clock)."""
+        self.base_images.update_one(
+            {"_id": BASE_IMAGES_ID},
+            {
+                "$set": {
+                    "images": [image.to_doc() for image in images],
+                    "fresh_for": fresh_for,
+                    "refreshed_by": instance_id,
+                },
+                "$currentDate": {"refreshed_at": True},
+            },
+            upsert=True,
+        )
+
+    def withdraw_base_images(self, instance_id: str) -> None:
+        """At shutdown: the list this instance refreshed last is no longer vouched for (another live instance
+        refreshes it again); one attempt, like `remove_instance`."""
+        self.base_images.update_one(
+            {"_id": BASE_IMAGES_ID, "refreshed_by": instance_id}, {"$set": {"fresh_for": 0, "refreshed_by": None}}
+        )
+
+    @retry_transient
+    def load_base_images(self) -> dict[str, Any] | None:
+        """The stored list as Ghost reads it (status and tests)."""
+        return self.base_images.find_one({"_id": BASE_IMAGES_ID})
 
     # --- instances -----------------------------------------------------------------------
 
