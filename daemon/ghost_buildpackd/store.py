@@ -830,7 +830,8 @@ class Store:
         doc["requested_host"] = host
         with contextlib.suppress(DuplicateKeyError):  # made by the intake, an earlier request, or a replay
             self.steps.insert_one(doc)
-        return step_from_doc(self.steps.find_one({"_id": doc["_id"]}))
+        found = self.steps.find_one({"_id": doc["_id"]})
+        return step_from_doc(found if found is not None else doc)
 
     @retry_transient
     def cancel_stale_ready(self, max_age: float, reason: str) -> list[Step]:
