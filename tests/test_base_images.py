@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
-import tarfile
 from pathlib import Path
 
 import pytest
@@ -20,13 +18,10 @@ import pytest
 from ghost_buildpackd.lxd import IMAGE_PROP_JOB
 from ghost_buildpackd.store import BaseImage, Store
 from tests.support.daemon import DaemonProcess
+from tests.support.ghost_sources import patched_ghost
+from tests.support.ghost_sources import python2 as ghost_python2
 from tests.support.waiting import wait_until
 
-REPO = Path(__file__).resolve().parents[1]
-PATCH = REPO / "ghost" / "ghost-19.08.patch"
-# shared/ lies beside the repository's clone, in a developer's work tree as in CI.
-SHARED_SOURCES = REPO.parent / "shared" / "ghost" / "cloud-deploy-v19.08.tar.gz"
-GHOST_SOURCES = Path(os.environ.get("GHOST_BUILDPACKD_TEST_GHOST_SOURCES", SHARED_SOURCES))
 UNAVAILABLE = [["", "Container Image list is unavailable, check your LXD parameters in config.yml"]]
 
 
@@ -65,32 +60,16 @@ for config in json.loads(sys.argv[1]):
 print(json.dumps(results))
 """
 
+WITH_GHOSTS_PYMONGO = (
+    "import sys, pymongo; sys.exit(sys.version_info[:2] != (2, 7) or pymongo.version_tuple[:2] != (3, 7))"
+)
+
 # Ghost's ghost_data.py connects this way (settings.MONGO_HOST, MONGO_PORT, MONGO_DBNAME); here to the test's database.
 GHOST_DATA = """
 import os
 from pymongo import MongoClient
 db = MongoClient(os.environ['TEST_MONGODB_URI'])[os.environ['TEST_MONGODB_DATABASE']]
 """
-
-
-def python2_with_pymongo() -> str | None:
-    """Python 2.7 with Ghost's pymongo (GHOST_BUILDPACKD_TEST_PYTHON2, else python2.7 on PATH), if at hand."""
-    candidate = os.environ.get("GHOST_BUILDPACKD_TEST_PYTHON2") or shutil.which("python2.7")
-    if not candidate:
-        return None
-    probe = "import sys, pymongo; sys.exit(sys.version_info[:2] != (2, 7) or pymongo.version_tuple[:2] != (3, 7))"
-    return candidate if subprocess.run([candidate, "-c", probe], check=False).returncode == 0 else None
-
-
-def patched_ghost(root: Path) -> Path:
-    """Ghost 19.08's libs/ and commands/ from its sources, with the patch applied as the README says."""
-    with tarfile.open(GHOST_SOURCES) as archive:
-        top = archive.getnames()[0].split("/")[0]
-        wanted = [m for m in archive.getmembers() if m.name.split("/")[1:2] in (["libs"], ["commands"])]
-        archive.extractall(root, members=wanted, filter="data")
-    tree = root / top
-    subprocess.run(["patch", "-p1", "-s", "-i", str(PATCH)], cwd=tree, check=True)
-    return tree
 
 
 def ghost_answers(python2: str, tree: Path, mongo_uri: str, database: str, configs: list[dict]) -> list[dict]:
@@ -105,11 +84,9 @@ def ghost_answers(python2: str, tree: Path, mongo_uri: str, database: str, confi
 
 @pytest.mark.real_mongodb  # Ghost's pymongo 3.7 refuses the stand-in
 def test_ghosts_patched_libs_lxd_serves_the_list_the_daemon_keeps(mongo, db, store: Store, tmp_path):
-    python2 = python2_with_pymongo()
+    python2 = ghost_python2(WITH_GHOSTS_PYMONGO)
     if python2 is None:
         pytest.skip("no Python 2.7 with pymongo 3.7 here (set GHOST_BUILDPACKD_TEST_PYTHON2 to one)")
-    if not GHOST_SOURCES.is_file():
-        pytest.skip(f"Ghost 19.08's sources are not at {GHOST_SOURCES} (GHOST_BUILDPACKD_TEST_GHOST_SOURCES)")
     tree = patched_ghost(tmp_path)
     enabled, disabled = {"container": {"enabled": True, "endpoint": "localhost"}}, {"container": {"enabled": False}}
 

@@ -12,13 +12,12 @@ from __future__ import annotations
 import json
 import re
 import subprocess
-import tarfile
 from pathlib import Path
 
 import pytest
 
-from tests.test_base_images import GHOST_SOURCES, patched_ghost
-from tests.test_ghost_patch import COMMAND, python2
+from tests.support.ghost_sources import ghost_file, patched_ghost, python2
+from tests.test_ghost_patch import COMMAND
 
 JOB_ID = "0123456789abcdef01234567"
 
@@ -98,11 +97,9 @@ exit "$EXIT_CODE"
 """
 
 
-def ghost_tools_stub(sources: Path) -> str:
+def ghost_tools_stub() -> str:
     """Ghost's own `GCallException` and `gcall`, taken from its ghost_tools.py (the rest needs yaml, sh, jinja2)."""
-    with tarfile.open(sources) as archive:
-        member = next(m for m in archive.getmembers() if m.name.endswith("/ghost_tools.py"))
-        text = archive.extractfile(member).read().decode()  # type: ignore[union-attr]
+    text = ghost_file("ghost_tools.py").decode()
     pieces = [re.search(rf"\n({head}.*?)\n(?=\S)", text, re.S) for head in ("class GCallException", "def gcall")]
     assert all(pieces), "Ghost's ghost_tools.py no longer has GCallException and gcall"
     return (
@@ -116,13 +113,9 @@ def ghost_tools_stub(sources: Path) -> str:
 def ghost(tmp_path: Path) -> Path:
     if python2() is None:
         pytest.skip("no Python 2.7 here (set GHOST_BUILDPACKD_TEST_PYTHON2 to one)")
-    if not GHOST_SOURCES.is_file():
-        pytest.skip(f"Ghost 19.08's sources are not at {GHOST_SOURCES} (GHOST_BUILDPACKD_TEST_GHOST_SOURCES)")
     tree = patched_ghost(tmp_path)
-    with tarfile.open(GHOST_SOURCES) as archive:  # Ghost's own ghost_log.py
-        member = next(m for m in archive.getmembers() if m.name.endswith("/ghost_log.py"))
-        (tree / "ghost_log.py").write_bytes(archive.extractfile(member).read())  # type: ignore[union-attr]
-    (tree / "ghost_tools.py").write_text(ghost_tools_stub(GHOST_SOURCES))
+    (tree / "ghost_log.py").write_bytes(ghost_file("ghost_log.py"))  # Ghost's own
+    (tree / "ghost_tools.py").write_text(ghost_tools_stub())
     for name, source in STUBS.items():
         (tree / name).write_text(source)
     stand_in = tmp_path / "ghost-buildpackd"

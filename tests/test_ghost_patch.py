@@ -11,10 +11,8 @@ GHOST_BUILDPACKD_TEST_PYTHON2) it compiles the same fragments too.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shlex
-import shutil
 import subprocess
 import textwrap
 import warnings
@@ -23,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from ghost_buildpackd.cli import build_parser
+from tests.support.ghost_sources import python2
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore", DeprecationWarning)  # lib2to3 is deprecated, still in Python 3.11
@@ -119,15 +118,6 @@ for name, source in json.load(sys.stdin):
         failures.append("%s: %s" % (name, error))
 print(json.dumps({"version": list(sys.version_info[:2]), "failures": failures}))
 """
-
-
-def python2() -> str | None:
-    """A Python 2.7 interpreter that runs, if this machine has one."""
-    candidate = os.environ.get("GHOST_BUILDPACKD_TEST_PYTHON2") or shutil.which("python2.7")
-    if not candidate:
-        return None
-    probe = subprocess.run([candidate, "-c", "import sys; sys.exit(sys.version_info[:2] != (2, 7))"], check=False)
-    return candidate if probe.returncode == 0 else None
 
 
 def test_a_real_python_2_7_compiles_every_added_line():
