@@ -264,6 +264,23 @@ def test_files_of_other_container_users_are_handed_back_to_the_working_copy_owne
     assert leftover_containers(lxd, db) == []
 
 
+def test_a_file_the_container_cannot_own_is_said_and_does_not_fail_the_buildpack(
+    make_config: Callable[..., Config], store: Store, lxd: Lxd, db: Database, image_alias: str, ghost_dirs, lxd_cleanup
+) -> None:
+    config = make_config()
+    job_id = deploy_job(db, image_alias, [module_doc("app", "/srv/app", FILES_OF_OTHER_USERS)])
+    module_dir = working_copy(ghost_dirs["root"], "app")
+    (module_dir / "put-there-by-root").touch()  # host root: no id inside an unprivileged container
+
+    outcome = run_deploy(deploy_context(config, store, lxd, job_id, "app", "run"))
+
+    assert outcome.state == SUCCEEDED, outcome
+    assert owner(module_dir / "put-there-by-root") == (0, 0)
+    assert every_owner(module_dir / "cache") == {WORKING_COPY_IDS}  # what the script made is handed back still
+    assert "some files of the module keep their owner: " in job_log(config, job_id)
+    assert leftover_containers(lxd, db) == []
+
+
 def test_processes_left_behind_by_the_buildpack_end_before_the_outcome(
     make_config: Callable[..., Config], store: Store, lxd: Lxd, db: Database, image_alias: str, ghost_dirs, lxd_cleanup
 ) -> None:
