@@ -64,7 +64,8 @@ def test_three_mistakes_give_three_precise_errors():
         [
             "container.exec_timeout: expected a duration like 30m, got 'soon'",
             "container.limits.memory: expected a size like 2GiB or a share of the host's memory like 20%, got 'lots'",
-            "workerz: unknown key (known keys here: buildpack, container, events, ghost, host, instance_id, lease_ttl, "
+            "workerz: unknown key (known keys here: base_images_interval, buildpack, container, events, ghost, host, "
+            "instance_id, lease_ttl, "
             "log, lxd, metrics, mongodb, retention, shutdown_grace, sweep_interval, workers)",
         ]
     )

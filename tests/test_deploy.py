@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import subprocess
 import threading
 import time
 from collections.abc import Callable
@@ -250,7 +251,76 @@ def test_privileged_mode_gives_the_same_ownership(
     assert outcome.state == SUCCEEDED
     assert owner(module_dir / "out") == WORKING_COPY_IDS
     assert owner(module_dir / "out" / "file") == WORKING_COPY_IDS
-    assert "chown -R 1001:1002 /srv/app" in job_log(config, job_id)
+    assert "chown -R -h 1001:1002 /srv/app" in job_log(config, job_id)
+    assert leftover_containers(lxd, db) == []
+
+
+# A package manager dropping privileges, or a buildpack handing files to the web server's user.
+FILES_OF_OTHER_USERS = """set -e
+mkdir -p cache/www/deep out
+echo page > cache/www/deep/index.html
+ln -s /etc/passwd cache/www/link
+chown -R 33:33 cache
+chown 65534:65534 out
+chmod 500 cache/www/deep
+"""
+
+
+def every_owner(root: Path) -> set[tuple[int, int]]:
+    """The (uid, gid) of every file, directory and symlink under `root`, `root` included (symlinks not followed)."""
+    found = {(os.lstat(root).st_uid, os.lstat(root).st_gid)}
+    for directory, names, files in os.walk(root):
+        for name in names + files:
+            info = os.lstat(Path(directory) / name)
+            found.add((info.st_uid, info.st_gid))
+    return found
+
+
+@pytest.mark.parametrize("privileged", [False, True], ids=["unprivileged", "privileged"])
+def test_files_of_other_container_users_are_handed_back_to_the_working_copy_owner(
+    privileged: bool,
+    make_config: Callable[..., Config],
+    store: Store,
+    lxd: Lxd,
+    db: Database,
+    image_alias: str,
+    ghost_dirs,
+    lxd_cleanup,
+) -> None:
+    config = make_config(container={"privileged": privileged})
+    job_id = deploy_job(db, image_alias, [module_doc("app", "/srv/app", FILES_OF_OTHER_USERS)])
+    module_dir = working_copy(ghost_dirs["root"], "app")
+    os.chown(module_dir.parent, *WORKING_COPY_IDS)  # Ghost's user owns the app's directory, as on Ghost's host
+
+    outcome = run_deploy(deploy_context(config, store, lxd, job_id, "app", "run"))
+
+    assert outcome.state == SUCCEEDED, outcome
+    assert (module_dir / "cache" / "www" / "deep" / "index.html").exists()
+    assert every_owner(module_dir) == {WORKING_COPY_IDS}
+    assert os.lstat("/etc/passwd").st_uid == 0  # the symlink itself was handed back, never its target
+    # What Ghost's next deploy does to the previous clone, as Ghost's user without supplementary groups.
+    uid, gid = WORKING_COPY_IDS
+    for command in (["chmod", "-R", "u+rwx", str(module_dir)], ["rm", "-rf", str(module_dir)]):
+        done = subprocess.run(command, user=uid, group=gid, extra_groups=[], capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+    assert not module_dir.exists()
+    assert leftover_containers(lxd, db) == []
+
+
+def test_a_file_the_container_cannot_own_is_said_and_does_not_fail_the_buildpack(
+    make_config: Callable[..., Config], store: Store, lxd: Lxd, db: Database, image_alias: str, ghost_dirs, lxd_cleanup
+) -> None:
+    config = make_config()
+    job_id = deploy_job(db, image_alias, [module_doc("app", "/srv/app", FILES_OF_OTHER_USERS)])
+    module_dir = working_copy(ghost_dirs["root"], "app")
+    (module_dir / "put-there-by-root").touch()  # host root: no id inside an unprivileged container
+
+    outcome = run_deploy(deploy_context(config, store, lxd, job_id, "app", "run"))
+
+    assert outcome.state == SUCCEEDED, outcome
+    assert owner(module_dir / "put-there-by-root") == (0, 0)
+    assert every_owner(module_dir / "cache") == {WORKING_COPY_IDS}  # what the script made is handed back still
+    assert "some files of the module keep their owner: " in job_log(config, job_id)
     assert leftover_containers(lxd, db) == []
 
 

@@ -11,10 +11,8 @@ GHOST_BUILDPACKD_TEST_PYTHON2) it compiles the same fragments too.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shlex
-import shutil
 import subprocess
 import sys
 import textwrap
@@ -27,6 +25,7 @@ from bson import ObjectId
 from ghost_buildpackd.cli import build_parser
 from ghost_buildpackd.ghost import containers_off, parse_app
 from ghost_buildpackd.model import DEPLOY
+from tests.support.ghost_sources import python2
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore", DeprecationWarning)  # lib2to3 is deprecated, still in Python 3.11
@@ -61,30 +60,28 @@ def hunks(text: str) -> list[tuple[str, list[str]]]:
     return found
 
 
-def added_runs(lines: list[str]) -> list[tuple[list[str], list[str]]]:
-    """Each run of added lines, with the new-side lines before it in its hunk (context and earlier additions)."""
-    runs: list[tuple[list[str], list[str]]] = []
-    after: list[str] = []
-    run: list[str] = []
-    for line in [*lines, " "]:
-        if line.startswith("+"):
-            run.append(line[1:])
-            continue
-        if run:
-            runs.append((list(after), run))
-            after += run
-            run = []
-        if line.startswith(" "):
-            after.append(line[1:])
-    return runs
+def added_runs(lines: list[str]) -> list[tuple[list[str], list[str], list[str]]]:
+    """Each run of added lines, with the new-side lines of its hunk before it and after it (context and additions)."""
+    new_side: list[str] = []
+    spans: list[tuple[int, int]] = []  # [start, end) of each run in new_side
+    for line in lines:
+        if line.startswith(("+", " ")):
+            if line.startswith("+") and (not spans or spans[-1][1] != len(new_side)):
+                spans.append((len(new_side), len(new_side)))
+            new_side.append(line[1:])
+            if line.startswith("+"):
+                spans[-1] = (spans[-1][0], len(new_side))
+    return [(new_side[:start], new_side[start:end], new_side[end:]) for start, end in spans]
 
 
-def parses_with_least_context(before: list[str], run: list[str]) -> str | None:
-    """The run with the fewest lines of context before it that parses as Python 2, or None."""
-    for start in range(len(before), -1, -1):
-        source = textwrap.dedent("\n".join(before[start:] + run))
-        if python2_parses(source):
-            return source
+def parses_with_least_context(before: list[str], run: list[str], after: list[str]) -> str | None:
+    """The run with the fewest lines of context that parses as Python 2, or None: context before it first
+    (an added `else:` needs its `if`), then after it (an added `if` or `try` whose body is context)."""
+    for end in range(len(after) + 1):
+        for start in range(len(before), -1, -1):
+            source = textwrap.dedent("\n".join(before[start:] + run + list(after[:end])))
+            if python2_parses(source):
+                return source
     return None
 
 
@@ -100,8 +97,8 @@ def added_fragments() -> list[tuple[str, str]]:
     assert {name for name, _ in patch_hunks} == {"libs/deploy.py", "commands/buildimage.py", "libs/lxd.py"}
     fragments, checked = [], 0
     for name, lines in patch_hunks:
-        for before, run in added_runs(lines):
-            source = parses_with_least_context(before, run)
+        for before, run, after in added_runs(lines):
+            source = parses_with_least_context(before, run, after)
             assert source is not None, f"{name}: not Python 2:\n" + "\n".join(run)
             fragments.append((name, source))
             checked += len(run)
@@ -110,7 +107,8 @@ def added_fragments() -> list[tuple[str, str]]:
 
 
 def test_every_added_line_parses_as_python_2():
-    assert len(added_fragments()) == 5
+    fragments = added_fragments()  # asserts each run parses and that the runs hold every added line
+    assert {name for name, _ in fragments} == {"libs/deploy.py", "commands/buildimage.py", "libs/lxd.py"}
 
 
 COMPILE_ALL = """
@@ -124,15 +122,6 @@ for name, source in json.load(sys.stdin):
         failures.append("%s: %s" % (name, error))
 print(json.dumps({"version": list(sys.version_info[:2]), "failures": failures}))
 """
-
-
-def python2() -> str | None:
-    """A Python 2.7 interpreter that runs, if this machine has one."""
-    candidate = os.environ.get("GHOST_BUILDPACKD_TEST_PYTHON2") or shutil.which("python2.7")
-    if not candidate:
-        return None
-    probe = subprocess.run([candidate, "-c", "import sys; sys.exit(sys.version_info[:2] != (2, 7))"], check=False)
-    return candidate if probe.returncode == 0 else None
 
 
 def test_a_real_python_2_7_compiles_every_added_line():
@@ -250,17 +239,37 @@ def test_the_patch_decides_as_the_daemon_does(runtime):
             assert "a successful buildimage builds one" in said[0] and "container_image" in said[0]
 
 
-@pytest.mark.parametrize("marker", ["+", "-"])
-def test_the_buildimage_change_only_stops_ghosts_lxd_builder(marker):
-    buildimage = [
+def new_side(name: str) -> list[str]:
+    """The lines of `name`'s hunks as the patched file has them (context and additions), stripped."""
+    patch_hunks = hunks(PATCH.read_text())
+    return [line[1:].strip() for file, lines in patch_hunks if file == name for line in lines if line[:1] in " +"]
+
+
+def test_the_buildimage_change_runs_this_projects_command_where_ghost_ran_its_lxd_builder():
+    buildimage = "\n".join(
         line for name, lines in hunks(PATCH.read_text()) if name == "commands/buildimage.py" for line in lines
+    )
+    added = "\n".join(line[1:] for line in buildimage.splitlines() if line.startswith("+"))
+    call = re.search(r"gcall\('(?P<command>[^']+)'\.format\(self\._job\['_id'\]\)", added)
+    assert call is not None, added
+    argv = shlex.split(call["command"].format("0123456789abcdef01234567"))
+    assert argv[0] == COMMAND
+    args = build_parser().parse_args(argv[1:])
+    assert (args.command, args.job_id) == ("buildimage", "0123456789abcdef01234567")
+    # Ghost's own LXD builder never starts (with the group lxd missing it would raise at the job's start).
+    assert "-            self._lxd_image_builder = LXDImageBuilder(" in buildimage
+    assert "+        if containers_enabled(self._config) and container_source_image(self._app):" in buildimage
+    assert "from libs.deploy import" in added and "container_source_image, containers_enabled" in added
+    # Where 19.08 ran it: after the AMI is recorded and old AMIs purged, before the autoscaling group update;
+    # a failure ends the job failed with 19.08's message and returns before that update.
+    lines = new_side("commands/buildimage.py")
+    order = [
+        'log("Purge old AMIs failed", self._log_file)',
+        "if containers_enabled(self._config) and container_source_image(self._app):",
+        "except GCallException as e:",
+        'self._worker.update_status("failed", message="An error occured during container process ({})".format(e))',
+        "return",
+        "if self._app['autoscale']['name']:",
     ]
-    changed = [line[1:].strip() for line in buildimage if line.startswith(marker) and line[1:].strip()]
-    if marker == "-":
-        assert changed == [
-            "if lxd_is_available(self._config) and self._app.get('build_infos', {})"
-            ".get('source_container_image', None):",
-            "self._lxd_image_builder = LXDImageBuilder(self._app, self._job, self._db, self._log_file, self._config)",
-        ]
-    else:
-        assert all(line.startswith("#") for line in changed)
+    positions = [lines.index(line, lines.index(order[0])) for line in order]
+    assert positions == sorted(positions), lines

@@ -9,7 +9,14 @@ from __future__ import annotations
 
 import pytest
 
-from ghost_buildpackd.images import ImageNotFound, is_job_alias, local_base_image, named_image, named_images
+from ghost_buildpackd.images import (
+    ImageNotFound,
+    is_job_alias,
+    local_base_image,
+    named_image,
+    named_images,
+    selectable_base_images,
+)
 from ghost_buildpackd.lxd import IMAGE_PROP_JOB, ImageInfo
 
 
@@ -57,3 +64,30 @@ def test_job_aliases_are_job_ids() -> None:
     assert is_job_alias("0123456789abcdef01234567")
     assert not is_job_alias("0123456789abcdef0123456")
     assert not is_job_alias("ghost-buildpackd/busybox")
+
+
+def test_ghosts_ui_is_offered_every_image_but_the_daemons_builds() -> None:
+    described = image("dddd44", "base-a", "base-b", description="Debian bookworm", os="debian", release="bookworm")
+    bare = image("eeee55")  # no alias, no properties: Ghost 19.08 listed it too
+    offered = selectable_base_images([*IMAGES, described, bare])
+    assert [choice.fingerprint for choice in offered] == [  # by description (none: ""), then fingerprint
+        DEBIAN_OLD.fingerprint,
+        DEBIAN_NEW.fingerprint,
+        bare.fingerprint,
+        described.fingerprint,
+    ]
+    assert PUBLISHED.fingerprint not in {choice.fingerprint for choice in offered}
+    first = offered[-1]
+    assert (first.aliases, first.description, first.os, first.release) == (
+        ("base-a", "base-b"),
+        "Debian bookworm",
+        "debian",
+        "bookworm",
+    )
+    assert offered[2].to_doc() == {
+        "fingerprint": bare.fingerprint,
+        "aliases": [],
+        "description": None,
+        "os": None,
+        "release": None,
+    }

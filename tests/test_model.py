@@ -140,6 +140,24 @@ def test_replay_resets_buildimage_steps_in_the_states_of_its_row(db, store):
     assert_moves_along(Actor.REPLAY, StepState.PENDING, BUILDIMAGE, after)
 
 
+def test_the_client_abandons_buildimage_steps_in_the_states_of_its_row(db, store):
+    after = moves(store, db, BUILDIMAGE, lambda step: store.abandon_step(step.id, "gave up"))
+    assert_moves_along(Actor.CLIENT, StepState.CANCELLED, BUILDIMAGE, after)
+
+
+def test_a_buildimage_job_makes_its_build_at_once_bound_to_its_host_and_only_once(db, store):
+    app = make_app(db)
+    job = make_job(db, app, command=BUILDIMAGE, status="started")
+    assert may_move(Actor.CLIENT, None, StepState.PENDING, BUILDIMAGE)
+    made = store.request_build(job, app, HOST)
+    assert (made.id, made.state, made.requested_host) == (step_id(job, BUILDIMAGE), StepState.PENDING, HOST)
+    assert store.claim_step("elsewhere", 30, "other-host", kinds=(BUILDIMAGE,)) is None  # the trees are on HOST
+    claimed = store.claim_step("me", 30, HOST, kinds=(BUILDIMAGE,))
+    assert claimed is not None and claimed.id == made.id
+    again = store.request_build(job, app, "other-host")  # a second request finds the same build, as it is
+    assert (again.id, again.requested_host, again.lease_token) == (made.id, HOST, claimed.lease_token)
+
+
 def test_the_client_creates_a_step_the_daemon_never_recorded_and_requests_it(db, store):
     app = make_app(db)
     job = make_job(db, app, command=DEPLOY, modules=[MODULE])

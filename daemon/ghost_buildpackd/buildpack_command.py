@@ -1,19 +1,23 @@
-"""`ghost-buildpackd buildpack JOB_ID MODULE`: what Ghost's worker runs for a module script.
+"""`ghost-buildpackd buildpack JOB_ID MODULE`: what Ghost's worker runs for a module script, and
+`ghost-buildpackd buildimage JOB_ID`: what its buildimage job runs for the container build.
 
 Ghost 19.08 (Python 2.7) runs it through its `gcall`, whose stdout and stderr go
 straight into the job's log. So it prints exactly one outcome line; the script's
 own output reaches the job log once, written there by the daemon as it runs.
-The exit code says what happened (EXIT_CODES); `gcall` fails the job on any
-code but 0.
+The exit code says what happened (EXIT_CODES, the same for both commands; for a
+build the failing command's code stands for the script's); `gcall` fails the
+job on any code but 0.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TextIO
 
+from pymongo.database import Database
 from pymongo.errors import PyMongoError
 
-from .client import ABANDONED, NO_DAEMON, BuildpackResult, run_buildpack
+from .client import ABANDONED, NO_DAEMON, BuildpackResult, run_buildimage, run_buildpack
 from .config import Config
 from .model import CANCELLED, FAILED, SKIPPED, SUCCEEDED
 from .policy import LIMITS
@@ -56,9 +60,9 @@ def exit_code_for(result: BuildpackResult) -> int:
     return EXIT_REFUSED
 
 
-def outcome_line(script: str, module: str, result: BuildpackResult, code: int) -> str:
-    """The one line Ghost's job log gets from this command."""
-    what = f"ghost-buildpackd: {script} of module {module}"
+def outcome_line(subject: str, result: BuildpackResult, code: int) -> str:
+    """The one line Ghost's job log gets from this command; `subject` says what ran (`build_pack of module api`)."""
+    what = f"ghost-buildpackd: {subject}"
     if result.state == SKIPPED:
         return f"{what}: nothing to run ({result.message}), exit {code}"
     if code == EXIT_OK:
@@ -69,11 +73,10 @@ def outcome_line(script: str, module: str, result: BuildpackResult, code: int) -
 
 def buildpack_command(config: Config, job_id: str, module: str, script: str, timeout: float | None, out: TextIO) -> int:
     """Ask this host's daemon to run the script, wait, print one line, return the exit code."""
-    store = Store.from_uri(config.mongodb.uri, config.mongodb.database, config.mongodb.timeout)
-    try:
-        store.ping()  # bounded by mongodb.timeout, where the calls below would retry through an outage
-        result = run_buildpack(
-            store.db,
+
+    def ask(db: Database) -> BuildpackResult:
+        return run_buildpack(
+            db,
             job_id,
             module,
             timeout=timeout or config.buildpack.timeout,
@@ -84,15 +87,41 @@ def buildpack_command(config: Config, job_id: str, module: str, script: str, tim
             build_wait=config.buildpack.build_wait,
             job_log_dir=config.ghost.log_dir,
         )
+
+    return ask_and_report(config, f"{script} of module {module}", ask, out)
+
+
+def buildimage_command(config: Config, job_id: str, timeout: float | None, out: TextIO) -> int:
+    """Ask this host's daemon to build the job's container image now, wait, print one line, return the exit code."""
+
+    def ask(db: Database) -> BuildpackResult:
+        return run_buildimage(
+            db,
+            job_id,
+            timeout=timeout or config.buildpack.timeout,
+            host=config.host_name,
+            poll_interval=min(2.0, config.events.poll_interval),
+            daemon_max_age=LIMITS.heartbeat_max_age(config),
+        )
+
+    return ask_and_report(config, f"container build of job {job_id}", ask, out)
+
+
+def ask_and_report(config: Config, subject: str, ask: Callable[[Database], BuildpackResult], out: TextIO) -> int:
+    """Run one request against MongoDB, print its one outcome line, return the exit code."""
+    store = Store.from_uri(config.mongodb.uri, config.mongodb.database, config.mongodb.timeout)
+    try:
+        store.ping()  # bounded by mongodb.timeout, where the calls below would retry through an outage
+        result = ask(store.db)
     except ValueError as error:
-        out.write(f"ghost-buildpackd: {script} of module {module}: bad arguments: {error}, exit {EXIT_USAGE}\n")
+        out.write(f"ghost-buildpackd: {subject}: bad arguments: {error}, exit {EXIT_USAGE}\n")
         return EXIT_USAGE
     except PyMongoError as error:
         reason = f"cannot reach MongoDB at {redacted_uri(config.mongodb.uri)}: {short_error(error)}"
-        out.write(f"ghost-buildpackd: {script} of module {module}: {reason}, exit {EXIT_NO_DAEMON}\n")
+        out.write(f"ghost-buildpackd: {subject}: {reason}, exit {EXIT_NO_DAEMON}\n")
         return EXIT_NO_DAEMON
     finally:
         store.db.client.close()
     code = exit_code_for(result)
-    out.write(outcome_line(script, module, result, code) + "\n")
+    out.write(outcome_line(subject, result, code) + "\n")
     return code

@@ -1,4 +1,4 @@
-"""Command line: `ghost-buildpackd run|check|status|reconcile|replay|buildpack`."""
+"""Command line: `ghost-buildpackd run|check|status|reconcile|replay|buildpack|buildimage`."""
 
 from __future__ import annotations
 
@@ -62,6 +62,16 @@ def build_parser() -> argparse.ArgumentParser:
     buildpack.add_argument(
         "--timeout", type=_duration, metavar="DURATION", help="e.g. 40m (default: buildpack.timeout)"
     )
+    buildimage = command(
+        "buildimage",
+        "build the container image of a buildimage job now, on this host (what Ghost's buildimage job calls once "
+        "its AMI is recorded); prints one outcome line, exits 0, the failing command's code, or 65 refused, "
+        "66 cancelled, 67 timed out, 69 no live daemon on this host",
+    )
+    buildimage.add_argument("job_id", metavar="JOB_ID", help="the buildimage job's id")
+    buildimage.add_argument(
+        "--timeout", type=_duration, metavar="DURATION", help="e.g. 40m (default: buildpack.timeout)"
+    )
     return parser
 
 
@@ -94,6 +104,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Its output lands in Ghost's job log: only the outcome line, and errors.
         configure_logging(config.log.format, "error")
         return buildpack_command(config, args.job_id, args.module, args.script, args.timeout, sys.stdout)
+    if args.command == "buildimage":
+        from .buildpack_command import buildimage_command
+
+        configure_logging(config.log.format, "error")  # as for buildpack: its output lands in Ghost's job log
+        return buildimage_command(config, args.job_id, args.timeout, sys.stdout)
     configure_logging(config.log.format, config.log.level)
     if args.command == "run":
         from .daemon import run_daemon

@@ -1,4 +1,4 @@
-"""Ghost's side of the deploy handshake: ask for a module's script and wait for its outcome.
+"""Ghost's side of the handshakes: ask for a module's script, or a job's container build, and wait for the outcome.
 
 `ghost-buildpackd buildpack` (what Ghost's Python 2.7 worker runs) is a thin
 command over `run_buildpack`, which Python 3 code may also call directly
@@ -7,7 +7,8 @@ waits for the app's container build still in flight (bounded), sets the
 deploy step to `requested`, bound to the host it runs on (the disk holding the
 working copy), and waits for the daemon on that host to finish it. It gives
 up early when that daemon's heartbeat stops; on its own timeout it abandons
-the request, so the daemon stops and cleans up.
+the request, so the daemon stops and cleans up. `run_buildimage` does the same
+for the container build of a buildimage job (`ghost-buildpackd buildimage`).
 
     from ghost_buildpackd.client import run_buildpack
 
@@ -32,7 +33,19 @@ from pymongo.errors import PyMongoError
 
 from .ghost import BadDocument, parse_object_id
 from .joblog import JobLog
-from .model import BUILD_PACK, CANCELLED, DEPLOY, MODULE_SCRIPTS, SKIPPED, SUCCEEDED, Step, cancellation, step_id
+from .model import (
+    BUILD_PACK,
+    BUILDIMAGE,
+    CANCELLED,
+    DEPLOY,
+    FAILED,
+    MODULE_SCRIPTS,
+    SKIPPED,
+    SUCCEEDED,
+    Step,
+    cancellation,
+    step_id,
+)
 from .policy import LIMITS
 from .store import Store, next_change
 
@@ -112,6 +125,47 @@ def run_buildpack(
     if not alive():
         return _abandon(store, sid, _no_daemon(host, daemon_max_age, "while waiting"), NO_DAEMON)
     return _abandon(store, sid, f"abandoned by Ghost's client after waiting {timeout:g}s for the outcome")
+
+
+def run_buildimage(
+    db: Database,
+    job_id: ObjectId | str,
+    timeout: float = 2400.0,
+    host: str | None = None,
+    poll_interval: float = 2.0,
+    wait_mode: str = "auto",
+    daemon_max_age: float | None = None,
+) -> BuildpackResult:
+    """Ask the daemon on `host` to build the container image of buildimage job `job_id` now; wait for the outcome.
+
+    What Ghost's buildimage job runs once its AMI is recorded (the job is still
+    `started`): the step is made at once, bound to this host, or found when it
+    exists (one build per job: a second request waits for the same build).
+    `timeout`, `wait_mode`, `daemon_max_age` as for `run_buildpack`; on the
+    timeout the request is cancelled and the daemon stops the build.
+    """
+    job_oid = _job_object_id(job_id)
+    if timeout <= 0 or poll_interval <= 0:
+        raise ValueError("timeout and poll_interval: expected durations above zero")
+    if wait_mode not in WAIT_MODES:
+        raise ValueError(f"wait_mode: expected one of {', '.join(WAIT_MODES)}, got {wait_mode!r}")
+    store = Store(db)
+    host = host or socket.gethostname()
+    alive = _liveness(store, host, daemon_max_age)
+    if not alive():
+        return BuildpackResult(NO_DAEMON, None, _no_daemon(host, daemon_max_age), "")
+    job = store.get_job(job_oid)
+    if job is None or job.get("command") != BUILDIMAGE:
+        return BuildpackResult(FAILED, None, f"refused: no buildimage job with _id {job_oid}", "")
+    deadline = time.monotonic() + timeout
+    step = store.request_build(job_oid, job.get("app_id"), host)
+    if not step.terminal:
+        step = _wait(store, step.id, deadline, poll_interval, wait_mode, alive) or step
+    if step.terminal:
+        return _result(step)
+    if not alive():
+        return _abandon(store, step.id, _no_daemon(host, daemon_max_age, "while waiting"), NO_DAEMON)
+    return _abandon(store, step.id, f"abandoned by Ghost's client after waiting {timeout:g}s")
 
 
 def wait_for_build(store: Store, app_id: Any, limit: float, poll_interval: float, notes: JobLog | None) -> None:

@@ -399,6 +399,8 @@ class Config:
     lease_ttl: float = field(30.0, parse_duration)
     shutdown_grace: float = field(60.0, parse_duration)
     sweep_interval: float = field(300.0, parse_duration)
+    # How often the base images Ghost's UI offers are listed into MongoDB (daemon.BaseImagesRefresh).
+    base_images_interval: float = field(60.0, parse_duration)
     instance_id: str | None = field(None, optional(parse_str))
     host: str | None = field(None, optional(parse_str))
     # Not a key of the daemon's file: what Ghost's own config.yml says (see resolve_ghost_settings).
@@ -452,7 +454,10 @@ def _cross_checks(config: Config, problems: list[str]) -> None:
     if not config.lxd.on_this_host and (config.lxd.cert is None) != (config.lxd.key is None):
         problems.append("lxd.cert: lxd.cert and lxd.key go together (client certificate and its key)")
     problems += LIMITS.config_problems(config)
-    durations = {"lxd.operation_timeout": config.lxd.operation_timeout}
+    durations = {
+        "lxd.operation_timeout": config.lxd.operation_timeout,
+        "base_images_interval": config.base_images_interval,
+    }
     durations |= {f"container.{key}": getattr(config.container, key) for key in POSITIVE_CONTAINER_DURATIONS}
     problems += [f"{key}: expected a duration above zero" for key, value in durations.items() if value <= 0]
 

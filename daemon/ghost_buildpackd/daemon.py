@@ -24,6 +24,7 @@ from . import __version__
 from .config import Config
 from .events import COMMANDS, ChangeStreamSource, Intake, PollSource, StartupError, choose_event_mode
 from .ghost import BadDocument, parse_object_id
+from .images import selectable_base_images
 from .logs import get_logger
 from .lxd import Lxd
 from .metrics import start_metrics
@@ -39,6 +40,9 @@ from .templates import remove_stale_templates
 log = get_logger(__name__)
 
 STATUS_EVERY = 1.0  # how often the STATUS line is refreshed (sent only when it changed)
+# Ghost offers the base image list while it is younger than this many refresh intervals: one missed
+# refresh (LXD slow, MongoDB blip) keeps the selector, a stopped daemon loses it soon.
+BASE_IMAGES_FRESH_INTERVALS = 3
 REQUEST_POLL = 0.2  # poll mode: how often to look for a client's buildpack request
 
 
@@ -49,7 +53,8 @@ def connect_store(config: Config) -> Store:
 
 
 class Upkeep:
-    """Periodic and on-demand chores off the hot paths: orphan sweep, stale templates and image retention."""
+    """Periodic and on-demand chores off the hot paths: orphan sweep, stale templates, image retention, and the
+    list of base images Ghost's UI offers."""
 
     def __init__(self, config: Config, store: Store, lxd: Lxd, reconciler: Reconciler, stop: threading.Event):
         self.config = config
@@ -73,10 +78,13 @@ class Upkeep:
         self._kick.set()
 
     def _loop(self) -> None:
-        next_sweep = 0.0  # at start
+        next_sweep = next_base_images = 0.0  # at start
         next_retention = time.monotonic() + min(60.0, self.config.retention.interval)
         while not self.stop.is_set():
             now = time.monotonic()
+            if now >= next_base_images:
+                self._guarded("base_images", self.refresh_base_images)
+                next_base_images = now + self.config.base_images_interval
             if now >= next_sweep or self._sweep_due.is_set():
                 self._sweep_due.clear()
                 self._guarded("sweep", self._sweep)
@@ -88,8 +96,16 @@ class Upkeep:
             if now >= next_retention:
                 self._guarded("retention", self.reconciler.run)
                 next_retention = now + self.config.retention.interval
-            self._kick.wait(max(0.5, min(next_sweep, next_retention) - time.monotonic()))
+            self._kick.wait(max(0.5, min(next_sweep, next_retention, next_base_images) - time.monotonic()))
             self._kick.clear()
+
+    def refresh_base_images(self) -> None:
+        """List the base images this LXD server offers into MongoDB, where Ghost's UI reads them (no LXD access
+        for Ghost). When LXD or MongoDB fails, the list ages out and Ghost hides the selector, as 19.08 did."""
+        images = selectable_base_images(self.lxd.list_images())
+        fresh_for = BASE_IMAGES_FRESH_INTERVALS * self.config.base_images_interval
+        self.store.save_base_images(images, fresh_for, self.config.instance_id or "")
+        log.debug("base_images_refreshed", count=len(images))
 
     def _sweep(self) -> None:
         expire_prepared(self.store, self.config.container.prepared_max_age, log)
@@ -326,6 +342,7 @@ class Daemon:
         self.runner.stop(self.config.shutdown_grace)
         try:
             self.store.remove_instance(self.config.instance_id or "")
+            self.store.withdraw_base_images(self.config.instance_id or "")
         except PyMongoError as error:
             log.warning("instance_record_not_removed", error=str(error))
         log.info("daemon_stopped")

@@ -11,6 +11,8 @@
 - Retention and `check` read image names with the same rules (`named_image`,
   `local_base_image`); the images the daemon publishes are aliased by their job
   id (`is_job_alias`).
+- Ghost's UI offers as base images every image but those the daemon published
+  (`selectable_base_images`): the daemon keeps that list in MongoDB for it.
 
 `lxd.py` only carries out the calls (list, get by alias or fingerprint, pull).
 """
@@ -21,6 +23,7 @@ import re
 from collections.abc import Sequence
 
 from .lxd import IMAGE_PROP_JOB, ImageInfo, ImagePullFailed, Lxd, LxdError
+from .store import BaseImage
 
 MIN_PREFIX = 6  # hex digits of a fingerprint prefix that may name an image
 MIN_PULL_FINGERPRINT = 12  # a shorter hex reference is pulled as an alias
@@ -34,6 +37,27 @@ class ImageNotFound(LxdError):
 def is_job_alias(alias: str) -> bool:
     """Whether `alias` is one the daemon gives the images it publishes (a job id)."""
     return JOB_ALIAS.fullmatch(alias) is not None
+
+
+def published_by_daemon(image: ImageInfo) -> bool:
+    """Whether the daemon published `image` (an app's build): never another app's base image."""
+    return IMAGE_PROP_JOB in image.properties
+
+
+def selectable_base_images(images: Sequence[ImageInfo]) -> list[BaseImage]:
+    """The images Ghost's UI may offer as an app's base image, by description then fingerprint."""
+    found = [
+        BaseImage(
+            fingerprint=image.fingerprint,
+            aliases=image.aliases,
+            description=image.properties.get("description"),
+            os=image.properties.get("os"),
+            release=image.properties.get("release"),
+        )
+        for image in images
+        if not published_by_daemon(image)
+    ]
+    return sorted(found, key=lambda image: (image.description or "", image.fingerprint))
 
 
 def _is_hex(text: str) -> bool:
@@ -73,7 +97,7 @@ def local_base_image(ref: str, images: Sequence[ImageInfo]) -> ImageInfo | None:
         for image in images
         if image.properties.get("os", "").lower() == os_name.lower()
         and image.properties.get("release", "").lower() == release.lower()
-        and IMAGE_PROP_JOB not in image.properties  # an app's build is never another app's base
+        and not published_by_daemon(image)
     ]
     return max(same_release, key=lambda image: image.created_at) if same_release else None
 

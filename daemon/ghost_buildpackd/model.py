@@ -26,7 +26,7 @@ from bson import ObjectId
 class StepKind(enum.StrEnum):
     """What a step does; the value is the command of the Ghost job that made it."""
 
-    BUILDIMAGE = "buildimage"  # build and publish the app's container image after the AMI
+    BUILDIMAGE = "buildimage"  # build and publish the app's container image once the job built the AMI
     DEPLOY = "deploy"  # run one module script of a deploy in a container
 
 
@@ -53,7 +53,7 @@ class Actor(enum.StrEnum):
     """Who writes a step's state."""
 
     INTAKE = "intake"  # events.py: reacts to Ghost's jobs
-    CLIENT = "client"  # client.py: Ghost's worker, through `ghost-buildpackd buildpack`
+    CLIENT = "client"  # client.py: Ghost's worker, through `ghost-buildpackd buildpack` or `buildimage`
     RUNNER = "runner"  # runner.py: the holder of the step's lease
     SHUTDOWN = "shutdown"  # runner.py: the holder, when the daemon stops before the step ends
     SWEEP = "sweep"  # sweep.py: upkeep of prepared containers nobody asked for
@@ -106,16 +106,16 @@ TRANSITIONS: tuple[Transition, ...] = (
     ),
     # --- client: Ghost's worker ---
     Transition(
-        Actor.CLIENT, NEW, PENDING, (DEPLOY,),
-        "the worker asks for a script the daemon has not recorded (always so for after_all_deploy); "
-        "it requests it at once",
+        Actor.CLIENT, NEW, PENDING, BOTH_KINDS,
+        "the worker asks for a script the daemon has not recorded (always so for after_all_deploy), and "
+        "requests it at once; or Ghost's buildimage job asks for its container build, bound to its host",
     ),
     Transition(
         Actor.CLIENT, (PENDING, PREPARING, READY), REQUESTED, (DEPLOY,),
         "the worker asks for the script to run now, on its host (whether or not a runner prepares it)",
     ),
     Transition(
-        Actor.CLIENT, ACTIVE, CANCELLED, (DEPLOY,),
+        Actor.CLIENT, ACTIVE, CANCELLED, BOTH_KINDS,
         "the worker gave up waiting (its timeout, or no live daemon on its host); only a step nobody holds, as above",
     ),
     # --- runner: the lease holder ---

@@ -3,8 +3,9 @@
 Ghost's collections (`jobs`, `apps`) are read; the one Ghost field written is
 `apps.build_infos.container_image`. The daemon's own state lives beside them:
 `container_steps` (one record per step, with its lease), `container_images`
-(what each published image is), `buildpackd_state` (event checkpoints) and
-`buildpackd_instances` (heartbeats). What a step is (kinds, states, the
+(what each published image is), `buildpackd_state` (event checkpoints),
+`buildpackd_instances` (heartbeats) and `buildpackd_base_images` (the base
+images Ghost's UI offers, read by Ghost's patched `libs/lxd.py`). What a step is (kinds, states, the
 `Step` record) and who may move it where is `model.py`'s; the queries here
 that move steps take their from-states from its transition table.
 
@@ -21,6 +22,7 @@ a replica-set failover cannot roll back an acknowledged claim or outcome.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import heapq
@@ -75,6 +77,9 @@ from .policy import MONGODB_RETRY, retrying
 log = get_logger(__name__)
 
 STEPS, IMAGES, STATE, INSTANCES = "container_steps", "container_images", "buildpackd_state", "buildpackd_instances"
+# The base images Ghost's UI may offer, one document (BASE_IMAGES_ID) that Ghost's patched libs/lxd.py reads
+# with pymongo 3.7: `images`, `refreshed_at` (server time), `fresh_for` (seconds), `refreshed_by`.
+BASE_IMAGES, BASE_IMAGES_ID = "buildpackd_base_images", "selectable"
 NO_CHANGE_STREAMS = 40573  # "The $changeStream stage is only supported on replica sets"
 COMMAND_NOT_FOUND = 59  # `hello` on servers before 4.2.10 and 4.4.2
 TRANSIENT_ERRORS = (AutoReconnect, ConnectionFailure, NetworkTimeout, ServerSelectionTimeoutError)
@@ -171,6 +176,21 @@ def step_from_doc(doc: Mapping[str, Any]) -> Step:
         script=known(Script, doc.get("script") or BUILD_PACK),
         timed_out=bool(doc.get("timed_out")),
     )
+
+
+@dataclasses.dataclass(frozen=True)
+class BaseImage:
+    """An image Ghost's UI may offer as an app's base image (`buildpackd_base_images`), in the words of
+    Ghost 19.08's `list_lxd_images`: the fingerprint it stores, the description and aliases it shows."""
+
+    fingerprint: str
+    aliases: tuple[str, ...]
+    description: str | None  # the image's `description` property; None when it has none (Ghost shows "None")
+    os: str | None
+    release: str | None
+
+    def to_doc(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "aliases": list(self.aliases)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -361,6 +381,7 @@ class Store:
         self.images: Collection = db.get_collection(IMAGES, write_concern=MAJORITY)
         self.state: Collection = db[STATE]
         self.instances: Collection = db[INSTANCES]
+        self.base_images: Collection = db[BASE_IMAGES]
         self._clock = clock  # this host's clock (tests give a skewed one)
         self._server_offset: timedelta | None = None  # measured at the first need
 
@@ -642,18 +663,23 @@ class Store:
         """Atomically take the lease on one step that needs work, oldest first.
 
         Work is, in this order: a `requested` deploy step bound to this host
-        (Ghost's worker waits for it), a `pending` step, or an active step whose
-        lease expired (its owner died); a deploy step that was running is bound
-        to its host too. The state is left as it was: the caller decides what
+        (Ghost's worker waits for it), a build Ghost's buildimage job asked for
+        on this host (it waits too), a `pending` step, or an active step whose
+        lease expired (its owner died); a deploy step that was running, and a
+        build asked for by a job, are bound to their host. The state is left as it was: the caller decides what
         the step needs next. `exclude` holds the ids this process already works
         on (its own leases may lapse in an outage).
         """
         expired = {"lease.expires_at": {"$lt": self.server_now()}}
+        # A build Ghost's job asked for runs on the job's host (its provisioner trees are there);
+        # one the intake made (no requested_host) runs anywhere.
+        here_or_anywhere = {"requested_host": {"$in": [None, host]}}
         candidates: list[dict[str, Any]] = [
             {"state": REQUESTED, "requested_host": host, **expired},
-            {"state": PENDING, **expired},
+            {"state": PENDING, "kind": BUILDIMAGE, "requested_host": host, **expired},
+            {"state": PENDING, **here_or_anywhere, **expired},
             {"state": PREPARING, **expired},
-            {"state": RUNNING, "kind": BUILDIMAGE, **expired},
+            {"state": RUNNING, "kind": BUILDIMAGE, **here_or_anywhere, **expired},
             {"state": RUNNING, "kind": DEPLOY, "requested_host": host, **expired},
         ]
         for query in candidates:
@@ -674,8 +700,13 @@ class Store:
         return None
 
     def requested_step_waiting(self, host: str) -> bool:
-        """Whether a deploy step requested on `host` waits for a worker (a cheap read on the state index)."""
-        query = {"state": REQUESTED, "requested_host": host, "lease.expires_at": {"$lt": self.server_now()}}
+        """Whether a step requested on `host` waits for a worker (a cheap read on the state index): a deploy
+        step `requested`, or a build Ghost's buildimage job asked for (`pending`, bound to its host)."""
+        query = {
+            "state": {"$in": [REQUESTED, PENDING]},
+            "requested_host": host,
+            "lease.expires_at": {"$lt": self.server_now()},
+        }
         return self.steps.find_one(query, {"_id": 1}) is not None
 
     def renew_lease(self, step: Step, ttl: float, within: float) -> Step | None:
@@ -834,6 +865,17 @@ class Store:
         return step_from_doc(doc)
 
     @retry_transient
+    def request_build(self, job_id: ObjectId, app_id: ObjectId | None, host: str) -> Step:
+        """Ghost's buildimage job asks for its container build now, on `host`: the step is made at once
+        (the job is still `started`), or found as it is (one build per job, whoever made it first)."""
+        doc = new_step_doc(job_id, BUILDIMAGE, None, app_id, PENDING, "requested by Ghost's buildimage job")
+        doc["requested_host"] = host
+        with contextlib.suppress(DuplicateKeyError):  # made by the intake, an earlier request, or a replay
+            self.steps.insert_one(doc)
+        found = self.steps.find_one({"_id": doc["_id"]})
+        return step_from_doc(found if found is not None else doc)
+
+    @retry_transient
     def cancel_stale_ready(self, max_age: float, reason: str) -> list[Step]:
         """Cancel deploy steps `ready` for longer than `max_age` seconds that nobody asked for; those cancelled.
 
@@ -980,6 +1022,37 @@ class Store:
         built their AMI: `ghost.Job.built_image`)."""
         query = {"command": BUILDIMAGE, "status": {"$in": ["done", "failed"]}, "app_id": {"$in": list(app_ids)}}
         return list(self.jobs.find(query))
+
+    # --- the base images Ghost's UI offers ---------------------------------------------------
+
+    @retry_transient
+    def save_base_images(self, images: Iterable[BaseImage], fresh_for: float, instance_id: str) -> None:
+        """Replace the list Ghost's UI offers; Ghost shows it while `refreshed_at` is under `fresh_for` seconds old
+        on the server's clock (Ghost compares it with the server's `localTime`, never its own clock)."""
+        self.base_images.update_one(
+            {"_id": BASE_IMAGES_ID},
+            {
+                "$set": {
+                    "images": [image.to_doc() for image in images],
+                    "fresh_for": fresh_for,
+                    "refreshed_by": instance_id,
+                },
+                "$currentDate": {"refreshed_at": True},
+            },
+            upsert=True,
+        )
+
+    def withdraw_base_images(self, instance_id: str) -> None:
+        """At shutdown: the list this instance refreshed last is no longer vouched for (another live instance
+        refreshes it again); one attempt, like `remove_instance`."""
+        self.base_images.update_one(
+            {"_id": BASE_IMAGES_ID, "refreshed_by": instance_id}, {"$set": {"fresh_for": 0, "refreshed_by": None}}
+        )
+
+    @retry_transient
+    def load_base_images(self) -> dict[str, Any] | None:
+        """The stored list as Ghost reads it (status and tests)."""
+        return self.base_images.find_one({"_id": BASE_IMAGES_ID})
 
     # --- instances -----------------------------------------------------------------------
 

@@ -13,8 +13,9 @@ Two phases, driven by the runner:
 
 Everything that can be refused (module, paths, scripts, image) is checked
 before anything runs. Files the buildpack writes belong to the working copy's
-owner: by raw.idmap in unprivileged containers, by a chown to the same
-(derived) ids in privileged mode.
+owner: container root is that owner (raw.idmap) in unprivileged containers,
+and after every script the module is handed back to it (`give_back_files`),
+whichever container user wrote its files.
 """
 
 from __future__ import annotations
@@ -277,11 +278,9 @@ def run_build_pack(
     try:
         collector = run_command(ctx, name, [shell, path], app.module_env(module), label, cwd=module.path)
     except StepFailed:
-        if ctx.config.container.privileged:
-            give_back_files(ctx, name, module, owner, strict=False)
+        give_back_files(ctx, name, module, owner, succeeded=False)
         raise
-    if ctx.config.container.privileged:
-        give_back_files(ctx, name, module, owner, strict=True)
+    give_back_files(ctx, name, module, owner, succeeded=True)
     return collector
 
 
@@ -297,20 +296,40 @@ def remove_committed_script(ctx: StepContext, working_copy: Path, script: Module
     ctx.say("module_script_removed", f"{script.path.name} removed from the working copy, as Ghost does once it ran")
 
 
-def give_back_files(ctx: StepContext, name: str, module: Module, owner: tuple[int, int], strict: bool) -> None:
-    """Privileged mode has no id mapping: chown the module to the working copy's owner (ids derived, not fixed).
+def give_back_files(ctx: StepContext, name: str, module: Module, owner: tuple[int, int], succeeded: bool) -> None:
+    """Hand every file of the module to the working copy's owner, before the outcome is recorded.
 
-    After a failed buildpack this is best effort, so Ghost can still delete the working copy.
+    Whatever ran as another user in the container (a package manager dropping
+    privileges, a `chown www-data`) left files that Ghost's user could not
+    remove at its next deploy (`chmod -R u+rwx`, `rm -rf` on the clone). In
+    an unprivileged container, container root is the owner (raw.idmap); in a
+    privileged one, the owner's ids are given as they are (derived from the
+    working copy, never fixed). `-h`: a symlink is handed back itself, its
+    target is never touched.
+
+    A failure fails a privileged step that succeeded (its root may chown
+    anything). In an unprivileged container, only files whose host owner has
+    no id inside it resist, and the container cannot have made those (someone
+    put them in the working copy on the host): said in the job log, never a
+    failure. After a failed script this is best effort.
     """
     if ctx.lxd.container_status(name) != "Running":
         ctx.log.warning("ownership_not_restored", container=name, reason="the container is no longer running")
         return
-    uid, gid = owner
+    privileged = ctx.config.container.privileged
+    uid, gid = owner if privileged else (0, 0)
+    label = f"ownership of the module's files to the working copy's owner {describe_ids(*owner)}"
     try:
-        run_command(ctx, name, ["chown", "-R", f"{uid}:{gid}", module.path], {}, "ownership of the module's files")
-    except StepFailed:
-        if strict:
+        run_command(ctx, name, ["chown", "-R", "-h", f"{uid}:{gid}", module.path], {}, label)
+    except StepFailed as error:
+        if privileged and succeeded:
             raise
+        ctx.say(
+            "ownership_partly_restored",
+            f"some files of the module keep their owner: {error.output_tail or error.message}"
+            + ("" if privileged else " (files whose host owner has no id in the container, not made by the script)"),
+            module=module.name,
+        )
 
 
 def prepared_enough(ctx: StepContext) -> bool:
