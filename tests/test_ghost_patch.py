@@ -4,8 +4,9 @@ Ghost runs on Python 2.7; lib2to3's Python 2 grammar (print statement) parses
 what the patch adds. Each run of added lines is parsed with as little of the
 hunk's context before it as makes it a complete statement. That grammar also
 accepts some Python 3 syntax (annotations, keyword-only arguments, `raise ...
-from`), so where a Python 2.7 interpreter is at hand (`python2.7` on PATH, or
-GHOST_BUILDPACKD_TEST_PYTHON2) it compiles the same fragments too.
+from`), so a Python 2.7 interpreter compiles the same fragments too:
+GHOST_BUILDPACKD_TEST_PYTHON2, else the test runtime's (scripts/build-ghost-runtime,
+which scripts/test builds), else `python2.7` on PATH.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from pathlib import Path
 import pytest
 
 from ghost_buildpackd.cli import build_parser
+from tests.support.ghost_worker import runtime_python2
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore", DeprecationWarning)  # lib2to3 is deprecated, still in Python 3.11
@@ -123,8 +125,10 @@ print(json.dumps({"version": list(sys.version_info[:2]), "failures": failures}))
 
 
 def python2() -> str | None:
-    """A Python 2.7 interpreter that runs, if this machine has one."""
-    candidate = os.environ.get("GHOST_BUILDPACKD_TEST_PYTHON2") or shutil.which("python2.7")
+    """A Python 2.7 interpreter that runs: the given one, else the Ghost runtime's (scripts/build-ghost-runtime)."""
+    candidate = (
+        os.environ.get("GHOST_BUILDPACKD_TEST_PYTHON2") or str(runtime_python2() or "") or shutil.which("python2.7")
+    )
     if not candidate:
         return None
     probe = subprocess.run([candidate, "-c", "import sys; sys.exit(sys.version_info[:2] != (2, 7))"], check=False)
@@ -134,7 +138,7 @@ def python2() -> str | None:
 def test_a_real_python_2_7_compiles_every_added_line():
     interpreter = python2()
     if interpreter is None:
-        pytest.skip("no Python 2.7 here (set GHOST_BUILDPACKD_TEST_PYTHON2 to one)")
+        pytest.skip("no Python 2.7 here (run scripts/build-ghost-runtime, or set GHOST_BUILDPACKD_TEST_PYTHON2)")
     fragments = [*added_fragments(), ("python-3-only", "def f(*, a):\n    return a")]  # proves it can fail
     done = subprocess.run(
         [interpreter, "-c", COMPILE_ALL], input=json.dumps(fragments), capture_output=True, text=True, check=True
