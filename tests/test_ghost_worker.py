@@ -23,10 +23,12 @@ from typing import Any
 import pymongo
 import pytest
 import yaml
+from bson import ObjectId
 from pymongo.database import Database
 
 from ghost_buildpackd.buildpack_command import EXIT_NO_DAEMON
-from tests.conftest import WORKING_COPY_IDS, raw_config
+from ghost_buildpackd.lxd import Lxd
+from tests.conftest import WORKING_COPY_IDS, leftover_containers, raw_config, remove_job_images
 from tests.support.daemon import DaemonProcess
 from tests.support.ghost import b64
 from tests.support.ghost_worker import (
@@ -184,7 +186,16 @@ def ghost(
 
 
 @pytest.fixture
-def daemon(ghost_daemon_config: Path, tmp_path: Path, lxd_cleanup: None) -> Iterator[DaemonProcess]:
+def ghost_lxd_cleanup(lxd: Lxd, apitest: Database) -> Iterator[None]:
+    """What this test's Ghost jobs left in LXD if it failed half-way (found by job id in Ghost's database)."""
+    yield
+    for name in leftover_containers(lxd, apitest):
+        lxd.delete_container(name)
+    remove_job_images(lxd, apitest)
+
+
+@pytest.fixture
+def daemon(ghost_daemon_config: Path, tmp_path: Path, ghost_lxd_cleanup: None) -> Iterator[DaemonProcess]:
     with DaemonProcess(ghost_daemon_config, tmp_path / "daemon.log") as process:
         process.wait_ready()
         yield process
@@ -246,13 +257,21 @@ def ghost_app(git_repo: str, build_pack: str, source_container_image: str | None
     }
 
 
-def deploy(ghost: GhostWorker, app: dict[str, Any], **config: Any) -> GhostJobRun:
-    app_id = ghost.insert_app(app)
-    job_id = ghost.insert_job(app_id, "deploy", modules=[{"name": "app"}])
+def deploy(ghost: GhostWorker, app: dict[str, Any] | ObjectId) -> GhostJobRun:
+    app_id = app if isinstance(app, ObjectId) else ghost.insert_app(app)
+    return timed_run(ghost, ghost.insert_job(app_id, "deploy", modules=[{"name": "app"}]))
+
+
+def timed_run(ghost: GhostWorker, job_id: ObjectId) -> GhostJobRun:
     started = time.monotonic()
-    run = ghost.run(job_id, **config)
+    run = ghost.run(job_id)
     print(f"Ghost job {job_id}: {run.job.get('status')} in {time.monotonic() - started:.1f}s")
     return run
+
+
+def outcome_lines(log: str, script: str) -> list[str]:
+    """The command's one line per run of `script`, as Ghost's gcall wrote it into the job log."""
+    return [line for line in log.splitlines() if line.startswith(f"ghost-buildpackd: {script} of module ")]
 
 
 def working_copy(ghost_dirs: dict[str, Path]) -> Path:
@@ -338,6 +357,59 @@ def test_without_a_live_daemon_the_command_exits_69_and_ghosts_job_fails(
     run = deploy(ghost, app)
     assert run.job["status"] == "failed", run.log
     assert run.job["message"] == "Deployment Failed: [app] 'ERROR: Buildpack: Execute in a container'"
-    (outcome,) = [line for line in run.log.splitlines() if line.startswith("ghost-buildpackd: build_pack")]
+    (outcome,) = outcome_lines(run.log, "build_pack")
     assert "no live daemon on this host" in outcome and outcome.endswith(f", exit {EXIT_NO_DAEMON}"), outcome
     assert not (Path(ghost.ghost_root) / "shop" / "prod" / "web" / "app" / "never").exists()
+
+
+def test_a_committed_build_pack_file_wins_over_the_stored_script_in_the_container(
+    ghost: GhostWorker, git_repo: Callable[..., str], daemon: DaemonProcess, image_alias: str, base_image: str
+) -> None:
+    repo = git_repo(files={"README": "hello\n", "build_pack": "echo from-the-committed-file\n"})
+    app = ghost_app(repo, "echo from-the-stored-script\n", base_image, build_infos={"container_image": image_alias})
+    run = deploy(ghost, app)
+    assert run.job["status"] == "done", run.log
+    assert run.log.count("from-the-committed-file") == 1, run.log
+    assert "from-the-stored-script" not in run.log
+
+
+def test_after_all_deploy_runs_in_a_container_and_a_redeploy_runs_none(
+    ghost: GhostWorker, git_repo: Callable[..., str], daemon: DaemonProcess, image_alias: str, base_image: str
+) -> None:
+    app = ghost_app(git_repo(), "echo building\n", base_image, build_infos={"container_image": image_alias})
+    app["modules"][0]["after_all_deploy"] = b64("echo after-all-deploy-ran; touch after-all-deploy-ran\n")
+    app_id = ghost.insert_app(app)
+    first = deploy(ghost, app_id)
+    assert first.job["status"] == "done", first.log
+    assert outcome_lines(first.log, "after_all_deploy") == [
+        "ghost-buildpackd: after_all_deploy of module app: succeeded in a container, exit 0"
+    ]
+    assert first.log.count("after-all-deploy-ran") == 1, first.log
+    assert first.log.index("not sent to instances") < first.log.index("after-all-deploy-ran")
+
+    # Ghost's redeploy builds its module as {path, name}: no after_all_deploy there, nothing asked of the daemon.
+    deploy_id = str(first.job["modules"][0]["deploy_id"])
+    again = timed_run(ghost, ghost.insert_job(app_id, "redeploy", options=[deploy_id, "serial"]))
+    assert again.job["status"] == "done", again.log
+    assert again.job["message"] == f"Redeploy OK: [{deploy_id}]"
+    assert "Extracting package: " in again.log
+    assert outcome_lines(again.log, "after_all_deploy") == []
+    assert "after-all-deploy-ran" not in again.log
+
+
+def test_a_blue_green_app_builds_in_its_colours_working_copy(
+    ghost: GhostWorker,
+    git_repo: Callable[..., str],
+    ghost_dirs: dict[str, Path],
+    daemon: DaemonProcess,
+    image_alias: str,
+    base_image: str,
+) -> None:
+    buildpack = "echo colour-$GHOST_ENV_COLOR; touch built-blue\n"
+    app = ghost_app(git_repo(), buildpack, base_image, build_infos={"container_image": image_alias})
+    app["blue_green"] = {"color": "blue", "is_online": False, "enable_blue_green": True}
+    run = deploy(ghost, app)
+    assert run.job["status"] == "done", run.log
+    assert run.log.count("colour-blue") == 1, run.log
+    built = ghost_dirs["root"] / "shop" / "prod" / "web" / "blue" / "app" / "built-blue"
+    assert (built.stat().st_uid, built.stat().st_gid) == WORKING_COPY_IDS

@@ -120,6 +120,13 @@ class CurrentJob(object):
         self.id = job_id
 
 
+def replace(owner, name, value):
+    """Replace an attribute Ghost 19.08 has: a name it no longer has fails the run instead of being added."""
+    if not hasattr(owner, name):
+        raise AttributeError(STANDS_IN + '%r has no %r to replace' % (owner, name))
+    setattr(owner, name, value)
+
+
 def replace_what_needs_aws_redis_or_ssh(job_id):
     import command
     import settings
@@ -127,29 +134,32 @@ def replace_what_needs_aws_redis_or_ssh(job_id):
     from commands import buildimage, deploy, redeploy
     from libs.builders.image_builder_aws import AWSImageBuilder
 
-    settings.cloud_connections['aws'] = LocalCloudConnection
-    command.get_current_job = lambda *args, **kwargs: CurrentJob(job_id)
+    if 'aws' not in settings.cloud_connections:
+        raise KeyError(STANDS_IN + "settings.cloud_connections has no 'aws'")
+    settings.cloud_connections['aws'] = LocalCloudConnection  # the dict every Ghost module imported
+    replace(command, 'get_current_job', lambda *args, **kwargs: CurrentJob(job_id))
 
     def deploy_module(self, module, fabric_execution_strategy, safe_deployment_strategy):
         from ghost_log import log
         log(STANDS_IN + 'module %s not sent to instances (EC2 discovery and SSH)' % module['name'], self._log_file)
 
-    deploy.Deploy._deploy_module = deploy_module
-    redeploy.Redeploy._deploy_module = deploy_module
+    replace(deploy.Deploy, '_deploy_module', deploy_module)
+    replace(redeploy.Redeploy, '_deploy_module', deploy_module)
 
     def start_builder(self):
         from ghost_log import log
         log(STANDS_IN + 'no Packer run, AMI %s' % FAKE_AMI_ID, self._log_file)
         return FAKE_AMI_ID, self._ami_name
 
-    AWSImageBuilder.start_builder = start_builder
-    AWSImageBuilder.purge_old_images = lambda self: True
+    replace(AWSImageBuilder, 'start_builder', start_builder)
+    replace(AWSImageBuilder, 'purge_old_images', lambda self: True)
 
     def update_asg(ami_id, cloud_connection, app, config, log_file, update_as_params=False):
         return True
 
-    buildimage.create_userdata_launchconfig_update_asg = update_asg
-    ghost_aws.create_userdata_launchconfig_update_asg = update_asg
+    # commands.buildimage imported the function by name: replaced where it is called from.
+    replace(buildimage, 'create_userdata_launchconfig_update_asg', update_asg)
+    replace(ghost_aws, 'create_userdata_launchconfig_update_asg', update_asg)
 
 
 def run(job_id):

@@ -122,7 +122,8 @@ class GhostWorker:
         self.s3 = work / "s3"
         self.home = work / "home"
         self.opt = work / "opt-ghost-buildpackd"
-        for path in (self.s3, self.home, ghost_root, log_dir):
+        self.packer = work / "packer"
+        for path in (self.s3, self.home, self.packer, ghost_root, log_dir):
             path.mkdir(parents=True, exist_ok=True)
             os.chown(path, *GHOST_IDS)
         self._install_command()
@@ -158,7 +159,12 @@ class GhostWorker:
 
     def _as_ghost(self, tree: Path, argv: list[str]) -> list[str]:
         """argv run as Ghost's user in a mount namespace showing the test's directories at Ghost's paths."""
-        mounts = [(self.ghost_root, "/ghost"), (self.log_dir, "/var/log/ghost"), (self.opt, "/opt/ghost-buildpackd")]
+        mounts = [
+            (self.ghost_root, "/ghost"),
+            (self.log_dir, "/var/log/ghost"),
+            (self.opt, "/opt/ghost-buildpackd"),
+            (self.packer, "/tmp/packer"),  # Ghost's ImageBuilder makes its Packer directory there
+        ]
         script = ["set -e", "mount --make-rprivate /"]
         for source, target in mounts:
             # A namespace cannot add a directory to the host's /: the mount points are made on the
