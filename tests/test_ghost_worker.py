@@ -413,3 +413,27 @@ def test_a_blue_green_app_builds_in_its_colours_working_copy(
     assert run.log.count("colour-blue") == 1, run.log
     built = ghost_dirs["root"] / "shop" / "prod" / "web" / "blue" / "app" / "built-blue"
     assert (built.stat().st_uid, built.stat().st_gid) == WORKING_COPY_IDS
+
+
+def test_a_buildimage_ends_in_ghost_then_the_daemon_builds_the_apps_container_image(
+    ghost: GhostWorker, git_repo: Callable[..., str], daemon: DaemonProcess, lxd: Lxd, base_image: str
+) -> None:
+    app = ghost_app(git_repo(), "true\n", base_image)
+    app["lifecycle_hooks"] = {"pre_buildimage": b64("echo pre-hook-ran\n"), "post_buildimage": ""}
+    app_id = ghost.insert_app(app)
+    job_id = ghost.insert_job(app_id, "buildimage", options=["True"])
+    run = timed_run(ghost, job_id)
+    assert run.exit_code == 0, run.output + run.log
+    assert (run.job["status"], run.job["message"]) == ("done", "Build image OK: [ami-0123abcd]"), run.log
+    assert ghost.db.apps.find_one({"_id": app_id})["ami"] == "ami-0123abcd"
+    # Ghost's own LXD builder no longer runs in the job: the daemon builds the image once the job is done.
+    assert "Generating a new container" not in run.log
+    app_after = wait_until(
+        lambda: (found := ghost.db.apps.find_one({"_id": app_id}))["build_infos"].get("container_image") and found,
+        300,
+        "the daemon to record the app's container image",
+    )
+    assert app_after["build_infos"]["container_image"] == str(job_id)
+    assert lxd.image_by_alias(str(job_id)) is not None
+    log = (ghost.log_dir / f"{job_id}.txt").read_text()
+    assert log.count("pre-hook-ran") == 1, log
