@@ -132,9 +132,9 @@ def ghost_mongo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mongod2701
     server.close()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def ghost_tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Ghost's tree with the patch applied, once for this module (each run copies it with its config.yml)."""
+    """Ghost's tree with the patch applied, once per session (each run copies it with its config.yml)."""
     try:
         ghost_runtime()
         sources = ghost_sources()
@@ -437,3 +437,16 @@ def test_a_buildimage_ends_in_ghost_then_the_daemon_builds_the_apps_container_im
     assert lxd.image_by_alias(str(job_id)) is not None
     log = (ghost.log_dir / f"{job_id}.txt").read_text()
     assert log.count("pre-hook-ran") == 1, log
+
+
+def test_ghosts_own_job_timeout_fails_a_job_whose_buildpack_overruns(
+    ghost: GhostWorker, git_repo: Callable[..., str]
+) -> None:
+    """rq's death penalty, as Ghost's worker wraps each job, with `rq_worker_job_timeout` from Ghost's config.yml."""
+    app_id = ghost.insert_app(ghost_app(git_repo(), "echo overrunning; sleep 6\n"))
+    job_id = ghost.insert_job(app_id, "deploy", modules=[{"name": "app"}])
+    run = ghost.run(job_id, rq_worker_job_timeout=2)
+    assert run.exit_code == 1, run.output  # the job body raised, as rq's worker would see it
+    assert "JobTimeoutException" in run.output
+    assert run.job["status"] == "failed" and "JobTimeoutException" in run.job["message"], run.job
+    assert "overrunning" in run.log

@@ -197,8 +197,11 @@ class GhostWorker:
             f"mount --rbind {shlex.quote(str(shown))} {shlex.quote(str(closed))}",
         ]
 
-    def run(self, job_id: ObjectId | str, timeout: float = 600, **config: Any) -> GhostJobRun:
-        """Run one Ghost job to its end; `config` overrides keys of Ghost's config.yml."""
+    def run(self, job_id: ObjectId | str, timeout: float = 900, **config: Any) -> GhostJobRun:
+        """Run one Ghost job to its end; `config` overrides keys of Ghost's config.yml.
+
+        `timeout` bounds the process; Ghost's own job timeout (`rq_worker_job_timeout`) comes first.
+        """
         tree = self.config_tree(**config)
         argv = self._as_ghost(tree, [str(self.python), str(DRIVER), "run", str(job_id)])
         done = subprocess.run(
