@@ -63,8 +63,10 @@ def ghost_runtime() -> Path:
     done = subprocess.run(
         [str(REPO / "scripts" / "build-ghost-runtime"), "--path"], capture_output=True, text=True, check=False
     )
+    if done.returncode == 3:
+        raise GhostUnavailable("the Ghost test runtime is not built: run scripts/build-ghost-runtime")
     if done.returncode != 0:
-        raise GhostUnavailable(f"no Ghost runtime built: run scripts/build-ghost-runtime ({done.stderr.strip()})")
+        raise GhostUnavailable(done.stderr.strip() or f"scripts/build-ghost-runtime --path exited {done.returncode}")
     return Path(done.stdout.strip())
 
 
