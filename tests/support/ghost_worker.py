@@ -186,7 +186,7 @@ class GhostWorker:
         directory shows only the interpreter's tree, so the command runs as Ghost's user as installed.
         """
         base = Path(os.path.realpath(sys.base_prefix))
-        for closed in [*reversed(base.parents), base]:
+        for closed in reversed(base.parents):
             if closed != Path("/") and not closed.stat().st_mode & stat.S_IXOTH:
                 break
         else:
