@@ -82,7 +82,6 @@ def ghost_answers(python2: str, tree: Path, mongo_uri: str, database: str, confi
     return json.loads(done.stdout)
 
 
-@pytest.mark.real_mongodb  # Ghost's pymongo 3.7 refuses the stand-in
 def test_ghosts_patched_libs_lxd_serves_the_list_the_daemon_keeps(mongo, db, store: Store, tmp_path):
     python2 = ghost_python2(WITH_GHOSTS_PYMONGO)
     if python2 is None:

@@ -4,8 +4,9 @@ Ghost runs on Python 2.7; lib2to3's Python 2 grammar (print statement) parses
 what the patch adds. Each run of added lines is parsed with as little of the
 hunk's context before it as makes it a complete statement. That grammar also
 accepts some Python 3 syntax (annotations, keyword-only arguments, `raise ...
-from`), so where a Python 2.7 interpreter is at hand (`python2.7` on PATH, or
-GHOST_BUILDPACKD_TEST_PYTHON2) it compiles the same fragments too.
+from`), so a Python 2.7 interpreter compiles the same fragments too:
+GHOST_BUILDPACKD_TEST_PYTHON2, else the test runtime's (scripts/build-ghost-runtime,
+which scripts/test builds), else `python2.7` on PATH.
 """
 
 from __future__ import annotations
@@ -127,7 +128,7 @@ print(json.dumps({"version": list(sys.version_info[:2]), "failures": failures}))
 def test_a_real_python_2_7_compiles_every_added_line():
     interpreter = python2()
     if interpreter is None:
-        pytest.skip("no Python 2.7 here (set GHOST_BUILDPACKD_TEST_PYTHON2 to one)")
+        pytest.skip("no Python 2.7 here (run scripts/build-ghost-runtime, or set GHOST_BUILDPACKD_TEST_PYTHON2)")
     fragments = [*added_fragments(), ("python-3-only", "def f(*, a):\n    return a")]  # proves it can fail
     done = subprocess.run(
         [interpreter, "-c", COMPILE_ALL], input=json.dumps(fragments), capture_output=True, text=True, check=True

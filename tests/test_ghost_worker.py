@@ -1,0 +1,369 @@
+"""Ghost 19.08's own worker, with ghost/ghost-19.08.patch applied, running deploys against a daemon on the real LXD.
+
+Ghost's job body (`command.Command().execute`) runs in Python 2.7 as Ghost's user, as an RQ worker
+runs it (tests/support/ghost_worker.py); only AWS, Redis and SSH are replaced, after the steps these
+tests look at (tests/support/ghost_driver.py). Apps and jobs are written by Ghost's API code.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from bson import ObjectId
+from pymongo.database import Database
+
+from ghost_buildpackd.buildpack_command import EXIT_NO_DAEMON
+from ghost_buildpackd.lxd import Lxd
+from tests.conftest import WORKING_COPY_IDS, leftover_containers, raw_config, remove_job_images
+from tests.support.daemon import DaemonProcess
+from tests.support.ghost import b64
+from tests.support.ghost_worker import (
+    GHOST_DATABASE,
+    GHOST_IDS,
+    GhostJobRun,
+    GhostUnavailable,
+    GhostWorker,
+    ghost_runtime,
+    ghost_sources,
+    patched_ghost_tree,
+)
+from tests.support.mongo import MongoServer
+from tests.support.waiting import wait_until
+
+# Each test runs on the suite's one-node replica set (the daemon on change streams) and on its standalone
+# server (the daemon polling, as with Ghost's docker-compose). Ghost reaches either at MONGO_HOST, the
+# server's own loopback address, on the port Ghost hard-codes (27017).
+pytestmark = [pytest.mark.slow, pytest.mark.parametrize("mongo", ["replica_set", "standalone"], indirect=True)]
+
+
+@pytest.fixture
+def ghost_mongo(mongo: MongoServer) -> MongoServer:
+    if f"{mongo.host}:27017" not in mongo.uri:
+        pytest.skip(f"Ghost 19.08 reaches MongoDB on port 27017 only; this run's is {mongo.describe()}")
+    return mongo
+
+
+@pytest.fixture(scope="session")
+def ghost_tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Ghost's tree with the patch applied, once per session (each run copies it with its config.yml)."""
+    try:
+        ghost_runtime()
+        sources = ghost_sources()
+    except GhostUnavailable as missing:
+        pytest.skip(str(missing))
+    return patched_ghost_tree(sources, tmp_path_factory.mktemp("ghost-tree") / "cloud-deploy")
+
+
+@pytest.fixture
+def apitest(ghost_mongo: MongoServer) -> Iterator[Database]:
+    """Ghost's database (its name is hard-coded), empty for each test; the daemon uses it too."""
+    client = ghost_mongo.client()
+    client.drop_database(GHOST_DATABASE)
+    yield client[GHOST_DATABASE]
+    client.drop_database(GHOST_DATABASE)
+    client.close()
+
+
+@pytest.fixture
+def ghost_daemon_config(
+    ghost_mongo: MongoServer, apitest: Database, ghost_dirs: dict[str, Path], tmp_path: Path
+) -> Path:
+    """The daemon's config (the command reads it through GHOST_BUILDPACKD_CONFIG), on Ghost's database."""
+    path = tmp_path / "daemon.yml"
+    path.write_text(yaml.safe_dump(raw_config(ghost_mongo, apitest, ghost_dirs)))
+    return path
+
+
+@pytest.fixture
+def ghost(
+    ghost_tree: Path,
+    ghost_mongo: MongoServer,
+    apitest: Database,
+    ghost_dirs: dict[str, Path],
+    ghost_daemon_config: Path,
+    tmp_path: Path,
+) -> GhostWorker:
+    """Runs Ghost jobs of this test: `ghost.run(job_id)` gives the exit code, the job and its log."""
+    return GhostWorker(
+        runtime=ghost_runtime(),
+        tree=ghost_tree,
+        work=tmp_path / "ghost-worker",
+        ghost_root=ghost_dirs["root"],
+        log_dir=ghost_dirs["log_dir"],
+        mongo_host=ghost_mongo.host,
+        database=apitest,
+        daemon_config=ghost_daemon_config,
+    )
+
+
+@pytest.fixture
+def ghost_lxd_cleanup(lxd: Lxd, apitest: Database) -> Iterator[None]:
+    """What this test's Ghost jobs left in LXD if it failed half-way (found by job id in Ghost's database)."""
+    yield
+    for name in leftover_containers(lxd, apitest):
+        lxd.delete_container(name)
+    remove_job_images(lxd, apitest)
+
+
+@pytest.fixture
+def daemon(ghost_daemon_config: Path, tmp_path: Path, ghost_lxd_cleanup: None) -> Iterator[DaemonProcess]:
+    with DaemonProcess(ghost_daemon_config, tmp_path / "daemon.log") as process:
+        process.wait_ready()
+        yield process
+
+
+@pytest.fixture
+def git_repo(tmp_path: Path, ghost_dirs: dict[str, Path]) -> Callable[..., str]:
+    """A bare git repository holding `files` on branch main, readable by Ghost's user; returns its path."""
+
+    def make(name: str = "app", files: dict[str, str] | None = None) -> str:
+        work = tmp_path / "sources" / name
+        work.mkdir(parents=True)
+        for relative, text in (files or {"README": "hello\n"}).items():
+            (work / relative).write_text(text)
+        git = ["git", "-c", "user.name=Tester", "-c", "user.email=tester@example.invalid"]
+        subprocess.run([*git, "init", "-q", "-b", "main"], cwd=work, check=True)
+        subprocess.run([*git, "add", "."], cwd=work, check=True)
+        subprocess.run([*git, "commit", "-q", "-m", "first"], cwd=work, check=True)
+        bare = tmp_path / "repos" / f"{name}.git"
+        subprocess.run(["git", "clone", "-q", "--bare", str(work), str(bare)], check=True)
+        subprocess.run(["chown", "-R", "{}:{}".format(*GHOST_IDS), str(bare)], check=True)
+        return str(bare)
+
+    return make
+
+
+def ghost_app(git_repo: str, build_pack: str, source_container_image: str | None = None, **fields: Any) -> dict:
+    """An app as Ghost's UI posts it (scripts base64)."""
+    build_infos: dict[str, Any] = {"source_ami": "ami-0base", "subnet_id": "subnet-0test", "ssh_username": "admin"}
+    if source_container_image is not None:
+        build_infos["source_container_image"] = source_container_image
+    build_infos.update(fields.pop("build_infos", {}))
+    return {
+        "name": "shop",
+        "env": "prod",
+        "role": "web",
+        "region": "eu-west-1",
+        "provider": "aws",
+        "instance_type": "t2.micro",
+        "vpc_id": "vpc-0test",
+        "build_infos": build_infos,
+        "env_vars": [{"var_key": "SHOP_MODE", "var_value": "test"}],
+        "features": [],
+        "lifecycle_hooks": {"pre_buildimage": "", "post_buildimage": ""},
+        "autoscale": {"name": ""},
+        "environment_infos": {"instance_tags": []},
+        "modules": [
+            {
+                "name": "app",
+                "path": "/srv/app",
+                "scope": "code",
+                "git_repo": git_repo,
+                "uid": WORKING_COPY_IDS[0],
+                "gid": WORKING_COPY_IDS[1],
+                "build_pack": b64(build_pack),
+            }
+        ],
+        **fields,
+    }
+
+
+def deploy(ghost: GhostWorker, app: dict[str, Any] | ObjectId) -> GhostJobRun:
+    app_id = app if isinstance(app, ObjectId) else ghost.insert_app(app)
+    return timed_run(ghost, ghost.insert_job(app_id, "deploy", modules=[{"name": "app"}]))
+
+
+def timed_run(ghost: GhostWorker, job_id: ObjectId) -> GhostJobRun:
+    started = time.monotonic()
+    run = ghost.run(job_id)
+    print(f"Ghost job {job_id}: {run.job.get('status')} in {time.monotonic() - started:.1f}s")
+    return run
+
+
+def outcome_lines(log: str, script: str) -> list[str]:
+    """The command's one line per run of `script`, as Ghost's gcall wrote it into the job log."""
+    return [line for line in log.splitlines() if line.startswith(f"ghost-buildpackd: {script} of module ")]
+
+
+def working_copy(ghost_dirs: dict[str, Path]) -> Path:
+    return ghost_dirs["root"] / "shop" / "prod" / "web" / "app"
+
+
+def test_ghost_writes_apps_and_jobs_as_its_api_does(ghost: GhostWorker, git_repo: Callable[..., str]) -> None:
+    app_id = ghost.insert_app(ghost_app(git_repo(), "true"))
+    job_id = ghost.insert_job(app_id, "deploy", modules=[{"name": "app"}])
+    app = ghost.db.apps.find_one({"_id": app_id})
+    job = ghost.db.jobs.find_one({"_id": job_id})
+    assert app is not None and job is not None
+    assert app["modules"][0]["initialized"] is False
+    assert {change["field"] for change in app["pending_changes"]} >= {"modules", "build_infos"}
+    assert app["environment_infos"]["instance_tags"] == [{"tag_name": "Name", "tag_value": "ec2.prod.web.shop"}]
+    assert {"_created", "_updated", "_etag"} <= app.keys()
+    assert (job["status"], job["message"], job["instance_type"]) == ("init", "Initializing job", "t2.micro")
+    assert job["modules"] == [{"name": "app", "rev": "HEAD"}]
+    assert job["app_id"] == app_id
+
+
+def test_a_deploy_without_a_source_image_runs_the_buildpack_with_bash_on_ghosts_host(
+    ghost: GhostWorker, git_repo: Callable[..., str], ghost_dirs: dict[str, Path]
+) -> None:
+    buildpack = 'echo "buildpack as $(id -u):$(id -g) groups $(id -G) mode $SHOP_MODE ld ${LD_LIBRARY_PATH-unset}"\n'
+    run = deploy(ghost, ghost_app(git_repo(), buildpack + "touch built\n"))
+    assert run.exit_code == 0, run.output + run.log
+    assert run.job["status"] == "done", run.log
+    assert run.job["message"].startswith("Deployment OK: [app: ")
+    assert "buildpack as 1001:1002 groups 1002 mode test ld unset" in run.log
+    assert "Buildpack: Execute" in run.log and "Execute in a container" not in run.log
+    assert (working_copy(ghost_dirs) / "built").exists()
+    assert (working_copy(ghost_dirs) / "README").read_text() == "hello\n"
+    # Packaging and the manifest went to the (local) S3 bucket, then the stand-in for SSH.
+    assert "Uploading package: " in run.log and "not sent to instances" in run.log
+    assert ghost.db.deploy_histories.count_documents({"job_id": run.job["_id"]}) == 1
+
+
+def test_a_deploy_with_a_source_image_runs_the_buildpack_in_a_container_through_the_daemon(
+    ghost: GhostWorker,
+    git_repo: Callable[..., str],
+    ghost_dirs: dict[str, Path],
+    daemon: DaemonProcess,
+    image_alias: str,
+    base_image: str,
+) -> None:
+    # The daemon masks env_vars values in logs: the script checks SHOP_MODE itself.
+    buildpack = '[ "$SHOP_MODE" = test ] && echo "in-container-$GHOST_MODULE_NAME-mode-ok"; touch built-in-container\n'
+    app = ghost_app(git_repo(), buildpack, base_image, build_infos={"container_image": image_alias})
+    run = deploy(ghost, app)
+    assert run.exit_code == 0, run.output + run.log
+    assert run.job["status"] == "done", run.log
+    assert "Buildpack: Execute in a container" in run.log
+    assert run.log.count("in-container-app-mode-ok") == 1, run.log
+    assert "ghost-buildpackd: build_pack of module app: succeeded in a container, exit 0" in run.log
+    built = working_copy(ghost_dirs) / "built-in-container"
+    assert (built.stat().st_uid, built.stat().st_gid) == WORKING_COPY_IDS
+    assert ghost.db.deploy_histories.count_documents({"job_id": run.job["_id"]}) == 1
+
+
+def test_a_failing_buildpack_in_a_container_fails_ghosts_job_with_its_exit_code(
+    ghost: GhostWorker,
+    git_repo: Callable[..., str],
+    daemon: DaemonProcess,
+    image_alias: str,
+    base_image: str,
+) -> None:
+    buildpack = "echo about-to-fail; exit 7\n"
+    app = ghost_app(git_repo(), buildpack, base_image, build_infos={"container_image": image_alias})
+    run = deploy(ghost, app)
+    assert run.exit_code == 0, run.output  # Ghost's deploy catches the GCallException itself
+    assert run.job["status"] == "failed", run.log
+    assert run.job["message"] == "Deployment Failed: [app] 'ERROR: Buildpack: Execute in a container'"
+    assert "about-to-fail" in run.log
+    assert "script failed" in run.log and "exit 7" in run.log
+    assert ghost.db.deploy_histories.count_documents({}) == 0
+
+
+def test_without_a_live_daemon_the_command_exits_69_and_ghosts_job_fails(
+    ghost: GhostWorker, git_repo: Callable[..., str], image_alias: str, base_image: str
+) -> None:
+    app = ghost_app(git_repo(), "touch never\n", base_image, build_infos={"container_image": image_alias})
+    run = deploy(ghost, app)
+    assert run.job["status"] == "failed", run.log
+    assert run.job["message"] == "Deployment Failed: [app] 'ERROR: Buildpack: Execute in a container'"
+    (outcome,) = outcome_lines(run.log, "build_pack")
+    assert "no live daemon on this host" in outcome and outcome.endswith(f", exit {EXIT_NO_DAEMON}"), outcome
+    assert not (Path(ghost.ghost_root) / "shop" / "prod" / "web" / "app" / "never").exists()
+
+
+def test_a_committed_build_pack_file_wins_over_the_stored_script_in_the_container(
+    ghost: GhostWorker, git_repo: Callable[..., str], daemon: DaemonProcess, image_alias: str, base_image: str
+) -> None:
+    repo = git_repo(files={"README": "hello\n", "build_pack": "echo from-the-committed-file\n"})
+    app = ghost_app(repo, "echo from-the-stored-script\n", base_image, build_infos={"container_image": image_alias})
+    run = deploy(ghost, app)
+    assert run.job["status"] == "done", run.log
+    assert run.log.count("from-the-committed-file") == 1, run.log
+    assert "from-the-stored-script" not in run.log
+
+
+def test_after_all_deploy_runs_in_a_container_and_a_redeploy_runs_none(
+    ghost: GhostWorker, git_repo: Callable[..., str], daemon: DaemonProcess, image_alias: str, base_image: str
+) -> None:
+    app = ghost_app(git_repo(), "echo building\n", base_image, build_infos={"container_image": image_alias})
+    app["modules"][0]["after_all_deploy"] = b64("echo after-all-deploy-ran; touch after-all-deploy-ran\n")
+    app_id = ghost.insert_app(app)
+    first = deploy(ghost, app_id)
+    assert first.job["status"] == "done", first.log
+    assert outcome_lines(first.log, "after_all_deploy") == [
+        "ghost-buildpackd: after_all_deploy of module app: succeeded in a container, exit 0"
+    ]
+    assert first.log.count("after-all-deploy-ran") == 1, first.log
+    assert first.log.index("not sent to instances") < first.log.index("after-all-deploy-ran")
+
+    # Ghost's redeploy builds its module as {path, name}: no after_all_deploy there, nothing asked of the daemon.
+    deploy_id = str(first.job["modules"][0]["deploy_id"])
+    again = timed_run(ghost, ghost.insert_job(app_id, "redeploy", options=[deploy_id, "serial"]))
+    assert again.job["status"] == "done", again.log
+    assert again.job["message"] == f"Redeploy OK: [{deploy_id}]"
+    assert "Extracting package: " in again.log
+    assert outcome_lines(again.log, "after_all_deploy") == []
+    assert "after-all-deploy-ran" not in again.log
+
+
+def test_a_blue_green_app_builds_in_its_colours_working_copy(
+    ghost: GhostWorker,
+    git_repo: Callable[..., str],
+    ghost_dirs: dict[str, Path],
+    daemon: DaemonProcess,
+    image_alias: str,
+    base_image: str,
+) -> None:
+    buildpack = "echo colour-$GHOST_ENV_COLOR; touch built-blue\n"
+    app = ghost_app(git_repo(), buildpack, base_image, build_infos={"container_image": image_alias})
+    app["blue_green"] = {"color": "blue", "is_online": False, "enable_blue_green": True}
+    run = deploy(ghost, app)
+    assert run.job["status"] == "done", run.log
+    assert run.log.count("colour-blue") == 1, run.log
+    built = ghost_dirs["root"] / "shop" / "prod" / "web" / "blue" / "app" / "built-blue"
+    assert (built.stat().st_uid, built.stat().st_gid) == WORKING_COPY_IDS
+
+
+def test_a_buildimage_ends_in_ghost_then_the_daemon_builds_the_apps_container_image(
+    ghost: GhostWorker, git_repo: Callable[..., str], daemon: DaemonProcess, lxd: Lxd, base_image: str
+) -> None:
+    app = ghost_app(git_repo(), "true\n", base_image)
+    app["lifecycle_hooks"] = {"pre_buildimage": b64("echo pre-hook-ran\n"), "post_buildimage": ""}
+    app_id = ghost.insert_app(app)
+    job_id = ghost.insert_job(app_id, "buildimage", options=["True"])
+    run = timed_run(ghost, job_id)
+    assert run.exit_code == 0, run.output + run.log
+    assert (run.job["status"], run.job["message"]) == ("done", "Build image OK: [ami-0123abcd]"), run.log
+    assert ghost.db.apps.find_one({"_id": app_id})["ami"] == "ami-0123abcd"
+    # Ghost's own LXD builder no longer runs in the job: the daemon builds the image once the job is done.
+    assert "Generating a new container" not in run.log
+    app_after = wait_until(
+        lambda: (found := ghost.db.apps.find_one({"_id": app_id}))["build_infos"].get("container_image") and found,
+        300,
+        "the daemon to record the app's container image",
+    )
+    assert app_after["build_infos"]["container_image"] == str(job_id)
+    assert lxd.image_by_alias(str(job_id)) is not None
+    log = (ghost.log_dir / f"{job_id}.txt").read_text()
+    assert log.count("pre-hook-ran") == 1, log
+
+
+def test_ghosts_own_job_timeout_fails_a_job_whose_buildpack_overruns(
+    ghost: GhostWorker, git_repo: Callable[..., str]
+) -> None:
+    """rq's death penalty, as Ghost's worker wraps each job, with `rq_worker_job_timeout` from Ghost's config.yml."""
+    app_id = ghost.insert_app(ghost_app(git_repo(), "echo overrunning; sleep 6\n"))
+    job_id = ghost.insert_job(app_id, "deploy", modules=[{"name": "app"}])
+    run = ghost.run(job_id, rq_worker_job_timeout=2)
+    assert run.exit_code == 1, run.output  # the job body raised, as rq's worker would see it
+    assert "JobTimeoutException" in run.output
+    assert run.job["status"] == "failed" and "JobTimeoutException" in run.job["message"], run.job
+    assert "overrunning" in run.log
