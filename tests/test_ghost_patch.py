@@ -184,7 +184,7 @@ def deploy_hunk_additions() -> list[list[str]]:
     runs = []
     for name, lines in hunks(PATCH.read_text()):
         if name == "libs/deploy.py":
-            runs += [run for _before, run in added_runs(lines)]
+            runs += [run for _before, run, _after in added_runs(lines)]
     return runs
 
 

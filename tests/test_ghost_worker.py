@@ -34,7 +34,6 @@ from tests.support.ghost_worker import (
     patched_ghost_tree,
 )
 from tests.support.mongo import MongoServer
-from tests.support.waiting import wait_until
 
 # Each test runs on the suite's one-node replica set (the daemon on change streams) and on its standalone
 # server (the daemon polling, as with Ghost's docker-compose). Ghost reaches either at MONGO_HOST, the
@@ -332,28 +331,45 @@ def test_a_blue_green_app_builds_in_its_colours_working_copy(
     assert (built.stat().st_uid, built.stat().st_gid) == WORKING_COPY_IDS
 
 
-def test_a_buildimage_ends_in_ghost_then_the_daemon_builds_the_apps_container_image(
+def test_a_buildimage_job_builds_the_container_image_inside_itself_as_19_08_did(
     ghost: GhostWorker, git_repo: Callable[..., str], daemon: DaemonProcess, lxd: Lxd, base_image: str
 ) -> None:
     app = ghost_app(git_repo(), "true\n", base_image)
     app["lifecycle_hooks"] = {"pre_buildimage": b64("echo pre-hook-ran\n"), "post_buildimage": ""}
+    app["autoscale"] = {"name": "shop-asg"}
     app_id = ghost.insert_app(app)
     job_id = ghost.insert_job(app_id, "buildimage", options=["True"])
     run = timed_run(ghost, job_id)
     assert run.exit_code == 0, run.output + run.log
     assert (run.job["status"], run.job["message"]) == ("done", "Build image OK: [ami-0123abcd]"), run.log
     assert ghost.db.apps.find_one({"_id": app_id})["ami"] == "ami-0123abcd"
-    # Ghost's own LXD builder no longer runs in the job: the daemon builds the image once the job is done.
-    assert "Generating a new container" not in run.log
-    app_after = wait_until(
-        lambda: (found := ghost.db.apps.find_one({"_id": app_id}))["build_infos"].get("container_image") and found,
-        300,
-        "the daemon to record the app's container image",
+    # Where 19.08 built its container: after the AMI, inside the job, its output in the job's own log,
+    # before the job's end; the app points at the image before Ghost writes `done`.
+    assert "Generating a new container" in run.log
+    assert (
+        run.log.index("Generating a new container")
+        < run.log.index("pre-hook-ran")
+        < run.log.index("autoscaling group shop-asg not updated")
     )
-    assert app_after["build_infos"]["container_image"] == str(job_id)
+    assert run.log.count("pre-hook-ran") == 1, run.log
+    assert ghost.db.apps.find_one({"_id": app_id})["build_infos"]["container_image"] == str(job_id)
     assert lxd.image_by_alias(str(job_id)) is not None
-    log = (ghost.log_dir / f"{job_id}.txt").read_text()
-    assert log.count("pre-hook-ran") == 1, log
+
+
+def test_a_failed_container_build_fails_the_buildimage_job_before_the_autoscaling_update(
+    ghost: GhostWorker, git_repo: Callable[..., str], daemon: DaemonProcess, base_image: str
+) -> None:
+    app = ghost_app(git_repo(), "true\n", base_image)
+    app["lifecycle_hooks"] = {"pre_buildimage": b64("echo hook-failing; exit 3\n"), "post_buildimage": ""}
+    app["autoscale"] = {"name": "shop-asg"}
+    app_id = ghost.insert_app(app)
+    job_id = ghost.insert_job(app_id, "buildimage", options=["True"])
+    run = timed_run(ghost, job_id)
+    assert run.job["status"] == "failed", run.log
+    assert run.job["message"].startswith("An error occured during container process"), run.job
+    assert "hook-failing" in run.log
+    assert "autoscaling group" not in run.log  # 19.08 returned before the autoscaling update
+    assert "container_image" not in ghost.db.apps.find_one({"_id": app_id})["build_infos"]
 
 
 def test_ghosts_own_job_timeout_fails_a_job_whose_buildpack_overruns(

@@ -155,6 +155,8 @@ def replace_what_needs_aws_redis_or_ssh(job_id):
     replace(AWSImageBuilder, 'purge_old_images', lambda self: True)
 
     def update_asg(ami_id, cloud_connection, app, config, log_file, update_as_params=False):
+        from ghost_log import log
+        log(STANDS_IN + 'autoscaling group %s not updated to %s' % (app['autoscale']['name'], ami_id), log_file)
         return True
 
     # commands.buildimage imported the function by name: replaced where it is called from.
