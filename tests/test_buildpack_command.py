@@ -27,6 +27,8 @@ from tests.support.ghost import b64, finish_buildimage, make_app, make_job, modu
 from tests.support.steps import terminal_step
 from tests.support.waiting import wait_until
 
+pytestmark = pytest.mark.mongodb
+
 REPO = Path(__file__).resolve().parents[1]
 OUTCOME_PREFIX = "ghost-buildpackd: "
 

@@ -25,7 +25,7 @@ from tests.support.mongo import skip_unless_restartable
 from tests.support.waiting import wait_until
 
 # Each test runs daemon processes (trivial bodies): a daemon connects to LXD at start, as in production.
-pytestmark = pytest.mark.lxd
+pytestmark = [pytest.mark.lxd, pytest.mark.mongodb]
 
 # Change streams on the replica set; polling on a standalone server, what Ghost's docker-compose runs.
 MODES = [("change_stream", "replica_set"), ("poll", "standalone")]

@@ -285,3 +285,44 @@ def assert_one_image_recorded(db: Database, store, lxd, app: ObjectId, job: Obje
     record = store.get_image_record(str(job))
     assert record is not None and record.fingerprint == images[0]
     assert db.apps.find_one({"_id": app})["build_infos"]["container_image"] == str(job)
+
+
+def test_a_replica_set_without_a_primary_for_a_while_loses_no_job(
+    replica_set, db: Database, store, lxd, base_image, ghost_dirs, daemons
+):
+    """Both secondaries cut off: the primary steps down and the set is read-only (no primary) for 40 s, longer
+    than the lease. A job that finished just before is built once the set has a primary again, and so is one
+    finished after; the daemon says what happened and keeps going."""
+    app = buildimage_app(db, base_image)
+    process = daemons(lease_ttl=LEASE_TTL, container=features_config()).start()
+    old = replica_set.wait_for_primary()
+    others = [node for node in replica_set.nodes if node is not old]
+    before = buildimage_job(db, app, ghost_dirs["provisioner_tree"])
+    finish_buildimage(db, before)
+    logged = len(process.events())
+    for node in others:
+        node.freeze()
+    try:
+        wait_until(lambda: replica_set.primary() is None, 60, "the old primary to step down", interval=0.2)
+        read_only_since = time.monotonic()
+        wait_until(
+            lambda: time.monotonic() - read_only_since > 40 and process.assert_alive(),
+            60,
+            "40 s without a primary",
+            interval=1,
+        )
+    finally:
+        for node in others:
+            node.thaw()
+    replica_set.wait_for_primary()
+    after = buildimage_job(db, app, ghost_dirs["provisioner_tree"])
+    write_through_election(lambda: finish_buildimage(db, after), "Ghost's 'done' write")
+    for job in (before, after):
+        step = wait_until(lambda job=job: terminal_step(store, step_id(job, "buildimage")), 240, "the builds")
+        assert step.state == SUCCEEDED, step.message
+    assert any(
+        process.saw(event, since=logged)
+        for event in ("mongodb_unavailable_retrying", "event_source_mongodb_unavailable", "heartbeat_failed")
+    ), "the daemon said nothing of the outage"
+    assert process.alive() and process.terminate() == 0
+    assert_nothing_left(lxd, db, store)

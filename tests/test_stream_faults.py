@@ -17,6 +17,8 @@ from ghost_buildpackd.store import JOB_EVENT_FIELDS, Store, next_change
 from tests.support.ghost import finish_buildimage, make_app, make_job
 from tests.support.waiting import wait_until
 
+pytestmark = pytest.mark.mongodb
+
 BSON_OBJECT_TOO_LARGE = 10334
 
 
