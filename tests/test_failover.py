@@ -96,10 +96,8 @@ def _succeeds(action) -> bool:
     return True
 
 
-@pytest.mark.parametrize("how", HOW)
-def test_a_primary_change_during_a_buildpack_runs_it_once(
-    how, replica_set, db: Database, store, lxd, base_image, ghost_dirs, daemons
-):
+def buildpack_waiting(db: Database, store, base_image, ghost_dirs, daemons):
+    """A deploy whose buildpack has started and waits for `go` in the working copy, Ghost's client waiting."""
     app = deploy_app(db, base_image, BUILDPACK)
     first = daemons(lease_ttl=LEASE_TTL).start()
     job = make_job(db, app, command="deploy", modules=["api"])
@@ -110,6 +108,14 @@ def test_a_primary_change_during_a_buildpack_runs_it_once(
     client = Client(db, job, timeout=240)
     wait_until(lambda: event_of(first, "command_started", job, label=BUILDPACK_LABEL), 60, "the buildpack")
     wait_until(lambda: (copy / "runs.log").exists(), 60, "the buildpack to start")
+    return first, sid, copy, client
+
+
+@pytest.mark.parametrize("how", HOW)
+def test_a_primary_change_during_a_buildpack_runs_it_once(
+    how, replica_set, db: Database, store, lxd, base_image, ghost_dirs, daemons
+):
+    first, sid, copy, client = buildpack_waiting(db, store, base_image, ghost_dirs, daemons)
 
     started = time.monotonic()
     old = change_primary(replica_set, how)
@@ -131,15 +137,7 @@ def test_a_primary_change_while_the_outcome_is_written(
     how, replica_set, db: Database, store, lxd, base_image, ghost_dirs, daemons
 ):
     """The buildpack ends as the primary goes: the outcome write meets no primary and must land once one is back."""
-    app = deploy_app(db, base_image, BUILDPACK)
-    first = daemons(lease_ttl=LEASE_TTL).start()
-    job = make_job(db, app, command="deploy", modules=["api"])
-    sid = step_id(job, "deploy", "api")
-    copy = working_copy(ghost_dirs["root"])
-    set_status(db, job, "started")
-    wait_until(lambda: store.get_step(sid) and store.get_step(sid).state == "ready", 60, "the step prepared")
-    client = Client(db, job, timeout=240)
-    wait_until(lambda: (copy / "runs.log").exists(), 60, "the buildpack to start")
+    first, sid, copy, client = buildpack_waiting(db, store, base_image, ghost_dirs, daemons)
 
     started = time.monotonic()
     old = change_primary(replica_set, how)

@@ -101,10 +101,7 @@ def run_buildpack(
         raise ValueError(f"module_name: expected a module name, got {module_name!r}")
     if script not in MODULE_SCRIPTS:
         raise ValueError(f"script: expected one of {', '.join(MODULE_SCRIPTS)}, got {script!r}")
-    if timeout <= 0 or poll_interval <= 0:
-        raise ValueError("timeout and poll_interval: expected durations above zero")
-    if wait_mode not in WAIT_MODES:
-        raise ValueError(f"wait_mode: expected one of {', '.join(WAIT_MODES)}, got {wait_mode!r}")
+    _check_wait(timeout, poll_interval, wait_mode)
     store = Store(db)
     host = host or socket.gethostname()
     alive = _liveness(store, host, daemon_max_age)
@@ -127,6 +124,13 @@ def run_buildpack(
     return _abandon(store, sid, f"abandoned by Ghost's client after waiting {timeout:g}s for the outcome")
 
 
+def _check_wait(timeout: float, poll_interval: float, wait_mode: str) -> None:
+    if timeout <= 0 or poll_interval <= 0:
+        raise ValueError("timeout and poll_interval: expected durations above zero")
+    if wait_mode not in WAIT_MODES:
+        raise ValueError(f"wait_mode: expected one of {', '.join(WAIT_MODES)}, got {wait_mode!r}")
+
+
 def run_buildimage(
     db: Database,
     job_id: ObjectId | str,
@@ -145,10 +149,7 @@ def run_buildimage(
     timeout the request is cancelled and the daemon stops the build.
     """
     job_oid = _job_object_id(job_id)
-    if timeout <= 0 or poll_interval <= 0:
-        raise ValueError("timeout and poll_interval: expected durations above zero")
-    if wait_mode not in WAIT_MODES:
-        raise ValueError(f"wait_mode: expected one of {', '.join(WAIT_MODES)}, got {wait_mode!r}")
+    _check_wait(timeout, poll_interval, wait_mode)
     store = Store(db)
     host = host or socket.gethostname()
     alive = _liveness(store, host, daemon_max_age)
