@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
+from datetime import timedelta
 from typing import Any
 
 import pytest
 import structlog
 from bson import ObjectId
+from pymongo import monitoring
 from pymongo.errors import OperationFailure
 
 from ghost_buildpackd.events import ChangeStreamSource, Intake
 from ghost_buildpackd.model import BUILDIMAGE, step_id
-from ghost_buildpackd.store import JOB_EVENT_FIELDS, Store, next_change
+from ghost_buildpackd.store import JOB_EVENT_FIELDS, Store, next_change, utcnow
 from tests.support.ghost import finish_buildimage, make_app, make_job
 from tests.support.waiting import wait_until
 
@@ -108,3 +110,37 @@ def test_a_job_near_16_mb_does_not_break_the_stream(db, store):
         change = wait_until(lambda: next_change(stream), 30, "the update event")
     assert change["documentKey"]["_id"] == job
     assert "fullDocument" not in change and "updateDescription" not in change
+
+
+class FindRecorder(monitoring.CommandListener):
+    """The `find` commands a client sends, as the server receives them."""
+
+    def __init__(self) -> None:
+        self.finds: list[dict[str, Any]] = []
+
+    def started(self, event: monitoring.CommandStartedEvent) -> None:
+        if event.command_name == "find":
+            self.finds.append(dict(event.command))
+
+    def succeeded(self, event: monitoring.CommandSucceededEvent) -> None:
+        pass
+
+    def failed(self, event: monitoring.CommandFailedEvent) -> None:
+        pass
+
+
+def test_the_catch_up_scan_reads_ghosts_jobs_through_the_daemons_index(mongo, db, store):
+    """On the real server's query planner: each query of the catch-up scan is an index scan on (command,
+    _updated), also when the index was dropped while no daemon ran (the next start makes it again)."""
+    db.jobs.insert_many([{"command": "deploy", "_updated": utcnow(), "status": "done"} for _ in range(50)])
+    db.jobs.drop_index("buildpackd_command_updated")
+    recorder = FindRecorder()
+    with mongo.client(event_listeners=[recorder]) as client:
+        watched = Store(client[db.name])
+        watched.ensure_indexes()  # what every daemon start does
+        list(watched.jobs_changed_since(utcnow() - timedelta(hours=1), ("buildimage", "deploy")))
+    assert len(recorder.finds) == 2
+    for find in recorder.finds:
+        explained = db.command("explain", {"find": "jobs", "filter": find["filter"], "sort": find.get("sort", {})})
+        plan = str(explained["queryPlanner"]["winningPlan"])
+        assert "IXSCAN" in plan and "buildpackd_command_updated" in plan and "COLLSCAN" not in plan, plan

@@ -81,6 +81,7 @@ STEPS, IMAGES, STATE, INSTANCES = "container_steps", "container_images", "buildp
 # with pymongo 3.7: `images`, `refreshed_at` (server time), `fresh_for` (seconds), `refreshed_by`.
 BASE_IMAGES, BASE_IMAGES_ID = "buildpackd_base_images", "selectable"
 NO_CHANGE_STREAMS = 40573  # "The $changeStream stage is only supported on replica sets"
+UNAUTHORIZED = 13
 COMMAND_NOT_FOUND = 59  # `hello` on servers before 4.2.10 and 4.4.2
 TRANSIENT_ERRORS = (AutoReconnect, ConnectionFailure, NetworkTimeout, ServerSelectionTimeoutError)
 CATCH_UP_BATCH = 500  # jobs a catch-up scan decides per bulk read of their steps and apps
@@ -445,6 +446,11 @@ class Store:
         except OperationFailure as error:
             if error.code == NO_CHANGE_STREAMS:
                 return False, "the server is a standalone (change streams need a replica set)"
+            if error.code == UNAUTHORIZED:
+                return False, (
+                    "the MongoDB user may not open change streams on Ghost's jobs collection (grant it the "
+                    "changeStream and find actions there, as MongoDB's read role does)"
+                )
             return False, f"watch failed: {error}"
         return True, "the server offers change streams"
 

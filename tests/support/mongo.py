@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import secrets
 import shutil
 import signal
 import socket
@@ -87,11 +88,14 @@ def free_loopback_address(taken: set[str] = frozenset()) -> str:  # type: ignore
 class Mongod:
     """One `mongod` process on ADDRESS:27017, restartable on the same data."""
 
-    def __init__(self, build: MongodBuild, address: str, workdir: Path, replica_set: str | None):
+    def __init__(
+        self, build: MongodBuild, address: str, workdir: Path, replica_set: str | None, extra: tuple[str, ...] = ()
+    ):
         self.build = build
         self.address = address
         self.dir = workdir
         self.replica_set = replica_set
+        self.extra = extra
         self.process: subprocess.Popen[bytes] | None = None
         (self.dir / "data").mkdir(parents=True, exist_ok=True)
 
@@ -108,7 +112,7 @@ class Mongod:
         args += ["--setParameter", "diagnosticDataCollectionEnabled=false"]
         if self.replica_set:
             args += ["--replSet", self.replica_set]
-        return args
+        return args + list(self.extra)
 
     def start(self) -> None:
         self.process = subprocess.Popen(
@@ -233,13 +237,13 @@ class ReplicaSetMongo(MongoServer):
     topology = "replica_set"
     can_restart = True
 
-    def __init__(self, build: MongodBuild, workdir: Path, size: int = 1):
+    def __init__(self, build: MongodBuild, workdir: Path, size: int = 1, extra: tuple[str, ...] = ()):
         taken: set[str] = set()
         self.nodes: list[Mongod] = []
         for index in range(size):
             address = free_loopback_address(taken)
             taken.add(address)
-            self.nodes.append(Mongod(build, address, workdir / f"node{index}", REPLICA_SET))
+            self.nodes.append(Mongod(build, address, workdir / f"node{index}", REPLICA_SET, extra))
         self.workdir = workdir
         self.kind = f"mongod {build.version}, {size}-node replica set"
         hosts = ",".join(node.host for node in self.nodes)
@@ -292,6 +296,35 @@ class ReplicaSetMongo(MongoServer):
         shutil.rmtree(self.workdir, ignore_errors=True)
 
 
+class AuthenticatedReplicaSet(ReplicaSetMongo):
+    """A one-node replica set with access control (a key file, a `root` user made through the localhost
+    exception); `user_uri` gives the URI of a user with only the privileges asked."""
+
+    def __init__(self, build: MongodBuild, workdir: Path):
+        workdir.mkdir(parents=True, exist_ok=True)
+        key = workdir / "keyfile"
+        key.write_text(secrets.token_hex(48))  # the base64 alphabet a key file needs
+        key.chmod(0o400)
+        super().__init__(build, workdir, size=1, extra=("--auth", "--keyFile", str(key)))
+        self.kind = f"mongod {build.version}, 1-node replica set with access control"
+        with self.nodes[0].direct_client() as direct:  # the localhost exception: the first user
+            direct.admin.command("createUser", "root", pwd="root-pw", roles=["root"])
+        self.uri = f"mongodb://root:root-pw@{self.nodes[0].host}/?replicaSet={REPLICA_SET}"
+
+    def user_uri(self, database: str, user: str, actions: list[str]) -> str:
+        """A user of `database` allowed `actions` on its collections, and nothing else."""
+        with self.client() as root:
+            role = f"{user}_role"
+            root[database].command(
+                "createRole",
+                role,
+                privileges=[{"resource": {"db": database, "collection": ""}, "actions": actions}],
+                roles=[],
+            )
+            root[database].command("createUser", user, pwd=f"{user}-pw", roles=[role])
+        return f"mongodb://{user}:{user}-pw@{self.nodes[0].host}/{database}?replicaSet={REPLICA_SET}"
+
+
 class MongoServers:
     """The session's servers, each started on first use: a one-node replica set, a standalone server
     and, for the failover tests, a three-node replica set."""
@@ -314,6 +347,8 @@ class MongoServers:
             return ReplicaSetMongo(build, self.workdir / "replica_set", size=1)
         if topology == "standalone":
             return StandaloneMongo(build, self.workdir / "standalone")
+        if topology == "authenticated":
+            return AuthenticatedReplicaSet(build, self.workdir / "authenticated")
         if topology == "three_node":  # the failover tests' (slow suite)
             return ReplicaSetMongo(build, self.workdir / "three_node", size=3)
         raise ValueError(f"unknown MongoDB topology {topology!r}")
