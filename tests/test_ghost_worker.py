@@ -7,6 +7,7 @@ tests look at (tests/support/ghost_driver.py). Apps and jobs are written by Ghos
 
 from __future__ import annotations
 
+import re
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -20,6 +21,7 @@ from pymongo.database import Database
 
 from ghost_buildpackd.buildpack_command import EXIT_NO_DAEMON
 from ghost_buildpackd.lxd import Lxd
+from ghost_buildpackd.model import CANCELLED
 from tests.conftest import WORKING_COPY_IDS, leftover_containers, raw_config, remove_job_images
 from tests.support.daemon import DaemonProcess
 from tests.support.ghost import b64
@@ -29,11 +31,13 @@ from tests.support.ghost_worker import (
     GhostJobRun,
     GhostUnavailable,
     GhostWorker,
+    ghost_config,
     ghost_runtime,
     ghost_sources,
     patched_ghost_tree,
 )
 from tests.support.mongo import MongoServer
+from tests.support.waiting import wait_until
 
 # Each test runs on the suite's one-node replica set (the daemon on change streams) and on its standalone
 # server (the daemon polling, as with Ghost's docker-compose). Ghost reaches either at MONGO_HOST, the
@@ -70,10 +74,24 @@ def apitest(ghost_mongo: MongoServer) -> Iterator[Database]:
 
 
 @pytest.fixture
+def ghost_config_changes() -> dict[str, Any]:
+    """Keys of Ghost's config.yml this test changes; a test parametrizes this name to set its own."""
+    return {}
+
+
+@pytest.fixture
 def ghost_daemon_config(
-    ghost_mongo: MongoServer, apitest: Database, ghost_dirs: dict[str, Path], tmp_path: Path
+    ghost_mongo: MongoServer,
+    apitest: Database,
+    ghost_dirs: dict[str, Path],
+    ghost_config_changes: dict[str, Any],
+    tmp_path: Path,
 ) -> Path:
-    """The daemon's config (the command reads it through GHOST_BUILDPACKD_CONFIG), on Ghost's database."""
+    """The daemon's config (the command reads it through GHOST_BUILDPACKD_CONFIG), on Ghost's database.
+
+    Its `ghost.config` is a copy of the config.yml Ghost's worker reads, as both read one file in production.
+    """
+    (ghost_dirs["root"].parent / "ghost-config.yml").write_text(yaml.safe_dump(ghost_config(**ghost_config_changes)))
     path = tmp_path / "daemon.yml"
     path.write_text(yaml.safe_dump(raw_config(ghost_mongo, apitest, ghost_dirs)))
     return path
@@ -86,6 +104,7 @@ def ghost(
     apitest: Database,
     ghost_dirs: dict[str, Path],
     ghost_daemon_config: Path,
+    ghost_config_changes: dict[str, Any],
     tmp_path: Path,
 ) -> GhostWorker:
     """Runs Ghost jobs of this test: `ghost.run(job_id)` gives the exit code, the job and its log."""
@@ -98,6 +117,7 @@ def ghost(
         mongo_host=ghost_mongo.host,
         database=apitest,
         daemon_config=ghost_daemon_config,
+        config=ghost_config_changes,
     )
 
 
@@ -194,6 +214,29 @@ def working_copy(ghost_dirs: dict[str, Path]) -> Path:
     return ghost_dirs["root"] / "shop" / "prod" / "web" / "app"
 
 
+def owner(path: Path) -> tuple[int, int]:
+    return path.stat().st_uid, path.stat().st_gid
+
+
+def container_steps(ghost: GhostWorker, job_id: ObjectId) -> list[dict[str, Any]]:
+    """The daemon's step records for a Ghost job."""
+    return list(ghost.db.container_steps.find({"job_id": job_id}))
+
+
+def assert_ran_on_ghosts_host(ghost: GhostWorker, run: GhostJobRun, daemon: DaemonProcess, reason: str) -> None:
+    """Ghost ran build_pack with bash itself, and the daemon, having read the same job, made no step, for `reason`."""
+    assert run.job["status"] == "done", run.log
+    assert "Buildpack: Execute" in run.log and "Execute in a container" not in run.log, run.log
+    assert outcome_lines(run.log, "build_pack") == []
+    decided = wait_until(
+        lambda: daemon.saw("deploy_without_containers", job_id=str(run.job["_id"])),
+        60,
+        "the daemon's reading of the job",
+    )
+    assert reason in decided["reason"], decided
+    assert container_steps(ghost, run.job["_id"]) == []
+
+
 def test_ghost_writes_apps_and_jobs_as_its_api_does(ghost: GhostWorker, git_repo: Callable[..., str]) -> None:
     app_id = ghost.insert_app(ghost_app(git_repo(), "true"))
     job_id = ghost.insert_job(app_id, "deploy", modules=[{"name": "app"}])
@@ -243,9 +286,97 @@ def test_a_deploy_with_a_source_image_runs_the_buildpack_in_a_container_through_
     assert "Buildpack: Execute in a container" in run.log
     assert run.log.count("in-container-app-mode-ok") == 1, run.log
     assert "ghost-buildpackd: build_pack of module app: succeeded in a container, exit 0" in run.log
+    assert [step["state"] for step in container_steps(ghost, run.job["_id"])] == ["succeeded"]
     built = working_copy(ghost_dirs) / "built-in-container"
     assert (built.stat().st_uid, built.stat().st_gid) == WORKING_COPY_IDS
     assert ghost.db.deploy_histories.count_documents({"job_id": run.job["_id"]}) == 1
+
+
+@pytest.mark.parametrize("source_container_image", ["", "None"])  # UI: "Don't use containers"; selector hidden
+def test_an_app_using_no_container_runs_its_buildpack_with_bash_on_ghosts_host(
+    ghost: GhostWorker,
+    git_repo: Callable[..., str],
+    ghost_dirs: dict[str, Path],
+    daemon: DaemonProcess,
+    image_alias: str,
+    source_container_image: str,
+) -> None:
+    buildpack = "echo on-the-host-as-$(id -u); touch built-on-host\n"
+    app = ghost_app(git_repo(), buildpack, source_container_image, build_infos={"container_image": image_alias})
+    run = deploy(ghost, app)
+    assert_ran_on_ghosts_host(ghost, run, daemon, "source_container_image is not set")
+    assert run.log.count("on-the-host-as-1001") == 1, run.log
+    assert owner(working_copy(ghost_dirs) / "built-on-host") == WORKING_COPY_IDS
+
+
+@pytest.mark.parametrize("ghost_config_changes", [{"container": {"enabled": False, "endpoint": "localhost"}}])
+def test_containers_disabled_in_ghosts_config_run_the_buildpack_on_ghosts_host(
+    ghost: GhostWorker, git_repo: Callable[..., str], daemon: DaemonProcess, image_alias: str, base_image: str
+) -> None:
+    app = ghost_app(git_repo(), "echo on-the-host\n", base_image, build_infos={"container_image": image_alias})
+    run = deploy(ghost, app)
+    assert_ran_on_ghosts_host(ghost, run, daemon, "container.enabled is not true in Ghost's config.yml")
+    assert run.log.count("on-the-host") == 1, run.log
+
+
+def test_an_app_without_a_built_container_image_runs_on_ghosts_host_and_says_why(
+    ghost: GhostWorker, git_repo: Callable[..., str], daemon: DaemonProcess, base_image: str
+) -> None:
+    run = deploy(ghost, ghost_app(git_repo(), "echo on-the-host\n", base_image))
+    assert_ran_on_ghosts_host(ghost, run, daemon, "container_image is not set")
+    why = [line for line in run.log.splitlines() if "runs on this host" in line]
+    assert len(why) == 1, run.log
+    assert why[0].endswith(
+        "Buildpack: runs on this host: the app has no container image yet (build_infos.container_image); "
+        "a successful buildimage builds one, and later deploys run it in a container"
+    ), why
+
+
+def test_files_a_container_buildpack_gives_another_user_do_not_stop_ghosts_next_deploy(
+    ghost: GhostWorker,
+    git_repo: Callable[..., str],
+    ghost_dirs: dict[str, Path],
+    daemon: DaemonProcess,
+    image_alias: str,
+    base_image: str,
+) -> None:
+    buildpack = "mkdir -p d/e && touch d/e/f owned && chown -R 33:33 d && chown 33:33 owned\n"
+    app_id = ghost.insert_app(
+        ghost_app(git_repo(), buildpack, base_image, build_infos={"container_image": image_alias})
+    )
+    first = deploy(ghost, app_id)
+    assert first.job["status"] == "done", first.log
+    copy = working_copy(ghost_dirs)
+    owners = {owner(path) for path in (copy / "d", copy / "d" / "e", copy / "d" / "e" / "f", copy / "owned")}
+    # Ghost's own `chmod -R u+rwx` and `rm -rf` of the previous clone, as its user, before the next clone.
+    again = deploy(ghost, app_id)
+    assert again.job["status"] == "done", again.log
+    assert "Removing previous clone" in again.log
+    assert owners == {WORKING_COPY_IDS}
+
+
+def test_an_empty_stored_build_pack_runs_the_committed_file_in_the_container(
+    ghost: GhostWorker, git_repo: Callable[..., str], daemon: DaemonProcess, image_alias: str, base_image: str
+) -> None:
+    repo = git_repo(files={"README": "hello\n", "build_pack": "echo from-the-committed-file\n"})
+    app = ghost_app(repo, "", base_image, build_infos={"container_image": image_alias})
+    assert app["modules"][0]["build_pack"] == ""
+    run = deploy(ghost, app)
+    assert run.job["status"] == "done", run.log
+    assert outcome_lines(run.log, "build_pack") == [
+        "ghost-buildpackd: build_pack of module app: succeeded in a container, exit 0"
+    ]
+    assert run.log.count("from-the-committed-file") == 1, run.log
+
+
+def test_stdout_and_stderr_of_a_container_buildpack_keep_their_order_in_ghosts_job_log(
+    ghost: GhostWorker, git_repo: Callable[..., str], daemon: DaemonProcess, image_alias: str, base_image: str
+) -> None:
+    buildpack = "for i in 1 2 3; do echo line-out-$i; echo line-err-$i >&2; done\n"
+    run = deploy(ghost, ghost_app(git_repo(), buildpack, base_image, build_infos={"container_image": image_alias}))
+    assert run.job["status"] == "done", run.log
+    shown = [line.split("line-")[1] for line in run.log.splitlines() if "line-" in line]
+    assert shown == ["out-1", "err-1", "out-2", "err-2", "out-3", "err-3"], run.log
 
 
 def test_a_failing_buildpack_in_a_container_fails_ghosts_job_with_its_exit_code(
@@ -383,3 +514,46 @@ def test_ghosts_own_job_timeout_fails_a_job_whose_buildpack_overruns(
     assert "JobTimeoutException" in run.output
     assert run.job["status"] == "failed" and "JobTimeoutException" in run.job["message"], run.job
     assert "overrunning" in run.log
+
+
+OVERRUNNING = "echo overrunning-in-container; sleep 300\n"
+
+
+@pytest.mark.parametrize("ghost_config_changes", [{"rq_worker_job_timeout": 30}])
+def test_the_commands_wait_ends_within_ghosts_rq_job_timeout(
+    ghost: GhostWorker, git_repo: Callable[..., str], daemon: DaemonProcess, image_alias: str, base_image: str
+) -> None:
+    """The daemon reads rq_worker_job_timeout from Ghost's config.yml: the command gives up first, and says why."""
+    started = time.monotonic()
+    run = deploy(ghost, ghost_app(git_repo(), OVERRUNNING, base_image, build_infos={"container_image": image_alias}))
+    assert time.monotonic() - started < 30, run.log
+    assert run.job["status"] == "failed", run.log
+    assert run.job["message"] == "Deployment Failed: [app] 'ERROR: Buildpack: Execute in a container'"
+    assert "overrunning-in-container" in run.log
+    (outcome,) = outcome_lines(run.log, "build_pack")
+    assert re.search(
+        r": timed out: abandoned by Ghost's client after waiting \S+ for the outcome, "
+        r"while the script was running \(stopped\), exit 67$",
+        outcome,
+    ), outcome
+
+
+def test_a_deploy_killed_at_ghosts_rq_timeout_stops_its_running_container_script_saying_so(
+    ghost: GhostWorker, git_repo: Callable[..., str], daemon: DaemonProcess, image_alias: str, base_image: str
+) -> None:
+    """Ghost's worker alone times out first (here only its config.yml is lowered, as if the daemon's own
+    buildpack.timeout were raised past it): the job fails as rq ends it, and the daemon stops the script."""
+    app = ghost_app(git_repo(), OVERRUNNING, base_image, build_infos={"container_image": image_alias})
+    job_id = ghost.insert_job(ghost.insert_app(app), "deploy", modules=[{"name": "app"}])
+    run = ghost.run(job_id, rq_worker_job_timeout=20)
+    assert run.job["status"] == "failed" and "JobTimeoutException" in run.job["message"], run.job
+    assert "overrunning-in-container" in run.log
+    (step,) = wait_until(
+        lambda: [s for s in container_steps(ghost, job_id) if s["state"] == CANCELLED],
+        60,
+        "the daemon's cancellation of the step",
+    )
+    assert step["message"] == (
+        "deploy job ended (failed) at Ghost's RQ job timeout (rq_worker_job_timeout killed it), "
+        "while the script was running (stopped)"
+    ), step

@@ -45,6 +45,11 @@ GHOST_CONFIG: dict[str, Any] = {
 }
 
 
+def ghost_config(**overrides: Any) -> dict[str, Any]:
+    """Ghost's config.yml for a test: GHOST_CONFIG with these top-level keys replaced."""
+    return {**GHOST_CONFIG, **overrides}
+
+
 class GhostUnavailable(Exception):
     """Ghost's sources or the Python 2.7 runtime are missing on this machine: the reason, for a skip."""
 
@@ -112,6 +117,7 @@ class GhostWorker:
         mongo_host: str,
         database: Database,
         daemon_config: Path | None = None,
+        config: dict[str, Any] | None = None,
     ):
         self.python = runtime / "bin" / "python2.7"
         self.tree = tree
@@ -121,6 +127,7 @@ class GhostWorker:
         self.mongo_host = mongo_host
         self.db = database
         self.daemon_config = daemon_config
+        self.config = ghost_config(**(config or {}))
         self.s3 = work / "s3"
         self.home = work / "home"
         self.opt = work / "opt-ghost-buildpackd"
@@ -143,7 +150,7 @@ class GhostWorker:
         self.runs += 1
         tree = self.work / f"ghost-{self.runs}"
         shutil.copytree(self.tree, tree, symlinks=True)
-        (tree / "config.yml").write_text(yaml.safe_dump({**GHOST_CONFIG, **config}))
+        (tree / "config.yml").write_text(yaml.safe_dump({**self.config, **config}))
         return tree
 
     def _environment(self) -> dict[str, str]:
