@@ -307,6 +307,23 @@ def test_files_of_other_container_users_are_handed_back_to_the_working_copy_owne
     assert leftover_containers(lxd, db) == []
 
 
+def test_files_are_handed_back_after_a_script_stopped_at_its_timeout(
+    make_config: Callable[..., Config], store: Store, lxd: Lxd, db: Database, image_alias: str, ghost_dirs, lxd_cleanup
+) -> None:
+    """The timeout stops the container with the script; it is started again for the hand-back, or Ghost's next
+    deploy could not remove the clone."""
+    config = make_config(container={"exec_timeout": "4s"})
+    job_id = deploy_job(db, image_alias, [module_doc("app", "/srv/app", FILES_OF_OTHER_USERS + "sleep 60\n")])
+    module_dir = working_copy(ghost_dirs["root"], "app")
+    os.chown(module_dir.parent, *WORKING_COPY_IDS)
+
+    with pytest.raises(StepFailed, match="did not finish within 4s"):
+        run_deploy(deploy_context(config, store, lxd, job_id, "app", "run"))
+
+    assert every_owner(module_dir) == {WORKING_COPY_IDS}
+    assert leftover_containers(lxd, db) == []
+
+
 def test_a_file_the_container_cannot_own_is_said_and_does_not_fail_the_buildpack(
     make_config: Callable[..., Config], store: Store, lxd: Lxd, db: Database, image_alias: str, ghost_dirs, lxd_cleanup
 ) -> None:

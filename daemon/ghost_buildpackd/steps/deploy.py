@@ -27,7 +27,7 @@ from ..ghost import App, BadDocument, Module, ModuleScript, containers_off, pars
 from ..images import ImageNotFound, deploy_image
 from ..joblog import OutputCollector
 from ..logs import Secrets
-from ..lxd import Mount
+from ..lxd import LxdError, Mount
 from ..model import BUILD_PACK, DEPLOY, FAILED, READY, REDEPLOY, SKIPPED, SUCCEEDED
 from . import (
     SCRIPT_DIR,
@@ -296,6 +296,22 @@ def remove_committed_script(ctx: StepContext, working_copy: Path, script: Module
     ctx.say("module_script_removed", f"{script.path.name} removed from the working copy, as Ghost does once it ran")
 
 
+def started_for_hand_back(ctx: StepContext, name: str) -> bool:
+    """A script that ran out of `container.exec_timeout` was stopped with its container: it is started again, so
+    its files are handed back all the same (Ghost's next deploy removes the clone as its user). Not after a
+    cancellation or a takeover: the step is then no longer this attempt's to act on."""
+    if ctx.abort.is_set():
+        ctx.log.warning("ownership_not_restored", container=name, reason="the step was cancelled or taken over")
+        return False
+    try:
+        ctx.lxd.start(name)
+        ctx.lxd.wait_ready(name, ctx.config.container.ready_timeout, abort=ctx.abort)
+    except LxdError as error:
+        ctx.log.warning("ownership_not_restored", container=name, reason=f"could not start it again: {error}")
+        return False
+    return True
+
+
 def give_back_files(ctx: StepContext, name: str, module: Module, owner: tuple[int, int], succeeded: bool) -> None:
     """Hand every file of the module to the working copy's owner, before the outcome is recorded.
 
@@ -313,8 +329,7 @@ def give_back_files(ctx: StepContext, name: str, module: Module, owner: tuple[in
     put them in the working copy on the host): said in the job log, never a
     failure. After a failed script this is best effort.
     """
-    if ctx.lxd.container_status(name) != "Running":
-        ctx.log.warning("ownership_not_restored", container=name, reason="the container is no longer running")
+    if ctx.lxd.container_status(name) != "Running" and not started_for_hand_back(ctx, name):
         return
     privileged = ctx.config.container.privileged
     uid, gid = owner if privileged else (0, 0)
