@@ -42,7 +42,6 @@ log = get_logger(__name__)
 STATUS_EVERY = 1.0  # how often the STATUS line is refreshed (sent only when it changed)
 # Ghost offers the base image list while it is younger than this many refresh intervals: one missed
 # refresh (LXD slow, MongoDB blip) keeps the selector, a stopped daemon loses it soon.
-BASE_IMAGES_FRESH_INTERVALS = 3
 REQUEST_POLL = 0.2  # poll mode: how often to look for a client's buildpack request
 
 
@@ -101,10 +100,10 @@ class Upkeep:
 
     def refresh_base_images(self) -> None:
         """List the base images this LXD server offers into MongoDB, where Ghost's UI reads them (no LXD access
-        for Ghost). When LXD or MongoDB fails, the list ages out and Ghost hides the selector, as 19.08 did."""
+        for Ghost). The last list stays while no daemon refreshes it: a hidden selector would make Ghost's UI save
+        `'None'` (containers off) for every app edited meanwhile."""
         images = selectable_base_images(self.lxd.list_images())
-        fresh_for = BASE_IMAGES_FRESH_INTERVALS * self.config.base_images_interval
-        self.store.save_base_images(images, fresh_for, self.config.instance_id or "")
+        self.store.save_base_images(images, self.config.instance_id or "")
         log.debug("base_images_refreshed", count=len(images))
 
     def _sweep(self) -> None:
@@ -342,7 +341,6 @@ class Daemon:
         self.runner.stop(self.config.shutdown_grace)
         try:
             self.store.remove_instance(self.config.instance_id or "")
-            self.store.withdraw_base_images(self.config.instance_id or "")
         except PyMongoError as error:
             log.warning("instance_record_not_removed", error=str(error))
         log.info("daemon_stopped")

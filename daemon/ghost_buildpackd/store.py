@@ -78,7 +78,7 @@ log = get_logger(__name__)
 
 STEPS, IMAGES, STATE, INSTANCES = "container_steps", "container_images", "buildpackd_state", "buildpackd_instances"
 # The base images Ghost's UI may offer, one document (BASE_IMAGES_ID) that Ghost's patched libs/lxd.py reads
-# with pymongo 3.7: `images`, `refreshed_at` (server time), `fresh_for` (seconds), `refreshed_by`.
+# with pymongo 3.7: `images`, `refreshed_at` (server time), `refreshed_by`.
 BASE_IMAGES, BASE_IMAGES_ID = "buildpackd_base_images", "selectable"
 NO_CHANGE_STREAMS = 40573  # "The $changeStream stage is only supported on replica sets"
 UNAUTHORIZED = 13
@@ -1032,27 +1032,15 @@ class Store:
     # --- the base images Ghost's UI offers ---------------------------------------------------
 
     @retry_transient
-    def save_base_images(self, images: Iterable[BaseImage], fresh_for: float, instance_id: str) -> None:
-        """Replace the list Ghost's UI offers; Ghost shows it while `refreshed_at` is under `fresh_for` seconds old
-        on the server's clock (Ghost compares it with the server's `localTime`, never its own clock)."""
+    def save_base_images(self, images: Iterable[BaseImage], instance_id: str) -> None:
+        """Replace the list Ghost's UI offers (`refreshed_at`, on the server's clock, says how old it is)."""
         self.base_images.update_one(
             {"_id": BASE_IMAGES_ID},
             {
-                "$set": {
-                    "images": [image.to_doc() for image in images],
-                    "fresh_for": fresh_for,
-                    "refreshed_by": instance_id,
-                },
+                "$set": {"images": [image.to_doc() for image in images], "refreshed_by": instance_id},
                 "$currentDate": {"refreshed_at": True},
             },
             upsert=True,
-        )
-
-    def withdraw_base_images(self, instance_id: str) -> None:
-        """At shutdown: the list this instance refreshed last is no longer vouched for (another live instance
-        refreshes it again); one attempt, like `remove_instance`."""
-        self.base_images.update_one(
-            {"_id": BASE_IMAGES_ID, "refreshed_by": instance_id}, {"$set": {"fresh_for": 0, "refreshed_by": None}}
         )
 
     @retry_transient
