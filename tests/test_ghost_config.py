@@ -58,6 +58,12 @@ def test_ghosts_defaults_for_missing_keys():
     assert ghost_settings_from_mapping({"container": {"endpoint": "localhost"}}).remote_endpoint is None
 
 
+@pytest.mark.parametrize(("value", "enabled"), [(True, True), ("false", True), (1, True), (0, False), ("", False)])
+def test_container_enabled_is_read_as_ghost_tests_it(value, enabled):
+    """Ghost 19.08 and the patch test `container.enabled` for truth: the daemon decides the same, never refuses it."""
+    assert ghost_settings_from_mapping({"container": {"enabled": value}}).container_enabled is enabled
+
+
 def test_every_mistake_is_named_with_ghosts_key(tmp_path):
     path = write(
         tmp_path,

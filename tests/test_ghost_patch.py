@@ -160,6 +160,10 @@ def test_the_deploy_change_runs_this_projects_command_with_arguments_it_accepts(
 
 DECIDE = """
 import json, sys
+try:
+    basestring
+except NameError:  # the same lines under Python 3
+    basestring = str
 cases = json.load(sys.stdin)
 calls = []
 def gcall(command, description, log_file):

@@ -29,7 +29,7 @@ from .logs import get_logger
 from .metrics import MetricsRecorder
 from .model import BUILDIMAGE, DEPLOY, FAILED, REDEPLOY, step_id
 from .policy import Pacer
-from .store import TRANSIENT_ERRORS, Store, next_change, utcnow
+from .store import TRANSIENT_ERRORS, Store, in_transition, next_change, utcnow
 
 log = get_logger(__name__)
 
@@ -308,9 +308,11 @@ class ChangeStreamSource(Source):
         """
         if error.code in TOKEN_UNUSABLE or "resume" in str(error).lower():
             return True
+        if in_transition(error):  # a primary change or a shutdown: the token is fine, the server is not yet
+            return False
         try:
             self.store.watch_jobs(None, max_await=0.01).close()
-        except OperationFailure:
+        except PyMongoError:
             return False
         return True
 

@@ -134,7 +134,7 @@ def ghost_settings_from_mapping(raw: Any, path: Path | None = None) -> GhostSett
         problems.append(f"{where}: container: expected a mapping, got {type(container).__name__}")
     elif container is not None:
         # With a `container` section, Ghost's code defaults the endpoint to localhost.
-        take("enabled", _ghost_bool, "container_enabled", container, "container.")
+        take("enabled", _ghost_truth, "container_enabled", container, "container.")
         take("endpoint", _endpoint, "container_endpoint", container, "container.")
         take("debug", _ghost_bool, "container_debug", container, "container.")
     from .config import one_of, positive_int  # here: config.py imports this module
@@ -147,6 +147,12 @@ def ghost_settings_from_mapping(raw: Any, path: Path | None = None) -> GhostSett
     if problems:
         raise GhostConfigError(problems)
     return GhostSettings(**values)
+
+
+def _ghost_truth(value: Any) -> bool:
+    """`container.enabled` as Ghost 19.08 and the patch test it (`if container_config.get('enabled', False)`):
+    any true value, even the text 'false', so the daemon and Ghost never disagree on whether containers run."""
+    return bool(value)
 
 
 def _ghost_bool(value: Any) -> bool:
