@@ -194,7 +194,9 @@ def test_an_empty_stored_build_pack_runs_the_file_committed_in_the_clone(
 
     assert outcome.state == SUCCEEDED, outcome
     assert "committed-build-pack-ran" in job_log(config, job_id)
-    assert (module_dir / "made-by-file").exists() and not (module_dir / "build_pack").exists()
+    assert (module_dir / "made-by-file").exists()
+    # Left for Ghost's client to remove once the outcome is recorded (a repeated run must find it).
+    assert (module_dir / "build_pack").exists()
     assert idle.state == SKIPPED and "is empty" in idle.message
     assert leftover_containers(lxd, db) == []
 

@@ -8,8 +8,9 @@ Two phases, driven by the runner:
   module's `path`, push the buildpack outside the module directory, run it with
   `bash` (`sh` when the image has no bash) in the module directory, and remove
   the container whatever happens. As Ghost does, a `build_pack` file at the root
-  of the working copy wins over the stored script, and is removed from the
-  working copy once it succeeded.
+  of the working copy wins over the stored script. It stays in the working copy
+  until the outcome is recorded (a run repeated after a crash must find it):
+  Ghost's client removes it then (`client.remove_committed_script`).
 
 Everything that can be refused (module, paths, scripts, image) is checked
 before anything runs. Files the buildpack writes belong to the working copy's
@@ -98,7 +99,6 @@ def run(ctx: StepContext) -> Outcome:
             collector = run_build_pack(ctx, name, app, module, script, working_copy, owner)
     finally:
         clean_up_container(ctx, name, after_outcome=True)  # also a prepared one, when the input was refused
-    remove_committed_script(ctx, working_copy, script)  # nothing in the container can touch the copy now
     message = f"{script_label(ctx, module)} succeeded"
     ctx.say("deploy_buildpack_succeeded", message, module=module.name, script=ctx.step.script)
     return Outcome(SUCCEEDED, message=message, exit_code=0, output_tail=collector.tail_text())
@@ -282,18 +282,6 @@ def run_build_pack(
         raise
     give_back_files(ctx, name, module, owner, succeeded=True)
     return collector
-
-
-def remove_committed_script(ctx: StepContext, working_copy: Path, script: ModuleScript) -> None:
-    """Ghost deletes the script it ran from the clone (`rm -vf`), so a committed one is not packaged."""
-    if script.path is None:
-        return
-    try:
-        (working_copy / script.path.name).unlink(missing_ok=True)
-    except OSError as error:  # the buildpack succeeded: say so rather than fail the deploy
-        ctx.say("module_script_not_removed", f"{script.path.name} could not be removed from the working copy: {error}")
-        return
-    ctx.say("module_script_removed", f"{script.path.name} removed from the working copy, as Ghost does once it ran")
 
 
 def give_back_files(ctx: StepContext, name: str, module: Module, owner: tuple[int, int], succeeded: bool) -> None:
