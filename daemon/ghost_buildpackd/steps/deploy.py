@@ -41,6 +41,7 @@ from . import (
     describe_ids,
     idmap_user_ids,
     launch,
+    remove_leftovers,
     run_command,
     script_shell,
 )
@@ -200,18 +201,27 @@ def prepared_container(ctx: StepContext) -> str:
 def usable_container(ctx: StepContext, app: App, owner: tuple[int, int]) -> str:
     """The prepared container when it runs, untouched, with the right ownership mapping; else a new one.
 
-    Untouched: no working copy was ever mounted in it, so no earlier run (cut
-    off by a shutdown or an LXD outage) can have left anything running there.
-    The preparation released its lease when it was done, so this attempt may
-    adopt it; one taken over removes it first (`remove_leftovers`).
+    Untouched: LXD says no working copy was ever mounted in it (`ever_mounted`,
+    a mark set with the first mount and never cleared), so no earlier run (cut
+    off by a shutdown, its container released but not deleted) ran anything
+    there. Having no mount now proves nothing: releasing a container detaches
+    them. The preparation released its lease when it was done, so this attempt
+    may adopt it, and removes whatever else earlier attempts left; a new
+    container's launch removes them all (`remove_leftovers`).
     """
     name = prepared_container(ctx)
     wanted = container_spec(ctx, "", idmap=owner)
     current = ctx.lxd.describe_container(name)
     if current is None:
         ctx.log.info("deploy_container_not_prepared", container=name)
-    elif current.status != "Running" or current.mounts:
-        ctx.log.warning("deploy_container_recreated", container=name, status=current.status, devices=current.mounts)
+    elif current.status != "Running" or current.mounts or current.ever_mounted:
+        ctx.log.warning(
+            "deploy_container_recreated",
+            container=name,
+            status=current.status,
+            devices=current.mounts,
+            ever_mounted=current.ever_mounted,
+        )
     elif ctx.step.image != app.container_image:
         ctx.say(
             "deploy_container_recreated_for_new_image",
@@ -222,6 +232,7 @@ def usable_container(ctx: StepContext, app: App, owner: tuple[int, int]) -> str:
         )
     elif current.maps_ownership_as(wanted):
         ctx.log.info("deploy_container_reused", container=name)
+        remove_leftovers(ctx, keep=name)
         return name
     else:
         ctx.log.warning(
