@@ -123,12 +123,14 @@ def run_buildpack(
     if not step.terminal:
         step = _wait(store, sid, deadline, poll_interval, wait_mode, alive) or step
     if step.terminal:
-        if step.state == SUCCEEDED and ghost_root is not None and app_id is not None:
-            remove_committed_script(store, app_id, module_name, script, ghost_root, job_log_dir, job_oid)
-        return _result(step)
-    if not alive():
-        return _abandon(store, sid, _no_daemon(host, daemon_max_age, "while waiting"), NO_DAEMON)
-    return _abandon(store, sid, f"abandoned by Ghost's client after waiting {timeout:g}s for the outcome")
+        result = _result(step)
+    elif not alive():
+        result = _abandon(store, sid, _no_daemon(host, daemon_max_age, "while waiting"), NO_DAEMON)
+    else:
+        result = _abandon(store, sid, f"abandoned by Ghost's client after waiting {timeout:g}s for the outcome")
+    if result.state == SUCCEEDED and ghost_root is not None and app_id is not None:  # also a finish that won a race
+        remove_committed_script(store, app_id, module_name, script, ghost_root, job_log_dir, job_oid)
+    return result
 
 
 def _check_wait(timeout: float, poll_interval: float, wait_mode: str) -> None:
