@@ -22,7 +22,7 @@ from ghost_buildpackd.events import Intake
 from ghost_buildpackd.ghost import BadDocument
 from ghost_buildpackd.logs import get_logger
 from ghost_buildpackd.lxd import Lxd
-from ghost_buildpackd.model import CANCELLED, READY, SKIPPED, SUCCEEDED, step_id
+from ghost_buildpackd.model import CANCELLED, DEPLOY, READY, RUNNING, SKIPPED, SUCCEEDED, Actor, next_state, step_id
 from ghost_buildpackd.steps import StepContext, StepFailed, container_name, deploy, run_after_outcome
 from ghost_buildpackd.store import Store
 from ghost_buildpackd.sweep import sweep_orphans
@@ -194,7 +194,9 @@ def test_an_empty_stored_build_pack_runs_the_file_committed_in_the_clone(
 
     assert outcome.state == SUCCEEDED, outcome
     assert "committed-build-pack-ran" in job_log(config, job_id)
-    assert (module_dir / "made-by-file").exists() and not (module_dir / "build_pack").exists()
+    assert (module_dir / "made-by-file").exists()
+    # Left for Ghost's client to remove once the outcome is recorded (a repeated run must find it).
+    assert (module_dir / "build_pack").exists()
     assert idle.state == SKIPPED and "is empty" in idle.message
     assert leftover_containers(lxd, db) == []
 
@@ -419,6 +421,43 @@ def test_abort_during_the_buildpack_stops_it_and_removes_the_container(
         run_deploy(ctx)
 
     assert "interrupted" in failure.value.message
+    assert leftover_containers(lxd, db) == []
+
+
+RUNS_IN_THIS_CONTAINER = """echo run >> /root/runs
+echo "runs in this container: $(wc -l < /root/runs)"
+if [ -e fail-once ]; then exit 3; fi
+echo buildpack-done
+"""
+
+
+def test_a_container_the_buildpack_ran_in_is_never_reused_when_the_step_is_asked_again(
+    make_config: Callable[..., Config], store: Store, lxd: Lxd, db: Database, image_alias: str, ghost_dirs, lxd_cleanup
+) -> None:
+    """The buildpack failed as the daemon's shutdown ran out of grace, so the step went back to `requested` (the
+    shutdown's row), and the daemon died before deleting the container it had released (working copy detached,
+    processes ended, still running). The next claim must run in a new container, not the one the script ran in."""
+    config = make_config()
+    job_id = deploy_job(db, image_alias, [module_doc("app", "/srv/app", RUNS_IN_THIS_CONTAINER)])
+    module_dir = working_copy(ghost_dirs["root"], "app")
+    (module_dir / "fail-once").touch()
+    first = deploy_context(config, store, lxd, job_id, "app", "run")
+    with pytest.raises(StepFailed):
+        deploy.run(first)  # and no run_after_outcome: the process died before the container's deletion
+    used = first.step.container
+    assert used is not None and lxd.container_status(used) == "Running"
+    assert lxd.describe_container(used).mounts == []  # released: nothing says "used" but the fact itself
+    back = next_state(Actor.SHUTDOWN, RUNNING, DEPLOY)
+    assert store.update_step(first.step, state=back, release=True) is not None  # the shutdown's row: requested
+    (module_dir / "fail-once").unlink()
+
+    with capture_logs() as events:
+        outcome = run_deploy(deploy_context(config, store, lxd, job_id, "app", "run"))
+
+    assert outcome.state == SUCCEEDED, outcome
+    assert not any(event["event"] == "deploy_container_reused" for event in events), events
+    assert "runs in this container: 2" not in job_log(config, job_id)
+    assert lxd.container_status(used) is None
     assert leftover_containers(lxd, db) == []
 
 

@@ -234,15 +234,17 @@ def working_copy(root: Path) -> Path:
 class Client:
     """Ghost's deploy worker asking for the buildpack, in a thread (it blocks until the outcome)."""
 
-    def __init__(self, db: Database, job: ObjectId, timeout: float = 120):
+    def __init__(self, db: Database, job: ObjectId, timeout: float = 120, ghost_root: Path | None = None):
         self.result: BuildpackResult | None = None
         self.error: BaseException | None = None
+        self.ghost_root = ghost_root
         self.thread = threading.Thread(target=self._run, args=(db, job, timeout), daemon=True)
         self.thread.start()
 
     def _run(self, db: Database, job: ObjectId, timeout: float) -> None:
         try:
-            self.result = run_buildpack(db, job, "api", timeout=timeout, poll_interval=0.2)
+            extra = {"ghost_root": self.ghost_root} if self.ghost_root else {}
+            self.result = run_buildpack(db, job, "api", timeout=timeout, poll_interval=0.2, **extra)
         except BaseException as error:
             self.error = error
 
@@ -314,6 +316,42 @@ def test_sigkill_during_deploy_then_takeover_runs_the_buildpack(
     else:
         # Killed while deleting the container of a recorded outcome: the buildpack does not run again.
         assert runs == ["start", "end"], runs
+    set_status(db, job, "done")
+    assert_nothing_left(lxd, db, store)
+
+
+@pytest.mark.slow
+def test_a_committed_build_pack_whose_outcome_was_not_recorded_runs_again_not_the_stored_one(
+    mongo, db, store, lxd, base_image, ghost_dirs, daemons, lxd_cleanup
+):
+    """Killed after the committed script ran, before its outcome was recorded: the successor runs the same file."""
+    skip_unless_restartable(mongo)
+    app = deploy_app(db, base_image, "echo stored >> runs.log; echo stored build_pack ran")
+    group = daemons()
+    first = group.start()
+    job = make_job(db, app, command="deploy", modules=["api"])
+    sid = step_id(job, "deploy", "api")
+    copy = working_copy(ghost_dirs["root"])
+    committed = copy / "build_pack"
+    committed.write_text(BUILDPACK.replace("start", "committed"))
+    os.chown(committed, *WORKING_COPY_IDS)
+    set_status(db, job, "started")
+    wait_until(lambda: state_of(store, sid) == "ready", 60, "the step prepared")
+    client = Client(db, job, ghost_root=ghost_dirs["root"])
+    wait_until(lambda: (copy / "runs.log").exists(), 60, "the committed build_pack to start")
+    mongo.stop()  # the build_pack ends while MongoDB is down: its outcome cannot be recorded
+    (copy / "go").touch()
+    wait_until(lambda: event_of(first, "mongodb_unavailable_retrying", job), 60, "the outcome's record")
+    first.kill()
+    mongo.start()
+    second = group.start()
+
+    result = client.outcome()
+    assert result.state == SUCCEEDED, result
+    assert (copy / "runs.log").read_text().split() == ["committed", "end", "committed", "end"]
+    assert second.saw("deploy_run_taken_over", job_id=str(job))
+    # Removed as Ghost does (`rm -vf`), once the outcome is known: never before a run that may be repeated.
+    assert not committed.exists()
     set_status(db, job, "done")
     assert_nothing_left(lxd, db, store)
 

@@ -418,6 +418,9 @@ def test_a_committed_build_pack_file_wins_over_the_stored_script_in_the_containe
     assert run.job["status"] == "done", run.log
     assert run.log.count("from-the-committed-file") == 1, run.log
     assert "from-the-stored-script" not in run.log
+    # Ghost's `rm -vf` after the script, done by the client once the outcome is recorded: not packaged.
+    assert "build_pack removed from the working copy, as Ghost does once it ran" in run.log
+    assert not (Path(ghost.ghost_root) / "shop" / "prod" / "web" / "app" / "build_pack").exists()
 
 
 def test_after_all_deploy_runs_in_a_container_and_a_redeploy_runs_none(

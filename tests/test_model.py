@@ -129,10 +129,18 @@ def test_the_client_abandons_deploy_steps_in_the_states_of_its_row(db, store):
     assert_moves_along(Actor.CLIENT, StepState.CANCELLED, DEPLOY, after)
 
 
-def test_the_sweep_cancels_deploy_steps_in_the_states_of_its_row(db, store):
+def test_the_sweep_expires_the_containers_of_deploy_steps_in_the_states_of_its_row(db, store):
     # A negative age makes every step stale, however recent its last write.
-    after = moves(store, db, DEPLOY, lambda step: store.cancel_stale_ready(-3600, "never asked for"))
-    assert_moves_along(Actor.SWEEP, StepState.CANCELLED, DEPLOY, after)
+    expired_from = set()
+    for state in StepState:
+        sid = step_in(store, db, DEPLOY, state, container=f"gbp-{state}")
+        if store.expire_stale_ready(-3600, "expired"):
+            expired_from.add(state)
+        step = store.get_step(sid)
+        assert step.state == state, step  # the step stays where it was: still requestable
+        assert (step.container is None) == (state in expired_from), step
+    assert expired_from == set(from_states(Actor.SWEEP, READY, DEPLOY)) == {READY}
+    assert all(may_move(Actor.SWEEP, state, READY, DEPLOY) for state in expired_from)
 
 
 def test_replay_resets_buildimage_steps_in_the_states_of_its_row(db, store):

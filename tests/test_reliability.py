@@ -14,11 +14,12 @@ import pytest
 from pymongo.database import Database
 from structlog.testing import capture_logs
 
+from ghost_buildpackd.client import run_buildpack
 from ghost_buildpackd.config import Config, LxdConfig
 from ghost_buildpackd.joblog import JobLog, OutputCollector
 from ghost_buildpackd.logs import Secrets
 from ghost_buildpackd.lxd import ContainerSpec, Lxd, LxdError
-from ghost_buildpackd.model import CANCELLED, FAILED, READY, SUCCEEDED, step_id
+from ghost_buildpackd.model import FAILED, READY, SUCCEEDED, step_id
 from ghost_buildpackd.steps import StepFailed, deploy
 from ghost_buildpackd.store import Store
 from tests.conftest import WORKING_COPY_IDS, leftover_containers
@@ -30,6 +31,7 @@ from tests.test_buildimage import config as buildimage_config  # noqa: F401  (a 
 from tests.test_deploy import job_log, prepare_ready, run_deploy
 from tests.test_faults import assert_nothing_left, buildimage_app, daemons, deploy_app, features_config  # noqa: F401  (daemons is a fixture)
 from tests.test_faults import buildimage_job as faults_buildimage_job
+from tests.test_faults import working_copy as faults_working_copy
 
 
 def pem_key(seed: int) -> str:
@@ -307,29 +309,35 @@ def test_a_600mb_publish_outlasting_the_http_timeout_succeeds(
 
 
 @pytest.mark.slow
-def test_a_prepared_container_nobody_asks_for_is_removed_after_prepared_max_age(
+def test_a_prepared_container_past_prepared_max_age_is_removed_and_the_step_still_runs_when_asked(
     db: Database,
     store: Store,
     lxd: Lxd,
     base_image: str,
+    ghost_dirs,
     daemons,  # noqa: F811
 ) -> None:
+    """A long multi-module deploy reaches the module late: its container expired, its step did not."""
     process = daemons(container={"prepared_max_age": "4s"}, sweep_interval="1s").start()
-    job = make_job(db, deploy_app(db, base_image, "echo never runs"), command="deploy", modules=["api"])
-    set_status(db, job, "started")  # and Ghost's worker dies: nobody ever asks for the buildpack
+    job = make_job(db, deploy_app(db, base_image, "echo late-module-ran > ran"), command="deploy", modules=["api"])
+    set_status(db, job, "started")
     sid = step_id(job, "deploy", "api")
     wait_until(lambda: state_of(store, sid) == READY, 60, "the step prepared")
     container = store.get_step(sid).container
     assert container is not None and lxd.container_status(container) == "Running"
 
-    step = wait_until(lambda: terminal_step(store, sid), 60, "the prepared step expired")
-
-    assert step.state == CANCELLED, step
-    assert "prepared over 4s ago (container.prepared_max_age)" in step.message
-    assert "never asked for the buildpack" in step.message
-    wait_until(lambda: lxd.container_status(container) is None, 30, "the prepared container removed")
+    wait_until(lambda: lxd.container_status(container) is None, 60, "the prepared container expired and removed")
+    step = store.get_step(sid)
+    assert step.state == READY and step.container is None, step
     assert process.saw("prepared_container_expired", step=sid)
+
+    copy = faults_working_copy(ghost_dirs["root"])
+    result = run_buildpack(db, job, "api", timeout=120, poll_interval=0.2)  # Ghost's worker reaches the module
+
+    assert result.state == SUCCEEDED, result
+    assert (copy / "ran").read_text().strip() == "late-module-ran"
     assert process.alive()
+    set_status(db, job, "done")
     assert_nothing_left(lxd, db, store)
 
 

@@ -86,6 +86,7 @@ def buildpack_command(config: Config, job_id: str, module: str, script: str, tim
             daemon_max_age=LIMITS.heartbeat_max_age(config),
             build_wait=config.buildpack.build_wait,
             job_log_dir=config.ghost.log_dir,
+            ghost_root=config.ghost.root,
         )
 
     return ask_and_report(config, f"{script} of module {module}", ask, out)

@@ -31,7 +31,7 @@ from bson import ObjectId
 from pymongo.database import Database
 from pymongo.errors import PyMongoError
 
-from .ghost import BadDocument, parse_object_id
+from .ghost import BadDocument, parse_app, parse_object_id
 from .joblog import JobLog
 from .model import (
     BUILD_PACK,
@@ -81,6 +81,7 @@ def run_buildpack(
     daemon_max_age: float | None = None,
     build_wait: float = 0.0,
     job_log_dir: Path | None = None,
+    ghost_root: Path | None = None,
 ) -> BuildpackResult:
     """Ask the daemon to run `module_name`'s `script` for deploy (or redeploy) job `job_id`; wait for the outcome.
 
@@ -94,7 +95,11 @@ def run_buildpack(
     that, and the wait ends (the request cancelled) once none has. With
     `build_wait`, the app's container build still in flight is waited for first,
     at most that long. `job_log_dir` (Ghost's log directory): where those waits
-    are said, in the job's log.
+    are said, in the job's log. With `ghost_root` (Ghost's root directory), a
+    file of the script's name committed in the module's working copy is
+    removed once the outcome `succeeded` is recorded, as Ghost's `rm -vf` after
+    the script: never earlier, so a run the daemon repeats after a crash runs
+    that file again.
     """
     job_oid = _job_object_id(job_id)
     if not isinstance(module_name, str) or not module_name.strip():
@@ -118,10 +123,14 @@ def run_buildpack(
     if not step.terminal:
         step = _wait(store, sid, deadline, poll_interval, wait_mode, alive) or step
     if step.terminal:
-        return _result(step)
-    if not alive():
-        return _abandon(store, sid, _no_daemon(host, daemon_max_age, "while waiting"), NO_DAEMON)
-    return _abandon(store, sid, f"abandoned by Ghost's client after waiting {timeout:g}s for the outcome")
+        result = _result(step)
+    elif not alive():
+        result = _abandon(store, sid, _no_daemon(host, daemon_max_age, "while waiting"), NO_DAEMON)
+    else:
+        result = _abandon(store, sid, f"abandoned by Ghost's client after waiting {timeout:g}s for the outcome")
+    if result.state == SUCCEEDED and ghost_root is not None and app_id is not None:  # also a finish that won a race
+        remove_committed_script(store, app_id, module_name, script, ghost_root, job_log_dir, job_oid)
+    return result
 
 
 def _check_wait(timeout: float, poll_interval: float, wait_mode: str) -> None:
@@ -215,6 +224,29 @@ def _job_object_id(job_id: Any) -> ObjectId:
         return parse_object_id(job_id, "job_id")
     except BadDocument as error:
         raise ValueError(str(error)) from None
+
+
+def remove_committed_script(
+    store: Store, app_id: ObjectId, module_name: str, script: str, root: Path, log_dir: Path | None, job: ObjectId
+) -> None:
+    """Ghost's `rm -vf` of the script it ran from the clone, so a committed one is not packaged; said in the job log.
+
+    Only after the outcome is recorded: until then the daemon may run the step
+    again (a crash before the record), and that run must find the same file.
+    """
+    notes = JobLog(log_dir, str(job), f"container {DEPLOY} {module_name}") if log_dir else None
+    try:
+        app = parse_app(store.get_app(app_id), app_id)
+        path = app.working_copy(root, app.module(module_name)) / script
+        if not path.exists() and not path.is_symlink():
+            return
+        path.unlink()
+    except (BadDocument, OSError) as error:  # the script succeeded: say so rather than fail the deploy
+        if notes is not None:
+            notes.write(f"{script} could not be removed from the working copy: {error}")
+        return
+    if notes is not None:
+        notes.write(f"{script} removed from the working copy, as Ghost does once it ran")
 
 
 def _result(step: Step) -> BuildpackResult:

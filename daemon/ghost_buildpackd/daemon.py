@@ -107,7 +107,7 @@ class Upkeep:
         log.debug("base_images_refreshed", count=len(images))
 
     def _sweep(self) -> None:
-        expire_prepared(self.store, self.config.container.prepared_max_age, log)
+        expire_prepared(self.store, self.lxd, self.config.container.prepared_max_age, log)
         sweep_orphans(self.store, self.lxd, self.config.container.debug, log)
         remove_stale_templates(self.lxd, log)
 

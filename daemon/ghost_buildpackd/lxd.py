@@ -45,6 +45,9 @@ TAG_APP = TAG_PREFIX + "app"
 TAG_OWNER = TAG_PREFIX + "owner"
 TAG_KIND = TAG_PREFIX + "kind"
 TAG_CLAIM = TAG_PREFIX + "claim"  # the claim number of the step attempt that made the container
+# Set in the same write that first attaches a host directory, and never cleared: detaching the directory
+# later (releasing the container) must not make a container something ran in look untouched.
+TAG_MOUNTED = TAG_PREFIX + "mounted"
 # Property of images the daemon publishes (the job id): such images are never picked as a base by os/release.
 IMAGE_PROP_JOB = "ghost-buildpackd.job"
 IMAGE_PROP_CLAIM = "ghost-buildpackd.claim"  # the claim number of the step attempt that published it
@@ -168,6 +171,11 @@ class ContainerDetails:
     def mounts(self) -> list[str]:
         """Its devices that mount a host directory (not, say, its root disk with a size)."""
         return sorted(name for name, device in self.devices.items() if is_mount(device))
+
+    @property
+    def ever_mounted(self) -> bool:
+        """Whether a host directory was ever attached to it (`add_mount`), even if detached since."""
+        return self.config.get(TAG_MOUNTED) == "true"
 
     def maps_ownership_as(self, spec: ContainerSpec) -> bool:
         """Whether files written in it get the owner they would in a container made from `spec`."""
@@ -620,9 +628,10 @@ class Lxd:
         raise LxdError(f"container {name} not ready after {timeout:g}s ({last_error})")
 
     def add_mount(self, name: str, device: str, mount: Mount) -> None:
-        """Attach a host directory to a (running) container."""
+        """Attach a host directory to a (running) container, marking it as having had one (`TAG_MOUNTED`)."""
         instance = self.client.instances.get(name)
         instance.devices = {**instance.devices, device: disk_device(mount)}
+        instance.config = {**instance.config, TAG_MOUNTED: "true"}  # one write: never mounted without the mark
         instance.save(wait=True)
 
     def remove_devices(self, name: str) -> None:

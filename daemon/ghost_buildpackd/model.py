@@ -56,7 +56,7 @@ class Actor(enum.StrEnum):
     CLIENT = "client"  # client.py: Ghost's worker, through `ghost-buildpackd buildpack` or `buildimage`
     RUNNER = "runner"  # runner.py: the holder of the step's lease
     SHUTDOWN = "shutdown"  # runner.py: the holder, when the daemon stops before the step ends
-    SWEEP = "sweep"  # sweep.py: upkeep of prepared containers nobody asked for
+    SWEEP = "sweep"  # sweep.py: upkeep of prepared containers nobody asked for (yet)
     REPLAY = "replay"  # `ghost-buildpackd replay JOB_ID`
 
 
@@ -155,8 +155,10 @@ TRANSITIONS: tuple[Transition, ...] = (
     ),
     # --- upkeep and operators ---
     Transition(
-        Actor.SWEEP, (READY,), CANCELLED, (DEPLOY,),
-        "prepared longer than container.prepared_max_age and never asked for (Ghost's worker died)",
+        Actor.SWEEP, (READY,), READY, (DEPLOY,),
+        "prepared longer than container.prepared_max_age and not asked for yet: its container is removed, the step "
+        "stays requestable (a long deploy may reach the module later; the run launches a new container), and the "
+        "deploy job's end cancels it",
     ),
     Transition(Actor.REPLAY, NEW, PENDING, (BUILDIMAGE,), "replay of a buildimage job the daemon never recorded"),
     Transition(Actor.REPLAY, TERMINAL, PENDING, (BUILDIMAGE,), "replay of a finished build: a new attempt, same id"),

@@ -882,30 +882,35 @@ class Store:
         return step_from_doc(found if found is not None else doc)
 
     @retry_transient
-    def cancel_stale_ready(self, max_age: float, reason: str) -> list[Step]:
-        """Cancel deploy steps `ready` for longer than `max_age` seconds that nobody asked for; those cancelled.
+    def expire_stale_ready(self, max_age: float, reason: str) -> list[Step]:
+        """Forget the container of deploy steps `ready` for longer than `max_age` seconds; those steps as they were.
 
-        Each is cancelled only if it is still `ready` and unchanged, so a request
-        arriving meanwhile wins.
+        The step stays requestable (the sweep's row of the transition table):
+        Ghost may still ask for it late in a long deploy, and the run then
+        launches a new container. Each is changed only if it is still `ready`,
+        unheld and unchanged, so a request arriving meanwhile wins; the caller
+        deletes the containers returned (a run that launches one first removes
+        them too: `remove_leftovers`).
         """
         now = self.server_now()  # updated_at and lease expiry are on the server's clock
         stale = {
-            "state": any_of(from_states(Actor.SWEEP, CANCELLED)),
+            "state": any_of(from_states(Actor.SWEEP, READY)),
+            "container": {"$type": "string"},
             "updated_at": {"$lt": now - timedelta(seconds=max_age)},
         }
-        cancelled = []
+        expired = []
         for found in self.steps.find(stale, {"_id": 1}):
             doc = self.steps.find_one_and_update(
                 {**stale, "_id": found["_id"], "lease.expires_at": {"$lt": now}},
                 {
-                    "$set": {"state": CANCELLED, "message": reason, "lease": FREE_LEASE},
-                    "$currentDate": {"updated_at": True, "times.finished": True},
+                    "$set": {"state": READY, "container": None, "message": reason, "lease": FREE_LEASE},
+                    "$currentDate": {"updated_at": True},
                 },
-                return_document=ReturnDocument.AFTER,
+                return_document=ReturnDocument.BEFORE,
             )
             if doc:
-                cancelled.append(step_from_doc(doc))
-        return cancelled
+                expired.append(step_from_doc(doc))
+        return expired
 
     @retry_transient
     def abandon_step(self, sid: str, reason: str) -> None:

@@ -6,9 +6,11 @@ finished. A container of an active step is left alone even when the step's
 lease expired: whoever takes the step over removes it (`remove_leftovers`),
 and deleting it here would race with that takeover.
 
-Before that, deploy steps prepared longer than `container.prepared_max_age`
-ago and never asked for (Ghost's worker died with its job) are cancelled, so
-their containers go in the same pass.
+Before that, the containers of deploy steps prepared longer than
+`container.prepared_max_age` ago and not asked for yet are removed. The steps
+stay requestable: a long multi-module deploy may reach the module hours
+later, and its run then launches a new container; the deploy job's end
+cancels the steps of a job that died.
 """
 
 from __future__ import annotations
@@ -21,16 +23,18 @@ from .lxd import TAG_JOB, ContainerInfo, Lxd
 from .store import Store
 
 
-def expire_prepared(store: Store, max_age: float, log: Logger) -> list[str]:
-    """Cancel deploy steps whose container waited for Ghost's request longer than `max_age`; their ids."""
+def expire_prepared(store: Store, lxd: Lxd, max_age: float, log: Logger) -> list[str]:
+    """Remove the containers that waited for Ghost's request longer than `max_age`; the ids of their steps."""
     reason = (
-        f"cancelled: the container was prepared over {max_age:g}s ago (container.prepared_max_age) and Ghost "
-        "never asked for the buildpack; its deploy job may have died"
+        f"the container prepared over {max_age:g}s ago (container.prepared_max_age) was removed while waiting for "
+        "Ghost's request; the run launches a new one when asked"
     )
-    expired = store.cancel_stale_ready(max_age, reason)
+    expired = store.expire_stale_ready(max_age, reason)
     for step in expired:
         log.warning("prepared_container_expired", step=step.id, job_id=str(step.job_id), container=step.container,
                     reason=reason)  # fmt: skip
+        if step.container:
+            _remove_container(lxd, step.container, step.id, "prepared_max_age", log)
     return [step.id for step in expired]
 
 
@@ -46,7 +50,7 @@ def sweep_orphans(store: Store, lxd: Lxd, keep_debug: bool, log: Logger) -> list
     removed = []
     for container in lxd.list_containers():
         reason = orphan_reason(store, container, keep_debug)
-        if reason and _remove_container(lxd, container, reason, log):
+        if reason and _remove_container(lxd, container.name, container.step_id, reason, log):
             removed.append(container.name)
     return removed
 
@@ -77,14 +81,12 @@ def _job_known(store: Store, job_id: str | None) -> bool:
         return False
 
 
-def _remove_container(lxd: Lxd, container: ContainerInfo, reason: str, log: Logger) -> bool:
+def _remove_container(lxd: Lxd, name: str, step_id: str | None, reason: str, log: Logger) -> bool:
     try:
-        deleted = lxd.delete_container(container.name)
+        deleted = lxd.delete_container(name)
     except Exception as error:  # one stuck container must not stop the sweep
-        log.warning(
-            "orphan_container_remove_failed", container=container.name, step=container.step_id, error=str(error)
-        )
+        log.warning("orphan_container_remove_failed", container=name, step=step_id, error=str(error))
         return False
     if deleted:
-        log.info("orphan_container_removed", container=container.name, step=container.step_id, reason=reason)
+        log.info("orphan_container_removed", container=name, step=step_id, reason=reason)
     return deleted

@@ -379,15 +379,16 @@ def run_after_outcome(ctx: StepContext) -> None:
     ctx.after_outcome.clear()
 
 
-def remove_leftovers(ctx: StepContext) -> list[str]:
-    """Delete the containers of this step made by this attempt or earlier ones (LXD is the truth, not the record).
+def remove_leftovers(ctx: StepContext, keep: str | None = None) -> list[str]:
+    """Delete the containers of this step made by this attempt or earlier ones (LXD is the truth, not the record),
+    but `keep` (a prepared container this attempt adopts).
 
     Never one of a later attempt: a holder that paused and lost the step must
     not undo its successor's work.
     """
     removed = []
     for container in ctx.lxd.list_containers():
-        if container.step_id != ctx.step.id or container.claim > ctx.step.claim:
+        if container.step_id != ctx.step.id or container.claim > ctx.step.claim or container.name == keep:
             continue
         if ctx.lxd.delete_container(container.name):
             ctx.log.warning("leftover_container_removed", container=container.name)

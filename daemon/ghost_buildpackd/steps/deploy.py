@@ -8,8 +8,9 @@ Two phases, driven by the runner:
   module's `path`, push the buildpack outside the module directory, run it with
   `bash` (`sh` when the image has no bash) in the module directory, and remove
   the container whatever happens. As Ghost does, a `build_pack` file at the root
-  of the working copy wins over the stored script, and is removed from the
-  working copy once it succeeded.
+  of the working copy wins over the stored script. It stays in the working copy
+  until the outcome is recorded (a run repeated after a crash must find it):
+  Ghost's client removes it then (`client.remove_committed_script`).
 
 Everything that can be refused (module, paths, scripts, image) is checked
 before anything runs. Files the buildpack writes belong to the working copy's
@@ -40,6 +41,7 @@ from . import (
     describe_ids,
     idmap_user_ids,
     launch,
+    remove_leftovers,
     run_command,
     script_shell,
 )
@@ -98,7 +100,6 @@ def run(ctx: StepContext) -> Outcome:
             collector = run_build_pack(ctx, name, app, module, script, working_copy, owner)
     finally:
         clean_up_container(ctx, name, after_outcome=True)  # also a prepared one, when the input was refused
-    remove_committed_script(ctx, working_copy, script)  # nothing in the container can touch the copy now
     message = f"{script_label(ctx, module)} succeeded"
     ctx.say("deploy_buildpack_succeeded", message, module=module.name, script=ctx.step.script)
     return Outcome(SUCCEEDED, message=message, exit_code=0, output_tail=collector.tail_text())
@@ -200,18 +201,27 @@ def prepared_container(ctx: StepContext) -> str:
 def usable_container(ctx: StepContext, app: App, owner: tuple[int, int]) -> str:
     """The prepared container when it runs, untouched, with the right ownership mapping; else a new one.
 
-    Untouched: no working copy was ever mounted in it, so no earlier run (cut
-    off by a shutdown or an LXD outage) can have left anything running there.
-    The preparation released its lease when it was done, so this attempt may
-    adopt it; one taken over removes it first (`remove_leftovers`).
+    Untouched: LXD says no working copy was ever mounted in it (`ever_mounted`,
+    a mark set with the first mount and never cleared), so no earlier run (cut
+    off by a shutdown, its container released but not deleted) ran anything
+    there. Having no mount now proves nothing: releasing a container detaches
+    them. The preparation released its lease when it was done, so this attempt
+    may adopt it, and removes whatever else earlier attempts left; a new
+    container's launch removes them all (`remove_leftovers`).
     """
     name = prepared_container(ctx)
     wanted = container_spec(ctx, "", idmap=owner)
     current = ctx.lxd.describe_container(name)
     if current is None:
         ctx.log.info("deploy_container_not_prepared", container=name)
-    elif current.status != "Running" or current.mounts:
-        ctx.log.warning("deploy_container_recreated", container=name, status=current.status, devices=current.mounts)
+    elif current.status != "Running" or current.mounts or current.ever_mounted:
+        ctx.log.warning(
+            "deploy_container_recreated",
+            container=name,
+            status=current.status,
+            devices=current.mounts,
+            ever_mounted=current.ever_mounted,
+        )
     elif ctx.step.image != app.container_image:
         ctx.say(
             "deploy_container_recreated_for_new_image",
@@ -222,6 +232,7 @@ def usable_container(ctx: StepContext, app: App, owner: tuple[int, int]) -> str:
         )
     elif current.maps_ownership_as(wanted):
         ctx.log.info("deploy_container_reused", container=name)
+        remove_leftovers(ctx, keep=name)
         return name
     else:
         ctx.log.warning(
@@ -282,18 +293,6 @@ def run_build_pack(
         raise
     give_back_files(ctx, name, module, owner, succeeded=True)
     return collector
-
-
-def remove_committed_script(ctx: StepContext, working_copy: Path, script: ModuleScript) -> None:
-    """Ghost deletes the script it ran from the clone (`rm -vf`), so a committed one is not packaged."""
-    if script.path is None:
-        return
-    try:
-        (working_copy / script.path.name).unlink(missing_ok=True)
-    except OSError as error:  # the buildpack succeeded: say so rather than fail the deploy
-        ctx.say("module_script_not_removed", f"{script.path.name} could not be removed from the working copy: {error}")
-        return
-    ctx.say("module_script_removed", f"{script.path.name} removed from the working copy, as Ghost does once it ran")
 
 
 def started_for_hand_back(ctx: StepContext, name: str) -> bool:
