@@ -148,17 +148,18 @@ def test_a_job_whose_updated_is_not_a_date_is_skipped_and_intake_goes_on(db, wri
     now = datetime.now(UTC).replace(microsecond=0)
     bad = make_job(db, app, status="done", message="Build image OK: [ami-1]")
     db.jobs.update_one({"_id": bad}, {"$set": {"_updated": [now, now.isoformat()]}})
-    before = make_job(db, app, command="deploy", status="done")  # a second command: the scans' times are compared
+    caught_up = make_job(db, app)  # finished while no daemon ran: the catch-up scan must still read it
+    finish_buildimage(db, caught_up)
+    make_job(db, app, command="deploy", status="done")  # a second command: the scans' times are compared
     config = write_config("d.yml", events={"mode": mode})
     with DaemonProcess(config, tmp_path / "d.log", trivial_bodies=True) as process:
         process.wait_ready()
         good = make_job(db, app)
         finish_buildimage(db, good)
-        wait_until(lambda: step_state(db, good) == SUCCEEDED, 60, "the good job's step to run")
+        wait_until(lambda: step_state(db, good) == step_state(db, caught_up) == SUCCEEDED, 60, "the good jobs' steps")
         skipped = wait_until(lambda: process.saw("job_skipped_updated_not_a_date"), 30, "the bad job named in the log")
         assert skipped["job_id"] == str(bad) and skipped["field"] == "_updated"
         assert skipped["reason"] == "expected a date, got a list of datetime, str"
         assert not process.saw("loop_crashed")
         assert process.terminate() == 0
     assert step_state(db, bad) is None
-    assert before
