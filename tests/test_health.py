@@ -83,6 +83,9 @@ def test_failing_answers_name_the_problem(make_config: Callable[..., Config], st
         daemon.source.last_tick = time.monotonic() - 1000  # the event loop stopped making progress
         code, body = get(port, "/healthz")
         assert (code, json.loads(body)["problems"]) == (503, ["events loop without progress for over 120s"])
+        code, body = get(port, "/readyz")  # a stalled loop: steps may not run either
+        assert (code, json.loads(body)["problems"]) == (503, ["events loop without progress for over 120s"])
+        daemon.source.last_tick = time.monotonic()
 
         daemon.store = Store.from_uri(f"mongodb://127.0.0.1:{free_port()}/", "ghost", 1.0)
         code, body = get(port, "/readyz")

@@ -194,3 +194,14 @@ def test_check_fails_when_mongodb_cannot_be_reached(make_config: Callable[..., C
     code, text = run_check(config)
     assert code == 1
     assert text.startswith("ghost-buildpackd status: cannot reach MongoDB at")
+
+
+def test_check_names_a_crash_looping_loop_of_an_instance_on_this_host(
+    store: Store, make_config: Callable[..., Config]
+) -> None:
+    seed(store)
+    problem = "events loop crashed 3 time(s) in a row, restarting (last: TypeError: boom)"
+    store.instances.update_one({"_id": "ghost-1:4242:abcd"}, {"$set": {"info.loop_problems": [problem]}})
+    code, text = run_check(make_config(host="ghost-1"), max_lag=60, max_failures=1)
+    assert code == 1
+    assert text.splitlines()[1:] == [f"  instance ghost-1:4242:abcd: {problem}"]

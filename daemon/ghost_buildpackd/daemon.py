@@ -1,9 +1,11 @@
 """`ghost-buildpackd run`: wires config, MongoDB, LXD, event intake, runner and upkeep.
 
 Fails fast at start (MongoDB, LXD, event mode); at run time it rides out
-outages: the event source and the runner retry with backoff. The main thread
-only feeds systemd's watchdog (while the event loop and the dispatcher make
-progress) and updates the STATUS line; it never waits on MongoDB, so an outage
+outages: the event source and the runner retry with backoff. Every long-lived
+loop runs supervised (supervise.py): a crash is logged and the loop restarted.
+The main thread only feeds systemd's watchdog (while the event loop and the
+dispatcher make progress and no loop has crash-looped past the stall limit or
+ended) and updates the STATUS line; it never waits on MongoDB, so an outage
 cannot starve the watchdog. Heartbeats, the server-clock measurement and the
 lag figure run in their own thread.
 """
@@ -34,6 +36,7 @@ from .policy import LIMITS
 from .retention import Reconciler
 from .runner import Bodies, Runner
 from .store import Store, next_change, redacted_uri, short_error, utcnow
+from .supervise import Supervised
 from .sweep import expire_prepared, sweep_orphans
 from .templates import remove_stale_templates
 
@@ -65,7 +68,7 @@ class Upkeep:
         self._sweep_due = threading.Event()
         self._kick = threading.Event()
         self._lock = threading.Lock()
-        self.thread = threading.Thread(target=self._loop, name="upkeep", daemon=True)
+        self.loop = Supervised("upkeep", self._loop, stop)
 
     def image_built(self, app_id: ObjectId) -> None:
         with self._lock:
@@ -155,7 +158,13 @@ class Daemon:
         self.source = source_class(config, store, self.intake, self.stop, self.metrics)
         self.notifier = SystemdNotifier()
         self.started_at = utcnow()
-        self._request_watcher: threading.Thread | None = None
+        watch = self._watch_requests if self.mode == "change_stream" else self._poll_requests
+        self.loops = [  # the daemon's own (the runner has its own), heartbeats last: started after the first one
+            Supervised("events", self.source.run, self.stop, progress=lambda: self.source.last_tick),
+            Supervised("requests", watch, self.stop),
+            self.upkeep.loop,
+            Supervised("heartbeat", self._heartbeat_loop, self.stop),
+        ]
         self._main_wake = threading.Event()  # a signal arrived: the main loop acts on it at once
         self._hangups = 0  # SIGHUPs received and not yet logged
         self.event_lag: float | None = None  # seconds, as last measured by the heartbeat thread
@@ -165,14 +174,11 @@ class Daemon:
     def run(self) -> int:
         self.store.ensure_indexes()
         self.runner.start()
-        source_thread = threading.Thread(target=self.source.run, name=f"events-{self.mode}", daemon=True)
-        source_thread.start()
-        watch = self._watch_requests if self.mode == "change_stream" else self._poll_requests
-        self._request_watcher = threading.Thread(target=watch, name="requests", daemon=True)
-        self._request_watcher.start()
-        self.upkeep.thread.start()
+        *loops, heartbeats = self.loops
+        for loop in loops:
+            loop.start()
         self.heartbeat()
-        threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True).start()
+        heartbeats.start()
         self.phase = "running"
         self.notifier.ready()
         self.notifier.status(self.status_line())
@@ -250,26 +256,37 @@ class Daemon:
             if self.metrics.enabled:
                 self.metrics.set_up("lxd", self.lxd.answers())
 
-    def stalled_loops(self) -> list[str]:
-        """The loops (events, dispatcher) without progress for `stall_after` seconds."""
+    def all_loops(self) -> list[Supervised]:
+        return self.loops + self.runner.loops
+
+    def stalls(self) -> list[str]:
+        """Why loops count as stalled: without progress, crash-looping or ended past `stall_after` seconds."""
         now = time.monotonic()
-        return [
-            name
-            for name, last in (("events", self.source.last_tick), ("dispatcher", self.runner.last_tick))
-            if now - last > self.stall_after
-        ]
+        return [stall for loop in self.all_loops() if (stall := loop.stall(now, self.stall_after))]
+
+    def stalled_loops(self) -> list[str]:
+        """The names of the loops that starve the watchdog (see `stalls`)."""
+        now = time.monotonic()
+        return [loop.name for loop in self.all_loops() if loop.stall(now, self.stall_after)]
+
+    def loop_problems(self) -> list[str]:
+        """Loops crash-looping, stalled or ended: what readiness and the heartbeat record say."""
+        now = time.monotonic()
+        return [problem for loop in self.all_loops() if (problem := loop.problem(now, self.stall_after))]
 
     # --- /healthz and /readyz (metrics.listen) ----------------------------------------------
 
     def liveness(self) -> list[str]:
-        """Problems that a restart would cure: a loop that stopped making progress."""
+        """Problems that a restart would cure: a loop without progress, crash-looping past the limit, or ended."""
         if self.phase == "starting":  # the endpoint answers before the loops exist
             return []
-        return [f"{name} loop without progress for over {self.stall_after:g}s" for name in self.stalled_loops()]
+        return self.stalls()
 
     def readiness(self) -> list[str]:
-        """Problems that keep steps from running now: not started yet, stopping, MongoDB or LXD not answering."""
+        """Problems that keep steps from running now: not started yet, stopping, a loop crash-looping, stalled
+        or ended, MongoDB or LXD not answering."""
         problems = [] if self.phase == "running" else [f"daemon {self.phase}"]
+        problems += self.loop_problems()
         try:
             self.store.ping()
             self.metrics.set_up("mongodb", True)
@@ -318,6 +335,7 @@ class Daemon:
                 "started_at": self.started_at,
                 "steps_in_flight": self.runner.in_flight(),
                 "workers": self.config.workers,
+                "loop_problems": self.loop_problems(),
             },
         )
 

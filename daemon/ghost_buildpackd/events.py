@@ -277,7 +277,11 @@ class ChangeStreamSource(Source):
         opened_at = utcnow()
         # The stream is open before the scan: whatever changes during the scan is in the stream too.
         since = self.catch_up_since(checkpoint.caught_up_at)
-        read = self.intake.catch_up(since)
+        try:
+            read = self.intake.catch_up(since)
+        except BaseException:
+            stream.close()  # the source runs again: no cursor left open on the server per attempt
+            raise
         log.info("catch_up_done", source=self.name, since=since.isoformat(), jobs_read=read)
         if token is None:
             self.store.save_stream_checkpoint(stream.resume_token, opened_at)
@@ -399,8 +403,11 @@ class _Prefetched:
     def __enter__(self) -> _Prefetched:
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def close(self) -> None:
         self.stream.close()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def clamp_to_clock(updated: Any, now: datetime) -> datetime | None:

@@ -58,6 +58,7 @@ from .model import (
 from .policy import LIMITS, Pacer
 from .steps import LeaseLost, Outcome, StepContext, StepFailed, remove_leftovers, run_after_outcome
 from .store import TRANSIENT_ERRORS, Store, short_error
+from .supervise import Supervised
 
 log = get_logger(__name__)
 
@@ -144,20 +145,18 @@ class Runner:
         self._accepting = threading.Event()
         self._stopped = threading.Event()
         self.last_tick = time.monotonic()
-        self._threads: list[threading.Thread] = []
+        self.loops = [
+            Supervised("dispatcher", self._dispatch_loop, self._stopped, progress=lambda: self.last_tick),
+            Supervised("lease-renewer", self._renew_loop, self._stopped),
+            Supervised("lease-guard", self._guard_loop, self._stopped),
+        ]
 
     # --- lifecycle -------------------------------------------------------------------------
 
     def start(self) -> None:
         self._accepting.set()
-        for target, name in (
-            (self._dispatch_loop, "dispatcher"),
-            (self._renew_loop, "lease-renewer"),
-            (self._guard_loop, "lease-guard"),
-        ):
-            thread = threading.Thread(target=target, name=name, daemon=True)
-            thread.start()
-            self._threads.append(thread)
+        for loop in self.loops:
+            loop.start()
 
     def wake(self) -> None:
         """New work may exist: look now instead of at the next idle tick."""

@@ -5,8 +5,9 @@ newest job change in the database minus the newest one any live instance has
 seen. Human tables by default, `--json` for scripts.
 
 `status --check` is the same reading turned into a verdict for monitoring:
-exit 1, naming each problem, when no instance is alive on this host, the lag
-is over a threshold, or too many steps failed recently.
+exit 1, naming each problem, when no instance is alive on this host, one of its
+loops is crash-looping, stalled or ended (as its heartbeat says), the lag is
+over a threshold, or too many steps failed recently.
 """
 
 from __future__ import annotations
@@ -98,6 +99,9 @@ def judge(report: dict[str, Any], failures: list[Step], host: str, thresholds: T
         problems.append(
             f"no live instance on host {host}" + (f" (live on: {', '.join(elsewhere)})" if elsewhere else "")
         )
+    for item in report["instances"]:  # a loop crash-looping, stalled or ended, as its last heartbeat said
+        if item["host"] == host:
+            problems += [f"instance {item['id']}: {problem}" for problem in item.get("loop_problems") or []]
     lag = report["events"]["lag_s"]
     if lag is not None and lag > thresholds.max_lag:
         problems.append(f"event lag {lag:g}s is over --max-lag {thresholds.max_lag:g}s")
@@ -165,6 +169,7 @@ def _instance(doc: dict[str, Any], now: datetime) -> dict[str, Any]:
         "last_event_at": _iso(info.get("last_event_at")),
         "heartbeat_age_s": _seconds(doc.get("seen_at"), now),
         "steps_in_flight": info.get("steps_in_flight"),
+        "loop_problems": list(info.get("loop_problems") or []),
         "_last_event": info.get("last_event_at"),
     }
 

@@ -277,6 +277,13 @@ def connect(uri: str, timeout: float) -> pymongo.MongoClient:
     )
 
 
+def described(value: Any) -> str:
+    """A value's kind for a log line: `a list of datetime, str`, `a str: '...'` (cut short)."""
+    if isinstance(value, list):
+        return "a list of " + ", ".join(type(item).__name__ for item in value[:5]) + (", ..." if len(value) > 5 else "")
+    return f"a {type(value).__name__}: {str(value)[:80]!r}"
+
+
 def new_step_doc(
     job_id: ObjectId,
     kind: str,
@@ -385,6 +392,7 @@ class Store:
         self.base_images: Collection = db[BASE_IMAGES]
         self._clock = clock  # this host's clock (tests give a skewed one)
         self._server_offset: timedelta | None = None  # measured at the first need
+        self._undated_jobs: set[Any] = set()  # jobs whose `_updated` is not a date, already logged
 
     @classmethod
     def from_uri(cls, uri: str, database: str, timeout: float = 10.0) -> Store:
@@ -487,12 +495,36 @@ class Store:
         One range scan per command on the (command, _updated) index, merged in order.
         """
         scans = [
-            self.jobs.find({"command": command, "_updated": {"$gte": since}}, batch_size=CATCH_UP_BATCH).sort(
-                "_updated", pymongo.ASCENDING
+            self._dated_jobs(
+                self.jobs.find({"command": command, "_updated": {"$gte": since}}, batch_size=CATCH_UP_BATCH).sort(
+                    "_updated", pymongo.ASCENDING
+                )
             )
             for command in commands
         ]
         return heapq.merge(*scans, key=lambda doc: doc["_updated"])
+
+    def _dated_jobs(self, jobs: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        """The jobs whose `_updated` is a date; the others are skipped, each named in the log once.
+
+        Ghost writes a date there. An array holding a date beside something else
+        (a string, say) is in the scan's range, and its time cannot be ordered
+        with the other jobs': reading it would end the whole scan.
+        """
+        for doc in jobs:
+            updated = doc.get("_updated")
+            if isinstance(updated, datetime):
+                yield doc
+            elif doc.get("_id") not in self._undated_jobs:
+                self._undated_jobs.add(doc.get("_id"))
+                log.warning(
+                    "job_skipped_updated_not_a_date",
+                    job_id=str(doc.get("_id")),
+                    command=doc.get("command"),
+                    field="_updated",
+                    reason=f"expected a date, got {described(updated)}",
+                    consequence="catch-up scans and polls skip this job (Ghost writes a date there)",
+                )
 
     def job_batches(self, since: datetime, commands: tuple[str, ...]) -> Iterator[JobBatch]:
         """`jobs_changed_since` in batches of CATCH_UP_BATCH, each with its jobs' steps and apps read in bulk."""
