@@ -49,9 +49,10 @@ FAKE_ANSIBLE = '#!/bin/sh\necho "ansible-playbook ARGS: $0 $*"\n'
 CLIENT = """
 import json, sys
 from pymongo import MongoClient
+from pathlib import Path
 from ghost_buildpackd.client import run_buildpack
 db = MongoClient(sys.argv[1], tz_aware=True)[sys.argv[2]]
-result = run_buildpack(db, sys.argv[3], sys.argv[4], timeout=90, poll_interval=0.2)
+result = run_buildpack(db, sys.argv[3], sys.argv[4], timeout=90, poll_interval=0.2, ghost_root=Path(sys.argv[5]))
 print(json.dumps({"state": result.state, "message": result.message, "tail": result.output_tail}))
 """
 
@@ -242,9 +243,10 @@ def clone(ghost_dirs: dict[str, Path], module: str, files: dict[str, str]) -> Pa
     return path
 
 
-def run_client(mongo, db, job: ObjectId, module: str) -> dict[str, Any]:
+def run_client(mongo, db, job: ObjectId, module: str, ghost_root: Path) -> dict[str, Any]:
+    """Ghost's `buildpack` command's request, in a process of its own (it removes a committed script it ran)."""
     done = subprocess.run(
-        [sys.executable, "-c", CLIENT, mongo.uri, db.name, str(job), module],
+        [sys.executable, "-c", CLIENT, mongo.uri, db.name, str(job), module, str(ghost_root)],
         capture_output=True,
         text=True,
         timeout=150,
@@ -302,7 +304,7 @@ def test_buildpacks_run_as_ghost_runs_them(
         deploy = make_job(db, with_bash, command="deploy", modules=["api"])
         set_status(db, deploy, "started")
         api = clone(ghost_dirs, "api", {"build_pack": BASH_ONLY, "app.py": "print(1)\n"})
-        result = run_client(mongo, db, deploy, "api")
+        result = run_client(mongo, db, deploy, "api", ghost_dirs["root"])
         assert result["state"] == SUCCEEDED, result
         set_status(db, deploy, "done")
 
@@ -312,11 +314,12 @@ def test_buildpacks_run_as_ghost_runs_them(
         plain = make_job(db, with_bash, command="deploy", modules=["web"])
         set_status(db, plain, "started")
         clone(ghost_dirs, "web", {"app.py": "print(2)\n"})
-        result_sh = run_client(mongo, db, plain, "web")
+        result_sh = run_client(mongo, db, plain, "web", ghost_dirs["root"])
         set_status(db, plain, "done")
         assert daemon.terminate() == 0
 
-    # the committed file won over the stored script, ran with bash, and was removed like Ghost's `rm -vf`
+    # the committed file won over the stored script, ran with bash, and was removed by Ghost's client once its
+    # outcome was recorded, like Ghost's `rm -vf`
     assert "bash ran the committed script" in result["tail"]
     assert "the stored script must not run" not in job_log(ghost_dirs, deploy)
     assert sorted(p.name for p in api.iterdir()) == ["app.py"]
