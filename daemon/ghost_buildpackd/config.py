@@ -438,7 +438,9 @@ def _build(cls: type, raw: Any, path: str, problems: list[str]) -> Any:
     for name, spec in fields.items():
         where = f"{path}.{name}" if path else name
         if "parse" not in spec.metadata:  # a nested section, declared with default_factory=Section
-            values[name] = _build(spec.default_factory, raw.get(name), where, problems)
+            section = spec.default_factory
+            assert isinstance(section, type), f"{where}: a section is declared with default_factory=Section"
+            values[name] = _build(section, raw.get(name), where, problems)
         elif name in raw:
             try:
                 values[name] = spec.metadata["parse"](raw[name])

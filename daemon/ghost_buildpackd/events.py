@@ -18,7 +18,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, Protocol
 
 from bson import ObjectId
 from pymongo.errors import OperationFailure, PyMongoError
@@ -27,7 +27,7 @@ from .config import Config
 from .ghost import BadDocument, Job, built_image, containers_off, parse_app, parse_job
 from .logs import get_logger
 from .metrics import MetricsRecorder
-from .model import BUILDIMAGE, DEPLOY, FAILED, REDEPLOY, step_id
+from .model import BUILDIMAGE, DEPLOY, FAILED, REDEPLOY, Step, step_id
 from .policy import Pacer
 from .store import TRANSIENT_ERRORS, Store, in_transition, next_change, utcnow
 
@@ -74,6 +74,26 @@ def job_end_reason(job: Job) -> str:
     return reason
 
 
+class JobRecords(Protocol):
+    """What deciding a job reads and writes: the store, or a catch-up batch answering from what it read in bulk."""
+
+    def get_job(self, job_id: ObjectId) -> dict[str, Any] | None: ...
+    def get_app(self, app_id: ObjectId) -> dict[str, Any] | None: ...
+    def get_step(self, sid: str) -> Step | None: ...
+    def steps_for_job(self, job_id: ObjectId) -> list[Step]: ...
+    def cancel_job_steps(self, job_id: ObjectId, reason: str) -> int: ...
+    def create_step(
+        self,
+        job_id: ObjectId,
+        kind: str,
+        module: str | None = None,
+        app_id: ObjectId | None = None,
+        state: str = ...,
+        message: str = "",
+        script: str = ...,
+    ) -> bool: ...
+
+
 class Intake:
     """Decides, from a job as it is now, which step records must exist."""
 
@@ -85,12 +105,13 @@ class Intake:
         containers_enabled: bool = True,
     ):
         self.store = store
+        self.records: JobRecords = store
         self.on_new_steps = on_new_steps
         self.on_job_ended = on_job_ended
         self.containers_enabled = containers_enabled  # Ghost's container.enabled: off, no step is made
 
     def handle_job_id(self, job_id: Any) -> None:
-        doc = self.store.get_job(job_id)
+        doc = self.records.get_job(job_id)
         if doc is not None:
             self.handle_job(doc)
 
@@ -126,15 +147,15 @@ class Intake:
         if not relevant or not isinstance(job_id, ObjectId):
             log.warning("job_ignored_malformed", job_id=str(job_id), reason=str(error))
             return
-        kind = command
-        if self.store.create_step(job_id, kind, state=FAILED, message=f"malformed job: {error}"):
+        kind = BUILDIMAGE if command == BUILDIMAGE else DEPLOY
+        if self.records.create_step(job_id, kind, state=FAILED, message=f"malformed job: {error}"):
             log.error("step_failed_malformed_job", job_id=str(job_id), kind=kind, reason=str(error))
 
     def _buildimage_done(self, job: Job) -> None:
-        if self.store.get_step(step_id(job.id, BUILDIMAGE)) is not None:
+        if self.records.get_step(step_id(job.id, BUILDIMAGE)) is not None:
             return  # seen before: a replayed event, a catch-up overlap, another instance
         try:
-            app = parse_app(self.store.get_app(job.app_id), job.app_id)
+            app = parse_app(self.records.get_app(job.app_id), job.app_id)
         except BadDocument as error:
             self._create_failed(job, BUILDIMAGE, None, f"malformed app: {error}")
             return
@@ -142,13 +163,13 @@ class Intake:
         if off:
             log.debug("buildimage_without_containers", job_id=str(job.id), app=app.label, reason=off)
             return
-        if self.store.create_step(job.id, BUILDIMAGE, app_id=app.id):
+        if self.records.create_step(job.id, BUILDIMAGE, app_id=app.id):
             log.info("step_created", job_id=str(job.id), step=step_id(job.id, BUILDIMAGE), app=app.label)
             self.on_new_steps()
 
     def _deploy_started(self, job: Job) -> None:
         try:
-            app = parse_app(self.store.get_app(job.app_id), job.app_id)
+            app = parse_app(self.records.get_app(job.app_id), job.app_id)
             with_build_pack = app.module_names_with_build_pack()
             known = {m.get("name") for m in app.raw.get("modules") or [] if isinstance(m, Mapping)}
         except BadDocument as error:
@@ -163,22 +184,22 @@ class Intake:
         for module in job.module_names:
             if module not in known:
                 self._create_failed(job, DEPLOY, module, f"job.modules: the app has no module named {module!r}")
-            elif module in with_build_pack and self.store.create_step(job.id, DEPLOY, module, app_id=app.id):
+            elif module in with_build_pack and self.records.create_step(job.id, DEPLOY, module, app_id=app.id):
                 log.info("step_created", job_id=str(job.id), step=step_id(job.id, DEPLOY, module), app=app.label)
                 created += 1
         if created:
             self.on_new_steps()
 
     def _deploy_ended(self, job: Job) -> None:
-        if not any(not step.terminal for step in self.store.steps_for_job(job.id)):
+        if not any(not step.terminal for step in self.records.steps_for_job(job.id)):
             return  # nothing to cancel or clean (most ended deploys a catch-up scan reads)
-        cancelled = self.store.cancel_job_steps(job.id, job_end_reason(job))
+        cancelled = self.records.cancel_job_steps(job.id, job_end_reason(job))
         if cancelled:
             log.info("deploy_steps_cancelled", job_id=str(job.id), count=cancelled, job_status=job.status)
         self.on_job_ended(job.id)
 
     def _create_failed(self, job: Job, kind: str, module: str | None, message: str) -> None:
-        if self.store.create_step(job.id, kind, module, app_id=job.app_id, state=FAILED, message=message):
+        if self.records.create_step(job.id, kind, module, app_id=job.app_id, state=FAILED, message=message):
             log.error("step_failed_bad_input", job_id=str(job.id), kind=kind, module=module, reason=message)
 
     def catch_up(self, since: datetime, on_handled: Callable[[Mapping[str, Any]], None] | None = None) -> int:
@@ -194,7 +215,7 @@ class Intake:
         count = 0
         for batch in self.store.job_batches(since, COMMANDS):
             deciding = copy.copy(self)  # the same rules, reading and writing through the batch
-            deciding.store = batch
+            deciding.records = batch
             deciding.on_new_steps = lambda: None
             for doc in batch.jobs:
                 deciding.handle_job(doc)
@@ -203,8 +224,9 @@ class Intake:
                 log.info("steps_created_by_another_instance", steps=sorted(raced))
             if created:
                 self.on_new_steps()
-            for doc in batch.jobs if on_handled else ():
-                on_handled(doc)
+            if on_handled is not None:
+                for doc in batch.jobs:
+                    on_handled(doc)
             count += len(batch.jobs)
         return count
 

@@ -26,7 +26,7 @@ import sys
 import threading
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from typing import Any, Protocol, TextIO
+from typing import Any, Protocol, TextIO, cast
 
 import structlog
 
@@ -162,7 +162,7 @@ class _CurrentStderr:
         return sys.stderr.fileno()
 
 
-class _StdlibHandler(logging.StreamHandler):  # type: ignore[type-arg]
+class _StdlibHandler(logging.StreamHandler):
     """The root handler `configure_logging` installs (replaced, not stacked, when called again)."""
 
 
@@ -175,7 +175,7 @@ def configure_logging(fmt: str = "auto", level: str = "info", stream: TextIO | N
 
     The default stream is standard error.
     """
-    stream = stream or _CurrentStderr()  # type: ignore[assignment]
+    stream = stream or cast(TextIO, _CurrentStderr())  # a TextIO in all the logging handler uses
     use_console = fmt == "console" or (fmt == "auto" and stream.isatty())
     renderer: Any = (
         structlog.dev.ConsoleRenderer(colors=stream.isatty())

@@ -759,7 +759,8 @@ class Lxd:
                 stream.ended.wait(max(0.0, deadline - time.monotonic()))
             return int(operation.metadata["return"])
         finally:
-            for websocket in (stdin, *streams):
+            websockets: list[WebSocketBaseClient] = [stdin, *streams]
+            for websocket in websockets:
                 with contextlib.suppress(Exception):
                     websocket.close()
 

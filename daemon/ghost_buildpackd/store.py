@@ -320,7 +320,7 @@ class JobBatch:
     It answers the Store calls the intake makes to decide a job (`get_step`,
     `get_app`, `steps_for_job`) from what was read with the batch, and keeps
     the records `create_step` asks for until `flush` writes them in one bulk
-    upsert. Any other call goes to the store itself.
+    upsert. `get_job` and `cancel_job_steps` go to the store itself.
     """
 
     def __init__(
@@ -339,8 +339,11 @@ class JobBatch:
         self._apps = apps
         self._new: dict[str, dict[str, Any]] = {}
 
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.store, name)
+    def get_job(self, job_id: ObjectId) -> dict[str, Any] | None:
+        return self.store.get_job(job_id)
+
+    def cancel_job_steps(self, job_id: ObjectId, reason: str) -> int:
+        return self.store.cancel_job_steps(job_id, reason)
 
     def get_step(self, sid: str) -> Step | None:
         doc = self._steps.get(sid)
@@ -556,7 +559,7 @@ class Store:
         result = self.steps.bulk_write(
             [UpdateOne({"_id": doc["_id"]}, {"$setOnInsert": doc}, upsert=True) for doc in ordered], ordered=False
         )
-        return {ordered[index]["_id"] for index in result.upserted_ids}
+        return {ordered[index]["_id"] for index in result.upserted_ids or {}}
 
     @retry_transient
     def newest_job_update(self, commands: tuple[str, ...] | None = None) -> datetime | None:
@@ -828,7 +831,7 @@ class Store:
             and (doc.get("lease") or {}).get("token") is None
             and all(doc.get(key) == value for key, value in fields.items())
         )
-        return step_from_doc(doc) if written else None
+        return step_from_doc(doc) if written and doc is not None else None
 
     @retry_transient
     def prepared_deploy_count(self, sid: str) -> int:
@@ -900,6 +903,8 @@ class Store:
             self.create_step(job_id, DEPLOY, module, app_id=app_id, script=script)
             doc = self.steps.find_one_and_update(waiting, request, return_document=ReturnDocument.AFTER)
             doc = doc or self.steps.find_one({"_id": sid})
+        if doc is None:  # removed between our insert and read: nothing to wait on, and Ghost must hear it
+            raise LookupError(f"step {sid} was removed while it was being requested")
         return step_from_doc(doc)
 
     @retry_transient
