@@ -151,7 +151,8 @@ def test_containers_with_a_network_device_are_warned_about_the_metadata_address(
     assert line.startswith("WARN"), line
     assert f"profiles default, {nic_profile}: eth0 (bridged gbptestbr0)" in line
     assert "can reach 169.254.169.254" in line
-    assert "fix: drop forwarded traffic to 169.254.169.254" in line and "README: Blocking the metadata address" in line
+    assert "fix: drop forwarded traffic to 169.254.169.254" in line
+    assert "docs/operations.md: Blocking the metadata address" in line
 
 
 def test_no_memory_limit_is_warned_about(

@@ -152,7 +152,7 @@ def test_mongodb_outage_while_jobs_arrive_loses_nothing(mongo, db, write_config,
     skip_unless_restartable(mongo)
     app = make_app(db)
     # A lease longer than the outage (a real server's restart and election take seconds): a holder gives a step
-    # up, and it runs again, only when an outage outlasts its lease (README, reliability).
+    # up, and it runs again, only when an outage outlasts its lease (docs/reliability.md).
     with daemon(write_config, tmp_path, "d", mode, lease_ttl="90s") as process:
         process.wait_ready()
         before = buildimage_jobs(db, app, 5)

@@ -1,6 +1,6 @@
 """Parity with Ghost 19.08's own runs, against a running daemon on the real LXD where LXD is involved.
 
-Each test names the Ghost behaviour it holds the daemon to; README's parity table lists the same.
+Each test names the Ghost behaviour it holds the daemon to; docs/ghost.md's parity table lists the same.
 Fake provisioners record their command lines: `salt-call` and `wget` (which fetches salt's
 bootstrap script) in an image made for the test module, `ansible-playbook` in a fake Ghost
 virtualenv on the host, mounted as Ghost mounts its own.

@@ -1,4 +1,4 @@
-"""The unit under a real systemd: a Debian 12 system container installed as README says.
+"""The unit under a real systemd: a Debian 12 system container installed as docs/install.md says.
 
 The container (scripts/build-systemd-image) runs systemd as PID 1 and has no network: Python
 packages come as a wheelhouse made on this host, LXD is this host's through a unix-socket proxy
@@ -36,7 +36,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.lxd, pytest.mark.mongodb]
 UNIT = "ghost-buildpackd"
 LXD_SOCKET = "/var/lib/lxd/unix.socket"
 CLI = "/opt/ghost-buildpackd/current/bin/ghost-buildpackd"
-AS_GHOST = ["setpriv", "--reuid=ghost", "--regid=ghost", "--groups=lxd"]  # README's way to run a command as the service
+# docs/install.md's way to run a command as the service
+AS_GHOST = ["setpriv", "--reuid=ghost", "--regid=ghost", "--groups=lxd"]
 
 
 def timed(phases: dict[str, float], name: str, started: float) -> None:
@@ -91,7 +92,7 @@ def test_unit_under_systemd(
         pytest.skip("the container reaches one MongoDB host through one proxy device")
     mongo_host, mongo_port = mongo_url.hostname, mongo_url.port or 27017
 
-    # --- README: on a host without PyPI, a wheelhouse made elsewhere, then scripts/install ----------
+    # --- docs/install.md: on a host without PyPI, a wheelhouse made elsewhere, then scripts/install ----------
     started = time.monotonic()
     wheels = tmp_path / "wheels"
     subprocess.run([ROOT / "scripts/wheelhouse", wheels], check=True, capture_output=True, timeout=900)
@@ -121,10 +122,11 @@ def test_unit_under_systemd(
     app = make_app(db, source_container_image=base_image, pre_buildimage="echo started; sleep 5; echo finished")
     system.run("sh", "-c", "echo root:1001:1 >> /etc/subuid; echo root:1002:1 >> /etc/subgid")
 
-    # --- README: credentials in one file, the configuration, `check` as the service's user ----------
+    # --- docs/install.md: credentials in one file, the configuration, `check` as the service's user ----------
     # One member through one proxy: a direct connection (the member's own name does not resolve inside).
     uri = "mongodb://127.0.0.1:27017/?directConnection=true"
-    # As README writes them, by a shell in the container (lxc exec's own stdin is not readable as /dev/stdin there).
+    # As docs/install.md writes them, by a shell in the container (lxc exec's own stdin is not readable as
+    # /dev/stdin there).
     system.run("bash", "-c", f"install -m 640 -g ghost /dev/stdin /etc/ghost-buildpackd/mongodb-uri <<< '{uri}'")
     system.run("bash", "-c", "install -m 640 -g ghost /dev/stdin /etc/ghost-buildpackd/config.yml <<'YAML'\n"
                f"{config_yml(db.name)}YAML\n")  # fmt: skip

@@ -272,7 +272,7 @@ def metadata_check(config: Config, lxd: Lxd) -> CheckResult:
         f"containers get network devices from profiles {', '.join(profiles)}: {described}; unless something blocks "
         f"it, a buildpack can reach {METADATA_ADDRESS} (on EC2: the credentials of the host's IAM role)",
         f"drop forwarded traffic to {METADATA_ADDRESS} from the containers' bridge on the host "
-        "(README: Blocking the metadata address)",
+        "(docs/operations.md: Blocking the metadata address)",
     )
 
 

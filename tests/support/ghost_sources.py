@@ -45,7 +45,7 @@ def ghost_file(name: str) -> bytes:
 
 
 def patched_ghost(root: Path) -> Path:
-    """Ghost 19.08's libs/ and commands/ under `root`, with the patch applied as the README says; skips the test
+    """Ghost 19.08's libs/ and commands/ under `root`, with the patch applied as docs/ghost.md says; skips the test
     when the sources are not at hand."""
     if not GHOST_SOURCES.is_file():
         pytest.skip(f"Ghost 19.08's sources are not at {GHOST_SOURCES} (GHOST_BUILDPACKD_TEST_GHOST_SRC)")

@@ -84,7 +84,7 @@ def runtime_python2() -> Path | None:
 
 
 def patched_ghost_tree(sources: Path, dest: Path) -> Path:
-    """A copy of Ghost's tree with the project's patch applied (`patch -p1`, as the README says to install it)."""
+    """A copy of Ghost's tree with the project's patch applied (`patch -p1`, as docs/ghost.md says to install it)."""
     if sources.is_dir():
         shutil.copytree(sources, dest)
     else:
