@@ -19,7 +19,7 @@ from ghost_buildpackd.lxd import IMAGE_PROP_JOB, TAG_JOB, Lxd
 from ghost_buildpackd.store import Store
 from ghost_buildpackd.templates import remove_templates_of
 from tests.support.daemon import Daemons
-from tests.support.mongo import MongoServer, MongoServers
+from tests.support.mongo import ENV_URI, MongoServer, MongoServers, mongod_build
 
 BASE_IMAGE = os.environ.get("GHOST_BUILDPACKD_TEST_IMAGE", "ghost-buildpackd/busybox")
 WORKING_COPY_IDS = (1001, 1002)  # owner of test working copies; /etc/subuid allows mapping it (scripts/setup-lxd)
@@ -29,10 +29,17 @@ _servers: MongoServers | None = None
 
 def pytest_configure(config: pytest.Config) -> None:
     global _servers
-    if config.option.collectonly or hasattr(config, "workerinput"):
+    if config.option.collectonly or _distributes_tests(config):
         return
+    # One set of servers per process that runs tests: each xdist worker has its own mongod processes
+    # (on loopback addresses of their own), so workers share nothing but LXD.
     _servers = MongoServers()
     _servers.get("replica_set")  # fail fast: every run needs it
+
+
+def _distributes_tests(config: pytest.Config) -> bool:
+    """This process is xdist's controller: it hands tests to workers and runs none itself."""
+    return not hasattr(config, "workerinput") and bool(getattr(config.option, "numprocesses", None))
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
@@ -41,7 +48,12 @@ def pytest_unconfigure(config: pytest.Config) -> None:
 
 
 def pytest_report_header(config: pytest.Config) -> list[str]:
-    lines = [f"MongoDB: {_servers.describe() if _servers else 'not started'}"]
+    if _distributes_tests(config):
+        external = os.environ.get(ENV_URI)
+        served = f"the external server {external}" if external else f"mongod {mongod_build().version}"
+        lines = [f"MongoDB: {served}; each worker starts its own servers (loopback addresses of their own)"]
+    else:
+        lines = [f"MongoDB: {_servers.describe() if _servers else 'not started'}"]
     try:
         info = Lxd(LxdConfig(timeout=10)).server_info()
         lines.append(f"LXD: {info['version']} (storage {info['storage']}), base image {BASE_IMAGE}")
