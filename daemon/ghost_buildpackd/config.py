@@ -268,6 +268,7 @@ class GhostPaths:
 class EventsConfig:
     mode: str = field("auto", one_of("auto", "change_stream", "poll"))
     poll_interval: float = field(5.0, parse_duration)
+    probe_interval: float = field(0.25, parse_duration)
     overlap: float = field(120.0, parse_duration)
     initial_lookback: float = field(3600.0, parse_duration)
     rescan_interval: float = field(30.0, parse_duration)

@@ -491,4 +491,18 @@ class PollSource(Source):
                 log.info("catch_up_done", source=self.name, since=since.isoformat(), jobs_read=read)
                 first = False
             self.store.save_poll_checkpoint(high_water or started, started)
-            self.stop.wait(self.config.events.poll_interval)
+            self._wait_for_a_change(high_water or started)
+
+    def _wait_for_a_change(self, mark: datetime) -> None:
+        """Until the next read of the overlap window, or sooner when a probe sees a job changed past the mark.
+
+        The probe only brings a read forward (a deploy's `started` then prepares its containers
+        within about `probe_interval`); the window's reads still catch late and same-time writes.
+        Jobs dated past MongoDB's clock are left to those reads, or they would trigger every probe.
+        """
+        deadline = time.monotonic() + self.config.events.poll_interval
+        while not self.stop.wait(min(self.config.events.probe_interval, max(0.0, deadline - time.monotonic()))):
+            if time.monotonic() >= deadline:
+                return
+            if self.store.job_changed_between(mark, self.store.server_now(), COMMANDS):  # BSON dates: UTC either way
+                return

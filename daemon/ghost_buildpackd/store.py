@@ -576,6 +576,14 @@ class Store:
                 newest = updated
         return newest
 
+    @retry_transient
+    def job_changed_between(self, after: datetime, until: datetime, commands: tuple[str, ...]) -> bool:
+        """Whether a job of `commands` has an `_updated` in (after, until]: one index lookup per command."""
+        window = {"$gt": after, "$lte": until}
+        return any(
+            self.jobs.find_one({"command": command, "_updated": window}, {"_id": 1}) is not None for command in commands
+        )
+
     def watch_jobs(self, resume_token: Mapping[str, Any] | None, max_await: float) -> Any:
         """A change stream on jobs: writes only (and the events that end a stream), cut to what intake reads.
 
