@@ -89,7 +89,7 @@ class Bench:
     def environment(self) -> dict[str, Any]:
         """Where the figures come from: cores, LXD, MongoDB."""
         lxd = self.lxd.server_info()
-        probe = Store(self.mongo.client()["admin"])
+        probe = Store(self.mongo.client()["ghost_buildpackd_bench_probe"])  # watch is refused on admin
         streams, why = probe.change_streams_supported()
         info = probe.server_info()
         probe.db.client.close()

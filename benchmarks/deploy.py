@@ -7,7 +7,9 @@ Three ways to run `sh -c 'echo gbp-first-output'` in a container of the busybox 
 - a minimal pylxd script: create from alias, start, exec, stop+delete (unprivileged),
   and the same with the container settings the daemon sets (raw.idmap, limits.processes);
 - the sequence Ghost's old code used: create (privileged), start, fixed 10 s sleep,
-  exec, stop, delete.
+  exec, stop, delete;
+- Ghost's host path: the same script run by `bash` on the host in the working copy, as
+  Ghost 19.08 runs a buildpack without containers (no isolation: the floor).
 The minimal script and Ghost's old sequence use pylxd directly on purpose: they are
 the yardsticks, not the daemon.
 
@@ -25,9 +27,11 @@ the same work as the minimal script's.
 from __future__ import annotations
 
 import os
+import subprocess
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pylxd
@@ -204,6 +208,20 @@ def script_runs(
     return {key: summary([run[key] for run in runs]) for key in runs[0]}
 
 
+def host_runs(count: int, workdir: Path) -> dict[str, Any]:
+    """Ghost's host path: `bash` runs the buildpack in the working copy, as Ghost 19.08 without containers."""
+    script = workdir / "build_pack"
+    script.write_text(BUILD_PACK + "\n")
+    runs = []
+    for _ in range(count):
+        t0 = time.time()
+        result = subprocess.run(["bash", str(script)], cwd=workdir, capture_output=True, text=True, check=False)
+        runs.append({"total": time.time() - t0})
+        if result.returncode != 0 or FIRST_OUTPUT not in result.stdout:
+            raise RuntimeError(f"the host path failed: {result.returncode} {result.stderr!r}")
+    return {"total": summary([run["total"] for run in runs])}
+
+
 def run(bench: Bench) -> dict[str, Any]:
     sizes = bench.sizes
     alias = bench_alias(bench)
@@ -217,6 +235,7 @@ def run(bench: Bench) -> dict[str, Any]:
     # tells what the settings cost apart from what the daemon does around them.
     settings = script_runs("settings", sizes.baseline_runs, DAEMON_SETTINGS, sleep=0, warm_up=True)
     ghost_old = script_runs("ghost-old", sizes.ghost_old_runs, GHOST_OLD_SETTINGS, GHOST_OLD_SLEEP, warm_up=False)
+    host = host_runs(sizes.baseline_runs, bench.ghost_dirs("deploy_host")["root"])
     base = minimal["total"]["p50"]
     base_run = minimal["exec"]["p50"] + minimal["stop_delete"]["p50"]
     rows = [
@@ -290,6 +309,8 @@ def run(bench: Bench) -> dict[str, Any]:
     targets = [
         [
             result["mode"],
+            f"{result['request_to_client_returned']['p50'] - host['total']['p50']:+.2f} s"
+            f" (host path {ms(host['total']['p50'])})",
             ratio(result["request_to_terminal"]["p50"], base_run),
             f"{(result['daemon_total']['p50'] / base - 1) * 100:+.0f}% (target <= +10%)",
             f"{(result['with_deletion']['p50'] / base - 1) * 100:+.0f}%",
@@ -303,6 +324,7 @@ def run(bench: Bench) -> dict[str, Any]:
             "   targets",
             [
                 "mode",
+                "req->client vs Ghost's host path",
                 "req->terminal vs minimal exec+delete",
                 "daemon total vs minimal",
                 "with deletion vs minimal",
@@ -317,4 +339,5 @@ def run(bench: Bench) -> dict[str, Any]:
         "minimal_pylxd": minimal,
         "minimal_pylxd_daemon_settings": settings,
         "ghost_old": ghost_old,
+        "ghost_host_path": host,
     }
