@@ -24,7 +24,7 @@ from ghost_buildpackd.config import Config
 from ghost_buildpackd.ghost import BadDocument
 from ghost_buildpackd.logs import configure_logging
 from ghost_buildpackd.lxd import IMAGE_PROP_JOB, TAG_JOB, ContainerSpec, ImageInfo, Lxd
-from ghost_buildpackd.model import BUILDIMAGE, SUCCEEDED, step_id
+from ghost_buildpackd.model import BUILDIMAGE, FAILED, SUCCEEDED, step_id
 from ghost_buildpackd.steps import (
     StepContext,
     StepFailed,
@@ -561,4 +561,29 @@ def test_a_running_daemon_builds_the_image_when_ghost_finishes_the_buildimage_jo
     assert store.get_image_record(str(job_id)).fingerprint == image.fingerprint
     assert db.apps.find_one({"_id": app_id})["build_infos"]["container_image"] == str(job_id)
     assert "[container buildimage] hello from the pre hook" in job_log(ghost_dirs, job_id)
+    assert leftover_containers(lxd, db) == []
+
+
+@pytest.mark.usefixtures("lxd_cleanup")
+def test_a_running_daemon_refuses_a_published_base_image_and_goes_on(
+    write_config: Callable[..., Path], store: Store, lxd: Lxd, db: Database, tmp_path: Path
+) -> None:
+    def built(app_id: ObjectId) -> Any:
+        job_id = make_job(db, app_id, "buildimage", "started")
+        finish_buildimage(db, job_id)
+        sid = step_id(job_id, BUILDIMAGE)
+        return job_id, wait_until(lambda: (s := store.get_step(sid)) is not None and s.terminal and s, 90, sid)
+
+    with DaemonProcess(write_config(), tmp_path / "daemon.log") as daemon:
+        daemon.wait_ready()
+        shop_job, shop = built(make_app(db, name="shop"))
+        assert shop.state == SUCCEEDED, shop.message
+        refused_job, refused = built(make_app(db, name="borrower", source_container_image=str(shop_job)))
+        _, after = built(make_app(db, name="after"))
+        assert daemon.alive()
+
+    assert refused.state == FAILED
+    assert "app.build_infos.source_container_image" in refused.message and "never a base image" in refused.message
+    assert not daemon.saw("container_creating", job_id=str(refused_job)), "a container was made for the refused build"
+    assert after.state == SUCCEEDED, after.message
     assert leftover_containers(lxd, db) == []
