@@ -79,3 +79,4 @@ def test_a_step_ghost_requests_on_one_host_never_runs_on_another_that_claimed_it
     assert ran_on == ["host-a"], f"the script Ghost requested on host-a ran on {ran_on}"
     assert result.state == SUCCEEDED, result
     assert host_b.saw("step_left_to_requested_host", step=sid, requested_host="host-a")
+    assert store.get_step(sid).attempts == 1, "host B's claim counted as an attempt of the step"

@@ -431,7 +431,9 @@ class Runner:
         ctx = held.ctx
         held.finishing = True
         message = f"claimed on host {self.host} before Ghost's request for host {host} landed; left to {host}"
-        if self.store.update_step(ctx.step, release=True, message=message) is None:
+        # Nothing was attempted: the claim gives its attempt back (MAX_ATTEMPTS counts attempts that ran).
+        attempts = max(ctx.step.attempts - 1, 0)
+        if self.store.update_step(ctx.step, release=True, message=message, attempts=attempts) is None:
             log.warning("step_abandoned_lease_lost", consequence="the instance holding it now carries on")
             return
         log.warning("step_left_to_requested_host", requested_host=host, host=self.host, state=ctx.step.state)
