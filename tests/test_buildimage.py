@@ -11,6 +11,7 @@ import io
 import json
 import time
 from collections.abc import Callable, Iterator
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,7 @@ from ghost_buildpackd.config import Config
 from ghost_buildpackd.ghost import BadDocument
 from ghost_buildpackd.logs import configure_logging
 from ghost_buildpackd.lxd import IMAGE_PROP_JOB, TAG_JOB, ContainerSpec, ImageInfo, Lxd
-from ghost_buildpackd.model import BUILDIMAGE, SUCCEEDED, step_id
+from ghost_buildpackd.model import BUILDIMAGE, FAILED, SUCCEEDED, step_id
 from ghost_buildpackd.steps import (
     StepContext,
     StepFailed,
@@ -273,6 +274,30 @@ def test_ami_id_falls_back_to_the_app_when_the_job_message_has_none(
     assert lxd.image_by_alias(str(job_id)).properties["ghost.ami_id"] == "ami-0fromapp"
 
 
+@pytest.mark.usefixtures("lxd_cleanup")
+def test_an_older_jobs_build_finishing_last_leaves_the_app_on_the_newer_jobs_image(
+    config: Config, store: Store, lxd: Lxd, db: Database
+) -> None:
+    app_id = make_app(db)
+    older = buildimage_job(db, app_id)
+    newer = buildimage_job(db, app_id)
+    # Ghost made `newer` a minute later (Eve's `_created`), yet its build finishes first.
+    created = db.jobs.find_one({"_id": older})["_created"]
+    db.jobs.update_one({"_id": newer}, {"$set": {"_created": created + timedelta(minutes=1)}})
+    _, first = build(config, store, lxd, newer)
+    assert first.state == SUCCEEDED
+    assert store.app_container_image(app_id) == str(newer)
+
+    _, late = build(config, store, lxd, older)
+
+    assert late.state == SUCCEEDED and f"keeps container image {newer}" in late.message
+    assert store.app_container_image(app_id) == str(newer), "an older job's build took the app back"
+    # The older build is published and recorded as usual (retention decides when it goes).
+    assert lxd.image_by_alias(str(older)).fingerprint == late.fields["fingerprint"]
+    assert store.get_image_record(str(older)).state == "live"
+    assert lxd.image_by_alias(str(newer)).fingerprint == first.fields["fingerprint"]
+
+
 # --- failures: nothing published, nothing left, the app keeps its image ----------------------
 
 
@@ -347,6 +372,37 @@ def test_missing_base_image_names_what_was_looked_for_and_what_exists(
     assert base_image in error.message  # the local images are listed
     assert store.get_step(ctx.step.id).container is None  # no container was even named
     assert_nothing_published(lxd, store, db, job_id)
+
+
+@pytest.mark.usefixtures("lxd_cleanup")
+def test_an_image_the_daemon_published_is_refused_as_a_base_image(
+    config: Config, store: Store, lxd: Lxd, db: Database, logs: io.StringIO
+) -> None:
+    shop = make_app(db, pre_buildimage="echo shop-secret-sauce > /baked\n")
+    shop_job = buildimage_job(db, shop)
+    _, built = build(config, store, lxd, shop_job)
+    assert built.state == SUCCEEDED
+    fingerprint = built.fields["fingerprint"]
+    refs = {"alias of another app's build": str(shop_job), "fingerprint prefix": fingerprint[:12]}
+    for name, ref in refs.items():
+        other = make_app(db, name=f"other-{len(ref)}", source_container_image=ref)
+        job_id = buildimage_job(db, other)
+
+        ctx, error = fail(config, store, lxd, job_id)
+
+        assert "app.build_infos.source_container_image" in error.message, name
+        assert "never a base image" in error.message and str(shop_job) in error.message, name
+        assert store.get_step(ctx.step.id).container is None, f"{name}: a container was named"
+        assert_nothing_published(lxd, store, db, job_id)
+    # Nor is the app's own earlier build: each build starts from the chosen base again.
+    db.apps.update_one({"_id": shop}, {"$set": {"build_infos.source_container_image": str(shop_job)}})
+    again = buildimage_job(db, shop)
+    _, error = fail(config, store, lxd, again)
+    assert "never a base image" in error.message
+    assert_nothing_published(lxd, store, db, again)
+    assert store.app_container_image(shop) == str(shop_job)
+    created = [json.loads(line) for line in logs.getvalue().splitlines() if '"container_creating"' in line]
+    assert len(created) == 1, "only the first build created a container"
 
 
 def test_invalid_base64_hook_fails_before_any_container(config: Config, store: Store, lxd: Lxd, db: Database) -> None:
@@ -505,4 +561,29 @@ def test_a_running_daemon_builds_the_image_when_ghost_finishes_the_buildimage_jo
     assert store.get_image_record(str(job_id)).fingerprint == image.fingerprint
     assert db.apps.find_one({"_id": app_id})["build_infos"]["container_image"] == str(job_id)
     assert "[container buildimage] hello from the pre hook" in job_log(ghost_dirs, job_id)
+    assert leftover_containers(lxd, db) == []
+
+
+@pytest.mark.usefixtures("lxd_cleanup")
+def test_a_running_daemon_refuses_a_published_base_image_and_goes_on(
+    write_config: Callable[..., Path], store: Store, lxd: Lxd, db: Database, tmp_path: Path
+) -> None:
+    def built(app_id: ObjectId) -> Any:
+        job_id = make_job(db, app_id, "buildimage", "started")
+        finish_buildimage(db, job_id)
+        sid = step_id(job_id, BUILDIMAGE)
+        return job_id, wait_until(lambda: (s := store.get_step(sid)) is not None and s.terminal and s, 90, sid)
+
+    with DaemonProcess(write_config(), tmp_path / "daemon.log") as daemon:
+        daemon.wait_ready()
+        shop_job, shop = built(make_app(db, name="shop"))
+        assert shop.state == SUCCEEDED, shop.message
+        refused_job, refused = built(make_app(db, name="borrower", source_container_image=str(shop_job)))
+        _, after = built(make_app(db, name="after"))
+        assert daemon.alive()
+
+    assert refused.state == FAILED
+    assert "app.build_infos.source_container_image" in refused.message and "never a base image" in refused.message
+    assert not daemon.saw("container_creating", job_id=str(refused_job)), "a container was made for the refused build"
+    assert after.state == SUCCEEDED, after.message
     assert leftover_containers(lxd, db) == []

@@ -7,11 +7,18 @@ prefix, alias, os/release), test_base_image_pull.py (the pull), test_deploy.py
 
 from __future__ import annotations
 
+from datetime import UTC, datetime, timedelta
+
 import pytest
+from bson import ObjectId
 
 from ghost_buildpackd.images import (
+    BaseImageRefused,
     ImageNotFound,
+    base_image,
+    build_order,
     is_job_alias,
+    keeps_newer_build,
     local_base_image,
     named_image,
     named_images,
@@ -91,3 +98,42 @@ def test_ghosts_ui_is_offered_every_image_but_the_daemons_builds() -> None:
         "os": None,
         "release": None,
     }
+
+
+def test_an_image_the_daemon_published_is_never_a_base_image() -> None:
+    for ref in ("0123456789abcdef01234567", "bbbb33", PUBLISHED.fingerprint, PUBLISHED.fingerprint.upper()):
+        with pytest.raises(BaseImageRefused, match="never a base image") as refused:
+            local_base_image(ref, IMAGES)
+        assert "0123456789abcdef01234567" in str(refused.value), "the message names the build it is"
+    assert local_base_image("debian-new", IMAGES) is DEBIAN_NEW  # the other images still are
+
+
+class PullingLxd:
+    """The two calls `base_image` makes, answering as an image server holding another daemon's build would."""
+
+    def list_images(self) -> list:
+        return []
+
+    def pull_image(self, server: str, key: str, ref: str):
+        return PUBLISHED
+
+
+def test_a_pulled_image_the_daemon_published_is_refused_too() -> None:
+    with pytest.raises(BaseImageRefused, match="never a base image"):
+        base_image(PullingLxd(), "0123456789abcdef01234567", "https://images.example:8443")  # type: ignore[arg-type]
+
+
+def test_builds_are_ordered_as_ghost_made_their_jobs() -> None:
+    second = datetime(2026, 5, 1, 12, 0, 0, tzinfo=UTC)
+    first_id, second_id = ObjectId("6650f00000000000000000aa"), ObjectId("6650f00000000000000000bb")
+    older = build_order(first_id, {"_created": second})
+    newer = build_order(second_id, {"_created": second})  # Eve stamps to the second: the id breaks the tie
+    assert older < newer
+    # `_created` wins over the id: a job made a second later with a smaller id is still newer.
+    assert build_order(first_id, {"_created": second + timedelta(seconds=1)}) > newer
+    assert build_order(first_id, {"_created": second.replace(tzinfo=None)}) == older  # a naive read is UTC
+    gone = build_order(second_id, None)  # a job deleted since: the second its ObjectId carries
+    assert gone.created == second_id.generation_time
+    assert keeps_newer_build(older, newer)
+    assert not keeps_newer_build(newer, older)
+    assert not keeps_newer_build(newer, None)  # the app names no job's build: the build replaces it

@@ -5,9 +5,15 @@
   (6 hex digits or more), else the newest `os/release` image the daemon did not
   publish itself. With `lxd.image_server` set (Ghost's `container.endpoint`, a
   remote LXD), a reference no local image matches is pulled from there, as Ghost
-  did: by fingerprint (what Ghost's UI stores), else by alias.
+  did: by fingerprint (what Ghost's UI stores), else by alias. An image the
+  daemon published (an app's build, this app's included) is never a base: a
+  reference naming one is refused (`BaseImageRefused`), so one app's hooks never
+  run on what another app's hooks baked in.
 - A deploy runs the app's last built image, `build_infos.container_image` (the
-  alias of its buildimage job), and no other.
+  alias of its buildimage job), and no other. Which build is the last is Ghost's
+  job order (`BuildOrder`: Eve's `_created`, then the job id), not the order in
+  which builds finish: a build whose job is older than the one the app names
+  publishes its image but leaves the app as it is (`keeps_newer_build`).
 - Retention and `check` read image names with the same rules (`named_image`,
   `local_base_image`); the images the daemon publishes are aliased by their job
   id (`is_job_alias`).
@@ -19,8 +25,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+from bson import ObjectId
 
 from .lxd import IMAGE_PROP_JOB, ImageInfo, ImagePullFailed, Lxd, LxdError
 from .store import BaseImage
@@ -32,6 +43,39 @@ JOB_ALIAS = re.compile(r"[0-9a-f]{24}")  # the aliases of images the daemon publ
 
 class ImageNotFound(LxdError):
     """No image is the one asked for; the text says what was looked for and what exists."""
+
+
+class BaseImageRefused(ImageNotFound):
+    """The reference names an image no build may start from: one the daemon published."""
+
+
+@dataclasses.dataclass(frozen=True, order=True)
+class BuildOrder:
+    """Where a buildimage job stands in Ghost's job order: Eve's `_created` (to the second), then the job id.
+
+    Eve stamps `_created` once, at the job's insert, truncated to the second, so
+    jobs made in the same second are told apart by their ObjectId.
+    """
+
+    created: datetime
+    job_id: ObjectId
+
+
+def build_order(job_id: ObjectId, job: Mapping[str, Any] | None) -> BuildOrder:
+    """The order of job `job_id` from its document; without a date there (a job deleted since, or written
+    by hand), the creation second its ObjectId carries, which is when Eve inserted it."""
+    created = (job or {}).get("_created")
+    if not isinstance(created, datetime):
+        created = job_id.generation_time
+    elif created.tzinfo is None:  # a client that is not tz-aware reads naive UTC
+        created = created.replace(tzinfo=UTC)
+    return BuildOrder(created, job_id)
+
+
+def keeps_newer_build(mine: BuildOrder, current: BuildOrder | None) -> bool:
+    """Whether the app must keep the image it names (`current`, None when it names no build of a job) rather
+    than take the image of build `mine`: it does when its job comes later in Ghost's order."""
+    return current is not None and current > mine
 
 
 def is_job_alias(alias: str) -> bool:
@@ -88,7 +132,7 @@ def local_base_image(ref: str, images: Sequence[ImageInfo]) -> ImageInfo | None:
     if len(matches) > 1:
         raise ImageNotFound(f"image prefix {ref!r} is ambiguous: {', '.join(m.describe() for m in matches)}")
     if matches:
-        return matches[0]
+        return usable_as_base(ref, matches[0])
     if "/" not in ref:
         return None
     os_name, _, release = ref.partition("/")
@@ -110,10 +154,22 @@ def base_image(lxd: Lxd, ref: str, image_server: str | None) -> ImageInfo:
     if local is not None:
         return local
     if image_server:
-        return pull_base_image(lxd, ref, image_server)
+        return usable_as_base(ref, pull_base_image(lxd, ref, image_server))
     existing = "; ".join(image.describe() for image in images) or "no images at all"
     raise ImageNotFound(
         f"no LXD image matches {ref!r} as an alias, a fingerprint or an os/release; local images: {existing}"
+    )
+
+
+def usable_as_base(ref: str, image: ImageInfo) -> ImageInfo:
+    """`image`, unless the daemon published it: then BaseImageRefused, saying which build it is and why."""
+    if not published_by_daemon(image):
+        return image
+    raise BaseImageRefused(
+        f"{ref!r} names {image.describe()}, an image ghost-buildpackd published for the buildimage job "
+        f"{image.properties.get(IMAGE_PROP_JOB)} (app {image.properties.get('ghost.app', 'unknown')}): the images "
+        "the daemon publishes are never a base image, or one app's build would run on what another build's hooks "
+        "and features left in it; choose a base image in Ghost's UI (it lists only those that may be)"
     )
 
 

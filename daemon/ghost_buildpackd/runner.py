@@ -14,6 +14,11 @@
   an attempt makes in LXD carries its claim number and is never touched by an
   earlier attempt. The states it writes are the runner's rows of the
   transition table (model.py).
+- Host binding: a deploy script runs only on the host Ghost's worker asked
+  on (`requested_host`, where its working copy is). A step still pending or
+  preparing may be claimed by any host; when Ghost's request for another host
+  lands meanwhile, the holder finds it at its next move and hands the step
+  back (lease released, state kept) before anything of the script runs.
 - Shutdown: stop claiming, let running steps finish within the grace period,
   then abort them; an aborted step goes back along the table's shutdown rows,
   where another start resumes it.
@@ -80,6 +85,14 @@ class Bodies:
         from .steps import buildimage, deploy
 
         return cls(buildimage=buildimage.run, prepare_deploy=deploy.prepare, run_deploy=deploy.run)
+
+
+class RequestedElsewhere(Exception):
+    """Ghost asked for this deploy step on another host while this one held it: it is that host's to run."""
+
+    def __init__(self, host: str | None):
+        self.host = host
+        super().__init__(f"requested on host {host}")
 
 
 @dataclasses.dataclass
@@ -319,6 +332,8 @@ class Runner:
                 self._finish(held, outcome)
             except LeaseLost:
                 log.warning("step_abandoned_lease_lost", consequence="the instance holding it now carries on")
+            except RequestedElsewhere as elsewhere:
+                self._hand_over(held, elsewhere.host)
             except Exception:  # never let one step take the daemon down
                 log.exception("step_bookkeeping_failed")
             finally:
@@ -372,7 +387,7 @@ class Runner:
                     FAILED, f"gave up after {MAX_ATTEMPTS} attempts: the daemon running it stopped each time"
                 )
             return self._dispatch_body(ctx, start_over)
-        except LeaseLost:
+        except (LeaseLost, RequestedElsewhere):
             raise
         except Exception as error:
             if is_unavailable(error):
@@ -391,12 +406,37 @@ class Runner:
         ):
             return self.bodies.prepare_deploy(ctx)
         if ctx.step.state in (REQUESTED, RUNNING):
+            self._only_on_requested_host(ctx.step)
             # Taken over (a start-over has just removed them): what the last run left must go.
             if ctx.step.state == RUNNING and not start_over and remove_leftovers(ctx):
                 log.warning("deploy_run_taken_over", consequence="the buildpack runs again in a new container")
             ctx.save(RUNNING, message="running the buildpack")
             return self.bodies.run_deploy(ctx)
         raise StepFailed(f"deploy step in unexpected state '{ctx.step.state}'")
+
+    def _only_on_requested_host(self, step: Step) -> None:
+        """RequestedElsewhere unless `step` was requested on this host.
+
+        Claims of a requested or running deploy step are bound to its host
+        (`Store.claim_step`); a claim of a pending or preparing one is not, and
+        Ghost's request may land just after it. The record read under our lease
+        is final on this point: `requested_host` is written only with the move
+        to `requested`, never once the step is requested or running.
+        """
+        if step.requested_host != self.host:
+            raise RequestedElsewhere(step.requested_host)
+
+    def _hand_over(self, held: Held, host: str | None) -> None:
+        """Release a step Ghost requested on another host, its state kept, for the daemon there to run."""
+        ctx = held.ctx
+        held.finishing = True
+        message = f"claimed on host {self.host} before Ghost's request for host {host} landed; left to {host}"
+        # Nothing was attempted: the claim gives its attempt back (MAX_ATTEMPTS counts attempts that ran).
+        attempts = max(ctx.step.attempts - 1, 0)
+        if self.store.update_step(ctx.step, release=True, message=message, attempts=attempts) is None:
+            log.warning("step_abandoned_lease_lost", consequence="the instance holding it now carries on")
+            return
+        log.warning("step_left_to_requested_host", requested_host=host, host=self.host, state=ctx.step.state)
 
     def _save_unless_requested(self, ctx: StepContext, state: str, **fields: Any) -> bool:
         """Move to `state` unless the client requested the run meanwhile (then ctx.step says so)."""

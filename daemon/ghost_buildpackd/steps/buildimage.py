@@ -27,10 +27,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+from bson import ObjectId
+
 from .. import templates
 from ..config import PLACEHOLDER_ANSIBLE_VERBOSITY, PLACEHOLDER_LOG_LEVEL, PLACEHOLDER_VENV, Config
 from ..ghost import PROVISIONERS, App, BadDocument, Job, containers_off, parse_app, parse_job
-from ..images import ImageNotFound, base_image
+from ..images import BuildOrder, ImageNotFound, base_image, build_order, is_job_alias, keeps_newer_build
 from ..logs import Secrets
 from ..lxd import IMAGE_PROP_CLAIM, IMAGE_PROP_JOB, ContainerSpec, ImageInfo, Mount
 from ..model import BUILDIMAGE, SUCCEEDED
@@ -250,8 +252,10 @@ def build(ctx: StepContext, plan: BuildPlan, base: ImageInfo) -> Outcome:
             clean_up_container(ctx, spec.name)
         else:
             keep_as_template(ctx, spec, published)
-    record(ctx, plan, base, image)
-    message = f"container image {plan.alias} published ({image.fingerprint[:12]}, {image.size} bytes)"
+    kept = record(ctx, plan, base, image)
+    message = f"container image {plan.alias} published ({image.fingerprint[:12]}, {image.size} bytes)" + (
+        kept_newer(kept)
+    )
     ctx.say("buildimage_succeeded", message, image=plan.alias, fingerprint=image.fingerprint, size=image.size)
     return Outcome(SUCCEEDED, message=message, fields={"image": plan.alias, "fingerprint": image.fingerprint})
 
@@ -419,8 +423,10 @@ def delete_replaced_image(ctx: StepContext, alias: str, previous: ImageInfo) -> 
     ctx.log.info("replaced_image_deleted", fingerprint=previous.fingerprint, alias=alias)
 
 
-def record(ctx: StepContext, plan: BuildPlan, base: ImageInfo, image: ImageInfo) -> None:
-    """The two MongoDB writes, only once the image and its alias exist, both fenced on the step's attempt."""
+def record(ctx: StepContext, plan: BuildPlan, base: ImageInfo, image: ImageInfo) -> str | None:
+    """The two MongoDB writes, only once the image and its alias exist, both fenced on the step's attempt.
+
+    Returns the image the app keeps when a newer buildimage job's build named it first, else None."""
     app = plan.app
     ctx.confirm_lease()
     recorded = ctx.store.record_image(
@@ -443,27 +449,57 @@ def record(ctx: StepContext, plan: BuildPlan, base: ImageInfo, image: ImageInfo)
     if not recorded:  # a later attempt of this step recorded its own image
         ctx.abort.set()
         raise LeaseLost(ctx.step.id)
-    point_app_at_image(ctx, app.id, plan.alias)
-    ctx.log.info("image_recorded", image=plan.alias, fingerprint=image.fingerprint, app_id=str(app.id))
+    kept = point_app_at_image(ctx, app.id, plan.job)
+    ctx.log.info("image_recorded", image=plan.alias, fingerprint=image.fingerprint, app_id=str(app.id), app_kept=kept)
+    return kept
+
+
+def kept_newer(kept: str | None) -> str:
+    """What the outcome adds when the app kept the image of a newer build."""
+    if kept is None:
+        return ""
+    return (
+        f"; the app keeps container image {kept}, built for a newer buildimage job (Ghost's job order), so "
+        "deploys do not go back to this older build"
+    )
 
 
 APP_WRITE_TRIES = 3  # compare-and-set rounds against other builds of the same app finishing at the same moment
 
 
-def point_app_at_image(ctx: StepContext, app_id: Any, alias: str) -> None:
-    """Set `apps.build_infos.container_image`, fenced: read, confirm the lease, then compare-and-set.
+def point_app_at_image(ctx: StepContext, app_id: Any, job: Job) -> str | None:
+    """Set `apps.build_infos.container_image` to the job's alias unless it names a newer job's build.
 
-    A holder that paused between its check and its write finds the value
-    moved and checks its lease again, which it has lost by then.
+    Returns the image the app keeps (None when it now names this build).
+    Builds of one app may finish in any order; the app takes the image of the
+    newest job in Ghost's order (`images.keeps_newer_build`), the store only
+    carries out the write. Fenced: read, judge, confirm the lease, then
+    compare-and-set against what was read, so neither a holder that paused
+    after its check nor a newer build recorded in between is overwritten: the
+    next round reads and judges that one.
     """
+    alias = str(job.id)
+    mine = build_order(job.id, job.raw)
     for _ in range(APP_WRITE_TRIES):
         current = ctx.store.app_container_image(app_id)
         if current == alias:
-            return
+            return None
+        if keeps_newer_build(mine, current_build_order(ctx, current)):
+            ctx.log.info("app_image_kept_newer_build", image=alias, app_image=current, app_id=str(app_id))
+            return current
         ctx.confirm_lease()
         if ctx.store.set_app_container_image(app_id, alias, expected=current):
-            return
+            return None
     raise StepFailed(f"apps.build_infos.container_image of app {app_id} kept changing; it was not set to {alias}")
+
+
+def current_build_order(ctx: StepContext, current: str | None) -> BuildOrder | None:
+    """Where the build the app names stands in Ghost's job order; None when the value names no job's build
+    (nothing, or an image set by hand: a build replaces it)."""
+    if current is None or not is_job_alias(current):
+        return None
+    job_id = ObjectId(current)
+    return build_order(job_id, ctx.store.get_job(job_id))
 
 
 # --- after a crash or on replay -------------------------------------------------------------
@@ -501,8 +537,9 @@ def recover_earlier_attempt(ctx: StepContext, plan: BuildPlan) -> Outcome | None
             ctx.log.warning("half_published_image_deleted", fingerprint=image.fingerprint, alias=plan.alias)
     if not resumed or kept is None or ctx.step.finished_at is not None:
         return None
-    point_app_at_image(ctx, plan.app.id, plan.alias)
-    message = f"container image {plan.alias} was published by an earlier attempt ({kept.fingerprint[:12]})"
+    message = f"container image {plan.alias} was published by an earlier attempt ({kept.fingerprint[:12]})" + (
+        kept_newer(point_app_at_image(ctx, plan.app.id, plan.job))
+    )
     ctx.say("buildimage_recovered", message, image=plan.alias, fingerprint=kept.fingerprint)
     return Outcome(SUCCEEDED, message=message, fields={"image": plan.alias, "fingerprint": kept.fingerprint})
 
