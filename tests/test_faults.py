@@ -32,6 +32,7 @@ from ghost_buildpackd.store import Store
 from tests.conftest import WORKING_COPY_IDS, leftover_containers
 from tests.support import lxd_service
 from tests.support.daemon import DaemonProcess, Daemons
+from tests.support.faketime import SteppedClock
 from tests.support.ghost import finish_buildimage, make_app, make_job, module_doc, set_status
 from tests.support.mongo import skip_unless_restartable
 from tests.support.steps import state_of, terminal_step
@@ -403,6 +404,70 @@ def test_a_holder_paused_past_its_lease_leaves_the_successor_alone(db, store, lx
     stopped_acting = holder.saw("lease_expired_locally", since=thawed_at) or holder.saw("lease_lost", since=thawed_at)
     assert stopped_acting, "the holder did not notice it had lost its lease"
     assert holder.alive() and successor.alive()
+    set_status(db, job, "done")
+    assert_nothing_left(lxd, db, store)
+
+
+# --- a step of one instance's wall clock (an NTP step, `date -s`) ------------------------------------
+
+CLOCK_STEP = 45.0  # seconds, far more than the lease's TTL
+CLOCK_TTL = 6.0
+
+
+def instance_record(store: Store, process: DaemonProcess) -> dict[str, Any] | None:
+    return store.instances.find_one({"info.pid": process.pid})
+
+
+def heartbeats_after(store: Store, process: DaemonProcess, count: int) -> None:
+    """Wait for `count` more heartbeats of `process` (each is followed by its measurement of MongoDB's clock)."""
+    for _ in range(count):
+        last = (instance_record(store, process) or {}).get("seen_at")
+        wait_until(
+            lambda last=last: (instance_record(store, process) or {}).get("seen_at") != last,
+            30,
+            "the next heartbeat",
+            interval=0.2,
+        )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("stepped", "step"), [("other", CLOCK_STEP), ("holder", -CLOCK_STEP)])
+def test_a_step_of_one_instances_wall_clock_leaves_a_healthy_lease_alone(
+    stepped, step, db, store, lxd, base_image, ghost_dirs, daemons, tmp_path
+):
+    """During a buildpack, the other instance's clock jumps ahead, or the holder's jumps back, three times:
+    the lease is never taken, the buildpack runs once."""
+    app = deploy_app(db, base_image, BUILDPACK)
+    copy = working_copy(ghost_dirs["root"])
+    clocks = {name: SteppedClock(tmp_path / f"clock-{name}") for name in ("holder", "other")}
+    group = daemons(lease_ttl=f"{CLOCK_TTL:g}s")
+    holder = group.start(env=clocks["holder"].env())
+    job = make_job(db, app, command="deploy", modules=["api"])
+    sid = step_id(job, "deploy", "api")
+    set_status(db, job, "started")
+    wait_until(lambda: state_of(store, sid) == "ready", 60, "the step prepared")
+    client = Client(db, job, timeout=240)
+    wait_until(lambda: event_of(holder, "command_started", job, label=BUILDPACK_LABEL), 60, "the buildpack")
+    wait_until(lambda: (copy / "runs.log").exists(), 60, "the buildpack to start")
+    other = group.start(env=clocks["other"].env())
+    held = store.get_step(sid)
+
+    for _ in range(3):  # each step, until the instance measures MongoDB's clock again, was a window for a takeover
+        clocks[stepped].step(step)
+        heartbeats_after(store, holder if stepped == "holder" else other, 2)
+
+    assert not event_of(other, "step_claimed", job), "the other instance took a healthy lease"
+    now = store.get_step(sid)
+    assert (now.claim, now.lease_token) == (held.claim, held.lease_token), "the lease changed hands"
+    assert (copy / "runs.log").read_text().split() == ["start"], "the buildpack was started again"
+    (copy / "go").touch()
+    result = client.outcome(200)
+
+    assert result.state == SUCCEEDED, result
+    assert (copy / "runs.log").read_text().split() == ["start", "end"]
+    assert store.get_step(sid).claim == held.claim
+    assert not holder.saw("lease_lost", step=sid) and not holder.saw("lease_expired_locally", step=sid)
+    assert holder.alive() and other.alive()
     set_status(db, job, "done")
     assert_nothing_left(lxd, db, store)
 

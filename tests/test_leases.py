@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 import threading
 import time
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 
 import pytest
 import structlog
@@ -16,6 +20,7 @@ from ghost_buildpackd.policy import LIMITS
 from ghost_buildpackd.runner import Bodies, Runner
 from ghost_buildpackd.steps import LeaseLost, Outcome, StepContext, StepFailed
 from ghost_buildpackd.store import ImageRecord, Store, utcnow
+from tests.support.faketime import SteppedClock
 from tests.support.ghost import make_app, make_job
 from tests.support.mongo import free_port
 from tests.support.waiting import wait_until
@@ -57,31 +62,68 @@ def test_each_claim_gets_a_higher_claim_number_even_after_a_replay(db, store):
     assert second.attempts == 1  # the attempt budget starts again; the claim number never does
 
 
-def skewed(db, hours: float) -> Store:
-    store = Store(db, clock=lambda: utcnow() + timedelta(hours=hours))
-    store.measure_server_clock()
-    return store
+# What another instance does with the store, in a process of its own whose wall clock the test sets or steps.
+ON_A_SKEWED_HOST = """
+import json, os, sys, time
+from ghost_buildpackd.store import Store
+
+uri, database, action, arg = sys.argv[1:]
+store = Store.from_uri(uri, database)
+if action == "claim":  # claim with this TTL; the lease's expiry
+    step = store.claim_step("skewed", float(arg), "host-a")
+    print(json.dumps(step and step.lease_expires_at.isoformat()))
+elif action == "renew":  # renew the lease of this step as its holder would; whether it was renewed
+    print(json.dumps(store.renew_lease(store.get_step(arg), 30, within=5) is not None))
+elif action == "step":  # step this process's wall clock; how far server_now moved, before and after a new reading
+    before, started = store.server_now(), time.monotonic()
+    offset_file = os.environ["FAKETIME_TIMESTAMP_FILE"]
+    with open(offset_file + ".new", "w") as offset:
+        offset.write(arg)
+    os.replace(offset_file + ".new", offset_file)
+    moved = lambda: (store.server_now() - before).total_seconds() - (time.monotonic() - started)
+    at_once = moved()
+    store.measure_server_clock()  # as the heartbeat thread does every few seconds
+    print(json.dumps([at_once, moved()]))
+"""
 
 
-def test_a_host_whose_clock_runs_ahead_cannot_steal_a_healthy_lease(db, store):
+def on_a_skewed_host(mongo, db, tmp_path, offset: float, action: str, arg: str) -> object:
+    """Run `action` of ON_A_SKEWED_HOST against the test's database, this host's wall clock off by `offset` s."""
+    clock = SteppedClock(tmp_path / "clock", offset)
+    done = subprocess.run(
+        [sys.executable, "-c", ON_A_SKEWED_HOST, mongo.uri, db.name, action, arg],
+        env={**os.environ, **clock.env()},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_a_host_whose_clock_runs_ahead_cannot_steal_a_healthy_lease(mongo, db, store, tmp_path):
     sid = pending_buildimage(store, db)
     healthy = store.claim_step("healthy", 30, HOST)
     assert healthy is not None and healthy.id == sid
 
-    ahead = skewed(db, hours=1)
-
-    assert ahead.claim_step("ahead", 30, HOST) is None
-    assert ahead.renew_lease(healthy, 30, within=5) is not None, "the holder's renewal must still work from there"
+    assert on_a_skewed_host(mongo, db, tmp_path, 3600, "claim", "30") is None
+    assert on_a_skewed_host(mongo, db, tmp_path, 3600, "renew", sid), "the holder's renewal must still work from there"
 
 
-def test_a_host_whose_clock_runs_behind_takes_leases_that_expire_on_time(db, store):
+def test_a_host_whose_clock_runs_behind_takes_leases_that_expire_on_time(mongo, db, store, tmp_path):
     pending_buildimage(store, db)
-    behind = skewed(db, hours=-1)
 
-    step = behind.claim_step("behind", 10, HOST)
+    expires_at = datetime.fromisoformat(on_a_skewed_host(mongo, db, tmp_path, -3600, "claim", "10"))
 
     server_now = store.db.client.admin.command("isMaster")["localTime"].replace(tzinfo=UTC)
-    assert abs((step.lease_expires_at - server_now).total_seconds() - 10) < 5
+    assert abs((expires_at - server_now).total_seconds() - 10) < 5
+
+
+@pytest.mark.parametrize("step", ["+45", "-45"])
+def test_a_step_of_the_hosts_wall_clock_does_not_move_the_server_time_it_reckons_leases_on(mongo, db, tmp_path, step):
+    at_once, after_a_reading = on_a_skewed_host(mongo, db, tmp_path, 0, "step", step)
+    assert abs(at_once) < 1, f"server_now moved by {at_once:.1f}s when the wall clock stepped by {step}s"
+    assert abs(after_a_reading) < 1, f"the next reading moved server_now by {after_a_reading:.1f}s"
 
 
 def test_an_expired_lease_is_not_renewed_even_when_nobody_took_it(db, store):

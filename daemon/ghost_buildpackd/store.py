@@ -13,9 +13,10 @@ Datetimes the daemon writes are set on insert, inside a sub-document, or with
 `$currentDate` (server time), never as a bare `$set` of a top-level datetime:
 all three are plain MongoDB and keep the BSON date type on every server.
 
-Leases are reckoned on the server's clock (`server_now`: the host's clock plus
-the offset measured from the server's `hello` reply), so a host whose clock is
-skewed neither steals a healthy lease nor keeps an expired one. Writes that
+Leases are reckoned on the server's clock (`server_now`: the server's time read
+from its `hello` reply, carried forward by this host's monotonic clock), so a
+host whose clock is skewed, or steps, neither steals a healthy lease nor keeps
+an expired one. Writes that
 decide who holds a step and what its outcome is use majority write concern, so
 a replica-set failover cannot roll back an acknowledged claim or outcome.
 """
@@ -91,6 +92,10 @@ EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 FREE_LEASE = {"owner": None, "token": None, "expires_at": EPOCH}
 # Claims, leases and outcomes: acknowledged only once a majority of the replica set has them.
 MAJORITY = WriteConcern(w="majority")
+# A reading of the server's clock is off by up to half its round trip: a slower one does not replace a
+# reading already taken (the lease margin, at least 1 s, covers half of this).
+CLOCK_READING_MAX_ROUND_TRIP = 0.5
+CLOCK_MOVED = 1.0  # seconds between a new reading and the running estimate worth a log line
 
 
 def utcnow() -> datetime:
@@ -314,6 +319,22 @@ def new_step_doc(
     return doc
 
 
+@dataclasses.dataclass(frozen=True)
+class ServerClock:
+    """The server's time at one instant of this host's monotonic clock, and how long the reading took.
+
+    The host's wall clock plays no part: an NTP step or `date -s` on this host
+    moves neither the estimate nor any lease decision made from it.
+    """
+
+    server_time: datetime
+    at: float  # this host's monotonic clock when the server read its time (midpoint of the round trip)
+    round_trip: float
+
+    def now(self, monotonic_now: float) -> datetime:
+        return self.server_time + timedelta(seconds=monotonic_now - self.at)
+
+
 class JobBatch:
     """Jobs of a catch-up scan with their step records and apps, read in bulk.
 
@@ -384,7 +405,7 @@ class JobBatch:
 class Store:
     """Every MongoDB read and write the daemon, its CLI and the Ghost-side client make."""
 
-    def __init__(self, db: Database, clock: Callable[[], datetime] = utcnow):
+    def __init__(self, db: Database, monotonic: Callable[[], float] = time.monotonic):
         self.db = db
         self.jobs: Collection = db["jobs"]
         self.apps: Collection = db.get_collection("apps", write_concern=MAJORITY)
@@ -393,8 +414,8 @@ class Store:
         self.state: Collection = db[STATE]
         self.instances: Collection = db[INSTANCES]
         self.base_images: Collection = db[BASE_IMAGES]
-        self._clock = clock  # this host's clock (tests give a skewed one)
-        self._server_offset: timedelta | None = None  # measured at the first need
+        self._monotonic = monotonic
+        self._server_clock: ServerClock | None = None  # measured at the first need
         self._undated_jobs: set[Any] = set()  # jobs whose `_updated` is not a date, already logged
 
     @classmethod
@@ -407,29 +428,50 @@ class Store:
         """Round trip to the server (raises when unreachable or unauthenticated)."""
         return self.db.command("ping")
 
-    def measure_server_clock(self) -> timedelta:
-        """How far the server's clock is ahead of this host's, from the `localTime` of its `hello` reply.
+    def measure_server_clock(self) -> datetime:
+        """Read the server's clock (the `localTime` of its `hello` reply); returns the server's time now.
 
-        The reply was made between sending and receiving, so the midpoint is the
-        estimate: the error is at most half the round trip, which the lease
-        margin covers.
+        The reply was made between sending and receiving, so the midpoint of
+        the round trip, on this host's monotonic clock, is when the server read
+        it: the error is at most half the round trip, which the lease margin
+        covers. A reading slower than CLOCK_READING_MAX_ROUND_TRIP, and slower
+        than the one held, is dropped. A later reading that disagrees with the
+        running estimate means the server's clock moved (this host's wall
+        clock is not involved): it is taken, and logged.
         """
-        sent = self._clock()
+        sent = self._monotonic()
         reply = self._hello()
-        received = self._clock()
+        received = self._monotonic()
         server_time = reply.get("localTime")
         if isinstance(server_time, datetime):
             if server_time.tzinfo is None:
                 server_time = server_time.replace(tzinfo=UTC)
-            self._server_offset = server_time - (sent + (received - sent) / 2)
-        elif self._server_offset is None:  # a server that does not say its time: this host's clock
-            self._server_offset = timedelta(0)
-        return self._server_offset
+            self._take_reading(ServerClock(server_time, sent + (received - sent) / 2, received - sent))
+        elif self._server_clock is None:  # a server that does not say its time: this host's clock, read once
+            self._server_clock = ServerClock(utcnow(), self._monotonic(), 0.0)
+        return self.server_now()
+
+    def _take_reading(self, reading: ServerClock) -> None:
+        held = self._server_clock
+        if held is not None:
+            if reading.round_trip > max(CLOCK_READING_MAX_ROUND_TRIP, held.round_trip):
+                return
+            moved = (reading.server_time - held.now(reading.at)).total_seconds()
+            if abs(moved) > CLOCK_MOVED:
+                log.warning(
+                    "mongodb_clock_moved",
+                    by_s=round(moved, 3),
+                    consequence="lease expiry is reckoned on MongoDB's clock as read now",
+                )
+        self._server_clock = reading
 
     def server_now(self) -> datetime:
-        """The server's time as last measured (measured first if it never was): what lease expiry is reckoned on."""
-        offset = self._server_offset if self._server_offset is not None else self.measure_server_clock()
-        return self._clock() + offset
+        """The server's time now, carried from its last reading by this host's monotonic clock (read first if it
+        never was): what lease expiry is reckoned on."""
+        if self._server_clock is None:
+            self.measure_server_clock()
+        assert self._server_clock is not None
+        return self._server_clock.now(self._monotonic())
 
     def _hello(self) -> dict[str, Any]:
         """The server's handshake reply: `hello` (4.4.2 and later), else its older name `isMaster` (4.2)."""

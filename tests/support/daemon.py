@@ -115,10 +115,11 @@ class Daemons:
         self.overrides = overrides
         self.started: list[DaemonProcess] = []
 
-    def start(self, **more: Any) -> DaemonProcess:
+    def start(self, env: dict[str, str] | None = None, **more: Any) -> DaemonProcess:
+        """One more instance with these config overrides (and `env` added to its environment), once ready."""
         name = f"d{len(self.started)}"
         config = self.write_config(f"{name}.yml", **{**self.overrides, **more})
-        process = DaemonProcess(config, self.tmp_path / f"{name}.log").start()
+        process = DaemonProcess(config, self.tmp_path / f"{name}.log", extra_env=env).start()
         self.started.append(process)
         process.wait_ready()
         return process
