@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -17,8 +19,10 @@ from ghost_buildpackd.config import Config
 from ghost_buildpackd.daemon import Daemon
 from ghost_buildpackd.lxd import Lxd
 from ghost_buildpackd.store import Store
+from tests.support import lxd_service
 from tests.support.daemon import DaemonProcess
 from tests.support.mongo import free_port
+from tests.support.waiting import wait_until
 
 pytestmark = [pytest.mark.lxd, pytest.mark.mongodb]
 
@@ -94,3 +98,49 @@ def test_failing_answers_name_the_problem(make_config: Callable[..., Config], st
         assert 'ghost_buildpackd_up{system="mongodb"} 0.0' in get(port, "/metrics")[1]
     finally:
         daemon.metrics.close()
+
+
+LXD_FROZEN_AT_MOST = 16.0  # seconds: other tests on this machine share the LXD daemon
+
+
+def lxd_up_metric(port: int) -> str:
+    """`1.0` or `0.0`: ghost_buildpackd_up for LXD as /metrics says it now."""
+    text = get(port, "/metrics")[1]
+    return next(
+        (line.split()[-1] for line in text.splitlines() if line.startswith('ghost_buildpackd_up{system="lxd"}')), ""
+    )
+
+
+@pytest.mark.slow
+def test_heartbeats_go_on_while_lxd_does_not_answer(
+    write_config: Callable[..., Path], store: Store, tmp_path: Path
+) -> None:
+    """LXD frozen (SIGSTOP: it accepts connections and answers nothing) for less than lxd.timeout: the
+    heartbeat keeps its pace, and the LXD probe, bounded on its own, reports LXD down, then up again."""
+    port = free_port()
+    config = write_config(metrics={"listen": f"127.0.0.1:{port}"}, lxd={"timeout": "30s"})
+    with DaemonProcess(config, tmp_path / "daemon.log") as daemon:
+        daemon.wait_ready()
+        wait_until(lambda: lxd_up_metric(port) == "1.0", 30, "LXD reported up")
+        record = lambda: store.instances.find_one({"info.pid": daemon.pid}) or {}  # noqa: E731
+        seen = [record().get("seen_at")]
+
+        def heartbeats_and_lxd_down() -> bool:
+            if record().get("seen_at") != seen[-1]:
+                seen.append(record().get("seen_at"))
+            return len(seen) > 2 and lxd_up_metric(port) == "0.0"
+
+        pid = lxd_service.lxd_daemon_pid()
+        assert pid is not None, "no LXD daemon process found"
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            wait_until(heartbeats_and_lxd_down, LXD_FROZEN_AT_MOST, "two heartbeats and LXD down", interval=0.2)
+            code, body = get(port, "/readyz")  # the probe's last answer: /readyz does not wait on LXD either
+        finally:
+            os.kill(pid, signal.SIGCONT)
+
+        [problem] = json.loads(body)["problems"]
+        assert code == 503 and problem.startswith("lxd does not answer"), body
+        wait_until(lambda: lxd_up_metric(port) == "1.0", 60, "LXD reported up again")
+        wait_until(lambda: get(port, "/readyz")[0] == 200, 30, "ready again")
+        daemon.assert_alive()

@@ -7,7 +7,9 @@ The main thread only feeds systemd's watchdog (while the event loop and the
 dispatcher make progress and no loop has crash-looped past the stall limit or
 ended) and updates the STATUS line; it never waits on MongoDB, so an outage
 cannot starve the watchdog. Heartbeats, the server-clock measurement and the
-lag figure run in their own thread.
+lag figure run in their own thread; with `metrics.listen` set, LXD's health is
+probed in another (each probe bounded on its own), so neither heartbeats nor
+/readyz ever wait on LXD.
 """
 
 from __future__ import annotations
@@ -165,6 +167,9 @@ class Daemon:
             self.upkeep.loop,
             Supervised("heartbeat", self._heartbeat_loop, self.stop),
         ]
+        self.lxd_up = True  # LXD's last answer to the health probe (it answered at start)
+        if config.metrics.listen is not None:  # what /metrics and /readyz say about LXD
+            self.loops.insert(-1, Supervised("lxd-probe", self._probe_lxd_loop, self.stop))
         self._main_wake = threading.Event()  # a signal arrived: the main loop acts on it at once
         self._hangups = 0  # SIGHUPs received and not yet logged
         self.event_lag: float | None = None  # seconds, as last measured by the heartbeat thread
@@ -253,8 +258,16 @@ class Daemon:
                 self.mongodb_problem = short_error(error)
                 self.metrics.set_up("mongodb", False)
                 log.warning("heartbeat_failed", error=self.mongodb_problem)
-            if self.metrics.enabled:
-                self.metrics.set_up("lxd", self.lxd.answers())
+
+    def _probe_lxd_loop(self) -> None:
+        """Every lxd_health_every: whether LXD answers, within a wait of its own (LXD may take lxd.timeout, longer
+        than a heartbeat may be late); the health answers read the last answer."""
+        within = LIMITS.lxd_health_probe_wait(self.config)
+        while True:
+            self.lxd_up = self.lxd.answers(within)
+            self.metrics.set_up("lxd", self.lxd_up)
+            if self.stop.wait(LIMITS.lxd_health_every):
+                return
 
     def all_loops(self) -> list[Supervised]:
         return self.loops + self.runner.loops
@@ -284,7 +297,7 @@ class Daemon:
 
     def readiness(self) -> list[str]:
         """Problems that keep steps from running now: not started yet, stopping, a loop crash-looping, stalled
-        or ended, MongoDB or LXD not answering."""
+        or ended, MongoDB not answering, or LXD not answering its last health probe."""
         problems = [] if self.phase == "running" else [f"daemon {self.phase}"]
         problems += self.loop_problems()
         try:
@@ -293,9 +306,7 @@ class Daemon:
         except PyMongoError as error:
             self.metrics.set_up("mongodb", False)
             problems.append(f"mongodb does not answer: {short_error(error)}")
-        lxd_up = self.lxd.answers()
-        self.metrics.set_up("lxd", lxd_up)
-        if not lxd_up:
+        if not self.lxd_up:  # the probe's last answer: a request to /readyz never waits on LXD
             problems.append(f"lxd does not answer at {self.config.lxd.endpoint}")
         return problems
 

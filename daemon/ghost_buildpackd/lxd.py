@@ -345,10 +345,12 @@ class Lxd:
             "idmap_supported": "idmapped_mounts" in env.get("kernel_features", {}),
         }
 
-    def _answering_environment(self) -> dict[str, Any] | None:
-        """One unretried call: the answering server's environment, None when none answers (or it fails)."""
+    def _answering_environment(self, within: float | None = None) -> dict[str, Any] | None:
+        """One unretried call: the answering server's environment, None when none answers (or it fails).
+
+        `within`: seconds the call may wait for the answer (default: lxd.timeout)."""
         try:
-            return self.client.api.get().json()["metadata"]["environment"]
+            return self.client.api.get(timeout=within or self.timeout).json()["metadata"]["environment"]
         except Exception as error:
             log.debug("lxd_not_answering", error=str(error))
             return None
@@ -362,10 +364,11 @@ class Lxd:
         self.server_pid = pid
         return pid if pid is not None else 0  # a server not saying its pid still answers
 
-    def answers(self) -> bool:
-        """Whether LXD answers now, for health probes: unlike answering_pid, it leaves `server_pid` alone
-        (an outage wait compares it with the pid of the server that went away)."""
-        return self._answering_environment() is not None
+    def answers(self, within: float | None = None) -> bool:
+        """Whether LXD answers now (within `within` seconds, default lxd.timeout), for health probes: unlike
+        answering_pid, it leaves `server_pid` alone (an outage wait compares it with the pid of the server
+        that went away)."""
+        return self._answering_environment(within) is not None
 
     def wait_until_back(self, error: BaseException, abort: threading.Event, limit: float) -> bool:
         """After `error` said LXD went away: True once it answers again, False on `abort` or after `limit` s.

@@ -137,6 +137,10 @@ class Limits:
     lxd_probe_every: float = 1.0
     lxd_outage_wait: float = 600.0
     max_lxd_outages: int = 3
+    # Health (metrics.listen): LXD is asked every `lxd_health_every` whether it answers, each probe waiting at
+    # most `lxd_health_wait` (or lxd.timeout if shorter); /metrics and /readyz say the last answer.
+    lxd_health_every: float = 5.0
+    lxd_health_wait: float = 5.0
     # Shutdown: aborted steps get at least `min_cleanup_wait` (else lxd.timeout) to remove their containers.
     min_cleanup_wait: float = 30.0
     mongodb_retry: Retry = MONGODB_RETRY
@@ -174,6 +178,10 @@ class Limits:
     def stall_after(self, config: Config) -> float:
         """How long a loop may go without progress before it counts as stalled (and the watchdog starves)."""
         return max(self.min_stall_after, math.ceil(self.longest_quiet_loop(config) + self.stall_margin))
+
+    def lxd_health_probe_wait(self, config: Config) -> float:
+        """How long one health probe of LXD waits for its answer."""
+        return min(self.lxd_health_wait, config.lxd.timeout)
 
     def cleanup_wait(self, config: Config) -> float:
         """At shutdown, how long aborted steps get to remove their containers and put their records back."""

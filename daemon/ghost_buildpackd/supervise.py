@@ -1,9 +1,10 @@
 """Supervised loops: no long-lived thread of the daemon dies silently.
 
-Each long-lived loop (event intake, request watcher, heartbeats, upkeep, the
-runner's dispatcher, lease renewer and lease guard) runs under `Supervised`.
-An exception escaping the loop is logged with its traceback (`loop_crashed`,
-with the loop's name) and the loop starts again after the loops' backoff
+Each long-lived loop (event intake, request watcher, heartbeats, LXD health
+probe, upkeep, the runner's dispatcher, lease renewer and lease guard) runs
+under `Supervised`. An exception escaping the loop is logged with its
+traceback (`loop_crashed`, with the loop's name) and the loop starts again
+after the loops' backoff
 (`policy.Pacer`, `LOOP_BACKOFF`), longer after each crash in a row. A loop
 counts as crash-looping from a crash until it has run `backoff.longest`
 seconds without crashing again.
