@@ -6,7 +6,7 @@ from __future__ import annotations
 import itertools
 import threading
 import time
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -19,7 +19,7 @@ from ghost_buildpackd.policy import Backoff
 from ghost_buildpackd.store import Store
 from ghost_buildpackd.supervise import Supervised
 from tests.support.daemon import DaemonProcess
-from tests.support.ghost import finish_buildimage, make_app, make_job
+from tests.support.ghost import finish_buildimage, make_app, make_job, module_doc
 from tests.support.trivial_daemon import TRIVIAL
 from tests.support.waiting import wait_until
 
@@ -163,3 +163,53 @@ def test_a_job_whose_updated_is_not_a_date_is_skipped_and_intake_goes_on(db, wri
         assert not process.saw("loop_crashed")
         assert process.terminate() == 0
     assert step_state(db, bad) is None
+
+
+SCAN_JOBS = 50_000  # deploys started: a catch-up scan of several seconds here (0.05 to 0.3 s a batch of 500)
+SCAN_STALL_LIMIT = 1.0  # seconds; the daemon's is two minutes or more, for scans of millions of jobs
+
+
+@pytest.mark.lxd
+@pytest.mark.mongodb
+@pytest.mark.slow
+@by_mode
+def test_a_catch_up_scan_longer_than_the_stall_limit_is_progress_and_keeps_the_watchdog_fed(db, make_config, mode):
+    """A start after a long outage scans every job changed since: while the scan goes on the event loop must
+    not count as stalled, or the watchdog restarts the daemon into the same scan (its checkpoint is saved
+    only once the scan is done), again and again."""
+    app = make_app(db, container_image="img", modules=[module_doc("api", "/srv/api", "echo hi")])
+    now = datetime.now(UTC).replace(microsecond=0)
+    job = {"command": "deploy", "app_id": app, "status": "started", "message": "", "user": "tester", "options": []}
+    db.jobs.insert_many(
+        [
+            {**job, "modules": [{"name": "api", "rev": "main"}], "_created": now, "_updated": now}
+            for _ in range(SCAN_JOBS)
+        ]
+    )
+    config = make_config(events={"mode": mode}).with_instance_id()
+    daemon = Daemon(config, Store(db), Lxd(config.lxd))
+    daemon.stall_after = SCAN_STALL_LIMIT
+    events = next(loop for loop in daemon.loops if loop.name == "events")
+    stalls: list[str] = []
+
+    def scanned() -> bool:
+        stall = events.stall(time.monotonic(), daemon.stall_after)  # what the main loop asks before feeding systemd
+        if stall:
+            stalls.append(stall)
+        return any(entry["event"] == "catch_up_done" for entry in logs)
+
+    with structlog.testing.capture_logs() as logs:
+        started = time.monotonic()
+        events.start()
+        try:
+            wait_until(scanned, 300, "the catch-up scan to end", interval=0.05)
+        finally:
+            took = time.monotonic() - started
+            daemon.stop.set()
+            events.thread.join(60)
+
+    assert took > 2 * SCAN_STALL_LIMIT, f"the scan took only {took:.1f}s: it shows nothing about the stall limit"
+    assert stalls == [], f"the event loop counted as stalled during the scan: {stalls[0]}"
+    assert db.container_steps.count_documents({}) == SCAN_JOBS
+    checkpoint = daemon.store.load_checkpoint()
+    assert checkpoint.caught_up_at is not None and checkpoint.caught_up_at > now - timedelta(minutes=5)

@@ -202,7 +202,12 @@ class Intake:
         if self.records.create_step(job.id, kind, module, app_id=job.app_id, state=FAILED, message=message):
             log.error("step_failed_bad_input", job_id=str(job.id), kind=kind, module=module, reason=message)
 
-    def catch_up(self, since: datetime, on_handled: Callable[[Mapping[str, Any]], None] | None = None) -> int:
+    def catch_up(
+        self,
+        since: datetime,
+        on_handled: Callable[[Mapping[str, Any]], None] | None = None,
+        progress: Callable[[], None] = lambda: None,
+    ) -> int:
         """Handle every buildimage/deploy job changed since `since`; returns how many were read.
 
         Jobs are decided a batch at a time: the batch's steps and apps are read
@@ -210,7 +215,10 @@ class Intake:
         of one to three round trips per job). `step_created` is logged as a
         record is queued; one that another instance wrote meanwhile is named in
         `steps_created_by_another_instance`. `on_handled` sees each job once
-        its records are written.
+        its records are written. `progress` is called after each job decided
+        and each batch written: a scan of many jobs may outlast the watchdog's
+        stall limit, and its checkpoint is saved only once it ends, so a
+        restart would start the same scan over.
         """
         count = 0
         for batch in self.store.job_batches(since, COMMANDS):
@@ -219,7 +227,9 @@ class Intake:
             deciding.on_new_steps = lambda: None
             for doc in batch.jobs:
                 deciding.handle_job(doc)
+                progress()
             created, raced = batch.flush()
+            progress()
             if raced:
                 log.info("steps_created_by_another_instance", steps=sorted(raced))
             if created:
@@ -300,7 +310,7 @@ class ChangeStreamSource(Source):
         # The stream is open before the scan: whatever changes during the scan is in the stream too.
         since = self.catch_up_since(checkpoint.caught_up_at)
         try:
-            read = self.intake.catch_up(since)
+            read = self.intake.catch_up(since, progress=self.tick)
         except BaseException:
             stream.close()  # the source runs again: no cursor left open on the server per attempt
             raise
@@ -400,7 +410,7 @@ class ChangeStreamSource(Source):
 
     def _safety_scan(self, scanned_at: datetime) -> datetime:
         started = utcnow()
-        read = self.intake.catch_up(scanned_at - timedelta(seconds=self.config.events.overlap))
+        read = self.intake.catch_up(scanned_at - timedelta(seconds=self.config.events.overlap), progress=self.tick)
         log.debug("safety_scan_done", jobs_read=read)
         return started
 
@@ -486,7 +496,7 @@ class PollSource(Source):
                     high_water = updated
                     self.seen(updated)
 
-            read = self.intake.catch_up(since, handled)
+            read = self.intake.catch_up(since, handled, progress=self.tick)
             if first:
                 log.info("catch_up_done", source=self.name, since=since.isoformat(), jobs_read=read)
                 first = False
