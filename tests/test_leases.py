@@ -126,6 +126,49 @@ def test_a_step_of_the_hosts_wall_clock_does_not_move_the_server_time_it_reckons
     assert abs(after_a_reading) < 1, f"the next reading moved server_now by {after_a_reading:.1f}s"
 
 
+class SteppableMonotonic:
+    """A monotonic clock the test moves: `per_call` seconds at each reading, or a jump at once."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+        self.per_call = 0.0
+
+    def __call__(self) -> float:
+        self.now += self.per_call
+        return self.now
+
+
+def server_time(store: Store) -> datetime:
+    return store.db.client.admin.command("isMaster")["localTime"].replace(tzinfo=UTC)
+
+
+def test_a_slow_reading_of_the_server_clock_does_not_replace_a_quick_one(db):
+    monotonic = SteppableMonotonic()
+    store = Store(db, monotonic=monotonic)
+    store.measure_server_clock()  # a quick reading: the server's time at 1000.0
+    held = store.server_now()
+    monotonic.per_call = 2.0  # the next reading takes 4 s: its time could be off by 2 s
+    with structlog.testing.capture_logs() as logs:
+        store.measure_server_clock()
+    monotonic.per_call = 0.0
+    # Still the quick reading, carried forward by the 2 + 2 + 2 s the clock moved since.
+    assert abs((store.server_now() - held).total_seconds() - 6.0) < 0.01
+    assert not [entry for entry in logs if entry["event"] == "mongodb_clock_moved"]
+
+
+def test_a_reading_that_disagrees_with_the_estimate_is_taken_and_logged(db):
+    monotonic = SteppableMonotonic()
+    store = Store(db, monotonic=monotonic)
+    store.measure_server_clock()
+    monotonic.now += 30  # the estimate runs 30 s ahead of what the server will say (as if its clock stepped back)
+    with structlog.testing.capture_logs() as logs:
+        store.measure_server_clock()
+
+    [moved] = [entry for entry in logs if entry["event"] == "mongodb_clock_moved"]
+    assert -31 < moved["by_s"] < -29
+    assert abs((store.server_now() - server_time(store)).total_seconds()) < 2
+
+
 def test_an_expired_lease_is_not_renewed_even_when_nobody_took_it(db, store):
     pending_buildimage(store, db)
     step = store.claim_step("me", 30, HOST)
