@@ -451,6 +451,8 @@ def test_a_step_of_one_instances_wall_clock_leaves_a_healthy_lease_alone(
     wait_until(lambda: (copy / "runs.log").exists(), 60, "the buildpack to start")
     other = group.start(env=clocks["other"].env())
     held = store.get_step(sid)
+    for process in (holder, other):  # the clock each reads is the one the test steps
+        assert "libfaketime" in Path(f"/proc/{process.pid}/maps").read_text()
 
     for _ in range(3):  # each step, until the instance measures MongoDB's clock again, was a window for a takeover
         clocks[stepped].step(step)

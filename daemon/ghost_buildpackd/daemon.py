@@ -247,7 +247,7 @@ class Daemon:
         return line + f"event lag: {lag}"
 
     def _heartbeat_loop(self) -> None:
-        """Every heartbeat interval: the instance record, the server clock offset, the event lag."""
+        """Every heartbeat interval: the instance record, a reading of the server's clock, the event lag."""
         while not self.stop.wait(LIMITS.heartbeat_every):
             try:
                 self.heartbeat()
