@@ -16,9 +16,9 @@ all three are plain MongoDB and keep the BSON date type on every server.
 Leases are reckoned on the server's clock (`server_now`: the server's time read
 from its `hello` reply, carried forward by this host's monotonic clock), so a
 host whose clock is skewed, or steps, neither steals a healthy lease nor keeps
-an expired one. Writes that
-decide who holds a step and what its outcome is use majority write concern, so
-a replica-set failover cannot roll back an acknowledged claim or outcome.
+an expired one. Writes that decide who holds a step and what its outcome is
+use majority write concern, so a replica-set failover cannot roll back an
+acknowledged claim or outcome.
 """
 
 from __future__ import annotations
