@@ -54,6 +54,8 @@ IMAGE_PROP_CLAIM = "ghost-buildpackd.claim"  # the claim number of the step atte
 
 
 LONGEST_OPERATION_POLL = 30  # seconds one wait on an operation may last (below lxd.timeout, too)
+CHANGE_TAGS_TRIES = 8  # compare-and-set rounds of `change_tags` against writers of the same container
+CHANGE_TAGS_BACKOFF = 0.05  # seconds, times the round, before `change_tags` reads again after a refused write
 KILL_TIMEOUT = 30.0  # for the kill that ends a container's processes; past it, the container is force-stopped
 
 
@@ -96,6 +98,11 @@ def _is_transient(error: BaseException) -> bool:
         text = str(error).lower()
         return any(word in text for word in ("timeout", "connection reset", "try again", "busy", "shutting down"))
     return False
+
+
+def _is_update_conflict(error: LXDAPIException) -> bool:
+    """A write to an instance refused because another write changed it since the read (ETag) or is under way."""
+    return error.response.status_code == 412 or "non-reusable operation" in str(error)
 
 
 retry_lxd = retrying(_is_transient, "lxd_transient_error_retrying", LXD_RETRY)
@@ -450,6 +457,41 @@ class Lxd:
             self.client.api.images.aliases[alias].delete()
 
     @retry_lxd
+    def delete_alias_if(self, alias: str, fingerprint: str) -> bool:
+        """Delete `alias` only while it points at `fingerprint`; whether it was deleted.
+
+        LXD has no conditional delete of an alias: between this read and the
+        delete lies one round trip, not the caller's whole pause.
+        """
+        try:
+            target = self.client.api.images.aliases[alias].get().json()["metadata"]["target"]
+            if target != fingerprint:
+                return False
+            self.client.api.images.aliases[alias].delete()
+        except NotFound:
+            return False
+        return True
+
+    @retry_lxd
+    def move_alias_if(self, alias: str, fingerprint: str, expected: str) -> bool:
+        """Point `alias` at `fingerprint` only while it points at `expected` (LXD checks the alias's ETag)."""
+        try:
+            current = self.client.api.images.aliases[alias].get()
+        except NotFound:
+            return False
+        alias_info = current.json()["metadata"]
+        if alias_info["target"] != expected:
+            return False
+        body = {"target": fingerprint, "description": alias_info.get("description") or ""}
+        try:
+            self.client.api.images.aliases[alias].put(json=body, headers={"If-Match": current.headers["ETag"]})
+        except LXDAPIException as error:
+            if error.response.status_code in (404, 412):  # gone, or changed since the read
+                return False
+            raise
+        return True
+
+    @retry_lxd
     def delete_image(self, fingerprint: str) -> None:
         with contextlib.suppress(NotFound):
             self._wait_operation(self.client.api.images[fingerprint].delete(), f"deleting image {fingerprint[:12]}")
@@ -548,6 +590,48 @@ class Lxd:
         instance.config = {key: value for key, value in instance.config.items() if not key.startswith(TAG_PREFIX)}
         instance.config.update(tags)
         instance.save(wait=True)
+
+    @retry_lxd
+    def change_tags(
+        self, name: str, change: Callable[[dict[str, str]], dict[str, str] | None]
+    ) -> dict[str, str] | None:
+        """Compare-and-set on a container's daemon tags (its other configuration stays).
+
+        `change` gets the current tags and returns the tags to have, or None to
+        leave them. The write carries the ETag of the read (If-Match): when
+        anyone changed the container in between, LXD refuses it and `change`
+        is asked again on what is there now. Returns the tags the container
+        has after the call, or None when `change` declined or the container is
+        gone. LXD checks the ETag before it applies the write, not under a
+        lock with it: two writes racing within that moment can both pass, and
+        the last one applied wins; callers that depend on the outcome read it
+        back.
+        """
+        for attempt in range(CHANGE_TAGS_TRIES):
+            try:
+                response = self.client.api.instances[name].get()
+            except NotFound:
+                return None
+            current = response.json()["metadata"]
+            tags = {key: value for key, value in current["config"].items() if key.startswith(TAG_PREFIX)}
+            wanted = change(dict(tags))
+            if wanted is None or wanted == tags:
+                return wanted
+            config = {key: value for key, value in current["config"].items() if not key.startswith(TAG_PREFIX)}
+            body = {key: current[key] for key in ("architecture", "ephemeral", "profiles", "stateful", "description")}
+            body |= {"config": config | wanted, "devices": current["devices"]}
+            try:
+                put = self.client.api.instances[name].put(json=body, headers={"If-Match": response.headers["ETag"]})
+                self._wait_operation(put, f"changing the tags of {name}")
+            except NotFound:
+                return None
+            except LXDAPIException as error:
+                if not _is_update_conflict(error):
+                    raise
+                time.sleep(CHANGE_TAGS_BACKOFF * (attempt + 1))  # the other write is still being applied
+                continue
+            return wanted
+        raise LxdError(f"the tags of container {name} kept changing: {CHANGE_TAGS_TRIES} writes refused")
 
     def rename_container(self, name: str, new_name: str) -> None:
         """Rename a stopped container; LXDAPIException when `new_name` is taken."""
