@@ -224,8 +224,17 @@ def adopt(lxd: Lxd, container: str, spec: ContainerSpec, keep: int, log: Logger)
     with _maker_lock(name):
         if lxd.container_status(name) is not None:
             return False
-        lxd.retag_container(container, template_tags(spec.image))
+        # Renamed first, still tagged as its step's container, then retagged: in between it is its build's
+        # container (the step's takeover or the orphan sweep removes it if the build dies there), never a
+        # template under a name that is not one, which the sweep takes for half-made once the container is
+        # older than ABANDONED_AFTER, as a build's container often is. No copy starts until the retag.
         lxd.rename_container(container, name)
+        try:
+            lxd.retag_container(name, template_tags(spec.image))
+        except Exception:
+            with contextlib.suppress(Exception):
+                _remove_template(lxd, name, "its adoption failed", log)
+            raise
     log.info("container_template_adopted", template=name, container=container, image=spec.image[:12])
     evict_templates(lxd, keep, log, spare=name)
     return True
