@@ -129,8 +129,8 @@ class SweptDuringAdoption(Lxd):
         if sweep is not None:
             sweep()
 
-    def retag_container(self, name: str, tags: Mapping[str, str]) -> None:
-        super().retag_container(name, tags)
+    def retag_container(self, name: str, tags: Mapping[str, str], protect: bool = False) -> None:
+        super().retag_container(name, tags, protect)
         self._after_change()
 
     def rename_container(self, name: str, new_name: str) -> None:
@@ -167,5 +167,5 @@ def test_the_upkeep_leaves_a_build_container_being_adopted_as_template(store: St
         assert TAG_STEP not in adopted.config and lxd.container_status(container) is None
     finally:
         for name in (container, template):
-            lxd.delete_container(name)
+            lxd.delete_container(name, unprotect=True)
         delete_profile(lxd, profile)

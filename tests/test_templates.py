@@ -22,6 +22,8 @@ import pytest
 
 from ghost_buildpackd.lxd import TAG_STEP, ContainerInfo, ContainerSpec, Lxd
 from ghost_buildpackd.templates import (
+    TAG_COPY,
+    TAG_DELETING,
     TAG_TEMPLATE,
     adopt,
     create_container,
@@ -396,6 +398,34 @@ def test_eviction_passes_over_a_template_in_its_first_copy(debian_scene: Scene, 
     assert evict_templates(scoped, 1, scene.log, spare=newer) == [copied]  # copied since: still the older one
 
 
+def refusal(action: Callable[[], Any]) -> str:
+    """The error `action` raised, or "" when it did not."""
+    try:
+        action()
+    except Exception as error:
+        return str(error)
+    return ""
+
+
+@pytest.mark.slow
+def test_a_template_cannot_be_deleted_by_hand_while_it_is_copied(debian_scene: Scene, lxd: Lxd) -> None:
+    scene = debian_scene
+    create_container(lxd, scene.spec(), 8, scene.log)
+    template = template_name(scene.spec())
+    in_template = count_files(lxd, template)
+    copy = scene.spec()
+
+    # `lxc delete`, or a daemon of an earlier version, deletes without asking for holds.
+    refused = copy_while(lxd, copy, 1, scene.log, lambda: refusal(lambda: lxd.delete_container(template)))
+
+    in_copy = count_files(lxd, copy.name)
+    assert ("protected" in refused, in_copy) == (True, in_template), (
+        f"deletion: {refused or 'done'}; files: {in_copy} in the copy, {in_template} in the template"
+    )
+    copied = lxd.describe_container(copy.name)
+    assert copied is not None and not copied.config.get("security.protection.delete")  # a copy is deletable
+
+
 @pytest.mark.slow
 def test_a_copy_whose_template_vanished_is_not_used(debian_scene: Scene, lxd: Lxd) -> None:
     scene = debian_scene
@@ -406,8 +436,14 @@ def test_a_copy_whose_template_vanished_is_not_used(debian_scene: Scene, lxd: Lx
     in_image = count_files(lxd, from_image.name)
     copy = scene.spec()
 
-    # Deleted without asking (by hand, or by a daemon of an earlier version) while the copy runs.
-    copy_while(lxd, copy, 1, scene.log, lambda: lxd.delete_container(template))
+    def delete_as_a_racing_instance() -> None:
+        # What a deletion whose mark was written in the same moment as the copy's hold leaves when the mark is
+        # applied last (LXD checks both writes' ETag before applying either): the hold is gone, and it deletes.
+        marked = {TAG_DELETING: "1"}
+        lxd.change_tags(template, lambda tags: {k: v for k, v in tags.items() if not k.startswith(TAG_COPY)} | marked)
+        lxd.delete_container(template, unprotect=True)
+
+    copy_while(lxd, copy, 1, scene.log, delete_as_a_racing_instance)
 
     assert lxd.container_status(template) is None
     in_copy = count_files(lxd, copy.name)

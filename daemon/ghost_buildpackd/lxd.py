@@ -164,6 +164,10 @@ class ContainerInfo:
         return claim_number(self.tags.get(TAG_CLAIM))
 
 
+PROTECTION_KEY = "security.protection.delete"
+# Descriptions LXD gives its running operations that take an instance away.
+REMOVING_OPERATIONS = ("Deleting instance", "Renaming instance")
+
 # Container settings that decide who owns what a command in it writes to a mounted directory.
 OWNERSHIP_KEYS = ("raw.idmap", "security.privileged")
 
@@ -212,6 +216,7 @@ class ContainerSpec:
     processes: int | None = None
     profiles: tuple[str, ...] = ()
     mounts: Mapping[str, Mount] = dataclasses.field(default_factory=dict)
+    protected: bool = False  # LXD refuses to delete it until `delete_container(..., unprotect=True)`
 
     def lxd_config(self) -> dict[str, str]:
         config = {key: str(value) for key, value in self.tags.items()}
@@ -226,6 +231,8 @@ class ContainerSpec:
             config["limits.memory"] = str(self.memory)
         if self.processes:
             config["limits.processes"] = str(self.processes)
+        if self.protected:
+            config[PROTECTION_KEY] = "true"
         return config
 
 
@@ -584,12 +591,27 @@ class Lxd:
         )
         self._wait_operation(response, f"creating container {spec.name}")
 
-    def retag_container(self, name: str, tags: Mapping[str, str]) -> None:
-        """Replace the daemon's tags on a container with `tags` (its other configuration stays)."""
+    def retag_container(self, name: str, tags: Mapping[str, str], protect: bool = False) -> None:
+        """Replace the daemon's tags on a container with `tags` (its other configuration stays); with `protect`,
+        LXD refuses to delete it from then on (`delete_container(..., unprotect=True)`), in the same write."""
         instance = self.client.instances.get(name)
         instance.config = {key: value for key, value in instance.config.items() if not key.startswith(TAG_PREFIX)}
         instance.config.update(tags)
+        if protect:
+            instance.config[PROTECTION_KEY] = "true"
         instance.save(wait=True)
+
+    @retry_lxd
+    def being_removed(self, name: str) -> bool:
+        """Whether a running LXD operation is deleting or renaming the container (LXD removes a container's
+        files before its record: it is listed until the deletion ends)."""
+        running = self.client.api.operations.get(params={"recursion": "1"}).json()["metadata"].get("running") or []
+        path = f"/1.0/instances/{name}"
+        return any(
+            operation.get("description") in REMOVING_OPERATIONS
+            and path in ((operation.get("resources") or {}).get("instances") or [])
+            for operation in running
+        )
 
     @retry_lxd
     def change_tags(
@@ -761,12 +783,16 @@ class Lxd:
             self._change_state(name, "stop")
 
     @retry_lxd
-    def delete_container(self, name: str) -> bool:
-        """Force-stop and delete; False when there was nothing to delete."""
+    def delete_container(self, name: str, unprotect: bool = False) -> bool:
+        """Force-stop and delete; False when there was nothing to delete. A protected container (`protected`)
+        is deleted only with `unprotect`: LXD refuses otherwise."""
         try:
             instance = self.client.instances.get(name)
         except NotFound:
             return False
+        if unprotect and instance.config.get(PROTECTION_KEY):
+            instance.config = {key: value for key, value in instance.config.items() if key != PROTECTION_KEY}
+            instance.save(wait=True)
         if instance.status != "Stopped":
             self._change_state(name, "stop")
         try:

@@ -85,6 +85,7 @@ def template_spec(spec: ContainerSpec, name: str) -> ContainerSpec:
         idmap=spec.idmap,
         disk=spec.disk,
         profiles=spec.profiles,
+        protected=True,  # deleted only through `_remove_template`, which honours copies in flight
     )
 
 
@@ -186,8 +187,11 @@ def release_template(lxd: Lxd, template: str, copy: str) -> bool:
 
 
 def _held(lxd: Lxd, template: str, key: str) -> bool:
+    """Whether `template` is there, held under `key`, not marked, and not being deleted or renamed by anyone."""
     details = lxd.describe_container(template)
-    return details is not None and key in details.config and TAG_DELETING not in details.config
+    if details is None or key not in details.config or TAG_DELETING in details.config:
+        return False
+    return not lxd.being_removed(template)
 
 
 def _maker_lock(name: str) -> threading.Lock:
@@ -205,7 +209,7 @@ def make_template(lxd: Lxd, spec: ContainerSpec, name: str, log: Logger) -> None
         lxd.stop(temporary)
         lxd.rename_container(temporary, name)
     except Exception:
-        lxd.delete_container(temporary)
+        lxd.delete_container(temporary, unprotect=True)
         if lxd.container_status(name) == "Stopped":  # another daemon on this LXD made it meanwhile
             return
         raise
@@ -230,7 +234,7 @@ def adopt(lxd: Lxd, container: str, spec: ContainerSpec, keep: int, log: Logger)
         # older than ABANDONED_AFTER, as a build's container often is. No copy starts until the retag.
         lxd.rename_container(container, name)
         try:
-            lxd.retag_container(name, template_tags(spec.image))
+            lxd.retag_container(name, template_tags(spec.image), protect=True)
         except Exception:
             with contextlib.suppress(Exception):
                 _remove_template(lxd, name, "its adoption failed", log)
@@ -256,6 +260,8 @@ def evict_templates(lxd: Lxd, keep: int, log: Logger, spare: str = "") -> list[s
             break
         if _remove_template(lxd, container.name, "over container.templates", log):
             removed.append(container.name)
+        elif lxd.container_status(container.name) is None:
+            excess -= 1  # deleted by someone else meanwhile: one fewer to go
     return removed
 
 
@@ -295,7 +301,7 @@ def _remove_template(lxd: Lxd, name: str, reason: str, log: Logger) -> bool:
         if holders:
             log.info("container_template_kept_in_use", template=name, copies=holders, reason=reason)
             return False
-        deleted = lxd.delete_container(name)
+        deleted = lxd.delete_container(name, unprotect=True)
     except Exception as error:  # LXD busy or away: the next pass retries
         log.warning("container_template_remove_failed", template=name, error=str(error))
         return False
