@@ -8,16 +8,18 @@ touches what other tests on this LXD server own.
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable, Mapping
 from datetime import timedelta
 from typing import Any
 
 import pytest
 from bson import ObjectId
 
-from ghost_buildpackd.lxd import TAG_APP, TAG_JOB, TAG_KIND, TAG_OWNER, TAG_STEP, ContainerSpec, Lxd
+from ghost_buildpackd.lxd import TAG_APP, TAG_JOB, TAG_KIND, TAG_OWNER, TAG_STEP, ContainerInfo, ContainerSpec, Lxd
 from ghost_buildpackd.model import BUILDIMAGE, FAILED, RUNNING, SUCCEEDED, step_id
 from ghost_buildpackd.store import Store, utcnow
 from ghost_buildpackd.sweep import sweep_orphans
+from ghost_buildpackd.templates import ABANDONED_AFTER, TAG_TEMPLATE, adopt, remove_stale_templates, template_name
 from tests.support.ghost import make_app, make_job
 from tests.support.profiles import delete_profile, profile_names
 
@@ -102,3 +104,68 @@ def test_sweep_removes_containers_of_missing_and_finished_steps_only(store: Stor
             lxd.delete_container(name)
         for profile in (used_profile, unused_profile):
             delete_profile(lxd, profile)
+
+
+class ScopedLxd(Lxd):
+    """This LXD, listing only the named containers: the sweeps below judge this test's containers alone."""
+
+    def __init__(self, lxd: Lxd, names: set[str]):
+        super().__init__(lxd.config)
+        self.names = names
+
+    def list_containers(self) -> list[ContainerInfo]:
+        return [c for c in super().list_containers() if c.name in self.names]
+
+
+class SweptDuringAdoption(Lxd):
+    """This LXD; right after adoption's first change to the container (retag or rename), the upkeep runs."""
+
+    def __init__(self, lxd: Lxd, sweep: Callable[[], None]):
+        super().__init__(lxd.config)
+        self.sweep: Callable[[], None] | None = sweep
+
+    def _after_change(self) -> None:
+        sweep, self.sweep = self.sweep, None
+        if sweep is not None:
+            sweep()
+
+    def retag_container(self, name: str, tags: Mapping[str, str], protect: bool = False) -> None:
+        super().retag_container(name, tags, protect)
+        self._after_change()
+
+    def rename_container(self, name: str, new_name: str) -> None:
+        super().rename_container(name, new_name)
+        self._after_change()
+
+
+def test_the_upkeep_leaves_a_build_container_being_adopted_as_template(store: Store, lxd: Lxd, base_image: str) -> None:
+    fingerprint = lxd.image_by_alias(base_image).fingerprint  # type: ignore[union-attr]
+    app_id = make_app(store.db)
+    job = make_job(store.db, app_id)
+    store.create_step(job, BUILDIMAGE, app_id=app_id, state=RUNNING)  # the build keeps its container as it ends
+    hold_lease(store, step_id(job, BUILDIMAGE), 300)
+    profile = f"gbp-test-{uuid.uuid4().hex[:8]}"  # a template name of this test's own
+    lxd.client.profiles.create(profile, config={}, devices={})
+    container = tagged_container(lxd, fingerprint, job, (profile,))
+    spec = ContainerSpec(name=container, image=fingerprint, tags={}, profiles=(profile,))
+    template = template_name(spec)
+    ours = ScopedLxd(lxd, {container, template})
+    log = RecordingLog()
+
+    def upkeep() -> None:
+        # The build ran longer than a half-made template may live (ABANDONED_AFTER): its container is that old.
+        remove_stale_templates(ours, log, now=utcnow() + ABANDONED_AFTER + timedelta(minutes=1))
+        sweep_orphans(store, ours, keep_debug=False, log=log)
+
+    try:
+        # A bound no test reaches: adoption evicts no other test's template.
+        assert adopt(SweptDuringAdoption(lxd, upkeep), container, spec, 1000, log) is True
+
+        assert log.named("container_template_removed") == [] and log.named("orphan_container_removed") == []
+        adopted = lxd.describe_container(template)
+        assert adopted is not None and adopted.config.get(TAG_TEMPLATE) == fingerprint
+        assert TAG_STEP not in adopted.config and lxd.container_status(container) is None
+    finally:
+        for name in (container, template):
+            lxd.delete_container(name, unprotect=True)
+        delete_profile(lxd, profile)

@@ -7,24 +7,33 @@ LXD server; the image and its templates are deleted at the end.
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from ghost_buildpackd.lxd import TAG_STEP, ContainerSpec, Lxd
+from ghost_buildpackd.lxd import TAG_STEP, ContainerInfo, ContainerSpec, Lxd
 from ghost_buildpackd.templates import (
+    TAG_COPY,
+    TAG_DELETING,
     TAG_TEMPLATE,
     adopt,
     create_container,
+    evict_templates,
     remove_stale_templates,
     remove_templates_of,
     template_name,
 )
 from tests.conftest import WORKING_COPY_IDS
+from tests.support.waiting import wait_until
 
 pytestmark = [pytest.mark.lxd]
 
@@ -242,3 +251,201 @@ def test_a_stopped_container_is_adopted_as_template_unless_one_exists(scene: Sce
     create_container(lxd, scene.spec(idmap=WORKING_COPY_IDS), 8, scene.log)
     assert [event["template"] for event in scene.log.named("container_copied_from_template")] == [template]
     assert scene.log.named("container_template_made") == []
+
+
+# --- a template while it is copied (on a `dir` pool, LXD deletes it mid-copy and the copy misses files) ---------
+
+DEBIAN_IMAGE = "ghost-buildpackd/debian-bench"  # thousands of files: a copy on `dir` lasts about a second
+
+
+@pytest.fixture
+def debian_scene(lxd: Lxd) -> Iterator[Scene]:
+    """A Scene whose image is a Debian minbase image of its own (the fault needs a copy that takes a while)."""
+    debian = lxd.image_by_alias(DEBIAN_IMAGE)
+    if debian is None:
+        pytest.fail(f"image {DEBIAN_IMAGE!r} is missing: run scripts/build-debian-image")
+    made = Scene(lxd, debian.fingerprint)
+    try:
+        yield made
+    finally:
+        made.cleanup()
+
+
+def rootfs(lxd: Lxd, name: str) -> Path:
+    """The container's root filesystem on the host; these tests read it on a `dir` pool only."""
+    found = lxd.root_pool(("default",))
+    if found is None or found[1] != "dir":
+        pytest.skip(f"the default profile's pool is not `dir` ({found}): files are not counted on the host")
+    source = lxd.client.storage_pools.get(found[0]).config["source"]
+    return Path(source) / "containers" / name / "rootfs"
+
+
+def count_files(lxd: Lxd, name: str) -> int:
+    """Files, directories and links under the container's root (its volume must exist)."""
+    top = rootfs(lxd, name)
+    assert top.is_dir(), f"no root filesystem for {name} at {top}"
+    return sum(len(dirs) + len(files) for _, dirs, files in os.walk(top))
+
+
+def copy_while(lxd: Lxd, spec: ContainerSpec, keep: int, log: RecordingLog, fault: Callable[[], Any]) -> Any:
+    """Create `spec`'s container (from its template) and run `fault` once the copy writes files; its result."""
+    errors: list[BaseException] = []
+
+    def create() -> None:
+        try:
+            create_container(lxd, spec, keep, log)
+        except BaseException as error:  # reported below
+            errors.append(error)
+
+    creating = threading.Thread(target=create)
+    creating.start()
+    target = rootfs(lxd, spec.name)
+    wait_until(lambda: target.is_dir() and any(target.iterdir()), 60, f"the copy {spec.name} to write files")
+    result = fault()
+    creating.join(300)
+    assert not creating.is_alive() and errors == []
+    return result
+
+
+class OtherInstance:
+    """Another daemon's process on this LXD: it removes the templates of an image (retention does) when told."""
+
+    SCRIPT = (
+        "import json, sys\n"
+        "from ghost_buildpackd.config import LxdConfig\n"
+        "from ghost_buildpackd.lxd import Lxd\n"
+        "from ghost_buildpackd.logs import get_logger\n"
+        "from ghost_buildpackd.templates import remove_templates_of\n"
+        "lxd = Lxd(LxdConfig(timeout=60))\n"
+        "print('ready', flush=True)\n"
+        "fingerprint = sys.stdin.readline().strip()\n"
+        "print('removed', json.dumps(remove_templates_of(lxd, fingerprint, get_logger('other'))), flush=True)\n"
+    )
+
+    def __init__(self) -> None:
+        self.process = subprocess.Popen(
+            [sys.executable, "-c", self.SCRIPT], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        )
+        assert self.process.stdout is not None and self.process.stdout.readline().strip() == "ready"
+
+    def _answer(self) -> str:
+        """Its answer line (its log lines go to the same output)."""
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            if line.startswith("removed "):
+                return line.removeprefix("removed ")
+        raise AssertionError("the other instance ended without answering")
+
+    def remove_templates_of(self, fingerprint: str) -> list[str]:
+        assert self.process.stdin is not None and self.process.stdout is not None
+        self.process.stdin.write(fingerprint + "\n")
+        self.process.stdin.flush()
+        removed = json.loads(self._answer())
+        assert self.process.wait(60) == 0
+        return list(removed)
+
+
+@pytest.mark.slow
+def test_another_instance_cannot_delete_a_template_while_it_is_copied(debian_scene: Scene, lxd: Lxd) -> None:
+    scene = debian_scene
+    create_container(lxd, scene.spec(), 8, scene.log)  # makes the template
+    template = template_name(scene.spec())
+    in_template = count_files(lxd, template)
+    other = OtherInstance()
+    copy = scene.spec()
+
+    # Retention in another daemon deletes the image's templates the moment the copy writes its first files.
+    removed_meanwhile = copy_while(lxd, copy, 1, scene.log, lambda: other.remove_templates_of(scene.image))
+
+    in_copy = count_files(lxd, copy.name)
+    assert (removed_meanwhile, in_copy) == ([], in_template), (
+        f"removed during the copy: {removed_meanwhile}; files: {in_copy} in the copy, {in_template} in the template"
+    )
+    assert [e["container"] for e in scene.log.named("container_copied_from_template")][-1] == copy.name
+    assert remove_templates_of(lxd, scene.image, scene.log) == [template]  # once the copy is done, it goes
+
+
+class ScopedLxd(Lxd):
+    """This LXD, listing only the containers of the test's own images (eviction counts every template on the
+    server, and other tests' templates are not this test's to evict)."""
+
+    def __init__(self, lxd: Lxd, scene: Scene):
+        super().__init__(lxd.config)
+        self.scene = scene
+
+    def list_containers(self) -> list[ContainerInfo]:
+        images = set(self.scene.images)
+        return [c for c in super().list_containers() if c.tags.get(TAG_TEMPLATE) in images]
+
+
+@pytest.mark.slow
+def test_eviction_passes_over_a_template_in_its_first_copy(debian_scene: Scene, lxd: Lxd) -> None:
+    scene = debian_scene
+    scoped = ScopedLxd(lxd, scene)
+    create_container(scoped, scene.spec(), 8, scene.log)
+    copied, newer = template_name(scene.spec()), template_name(scene.spec(idmap=WORKING_COPY_IDS))
+    create_container(scoped, scene.spec(idmap=WORKING_COPY_IDS), 8, scene.log)  # a second, newer template
+    in_template = count_files(lxd, copied)
+    copy = scene.spec()
+
+    # `container.templates: 1`, while the older template is copied: a new template elsewhere evicts beyond it.
+    evicted = copy_while(lxd, copy, 1, scene.log, lambda: evict_templates(scoped, 1, scene.log, spare=newer))
+
+    in_copy = count_files(lxd, copy.name)
+    assert (evicted, in_copy) == ([], in_template), (
+        f"evicted during the copy: {evicted}; files: {in_copy} in the copy, {in_template} in the template"
+    )
+    assert evict_templates(scoped, 1, scene.log, spare=newer) == [copied]  # copied since: still the older one
+
+
+def refusal(action: Callable[[], Any]) -> str:
+    """The error `action` raised, or "" when it did not."""
+    try:
+        action()
+    except Exception as error:
+        return str(error)
+    return ""
+
+
+@pytest.mark.slow
+def test_a_template_cannot_be_deleted_by_hand_while_it_is_copied(debian_scene: Scene, lxd: Lxd) -> None:
+    scene = debian_scene
+    create_container(lxd, scene.spec(), 8, scene.log)
+    template = template_name(scene.spec())
+    in_template = count_files(lxd, template)
+    copy = scene.spec()
+
+    # `lxc delete`, or a daemon of an earlier version, deletes without asking for holds.
+    refused = copy_while(lxd, copy, 1, scene.log, lambda: refusal(lambda: lxd.delete_container(template)))
+
+    in_copy = count_files(lxd, copy.name)
+    assert ("protected" in refused, in_copy) == (True, in_template), (
+        f"deletion: {refused or 'done'}; files: {in_copy} in the copy, {in_template} in the template"
+    )
+    copied = lxd.describe_container(copy.name)
+    assert copied is not None and not copied.config.get("security.protection.delete")  # a copy is deletable
+
+
+@pytest.mark.slow
+def test_a_copy_whose_template_vanished_is_not_used(debian_scene: Scene, lxd: Lxd) -> None:
+    scene = debian_scene
+    from_image = scene.spec()
+    create_container(lxd, from_image, 0, scene.log)
+    create_container(lxd, scene.spec(), 8, scene.log)
+    template = template_name(scene.spec())
+    in_image = count_files(lxd, from_image.name)
+    copy = scene.spec()
+
+    def delete_as_a_racing_instance() -> None:
+        # What a deletion whose mark was written in the same moment as the copy's hold leaves when the mark is
+        # applied last (LXD checks both writes' ETag before applying either): the hold is gone, and it deletes.
+        marked = {TAG_DELETING: "1"}
+        lxd.change_tags(template, lambda tags: {k: v for k, v in tags.items() if not k.startswith(TAG_COPY)} | marked)
+        lxd.delete_container(template, unprotect=True)
+
+    copy_while(lxd, copy, 1, scene.log, delete_as_a_racing_instance)
+
+    assert lxd.container_status(template) is None
+    in_copy = count_files(lxd, copy.name)
+    assert in_copy == in_image, f"{in_copy} files in the container, {in_image} in one made from the image"
+    assert [e["container"] for e in scene.log.named("container_template_unusable")] == [copy.name]

@@ -54,6 +54,8 @@ IMAGE_PROP_CLAIM = "ghost-buildpackd.claim"  # the claim number of the step atte
 
 
 LONGEST_OPERATION_POLL = 30  # seconds one wait on an operation may last (below lxd.timeout, too)
+CHANGE_TAGS_TRIES = 8  # compare-and-set rounds of `change_tags` against writers of the same container
+CHANGE_TAGS_BACKOFF = 0.05  # seconds, times the round, before `change_tags` reads again after a refused write
 KILL_TIMEOUT = 30.0  # for the kill that ends a container's processes; past it, the container is force-stopped
 
 
@@ -96,6 +98,11 @@ def _is_transient(error: BaseException) -> bool:
         text = str(error).lower()
         return any(word in text for word in ("timeout", "connection reset", "try again", "busy", "shutting down"))
     return False
+
+
+def _is_update_conflict(error: LXDAPIException) -> bool:
+    """A write to an instance refused because another write changed it since the read (ETag) or is under way."""
+    return error.response.status_code == 412 or "non-reusable operation" in str(error)
 
 
 retry_lxd = retrying(_is_transient, "lxd_transient_error_retrying", LXD_RETRY)
@@ -157,6 +164,10 @@ class ContainerInfo:
         return claim_number(self.tags.get(TAG_CLAIM))
 
 
+PROTECTION_KEY = "security.protection.delete"
+# Descriptions LXD gives its running operations that take an instance away.
+REMOVING_OPERATIONS = ("Deleting instance", "Renaming instance")
+
 # Container settings that decide who owns what a command in it writes to a mounted directory.
 OWNERSHIP_KEYS = ("raw.idmap", "security.privileged")
 
@@ -205,6 +216,7 @@ class ContainerSpec:
     processes: int | None = None
     profiles: tuple[str, ...] = ()
     mounts: Mapping[str, Mount] = dataclasses.field(default_factory=dict)
+    protected: bool = False  # LXD refuses to delete it until `delete_container(..., unprotect=True)`
 
     def lxd_config(self) -> dict[str, str]:
         config = {key: str(value) for key, value in self.tags.items()}
@@ -219,6 +231,8 @@ class ContainerSpec:
             config["limits.memory"] = str(self.memory)
         if self.processes:
             config["limits.processes"] = str(self.processes)
+        if self.protected:
+            config[PROTECTION_KEY] = "true"
         return config
 
 
@@ -453,6 +467,41 @@ class Lxd:
             self.client.api.images.aliases[alias].delete()
 
     @retry_lxd
+    def delete_alias_if(self, alias: str, fingerprint: str) -> bool:
+        """Delete `alias` only while it points at `fingerprint`; whether it was deleted.
+
+        LXD has no conditional delete of an alias: between this read and the
+        delete lies one round trip, not the caller's whole pause.
+        """
+        try:
+            target = self.client.api.images.aliases[alias].get().json()["metadata"]["target"]
+            if target != fingerprint:
+                return False
+            self.client.api.images.aliases[alias].delete()
+        except NotFound:
+            return False
+        return True
+
+    @retry_lxd
+    def move_alias_if(self, alias: str, fingerprint: str, expected: str) -> bool:
+        """Point `alias` at `fingerprint` only while it points at `expected` (LXD checks the alias's ETag)."""
+        try:
+            current = self.client.api.images.aliases[alias].get()
+        except NotFound:
+            return False
+        alias_info = current.json()["metadata"]
+        if alias_info["target"] != expected:
+            return False
+        body = {"target": fingerprint, "description": alias_info.get("description") or ""}
+        try:
+            self.client.api.images.aliases[alias].put(json=body, headers={"If-Match": current.headers["ETag"]})
+        except LXDAPIException as error:
+            if error.response.status_code in (404, 412):  # gone, or changed since the read
+                return False
+            raise
+        return True
+
+    @retry_lxd
     def delete_image(self, fingerprint: str) -> None:
         with contextlib.suppress(NotFound):
             self._wait_operation(self.client.api.images[fingerprint].delete(), f"deleting image {fingerprint[:12]}")
@@ -545,12 +594,69 @@ class Lxd:
         )
         self._wait_operation(response, f"creating container {spec.name}")
 
-    def retag_container(self, name: str, tags: Mapping[str, str]) -> None:
-        """Replace the daemon's tags on a container with `tags` (its other configuration stays)."""
+    def retag_container(self, name: str, tags: Mapping[str, str], protect: bool = False) -> None:
+        """Replace the daemon's tags on a container with `tags` (its other configuration stays); with `protect`,
+        LXD refuses to delete it from then on (`delete_container(..., unprotect=True)`), in the same write."""
         instance = self.client.instances.get(name)
         instance.config = {key: value for key, value in instance.config.items() if not key.startswith(TAG_PREFIX)}
         instance.config.update(tags)
+        if protect:
+            instance.config[PROTECTION_KEY] = "true"
         instance.save(wait=True)
+
+    @retry_lxd
+    def being_removed(self, name: str) -> bool:
+        """Whether a running LXD operation is deleting or renaming the container (LXD removes a container's
+        files before its record: it is listed until the deletion ends)."""
+        running = self.client.api.operations.get(params={"recursion": "1"}).json()["metadata"].get("running") or []
+        path = f"/1.0/instances/{name}"
+        return any(
+            operation.get("description") in REMOVING_OPERATIONS
+            and path in ((operation.get("resources") or {}).get("instances") or [])
+            for operation in running
+        )
+
+    @retry_lxd
+    def change_tags(
+        self, name: str, change: Callable[[dict[str, str]], dict[str, str] | None]
+    ) -> dict[str, str] | None:
+        """Compare-and-set on a container's daemon tags (its other configuration stays).
+
+        `change` gets the current tags and returns the tags to have, or None to
+        leave them. The write carries the ETag of the read (If-Match): when
+        anyone changed the container in between, LXD refuses it and `change`
+        is asked again on what is there now. Returns the tags the container
+        has after the call, or None when `change` declined or the container is
+        gone. LXD checks the ETag before it applies the write, not under a
+        lock with it: two writes racing within that moment can both pass, and
+        the last one applied wins; callers that depend on the outcome read it
+        back.
+        """
+        for attempt in range(CHANGE_TAGS_TRIES):
+            try:
+                response = self.client.api.instances[name].get()
+            except NotFound:
+                return None
+            current = response.json()["metadata"]
+            tags = {key: value for key, value in current["config"].items() if key.startswith(TAG_PREFIX)}
+            wanted = change(dict(tags))
+            if wanted is None or wanted == tags:
+                return wanted
+            config = {key: value for key, value in current["config"].items() if not key.startswith(TAG_PREFIX)}
+            body = {key: current[key] for key in ("architecture", "ephemeral", "profiles", "stateful", "description")}
+            body |= {"config": config | wanted, "devices": current["devices"]}
+            try:
+                put = self.client.api.instances[name].put(json=body, headers={"If-Match": response.headers["ETag"]})
+                self._wait_operation(put, f"changing the tags of {name}")
+            except NotFound:
+                return None
+            except LXDAPIException as error:
+                if not _is_update_conflict(error):
+                    raise
+                time.sleep(CHANGE_TAGS_BACKOFF * (attempt + 1))  # the other write is still being applied
+                continue
+            return wanted
+        raise LxdError(f"the tags of container {name} kept changing: {CHANGE_TAGS_TRIES} writes refused")
 
     def rename_container(self, name: str, new_name: str) -> None:
         """Rename a stopped container; LXDAPIException when `new_name` is taken."""
@@ -680,12 +786,16 @@ class Lxd:
             self._change_state(name, "stop")
 
     @retry_lxd
-    def delete_container(self, name: str) -> bool:
-        """Force-stop and delete; False when there was nothing to delete."""
+    def delete_container(self, name: str, unprotect: bool = False) -> bool:
+        """Force-stop and delete; False when there was nothing to delete. A protected container (`protected`)
+        is deleted only with `unprotect`: LXD refuses otherwise."""
         try:
             instance = self.client.instances.get(name)
         except NotFound:
             return False
+        if unprotect and instance.config.get(PROTECTION_KEY):
+            instance.config = {key: value for key, value in instance.config.items() if key != PROTECTION_KEY}
+            instance.save(wait=True)
         if instance.status != "Stopped":
             self._change_state(name, "stop")
         try:

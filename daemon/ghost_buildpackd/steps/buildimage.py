@@ -525,14 +525,19 @@ def recover_earlier_attempt(ctx: StepContext, plan: BuildPlan) -> Outcome | None
     kept = recorded_image(ctx, plan.alias, images)
     aliased = next((image for image in images if plan.alias in image.aliases), None)
     if aliased is not None and (kept is None or aliased.fingerprint != kept.fingerprint):
+        # The snapshot may be old by now (this process may have paused past its lease, and a successor published
+        # meanwhile): the lease is confirmed again, and the alias changed only while it points where the snapshot
+        # saw it.
+        ctx.confirm_lease()
         if kept is not None:
-            ctx.lxd.point_alias(plan.alias, kept.fingerprint)
+            ctx.lxd.move_alias_if(plan.alias, kept.fingerprint, expected=aliased.fingerprint)
         else:
-            ctx.lxd.delete_alias(plan.alias)
+            ctx.lxd.delete_alias_if(plan.alias, aliased.fingerprint)
     for image in images:
         if image.properties.get(IMAGE_PROP_JOB) == plan.alias and (
             kept is None or image.fingerprint != kept.fingerprint
         ):
+            ctx.confirm_lease()
             ctx.lxd.delete_image(image.fingerprint)
             ctx.log.warning("half_published_image_deleted", fingerprint=image.fingerprint, alias=plan.alias)
     if not resumed or kept is None or ctx.step.finished_at is not None:
