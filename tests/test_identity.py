@@ -110,10 +110,11 @@ id -u > whoami
 cat /proc/self/uid_map > uid_map
 cat /proc/self/gid_map > gid_map
 mkdir -p out && echo built > out/file && chown 33:33 out/file
+cp /etc/gitconfig gitconfig
 """
 
 
-def test_the_buildpack_runs_as_a_host_id_of_its_container_and_its_files_are_the_owners(
+def test_the_buildpack_runs_as_a_host_id_of_its_container_its_files_are_the_owners_and_git_trusts_it(
     make_config: Callable[..., Config], store: Store, lxd: Lxd, db: Database, image_alias: str, ghost_dirs, lxd_cleanup
 ) -> None:
     config = make_config()
@@ -132,6 +133,8 @@ def test_the_buildpack_runs_as_a_host_id_of_its_container_and_its_files_are_the_
     assert host_id(gid_map, 0) not in (0, gid), gid_map
     assert (uid, uid, 1) in uid_map and (gid, gid, 1) in gid_map  # the owner is mapped as itself, alone
     assert host_ids(uid_map) & {0} == set() and host_ids(gid_map) & {0} == set()
+    # git, run as container root, trusts the module, which belongs to another user inside the container
+    assert "[safe]\n\tdirectory = /srv/app\n" in (module_dir / "gitconfig").read_text()
     for name in ("whoami", "uid_map", "out", "out/file"):  # written by container root, and by www-data
         assert owner(module_dir / name) == WORKING_COPY_IDS, name
     assert leftover_containers(lxd, db) == []

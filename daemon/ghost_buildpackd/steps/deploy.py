@@ -268,6 +268,7 @@ def run_build_pack(
     # Outside the module: the working copy stays as cloned.
     path = f"{SCRIPT_DIR}/{script_word(ctx)}-{module.name}.sh"
     ctx.lxd.push_file(name, path, script.content, mode=0o644)
+    let_git_trust_the_module(ctx, name, module)
     check_abort(ctx, f"running the {ctx.step.script}")
     shell = script_shell(ctx, name)
     ctx.say(
@@ -297,6 +298,31 @@ def run_build_pack(
         raise
     give_back_files(ctx, name, module, owner, succeeded=True)
     return collector
+
+
+# Appends to the container's system git configuration (in the container only: it is removed after the script).
+GIT_SAFE_DIRECTORY = 'printf "[safe]\\n\\tdirectory = %s\\n" "$1" >> /etc/gitconfig'
+
+
+def let_git_trust_the_module(ctx: StepContext, name: str, module: Module) -> None:
+    """Let git run as container root in the module (`safe.directory` in the container's /etc/gitconfig).
+
+    The working copy belongs to its owner inside the container too (mapped as
+    itself), not to container root: git (2.35.2 and later) refuses a repository
+    another user owns ("detected dubious ownership"), where Ghost's buildpack,
+    run by the clone's owner, has it work. Measured with git 2.39.5: the
+    system file's `safe.directory` lifts it. Best effort: a failure is logged.
+    """
+    result = ctx.lxd.execute(
+        name,
+        ["sh", "-c", GIT_SAFE_DIRECTORY, "sh", module.path],
+        {},
+        lambda _: None,
+        ctx.config.container.exec_timeout,
+        abort=ctx.abort,
+    )
+    if not result.ok:
+        ctx.log.warning("git_safe_directory_not_set", container=name, exit_code=result.exit_code, error=result.error)
 
 
 def started_for_hand_back(ctx: StepContext, name: str) -> bool:
