@@ -227,7 +227,7 @@ def test_owner_differing_from_prepared_idmap_recreates_the_container(
     config = make_config(container={"idmap_user": "1002:1002"})  # what prepare assumes without a working copy
     job_id = deploy_job(db, image_alias, [module_doc("app", "/srv/app", "touch made")])
     prepared = prepare_ready(config, store, lxd, job_id, "app")
-    assert "uid 1002 0" in lxd.describe_container(container_name(prepared.step)).config["raw.idmap"]
+    assert "uid 1002 1002" in lxd.describe_container(container_name(prepared.step)).config["raw.idmap"]
     module_dir = working_copy(ghost_dirs["root"], "app")  # owned by 1001:1002
 
     with capture_logs() as events:

@@ -171,20 +171,48 @@ def describe_ids(uid: int, gid: int) -> str:
     return f"{user}:{group} ({uid}:{gid})"
 
 
+def refuse_root_ids(ids: tuple[int, int], source: str) -> tuple[int, int]:
+    """`ids` (uid, gid) when they may be mapped into a container; StepFailed naming `source` for root's.
+
+    A mapped id is the same id on this host: container processes would run
+    as root (uid 0), or in root's group (gid 0), on the host, and files they
+    write would be root's.
+    """
+    uid, gid = ids
+    if uid == 0 or gid == 0:
+        whose = "uid 0 (root)" if uid == 0 else "gid 0 (root's group)"
+        raise StepFailed(
+            f"refused: {source} belongs to {whose}, {describe_ids(uid, gid)}: mapped into the container, it would "
+            "make container processes root on this host, and root would own what they write; "
+            "give it to Ghost's user (chown -R) and run the job again"
+        )
+    return ids
+
+
 def container_spec(
     ctx: StepContext,
     image: str,
     mounts: Mapping[str, Mount] | None = None,
     idmap: tuple[int, int] | None = None,
 ) -> ContainerSpec:
-    """The container for this step, shaped by `container.*` in the config."""
+    """The container for this step, shaped by `container.*` in the config.
+
+    Who its processes are on this host: unprivileged, container root and
+    every other id are a host range LXD gives this container alone
+    (`security.idmap.isolated`), so no two containers, of one app or of two,
+    share a host id; only `idmap` (the working copy's owner) is mapped as
+    itself, never root's. Privileged, container root is host root.
+    """
     settings = ctx.config.container
+    if idmap is not None and not settings.privileged:
+        refuse_root_ids(idmap, "the id mapping")  # callers refuse first, naming the path: this is the backstop
     return ContainerSpec(
         name=container_name(ctx.step),
         image=image,
         tags=step_tags(ctx),
         privileged=settings.privileged,
         idmap=None if settings.privileged else idmap,
+        isolated=not settings.privileged,
         cpu=settings.limits.cpu,
         memory=settings.limits.memory,
         disk=settings.limits.disk,

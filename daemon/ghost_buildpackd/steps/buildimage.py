@@ -47,6 +47,7 @@ from . import (
     container_spec,
     idmap_user_ids,
     launch,
+    refuse_root_ids,
     remove_leftovers,
     run_command,
 )
@@ -261,13 +262,13 @@ def build(ctx: StepContext, plan: BuildPlan, base: ImageInfo) -> Outcome:
 
 
 def build_owner(ctx: StepContext) -> tuple[int, int] | None:
-    """With templates, container root maps to `container.idmap_user` as in deploys, so the build's container
-    can become the template of the app's deploys (`keep_as_template`); else, or when that user is unknown,
-    the default mapping."""
+    """With templates, `container.idmap_user` is mapped into the build's container as in deploys, so it can
+    become the template of the app's deploys (`keep_as_template`); else, or when that user is unknown, none."""
     if ctx.config.container.templates <= 0:
         return None
+    user = ctx.config.container.idmap_user
     try:
-        return idmap_user_ids(ctx.config.container.idmap_user)
+        return refuse_root_ids(idmap_user_ids(user), f"container.idmap_user {user!r}")
     except KeyError:
         return None
 

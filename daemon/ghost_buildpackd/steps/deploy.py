@@ -12,10 +12,12 @@ Two phases, driven by the runner:
   until the outcome is recorded (a run repeated after a crash must find it):
   Ghost's client removes it then (`client.remove_committed_script`).
 
-Everything that can be refused (module, paths, scripts, image) is checked
-before anything runs. Files the buildpack writes belong to the working copy's
-owner: container root is that owner (raw.idmap) in unprivileged containers,
-and after every script the module is handed back to it (`give_back_files`),
+Everything that can be refused (module, paths, scripts, image, a working
+copy of root's) is checked before anything runs. Files the buildpack writes
+belong to the working copy's owner: in unprivileged containers, container
+root is a host id of that container alone (`container_spec`) and the owner is
+mapped in as itself, so container root may write in the working copy; after
+every script the module is handed back to the owner (`give_back_files`),
 whichever container user wrote its files.
 """
 
@@ -41,6 +43,7 @@ from . import (
     describe_ids,
     idmap_user_ids,
     launch,
+    refuse_root_ids,
     remove_leftovers,
     run_command,
     script_shell,
@@ -94,7 +97,7 @@ def run(ctx: StepContext) -> Outcome:
         script = module.script(working_copy, ctx.step.script)
         if not script.content and script.path is None:  # Ghost runs it with bash: nothing happens, it succeeds
             return Outcome(SKIPPED, message=f"{script.source} is empty and the working copy has no such file")
-        owner = path_owner(working_copy)
+        owner = refuse_root_ids(path_owner(working_copy), f"the working copy {working_copy}")
         with Secrets.registered(app.secret_values):
             name = usable_container(ctx, app, owner)
             collector = run_build_pack(ctx, name, app, module, script, working_copy, owner)
@@ -180,14 +183,15 @@ def path_owner(path: Path) -> tuple[int, int]:
 
 
 def prepared_owner(ctx: StepContext, app: App, module: Module) -> tuple[int, int]:
-    """Who container root maps to: the working copy's owner if it exists, else `container.idmap_user`."""
+    """Who is mapped into the container: the working copy's owner if it exists, else `container.idmap_user`."""
     candidate = app.app_dir(ctx.config.ghost.root) / module.name
     if candidate.is_dir() and not candidate.is_symlink():
-        return path_owner(candidate)
+        return refuse_root_ids(path_owner(candidate), f"the working copy {candidate}")
+    user = ctx.config.container.idmap_user
     try:
-        return idmap_user_ids(ctx.config.container.idmap_user)
+        return refuse_root_ids(idmap_user_ids(user), f"container.idmap_user {user!r}")
     except KeyError:
-        raise StepFailed(f"container.idmap_user: no user {ctx.config.container.idmap_user!r} on this host") from None
+        raise StepFailed(f"container.idmap_user: no user {user!r} on this host") from None
 
 
 # --- the container -----------------------------------------------------------------
@@ -264,6 +268,7 @@ def run_build_pack(
     # Outside the module: the working copy stays as cloned.
     path = f"{SCRIPT_DIR}/{script_word(ctx)}-{module.name}.sh"
     ctx.lxd.push_file(name, path, script.content, mode=0o644)
+    let_git_trust_the_module(ctx, name, module)
     check_abort(ctx, f"running the {ctx.step.script}")
     shell = script_shell(ctx, name)
     ctx.say(
@@ -295,6 +300,31 @@ def run_build_pack(
     return collector
 
 
+# Appends to the container's system git configuration (in the container only: it is removed after the script).
+GIT_SAFE_DIRECTORY = 'printf "[safe]\\n\\tdirectory = %s\\n" "$1" >> /etc/gitconfig'
+
+
+def let_git_trust_the_module(ctx: StepContext, name: str, module: Module) -> None:
+    """Let git run as container root in the module (`safe.directory` in the container's /etc/gitconfig).
+
+    The working copy belongs to its owner inside the container too (mapped as
+    itself), not to container root: git (2.35.2 and later) refuses a repository
+    another user owns ("detected dubious ownership"), where Ghost's buildpack,
+    run by the clone's owner, has it work. Measured with git 2.39.5: the
+    system file's `safe.directory` lifts it. Best effort: a failure is logged.
+    """
+    result = ctx.lxd.execute(
+        name,
+        ["sh", "-c", GIT_SAFE_DIRECTORY, "sh", module.path],
+        {},
+        lambda _: None,
+        ctx.config.container.exec_timeout,
+        abort=ctx.abort,
+    )
+    if not result.ok:
+        ctx.log.warning("git_safe_directory_not_set", container=name, exit_code=result.exit_code, error=result.error)
+
+
 def started_for_hand_back(ctx: StepContext, name: str) -> bool:
     """A script that ran out of `container.exec_timeout` was stopped with its container: it is started again, so
     its files are handed back all the same (Ghost's next deploy removes the clone as its user). Not after a
@@ -314,13 +344,13 @@ def started_for_hand_back(ctx: StepContext, name: str) -> bool:
 def give_back_files(ctx: StepContext, name: str, module: Module, owner: tuple[int, int], succeeded: bool) -> None:
     """Hand every file of the module to the working copy's owner, before the outcome is recorded.
 
-    Whatever ran as another user in the container (a package manager dropping
-    privileges, a `chown www-data`) left files that Ghost's user could not
-    remove at its next deploy (`chmod -R u+rwx`, `rm -rf` on the clone). In
-    an unprivileged container, container root is the owner (raw.idmap); in a
-    privileged one, the owner's ids are given as they are (derived from the
-    working copy, never fixed). `-h`: a symlink is handed back itself, its
-    target is never touched.
+    Whatever ran in the container (root, whose host id is the container's
+    own, a package manager dropping privileges, a `chown www-data`) left files
+    that Ghost's user could not remove at its next deploy (`chmod -R u+rwx`,
+    `rm -rf` on the clone). The owner's ids are given as they are (derived
+    from the working copy, never fixed): an unprivileged container has them
+    mapped as themselves. `-h`: a symlink is handed back itself, its target is
+    never touched.
 
     A failure fails a privileged step that succeeded (its root may chown
     anything). In an unprivileged container, only files whose host owner has
@@ -331,7 +361,7 @@ def give_back_files(ctx: StepContext, name: str, module: Module, owner: tuple[in
     if ctx.lxd.container_status(name) != "Running" and not started_for_hand_back(ctx, name):
         return
     privileged = ctx.config.container.privileged
-    uid, gid = owner if privileged else (0, 0)
+    uid, gid = owner
     label = f"ownership of the module's files to the working copy's owner {describe_ids(*owner)}"
     try:
         run_command(ctx, name, ["chown", "-R", "-h", f"{uid}:{gid}", module.path], {}, label)
