@@ -148,8 +148,13 @@ def log_containers_off(config: Config) -> None:
 
 
 class Daemon:
-    def __init__(self, config: Config, store: Store, lxd: Lxd, bodies: Bodies | None = None):
+    def __init__(
+        self, config: Config, store: Store, lxd: Lxd, bodies: Bodies | None = None, owns_process: bool = False
+    ):
         self.config = config
+        # The process is this daemon's (`run`): a stop past the stop bound ends it. Never for a daemon run
+        # inside another program (tests), which must outlive it.
+        self.owns_process = owns_process
         self.store = store
         self.lxd = lxd
         self.stop = threading.Event()
@@ -392,7 +397,8 @@ class Daemon:
             stop_bound_s=bound,
             steps_in_flight=self.runner.in_flight(),
         )
-        self._leave_after(bound)
+        if self.owns_process:
+            self._leave_after(bound)
         self.notifier.stopping()
         self.runner.stop(self.config.shutdown_grace)
         self._mark_stopped()
@@ -448,7 +454,7 @@ def run_daemon(config: Config) -> int:
         log.error("startup_failed_lxd", endpoint=config.lxd.endpoint, error=str(error))
         return 1
     try:
-        daemon = Daemon(config, store, lxd)
+        daemon = Daemon(config, store, lxd, owns_process=True)
     except StartupError as error:
         log.error("startup_failed_event_mode", reason=str(error))
         return 1
