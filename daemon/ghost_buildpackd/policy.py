@@ -149,7 +149,7 @@ class Limits:
     # Restarts: a stopping daemon heartbeats until its process ends, then marks its record stopped; a
     # waiting client takes its host for one restarting while the mark is younger than `restart_grace`:
     # the unit's RestartSec (`restart_delay`, systemd's pause before an automatic restart), a start
-    # (`start_budget`: Python, LXD, the event mode, the first heartbeat; 0.8 to 2.1 s from one
+    # (`start_budget`: Python, LXD, the event mode, the first heartbeat; 0.6 to 2.1 s from one
     # daemon's end to the next one's READY under systemd on 2 shared cores, tests/test_systemd_unit.py:
     # the budget is for a host far busier than that) and its one MongoDB ping (mongodb.timeout).
     restart_delay: float = 5.0
