@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import threading
 import time
+from datetime import datetime
 
 import pytest
 from bson import ObjectId
 from pymongo.database import Database
 
-from ghost_buildpackd.client import ABANDONED, run_buildpack
+from ghost_buildpackd.client import ABANDONED, NO_DAEMON, run_buildpack
 from ghost_buildpackd.model import CANCELLED, DEPLOY, FAILED, REQUESTED, RUNNING, SUCCEEDED, step_id
 from ghost_buildpackd.store import Store
 from tests.support.ghost import make_app, make_job
@@ -27,8 +28,11 @@ def job_id(db: Database) -> ObjectId:
 class FakeDaemon:
     """Takes the requested step bound to HOST and finishes it as the runner would (leases, fenced writes)."""
 
-    def __init__(self, store: Store, job_id: ObjectId, final: str, exit_code: int | None, tail: str):
+    def __init__(
+        self, store: Store, job_id: ObjectId, final: str, exit_code: int | None, tail: str, after: float = 0.0
+    ):
         self.store = store
+        self.after = after  # seconds before it starts (a restart's gap), then it heartbeats as an instance on HOST
         self.sid = step_id(job_id, DEPLOY, "app")
         self.final, self.exit_code, self.tail = final, exit_code, tail
         self.finished_at = 0.0
@@ -37,6 +41,9 @@ class FakeDaemon:
 
     def _run(self) -> None:
         try:
+            if self.after:
+                threading.Event().wait(self.after)  # the gap under test: no instance on HOST meanwhile
+                self.store.heartbeat("next-instance", {"host": HOST})
             step = wait_until(
                 lambda: claim_named_step(self.store, self.sid, "fake-daemon", 30, (REQUESTED,)), 20, "the request"
             )
@@ -139,3 +146,50 @@ def test_other_bad_arguments_are_refused(db: Database, store: Store, job_id: Obj
     with pytest.raises(ValueError, match="wait_mode"):
         run_buildpack(db, job_id, "app", timeout=1, wait_mode="sometimes")
     assert store.steps.count_documents({}) == 0
+
+
+def stopped_instance(store: Store, name: str = "stopped-instance") -> None:
+    """An instance on HOST that heartbeat until its stop and then marked its record stopped."""
+    store.heartbeat(name, {"host": HOST})
+    store.mark_instance_stopped(name, within=5)
+
+
+def test_a_restart_is_ridden_out_and_the_next_instance_gives_the_outcome(
+    db: Database, store: Store, job_id: ObjectId
+) -> None:
+    """The daemon on HOST stopped (a restart): no live heartbeat for longer than the client's liveness look, then
+    the next instance takes the request; the client, given the restart grace, gets its outcome."""
+    stopped_instance(store)
+    with FakeDaemon(store, job_id, SUCCEEDED, 0, "after the restart", after=12) as daemon:
+        result = run_buildpack(
+            db, job_id, "app", timeout=60, host=HOST, poll_interval=0.2, daemon_max_age=30, restart_grace=40
+        )
+
+    assert result.state == SUCCEEDED, result.message
+    assert result.output_tail == "after the restart" and daemon.finished_at > 0
+
+
+def test_no_instance_started_within_the_restart_grace_ends_the_wait(
+    db: Database, store: Store, job_id: ObjectId
+) -> None:
+    """A stop with no start after it: the stopped record's fresh heartbeat does not count, the grace ends."""
+    stopped_instance(store)
+    started = time.monotonic()
+    result = run_buildpack(
+        db, job_id, "app", timeout=60, host=HOST, poll_interval=0.2, daemon_max_age=30, restart_grace=2
+    )
+
+    assert result.state == NO_DAEMON and "while waiting" in result.message
+    assert "none restarted within 2s of a stop" in result.message
+    assert time.monotonic() - started < 15  # a look every 5 s once the grace (2 s) is over
+    assert store.get_step(step_id(job_id, DEPLOY, "app")).state == CANCELLED  # a daemon started later skips it
+
+
+def test_a_stop_past_the_restart_grace_answers_at_once(db: Database, store: Store, job_id: ObjectId) -> None:
+    stopped_instance(store)
+    db["buildpackd_instances"].update_one({"_id": "stopped-instance"}, {"$set": {"stopped_at": datetime(2020, 1, 1)}})
+
+    result = run_buildpack(db, job_id, "app", timeout=60, host=HOST, daemon_max_age=30, restart_grace=60)
+
+    assert result.state == NO_DAEMON and "while waiting" not in result.message
+    assert store.get_step(step_id(job_id, DEPLOY, "app")) is None  # nothing was asked

@@ -31,6 +31,15 @@ def test_reload_sends_sighup_which_the_daemon_survives():
     assert service_settings()["ExecReload"] == "/bin/kill -HUP $MAINPID"
 
 
-def test_the_stop_timeout_is_above_the_longest_stop_with_the_default_settings():
+def test_the_stop_timeout_is_above_the_daemons_own_stop_bound_with_the_default_settings():
+    """The daemon leaves by itself (stop_bound, past the longest stop) before systemd's SIGKILL."""
     timeout = parse_duration(service_settings()["TimeoutStopSec"])
-    assert timeout > LIMITS.longest_stop(Config()) + 30, f"TimeoutStopSec={timeout:g}s leaves too little margin"
+    assert LIMITS.stop_bound(Config()) > LIMITS.longest_stop(Config())
+    assert timeout > LIMITS.stop_bound(Config()) + 30, f"TimeoutStopSec={timeout:g}s leaves too little margin"
+
+
+def test_a_waiting_client_allows_for_the_units_restart_pause_and_start():
+    settings = service_settings()
+    assert parse_duration(settings["RestartSec"]) == LIMITS.restart_delay
+    assert parse_duration(settings["TimeoutStartSec"].replace("min", "m")) >= LIMITS.start_budget
+    assert LIMITS.restart_grace(Config()) >= LIMITS.restart_delay + LIMITS.start_budget

@@ -128,6 +128,8 @@ def test_a_crashing_event_loop_is_restarted_shows_in_readiness_and_then_a_job_ge
             daemon.request_stop()
             thread.join(120)
     assert not thread.is_alive()
+    # A daemon inside another program (this test) never arms the stop bound's exit, which would end that program.
+    assert "stop-bound" not in [t.name for t in threading.enumerate()]
     crashed = [entry for entry in logs if entry["event"] == "loop_crashed"]
     assert [(entry["loop"], entry["crashes_in_a_row"]) for entry in crashed] == [("events", n) for n in (1, 2, 3)]
 

@@ -28,7 +28,7 @@ EXIT_USAGE = 2  # bad arguments or configuration: nothing was asked
 EXIT_REFUSED = 65  # the daemon refused (bad input, containers off for the app, no image) or could not run it
 EXIT_CANCELLED = 66  # the job ended, or the request was cancelled, before the script finished
 EXIT_TIMED_OUT = 67  # --timeout ran out (the request is cancelled), or container.exec_timeout killed the script
-EXIT_NO_DAEMON = 69  # no live daemon on this host (heartbeat), or MongoDB unreachable: nothing ran
+EXIT_NO_DAEMON = 69  # no live daemon on this host (heartbeat, restart grace), or MongoDB unreachable: nothing ran
 # Any other non-zero code is the script's own exit code.
 
 EXIT_CODES = {
@@ -84,6 +84,7 @@ def buildpack_command(config: Config, job_id: str, module: str, script: str, tim
             poll_interval=min(2.0, config.events.poll_interval),
             script=script,
             daemon_max_age=LIMITS.heartbeat_max_age(config),
+            restart_grace=LIMITS.restart_grace(config),
             build_wait=config.buildpack.build_wait,
             job_log_dir=config.ghost.log_dir,
             ghost_root=config.ghost.root,
@@ -103,6 +104,7 @@ def buildimage_command(config: Config, job_id: str, timeout: float | None, out: 
             host=config.host_name,
             poll_interval=min(2.0, config.events.poll_interval),
             daemon_max_age=LIMITS.heartbeat_max_age(config),
+            restart_grace=LIMITS.restart_grace(config),
         )
 
     return ask_and_report(config, f"container build of job {job_id}", ask, out)

@@ -6,8 +6,9 @@ command over `run_buildpack`, which Python 3 code may also call directly
 waits for the app's container build still in flight (bounded), sets the
 deploy step to `requested`, bound to the host it runs on (the disk holding the
 working copy), and waits for the daemon on that host to finish it. It gives
-up early when that daemon's heartbeat stops; on its own timeout it abandons
-the request, so the daemon stops and cleans up. `run_buildimage` does the same
+up early when that daemon's heartbeat stops, or once it stopped and no other
+started within the restart grace; on its own timeout it abandons the request,
+so the daemon stops and cleans up. `run_buildimage` does the same
 for the container build of a buildimage job (`ghost-buildpackd buildimage`).
 
     from ghost_buildpackd.client import run_buildpack
@@ -79,6 +80,7 @@ def run_buildpack(
     wait_mode: str = "auto",
     script: str = BUILD_PACK,
     daemon_max_age: float | None = None,
+    restart_grace: float = 0.0,
     build_wait: float = 0.0,
     job_log_dir: Path | None = None,
     ghost_root: Path | None = None,
@@ -92,7 +94,9 @@ def run_buildpack(
     `wait_mode`: `auto` (change stream when the server offers one, else polling
     every `poll_interval`), `change_stream` or `poll`. With `daemon_max_age`,
     nothing is asked unless a daemon on `host` has a heartbeat younger than
-    that, and the wait ends (the request cancelled) once none has. With
+    that, and the wait ends (the request cancelled) once none has; a daemon
+    that stopped less than `restart_grace` seconds ago counts as restarting,
+    so the wait rides a restart (the next instance gives the outcome). With
     `build_wait`, the app's container build still in flight is waited for first,
     at most that long. `job_log_dir` (Ghost's log directory): where those waits
     are said, in the job's log. With `ghost_root` (Ghost's root directory), a
@@ -109,9 +113,9 @@ def run_buildpack(
     _check_wait(timeout, poll_interval, wait_mode)
     store = Store(db)
     host = host or socket.gethostname()
-    alive = _liveness(store, host, daemon_max_age)
+    alive = _liveness(store, host, daemon_max_age, restart_grace)
     if not alive():
-        return BuildpackResult(NO_DAEMON, None, _no_daemon(host, daemon_max_age), "")
+        return BuildpackResult(NO_DAEMON, None, _no_daemon(host, daemon_max_age, restart_grace), "")
     sid = step_id(job_oid, DEPLOY, module_name, script)
     job = store.get_job(job_oid)
     app_id = job.get("app_id") if job else None
@@ -125,7 +129,7 @@ def run_buildpack(
     if step.terminal:
         result = _result(step)
     elif not alive():
-        result = _abandon(store, sid, _no_daemon(host, daemon_max_age, "while waiting"), NO_DAEMON)
+        result = _abandon(store, sid, _no_daemon(host, daemon_max_age, restart_grace, "while waiting"), NO_DAEMON)
     else:
         result = _abandon(store, sid, f"abandoned by Ghost's client after waiting {timeout:g}s for the outcome")
     if result.state == SUCCEEDED and ghost_root is not None and app_id is not None:  # also a finish that won a race
@@ -148,22 +152,23 @@ def run_buildimage(
     poll_interval: float = 2.0,
     wait_mode: str = "auto",
     daemon_max_age: float | None = None,
+    restart_grace: float = 0.0,
 ) -> BuildpackResult:
     """Ask the daemon on `host` to build the container image of buildimage job `job_id` now; wait for the outcome.
 
     What Ghost's buildimage job runs once its AMI is recorded (the job is still
     `started`): the step is made at once, bound to this host, or found when it
     exists (one build per job: a second request waits for the same build).
-    `timeout`, `wait_mode`, `daemon_max_age` as for `run_buildpack`; on the
+    `timeout`, `wait_mode`, `daemon_max_age`, `restart_grace` as for `run_buildpack`; on the
     timeout the request is cancelled and the daemon stops the build.
     """
     job_oid = _job_object_id(job_id)
     _check_wait(timeout, poll_interval, wait_mode)
     store = Store(db)
     host = host or socket.gethostname()
-    alive = _liveness(store, host, daemon_max_age)
+    alive = _liveness(store, host, daemon_max_age, restart_grace)
     if not alive():
-        return BuildpackResult(NO_DAEMON, None, _no_daemon(host, daemon_max_age), "")
+        return BuildpackResult(NO_DAEMON, None, _no_daemon(host, daemon_max_age, restart_grace), "")
     job = store.get_job(job_oid)
     if job is None or job.get("command") != BUILDIMAGE:
         return BuildpackResult(FAILED, None, f"refused: no buildimage job with _id {job_oid}", "")
@@ -174,7 +179,7 @@ def run_buildimage(
     if step.terminal:
         return _result(step)
     if not alive():
-        return _abandon(store, step.id, _no_daemon(host, daemon_max_age, "while waiting"), NO_DAEMON)
+        return _abandon(store, step.id, _no_daemon(host, daemon_max_age, restart_grace, "while waiting"), NO_DAEMON)
     return _abandon(store, step.id, f"abandoned by Ghost's client after waiting {timeout:g}s")
 
 
@@ -199,24 +204,25 @@ def wait_for_build(store: Store, app_id: Any, limit: float, poll_interval: float
         say(f"the container build of job {build.job_id} ended: {build.state} ({build.message})")
 
 
-def _liveness(store: Store, host: str, max_age: float | None) -> Callable[[], bool]:
-    """Whether a daemon on `host` is alive, looked up at most every `liveness_every` seconds."""
+def _liveness(store: Store, host: str, max_age: float | None, restart_grace: float) -> Callable[[], bool]:
+    """Whether a daemon on `host` is alive, or restarting, looked up at most every `liveness_every` seconds."""
     if max_age is None:
         return lambda: True
     last: dict[str, Any] = {"at": -LIMITS.liveness_every, "alive": True}
 
     def alive() -> bool:
         if time.monotonic() - last["at"] >= LIMITS.liveness_every:
-            last["alive"] = bool(store.live_instances_on(host, max_age))
+            last["alive"] = store.daemon_on(host, max_age, restart_grace)
             last["at"] = time.monotonic()
         return last["alive"]
 
     return alive
 
 
-def _no_daemon(host: str, max_age: float | None, when: str = "") -> str:
+def _no_daemon(host: str, max_age: float | None, restart_grace: float, when: str = "") -> str:
     lapse = f"{max_age:g}s" if max_age is not None else "a while"
-    return f"no live ghost-buildpackd on host {host}{' ' + when if when else ''} (no heartbeat for {lapse})"
+    restart = f", none restarted within {restart_grace:g}s of a stop" if restart_grace > 0 else ""
+    return f"no live ghost-buildpackd on host {host}{' ' + when if when else ''} (no heartbeat for {lapse}{restart})"
 
 
 def _job_object_id(job_id: Any) -> ObjectId:

@@ -10,12 +10,20 @@ cannot starve the watchdog. Heartbeats, the server-clock measurement and the
 lag figure run in their own thread; with `metrics.listen` set, LXD's health is
 probed in another (each probe bounded on its own), so neither heartbeats nor
 /readyz ever wait on LXD.
+
+A stop (SIGTERM) rides a restart: heartbeats go on until the process ends (a
+waiting Ghost command sees a live daemon while running steps finish), and the
+instance record is then marked stopped, not removed, so a waiting command
+gives the next instance `restart_grace` to start. The stop is bounded: past
+`stop_bound` the process leaves with os._exit, whatever a worker is stuck in;
+the leases of the steps it held expire and the next instance resumes them.
 """
 
 from __future__ import annotations
 
 import os
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -48,6 +56,7 @@ STATUS_EVERY = 1.0  # how often the STATUS line is refreshed (sent only when it 
 # Ghost offers the base image list while it is younger than this many refresh intervals: one missed
 # refresh (LXD slow, MongoDB blip) keeps the selector, a stopped daemon loses it soon.
 REQUEST_POLL = 0.2  # poll mode: how often to look for a client's buildpack request
+EXIT_STOP_BOUND = 3  # the stop outlasted LIMITS.stop_bound: the process left with steps still held
 
 
 def connect_store(config: Config) -> Store:
@@ -139,11 +148,17 @@ def log_containers_off(config: Config) -> None:
 
 
 class Daemon:
-    def __init__(self, config: Config, store: Store, lxd: Lxd, bodies: Bodies | None = None):
+    def __init__(
+        self, config: Config, store: Store, lxd: Lxd, bodies: Bodies | None = None, owns_process: bool = False
+    ):
         self.config = config
+        # The process is this daemon's (`run`): a stop past the stop bound ends it. Never for a daemon run
+        # inside another program (tests), which must outlive it.
+        self.owns_process = owns_process
         self.store = store
         self.lxd = lxd
         self.stop = threading.Event()
+        self.heartbeats_end = threading.Event()  # set once the stop is done: heartbeats go on until then
         self.phase = "starting"  # then "running", then "stopping": what /readyz says before and after
         self.metrics = start_metrics(config.metrics, log, health=self)
         self.reconciler = Reconciler(config, store, lxd, self.metrics)
@@ -165,7 +180,7 @@ class Daemon:
             Supervised("events", self.source.run, self.stop, progress=lambda: self.source.last_tick),
             Supervised("requests", watch, self.stop),
             self.upkeep.loop,
-            Supervised("heartbeat", self._heartbeat_loop, self.stop),
+            Supervised("heartbeat", self._heartbeat_loop, self.heartbeats_end),
         ]
         self.lxd_up = True  # LXD's last answer to the health probe (it answered at start)
         if config.metrics.listen is not None:  # what /metrics and /readyz say about LXD
@@ -183,6 +198,7 @@ class Daemon:
         for loop in loops:
             loop.start()
         self.heartbeat()
+        self._forget_stopped_instances()
         heartbeats.start()
         self.phase = "running"
         self.notifier.ready()
@@ -248,7 +264,7 @@ class Daemon:
 
     def _heartbeat_loop(self) -> None:
         """Every heartbeat interval: the instance record, a reading of the server's clock, the event lag."""
-        while not self.stop.wait(LIMITS.heartbeat_every):
+        while not self.heartbeats_end.wait(LIMITS.heartbeat_every):
             try:
                 self.heartbeat()
                 self.store.measure_server_clock()
@@ -346,7 +362,9 @@ class Daemon:
                 "started_at": self.started_at,
                 "steps_in_flight": self.runner.in_flight(),
                 "workers": self.config.workers,
-                "loop_problems": self.loop_problems(),
+                "phase": self.phase,
+                # Stopping, the loops end one by one: that is no problem to report.
+                "loop_problems": self.loop_problems() if self.phase != "stopping" else [],
             },
         )
 
@@ -363,17 +381,62 @@ class Daemon:
         if self.metrics.enabled:
             self.metrics.set_event_lag(self.event_lag)
 
+    def _forget_stopped_instances(self) -> None:
+        """The records of instances on this host that stopped (a restart) are no longer needed."""
+        try:
+            self.store.forget_stopped_instances(self.config.host_name)
+        except PyMongoError as error:  # harmless: they are only read within restart_grace of their stop
+            log.warning("stopped_instances_not_forgotten", error=short_error(error))
+
     def shutdown(self) -> int:
         self.phase = "stopping"
-        log.info("daemon_stopping", grace_s=self.config.shutdown_grace, steps_in_flight=self.runner.in_flight())
+        bound = LIMITS.stop_bound(self.config)
+        log.info(
+            "daemon_stopping",
+            grace_s=self.config.shutdown_grace,
+            stop_bound_s=bound,
+            steps_in_flight=self.runner.in_flight(),
+        )
+        if self.owns_process:
+            self._leave_after(bound)
         self.notifier.stopping()
         self.runner.stop(self.config.shutdown_grace)
-        try:
-            self.store.remove_instance(self.config.instance_id or "")
-        except PyMongoError as error:
-            log.warning("instance_record_not_removed", error=str(error))
+        self._mark_stopped()
         log.info("daemon_stopped")
         return 0
+
+    def _mark_stopped(self) -> None:
+        """Heartbeats end; the record says the process ended (a waiting client then allows for a restart)."""
+        self.heartbeats_end.set()
+        try:
+            self.store.mark_instance_stopped(self.config.instance_id or "", within=self.config.mongodb.timeout)
+        except PyMongoError as error:
+            log.warning(
+                "instance_record_not_marked_stopped",
+                error=short_error(error),
+                consequence="waiting clients count it dead once its heartbeat ages out",
+            )
+
+    def _leave_after(self, bound: float) -> None:
+        """From now on, the process ends within `bound` seconds: Python joins the step workers at exit, and one
+        stuck in a retried MongoDB or LXD call would otherwise hold it until systemd's SIGKILL."""
+        started = time.monotonic()
+
+        def leave() -> None:
+            threading.Event().wait(bound)  # never set: a sleep
+            log.error(
+                "stop_bound_reached_exiting",
+                stop_bound_s=bound,
+                stopping_for_s=round(time.monotonic() - started, 1),
+                steps_in_flight=self.runner.in_flight(),
+                threads=sorted(t.name for t in threading.enumerate() if t.is_alive() and not t.daemon),
+                consequence="the leases of the steps still held expire; the next instance resumes them",
+            )
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(EXIT_STOP_BOUND)
+
+        threading.Thread(target=leave, name="stop-bound", daemon=True).start()
 
 
 def run_daemon(config: Config) -> int:
@@ -391,7 +454,7 @@ def run_daemon(config: Config) -> int:
         log.error("startup_failed_lxd", endpoint=config.lxd.endpoint, error=str(error))
         return 1
     try:
-        daemon = Daemon(config, store, lxd)
+        daemon = Daemon(config, store, lxd, owns_process=True)
     except StartupError as error:
         log.error("startup_failed_event_mode", reason=str(error))
         return 1

@@ -143,6 +143,17 @@ class Limits:
     lxd_health_wait: float = 5.0
     # Shutdown: aborted steps get at least `min_cleanup_wait` (else lxd.timeout) to remove their containers.
     min_cleanup_wait: float = 30.0
+    # Past the longest stop plus `stop_exit_margin` (logging, the interpreter's exit), a stopping daemon
+    # leaves at once: a worker stuck in a retried call must not hold it until systemd's SIGKILL.
+    stop_exit_margin: float = 10.0
+    # Restarts: a stopping daemon heartbeats until its process ends, then marks its record stopped; a
+    # waiting client takes its host for one restarting while the mark is younger than `restart_grace`:
+    # the unit's RestartSec (`restart_delay`, systemd's pause before an automatic restart), a start
+    # (`start_budget`: Python, LXD, the event mode, the first heartbeat; 0.6 to 2.1 s from one
+    # daemon's end to the next one's READY under systemd on 2 shared cores, tests/test_systemd_unit.py:
+    # the budget is for a host far busier than that) and its one MongoDB ping (mongodb.timeout).
+    restart_delay: float = 5.0
+    start_budget: float = 60.0
     mongodb_retry: Retry = MONGODB_RETRY
     loop_backoff: Backoff = LOOP_BACKOFF
 
@@ -194,6 +205,26 @@ class Limits:
         """
         return config.shutdown_grace + self.cleanup_wait(config) + config.mongodb.timeout
 
+    def stop_bound(self, config: Config) -> float:
+        """Seconds after SIGTERM at which a daemon still running leaves with os._exit.
+
+        The stop itself is bounded (`longest_stop`); what can outlast it is a
+        worker thread stuck in a retried MongoDB or LXD call, which Python
+        would join at exit. The unit's TimeoutStopSec must stay above it, so
+        the daemon leaves, and says why, before systemd's SIGKILL.
+        """
+        return self.longest_stop(config) + self.stop_exit_margin
+
+    def restart_grace(self, config: Config) -> float:
+        """How long a waiting client takes a host whose daemon stopped for one restarting.
+
+        From the stopped daemon's last write to the next instance's first
+        heartbeat: systemd's pause before an automatic restart, a start, and
+        its MongoDB ping. A stop that is not followed by a start costs a
+        waiting Ghost job this long before it fails.
+        """
+        return self.restart_delay + self.start_budget + config.mongodb.timeout
+
     # --- relations -------------------------------------------------------------------------
 
     def problems(self) -> list[str]:
@@ -226,6 +257,11 @@ class Limits:
                 self.min_stall_after > self.idle_wait + self.loop_backoff.longest,
                 f"min_stall_after {self.min_stall_after:g}s: a loop's own longest wait "
                 f"({self.idle_wait + self.loop_backoff.longest:g}s) must not count as a stall",
+            ),
+            (
+                self.restart_delay + self.start_budget >= self.min_heartbeat_age,
+                f"restart_delay {self.restart_delay:g}s + start_budget {self.start_budget:g}s: a client must wait "
+                f"for a restart at least as long as for a late heartbeat ({self.min_heartbeat_age:g}s)",
             ),
             (
                 self.lxd_probe_every < self.lxd_outage_wait,

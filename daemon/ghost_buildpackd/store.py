@@ -78,6 +78,7 @@ from .policy import MONGODB_RETRY, retrying
 log = get_logger(__name__)
 
 STEPS, IMAGES, STATE, INSTANCES = "container_steps", "container_images", "buildpackd_state", "buildpackd_instances"
+NOT_STOPPED = {"stopped_at": {"$exists": False}}  # an instance record whose process has not ended
 # The base images Ghost's UI may offer, one document (BASE_IMAGES_ID) that Ghost's patched libs/lxd.py reads
 # with pymongo 3.7: `images`, `refreshed_at` (server time), `refreshed_by`.
 BASE_IMAGES, BASE_IMAGES_ID = "buildpackd_base_images", "selectable"
@@ -1151,16 +1152,36 @@ class Store:
         )
 
     @retry_transient
-    def live_instances_on(self, host: str, max_age: float) -> list[dict[str, Any]]:
-        """Instances on `host` whose heartbeat is younger than `max_age` seconds."""
-        since = self.server_now() - timedelta(seconds=max_age)  # seen_at is the server's time
-        return list(self.instances.find({"seen_at": {"$gte": since}, "info.host": host}))
+    def daemon_on(self, host: str, max_age: float, restart_grace: float) -> bool:
+        """Whether `host` has a daemon, or soon will: one whose heartbeat is younger than `max_age`, or one that
+        stopped less than `restart_grace` seconds ago (a restart: the next instance is on its way)."""
+        now = self.server_now()  # seen_at and stopped_at are the server's times
+        query = {
+            "info.host": host,
+            "$or": [
+                {"seen_at": {"$gte": now - timedelta(seconds=max_age)}, **NOT_STOPPED},
+                {"stopped_at": {"$gte": now - timedelta(seconds=restart_grace)}},
+            ],
+        }
+        return self.instances.find_one(query, {"_id": 1}) is not None
 
-    def remove_instance(self, instance_id: str) -> None:
-        """At shutdown: one attempt, bounded by the server selection timeout (the record also ages out)."""
-        self.instances.delete_one({"_id": instance_id})
+    def mark_instance_stopped(self, instance_id: str, within: float) -> None:
+        """At the end of a stop: the record says when the process ended (`stopped_at`, the server's time).
+
+        One attempt bounded by `within` seconds (the stop is bounded); a record
+        left unmarked ages out like a dead instance's. A heartbeat written
+        later (its thread outlives the stop by a call) leaves the mark.
+        """
+        with pymongo.timeout(within):
+            self.instances.update_one({"_id": instance_id}, {"$currentDate": {"stopped_at": True}})
+
+    @retry_transient
+    def forget_stopped_instances(self, host: str) -> int:
+        """At start, once this instance's heartbeat is written: the stopped records of its host served their
+        purpose (a client waiting through the restart sees this instance now)."""
+        return self.instances.delete_many({"info.host": host, "stopped_at": {"$exists": True}}).deleted_count
 
     @retry_transient
     def live_instances(self, max_age: float) -> list[dict[str, Any]]:
         since = self.server_now() - timedelta(seconds=max_age)
-        return list(self.instances.find({"seen_at": {"$gte": since}}))
+        return list(self.instances.find({"seen_at": {"$gte": since}, **NOT_STOPPED}))

@@ -50,11 +50,12 @@ def checkout_files() -> list[str]:
 
 
 class SystemContainer:
-    def __init__(self, name: str):
+    def __init__(self, name: str, privileged: bool = False):
         self.name = name
+        self.privileged = privileged  # the host's ids inside: a host directory keeps its owners (add_disk)
 
     def launch(self) -> SystemContainer:
-        lxc("launch", IMAGE, self.name)
+        lxc("launch", IMAGE, self.name, *(["-c", "security.privileged=true"] if self.privileged else []))
         # Until systemd's bus is up, systemctl answers nothing; `degraded` is still a booted system
         # (units this container cannot run, such as binfmt, failed: none is needed).
         state = wait_until(
@@ -103,6 +104,18 @@ class SystemContainer:
         extra = [f"{key}={value}" for key, value in options.items()]
         lxc("config", "device", "add", self.name, device, "proxy", f"listen={listen}", f"connect={connect}",
             "bind=container", *extra)  # fmt: skip
+
+    def add_disk(self, device: str, path: Path) -> None:
+        """The host's directory `path` at the same path inside (a privileged container: owners as on the host):
+        a path the daemon inside names is one the host's LXD mounts into step containers."""
+        assert self.privileged, "an unprivileged container would show the host's owners as nobody"
+        lxc("config", "device", "add", self.name, device, "disk", f"source={path}", f"path={path}")
+
+    def popen(self, *argv: str) -> subprocess.Popen[str]:
+        """A command started in the container, its output collected by communicate()."""
+        return subprocess.Popen(
+            ["lxc", "exec", self.name, "--", *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
 
     def show(self, unit: str, *properties: str) -> dict[str, str]:
         text = self.run("systemctl", "show", unit, *(f"--property={p}" for p in properties)).stdout

@@ -83,7 +83,7 @@ def main(config_path: str) -> int:
     store = connect_store(config)
     if HOLD_CLAIM_UNTIL_REQUESTED:
         hold_first_pending_claim(store)
-    daemon = Daemon(config, store, Lxd(config.lxd), bodies=TRIVIAL)
+    daemon = Daemon(config, store, Lxd(config.lxd), bodies=TRIVIAL, owns_process=True)
     install_signal_handlers(daemon)
     return daemon.run()
 
