@@ -80,7 +80,6 @@ def run_checks(config: Config, out: TextIO) -> int:
         report(unprivileged_failures_check(config, store))
         store.db.client.close()
     report(idmap_check(config))
-    report(isolated_ids_check(config))
     for name, path in (("ghost.root", config.ghost.root), ("ghost.log_dir", config.ghost.log_dir)):
         report(writable_dir_check(name, path))
     report(compressor_check(config))
@@ -415,7 +414,6 @@ def probe_container_check(config: Config, lxd: Lxd, store: Store | None) -> Chec
         tags={},  # untagged: the sweep never mistakes the probe for a step's container
         privileged=config.container.privileged,
         idmap=_probe_idmap(config),
-        isolated=not config.container.privileged,  # as every step's container (steps.container_spec)
     )
     try:
         lxd.create_container(spec)
@@ -430,7 +428,7 @@ def probe_container_check(config: Config, lxd: Lxd, store: Store | None) -> Chec
     problem = _delete_probe(lxd, name)
     if problem:
         return fail("lxd container", f"created and started {name}{problem}", "check LXD's log")
-    mapped = " privileged" if spec.privileged else (" isolated" + (" with raw.idmap" if spec.idmap else ""))
+    mapped = " with raw.idmap" if spec.idmap else (" privileged" if spec.privileged else "")
     return ok("lxd container", f"created, started{mapped} and deleted {name} from {image.describe()}")
 
 
@@ -502,37 +500,6 @@ def idmap_check(config: Config) -> CheckResult:
             f"echo root:{uid}:1 >> {SUBUID}; echo root:{gid}:1 >> {SUBGID}; then restart LXD",
         )
     return ok("idmap", f"root may map {uid}:{gid} ({user}) into containers ({SUBUID}, {SUBGID})")
-
-
-ISOLATED_RANGE = 65536  # host ids LXD gives each container with security.idmap.isolated (security.idmap.size)
-
-
-def _root_range(path: Path) -> int:
-    """The size of root's largest range in `path` (subuid/subgid); 0 when there is none."""
-    try:
-        lines = path.read_text().splitlines()
-    except OSError:
-        return 0
-    entries = (line.strip().split(":") for line in lines)
-    sizes = [int(e[2]) for e in entries if len(e) == 3 and e[0] in ("root", "0") and e[1].isdigit() and e[2].isdigit()]
-    return max(sizes, default=0)
-
-
-def isolated_ids_check(config: Config) -> CheckResult:
-    if config.container.privileged:
-        return ok("isolated ids", "container.privileged is true: containers have no id range of their own")
-    # LXD keeps the range's first block for containers without isolation (measured: the first isolated
-    # container's base was the range's start + 65536).
-    fit = min(_root_range(path) for path in (SUBUID, SUBGID)) // ISOLATED_RANGE - 1
-    if fit < 2:  # a warning: LXD reads its own host's files (the probe container above is the proof)
-        return warn(
-            "isolated ids",
-            f"root's ranges in {SUBUID} and {SUBGID} hold {max(fit, 0)} container id range(s) of {ISOLATED_RANGE}: "
-            "every container (templates included) has its own (security.idmap.isolated)",
-            f"on LXD's host: echo root:1000000:1000000000 >> {SUBUID}; echo root:1000000:1000000000 >> {SUBGID}; "
-            "then restart LXD",
-        )
-    return ok("isolated ids", f"root's ranges in {SUBUID} and {SUBGID} hold {fit} id ranges of {ISOLATED_RANGE}")
 
 
 def _current_user() -> str:

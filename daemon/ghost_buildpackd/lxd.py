@@ -3,7 +3,7 @@
 It carries out calls (images by alias or fingerprint, listings, pulls,
 containers, exec) and never decides which image a step uses (`images.py`
 does). LXD's own configuration keys (`raw.idmap`, `security.privileged`,
-`security.idmap.isolated`, `limits.*`, device keys) stay here: callers describe a container with a
+`limits.*`, device keys) stay here: callers describe a container with a
 `ContainerSpec` and read one back as `ContainerDetails`.
 
 Every call has a bounded wait: the HTTP client has a timeout (`lxd.timeout`);
@@ -169,7 +169,7 @@ PROTECTION_KEY = "security.protection.delete"
 REMOVING_OPERATIONS = ("Deleting instance", "Renaming instance")
 
 # Container settings that decide who owns what a command in it writes to a mounted directory.
-OWNERSHIP_KEYS = ("raw.idmap", "security.privileged", "security.idmap.isolated")
+OWNERSHIP_KEYS = ("raw.idmap", "security.privileged")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -212,8 +212,6 @@ class ContainerSpec:
     # Host (uid, gid) mapped into the container as the same ids (the working copy's owner), so that container
     # root may write where it does and hand files back to it.
     idmap: tuple[int, int] | None = None
-    # Container root and every other id map to a host range LXD gives this container alone.
-    isolated: bool = False
     cpu: str | None = None
     memory: int | str | None = None  # bytes, or a share of the host's memory (`20%`)
     disk: int | None = None  # bytes of the root disk, where the storage driver enforces it
@@ -226,12 +224,9 @@ class ContainerSpec:
         config = {key: str(value) for key, value in self.tags.items()}
         if self.privileged:
             config["security.privileged"] = "true"
-        else:
-            if self.isolated:
-                config["security.idmap.isolated"] = "true"
-            if self.idmap:
-                uid, gid = self.idmap
-                config["raw.idmap"] = f"uid {uid} {uid}\ngid {gid} {gid}"
+        elif self.idmap:
+            uid, gid = self.idmap
+            config["raw.idmap"] = f"uid {uid} {uid}\ngid {gid} {gid}"
         if self.cpu:
             config["limits.cpu"] = self.cpu
         if self.memory:

@@ -4,15 +4,12 @@ Why: an unprivileged container's root filesystem is shifted to its id mapping
 before its first start (at creation on `dir`, at the first start on btrfs),
 which rewrites the owner of every file of the image: seconds for a Debian
 image, on every container. A copy of a template needs no unpacking: on a
-copy-on-write pool it is a snapshot, on `dir` a file copy. Unprivileged
-containers have a host id range of their own (`security.idmap.isolated`), so
-LXD shifts the copy from the template's range to its own at its first start
-(measured on `dir` with the Debian image: 1.3 s for a copy and start without
-the shift, 1.8 s with it); a privileged copy needs none.
+copy-on-write pool it is a snapshot, on `dir` a file copy, with nothing left
+to shift.
 
 A template is reusable by containers that share what the copy depends on:
-the image, the id mapping (privileged, isolated, the host ids mapped as
-themselves), the profiles (so the pool) and the root disk's size; its name
+the image, the id mapping (privileged, or the host ids mapped as themselves),
+the profiles (so the pool) and the root disk's size; its name
 says so (`template_name`). It is made under a temporary name, started once,
 stopped and renamed, so a template under its own name is always complete.
 A build's container, once its image is published, holds exactly that image's
@@ -74,7 +71,8 @@ class TemplateUnusable(Exception):
 
 def template_name(spec: ContainerSpec) -> str:
     """`gbp-tpl-<image>-<crc>`: the crc covers everything a copy must share with its template."""
-    key = f"{spec.image}|{spec.privileged}|{spec.idmap}|{spec.isolated}|{','.join(spec.profiles)}|{spec.disk}"
+    # `owner-as-itself`: templates of the earlier mapping (container root was the owner) are not reused.
+    key = f"{spec.image}|{spec.privileged}|{spec.idmap}|owner-as-itself|{','.join(spec.profiles)}|{spec.disk}"
     return f"gbp-tpl-{spec.image[:12]}-{zlib.crc32(key.encode()):08x}"
 
 
@@ -86,7 +84,6 @@ def template_spec(spec: ContainerSpec, name: str) -> ContainerSpec:
         tags=template_tags(spec.image),
         privileged=spec.privileged,
         idmap=spec.idmap,
-        isolated=spec.isolated,
         disk=spec.disk,
         profiles=spec.profiles,
         protected=True,  # deleted only through `_remove_template`, which honours copies in flight

@@ -198,10 +198,16 @@ def container_spec(
     """The container for this step, shaped by `container.*` in the config.
 
     Who its processes are on this host: unprivileged, container root and
-    every other id are a host range LXD gives this container alone
-    (`security.idmap.isolated`), so no two containers, of one app or of two,
-    share a host id; only `idmap` (the working copy's owner) is mapped as
-    itself, never root's. Privileged, container root is host root.
+    every other id are in LXD's map of root's subordinate ids (container root
+    is host uid 100000 with Debian's package: neither host root nor Ghost's
+    user); only `idmap` (the working copy's owner) is mapped as itself, never
+    root's. Privileged, container root is host root.
+
+    Not `security.idmap.isolated` (a range per container): LXD 5.0.2 gives a
+    container started while another isolated one is being created a range
+    outside root's subordinate ids (base 65536: "newuidmap ... not allowed"),
+    seen on 4 starts of one parallel test run; and every copy of a template
+    would be shifted anew.
     """
     settings = ctx.config.container
     if idmap is not None and not settings.privileged:
@@ -212,7 +218,6 @@ def container_spec(
         tags=step_tags(ctx),
         privileged=settings.privileged,
         idmap=None if settings.privileged else idmap,
-        isolated=not settings.privileged,
         cpu=settings.limits.cpu,
         memory=settings.limits.memory,
         disk=settings.limits.disk,
