@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import subprocess
@@ -18,17 +19,30 @@ from structlog.testing import capture_logs
 
 from ghost_buildpackd.client import run_buildpack
 from ghost_buildpackd.config import Config
+from ghost_buildpackd.daemon import Daemon
 from ghost_buildpackd.events import Intake
 from ghost_buildpackd.ghost import BadDocument
 from ghost_buildpackd.logs import get_logger
 from ghost_buildpackd.lxd import Lxd
-from ghost_buildpackd.model import CANCELLED, DEPLOY, READY, RUNNING, SKIPPED, SUCCEEDED, Actor, next_state, step_id
-from ghost_buildpackd.steps import StepContext, StepFailed, container_name, deploy, run_after_outcome
+from ghost_buildpackd.model import (
+    CANCELLED,
+    DEPLOY,
+    PREPARING,
+    READY,
+    RUNNING,
+    SKIPPED,
+    SUCCEEDED,
+    Actor,
+    next_state,
+    step_id,
+)
+from ghost_buildpackd.runner import Bodies
+from ghost_buildpackd.steps import Outcome, StepContext, StepFailed, container_name, deploy, run_after_outcome
 from ghost_buildpackd.store import Store
 from ghost_buildpackd.sweep import sweep_orphans
 from tests.conftest import WORKING_COPY_IDS, leftover_containers
 from tests.support.ghost import b64, make_app, make_job, module_doc, set_status
-from tests.support.steps import deploy_context, finish_preparation
+from tests.support.steps import deploy_context, finish_preparation, terminal_step
 from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.lxd  # every test here drives the real LXD
@@ -533,6 +547,48 @@ def test_deploy_ended_before_the_request_intake_cancels_the_step_and_the_sweep_i
     result = run_buildpack(db, job_id, "app", timeout=5, poll_interval=0.1, host=config.host_name)
     assert result.state == CANCELLED and not result.ok
     assert leftover_containers(lxd, db) == []
+
+
+def test_a_deploy_that_ends_while_its_step_is_prepared_cancels_the_step_and_removes_its_container(
+    make_config: Callable[..., Config], store: Store, lxd: Lxd, db: Database, image_alias: str, lxd_cleanup
+) -> None:
+    """Ghost's worker fails the deploy within a second of its start, while the daemon (on change streams, no
+    safety scan within the test) launches the module's container: the job's end wins over the preparation."""
+    # A long lease: no renewal tells the holder of the cancellation before its preparation ends, as in the field.
+    config = make_config(lease_ttl="300s", events={"mode": "change_stream", "rescan_interval": "1h"})
+    prepared, go_on = threading.Event(), threading.Event()
+
+    def prepare_then_hold(ctx: StepContext) -> Outcome:
+        outcome = deploy.prepare(ctx)
+        prepared.set()
+        go_on.wait(120)
+        return outcome
+
+    bodies = dataclasses.replace(Bodies.default(), prepare_deploy=prepare_then_hold)
+    daemon = Daemon(config.with_instance_id(), store, lxd, bodies=bodies)
+    assert daemon.mode == "change_stream"
+    thread = threading.Thread(target=daemon.run, daemon=True)
+    thread.start()
+    try:
+        job_id = deploy_job(db, image_alias, [module_doc("app", "/srv/app", "touch made")])
+        sid = step_id(job_id, DEPLOY, "app")
+        assert prepared.wait(120), "the preparation did not launch the container"
+        container = store.get_step(sid).container
+        assert container and leftover_containers(lxd, db) == [container]
+        set_status(db, job_id, "failed")
+        wait_until(lambda: store.get_step(sid).cancel_requested, 30, "the daemon to read the job's end")
+        assert store.get_step(sid).state == PREPARING  # the end came while the container was prepared
+        go_on.set()
+        step = wait_until(lambda: terminal_step(store, sid), 60, "the step to end")
+        assert (step.state, step.message) == (CANCELLED, "deploy job ended (failed), before the script ran")
+        wait_until(lambda: leftover_containers(lxd, db) == [], 60, "the prepared container to be removed")
+    finally:
+        go_on.set()
+        daemon.request_stop()
+        thread.join(120)
+    assert not thread.is_alive()
+    result = run_buildpack(db, job_id, "app", timeout=5, poll_interval=0.1, host=config.host_name)
+    assert result.state == CANCELLED and not result.ok
 
 
 # --- refused input: nothing runs ---------------------------------------------------------

@@ -56,7 +56,15 @@ from .model import (
     next_state,
 )
 from .policy import LIMITS, Pacer
-from .steps import LeaseLost, Outcome, StepContext, StepFailed, remove_leftovers, run_after_outcome
+from .steps import (
+    LeaseLost,
+    Outcome,
+    StepContext,
+    StepFailed,
+    clean_up_container,
+    remove_leftovers,
+    run_after_outcome,
+)
 from .store import TRANSIENT_ERRORS, Store, short_error
 from .supervise import Supervised
 
@@ -421,8 +429,9 @@ class Runner:
         if held.cancelled and outcome.state != SUCCEEDED:
             outcome = Outcome(CANCELLED, cancelled_message(ctx.step, held.cancelled))
         if outcome.state == READY:
-            self._finish_preparation(ctx)
-            return
+            if self._finish_preparation(ctx):
+                return
+            outcome = self._cancelled_while_preparing(ctx)
         ctx.save(
             outcome.state,
             message=with_job_log_problem(ctx, outcome.message),
@@ -446,13 +455,38 @@ class Runner:
         if ctx.step.kind == BUILDIMAGE and outcome.state == SUCCEEDED and self.on_image_built and ctx.step.app_id:
             self.on_image_built(ctx.step.app_id)
 
-    def _finish_preparation(self, ctx: StepContext) -> None:
-        """Prepared: `ready` and release; if the client asked meanwhile, leave `requested` for a worker."""
-        if self.store.update_step(ctx.step, state=READY, release=True, expect_state=PREPARING) is None:
+    def _finish_preparation(self, ctx: StepContext) -> bool:
+        """Prepared: `ready` and release; if the client asked meanwhile, leave `requested` for a worker.
+
+        False, with nothing written, when a cancellation was asked for meanwhile
+        (the job ended while the container was launched): the caller ends the
+        step. `ready` is written only if nobody asked, so a request the renewer
+        has not seen yet cannot be lost in a released step nobody claims.
+        """
+        prepared = self.store.update_step(
+            ctx.step, state=READY, release=True, expect_state=PREPARING, unless_cancel_requested=True
+        )
+        if prepared is None:
+            fresh = self.store.get_step(ctx.step.id)
+            if fresh is None or fresh.lease_token != ctx.step.lease_token:
+                raise LeaseLost(ctx.step.id)
+            ctx.step = fresh
+            if fresh.cancel_requested:
+                return False
             if self.store.update_step(ctx.step, release=True) is None:
                 raise LeaseLost(ctx.step.id)
             self.wake()
         log.info("step_prepared", container=ctx.step.container)
+        return True
+
+    def _cancelled_while_preparing(self, ctx: StepContext) -> Outcome:
+        """The outcome of a step whose cancellation came while it was prepared; its container goes after it."""
+        container = ctx.step.container
+        if container:
+            ctx.after_outcome.append(lambda: clean_up_container(ctx, container))
+        reason = ctx.step.cancel_reason or "cancellation requested"
+        log.warning("step_cancel_requested", step=ctx.step.id, reason=reason, while_state=ctx.step.state)
+        return Outcome(CANCELLED, cancelled_message(ctx.step, reason))
 
     def _release_for_restart(self, ctx: StepContext) -> None:
         """Shutdown interrupted the step: put it back so the next start (or another instance) resumes it.
