@@ -89,6 +89,22 @@ def is_unavailable(error: BaseException | None) -> bool:
     return any(isinstance(e, unreachable) for e in _causes(error)) or is_shutting_down(error)
 
 
+def raised_by_lxd(error: BaseException | None) -> bool:
+    """Whether LXD failed the call `error` comes from (an API error, a failed operation, a lost connection), as
+    opposed to the daemon refusing its input: `error`, or one it was raised from, is LXD's or this module's.
+
+    Follows `raise ... from` and implicit chaining, but not past `from None`: an error translated into a
+    message for people on purpose (no such image) is the input's fault, not LXD's.
+    """
+    for _ in range(10):
+        if error is None:
+            return False
+        if isinstance(error, LxdError | LXDAPIException | ClientConnectionFailed | requests.RequestException):
+            return True
+        error = error.__cause__ if error.__suppress_context__ else error.__cause__ or error.__context__
+    return False
+
+
 def _is_transient(error: BaseException) -> bool:
     if isinstance(error, requests.ConnectionError | requests.Timeout):
         return True

@@ -37,7 +37,7 @@ from pymongo.errors import PyMongoError
 from .config import Config
 from .ghost import BadDocument
 from .logs import get_logger
-from .lxd import Lxd, LxdUnavailable, is_unavailable
+from .lxd import Lxd, LxdUnavailable, is_unavailable, raised_by_lxd
 from .metrics import MetricsRecorder
 from .model import (
     BUILDIMAGE,
@@ -102,6 +102,11 @@ class Held:
     finishing: bool = False  # its outcome is being recorded, which releases the lease: renewals stop
 
 
+def preparing(ctx: StepContext) -> bool:
+    """Whether the step is a deploy step being prepared ahead of Ghost's request."""
+    return ctx.step.kind == DEPLOY and ctx.step.state == PREPARING
+
+
 def with_job_log_problem(ctx: StepContext, message: str) -> str:
     """The outcome's message, plus why Ghost's job log could not be written (the step went on without it)."""
     problem = ctx._job_log.problem if ctx._job_log is not None else ""
@@ -111,6 +116,14 @@ def with_job_log_problem(ctx: StepContext, message: str) -> str:
 def cancelled_message(step: Step, reason: str) -> str:
     """A cancelled step's message: for a deploy step, whether its script had started."""
     return cancellation(reason, step.state) if step.kind == DEPLOY else reason
+
+
+def unprepared(reason: str) -> Outcome:
+    """A preparation LXD failed: the step waits for Ghost's request without a container, which the run launches
+    (and reports on, if LXD still fails then). Launching ahead only saves time: it never decides the deploy."""
+    return Outcome(
+        READY, f"no container prepared: {reason}; the run launches one when Ghost asks", fields={"container": None}
+    )
 
 
 def failure_outcome(error: Exception) -> Outcome:
@@ -351,7 +364,7 @@ class Runner:
             except LxdUnavailable as error:
                 outages += 1
                 if outages == LIMITS.max_lxd_outages:
-                    return Outcome(FAILED, f"LXD went away {outages} times while this step ran; giving up ({error})")
+                    return self._lxd_gone(ctx, f"LXD went away {outages} times while this step ran ({error})")
                 ctx.log.warning(
                     "lxd_unavailable_step_waits",
                     error=str(error),
@@ -364,8 +377,13 @@ class Runner:
                 if not self.lxd.wait_until_back(error, ctx.abort, LIMITS.lxd_outage_wait):
                     if ctx.abort.is_set():  # shutdown, cancellation or a lost lease: _finish says which
                         return Outcome(FAILED, f"LXD unavailable: {error}")
-                    return Outcome(FAILED, f"LXD did not come back within {LIMITS.lxd_outage_wait:g}s: {error}")
+                    return self._lxd_gone(ctx, f"LXD did not come back within {LIMITS.lxd_outage_wait:g}s: {error}")
                 ctx.save(message="LXD is back; the step starts over")  # fenced: LeaseLost before touching LXD
+
+    @staticmethod
+    def _lxd_gone(ctx: StepContext, reason: str) -> Outcome:
+        """The outcome when LXD stayed away: a preparation leaves the step to the run, anything else fails."""
+        return unprepared(reason) if preparing(ctx) else Outcome(FAILED, reason)
 
     def _run_body(self, held: Held, start_over: bool = False) -> Outcome:
         """The step's outcome; LxdUnavailable when LXD went away, whatever the body made of that."""
@@ -385,6 +403,9 @@ class Runner:
         except Exception as error:
             if is_unavailable(error):
                 raise LxdUnavailable(str(error)) from error
+            if preparing(ctx) and raised_by_lxd(error):
+                ctx.log.warning("deploy_preparation_failed_in_lxd", error=str(error), consequence="launched when asked")
+                return unprepared(f"LXD failed the launch ({error})")
             return failure_outcome(error)
 
     def _dispatch_body(self, ctx: StepContext, start_over: bool) -> Outcome:
@@ -429,7 +450,7 @@ class Runner:
         if held.cancelled and outcome.state != SUCCEEDED:
             outcome = Outcome(CANCELLED, cancelled_message(ctx.step, held.cancelled))
         if outcome.state == READY:
-            if self._finish_preparation(ctx):
+            if self._finish_preparation(ctx, outcome):
                 return
             outcome = self._cancelled_while_preparing(ctx)
         ctx.save(
@@ -455,7 +476,7 @@ class Runner:
         if ctx.step.kind == BUILDIMAGE and outcome.state == SUCCEEDED and self.on_image_built and ctx.step.app_id:
             self.on_image_built(ctx.step.app_id)
 
-    def _finish_preparation(self, ctx: StepContext) -> bool:
+    def _finish_preparation(self, ctx: StepContext, outcome: Outcome) -> bool:
         """Prepared: `ready` and release; if the client asked meanwhile, leave `requested` for a worker.
 
         False, with nothing written, when a cancellation was asked for meanwhile
@@ -464,9 +485,17 @@ class Runner:
         has not seen yet cannot be lost in a released step nobody claims.
         """
         prepared = self.store.update_step(
-            ctx.step, state=READY, release=True, expect_state=PREPARING, unless_cancel_requested=True
+            ctx.step,
+            state=READY,
+            release=True,
+            expect_state=PREPARING,
+            unless_cancel_requested=True,
+            message=outcome.message,
+            **dict(outcome.fields),
         )
-        if prepared is None:
+        if prepared is not None:
+            ctx.step = prepared
+        else:
             fresh = self.store.get_step(ctx.step.id)
             if fresh is None or fresh.lease_token != ctx.step.lease_token:
                 raise LeaseLost(ctx.step.id)
@@ -476,7 +505,7 @@ class Runner:
             if self.store.update_step(ctx.step, release=True) is None:
                 raise LeaseLost(ctx.step.id)
             self.wake()
-        log.info("step_prepared", container=ctx.step.container)
+        log.info("step_prepared", container=ctx.step.container, message=outcome.message)
         return True
 
     def _cancelled_while_preparing(self, ctx: StepContext) -> Outcome:
