@@ -435,7 +435,7 @@ def test_a_deploy_failing_within_a_second_of_its_start_leaves_its_step_cancelled
         )
         run = deploy(ghost, app)
         job_id = run.job["_id"]
-        assert run.job["status"] == "failed", run.log
+        assert run.job["status"] == "failed", run.output + run.log
         cancelled = ["cancelled"]
         wait_until(
             lambda: [s["state"] for s in container_steps(ghost, job_id)] == cancelled, 60, "the step to be cancelled"
