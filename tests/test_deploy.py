@@ -555,13 +555,22 @@ def test_deploy_ended_before_the_request_intake_cancels_the_step_and_the_sweep_i
     assert leftover_containers(lxd, db) == []
 
 
+@pytest.mark.parametrize("told_by_renewal", [False, True], ids=["before-any-renewal", "at-a-renewal"])
 def test_a_deploy_that_ends_while_its_step_is_prepared_cancels_the_step_and_removes_its_container(
-    make_config: Callable[..., Config], store: Store, lxd: Lxd, db: Database, image_alias: str, lxd_cleanup
+    make_config: Callable[..., Config],
+    store: Store,
+    lxd: Lxd,
+    db: Database,
+    image_alias: str,
+    lxd_cleanup,
+    told_by_renewal: bool,
 ) -> None:
     """Ghost's worker fails the deploy within a second of its start, while the daemon (on change streams, no
-    safety scan within the test) launches the module's container: the job's end wins over the preparation."""
-    # A long lease: no renewal tells the holder of the cancellation before its preparation ends, as in the field.
-    config = make_config(lease_ttl="300s", events={"mode": "change_stream", "rescan_interval": "1h"})
+    safety scan within the test) launches the module's container: the job's end wins over the preparation,
+    whether the holder hears of it at a lease renewal or only when it would release the step ready."""
+    # A long lease: no renewal tells the holder before its preparation ends, as in the field (renewals every 10 s).
+    lease = "3s" if told_by_renewal else "300s"
+    config = make_config(lease_ttl=lease, events={"mode": "change_stream", "rescan_interval": "1h"})
     prepared, go_on = threading.Event(), threading.Event()
 
     def prepare_then_hold(ctx: StepContext) -> Outcome:
@@ -574,24 +583,31 @@ def test_a_deploy_that_ends_while_its_step_is_prepared_cancels_the_step_and_remo
     daemon = Daemon(config.with_instance_id(), store, lxd, bodies=bodies)
     assert daemon.mode == "change_stream"
     thread = threading.Thread(target=daemon.run, daemon=True)
-    thread.start()
-    try:
-        job_id = deploy_job(db, image_alias, [module_doc("app", "/srv/app", "touch made")])
-        sid = step_id(job_id, DEPLOY, "app")
-        assert prepared.wait(120), "the preparation did not launch the container"
-        container = store.get_step(sid).container
-        assert container and leftover_containers(lxd, db) == [container]
-        set_status(db, job_id, "failed")
-        wait_until(lambda: store.get_step(sid).cancel_requested, 30, "the daemon to read the job's end")
-        assert store.get_step(sid).state == PREPARING  # the end came while the container was prepared
-        go_on.set()
-        step = wait_until(lambda: terminal_step(store, sid), 60, "the step to end")
-        assert (step.state, step.message) == (CANCELLED, "deploy job ended (failed), before the script ran")
-        wait_until(lambda: leftover_containers(lxd, db) == [], 60, "the prepared container to be removed")
-    finally:
-        go_on.set()
-        daemon.request_stop()
-        thread.join(120)
+    with capture_logs() as logs:
+        thread.start()
+        try:
+            job_id = deploy_job(db, image_alias, [module_doc("app", "/srv/app", "touch made")])
+            sid = step_id(job_id, DEPLOY, "app")
+            assert prepared.wait(120), "the preparation did not launch the container"
+            container = store.get_step(sid).container
+            assert container and leftover_containers(lxd, db) == [container]
+            set_status(db, job_id, "failed")
+            wait_until(lambda: store.get_step(sid).cancel_requested, 30, "the daemon to read the job's end")
+            assert store.get_step(sid).state == PREPARING  # the end came while the container was prepared
+            if told_by_renewal:
+                wait_until(
+                    lambda: any(entry["event"] == "step_cancel_requested" for entry in list(logs)),
+                    30,
+                    "a renewal to tell the holder",
+                )
+            go_on.set()
+            step = wait_until(lambda: terminal_step(store, sid), 60, "the step to end")
+            assert (step.state, step.message) == (CANCELLED, "deploy job ended (failed), before the script ran")
+            wait_until(lambda: leftover_containers(lxd, db) == [], 60, "the prepared container to be removed")
+        finally:
+            go_on.set()
+            daemon.request_stop()
+            thread.join(120)
     assert not thread.is_alive()
     result = run_buildpack(db, job_id, "app", timeout=5, poll_interval=0.1, host=config.host_name)
     assert result.state == CANCELLED and not result.ok

@@ -447,12 +447,12 @@ class Runner:
         if held.shutting_down and outcome.state != SUCCEEDED:
             self._release_for_restart(ctx)
             return
-        if held.cancelled and outcome.state != SUCCEEDED:
-            outcome = Outcome(CANCELLED, cancelled_message(ctx.step, held.cancelled))
         if outcome.state == READY:
-            if self._finish_preparation(ctx, outcome):
+            if not held.cancelled and self._finish_preparation(ctx, outcome):
                 return
-            outcome = self._cancelled_while_preparing(ctx)
+            outcome = self._cancelled_while_preparing(ctx, held.cancelled)
+        elif held.cancelled and outcome.state != SUCCEEDED:
+            outcome = Outcome(CANCELLED, cancelled_message(ctx.step, held.cancelled))
         ctx.save(
             outcome.state,
             message=with_job_log_problem(ctx, outcome.message),
@@ -508,11 +508,14 @@ class Runner:
         log.info("step_prepared", container=ctx.step.container, message=outcome.message)
         return True
 
-    def _cancelled_while_preparing(self, ctx: StepContext) -> Outcome:
-        """The outcome of a step whose cancellation came while it was prepared; its container goes after it."""
+    def _cancelled_while_preparing(self, ctx: StepContext, seen: str) -> Outcome:
+        """The outcome of a step whose cancellation came while it was prepared (`seen` at a renewal, else found
+        when `ready` was refused); the container launched for it goes once the outcome is recorded."""
         container = ctx.step.container
         if container:
             ctx.after_outcome.append(lambda: clean_up_container(ctx, container))
+        if seen:
+            return Outcome(CANCELLED, cancelled_message(ctx.step, seen))
         reason = ctx.step.cancel_reason or "cancellation requested"
         log.warning("step_cancel_requested", step=ctx.step.id, reason=reason, while_state=ctx.step.state)
         return Outcome(CANCELLED, cancelled_message(ctx.step, reason))
