@@ -29,6 +29,7 @@ from ghost_buildpackd.lxd import Lxd
 from ghost_buildpackd.model import (
     CANCELLED,
     DEPLOY,
+    FAILED,
     PENDING,
     PREPARING,
     READY,
@@ -697,6 +698,17 @@ def test_lxd_away_longer_than_the_outage_wait_leaves_a_prepared_step_requestable
     assert result.state == SUCCEEDED, result
     assert (module_dir / "made").exists()
     assert leftover_containers(lxd, db) == []
+
+
+def test_a_preparation_refused_for_its_input_still_fails_the_step_at_once(
+    make_config: Callable[..., Config], store: Store, lxd: Lxd, db: Database, lxd_cleanup
+) -> None:
+    """Only LXD's failures leave the step to the run: an image that does not exist fails it before Ghost asks."""
+    config = make_config().with_instance_id()
+    job_id = deploy_job(db, "gbp-test-deploy-no-such-image", [module_doc("app", "/srv/app", "touch made")])
+    step = prepared_by_runner(config, store, lxd, job_id, "app")
+    assert step.state == FAILED, step
+    assert "LXD image 'gbp-test-deploy-no-such-image' does not exist on this host" in step.message
 
 
 # --- refused input: nothing runs ---------------------------------------------------------
