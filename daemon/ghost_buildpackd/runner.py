@@ -403,7 +403,8 @@ class Runner:
         except Exception as error:
             if is_unavailable(error):
                 raise LxdUnavailable(str(error)) from error
-            if preparing(ctx) and raised_by_lxd(error):
+            # LXD's own error, not a verdict of the body (StepFailed: no such image, a readiness probe that hangs).
+            if preparing(ctx) and not isinstance(error, StepFailed | BadDocument) and raised_by_lxd(error):
                 ctx.log.warning("deploy_preparation_failed_in_lxd", error=str(error), consequence="launched when asked")
                 return unprepared(f"LXD failed the launch ({error})")
             return failure_outcome(error)
