@@ -90,19 +90,10 @@ def is_unavailable(error: BaseException | None) -> bool:
 
 
 def raised_by_lxd(error: BaseException | None) -> bool:
-    """Whether LXD failed the call `error` comes from (an API error, a failed operation, a lost connection), as
-    opposed to the daemon refusing its input: `error`, or one it was raised from, is LXD's or this module's.
-
-    Follows `raise ... from` and implicit chaining, but not past `from None`: an error translated into a
-    message for people on purpose (no such image) is the input's fault, not LXD's.
-    """
-    for _ in range(10):
-        if error is None:
-            return False
-        if isinstance(error, LxdError | LXDAPIException | ClientConnectionFailed | requests.RequestException):
-            return True
-        error = error.__cause__ if error.__suppress_context__ else error.__cause__ or error.__context__
-    return False
+    """Whether LXD failed the call `error` comes from (an API error, a failed operation, a lost connection):
+    `error`, or an error it was raised from or while handling, is LXD's or this module's."""
+    failures = (LxdError, LXDAPIException, ClientConnectionFailed, requests.RequestException)
+    return any(isinstance(e, failures) for e in _causes(error))
 
 
 def _is_transient(error: BaseException) -> bool:
