@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import subprocess
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -16,19 +18,38 @@ from bson import ObjectId
 from pymongo.database import Database
 from structlog.testing import capture_logs
 
+from ghost_buildpackd import runner as runner_module
 from ghost_buildpackd.client import run_buildpack
 from ghost_buildpackd.config import Config
+from ghost_buildpackd.daemon import Daemon
 from ghost_buildpackd.events import Intake
 from ghost_buildpackd.ghost import BadDocument
 from ghost_buildpackd.logs import get_logger
 from ghost_buildpackd.lxd import Lxd
-from ghost_buildpackd.model import CANCELLED, DEPLOY, READY, RUNNING, SKIPPED, SUCCEEDED, Actor, next_state, step_id
-from ghost_buildpackd.steps import StepContext, StepFailed, container_name, deploy, run_after_outcome
+from ghost_buildpackd.model import (
+    CANCELLED,
+    DEPLOY,
+    FAILED,
+    PENDING,
+    PREPARING,
+    READY,
+    RUNNING,
+    SKIPPED,
+    SUCCEEDED,
+    Actor,
+    next_state,
+    step_id,
+)
+from ghost_buildpackd.policy import LIMITS
+from ghost_buildpackd.runner import Bodies, Runner
+from ghost_buildpackd.steps import Outcome, StepContext, StepFailed, container_name, deploy, run_after_outcome
 from ghost_buildpackd.store import Store
 from ghost_buildpackd.sweep import sweep_orphans
 from tests.conftest import WORKING_COPY_IDS, leftover_containers
 from tests.support.ghost import b64, make_app, make_job, module_doc, set_status
-from tests.support.steps import deploy_context, finish_preparation
+from tests.support.lxd_relay import LxdRelay
+from tests.support.profiles import delete_profile
+from tests.support.steps import deploy_context, finish_preparation, terminal_step
 from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.lxd  # every test here drives the real LXD
@@ -533,6 +554,161 @@ def test_deploy_ended_before_the_request_intake_cancels_the_step_and_the_sweep_i
     result = run_buildpack(db, job_id, "app", timeout=5, poll_interval=0.1, host=config.host_name)
     assert result.state == CANCELLED and not result.ok
     assert leftover_containers(lxd, db) == []
+
+
+@pytest.mark.parametrize("told_by_renewal", [False, True], ids=["before-any-renewal", "at-a-renewal"])
+def test_a_deploy_that_ends_while_its_step_is_prepared_cancels_the_step_and_removes_its_container(
+    make_config: Callable[..., Config],
+    store: Store,
+    lxd: Lxd,
+    db: Database,
+    image_alias: str,
+    lxd_cleanup,
+    told_by_renewal: bool,
+) -> None:
+    """Ghost's worker fails the deploy within a second of its start, while the daemon (on change streams, no
+    safety scan within the test) launches the module's container: the job's end wins over the preparation,
+    whether the holder hears of it at a lease renewal or only when it would release the step ready."""
+    # A long lease: no renewal tells the holder before its preparation ends, as in the field (renewals every 10 s).
+    lease = "3s" if told_by_renewal else "300s"
+    config = make_config(lease_ttl=lease, events={"mode": "change_stream", "rescan_interval": "1h"})
+    prepared, go_on = threading.Event(), threading.Event()
+
+    def prepare_then_hold(ctx: StepContext) -> Outcome:
+        outcome = deploy.prepare(ctx)
+        prepared.set()
+        go_on.wait(120)
+        return outcome
+
+    bodies = dataclasses.replace(Bodies.default(), prepare_deploy=prepare_then_hold)
+    daemon = Daemon(config.with_instance_id(), store, lxd, bodies=bodies)
+    assert daemon.mode == "change_stream"
+    thread = threading.Thread(target=daemon.run, daemon=True)
+    with capture_logs() as logs:
+        thread.start()
+        try:
+            job_id = deploy_job(db, image_alias, [module_doc("app", "/srv/app", "touch made")])
+            sid = step_id(job_id, DEPLOY, "app")
+            assert prepared.wait(120), "the preparation did not launch the container"
+            container = store.get_step(sid).container
+            assert container and leftover_containers(lxd, db) == [container]
+            set_status(db, job_id, "failed")
+            wait_until(lambda: store.get_step(sid).cancel_requested, 30, "the daemon to read the job's end")
+            assert store.get_step(sid).state == PREPARING  # the end came while the container was prepared
+            if told_by_renewal:
+                wait_until(
+                    lambda: any(entry["event"] == "step_cancel_requested" for entry in list(logs)),
+                    30,
+                    "a renewal to tell the holder",
+                )
+            go_on.set()
+            step = wait_until(lambda: terminal_step(store, sid), 60, "the step to end")
+            assert (step.state, step.message) == (CANCELLED, "deploy job ended (failed), before the script ran")
+            wait_until(lambda: leftover_containers(lxd, db) == [], 60, "the prepared container to be removed")
+        finally:
+            go_on.set()
+            daemon.request_stop()
+            thread.join(120)
+    assert not thread.is_alive()
+    result = run_buildpack(db, job_id, "app", timeout=5, poll_interval=0.1, host=config.host_name)
+    assert result.state == CANCELLED and not result.ok
+
+
+# --- LXD failing a preparation: the step waits for Ghost's request all the same --------------------------
+
+
+def prepared_by_runner(config: Config, store: Store, lxd: Lxd, job_id: ObjectId, module: str) -> Any:
+    """The step of `module` once a runner on `lxd` prepared it (or ended it); the runner stopped again."""
+    sid = step_id(job_id, DEPLOY, module)
+    store.create_step(job_id, DEPLOY, module, app_id=store.get_job(job_id)["app_id"])
+    running = Runner(config, store, lxd)
+    running.start()
+    try:
+        return wait_until(
+            lambda: (found := store.get_step(sid)).owner is None and found.state != PENDING and found,
+            180,
+            "the preparation to end",
+        )
+    finally:
+        running.stop(grace=20)
+
+
+def run_on_request(config: Config, store: Store, lxd: Lxd, db: Database, job_id: ObjectId, module: str) -> Any:
+    """Ghost's request for the module's buildpack, served by a runner on `lxd`: the client's result."""
+    running = Runner(config, store, lxd)
+    running.start()
+    try:
+        return run_buildpack(db, job_id, module, timeout=180, poll_interval=0.1, host=config.host_name)
+    finally:
+        running.stop(grace=20)
+
+
+def test_lxd_refusing_the_container_ahead_leaves_the_step_requestable_and_the_run_launches_it(
+    make_config: Callable[..., Config], store: Store, lxd: Lxd, db: Database, image_alias: str, ghost_dirs, lxd_cleanup
+) -> None:
+    """LXD refuses the container while the step is prepared (a profile it names is away for a moment, as while
+    an operator recreates it): nothing is left in LXD, and the run Ghost asks for later launches one."""
+    profile = f"gbp-test-{uuid.uuid4().hex[:10]}"
+    # No template containers: none may be left using the profile the test removes.
+    config = make_config(container={"profiles": [profile], "templates": 0}).with_instance_id()
+    job_id = deploy_job(db, image_alias, [module_doc("app", "/srv/app", "touch made")])
+    module_dir = working_copy(ghost_dirs["root"], "app")
+    try:
+        step = prepared_by_runner(config, store, lxd, job_id, "app")
+        assert step.state == READY, step
+        assert (
+            step.container is None and "LXD failed the launch" in step.message and "Profile not found" in step.message
+        )
+        assert leftover_containers(lxd, db) == []
+        lxd.client.profiles.create(profile, config={}, devices={})
+        result = run_on_request(config, store, lxd, db, job_id, "app")
+    finally:
+        delete_profile(lxd, profile)
+    assert result.state == SUCCEEDED, result
+    assert (module_dir / "made").exists()
+    assert leftover_containers(lxd, db) == []
+
+
+def test_lxd_away_longer_than_the_outage_wait_leaves_a_prepared_step_requestable(
+    make_config: Callable[..., Config],
+    store: Store,
+    lxd: Lxd,
+    db: Database,
+    image_alias: str,
+    ghost_dirs,
+    lxd_cleanup,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The preparing runner's LXD goes away (the socket it reaches LXD through stops) for longer than it waits;
+    LXD is there again when Ghost asks: the run launches the container."""
+    monkeypatch.setattr(runner_module, "LIMITS", dataclasses.replace(LIMITS, lxd_outage_wait=2.0))
+    config = make_config().with_instance_id()
+    relay = LxdRelay(tmp_path / "lxd.socket")
+    away = Lxd(dataclasses.replace(config.lxd, endpoint=relay.endpoint, timeout=2.0))
+    relay.stop()
+    job_id = deploy_job(db, image_alias, [module_doc("app", "/srv/app", "touch made")])
+    module_dir = working_copy(ghost_dirs["root"], "app")
+
+    step = prepared_by_runner(config, store, away, job_id, "app")
+    assert step.state == READY, step
+    assert step.container is None and "LXD did not come back within 2s" in step.message
+
+    result = run_on_request(config, store, lxd, db, job_id, "app")
+    assert result.state == SUCCEEDED, result
+    assert (module_dir / "made").exists()
+    assert leftover_containers(lxd, db) == []
+
+
+def test_a_preparation_refused_for_its_input_still_fails_the_step_at_once(
+    make_config: Callable[..., Config], store: Store, lxd: Lxd, db: Database, lxd_cleanup
+) -> None:
+    """Only LXD's failures leave the step to the run: an image that does not exist fails it before Ghost asks."""
+    config = make_config().with_instance_id()
+    job_id = deploy_job(db, "gbp-test-deploy-no-such-image", [module_doc("app", "/srv/app", "touch made")])
+    step = prepared_by_runner(config, store, lxd, job_id, "app")
+    assert step.state == FAILED, step
+    assert "LXD image 'gbp-test-deploy-no-such-image' does not exist on this host" in step.message
 
 
 # --- refused input: nothing runs ---------------------------------------------------------

@@ -717,6 +717,39 @@ def test_lxd_restart_during_a_buildpack_runs_it_again_in_a_new_container(
 
 
 @pytest.mark.slow
+def test_lxd_restart_while_a_deploy_step_is_prepared_leaves_it_requestable_and_the_run_succeeds(
+    db, store, lxd, base_image, ghost_dirs, daemons
+):
+    """LXD is restarted once the module's container launched ahead exists in LXD (made from the image: no
+    template, the longest launch): whatever LXD made of the launch, the step waits for Ghost's request, and the
+    run succeeds."""
+    app = deploy_app(db, base_image, "echo buildpack done")
+    working_copy(ghost_dirs["root"])
+    process = daemons(container={"templates": 0}).start()
+    job = make_job(db, app, command="deploy", modules=["api"])
+    sid = step_id(job, "deploy", "api")
+    set_status(db, job, "started")
+    wait_until(lambda: leftover_containers(lxd, db), 60, "the container's launch under way", interval=0.01)
+    try:
+        lxd_service.stop(LXD_STOP_GRACE)
+    finally:
+        lxd_service.start()
+    prepared = wait_until(
+        lambda: (step := store.get_step(sid)).owner is None and step.state not in ("pending", "preparing") and step,
+        180,
+        "the preparation to end",
+    )
+    assert prepared.state == "ready", prepared.message
+    result = Client(db, job).outcome()
+
+    assert result.state == SUCCEEDED, result
+    assert "buildpack done" in result.output_tail
+    assert process.alive()
+    set_status(db, job, "done")
+    assert_nothing_left(lxd, db, store)
+
+
+@pytest.mark.slow
 def test_lxd_restart_during_a_buildimage_hook_builds_exactly_one_image(db, store, lxd, base_image, ghost_dirs, daemons):
     tree = ghost_dirs["provisioner_tree"]
     app, process, job = build_held_in_pre_hook(db, base_image, tree, daemons(container=features_config()))

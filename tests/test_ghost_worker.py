@@ -409,6 +409,44 @@ def test_without_a_live_daemon_the_command_exits_69_and_ghosts_job_fails(
     assert not (Path(ghost.ghost_root) / "shop" / "prod" / "web" / "app" / "never").exists()
 
 
+def test_a_deploy_failing_within_a_second_of_its_start_leaves_its_step_cancelled_and_no_container(
+    ghost: GhostWorker,
+    ghost_daemon_config: Path,
+    ghost_lxd_cleanup: None,
+    lxd: Lxd,
+    image_alias: str,
+    base_image: str,
+    tmp_path: Path,
+) -> None:
+    """Ghost fails the deploy at its clone (no such repository) while the daemon launches the module's container
+    ahead: the job's end wins. The daemon runs with the production lease (renewed every 10 s, longer than the
+    preparation) and no safety scan within the test, so only the job's end itself can end the step."""
+    raw = yaml.safe_load(ghost_daemon_config.read_text())
+    raw["lease_ttl"] = "30s"
+    raw.setdefault("events", {})["rescan_interval"] = "1h"
+    ghost_daemon_config.write_text(yaml.safe_dump(raw))
+    with DaemonProcess(ghost_daemon_config, tmp_path / "daemon.log") as process:
+        process.wait_ready()
+        app = ghost_app(
+            str(tmp_path / "no-such-repo.git"),
+            "touch never\n",
+            base_image,
+            build_infos={"container_image": image_alias},
+        )
+        run = deploy(ghost, app)
+        job_id = run.job["_id"]
+        assert run.job["status"] == "failed", run.output + run.log
+        cancelled = ["cancelled"]
+        wait_until(
+            lambda: [s["state"] for s in container_steps(ghost, job_id)] == cancelled, 60, "the step to be cancelled"
+        )
+        (step,) = container_steps(ghost, job_id)
+        assert step["message"] == "deploy job ended (failed), before the script ran"
+        assert process.saw("container_creating", job_id=str(job_id)), "the container was not launched ahead"
+        wait_until(lambda: leftover_containers(lxd, ghost.db) == [], 60, "the prepared container to be removed")
+        assert process.alive()
+
+
 def test_a_committed_build_pack_file_wins_over_the_stored_script_in_the_container(
     ghost: GhostWorker, git_repo: Callable[..., str], daemon: DaemonProcess, image_alias: str, base_image: str
 ) -> None:

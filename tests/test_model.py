@@ -8,6 +8,7 @@ shutdown's rows. Then a fenced outcome retried after a lost acknowledgement.
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -15,6 +16,7 @@ from typing import Any
 import pytest
 from pymongo.errors import AutoReconnect
 
+from ghost_buildpackd.events import Intake
 from ghost_buildpackd.model import (
     ACTIVE,
     BUILDIMAGE,
@@ -40,7 +42,7 @@ from ghost_buildpackd.model import (
 from ghost_buildpackd.runner import Bodies, Runner
 from ghost_buildpackd.steps import Outcome, StepContext, StepFailed
 from ghost_buildpackd.store import FREE_LEASE, Store
-from tests.support.ghost import make_app, make_job
+from tests.support.ghost import make_app, make_job, set_status
 from tests.support.waiting import wait_until
 
 HOST = "host-a"
@@ -317,6 +319,76 @@ def test_shutdown_leaves_a_request_made_during_preparation(db, store, make_confi
     # The dispatcher may still claim the step once as it stops, and then releases it.
     step = wait_until(lambda: (found := store.get_step(sid)).owner is None and found, 10, "the lease released")
     assert step.state == REQUESTED, "the request must survive the shutdown"
+
+
+# --- a job's end wins over a preparation in flight ---------------------------------------------
+
+
+class FinishesPreparationAfter:
+    """The steps collection, except that once the intake made `writes` multi-step writes (cancel_job_steps makes
+    them), `finish` runs: the held preparation ends, its writes landing between the intake's."""
+
+    def __init__(self, collection: Any, writes: int, finish: Callable[[], None]):
+        self.collection = collection
+        self.writes = writes
+        self.finish = finish
+        self.intake = threading.get_ident()  # the test's thread plays the intake; the runner has its own
+        self.made = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.collection, name)
+
+    def update_many(self, *args: Any, **kwargs: Any) -> Any:
+        result = self.collection.update_many(*args, **kwargs)
+        if threading.get_ident() == self.intake:
+            self.made += 1
+            if self.made == self.writes:
+                self.finish()
+        return result
+
+
+@pytest.mark.parametrize("writes_before", [0, 1, 2, 3])
+def test_a_job_end_wins_over_a_preparation_released_between_the_intakes_writes(
+    db, store, make_config, monkeypatch, writes_before
+):
+    """The deploy job ends while its step is prepared; the preparation's `ready` lands before the intake's
+    writes, between them, or after them (before the renewer could tell its holder): the step ends cancelled."""
+    recorder = Recorder(store)
+    monkeypatch.setattr(store, "update_step", recorder)
+    preparing, go_on = threading.Event(), threading.Event()
+
+    def prepare(ctx: StepContext) -> Outcome:
+        preparing.set()
+        assert go_on.wait(30)
+        return Outcome(READY, "prepared")
+
+    config = make_config(lease_ttl="300s", workers=1).with_instance_id()  # no renewal within the test
+    defaults = runner(make_config, store).bodies
+    running = Runner(config, store, lxd=None, bodies=dataclasses.replace(defaults, prepare_deploy=prepare))
+    sid = new_step(store, db, DEPLOY)
+    job = store.get_step(sid).job_id
+
+    def finish_preparation() -> None:
+        go_on.set()
+        wait_until(lambda: sid not in running.in_flight(), 30, "the preparation's writes")
+
+    running.start()
+    try:
+        assert preparing.wait(30), "the preparation did not start"
+        intake = Intake(store, on_new_steps=lambda: None, on_job_ended=lambda _job: None)
+        monkeypatch.setattr(store, "steps", FinishesPreparationAfter(store.steps, writes_before, finish_preparation))
+        if writes_before == 0:
+            finish_preparation()
+        set_status(db, job, "failed")
+        intake.handle_job_id(job)
+        step = wait_until(lambda: (found := store.get_step(sid)).terminal and found, 30, "the step to end")
+    finally:
+        go_on.set()
+        running.stop(grace=5)
+    assert (step.state, step.message) == (StepState.CANCELLED, "deploy job ended (failed), before the script ran")
+    assert step.owner is None
+    for kind, before, after in recorder.moves:
+        assert may_move(Actor.RUNNER, before, after, kind), f"runner moved a {kind} step {before} -> {after}"
 
 
 # --- releasing writes are idempotent -------------------------------------------------------------

@@ -91,6 +91,13 @@ def is_unavailable(error: BaseException | None) -> bool:
     return any(isinstance(e, unreachable) for e in _causes(error)) or is_shutting_down(error)
 
 
+def raised_by_lxd(error: BaseException | None) -> bool:
+    """Whether LXD failed the call `error` comes from (an API error, a failed operation, a lost connection):
+    `error`, or an error it was raised from or while handling, is LXD's or this module's."""
+    failures = (LxdError, LXDAPIException, ClientConnectionFailed, requests.RequestException)
+    return any(isinstance(e, failures) for e in _causes(error))
+
+
 def _is_transient(error: BaseException) -> bool:
     if isinstance(error, requests.ConnectionError | requests.Timeout):
         return True

@@ -101,8 +101,8 @@ TRANSITIONS: tuple[Transition, ...] = (
     ),
     Transition(
         Actor.INTAKE, ACTIVE, CANCELLED, (DEPLOY,),
-        "the deploy (or redeploy) job ended first; only a step nobody holds: a held one is asked "
-        "(cancel_requested) and its runner ends it",
+        "the deploy (or redeploy) job ended first; only a step nobody holds: every one is asked first "
+        "(cancel_requested), so a held one its runner releases meanwhile is cancelled here or by its runner",
     ),
     # --- client: Ghost's worker ---
     Transition(
@@ -129,7 +129,8 @@ TRANSITIONS: tuple[Transition, ...] = (
     ),
     Transition(
         Actor.RUNNER, (PREPARING,), READY, (DEPLOY,),
-        "prepared (or left for the run to launch): the lease is released until Ghost's request",
+        "prepared, or left for the run to launch (nothing to launch ahead, container.max_prepared, LXD failed "
+        "the launch or stayed away): the lease is released until Ghost's request; never once a cancellation was asked",
     ),
     Transition(
         Actor.RUNNER, (REQUESTED, RUNNING), RUNNING, (DEPLOY,),
@@ -140,7 +141,10 @@ TRANSITIONS: tuple[Transition, ...] = (
         Actor.RUNNER, HELD, FAILED, BOTH_KINDS,
         "the body failed, LXD stayed away, or the step used up its attempts",
     ),
-    Transition(Actor.RUNNER, HELD, CANCELLED, BOTH_KINDS, "its holder was asked to cancel it (cancel_requested)"),
+    Transition(
+        Actor.RUNNER, HELD, CANCELLED, BOTH_KINDS,
+        "its holder was asked to cancel it (cancel_requested: seen at a renewal, or instead of releasing it ready)",
+    ),
     Transition(
         Actor.RUNNER, (PREPARING, REQUESTED, RUNNING), SKIPPED, (DEPLOY,), "the module has no such script"
     ),

@@ -42,7 +42,7 @@ from pymongo.errors import PyMongoError
 from .config import Config
 from .ghost import BadDocument
 from .logs import get_logger
-from .lxd import Lxd, LxdUnavailable, is_unavailable
+from .lxd import Lxd, LxdUnavailable, is_unavailable, raised_by_lxd
 from .metrics import MetricsRecorder
 from .model import (
     BUILDIMAGE,
@@ -61,7 +61,15 @@ from .model import (
     next_state,
 )
 from .policy import LIMITS, Pacer
-from .steps import LeaseLost, Outcome, StepContext, StepFailed, remove_leftovers, run_after_outcome
+from .steps import (
+    LeaseLost,
+    Outcome,
+    StepContext,
+    StepFailed,
+    clean_up_container,
+    remove_leftovers,
+    run_after_outcome,
+)
 from .store import TRANSIENT_ERRORS, Store, short_error
 from .supervise import Supervised
 
@@ -107,6 +115,11 @@ class Held:
     finishing: bool = False  # its outcome is being recorded, which releases the lease: renewals stop
 
 
+def preparing(ctx: StepContext) -> bool:
+    """Whether the step is a deploy step being prepared ahead of Ghost's request."""
+    return ctx.step.kind == DEPLOY and ctx.step.state == PREPARING
+
+
 def with_job_log_problem(ctx: StepContext, message: str) -> str:
     """The outcome's message, plus why Ghost's job log could not be written (the step went on without it)."""
     problem = ctx._job_log.problem if ctx._job_log is not None else ""
@@ -116,6 +129,14 @@ def with_job_log_problem(ctx: StepContext, message: str) -> str:
 def cancelled_message(step: Step, reason: str) -> str:
     """A cancelled step's message: for a deploy step, whether its script had started."""
     return cancellation(reason, step.state) if step.kind == DEPLOY else reason
+
+
+def unprepared(reason: str) -> Outcome:
+    """A preparation LXD failed: the step waits for Ghost's request without a container, which the run launches
+    (and reports on, if LXD still fails then). Launching ahead only saves time: it never decides the deploy."""
+    return Outcome(
+        READY, f"no container prepared: {reason}; the run launches one when Ghost asks", fields={"container": None}
+    )
 
 
 def failure_outcome(error: Exception) -> Outcome:
@@ -358,7 +379,7 @@ class Runner:
             except LxdUnavailable as error:
                 outages += 1
                 if outages == LIMITS.max_lxd_outages:
-                    return Outcome(FAILED, f"LXD went away {outages} times while this step ran; giving up ({error})")
+                    return self._lxd_gone(ctx, f"LXD went away {outages} times while this step ran ({error})")
                 ctx.log.warning(
                     "lxd_unavailable_step_waits",
                     error=str(error),
@@ -371,8 +392,13 @@ class Runner:
                 if not self.lxd.wait_until_back(error, ctx.abort, LIMITS.lxd_outage_wait):
                     if ctx.abort.is_set():  # shutdown, cancellation or a lost lease: _finish says which
                         return Outcome(FAILED, f"LXD unavailable: {error}")
-                    return Outcome(FAILED, f"LXD did not come back within {LIMITS.lxd_outage_wait:g}s: {error}")
+                    return self._lxd_gone(ctx, f"LXD did not come back within {LIMITS.lxd_outage_wait:g}s: {error}")
                 ctx.save(message="LXD is back; the step starts over")  # fenced: LeaseLost before touching LXD
+
+    @staticmethod
+    def _lxd_gone(ctx: StepContext, reason: str) -> Outcome:
+        """The outcome when LXD stayed away: a preparation leaves the step to the run, anything else fails."""
+        return unprepared(reason) if preparing(ctx) else Outcome(FAILED, reason)
 
     def _run_body(self, held: Held, start_over: bool = False) -> Outcome:
         """The step's outcome; LxdUnavailable when LXD went away, whatever the body made of that."""
@@ -392,6 +418,10 @@ class Runner:
         except Exception as error:
             if is_unavailable(error):
                 raise LxdUnavailable(str(error)) from error
+            # LXD's own error, not a verdict of the body (StepFailed: no such image, a readiness probe that hangs).
+            if preparing(ctx) and not isinstance(error, StepFailed | BadDocument) and raised_by_lxd(error):
+                ctx.log.warning("deploy_preparation_failed_in_lxd", error=str(error), consequence="launched when asked")
+                return unprepared(f"LXD failed the launch ({error})")
             return failure_outcome(error)
 
     def _dispatch_body(self, ctx: StepContext, start_over: bool) -> Outcome:
@@ -458,11 +488,12 @@ class Runner:
         if held.shutting_down and outcome.state != SUCCEEDED:
             self._release_for_restart(ctx)
             return
-        if held.cancelled and outcome.state != SUCCEEDED:
-            outcome = Outcome(CANCELLED, cancelled_message(ctx.step, held.cancelled))
         if outcome.state == READY:
-            self._finish_preparation(ctx)
-            return
+            if not held.cancelled and self._finish_preparation(ctx, outcome):
+                return
+            outcome = self._cancelled_while_preparing(ctx, held.cancelled)
+        elif held.cancelled and outcome.state != SUCCEEDED:
+            outcome = Outcome(CANCELLED, cancelled_message(ctx.step, held.cancelled))
         ctx.save(
             outcome.state,
             message=with_job_log_problem(ctx, outcome.message),
@@ -486,13 +517,49 @@ class Runner:
         if ctx.step.kind == BUILDIMAGE and outcome.state == SUCCEEDED and self.on_image_built and ctx.step.app_id:
             self.on_image_built(ctx.step.app_id)
 
-    def _finish_preparation(self, ctx: StepContext) -> None:
-        """Prepared: `ready` and release; if the client asked meanwhile, leave `requested` for a worker."""
-        if self.store.update_step(ctx.step, state=READY, release=True, expect_state=PREPARING) is None:
+    def _finish_preparation(self, ctx: StepContext, outcome: Outcome) -> bool:
+        """Prepared: `ready` and release; if the client asked meanwhile, leave `requested` for a worker.
+
+        False, with nothing written, when a cancellation was asked for meanwhile
+        (the job ended while the container was launched): the caller ends the
+        step. `ready` is written only if nobody asked, so a request the renewer
+        has not seen yet cannot be lost in a released step nobody claims.
+        """
+        prepared = self.store.update_step(
+            ctx.step,
+            state=READY,
+            release=True,
+            expect_state=PREPARING,
+            unless_cancel_requested=True,
+            message=outcome.message,
+            **dict(outcome.fields),
+        )
+        if prepared is not None:
+            ctx.step = prepared
+        else:
+            fresh = self.store.get_step(ctx.step.id)
+            if fresh is None or fresh.lease_token != ctx.step.lease_token:
+                raise LeaseLost(ctx.step.id)
+            ctx.step = fresh
+            if fresh.cancel_requested:
+                return False
             if self.store.update_step(ctx.step, release=True) is None:
                 raise LeaseLost(ctx.step.id)
             self.wake()
-        log.info("step_prepared", container=ctx.step.container)
+        log.info("step_prepared", container=ctx.step.container, message=outcome.message)
+        return True
+
+    def _cancelled_while_preparing(self, ctx: StepContext, seen: str) -> Outcome:
+        """The outcome of a step whose cancellation came while it was prepared (`seen` at a renewal, else found
+        when `ready` was refused); the container launched for it goes once the outcome is recorded."""
+        container = ctx.step.container
+        if container:
+            ctx.after_outcome.append(lambda: clean_up_container(ctx, container))
+        if seen:
+            return Outcome(CANCELLED, cancelled_message(ctx.step, seen))
+        reason = ctx.step.cancel_reason or "cancellation requested"
+        log.warning("step_cancel_requested", step=ctx.step.id, reason=reason, while_state=ctx.step.state)
+        return Outcome(CANCELLED, cancelled_message(ctx.step, reason))
 
     def _release_for_restart(self, ctx: StepContext) -> None:
         """Shutdown interrupted the step: put it back so the next start (or another instance) resumes it.

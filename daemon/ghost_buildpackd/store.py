@@ -833,14 +833,18 @@ class Store:
         state: str | None = None,
         release: bool = False,
         expect_state: str | None = None,
+        unless_cancel_requested: bool = False,
         **fields: Any,
     ) -> Step | None:
         """A fenced write: applies only while `step`'s lease token is still the record's.
 
         Terminal states release the lease and stamp `times.finished`; `running`
         stamps `times.started`. With `expect_state`, it also applies only if the
-        state is still that one (the client may have moved it meanwhile).
-        Returns the new record, or None if the lease was lost or the state moved.
+        state is still that one (the client may have moved it meanwhile); with
+        `unless_cancel_requested`, only if nobody asked for the step's
+        cancellation (the holder then ends it instead).
+        Returns the new record, or None if the lease was lost, the state moved
+        or a cancellation was asked for.
 
         A write that sets a state and releases the lease (an outcome, `ready`,
         a release at shutdown) is idempotent: retried after an outage that lost
@@ -861,6 +865,8 @@ class Store:
         query: dict[str, Any] = {"_id": step.id, "lease.token": step.lease_token}
         if expect_state:
             query["state"] = expect_state
+        if unless_cancel_requested:
+            query["cancel_requested"] = {"$ne": True}
         doc = self.steps.find_one_and_update(
             query, {"$set": changes, "$currentDate": stamps}, return_document=ReturnDocument.AFTER
         )
@@ -910,9 +916,19 @@ class Store:
         return self._cancel_active(Actor.INTAKE, {"job_id": job_id, "kind": DEPLOY}, reason)
 
     def _cancel_active(self, actor: Actor, query: dict[str, Any], reason: str) -> int:
-        """Cancel the steps matching `query` that `actor` may cancel and nobody holds; ask the holders of the others."""
+        """Cancel the steps matching `query` that `actor` may cancel and nobody holds; ask the holders of the others.
+
+        The request comes first: a holder that releases its step in between
+        (a preparation done, writing `ready` only if nobody asked) either saw
+        the request and ends the step itself, or released it before, and the
+        step is free for the cancellation that follows. Either way the end wins.
+        """
         states = from_states(actor, CANCELLED, query.get("kind"))
         active = {**query, "state": any_of(states)}
+        self.steps.update_many(
+            active,
+            {"$set": {"cancel_requested": True, "cancel_reason": reason}, "$currentDate": {"updated_at": True}},
+        )
         free = {**query, "lease.expires_at": {"$lt": self.server_now()}}
         cancelled = 0
         for started in (False, True):  # the message says whether the script had started (a running one is stopped)
@@ -926,10 +942,6 @@ class Store:
                     "$currentDate": {"updated_at": True, "times.finished": True},
                 },
             ).modified_count
-        self.steps.update_many(
-            active,
-            {"$set": {"cancel_requested": True, "cancel_reason": reason}, "$currentDate": {"updated_at": True}},
-        )
         return cancelled
 
     @retry_transient
