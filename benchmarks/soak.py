@@ -355,7 +355,9 @@ class Ghost:
     def _copy_path(self, app: SoakApp, module: str) -> Path:
         return self.dirs["root"] / app.name / "prod" / "web" / module
 
-    def _clone(self, app: SoakApp, module: str, job: ObjectId, sleep: float, exit_code: int, rng: Any) -> Path:
+    def _clone(
+        self, app: SoakApp, module: str, job: ObjectId, sleep: float, exit_code: int, rng: random.Random
+    ) -> Path:
         """A fresh working copy, as Ghost's clone makes one; the script reads how long to sleep and how to exit."""
         path = self._copy_path(app, module)
         if path.exists():
@@ -704,6 +706,7 @@ def figures(
         "fault_errors": faults.errors,
         "ghost_errors": ghost.errors,
         "memory": memory,
+        "samples": {name: [list(sample) for sample in samples] for name, samples in sampler.samples.items()},
         "request_seconds": _request_seconds(ghost),
     }
 
@@ -730,15 +733,7 @@ def _lost(ghost: Ghost, steps: dict[str, dict[str, Any]]) -> list[str]:
 
 def _duplicates(site: Site, daemons: dict[str, DaemonProcess], ghost: Ghost) -> tuple[list[str], list[str]]:
     """Visible effects twice (duplicated), and scripts started again after being cut off (reruns)."""
-    duplicated, reruns = [], []
-    for copy in sorted(ghost.archive.iterdir()):
-        runs = _lines(copy / ".soak-runs")
-        if runs.count("done") > 1:
-            duplicated.append(f"{copy.name}: build_pack done {runs.count('done')} times")
-        if runs.count("start") > 1:
-            reruns.append(f"{copy.name}: build_pack started {runs.count('start')} times")
-        if len(_lines(copy / ".soak-after")) > 1:
-            duplicated.append(f"{copy.name}: after_all_deploy ran {len(_lines(copy / '.soak-after'))} times")
+    duplicated, reruns = working_copy_effects(ghost.archive)
     recorded = Counter(
         item.get("job_id")
         for process in daemons.values()
@@ -749,6 +744,20 @@ def _duplicates(site: Site, daemons: dict[str, DaemonProcess], ghost: Ghost) -> 
     images = Counter(image.properties.get(IMAGE_PROP_JOB) for image in site.lxd.list_images())
     jobs = {str(job) for job in ghost.jobs}
     duplicated += [f"{job}: {count} images in LXD" for job, count in images.items() if job in jobs and count > 1]
+    return duplicated, reruns
+
+
+def working_copy_effects(archive: Path) -> tuple[list[str], list[str]]:
+    """In the working copies moved aside: a script's `done` (or `after`) twice, and `start` twice (a rerun)."""
+    duplicated, reruns = [], []
+    for copy in sorted(archive.iterdir()):
+        runs, after = _lines(copy / ".soak-runs"), _lines(copy / ".soak-after")
+        if runs.count("done") > 1:
+            duplicated.append(f"{copy.name}: build_pack done {runs.count('done')} times")
+        if len(after) > 1:
+            duplicated.append(f"{copy.name}: after_all_deploy ran {len(after)} times")
+        if runs.count("start") > 1:
+            reruns.append(f"{copy.name}: build_pack started {runs.count('start')} times")
     return duplicated, reruns
 
 
