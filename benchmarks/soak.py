@@ -477,6 +477,8 @@ class Faults:
 
     def lxd_restart(self, at: float) -> Fault:
         began = time.monotonic()
+        # Someone else on this machine may be restarting LXD right now: stop the one that comes back.
+        wait_until(lxd_service.lxd_daemon_pid, 120, "an LXD daemon to stop", interval=0.5)
         try:
             lxd_service.stop(LXD_STOP_GRACE)
         finally:

@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 
 import pytest
+from benchmarks.common import to_json
 from benchmarks.soak import Site, SoakPlan, flatness, report, run_soak, working_copy_effects
 
 # One step-down at 150 s, one LXD restart at 225 s; GHOST_BUILDPACKD_SOAK_NO_LXD_RESTART=1 leaves LXD alone.
@@ -29,6 +30,7 @@ CI_PLAN = SoakPlan(
 def test_five_minutes_of_ghost_traffic_through_a_step_down_and_an_lxd_restart(mongo, db, lxd, base_image, tmp_path):
     result = run_soak(Site(mongo, lxd, tmp_path, db, base_image), CI_PLAN)
     print(report(result))
+    (tmp_path / "soak.json").write_text(to_json(result))  # the figures, as scripts/soak writes them
 
     wanted_faults = ["step_down", "lxd_restart"] if CI_PLAN.lxd_restarts else ["step_down"]
     assert [fault["kind"] for fault in result["faults"]] == wanted_faults, result["fault_errors"]
