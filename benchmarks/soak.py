@@ -358,17 +358,23 @@ class Ghost:
     def _clone(
         self, app: SoakApp, module: str, job: ObjectId, sleep: float, exit_code: int, rng: random.Random
     ) -> Path:
-        """A fresh working copy, as Ghost's clone makes one; the script reads how long to sleep and how to exit."""
+        """A fresh working copy, as Ghost's clone makes one; the script reads how long to sleep and how to exit.
+
+        Made aside and renamed into place: Ghost's user makes its clones, so the daemon must never see one
+        owned by root (it would prepare the container for that owner, and make it again when asked).
+        """
         path = self._copy_path(app, module)
         if path.exists():
             shutil.rmtree(path)
-        path.mkdir(parents=True)
+        making = path.with_name(f".{module}.cloning")
+        making.mkdir(parents=True)
         files = {".soak-sleep": f"{sleep:.2f}", ".soak-exit": str(exit_code), ".soak-job": str(job)}
         for name, value in files.items():
-            (path / name).write_text(value + "\n")
-        for item in (path, *(path / name for name in files)):
-            os.chown(item, *WORKING_COPY_IDS)  # Ghost's user owns its clones
+            (making / name).write_text(value + "\n")
+        for item in (making, *(making / name for name in files)):
+            os.chown(item, *WORKING_COPY_IDS)
         time.sleep(rng.uniform(0.2, 1.0))  # the clone itself: what the container's preparation hides behind
+        making.rename(path)
         return path
 
     def _archive(self, app: SoakApp, job: ObjectId) -> None:
@@ -791,24 +797,24 @@ def _request_seconds(ghost: Ghost) -> dict[str, float]:
     return {"n": len(done), "p50": done[len(done) // 2], "max": done[-1]}
 
 
-def _event_counts(daemons: dict[str, DaemonProcess]) -> dict[str, dict[str, int]]:
-    """Events of the faults in each daemon's log: what they met."""
-    wanted = (
-        "lxd_unavailable_step_waits",
-        "lxd_available_again",
-        "leftover_container_removed",
-        "mongodb_unavailable_retrying",
-        "step_abandoned_lease_lost",
-        "lease_expired_locally",
-        "loop_crashed",
-        "deploy_run_taken_over",
-    )
+def _event_counts(daemons: dict[str, DaemonProcess]) -> dict[str, dict[str, Any]]:
+    """What each daemon met, from its log: steps claimed, and its warnings and errors by event."""
     counts = {}
     for name, process in daemons.items():
-        events = Counter(item.get("event") for item in process.events())
-        counts[name] = {event: events[event] for event in wanted if events[event]}
-        counts[name]["steps_claimed"] = events["step_claimed"]
+        events = process.events()
+        counts[name] = {
+            "steps_claimed": sum(1 for item in events if item.get("event") == "step_claimed"),
+            "warnings": dict(Counter(_event_name(i) for i in events if i.get("level") == "warning").most_common()),
+            "errors": dict(
+                Counter(_event_name(i) for i in events if i.get("level") in ("error", "critical")).most_common()
+            ),
+        }
     return counts
+
+
+def _event_name(item: dict[str, Any]) -> str:
+    """A library's record (pylxd, urllib3) carries its message as the event: its logger names it shorter."""
+    return f"{item['logger']}: ..." if item.get("logger") else str(item.get("event"))
 
 
 def _passed(result: dict[str, Any]) -> bool:
@@ -875,7 +881,11 @@ def report(result: dict[str, Any]) -> str:
                 memory,
             ),
             f"   daemons alive at the end: {result['daemons_alive_at_end']}, exit codes {result['daemon_exit_codes']}",
-            f"   fault events in the daemons' logs: {result['daemon_event_counts']}",
+            *(
+                f"   daemon {name}: {counts['steps_claimed']} claims; warnings {counts['warnings']}; "
+                f"errors {counts['errors']}"
+                for name, counts in result["daemon_event_counts"].items()
+            ),
             f"   soak {'PASSED' if result['passed'] else 'FAILED'}",
         ]
     )
