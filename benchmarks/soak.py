@@ -80,7 +80,7 @@ from tests.conftest import BASE_IMAGE, WORKING_COPY_IDS, leftover_containers, ra
 from tests.support import lxd_service
 from tests.support.daemon import DaemonProcess
 from tests.support.ghost import b64, make_app, make_job, module_doc, set_status
-from tests.support.mongo import MongoServers, ReplicaSetMongo
+from tests.support.mongo import Mongod, MongoServers, ReplicaSetMongo
 from tests.support.waiting import wait_until
 
 from ghost_buildpackd.config import LxdConfig, parse_duration
@@ -473,13 +473,13 @@ class Faults:
     def step_down(self, at: float) -> Fault:
         began = time.monotonic()
         old = self.site.mongo.step_down()
-        new = wait_until(
-            lambda: (primary := self.site.mongo.primary()) is not None and primary is not old and primary,
-            90,
-            "a new primary",
-            interval=0.1,
-        )
+        new = wait_until(lambda: self._new_primary(old), 90, "a new primary", interval=0.1)
+        assert new is not None  # wait_until returns only a truthy value
         return Fault("step_down", at, time.monotonic() - began, f"{old.host} -> {new.host}")
+
+    def _new_primary(self, old: Mongod) -> Mongod | None:
+        primary = self.site.mongo.primary()
+        return primary if primary is not None and primary is not old else None
 
     def lxd_restart(self, at: float) -> Fault:
         began = time.monotonic()
