@@ -116,16 +116,7 @@ class Bench:
         return client[full]
 
     def ghost_dirs(self, name: str) -> dict[str, Path]:
-        """ghost.root/log_dir/provisioner_tree; traversable, since LXD mounts working copies from below root."""
-        base = self.scratch / name
-        dirs = {key: base / key for key in ("root", "log_dir", "provisioner_tree")}
-        for path in dirs.values():
-            path.mkdir(parents=True)
-        for path in (base, *base.parents):
-            if path == Path("/"):
-                break
-            path.chmod(path.stat().st_mode | 0o011)
-        return dirs
+        return make_ghost_dirs(self.scratch / name)
 
     def write_config(self, db: Database, dirs: dict[str, Path], name: str, **overrides: Any) -> Path:
         """A daemon config like the tests' (tests/conftest.py raw_config), logging at info."""
@@ -153,6 +144,18 @@ class Bench:
         for name in names:
             self.lxd.delete_container(name)
         return names
+
+
+def make_ghost_dirs(base: Path) -> dict[str, Path]:
+    """ghost.root/log_dir/provisioner_tree under `base`; traversable: LXD mounts working copies from below root."""
+    dirs = {key: base / key for key in ("root", "log_dir", "provisioner_tree")}
+    for path in dirs.values():
+        path.mkdir(parents=True)
+    for path in (base, *base.parents):
+        if path == Path("/"):
+            break
+        path.chmod(path.stat().st_mode | 0o011)
+    return dirs
 
 
 # --- daemon processes -------------------------------------------------------------------
