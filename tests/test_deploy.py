@@ -700,6 +700,59 @@ def test_lxd_away_longer_than_the_outage_wait_leaves_a_prepared_step_requestable
     assert leftover_containers(lxd, db) == []
 
 
+class LxdAwayAtTheHandBack(Lxd):
+    """LXD, reached through `relay`, goes away as the first hand-back `chown` starts, and is back `after` seconds
+    later: the script has ended by then, its verdict known."""
+
+    def __init__(self, config: Any, relay_path: Path, after: float):
+        self.relay = LxdRelay(relay_path)
+        super().__init__(dataclasses.replace(config, endpoint=self.relay.endpoint, timeout=5.0))
+        self.after = after
+        self.cut = False
+
+    def execute(self, name: str, argv: list[str], *args: Any, **kwargs: Any) -> Any:
+        if argv[0] == "chown" and not self.cut:
+            self.cut = True
+            self.relay.stop()
+            threading.Timer(self.after, self._back).start()
+        return super().execute(name, argv, *args, **kwargs)
+
+    def _back(self) -> None:
+        self.relay = LxdRelay(self.relay.path)
+
+
+def test_lxd_away_during_the_hand_back_hands_files_back_again_without_running_the_script_again(
+    make_config: Callable[..., Config],
+    store: Store,
+    lxd: Lxd,
+    db: Database,
+    image_alias: str,
+    ghost_dirs,
+    lxd_cleanup,
+    tmp_path: Path,
+) -> None:
+    """The buildpack has exited 0 when LXD goes away during the hand-back `chown`: once LXD is back, the step
+    hands the files back in a new container and succeeds; the buildpack ran once (before: twice)."""
+    config = make_config().with_instance_id()
+    job_id = deploy_job(
+        db, image_alias, [module_doc("app", "/srv/app", "echo ran >> runs; mkdir -p out; echo x > out/f")]
+    )
+    module_dir = working_copy(ghost_dirs["root"], "app")
+    away = LxdAwayAtTheHandBack(config.lxd, tmp_path / "lxd.socket", after=2.0)
+
+    with capture_logs() as logs:
+        result = run_on_request(config, store, away, db, job_id, "app")
+
+    assert away.cut, "the hand-back never ran"
+    assert any(entry["event"] == "lxd_unavailable_step_waits" for entry in logs), "LXD never went away"
+    assert result.state == SUCCEEDED, result
+    assert (module_dir / "runs").read_text() == "ran\n", "the buildpack ran again after it had ended"
+    assert any(entry["event"] == "deploy_script_not_run_again" for entry in logs)
+    for path in (module_dir / "runs", module_dir / "out", module_dir / "out" / "f"):
+        assert owner(path) == WORKING_COPY_IDS, path  # handed back in the new container
+    assert leftover_containers(lxd, db) == []
+
+
 def test_a_preparation_refused_for_its_input_still_fails_the_step_at_once(
     make_config: Callable[..., Config], store: Store, lxd: Lxd, db: Database, lxd_cleanup
 ) -> None:

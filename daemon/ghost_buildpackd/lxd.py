@@ -80,9 +80,16 @@ def _causes(error: BaseException | None) -> Iterator[BaseException]:
         error = error.__cause__ or error.__context__
 
 
+# What LXD answers while it stops: refusing changes, then (its database closed first) failing what it still takes.
+SHUTTING_DOWN_MESSAGES = ("shutting down", "database is closed")
+
+
 def is_shutting_down(error: BaseException | None) -> bool:
-    """LXD refused a change because it is shutting down (it still answers reads meanwhile)."""
-    return any(isinstance(e, LXDAPIException) and "shutting down" in str(e).lower() for e in _causes(error))
+    """LXD refused or failed a request because it is shutting down (it still answers some meanwhile)."""
+    return any(
+        isinstance(e, LXDAPIException) and any(words in str(e).lower() for words in SHUTTING_DOWN_MESSAGES)
+        for e in _causes(error)
+    )
 
 
 def is_unavailable(error: BaseException | None) -> bool:
@@ -103,7 +110,8 @@ def _is_transient(error: BaseException) -> bool:
         return True
     if isinstance(error, LXDAPIException) and not isinstance(error, NotFound):
         text = str(error).lower()
-        return any(word in text for word in ("timeout", "connection reset", "try again", "busy", "shutting down"))
+        transient = ("timeout", "connection reset", "try again", "busy", *SHUTTING_DOWN_MESSAGES)
+        return any(words in text for words in transient)
     return False
 
 

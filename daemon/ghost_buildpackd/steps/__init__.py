@@ -85,6 +85,9 @@ class StepContext:
     _job_log: JobLog | None = None
     # Chores the runner does after recording the outcome (so nobody waits for them).
     after_outcome: list[Callable[[], None]] = dataclasses.field(default_factory=list)
+    # A module script's verdict (its output, or its failure) once it ended: kept for this claim, so a start-over
+    # after LXD went away during the chores that follow (hand-back, release) redoes those, not the script.
+    script_verdict: OutputCollector | StepFailed | None = None
 
     @property
     def job_log(self) -> JobLog:

@@ -262,9 +262,37 @@ def run_build_pack(
     working_copy: Path,
     owner: tuple[int, int],
 ) -> OutputCollector:
-    """Mount, push, run with bash (or sh) in the module directory; privileged mode then hands files back."""
+    """Mount, then run the script once per claim (`run_script`), then hand the module's files back.
+
+    A start-over after LXD went away once the script had ended (during the
+    hand-back or the release) must not run it again: its verdict is kept on
+    the context, and only the hand-back is done again, in a new container.
+    """
     check_abort(ctx, "mounting the working copy")
     ctx.lxd.add_mount(name, MOUNT_DEVICE, Mount(working_copy, module.path))
+    if ctx.script_verdict is None:
+        try:
+            ctx.script_verdict = run_script(ctx, name, app, module, script, working_copy)
+        except StepFailed as failure:  # the script's own verdict: non-zero exit, exec_timeout
+            ctx.script_verdict = failure
+    else:
+        ctx.say(
+            "deploy_script_not_run_again",
+            f"module {module.name}: its {ctx.step.script} ended before LXD went away; its files are handed back "
+            f"in container {name}, it does not run again",
+            module=module.name,
+        )
+    verdict = ctx.script_verdict
+    give_back_files(ctx, name, module, owner, succeeded=not isinstance(verdict, StepFailed))
+    if isinstance(verdict, StepFailed):
+        raise verdict
+    return verdict
+
+
+def run_script(
+    ctx: StepContext, name: str, app: App, module: Module, script: ModuleScript, working_copy: Path
+) -> OutputCollector:
+    """Push the script and run it with bash (or sh) in the module directory: its output, or StepFailed."""
     # Outside the module: the working copy stays as cloned.
     path = f"{SCRIPT_DIR}/{script_word(ctx)}-{module.name}.sh"
     ctx.lxd.push_file(name, path, script.content, mode=0o644)
@@ -290,14 +318,7 @@ def run_build_pack(
             "module scripts",
             keys=dropped,
         )
-    label = script_label(ctx, module)
-    try:
-        collector = run_command(ctx, name, [shell, path], app.module_env(module), label, cwd=module.path)
-    except StepFailed:
-        give_back_files(ctx, name, module, owner, succeeded=False)
-        raise
-    give_back_files(ctx, name, module, owner, succeeded=True)
-    return collector
+    return run_command(ctx, name, [shell, path], app.module_env(module), script_label(ctx, module), cwd=module.path)
 
 
 # Appends to the container's system git configuration (in the container only: it is removed after the script).
