@@ -80,6 +80,8 @@ def _causes(error: BaseException | None) -> Iterator[BaseException]:
         error = error.__cause__ or error.__context__
 
 
+# Set on an error once a wait saw LXD come back after it (`Lxd.wait_until_back`).
+LXD_BACK_AFTER = "_ghost_buildpackd_lxd_back_after"
 # What LXD answers while it stops: refusing changes, then (its database closed first) failing what it still takes.
 SHUTTING_DOWN_MESSAGES = ("shutting down", "database is closed")
 
@@ -406,13 +408,21 @@ class Lxd:
 
         A server shutting down still answers reads until it exits, so after a
         refusal for that reason LXD is back only when another server answers.
+        An error another wait already saw LXD come back after (a clean-up that
+        waited before re-raising it) is over: the server answering now is the
+        next one, and waiting for yet another would wait out `limit` for nothing.
         """
+        if any(getattr(cause, LXD_BACK_AFTER, False) for cause in _causes(error)):
+            return True
         leaving = self.server_pid if is_shutting_down(error) else None
         started = time.monotonic()
         while not abort.wait(LIMITS.lxd_probe_every):
             pid = self.answering_pid()
             if pid is not None and (leaving is None or pid != leaving):
                 log.info("lxd_available_again", waited_s=round(time.monotonic() - started, 1))
+                for cause in _causes(error):
+                    with contextlib.suppress(AttributeError):  # a few built-in exceptions take no attributes
+                        setattr(cause, LXD_BACK_AFTER, True)
                 return True
             if time.monotonic() - started > limit:
                 return False
