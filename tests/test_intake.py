@@ -252,7 +252,7 @@ def test_catch_up_reads_jobs_changed_since_a_time(db, store, intake):
 
 
 def test_catch_up_in_batches_decides_like_one_job_at_a_time(db, store, intake, calls, monkeypatch):
-    monkeypatch.setattr("ghost_buildpackd.store.CATCH_UP_BATCH", 2)  # 7 jobs: four batches
+    monkeypatch.setattr("ghost_buildpackd.store.jobs.CATCH_UP_BATCH", 2)  # 7 jobs: four batches
     app = make_app(db, container_image="x", modules=[module_doc("api", "/srv/api", "make")])
     legacy = make_app(db, name="legacy", source_container_image=None)
     built = [make_job(db, app) for _ in range(2)]

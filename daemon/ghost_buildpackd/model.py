@@ -2,7 +2,7 @@
 
 A step is one container task the daemon runs for a Ghost job: the image build
 after a `buildimage` job, or one module script of a `deploy` job. Its record
-(`container_steps`, written by `store.py`) moves through the states below;
+(`container_steps`, written by the `store` package) moves through the states below;
 `TRANSITIONS` is the one table saying which actor makes each move and when.
 Store queries that move steps take their from-states from this table
 (`from_states`), and the runner's shutdown release looks its move up here
@@ -224,7 +224,7 @@ def step_id(job_id: ObjectId | str, kind: str, module: str | None = None, script
 
 @dataclasses.dataclass(frozen=True)
 class Step:
-    """A step's record, as `store.py` reads it from `container_steps`."""
+    """A step's record, as the `store` package reads it from `container_steps`."""
 
     id: str
     job_id: ObjectId

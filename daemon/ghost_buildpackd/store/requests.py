@@ -1,0 +1,171 @@
+"""What others ask of a step: Ghost's requests (a deploy script, a build), the cancel protocol, the sweep's
+expiry of prepared containers, and an operator's replay.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable
+from datetime import timedelta
+from typing import Any
+
+from bson import ObjectId
+from pymongo import ReturnDocument
+from pymongo.errors import DuplicateKeyError
+
+from ..model import (
+    BUILD_PACK,
+    BUILDIMAGE,
+    CANCELLED,
+    DEPLOY,
+    PENDING,
+    READY,
+    REQUESTED,
+    RUNNING,
+    Actor,
+    Step,
+    cancellation,
+    from_states,
+    step_id,
+)
+from .connection import retry_transient
+from .steps import FREE_LEASE, StepRecords, new_step_doc, step_from_doc
+
+
+def any_of(values: Iterable[str]) -> dict[str, list[str]]:
+    """A filter matching any of `values` (the states the transition table allows a move from)."""
+    return {"$in": list(values)}
+
+
+class StepRequests(StepRecords):
+    """Moves of a step made by others than its holder: intake, Ghost's worker, the sweep, replay."""
+
+    @retry_transient
+    def cancel_job_steps(self, job_id: ObjectId, reason: str) -> int:
+        """Intake: cancel a deploy job's unfinished steps: free ones at once, held ones by asking their owner.
+
+        Returns how many were cancelled outright; held ones get `cancel_requested`
+        and their owner ends them (it checks at each lease renewal).
+        """
+        return self._cancel_active(Actor.INTAKE, {"job_id": job_id, "kind": DEPLOY}, reason)
+
+    def _cancel_active(self, actor: Actor, query: dict[str, Any], reason: str) -> int:
+        """Cancel the steps matching `query` that `actor` may cancel and nobody holds; ask the holders of the others.
+
+        The request comes first: a holder that releases its step in between
+        (a preparation done, writing `ready` only if nobody asked) either saw
+        the request and ends the step itself, or released it before, and the
+        step is free for the cancellation that follows. Either way the end wins.
+        """
+        states = from_states(actor, CANCELLED, query.get("kind"))
+        active = {**query, "state": any_of(states)}
+        self.steps.update_many(
+            active,
+            {"$set": {"cancel_requested": True, "cancel_reason": reason}, "$currentDate": {"updated_at": True}},
+        )
+        free = {**query, "lease.expires_at": {"$lt": self.server_now()}}
+        cancelled = 0
+        for started in (False, True):  # the message says whether the script had started (a running one is stopped)
+            which = [state for state in states if (state == RUNNING) == started]
+            if not which:
+                continue
+            cancelled += self.steps.update_many(
+                {**free, "state": any_of(which)},
+                {
+                    "$set": {"state": CANCELLED, "message": cancellation(reason, which[0]), "lease": FREE_LEASE},
+                    "$currentDate": {"updated_at": True, "times.finished": True},
+                },
+            ).modified_count
+        return cancelled
+
+    @retry_transient
+    def request_step(
+        self, job_id: ObjectId, module: str, host: str, app_id: ObjectId | None, script: str = BUILD_PACK
+    ) -> Step:
+        """Ghost's side of the deploy handshake: ask for the module's script to run now, on `host`.
+
+        Creates the record when the daemon has not yet (always, for after_all_deploy:
+        nothing prepares it); an already finished step is returned as it is (the
+        client then reports its outcome).
+        """
+        sid = step_id(job_id, DEPLOY, module, script)
+        waiting = {"_id": sid, "state": any_of(from_states(Actor.CLIENT, REQUESTED))}
+        request = {
+            "$set": {"state": REQUESTED, "requested_host": host},
+            "$currentDate": {"updated_at": True, "times.requested": True},
+        }
+        # Usually the daemon made the record at job start: one round trip.
+        doc = self.steps.find_one_and_update(waiting, request, return_document=ReturnDocument.AFTER)
+        if doc is None:
+            self.create_step(job_id, DEPLOY, module, app_id=app_id, script=script)
+            doc = self.steps.find_one_and_update(waiting, request, return_document=ReturnDocument.AFTER)
+            doc = doc or self.steps.find_one({"_id": sid})
+        if doc is None:  # removed between our insert and read: nothing to wait on, and Ghost must hear it
+            raise LookupError(f"step {sid} was removed while it was being requested")
+        return step_from_doc(doc)
+
+    @retry_transient
+    def request_build(self, job_id: ObjectId, app_id: ObjectId | None, host: str) -> Step:
+        """Ghost's buildimage job asks for its container build now, on `host`: the step is made at once
+        (the job is still `started`), or found as it is (one build per job, whoever made it first)."""
+        doc = new_step_doc(job_id, BUILDIMAGE, None, app_id, PENDING, "requested by Ghost's buildimage job")
+        doc["requested_host"] = host
+        with contextlib.suppress(DuplicateKeyError):  # made by the intake, an earlier request, or a replay
+            self.steps.insert_one(doc)
+        found = self.steps.find_one({"_id": doc["_id"]})
+        return step_from_doc(found if found is not None else doc)
+
+    @retry_transient
+    def expire_stale_ready(self, max_age: float, reason: str) -> list[Step]:
+        """Forget the container of deploy steps `ready` for longer than `max_age` seconds; those steps as they were.
+
+        The step stays requestable (the sweep's row of the transition table):
+        Ghost may still ask for it late in a long deploy, and the run then
+        launches a new container. Each is changed only if it is still `ready`,
+        unheld and unchanged, so a request arriving meanwhile wins; the caller
+        deletes the containers returned (a run that launches one first removes
+        them too: `remove_leftovers`).
+        """
+        now = self.server_now()  # updated_at and lease expiry are on the server's clock
+        stale = {
+            "state": any_of(from_states(Actor.SWEEP, READY)),
+            "container": {"$type": "string"},
+            "updated_at": {"$lt": now - timedelta(seconds=max_age)},
+        }
+        expired = []
+        for found in self.steps.find(stale, {"_id": 1}):
+            doc = self.steps.find_one_and_update(
+                {**stale, "_id": found["_id"], "lease.expires_at": {"$lt": now}},
+                {
+                    "$set": {"state": READY, "container": None, "message": reason, "lease": FREE_LEASE},
+                    "$currentDate": {"updated_at": True},
+                },
+                return_document=ReturnDocument.BEFORE,
+            )
+            if doc:
+                expired.append(step_from_doc(doc))
+        return expired
+
+    @retry_transient
+    def abandon_step(self, sid: str, reason: str) -> None:
+        """The client gave up waiting: cancel the step whether or not a worker holds it."""
+        self._cancel_active(Actor.CLIENT, {"_id": sid}, reason)
+
+    @retry_transient
+    def reset_step_for_replay(self, sid: str) -> bool:
+        """`replay`: put a finished step back to pending (a new attempt, same id)."""
+        result = self.steps.update_one(
+            {"_id": sid, "state": any_of(from_states(Actor.REPLAY, PENDING))},
+            {
+                "$set": {
+                    "state": PENDING,
+                    "message": "replay requested",
+                    "lease": FREE_LEASE,
+                    "attempts": 0,
+                    "cancel_requested": False,
+                    "exit_code": None,
+                },
+                "$currentDate": {"updated_at": True},
+            },
+        )
+        return result.modified_count == 1
