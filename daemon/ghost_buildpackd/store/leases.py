@@ -11,16 +11,7 @@ from typing import Any
 import pymongo
 from pymongo import ReturnDocument
 
-from ..model import (
-    BUILDIMAGE,
-    DEPLOY,
-    PENDING,
-    PREPARING,
-    READY,
-    REQUESTED,
-    RUNNING,
-    Step,
-)
+from ..model import CLAIM_CANDIDATES, DECIDING_STATE, DEPLOY, PREPARED_STATES, HostBinding, Step
 from .connection import retry_transient
 from .steps import StepRecords, step_from_doc
 
@@ -44,33 +35,22 @@ class Leases(StepRecords):
     ) -> Step | None:
         """Atomically take the lease on one step that needs work, oldest first.
 
-        Work is, in this order: a `requested` deploy step bound to this host
-        (Ghost's worker waits for it), a build Ghost's buildimage job asked for
-        on this host (it waits too), a `pending` step, or an active step whose
-        lease expired (its owner died); a deploy step that was running, and a
-        build asked for by a job, are bound to their host. The state is left as it was: the caller decides what
+        Work is what `model.CLAIM_CANDIDATES` says, in its order, each bound to
+        hosts as it says. The state is left as it was: the caller decides what
         the step needs next. `exclude` holds the ids this process already works
         on (its own leases may lapse in an outage).
         """
         expired = {"lease.expires_at": {"$lt": self.server_now()}}
-        # A build Ghost's job asked for runs on the job's host (its provisioner trees are there);
-        # one the intake made (no requested_host) runs anywhere.
-        here_or_anywhere = {"requested_host": {"$in": [None, host]}}
-        candidates: list[dict[str, Any]] = [
-            {"state": REQUESTED, "requested_host": host, **expired},
-            {"state": PENDING, "kind": BUILDIMAGE, "requested_host": host, **expired},
-            {"state": PENDING, **here_or_anywhere, **expired},
-            {"state": PREPARING, **expired},
-            {"state": RUNNING, "kind": BUILDIMAGE, **here_or_anywhere, **expired},
-            {"state": RUNNING, "kind": DEPLOY, "requested_host": host, **expired},
-        ]
-        for query in candidates:
+        for candidate in CLAIM_CANDIDATES:
+            if kinds and candidate.kind is not None and candidate.kind not in kinds:
+                continue
+            query: dict[str, Any] = {"state": candidate.state, **self._bound(candidate.host, host), **expired}
+            if candidate.kind is not None:
+                query["kind"] = candidate.kind
+            elif kinds:
+                query["kind"] = {"$in": list(kinds)}
             if exclude:
                 query["_id"] = {"$nin": list(exclude)}
-            if kinds and query.get("kind", kinds[0]) not in kinds:
-                continue
-            if kinds and "kind" not in query:
-                query["kind"] = {"$in": list(kinds)}
             doc = self.steps.find_one_and_update(
                 query,
                 self._claim_update(owner, ttl),
@@ -81,11 +61,21 @@ class Leases(StepRecords):
                 return step_from_doc(doc)
         return None
 
+    @staticmethod
+    def _bound(binding: HostBinding, host: str) -> dict[str, Any]:
+        """The condition on `requested_host` under which `host` may claim a step bound by `binding`."""
+        if binding == HostBinding.REQUESTED_HERE:
+            return {"requested_host": host}
+        if binding == HostBinding.HERE_OR_UNBOUND:
+            return {"requested_host": {"$in": [None, host]}}
+        return {}
+
     def requested_step_waiting(self, host: str) -> bool:
-        """Whether a step requested on `host` waits for a worker (a cheap read on the state index): a deploy
-        step `requested`, or a build Ghost's buildimage job asked for (`pending`, bound to its host)."""
+        """Whether a step asked for on `host` waits for a worker (a cheap read on the state index): the claim
+        candidates Ghost's worker waits for (a deploy step `requested`, a build its buildimage job asked for)."""
+        asked = list(dict.fromkeys(candidate.state for candidate in CLAIM_CANDIDATES if candidate.asked))
         query = {
-            "state": {"$in": [REQUESTED, PENDING]},
+            "state": {"$in": asked},
             "requested_host": host,
             "lease.expires_at": {"$lt": self.server_now()},
         }
@@ -120,14 +110,14 @@ class Leases(StepRecords):
     def prepared_deploy_count(self, sid: str) -> int:
         """Deploy steps other than `sid` whose container is launched ahead, or about to be, and not yet asked for.
 
-        The container's name is recorded before its launch (absent when `run`
-        is to launch it); of steps deciding at the same moment, those with a
-        smaller id count first, so two of them never both take the last place.
+        The rule is model.py's (`PREPARED_STATES`, `DECIDING_STATE`): a step
+        counts once its container is recorded; of those still deciding, the
+        ones with a smaller id count first.
         """
         launched = {"container": {"$type": "string"}}
         query = {
             "kind": DEPLOY,
-            "state": {"$in": [PREPARING, READY]},
-            "$or": [{**launched, "_id": {"$ne": sid}}, {"state": PREPARING, "_id": {"$lt": sid}}],
+            "state": {"$in": list(PREPARED_STATES)},
+            "$or": [{**launched, "_id": {"$ne": sid}}, {"state": DECIDING_STATE, "_id": {"$lt": sid}}],
         }
         return self.steps.count_documents(query)

@@ -5,7 +5,6 @@ expiry of prepared containers, and an operator's replay.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable
 from datetime import timedelta
 from typing import Any
 
@@ -32,11 +31,6 @@ from .connection import retry_transient
 from .steps import FREE_LEASE, StepRecords, new_step_doc, step_from_doc
 
 
-def any_of(values: Iterable[str]) -> dict[str, list[str]]:
-    """A filter matching any of `values` (the states the transition table allows a move from)."""
-    return {"$in": list(values)}
-
-
 class StepRequests(StepRecords):
     """Moves of a step made by others than its holder: intake, Ghost's worker, the sweep, replay."""
 
@@ -58,7 +52,7 @@ class StepRequests(StepRecords):
         step is free for the cancellation that follows. Either way the end wins.
         """
         states = from_states(actor, CANCELLED, query.get("kind"))
-        active = {**query, "state": any_of(states)}
+        active = {**query, "state": {"$in": list(states)}}
         self.steps.update_many(
             active,
             {"$set": {"cancel_requested": True, "cancel_reason": reason}, "$currentDate": {"updated_at": True}},
@@ -70,7 +64,7 @@ class StepRequests(StepRecords):
             if not which:
                 continue
             cancelled += self.steps.update_many(
-                {**free, "state": any_of(which)},
+                {**free, "state": {"$in": list(which)}},
                 {
                     "$set": {"state": CANCELLED, "message": cancellation(reason, which[0]), "lease": FREE_LEASE},
                     "$currentDate": {"updated_at": True, "times.finished": True},
@@ -89,7 +83,7 @@ class StepRequests(StepRecords):
         client then reports its outcome).
         """
         sid = step_id(job_id, DEPLOY, module, script)
-        waiting = {"_id": sid, "state": any_of(from_states(Actor.CLIENT, REQUESTED))}
+        waiting = {"_id": sid, "state": {"$in": list(from_states(Actor.CLIENT, REQUESTED))}}
         request = {
             "$set": {"state": REQUESTED, "requested_host": host},
             "$currentDate": {"updated_at": True, "times.requested": True},
@@ -128,7 +122,7 @@ class StepRequests(StepRecords):
         """
         now = self.server_now()  # updated_at and lease expiry are on the server's clock
         stale = {
-            "state": any_of(from_states(Actor.SWEEP, READY)),
+            "state": {"$in": list(from_states(Actor.SWEEP, READY))},
             "container": {"$type": "string"},
             "updated_at": {"$lt": now - timedelta(seconds=max_age)},
         }
@@ -155,7 +149,7 @@ class StepRequests(StepRecords):
     def reset_step_for_replay(self, sid: str) -> bool:
         """`replay`: put a finished step back to pending (a new attempt, same id)."""
         result = self.steps.update_one(
-            {"_id": sid, "state": any_of(from_states(Actor.REPLAY, PENDING))},
+            {"_id": sid, "state": {"$in": list(from_states(Actor.REPLAY, PENDING))}},
             {
                 "$set": {
                     "state": PENDING,
