@@ -24,7 +24,7 @@ from ghost_buildpackd.config import Config
 from ghost_buildpackd.ghost import BadDocument
 from ghost_buildpackd.logs import configure_logging
 from ghost_buildpackd.lxd import IMAGE_PROP_JOB, TAG_JOB, ContainerSpec, ImageInfo, Lxd
-from ghost_buildpackd.model import BUILDIMAGE, FAILED, SUCCEEDED, step_id
+from ghost_buildpackd.model import BUILDIMAGE, FAILED, SUCCEEDED, Actor, step_id
 from ghost_buildpackd.steps import (
     StepContext,
     StepFailed,
@@ -482,7 +482,7 @@ def test_replay_moves_the_alias_to_a_new_image_and_deletes_the_old_one(
     stray = publish_stray_image(
         lxd, lxd.image_by_alias(base_image).fingerprint, job_id
     )  # a publish of an earlier attempt that was cut short
-    store.update_step(store.get_step(f"{job_id}:buildimage"), state=SUCCEEDED)  # as the runner records it
+    store.move(store.get_step(f"{job_id}:buildimage"), Actor.RUNNER, SUCCEEDED)  # as the runner records it
     db.apps.update_one({"_id": app_id}, {"$set": {"lifecycle_hooks.pre_buildimage": b64("echo second > /build-mark")}})
 
     _, second = build(config, store, lxd, job_id)  # `replay`: the step is pending again, same alias

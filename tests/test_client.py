@@ -11,7 +11,7 @@ from bson import ObjectId
 from pymongo.database import Database
 
 from ghost_buildpackd.client import ABANDONED, NO_DAEMON, run_buildpack
-from ghost_buildpackd.model import CANCELLED, DEPLOY, FAILED, REQUESTED, RUNNING, SUCCEEDED, step_id
+from ghost_buildpackd.model import CANCELLED, DEPLOY, FAILED, REQUESTED, RUNNING, SUCCEEDED, Actor, step_id
 from ghost_buildpackd.store import Store
 from tests.support.ghost import make_app, make_job
 from tests.support.steps import claim_named_step
@@ -48,11 +48,12 @@ class FakeDaemon:
                 lambda: claim_named_step(self.store, self.sid, "fake-daemon", 30, (REQUESTED,)), 20, "the request"
             )
             assert step.requested_host == HOST
-            step = self.store.update_step(step, state=RUNNING)
+            step = self.store.move(step, Actor.RUNNER, RUNNING)
             assert step is not None
-            self.store.update_step(
+            self.store.move(
                 step,
-                state=self.final,
+                Actor.RUNNER,
+                self.final,
                 message=f"buildpack {self.final}",
                 exit_code=self.exit_code,
                 output_tail=self.tail,
@@ -114,7 +115,7 @@ def test_timeout_while_a_worker_holds_the_step_asks_it_to_stop(db: Database, sto
     store.request_step(job_id, "app", HOST, None)
     held = store.claim_step("busy-daemon", 60, HOST, kinds=(DEPLOY,))
     assert held is not None and held.state == REQUESTED
-    store.update_step(held, state=RUNNING)
+    store.move(held, Actor.RUNNER, RUNNING)
 
     result = run_buildpack(db, job_id, "app", timeout=0.5, host=HOST, poll_interval=0.1, wait_mode="change_stream")
 

@@ -49,7 +49,7 @@ from tests.conftest import WORKING_COPY_IDS, leftover_containers
 from tests.support.ghost import b64, make_app, make_job, module_doc, set_status
 from tests.support.lxd_relay import LxdRelay
 from tests.support.profiles import delete_profile
-from tests.support.steps import deploy_context, finish_preparation, terminal_step
+from tests.support.steps import back_to_pending, deploy_context, finish_preparation, terminal_step
 from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.lxd  # every test here drives the real LXD
@@ -469,7 +469,7 @@ def test_a_container_the_buildpack_ran_in_is_never_reused_when_the_step_is_asked
     assert used is not None and lxd.container_status(used) == "Running"
     assert lxd.describe_container(used).mounts == []  # released: nothing says "used" but the fact itself
     back = next_state(Actor.SHUTDOWN, RUNNING, DEPLOY)
-    assert store.update_step(first.step, state=back, release=True) is not None  # the shutdown's row: requested
+    assert store.move(first.step, Actor.SHUTDOWN, back) is not None  # the shutdown's row: requested
     (module_dir / "fail-once").unlink()
 
     with capture_logs() as events:
@@ -524,8 +524,8 @@ def test_missing_image_fails_prepare_and_run_with_a_message(
             body(ctx)
         if alias:
             assert alias in failure.value.message
-        store.update_step(ctx.step, state="failed", message=failure.value.message)
-        store.reset_step_for_replay(ctx.step.id)
+        store.move(ctx.step, Actor.RUNNER, FAILED, message=failure.value.message)
+        back_to_pending(store, ctx.step.id)
 
     assert not (module_dir / "made").exists()
     assert leftover_containers(lxd, db) == []
@@ -808,8 +808,8 @@ def test_refused_app_input_fails_before_anything_runs(
         with pytest.raises((BadDocument, StepFailed)) as failure:
             body(ctx)
         assert expected in str(failure.value)
-        store.update_step(ctx.step, state="failed", message=str(failure.value))
-        store.reset_step_for_replay(ctx.step.id)
+        store.move(ctx.step, Actor.RUNNER, FAILED, message=str(failure.value))
+        back_to_pending(store, ctx.step.id)
 
     assert sorted(p.name for p in module_dir.iterdir()) == ["requirements.txt"]
     assert leftover_containers(lxd, db) == []

@@ -15,7 +15,7 @@ import structlog
 from bson import ObjectId
 from pymongo.errors import AutoReconnect, PyMongoError
 
-from ghost_buildpackd.model import BUILDIMAGE, DEPLOY, READY, RUNNING, SUCCEEDED, step_id
+from ghost_buildpackd.model import BUILDIMAGE, DEPLOY, READY, RUNNING, SUCCEEDED, Actor, step_id
 from ghost_buildpackd.policy import LIMITS
 from ghost_buildpackd.runner import Bodies, Runner
 from ghost_buildpackd.steps import LeaseLost, Outcome, StepContext, StepFailed
@@ -55,7 +55,7 @@ def test_claims_leases_and_outcomes_are_written_with_majority_write_concern(db, 
 def test_each_claim_gets_a_higher_claim_number_even_after_a_replay(db, store):
     sid = pending_buildimage(store, db)
     first = store.claim_step("me", 30, HOST)
-    assert store.update_step(first, state=SUCCEEDED) is not None
+    assert store.move(store.move(first, Actor.RUNNER, RUNNING), Actor.RUNNER, SUCCEEDED) is not None
     assert store.reset_step_for_replay(sid)
     second = store.claim_step("me", 30, HOST)
     assert (first.claim, second.claim) == (1, 2)

@@ -1,9 +1,12 @@
 """The transition table against what the code does, and idempotent releasing writes.
 
-Each store query that moves steps is driven over a step in every state: it must
-move exactly those the table lets its actor move. The runner is run with
-trivial bodies and every state it writes is checked against the runner's and
-shutdown's rows. Then a fenced outcome retried after a lost acknowledgement.
+Every state write goes through the table (`Store.move` and the builder it shares
+with the store's queries): a move the table lacks raises before MongoDB is
+asked, and a write without a move cannot set a state. Each store query that
+moves steps is driven over a step in every state: it must move exactly those the
+table lets its actor move. The runner is run with trivial bodies and every move
+it makes is checked against the runner's and shutdown's rows. Then a fenced
+outcome retried after a lost acknowledgement.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from ghost_buildpackd.events import Intake
 from ghost_buildpackd.model import (
     ACTIVE,
     BUILDIMAGE,
+    CLAIM_CANDIDATES,
     DEPLOY,
     FAILED,
     HELD,
@@ -34,6 +38,7 @@ from ghost_buildpackd.model import (
     Step,
     StepKind,
     StepState,
+    claimable,
     from_states,
     next_state,
     step_id,
@@ -41,7 +46,7 @@ from ghost_buildpackd.model import (
 )
 from ghost_buildpackd.runner import Bodies, Runner
 from ghost_buildpackd.steps import Outcome, StepContext, StepFailed
-from ghost_buildpackd.store import FREE_LEASE, Store
+from ghost_buildpackd.store import FREE_LEASE, Store, step_from_doc
 from tests.support.ghost import make_app, make_job, set_status
 from tests.support.waiting import wait_until
 
@@ -83,6 +88,67 @@ def test_a_runner_holds_exactly_the_states_it_moves_steps_from():
 def test_shutdown_has_at_most_one_move_from_each_state(kind):
     for state in StepState:
         next_state(Actor.SHUTDOWN, state, kind)  # raises when two rows disagree
+
+
+def test_claims_take_exactly_the_states_the_runner_moves_steps_from():
+    for kind in StepKind:
+        candidates = {c.state for c in CLAIM_CANDIDATES if c.kind in (None, kind)}
+        assert candidates == set(claimable(kind)) == set(HELD), kind
+
+
+# --- a move the table lacks cannot be written ----------------------------------------------------
+
+
+class NoMongoDB:
+    """A steps collection that fails the test on any use."""
+
+    def __getattr__(self, name: str) -> Any:
+        raise AssertionError(f"MongoDB was asked ({name}) for a move the table lacks")
+
+
+def record(kind: StepKind, state: StepState) -> Step:
+    """A held step of `kind` in `state`, as read (never written)."""
+    doc = {"_id": f"job:{kind}", "job_id": "job", "kind": kind, "state": state, "lease": {"token": "t"}}
+    return step_from_doc(doc)
+
+
+@pytest.mark.parametrize("kind", list(StepKind))
+def test_every_move_not_in_the_table_raises_before_mongodb_is_asked(store, monkeypatch, kind):
+    monkeypatch.setattr(store, "steps", NoMongoDB())
+    refused = 0
+    for actor in Actor:
+        for from_state in StepState:
+            for to_state in StepState:
+                if may_move(actor, from_state, to_state, kind):
+                    continue
+                with pytest.raises(ValueError) as error:
+                    store.move(record(kind, from_state), actor, to_state)
+                for name in (actor, from_state, to_state, kind):
+                    assert str(name) in str(error.value), error.value
+                refused += 1
+    assert refused > 100
+
+
+def test_a_move_from_a_state_the_caller_expects_is_checked_against_the_table_too(store, monkeypatch):
+    monkeypatch.setattr(store, "steps", NoMongoDB())
+    with pytest.raises(ValueError, match="from running to ready"):
+        store.move(record(DEPLOY, StepState.PREPARING), Actor.RUNNER, READY, expect_state=RUNNING)
+
+
+def test_a_write_without_a_move_cannot_set_a_state(store, monkeypatch):
+    monkeypatch.setattr(store, "steps", NoMongoDB())
+    with pytest.raises(ValueError, match="move"):
+        store.update_step(record(BUILDIMAGE, RUNNING), state=SUCCEEDED)
+    with pytest.raises(ValueError, match="state and the lease"):
+        store.move(record(BUILDIMAGE, RUNNING), Actor.RUNNER, SUCCEEDED, state=FAILED)
+
+
+def test_a_record_the_table_does_not_let_its_actor_create_is_refused(store, monkeypatch):
+    monkeypatch.setattr(store, "steps", NoMongoDB())
+    with pytest.raises(ValueError, match="replay creating a deploy step in pending"):
+        store.create_step("job", DEPLOY, MODULE, actor=Actor.REPLAY)
+    with pytest.raises(ValueError, match="client creating a buildimage step in failed"):
+        store.create_step("job", BUILDIMAGE, state=FAILED, actor=Actor.CLIENT)
 
 
 # --- store queries move steps along the table ---------------------------------------------------
@@ -193,18 +259,20 @@ def test_a_runner_claims_a_free_step_exactly_in_the_held_states(db, store, kind)
 
 
 class Recorder:
-    """Wraps Store.update_step, noting each state it changes: (kind, from, to)."""
+    """Wraps Store.move, noting each move it writes, as (kind, from, to) and the actor's."""
 
     def __init__(self, store: Store):
         self.store = store
-        self.update_step = store.update_step
+        self.move = store.move
         self.moves: list[tuple[str, str, str]] = []
+        self.actors: list[Actor] = []
 
-    def __call__(self, step: Step, state: str | None = None, **kwargs: Any) -> Step | None:
+    def __call__(self, step: Step, actor: Actor, to_state: StepState, **kwargs: Any) -> Step | None:
         before = self.store.get_step(step.id)
-        updated = self.update_step(step, state=state, **kwargs)
-        if updated is not None and updated.state != before.state:
+        updated = self.move(step, actor, to_state, **kwargs)
+        if updated is not None:
             self.moves.append((updated.kind, before.state, updated.state))
+            self.actors.append(actor)
         return updated
 
 
@@ -252,7 +320,7 @@ def request_when_ready(store: Store, running: Runner, sid: str) -> None:
 
 def test_the_runner_moves_steps_only_along_its_rows(db, store, make_config, monkeypatch):
     recorder = Recorder(store)
-    monkeypatch.setattr(store, "update_step", recorder)
+    monkeypatch.setattr(store, "move", recorder)
 
     def broken(ctx: StepContext) -> Outcome:
         raise StepFailed("broken")
@@ -271,6 +339,7 @@ def test_the_runner_moves_steps_only_along_its_rows(db, store, make_config, monk
     seen = {(kind, before, after) for kind, before, after in recorder.moves}
     assert (BUILDIMAGE, StepState.PENDING, RUNNING) in seen and (BUILDIMAGE, RUNNING, FAILED) in seen
     assert {(DEPLOY, StepState.PREPARING, READY), (DEPLOY, RUNNING, SUCCEEDED)} <= seen
+    assert set(recorder.actors) == {Actor.RUNNER}
     for kind, before, after in seen:
         assert may_move(Actor.RUNNER, before, after, kind), f"runner moved a {kind} step {before} -> {after}"
 
@@ -278,7 +347,7 @@ def test_the_runner_moves_steps_only_along_its_rows(db, store, make_config, monk
 @pytest.mark.parametrize("kind", list(StepKind))
 def test_shutdown_puts_a_running_step_back_along_its_row(db, store, make_config, monkeypatch, kind):
     recorder = Recorder(store)
-    monkeypatch.setattr(store, "update_step", recorder)
+    monkeypatch.setattr(store, "move", recorder)
     body = Blocking()
     running = runner(make_config, store, buildimage=body, run_deploy=body)
     running.start()
@@ -291,7 +360,7 @@ def test_shutdown_puts_a_running_step_back_along_its_row(db, store, make_config,
         running.stop(grace=0)
     back = next_state(Actor.SHUTDOWN, RUNNING, kind)
     assert back is not None and store.get_step(sid).state == back
-    assert recorder.moves[-1] == (kind, RUNNING, back)
+    assert recorder.moves[-1] == (kind, RUNNING, back) and recorder.actors[-1] == Actor.SHUTDOWN
 
 
 def test_shutdown_leaves_a_request_made_during_preparation(db, store, make_config):
@@ -354,7 +423,7 @@ def test_a_job_end_wins_over_a_preparation_released_between_the_intakes_writes(
     """The deploy job ends while its step is prepared; the preparation's `ready` lands before the intake's
     writes, between them, or after them (before the renewer could tell its holder): the step ends cancelled."""
     recorder = Recorder(store)
-    monkeypatch.setattr(store, "update_step", recorder)
+    monkeypatch.setattr(store, "move", recorder)
     preparing, go_on = threading.Event(), threading.Event()
 
     def prepare(ctx: StepContext) -> Outcome:
@@ -416,14 +485,14 @@ class LosesOneAcknowledgement:
 def held_step(store: Store, db) -> Step:
     new_step(store, db, BUILDIMAGE)
     step = store.claim_step("me", 30, HOST)
-    return store.update_step(step, state=RUNNING)
+    return store.move(step, Actor.RUNNER, RUNNING)
 
 
 def test_an_outcome_retried_after_a_lost_acknowledgement_reports_success(db, store, monkeypatch):
     step = held_step(store, db)
     lossy = LosesOneAcknowledgement(store.steps, FAILED)
     monkeypatch.setattr(store, "steps", lossy)
-    written = store.update_step(step, state=FAILED, message="exit 2", exit_code=2, output_tail="boom")
+    written = store.move(step, Actor.RUNNER, FAILED, message="exit 2", exit_code=2, output_tail="boom")
     assert lossy.lost == 1, "the write's reply was not lost: the test proves nothing"
     assert written is not None, "a retried outcome reported a lost lease"
     assert (written.state, written.message, written.exit_code, written.owner) == (FAILED, "exit 2", 2, None)
@@ -431,28 +500,28 @@ def test_an_outcome_retried_after_a_lost_acknowledgement_reports_success(db, sto
 
 def test_ready_retried_after_a_lost_acknowledgement_reports_success(db, store, monkeypatch):
     new_step(store, db, DEPLOY)
-    step = store.update_step(store.claim_step("me", 30, HOST), state=StepState.PREPARING)
+    step = store.move(store.claim_step("me", 30, HOST), Actor.RUNNER, StepState.PREPARING)
     lossy = LosesOneAcknowledgement(store.steps, READY)
     monkeypatch.setattr(store, "steps", lossy)
-    written = store.update_step(step, state=READY, release=True, expect_state=StepState.PREPARING)
+    written = store.move(step, Actor.RUNNER, READY, expect_state=StepState.PREPARING)
     assert lossy.lost == 1 and written is not None and written.state == READY
 
 
 def test_an_outcome_is_not_taken_for_ours_after_a_successor_claimed(db, store):
     step = held_step(store, db)
-    assert store.update_step(step, state=FAILED, message="exit 2") is not None
+    assert store.move(step, Actor.RUNNER, FAILED, message="exit 2") is not None
     assert store.reset_step_for_replay(step.id)
-    successor = store.update_step(store.claim_step("other", 30, HOST), state=RUNNING)
-    assert store.update_step(successor, state=FAILED, message="exit 2") is not None
-    assert store.update_step(step, state=FAILED, message="exit 2") is None, "a write under an old claim was accepted"
+    successor = store.move(store.claim_step("other", 30, HOST), Actor.RUNNER, RUNNING)
+    assert store.move(successor, Actor.RUNNER, FAILED, message="exit 2") is not None
+    assert store.move(step, Actor.RUNNER, FAILED, message="exit 2") is None, "a write under an old claim was accepted"
 
 
 def test_another_outcome_already_recorded_is_not_taken_for_ours(db, store):
     step = held_step(store, db)
     cancelled = {"state": StepState.CANCELLED, "message": "deploy job ended", "lease": FREE_LEASE}
     store.steps.update_one({"_id": step.id}, {"$set": cancelled})
-    assert store.update_step(step, state=FAILED, message="exit 2") is None
-    assert store.update_step(step, state=StepState.CANCELLED, message="another reason") is None
+    assert store.move(step, Actor.RUNNER, FAILED, message="exit 2") is None
+    assert store.move(step, Actor.RUNNER, StepState.CANCELLED, message="another reason") is None
     assert store.get_step(step.id).message == "deploy job ended"
 
 

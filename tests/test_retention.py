@@ -38,6 +38,7 @@ from ghost_buildpackd.retention import (
 )
 from ghost_buildpackd.store import ImageRecord, Store
 from tests.support.ghost import finish_buildimage, make_app, make_job, set_status
+from tests.support.steps import seed_step
 
 pytestmark = [pytest.mark.lxd, pytest.mark.mongodb]
 
@@ -232,8 +233,8 @@ def test_current_image_and_step_in_flight_are_protected(make_config, db, store, 
     # and a finished one on its oldest (which protects nothing).
     db.apps.update_one({"_id": shop[0].app_id}, {"$set": {"build_infos.container_image": shop[0].alias}})
     running_job, done_job = make_job(db, blog[0].app_id, "deploy"), make_job(db, blog[0].app_id, "deploy")
-    store.create_step(running_job, "deploy", "app", app_id=blog[0].app_id, state=RUNNING)
-    store.create_step(done_job, "deploy", "app", app_id=blog[0].app_id, state=SUCCEEDED)
+    seed_step(store, running_job, "deploy", "app", app_id=blog[0].app_id, state=RUNNING)
+    seed_step(store, done_job, "deploy", "app", app_id=blog[0].app_id, state=SUCCEEDED)
     for job_id, alias in ((running_job, blog[1].alias), (done_job, blog[0].alias)):
         updated = db.container_steps.update_one({"_id": step_id(job_id, "deploy", "app")}, {"$set": {"image": alias}})
         assert updated.modified_count == 1
@@ -257,7 +258,7 @@ def test_a_deploy_starting_during_the_pass_still_protects_its_image(make_config,
 
         def verdicts(self, records: list[ImageRecord]) -> dict[str, Verdict]:
             job_id = make_job(db, made[0].app_id, "deploy")
-            store.create_step(job_id, "deploy", "app", app_id=made[0].app_id, state=RUNNING)
+            seed_step(store, job_id, "deploy", "app", app_id=made[0].app_id, state=RUNNING)
             db.container_steps.update_one({"_id": step_id(job_id, "deploy", "app")}, {"$set": {"image": made[0].alias}})
             return super().verdicts(records)
 

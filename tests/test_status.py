@@ -16,6 +16,7 @@ from ghost_buildpackd.status import Thresholds, check_status, show_status
 from ghost_buildpackd.store import ImageRecord, Store, redacted_uri, utcnow
 from tests.support.ghost import make_app, make_job
 from tests.support.mongo import free_port
+from tests.support.steps import seed_step
 
 pytestmark = pytest.mark.mongodb
 
@@ -43,7 +44,7 @@ def seed(store: Store) -> dict[str, str]:
     store.instances.insert_one({"_id": "gone:1:dead", "info": {"host": "gone"}, "seen_at": now - timedelta(hours=2)})
 
     running = step_id(deploy_job, DEPLOY, "api")
-    store.create_step(deploy_job, DEPLOY, "api", app_id=app_id, state=RUNNING)
+    seed_step(store, deploy_job, DEPLOY, "api", app_id=app_id, state=RUNNING)
     lease = {"owner": "ghost-1:4242:abcd", "token": uuid.uuid4().hex, "expires_at": now + timedelta(seconds=30)}
     store.steps.update_one(
         {"_id": running},
@@ -53,7 +54,7 @@ def seed(store: Store) -> dict[str, str]:
         (build_job, BUILDIMAGE, None, SUCCEEDED, 130),
         (deploy_job, DEPLOY, "worker", FAILED, 7),
     ):
-        store.create_step(job, kind, module, app_id=app_id, state=state, message=f"{state} here")
+        seed_step(store, job, kind, module, app_id=app_id, state=state, message=f"{state} here")
         store.steps.update_one(
             {"_id": step_id(job, kind, module)},
             {

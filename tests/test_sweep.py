@@ -22,6 +22,7 @@ from ghost_buildpackd.sweep import sweep_orphans
 from ghost_buildpackd.templates import ABANDONED_AFTER, TAG_TEMPLATE, adopt, remove_stale_templates, template_name
 from tests.support.ghost import make_app, make_job
 from tests.support.profiles import delete_profile, profile_names
+from tests.support.steps import seed_step
 
 pytestmark = [pytest.mark.lxd, pytest.mark.mongodb]
 
@@ -65,10 +66,10 @@ def test_sweep_removes_containers_of_missing_and_finished_steps_only(store: Stor
     fingerprint = lxd.image_by_alias(base_image).fingerprint  # type: ignore[union-attr]
     app_id = make_app(store.db)
     jobs = {role: make_job(store.db, app_id) for role in ("missing", "succeeded", "failed", "live", "expired")}
-    store.create_step(jobs["succeeded"], BUILDIMAGE, app_id=app_id, state=SUCCEEDED)
+    seed_step(store, jobs["succeeded"], BUILDIMAGE, app_id=app_id, state=SUCCEEDED)
     store.create_step(jobs["failed"], BUILDIMAGE, app_id=app_id, state=FAILED)
     for role, ttl in (("live", 300), ("expired", -60)):
-        store.create_step(jobs[role], BUILDIMAGE, app_id=app_id, state=RUNNING)
+        seed_step(store, jobs[role], BUILDIMAGE, app_id=app_id, state=RUNNING)
         hold_lease(store, step_id(jobs[role], BUILDIMAGE), ttl)
     foreign_job = ObjectId()  # a job of another Ghost database sharing this LXD server
     used_profile, unused_profile = (f"gbp-test-{uuid.uuid4().hex[:8]}" for _ in range(2))
@@ -142,7 +143,7 @@ def test_the_upkeep_leaves_a_build_container_being_adopted_as_template(store: St
     fingerprint = lxd.image_by_alias(base_image).fingerprint  # type: ignore[union-attr]
     app_id = make_app(store.db)
     job = make_job(store.db, app_id)
-    store.create_step(job, BUILDIMAGE, app_id=app_id, state=RUNNING)  # the build keeps its container as it ends
+    seed_step(store, job, BUILDIMAGE, app_id=app_id, state=RUNNING)  # the build keeps its container as it ends
     hold_lease(store, step_id(job, BUILDIMAGE), 300)
     profile = f"gbp-test-{uuid.uuid4().hex[:8]}"  # a template name of this test's own
     lxd.client.profiles.create(profile, config={}, devices={})

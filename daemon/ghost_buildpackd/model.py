@@ -3,11 +3,15 @@
 A step is one container task the daemon runs for a Ghost job: the image build
 after a `buildimage` job, or one module script of a `deploy` job. Its record
 (`container_steps`, written by the `store` package) moves through the states below;
-`TRANSITIONS` is the one table saying which actor makes each move and when.
-Store queries that move steps take their from-states from this table
-(`from_states`), and the runner's shutdown release looks its move up here
-(`next_state`), so the table and the writes cannot drift apart unnoticed
-(tests/test_model.py drives each actor over every state and checks).
+`TRANSITIONS` is the one table saying which actor makes each move and when,
+and how the write is made (fenced on the lease, only on a free step, freeing
+the lease, never once a cancellation was asked). Every state write the store
+makes is built from it (`store.steps`: `move` for a held step, the same
+builder for the cancel, request, expiry and replay queries), and a move the
+table lacks raises ValueError before MongoDB is asked (`check_move`); the
+runner's shutdown release looks its move up here (`next_state`), and claims
+take only states the runner's rows move from (`CLAIM_CANDIDATES`, checked at
+import). tests/test_model.py drives each actor over every state and checks.
 
 The enums are `StrEnum`s whose values are the strings stored in MongoDB, so a
 member compares equal to, and is written as, the plain string.
@@ -86,6 +90,11 @@ class Transition:
     to_state: StepState
     kinds: tuple[StepKind, ...]
     when: str
+    # How the write is made (the store turns these into the move's filter and update, `store.steps.move`):
+    fenced: bool = False  # the holder's move: only while the record still carries its lease token
+    only_free: bool = False  # only a step nobody holds (its lease expired)
+    releases: bool = False  # the lease is freed with the move
+    unless_cancel_requested: bool = False  # never once a cancellation was asked for (the holder ends it instead)
 
 
 TRANSITIONS: tuple[Transition, ...] = (
@@ -103,6 +112,7 @@ TRANSITIONS: tuple[Transition, ...] = (
         Actor.INTAKE, ACTIVE, CANCELLED, (DEPLOY,),
         "the deploy (or redeploy) job ended first; only a step nobody holds: every one is asked first "
         "(cancel_requested), so a held one its runner releases meanwhile is cancelled here or by its runner",
+        only_free=True, releases=True,
     ),
     # --- client: Ghost's worker ---
     Transition(
@@ -117,45 +127,61 @@ TRANSITIONS: tuple[Transition, ...] = (
     Transition(
         Actor.CLIENT, ACTIVE, CANCELLED, BOTH_KINDS,
         "the worker gave up waiting (its timeout, or no live daemon on its host); only a step nobody holds, as above",
+        only_free=True, releases=True,
     ),
     # --- runner: the lease holder ---
     Transition(
         Actor.RUNNER, (PENDING, RUNNING), RUNNING, (BUILDIMAGE,),
         "claimed: the build starts (a running build whose holder died starts over)",
+        fenced=True,
     ),
     Transition(
         Actor.RUNNER, (PENDING, PREPARING), PREPARING, (DEPLOY,),
         "claimed before Ghost's request: the container is launched ahead (unless the request came meanwhile)",
+        fenced=True,
     ),
     Transition(
         Actor.RUNNER, (PREPARING,), READY, (DEPLOY,),
         "prepared, or left for the run to launch (nothing to launch ahead, container.max_prepared, LXD failed "
         "the launch or stayed away): the lease is released until Ghost's request; never once a cancellation was asked",
+        fenced=True, releases=True, unless_cancel_requested=True,
     ),
     Transition(
         Actor.RUNNER, (REQUESTED, RUNNING), RUNNING, (DEPLOY,),
         "claimed on the requested host: the script runs (a running step whose holder died runs again)",
+        fenced=True,
     ),
-    Transition(Actor.RUNNER, (RUNNING,), SUCCEEDED, BOTH_KINDS, "the build or the script succeeded"),
+    Transition(
+        Actor.RUNNER, (RUNNING,), SUCCEEDED, BOTH_KINDS, "the build or the script succeeded",
+        fenced=True, releases=True,
+    ),
     Transition(
         Actor.RUNNER, HELD, FAILED, BOTH_KINDS,
         "the body failed, LXD stayed away, or the step used up its attempts",
+        fenced=True, releases=True,
     ),
     Transition(
         Actor.RUNNER, HELD, CANCELLED, BOTH_KINDS,
         "its holder was asked to cancel it (cancel_requested: seen at a renewal, or instead of releasing it ready)",
+        fenced=True, releases=True,
     ),
     Transition(
-        Actor.RUNNER, (PREPARING, REQUESTED, RUNNING), SKIPPED, (DEPLOY,), "the module has no such script"
+        Actor.RUNNER, (PREPARING, REQUESTED, RUNNING), SKIPPED, (DEPLOY,), "the module has no such script",
+        fenced=True, releases=True,
     ),
     # --- shutdown: the holder, out of time (a step whose move has no row keeps its state) ---
-    Transition(Actor.SHUTDOWN, (RUNNING,), PENDING, (BUILDIMAGE,), "the build was interrupted: the next start builds"),
     Transition(
-        Actor.SHUTDOWN, (PREPARING,), PENDING, (DEPLOY,), "the preparation was interrupted: the next start prepares"
+        Actor.SHUTDOWN, (RUNNING,), PENDING, (BUILDIMAGE,), "the build was interrupted: the next start builds",
+        fenced=True, releases=True,
+    ),
+    Transition(
+        Actor.SHUTDOWN, (PREPARING,), PENDING, (DEPLOY,), "the preparation was interrupted: the next start prepares",
+        fenced=True, releases=True,
     ),
     Transition(
         Actor.SHUTDOWN, (RUNNING,), REQUESTED, (DEPLOY,),
         "the script was interrupted: the next start on the requested host runs it again",
+        fenced=True, releases=True,
     ),
     # --- upkeep and operators ---
     Transition(
@@ -163,13 +189,17 @@ TRANSITIONS: tuple[Transition, ...] = (
         "prepared longer than container.prepared_max_age and not asked for yet: its container is removed, the step "
         "stays requestable (a long deploy may reach the module later; the run launches a new container), and the "
         "deploy job's end cancels it",
+        only_free=True, releases=True,
     ),
     Transition(Actor.REPLAY, NEW, PENDING, (BUILDIMAGE,), "replay of a buildimage job the daemon never recorded"),
-    Transition(Actor.REPLAY, TERMINAL, PENDING, (BUILDIMAGE,), "replay of a finished build: a new attempt, same id"),
+    Transition(
+        Actor.REPLAY, TERMINAL, PENDING, (BUILDIMAGE,), "replay of a finished build: a new attempt, same id",
+        releases=True,
+    ),
 )  # fmt: skip
 
 
-def transitions(actor: Actor, to_state: StepState | None = None, kind: str | None = None) -> list[Transition]:
+def transitions(actor: Actor, to_state: str | None = None, kind: str | None = None) -> list[Transition]:
     """The rows of `actor` (into `to_state`, for `kind`, when given)."""
     return [
         row
@@ -244,15 +274,22 @@ def claimable(kind: str) -> tuple[StepState, ...]:
     return tuple(state for state in StepState if state in found)
 
 
-def _claims_follow_the_table() -> None:
-    """Raise unless every claim candidate is a state the runner's rows move its kind(s) from."""
+def _check_table() -> None:
+    """Raise unless the table's rows agree with each other and with the claim candidates: every move into a
+    finished state frees the lease, only the holder's moves are fenced, and every claim candidate is a state
+    the runner's rows move its kind(s) from."""
+    for row in TRANSITIONS:
+        if row.from_states != NEW and row.to_state in TERMINAL and not row.releases:
+            raise ValueError(f"{row}: a move into a finished state frees the lease")
+        if row.fenced != (row.actor in (Actor.RUNNER, Actor.SHUTDOWN)):
+            raise ValueError(f"{row}: exactly the holder's moves (runner, shutdown) are fenced")
     for candidate in CLAIM_CANDIDATES:
         for kind in (candidate.kind,) if candidate.kind else BOTH_KINDS:
             if candidate.state not in claimable(kind):
                 raise ValueError(f"claim candidate {candidate.state} {kind}: the runner has no move from it")
 
 
-_claims_follow_the_table()
+_check_table()
 
 # --- container.max_prepared: who takes the last place ------------------------------------------
 
@@ -262,6 +299,52 @@ PREPARED_STATES = (PREPARING, READY)
 # Of steps deciding at the same moment (in this state, nothing recorded yet), those with a smaller id count
 # first, so two of them never both take the last place.
 DECIDING_STATE = PREPARING
+
+
+def _named(kind: str | None) -> str:
+    return f"{kind} step" if kind else "step"
+
+
+def move_rule(actor: Actor, to_state: str, kind: str | None = None) -> Transition:
+    """How `actor` moves a step of `kind` (None: of either kind) into `to_state` that exists already: its rows,
+    merged into one (their kinds joined). ValueError when the table has no such move, or when the rows disagree
+    on the from-states or on how the write is made (then the caller must say the kind).
+
+    A kind this version does not know (a record written by a newer one) moves only along rows for every kind.
+    """
+    if kind is None:
+        rows = transitions(actor, to_state)
+    elif kind in BOTH_KINDS:
+        rows = transitions(actor, to_state, kind)
+    else:
+        rows = [row for row in transitions(actor, to_state) if set(row.kinds) == set(BOTH_KINDS)]
+    rows = [row for row in rows if row.from_states != NEW]
+    if not rows:
+        raise ValueError(f"model.TRANSITIONS has no move by {actor} of a {_named(kind)} into {to_state}")
+    if len({dataclasses.replace(row, kinds=(), when="") for row in rows}) > 1:
+        raise ValueError(f"{actor} moves steps into {to_state} along several rows: name the kind")
+    kinds = tuple(each for each in StepKind if any(each in row.kinds for row in rows))
+    return dataclasses.replace(rows[0], kinds=kinds, when="; ".join(row.when for row in rows))
+
+
+def check_move(actor: Actor, from_state: str, to_state: str, kind: str | None = None) -> Transition:
+    """`move_rule`, and ValueError unless it moves a step from `from_state`: the message names the move."""
+    try:
+        rule = move_rule(actor, to_state, kind)
+    except ValueError as error:
+        raise ValueError(f"no move by {actor} of a {_named(kind)} from {from_state} to {to_state}: {error}") from None
+    if from_state not in rule.from_states:
+        raise ValueError(
+            f"no move by {actor} of a {_named(kind)} from {from_state} to {to_state} in model.TRANSITIONS "
+            f"(from {', '.join(rule.from_states)} only)"
+        )
+    return rule
+
+
+def check_creation(actor: Actor, state: str, kind: str) -> None:
+    """ValueError unless a row lets `actor` create a record of `kind` in `state`."""
+    if not any(row.from_states == NEW for row in transitions(actor, state, kind)):
+        raise ValueError(f"no move by {actor} creating a {_named(kind)} in {state} in model.TRANSITIONS")
 
 
 Member = TypeVar("Member", bound=enum.StrEnum)

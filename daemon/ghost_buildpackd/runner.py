@@ -12,8 +12,8 @@
   successor may take it. The renewer makes one bounded attempt per round.
 - Every write about a step is fenced on its lease token (StepContext.save); what
   an attempt makes in LXD carries its claim number and is never touched by an
-  earlier attempt. The states it writes are the runner's rows of the
-  transition table (model.py).
+  earlier attempt. Every state it writes is a `Store.move` along the
+  runner's or shutdown's rows of the transition table (model.py).
 - Host binding: a deploy script runs only on the host Ghost's worker asked
   on (`requested_host`, where its working copy is). A step still pending or
   preparing may be claimed by any host; when Ghost's request for another host
@@ -57,6 +57,7 @@ from .model import (
     SUCCEEDED,
     Actor,
     Step,
+    StepState,
     cancellation,
     next_state,
 )
@@ -468,9 +469,9 @@ class Runner:
             return
         log.warning("step_left_to_requested_host", requested_host=host, host=self.host, state=ctx.step.state)
 
-    def _save_unless_requested(self, ctx: StepContext, state: str, **fields: Any) -> bool:
+    def _save_unless_requested(self, ctx: StepContext, state: StepState, **fields: Any) -> bool:
         """Move to `state` unless the client requested the run meanwhile (then ctx.step says so)."""
-        updated = self.store.update_step(ctx.step, state=state, expect_state=ctx.step.state, **fields)
+        updated = self.store.move(ctx.step, Actor.RUNNER, state, expect_state=ctx.step.state, **fields)
         if updated is not None:
             ctx.step = updated
             return True
@@ -525,14 +526,8 @@ class Runner:
         step. `ready` is written only if nobody asked, so a request the renewer
         has not seen yet cannot be lost in a released step nobody claims.
         """
-        prepared = self.store.update_step(
-            ctx.step,
-            state=READY,
-            release=True,
-            expect_state=PREPARING,
-            unless_cancel_requested=True,
-            message=outcome.message,
-            **dict(outcome.fields),
+        prepared = self.store.move(
+            ctx.step, Actor.RUNNER, READY, expect_state=PREPARING, message=outcome.message, **dict(outcome.fields)
         )
         if prepared is not None:
             ctx.step = prepared
@@ -567,9 +562,11 @@ class Runner:
         Where it goes back to is the shutdown's row of the transition table; a
         step the client requested meanwhile keeps its request.
         """
-        state = next_state(Actor.SHUTDOWN, ctx.step.state, ctx.step.kind) or ctx.step.state
+        back = next_state(Actor.SHUTDOWN, ctx.step.state, ctx.step.kind)
         message = "interrupted by daemon shutdown; resumes"
-        released = ctx.store.update_step(
-            ctx.step, state=state, release=True, expect_state=ctx.step.state, message=message
-        ) or ctx.store.update_step(ctx.step, release=True, message=message)
-        log.warning("step_released_for_restart", state=released.state if released else state)
+        released = None
+        if back is not None:
+            released = ctx.store.move(ctx.step, Actor.SHUTDOWN, back, expect_state=ctx.step.state, message=message)
+        # No row, or the state moved meanwhile (a request): the state is kept, the lease released.
+        released = released or ctx.store.update_step(ctx.step, release=True, message=message)
+        log.warning("step_released_for_restart", state=released.state if released else back or ctx.step.state)

@@ -11,9 +11,9 @@ from pymongo import ReturnDocument
 
 from ghost_buildpackd.config import Config
 from ghost_buildpackd.lxd import Lxd
-from ghost_buildpackd.model import DEPLOY, PENDING, PREPARING, READY, REQUESTED, RUNNING, Step, step_id
+from ghost_buildpackd.model import DEPLOY, PENDING, PREPARING, READY, REQUESTED, RUNNING, TERMINAL, Actor, Step, step_id
 from ghost_buildpackd.steps import StepContext
-from ghost_buildpackd.store import Store, retry_transient, step_from_doc, utcnow
+from ghost_buildpackd.store import FREE_LEASE, Store, new_step_doc, retry_transient, step_from_doc, utcnow
 
 TEST_OWNER = "test-instance"
 TEST_LEASE_TTL = 600.0  # nothing renews the lease in these tests; long enough for any one step
@@ -133,6 +133,27 @@ def state_of(store: Store, sid: str) -> str | None:
     return step.state if step is not None else None
 
 
+def seed_step(
+    store: Store,
+    job_id: ObjectId,
+    kind: str,
+    module: str | None = None,
+    app_id: ObjectId | None = None,
+    state: str = PENDING,
+    message: str = "",
+) -> None:
+    """A step record in any `state`, nobody holding it, as if moves had brought it there (the transition table
+    lets nobody create a record running or finished: `Store.create_step` refuses)."""
+    doc = new_step_doc(job_id, kind, module, app_id, PENDING, message)
+    doc.update(state=state, times={"finished": doc["created_at"]} if state in TERMINAL else {})
+    store.steps.insert_one(doc)
+
+
+def back_to_pending(store: Store, sid: str) -> None:
+    """Put a finished deploy step back to pending, free, for a test's next phase (replay is for builds only)."""
+    store.steps.update_one({"_id": sid}, {"$set": {"state": PENDING, "lease": FREE_LEASE, "attempts": 0}})
+
+
 def finish_preparation(ctx: StepContext) -> None:
     """What the runner does after `prepare` returned `ready`: record it and release the lease."""
-    assert ctx.store.update_step(ctx.step, state=READY, release=True) is not None
+    assert ctx.store.move(ctx.step, Actor.RUNNER, READY) is not None

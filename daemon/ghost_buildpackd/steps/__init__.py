@@ -38,7 +38,7 @@ from ..lxd import (
     Mount,
     is_unavailable,
 )
-from ..model import BUILD_PACK, Step
+from ..model import BUILD_PACK, Actor, Step
 from ..policy import LIMITS
 from ..store import Store
 
@@ -98,7 +98,11 @@ class StepContext:
 
     def save(self, state: str | None = None, **fields: Any) -> Step:
         """Fenced write to the step record; raises LeaseLost when another instance holds it."""
-        updated = self.store.update_step(self.step, state=state, **fields)
+        updated = (
+            self.store.move(self.step, Actor.RUNNER, state, **fields)
+            if state
+            else self.store.update_step(self.step, **fields)
+        )
         if updated is None:
             self.abort.set()
             raise LeaseLost(self.step.id)

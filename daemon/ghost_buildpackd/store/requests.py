@@ -20,15 +20,15 @@ from ..model import (
     PENDING,
     READY,
     REQUESTED,
-    RUNNING,
     Actor,
     Step,
+    StepState,
     cancellation,
-    from_states,
+    move_rule,
     step_id,
 )
 from .connection import retry_transient
-from .steps import FREE_LEASE, StepRecords, new_step_doc, step_from_doc
+from .steps import StepRecords, new_step_doc, step_from_doc
 
 
 class StepRequests(StepRecords):
@@ -51,25 +51,21 @@ class StepRequests(StepRecords):
         the request and ends the step itself, or released it before, and the
         step is free for the cancellation that follows. Either way the end wins.
         """
-        states = from_states(actor, CANCELLED, query.get("kind"))
-        active = {**query, "state": {"$in": list(states)}}
+        kind = query.get("kind")
+        states = move_rule(actor, CANCELLED, kind).from_states  # the states the table lets `actor` cancel from
         self.steps.update_many(
-            active,
+            {**query, "state": {"$in": list(states)}},
             {"$set": {"cancel_requested": True, "cancel_reason": reason}, "$currentDate": {"updated_at": True}},
         )
-        free = {**query, "lease.expires_at": {"$lt": self.server_now()}}
+        # The message says whether the script had started (a running one is stopped): one write per message.
+        by_message: dict[str, list[StepState]] = {}
+        for state in states:
+            by_message.setdefault(cancellation(reason, state), []).append(state)
+        now = self.server_now()
         cancelled = 0
-        for started in (False, True):  # the message says whether the script had started (a running one is stopped)
-            which = [state for state in states if (state == RUNNING) == started]
-            if not which:
-                continue
-            cancelled += self.steps.update_many(
-                {**free, "state": {"$in": list(which)}},
-                {
-                    "$set": {"state": CANCELLED, "message": cancellation(reason, which[0]), "lease": FREE_LEASE},
-                    "$currentDate": {"updated_at": True, "times.finished": True},
-                },
-            ).modified_count
+        for message, which in by_message.items():
+            _, free, update = self._moving(actor, CANCELLED, kind, {"message": message}, which, now)
+            cancelled += self.steps.update_many({**query, **free}, update).modified_count
         return cancelled
 
     @retry_transient
@@ -83,15 +79,12 @@ class StepRequests(StepRecords):
         client then reports its outcome).
         """
         sid = step_id(job_id, DEPLOY, module, script)
-        waiting = {"_id": sid, "state": {"$in": list(from_states(Actor.CLIENT, REQUESTED))}}
-        request = {
-            "$set": {"state": REQUESTED, "requested_host": host},
-            "$currentDate": {"updated_at": True, "times.requested": True},
-        }
+        _, waiting, request = self._moving(Actor.CLIENT, REQUESTED, DEPLOY, {"requested_host": host})
+        waiting["_id"] = sid
         # Usually the daemon made the record at job start: one round trip.
         doc = self.steps.find_one_and_update(waiting, request, return_document=ReturnDocument.AFTER)
         if doc is None:
-            self.create_step(job_id, DEPLOY, module, app_id=app_id, script=script)
+            self.create_step(job_id, DEPLOY, module, app_id=app_id, script=script, actor=Actor.CLIENT)
             doc = self.steps.find_one_and_update(waiting, request, return_document=ReturnDocument.AFTER)
             doc = doc or self.steps.find_one({"_id": sid})
         if doc is None:  # removed between our insert and read: nothing to wait on, and Ghost must hear it
@@ -102,7 +95,9 @@ class StepRequests(StepRecords):
     def request_build(self, job_id: ObjectId, app_id: ObjectId | None, host: str) -> Step:
         """Ghost's buildimage job asks for its container build now, on `host`: the step is made at once
         (the job is still `started`), or found as it is (one build per job, whoever made it first)."""
-        doc = new_step_doc(job_id, BUILDIMAGE, None, app_id, PENDING, "requested by Ghost's buildimage job")
+        doc = new_step_doc(
+            job_id, BUILDIMAGE, None, app_id, PENDING, "requested by Ghost's buildimage job", actor=Actor.CLIENT
+        )
         doc["requested_host"] = host
         with contextlib.suppress(DuplicateKeyError):  # made by the intake, an earlier request, or a replay
             self.steps.insert_one(doc)
@@ -121,20 +116,17 @@ class StepRequests(StepRecords):
         them too: `remove_leftovers`).
         """
         now = self.server_now()  # updated_at and lease expiry are on the server's clock
+        fields = {"container": None, "message": reason}
+        _, free, update = self._moving(Actor.SWEEP, READY, DEPLOY, fields, now=now)
         stale = {
-            "state": {"$in": list(from_states(Actor.SWEEP, READY))},
+            "state": free["state"],
             "container": {"$type": "string"},
             "updated_at": {"$lt": now - timedelta(seconds=max_age)},
         }
         expired = []
         for found in self.steps.find(stale, {"_id": 1}):
             doc = self.steps.find_one_and_update(
-                {**stale, "_id": found["_id"], "lease.expires_at": {"$lt": now}},
-                {
-                    "$set": {"state": READY, "container": None, "message": reason, "lease": FREE_LEASE},
-                    "$currentDate": {"updated_at": True},
-                },
-                return_document=ReturnDocument.BEFORE,
+                {**stale, **free, "_id": found["_id"]}, update, return_document=ReturnDocument.BEFORE
             )
             if doc:
                 expired.append(step_from_doc(doc))
@@ -147,19 +139,7 @@ class StepRequests(StepRecords):
 
     @retry_transient
     def reset_step_for_replay(self, sid: str) -> bool:
-        """`replay`: put a finished step back to pending (a new attempt, same id)."""
-        result = self.steps.update_one(
-            {"_id": sid, "state": {"$in": list(from_states(Actor.REPLAY, PENDING))}},
-            {
-                "$set": {
-                    "state": PENDING,
-                    "message": "replay requested",
-                    "lease": FREE_LEASE,
-                    "attempts": 0,
-                    "cancel_requested": False,
-                    "exit_code": None,
-                },
-                "$currentDate": {"updated_at": True},
-            },
-        )
-        return result.modified_count == 1
+        """`replay`: put a finished build back to pending (a new attempt, same id)."""
+        fields = {"message": "replay requested", "attempts": 0, "cancel_requested": False, "exit_code": None}
+        _, finished, update = self._moving(Actor.REPLAY, PENDING, None, fields)
+        return self.steps.update_one({**finished, "_id": sid}, update).modified_count == 1

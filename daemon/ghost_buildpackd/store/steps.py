@@ -15,16 +15,23 @@ from pymongo.errors import DuplicateKeyError
 
 from ..model import (
     ACTIVE,
+    BOTH_KINDS,
     BUILD_PACK,
     BUILDIMAGE,
     PENDING,
+    REQUESTED,
     RUNNING,
     TERMINAL,
+    Actor,
     Script,
     Step,
     StepKind,
     StepState,
+    Transition,
+    check_creation,
+    check_move,
     known,
+    move_rule,
     step_id,
 )
 from .clock import Clock
@@ -34,6 +41,18 @@ from .connection import retry_transient, utcnow
 # "free" is one comparison (`lease.expires_at < now`) for every query and index.
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 FREE_LEASE = {"owner": None, "token": None, "expires_at": EPOCH}
+# When a step entered these states, kept in `times` (any finished state: `times.finished`).
+ENTERED = {RUNNING: "times.started", REQUESTED: "times.requested"}
+
+
+def stamps(state: str) -> dict[str, bool]:
+    """The `$currentDate` of a move into `state`: `updated_at`, and when the step entered it where that is kept."""
+    stamped = {"updated_at": True}
+    if state in TERMINAL:
+        stamped["times.finished"] = True
+    elif state in ENTERED:
+        stamped[ENTERED[StepState(state)]] = True
+    return stamped
 
 
 def step_from_doc(doc: Mapping[str, Any]) -> Step:
@@ -76,8 +95,11 @@ def new_step_doc(
     state: str,
     message: str,
     script: str = BUILD_PACK,
+    actor: Actor = Actor.INTAKE,
 ) -> dict[str, Any]:
-    """A step record as it is first written (`script` only on a deploy step of another script than build_pack)."""
+    """A step record as `actor` first writes it (`script` only on a deploy step of another script than
+    build_pack); ValueError when the table has no row for `actor` creating it in `state`."""
+    check_creation(actor, state, kind)
     now = utcnow()
     doc = {
         "_id": step_id(job_id, kind, module, script),
@@ -111,10 +133,12 @@ class StepRecords(Clock):
         state: str = PENDING,
         message: str = "",
         script: str = BUILD_PACK,
+        actor: Actor = Actor.INTAKE,
     ) -> bool:
-        """Insert the step record; False when it already exists (a replayed event is harmless)."""
+        """Insert the step record as `actor` makes it; False when it already exists (a replayed event is harmless)."""
+        doc = new_step_doc(job_id, kind, module, app_id, state, message, script, actor)  # checked first
         try:
-            self.steps.insert_one(new_step_doc(job_id, kind, module, app_id, state, message, script))
+            self.steps.insert_one(doc)
         except DuplicateKeyError:
             return False
         return True
@@ -180,52 +204,87 @@ class StepRecords(Clock):
         pipeline = [{"$match": {"documentKey._id": sid, "operationType": {"$in": ["insert", "update", "replace"]}}}]
         return self.steps.watch(pipeline, max_await_time_ms=int(max_await * 1000))
 
-    @retry_transient
-    def update_step(
+    # --- state writes: every one is built from the transition table ------------------------
+
+    def _moving(
         self,
-        step: Step,
-        state: str | None = None,
-        release: bool = False,
-        expect_state: str | None = None,
-        unless_cancel_requested: bool = False,
-        **fields: Any,
-    ) -> Step | None:
-        """A fenced write: applies only while `step`'s lease token is still the record's.
+        actor: Actor,
+        to_state: StepState,
+        kind: str | None,
+        fields: Mapping[str, Any],
+        from_states: Iterable[str] | None = None,
+        now: datetime | None = None,
+    ) -> tuple[Transition, dict[str, Any], dict[str, Any]]:
+        """The move's row, and the filter and update that make it (the caller adds which step, and the lease
+        token of a fenced move): ValueError, before any MongoDB call, for a move `model.TRANSITIONS` lacks.
 
-        Terminal states release the lease and stamp `times.finished`; `running`
-        stamps `times.started`. With `expect_state`, it also applies only if the
-        state is still that one (the client may have moved it meanwhile); with
-        `unless_cancel_requested`, only if nobody asked for the step's
-        cancellation (the holder then ends it instead).
-        Returns the new record, or None if the lease was lost, the state moved
-        or a cancellation was asked for.
-
-        A write that sets a state and releases the lease (an outcome, `ready`,
-        a release at shutdown) is idempotent: retried after an outage that lost
-        its acknowledgement, it finds the token gone because it applied, and
-        reports success when the record holds what it wrote (`_written_by`).
+        `from_states` narrows the row's from-states (each must be one of them);
+        the filter then takes a step only in one of those. `kind` None: a
+        query over steps of either kind, which takes only the row's kinds.
         """
+        if "state" in fields or "lease" in fields:
+            raise ValueError("a move sets the state and the lease itself")
+        rule = move_rule(actor, to_state, kind)
+        states = tuple(rule.from_states if from_states is None else from_states)
+        for state in states:
+            check_move(actor, state, to_state, kind)
+        query: dict[str, Any] = {"state": {"$in": list(states)}}
+        if kind is None and set(rule.kinds) != set(BOTH_KINDS):
+            query["kind"] = {"$in": list(rule.kinds)}
+        if rule.only_free:
+            query["lease.expires_at"] = {"$lt": now or self.server_now()}
+        if rule.unless_cancel_requested:
+            query["cancel_requested"] = {"$ne": True}
+        changes = {**fields, "state": to_state, **({"lease": FREE_LEASE} if rule.releases else {})}
+        return rule, query, {"$set": changes, "$currentDate": stamps(to_state)}
+
+    @retry_transient
+    def move(
+        self, step: Step, actor: Actor, to_state: StepState, expect_state: str | None = None, **fields: Any
+    ) -> Step | None:
+        """Move `step` into `to_state` as `actor`, writing `fields` with it, along its row of the table.
+
+        The write applies only while the record is in one of the row's
+        from-states (in `expect_state`, when given: the state the caller read,
+        which another actor may have changed meanwhile), under `step`'s lease
+        token for the holder's moves, and only if nobody asked for the step's
+        cancellation where the row says so. Running stamps `times.started`,
+        finished states `times.finished`; moves that free the lease free it.
+        Returns the new record, or None when the lease was lost, the state
+        moved or a cancellation was asked for. A move the table lacks (from
+        `expect_state`, else the state `step` was read in) raises ValueError
+        before any MongoDB call.
+
+        A move that frees the lease is idempotent: retried after an outage that
+        lost its acknowledgement, it finds the token gone because it applied,
+        and reports success when the record holds what it wrote (`_written_by`).
+        """
+        read = expect_state or step.state
+        check_move(actor, read, to_state, step.kind)
+        rule, query, update = self._moving(actor, to_state, step.kind, fields, (read,) if expect_state else None)
+        query["_id"] = step.id
+        if rule.fenced:
+            query["lease.token"] = step.lease_token
+        doc = self.steps.find_one_and_update(query, update, return_document=ReturnDocument.AFTER)
+        if doc is None and rule.fenced and rule.releases:
+            return self._written_by(step, to_state, fields)
+        return step_from_doc(doc) if doc else None
+
+    @retry_transient
+    def update_step(self, step: Step, release: bool = False, **fields: Any) -> Step | None:
+        """A fenced write that changes no state (progress fields, or a release with the state kept): applies
+        only while `step`'s lease token is still the record's. Returns the new record, or None if the lease
+        was lost. A state is written only by `move`."""
+        if "state" in fields:
+            raise ValueError("update_step writes no state: a state is written by move(), along model.TRANSITIONS")
         changes: dict[str, Any] = dict(fields)
-        stamps: dict[str, bool] = {"updated_at": True}
-        if state:
-            changes["state"] = state
-            if state in TERMINAL:
-                release = True
-                stamps["times.finished"] = True
-            elif state == RUNNING:
-                stamps["times.started"] = True
         if release:
             changes["lease"] = FREE_LEASE
-        query: dict[str, Any] = {"_id": step.id, "lease.token": step.lease_token}
-        if expect_state:
-            query["state"] = expect_state
-        if unless_cancel_requested:
-            query["cancel_requested"] = {"$ne": True}
         doc = self.steps.find_one_and_update(
-            query, {"$set": changes, "$currentDate": stamps}, return_document=ReturnDocument.AFTER
+            {"_id": step.id, "lease.token": step.lease_token},
+            {"$set": changes, "$currentDate": {"updated_at": True}},
+            return_document=ReturnDocument.AFTER,
         )
-        if doc is None and state and release:
-            return self._written_by(step, state, fields)
         return step_from_doc(doc) if doc else None
 
     def _written_by(self, step: Step, state: str, fields: Mapping[str, Any]) -> Step | None:
