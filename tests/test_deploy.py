@@ -18,7 +18,6 @@ from bson import ObjectId
 from pymongo.database import Database
 from structlog.testing import capture_logs
 
-from ghost_buildpackd import runner as runner_module
 from ghost_buildpackd.client import run_buildpack
 from ghost_buildpackd.config import Config
 from ghost_buildpackd.daemon import Daemon
@@ -42,6 +41,7 @@ from ghost_buildpackd.model import (
 )
 from ghost_buildpackd.policy import LIMITS
 from ghost_buildpackd.runner import Bodies, Runner
+from ghost_buildpackd.runner import execute as runner_module
 from ghost_buildpackd.steps import Outcome, StepContext, StepFailed, container_name, deploy, run_after_outcome
 from ghost_buildpackd.store import Store
 from ghost_buildpackd.sweep import sweep_orphans

@@ -11,7 +11,7 @@ from datetime import UTC, datetime, timedelta
 from ..logs import get_logger
 from .connection import Connection, utcnow
 
-log = get_logger(__name__)
+log = get_logger(__package__)
 
 # A reading of the server's clock is off by up to half its round trip: a slower one does not replace a
 # reading already taken (the lease margin, at least 1 s, covers half of this).

@@ -21,10 +21,7 @@ from pymongo.errors import (
     ServerSelectionTimeoutError,
 )
 
-from ..logs import get_logger
 from ..policy import MONGODB_RETRY, retrying
-
-log = get_logger(__name__)
 
 STEPS, IMAGES, STATE, INSTANCES = "container_steps", "container_images", "buildpackd_state", "buildpackd_instances"
 # The base images Ghost's UI may offer, one document (BASE_IMAGES_ID) that Ghost's patched libs/lxd.py reads

@@ -12,10 +12,7 @@ from typing import Any
 from bson import ObjectId
 from pymongo.errors import DuplicateKeyError
 
-from ..model import (
-    ACTIVE,
-    BUILDIMAGE,
-)
+from ..model import ACTIVE, BUILDIMAGE
 from .connection import BASE_IMAGES_ID, Connection, retry_transient
 
 

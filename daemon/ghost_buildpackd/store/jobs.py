@@ -17,18 +17,14 @@ from bson import ObjectId
 from pymongo.database import Database
 
 from ..logs import get_logger
-from ..model import (
-    BUILD_PACK,
-    PENDING,
-    Step,
-)
+from ..model import BUILD_PACK, PENDING, Step
 from .connection import Connection, described, retry_transient
 from .steps import new_step_doc, step_from_doc
 
 if TYPE_CHECKING:  # the composed store: a batch asks it for what this part lacks
     from . import Store
 
-log = get_logger(__name__)
+log = get_logger(__package__)
 
 CATCH_UP_BATCH = 500  # jobs a catch-up scan decides per bulk read of their steps and apps
 # What intake reads of a change event on jobs (`_id`, the resume token, is always kept).
