@@ -35,7 +35,7 @@ from ghost_buildpackd.steps import (
     step_tags,
 )
 from ghost_buildpackd.store import Store
-from ghost_buildpackd.templates import TAG_TEMPLATE, template_name
+from ghost_buildpackd.upkeep.templates import TAG_TEMPLATE, template_name
 from tests.conftest import WORKING_COPY_IDS, leftover_containers
 from tests.support.daemon import DaemonProcess
 from tests.support.ghost import b64, finish_buildimage, make_app, make_job, set_status

@@ -44,7 +44,7 @@ from ghost_buildpackd.policy import LIMITS
 from ghost_buildpackd.runner import Bodies, Runner
 from ghost_buildpackd.steps import Outcome, StepContext, StepFailed, container_name, deploy, run_after_outcome
 from ghost_buildpackd.store import Store
-from ghost_buildpackd.sweep import sweep_orphans
+from ghost_buildpackd.upkeep.sweep import sweep_orphans
 from tests.conftest import WORKING_COPY_IDS, leftover_containers
 from tests.support.ghost import b64, make_app, make_job, module_doc, set_status
 from tests.support.lxd_relay import LxdRelay

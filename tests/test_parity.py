@@ -29,9 +29,9 @@ from ghost_buildpackd.config import ConfigError, config_from_mapping
 from ghost_buildpackd.ghost import BadDocument, choose_module_script, ghost_b64decode, parse_app, parse_job
 from ghost_buildpackd.lxd import ContainerSpec, Lxd
 from ghost_buildpackd.model import BUILDIMAGE, FAILED, SUCCEEDED, step_id
-from ghost_buildpackd.retention import Ec2Inventory, GhostInventory
 from ghost_buildpackd.steps import StepFailed, buildimage, looks_unprivileged
 from ghost_buildpackd.store import ImageRecord
+from ghost_buildpackd.upkeep.inventory import Ec2Inventory, GhostInventory
 from tests.conftest import GHOST_CONFIG_WITH_CONTAINERS, WORKING_COPY_IDS, leftover_containers
 from tests.support.daemon import DaemonProcess
 from tests.support.ghost import b64, finish_buildimage, make_app, make_job, module_doc, set_status

@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 
 from ghost_buildpackd.lxd import TAG_STEP, ContainerInfo, ContainerSpec, Lxd
-from ghost_buildpackd.templates import (
+from ghost_buildpackd.upkeep.templates import (
     TAG_COPY,
     TAG_DELETING,
     TAG_TEMPLATE,
@@ -328,7 +328,7 @@ class OtherInstance:
         "from ghost_buildpackd.config import LxdConfig\n"
         "from ghost_buildpackd.lxd import Lxd\n"
         "from ghost_buildpackd.logs import get_logger\n"
-        "from ghost_buildpackd.templates import remove_templates_of\n"
+        "from ghost_buildpackd.upkeep.templates import remove_templates_of\n"
         "lxd = Lxd(LxdConfig(timeout=60))\n"
         "print('ready', flush=True)\n"
         "fingerprint = sys.stdin.readline().strip()\n"

@@ -126,11 +126,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             return check_status(config, sys.stdout, as_json=args.json, thresholds=thresholds)
         return show_status(config, sys.stdout, as_json=args.json, last=args.last)
     if args.command == "reconcile":
-        from .retention import reconcile_command
+        from .operator_commands import reconcile_command
 
         return reconcile_command(config, sys.stdout, dry_run=args.dry_run, app_id=args.app)
     if args.command == "replay":
-        from .daemon import replay_job
+        from .operator_commands import replay_job
 
         return replay_job(config, args.job_id, sys.stdout)
     raise AssertionError(args.command)

@@ -19,7 +19,6 @@ import zlib
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from .. import templates
 from ..config import Config
 from ..joblog import JobLog, OutputCollector
 from ..logs import Logger
@@ -41,6 +40,7 @@ from ..lxd import (
 from ..model import BUILD_PACK, Step
 from ..policy import LIMITS
 from ..store import Store
+from ..upkeep import templates
 
 SCRIPT_DIR = "/var/lib/ghost-buildpackd"  # where scripts are put inside containers
 COMMAND_NOT_FOUND = "Command not found"  # how LXD reports an exec whose command exits 127

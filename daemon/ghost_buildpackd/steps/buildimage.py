@@ -29,7 +29,6 @@ from typing import Any, TypeVar
 
 from bson import ObjectId
 
-from .. import templates
 from ..config import PLACEHOLDER_ANSIBLE_VERBOSITY, PLACEHOLDER_LOG_LEVEL, PLACEHOLDER_VENV, Config
 from ..ghost import PROVISIONERS, App, BadDocument, Job, containers_off, parse_app, parse_job
 from ..images import BuildOrder, ImageNotFound, base_image, build_order, is_job_alias, keeps_newer_build
@@ -37,6 +36,7 @@ from ..logs import Secrets
 from ..lxd import IMAGE_PROP_CLAIM, IMAGE_PROP_JOB, ContainerSpec, ImageInfo, Mount
 from ..model import BUILDIMAGE, SUCCEEDED
 from ..store import ImageRecord, utcnow
+from ..upkeep import templates
 from . import (
     SCRIPT_DIR,
     LeaseLost,

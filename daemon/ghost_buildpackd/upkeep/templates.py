@@ -47,8 +47,8 @@ import zlib
 from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
 
-from .logs import Logger
-from .lxd import TAG_PREFIX, ContainerInfo, ContainerSpec, Lxd, is_unavailable
+from ..logs import Logger
+from ..lxd import TAG_PREFIX, ContainerInfo, ContainerSpec, Lxd, is_unavailable
 
 TAG_TEMPLATE = TAG_PREFIX + "template"  # on a template: the fingerprint of its image
 TAG_USED = TAG_TEMPLATE + "-used"  # wall-clock time (epoch seconds) of the last copy's start, or of its making
