@@ -22,8 +22,8 @@ from typing import TextIO
 import pymongo
 
 from .config import PUBLISH_COMPRESSORS, Config, buildpack_waits, waits_fit
-from .ghost import NO_SOURCE_IMAGE
-from .ghost_config import DEFAULT_GHOST_CONFIG, GHOST_MONGO_DBNAME
+from .ghost.config_yml import DEFAULT_GHOST_CONFIG, GHOST_MONGO_DBNAME
+from .ghost.documents import NO_SOURCE_IMAGE
 from .images import ImageNotFound, is_job_alias, local_base_image
 from .lxd import ContainerSpec, ImageInfo, Lxd
 from .model import FAILED

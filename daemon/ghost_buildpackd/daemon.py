@@ -35,7 +35,7 @@ from pymongo.errors import PyMongoError
 from . import __version__
 from .config import Config
 from .events import COMMANDS, ChangeStreamSource, Intake, PollSource, StartupError, choose_event_mode
-from .ghost import BadDocument, parse_object_id
+from .ghost.fields import BadDocument, parse_object_id
 from .images import selectable_base_images
 from .logs import get_logger
 from .lxd import Lxd

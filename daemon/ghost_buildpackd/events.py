@@ -24,7 +24,8 @@ from bson import ObjectId
 from pymongo.errors import OperationFailure, PyMongoError
 
 from .config import Config
-from .ghost import BadDocument, Job, built_image, containers_off, parse_app, parse_job
+from .ghost.documents import Job, built_image, containers_off, parse_app, parse_job
+from .ghost.fields import BadDocument
 from .logs import get_logger
 from .metrics import MetricsRecorder
 from .model import BUILDIMAGE, DEPLOY, FAILED, REDEPLOY, Step, step_id

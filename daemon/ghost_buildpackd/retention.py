@@ -29,7 +29,8 @@ from typing import Any, Protocol, TextIO
 from bson import ObjectId
 
 from .config import Config
-from .ghost import AssumedRole, BadDocument, parse_app, parse_job, parse_object_id
+from .ghost.documents import AssumedRole, parse_app, parse_job
+from .ghost.fields import BadDocument, parse_object_id
 from .images import is_job_alias, named_image
 from .logs import get_logger
 from .lxd import ImageInfo, Lxd

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from ..ghost_config import (
+from ..ghost.config_yml import (
     DEFAULT_GHOST_CONFIG,
     GhostConfigError,
     GhostSettings,
@@ -159,7 +159,7 @@ def resolve_ghost_settings(
     | buildpack.build_wait         | rq_worker_job_timeout x 1/6       | 10m (of 3600 s)         |
 
     `mongodb.database` is Ghost's `apitest` unless the daemon's file sets it (settings.py hard-codes it).
-    Ghost's `container.enabled` has no daemon key: off, no container step is made (`ghost.containers_off`).
+    Ghost's `container.enabled` has no daemon key: off, no container step is made (`ghost.documents.containers_off`).
     """
     env = {} if env is None else env
     container, lxd, retention, mongodb, buildpack = (

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ..ghost_config import GHOST_DEFAULT_RQ_JOB_TIMEOUT, GHOST_MONGO_DBNAME, GhostSettings
+from ..ghost.config_yml import GHOST_DEFAULT_RQ_JOB_TIMEOUT, GHOST_MONGO_DBNAME, GhostSettings
 from ..value_parsers import (
     UNIX_ENDPOINT,
     Invalid,

@@ -22,7 +22,7 @@ from typing import Any
 
 import yaml
 
-from .value_parsers import one_of, positive_int
+from ..value_parsers import one_of, positive_int
 
 DEFAULT_GHOST_CONFIG = Path("/usr/local/share/ghost/config.yml")
 # Ghost's `container.endpoint` meaning "this host's LXD": images are local.
