@@ -33,9 +33,9 @@ from tests.support.daemon import DaemonProcess
 from tests.support.mongo import ExternalMongo, MongoServer, ReplicaSetMongo, mongod_build
 from tests.support.waiting import wait_until
 
-from ghost_buildpackd.client import run_buildpack
 from ghost_buildpackd.config import ENV_MONGODB_URI, LxdConfig
-from ghost_buildpackd.ghost import BadDocument
+from ghost_buildpackd.ghost.client import run_buildpack
+from ghost_buildpackd.ghost.fields import BadDocument
 from ghost_buildpackd.logs import configure_logging
 from ghost_buildpackd.lxd import Lxd
 from ghost_buildpackd.model import Step, step_id
@@ -165,7 +165,7 @@ class Demo:
         for path in (working_copy, working_copy / "app.src"):
             os.chown(path, *OWNER)
         say(f"Ghost cloned the module into {working_copy} (owner {OWNER[0]}:{OWNER[1]})")
-        say("Ghost's worker calls ghost_buildpackd.client.run_buildpack(db, job_id, 'site') ...")
+        say("Ghost's worker calls ghost_buildpackd.ghost.client.run_buildpack(db, job_id, 'site') ...")
         started = time.monotonic()
         result = run_buildpack(self.ghost_db, job, "site", timeout=180, poll_interval=0.5)
         say(f"-> {result.state} (exit code {result.exit_code}) in {time.monotonic() - started:.2f}s")

@@ -21,7 +21,7 @@ from bson import ObjectId
 from pymongo.database import Database
 
 from ghost_buildpackd.config import Config
-from ghost_buildpackd.ghost import BadDocument
+from ghost_buildpackd.ghost.fields import BadDocument
 from ghost_buildpackd.logs import configure_logging
 from ghost_buildpackd.lxd import IMAGE_PROP_JOB, TAG_JOB, ContainerSpec, ImageInfo, Lxd
 from ghost_buildpackd.model import BUILDIMAGE, FAILED, SUCCEEDED, step_id

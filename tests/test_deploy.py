@@ -19,11 +19,11 @@ from pymongo.database import Database
 from structlog.testing import capture_logs
 
 from ghost_buildpackd import runner as runner_module
-from ghost_buildpackd.client import run_buildpack
 from ghost_buildpackd.config import Config
 from ghost_buildpackd.daemon import Daemon
 from ghost_buildpackd.events import Intake
-from ghost_buildpackd.ghost import BadDocument
+from ghost_buildpackd.ghost.client import run_buildpack
+from ghost_buildpackd.ghost.fields import BadDocument
 from ghost_buildpackd.logs import get_logger
 from ghost_buildpackd.lxd import Lxd
 from ghost_buildpackd.model import (

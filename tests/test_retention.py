@@ -21,7 +21,7 @@ from bson import ObjectId
 from pymongo.database import Database
 
 from ghost_buildpackd.config import Config, ConfigError, config_from_mapping
-from ghost_buildpackd.ghost import parse_app
+from ghost_buildpackd.ghost.documents import parse_app
 from ghost_buildpackd.lxd import ContainerSpec, Lxd
 from ghost_buildpackd.model import RUNNING, SUCCEEDED, step_id
 from ghost_buildpackd.operator_commands import reconcile_command

@@ -99,13 +99,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"  {problem}", file=sys.stderr)
         return EXIT_CONFIG
     if args.command == "buildpack":
-        from .buildpack_command import buildpack_command
+        from .ghost.commands import buildpack_command
 
         # Its output lands in Ghost's job log: only the outcome line, and errors.
         configure_logging(config.log.format, "error")
         return buildpack_command(config, args.job_id, args.module, args.script, args.timeout, sys.stdout)
     if args.command == "buildimage":
-        from .buildpack_command import buildimage_command
+        from .ghost.commands import buildimage_command
 
         configure_logging(config.log.format, "error")  # as for buildpack: its output lands in Ghost's job log
         return buildimage_command(config, args.job_id, args.timeout, sys.stdout)

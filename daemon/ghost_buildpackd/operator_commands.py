@@ -11,7 +11,7 @@ from typing import IO, TextIO
 
 from .config import Config
 from .daemon import connect_store
-from .ghost import BadDocument, parse_object_id
+from .ghost.fields import BadDocument, parse_object_id
 from .lxd import Lxd
 from .model import BUILDIMAGE, step_id
 from .status import table

@@ -40,7 +40,7 @@ from bson import ObjectId
 from pymongo.errors import PyMongoError
 
 from .config import Config
-from .ghost import BadDocument
+from .ghost.fields import BadDocument
 from .logs import get_logger
 from .lxd import Lxd, LxdUnavailable, is_unavailable, raised_by_lxd
 from .metrics import MetricsRecorder

@@ -15,7 +15,8 @@ from typing import Any, Protocol
 from bson import ObjectId
 from pymongo.errors import PyMongoError
 
-from ..ghost import BadDocument, Job, built_image, containers_off, parse_app, parse_job
+from ..ghost.documents import Job, built_image, containers_off, parse_app, parse_job
+from ..ghost.fields import BadDocument
 from ..logs import get_logger
 from ..model import BUILDIMAGE, DEPLOY, FAILED, REDEPLOY, Step, step_id
 from ..store import Store

@@ -30,7 +30,8 @@ from typing import Any, TypeVar
 from bson import ObjectId
 
 from ..config import PLACEHOLDER_ANSIBLE_VERBOSITY, PLACEHOLDER_LOG_LEVEL, PLACEHOLDER_VENV, Config
-from ..ghost import PROVISIONERS, App, BadDocument, Job, containers_off, parse_app, parse_job
+from ..ghost.documents import PROVISIONERS, App, Job, containers_off, parse_app, parse_job
+from ..ghost.fields import BadDocument
 from ..images import BuildOrder, ImageNotFound, base_image, build_order, is_job_alias, keeps_newer_build
 from ..logs import Secrets
 from ..lxd import IMAGE_PROP_CLAIM, IMAGE_PROP_JOB, ContainerSpec, ImageInfo, Mount

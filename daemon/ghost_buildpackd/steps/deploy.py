@@ -26,7 +26,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from ..ghost import App, BadDocument, Module, ModuleScript, containers_off, parse_app, parse_job
+from ..ghost.documents import App, Module, containers_off, parse_app, parse_job
+from ..ghost.fields import BadDocument
+from ..ghost.scripts import ModuleScript
 from ..images import ImageNotFound, deploy_image
 from ..joblog import OutputCollector
 from ..logs import Secrets

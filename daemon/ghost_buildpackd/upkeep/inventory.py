@@ -21,7 +21,8 @@ from typing import Any, Protocol
 from bson import ObjectId
 
 from ..config import Config
-from ..ghost import AssumedRole, BadDocument, parse_app, parse_job
+from ..ghost.documents import AssumedRole, parse_app, parse_job
+from ..ghost.fields import BadDocument
 from ..logs import get_logger
 from ..store import ImageRecord, Store
 
