@@ -13,6 +13,7 @@ from ..images import ImageNotFound, is_job_alias, local_base_image
 from ..lxd import ContainerSpec, ImageInfo, Lxd
 from ..steps import idmap_user_ids
 from ..store import Store
+from ..upkeep.templates import kept_templates
 from .host import SUBGID, SUBUID, subid_allows
 from .result import CheckResult, fail, ok, warn
 
@@ -47,6 +48,7 @@ def lxd_checks(config: Config, store: Store | None, report: Callable[[CheckResul
     else:
         report(ok("lxd storage", f"pools: {', '.join(pools)}"))
         report(storage_cost_check(config, root))
+    report(kept_templates_check(config, lxd))
     report(probe_container_check(config, lxd, store))
     # A server may hold several pools: what bounds a container's disk is the one its profiles name.
     report(limits_check(config, root[1] if isinstance(root, tuple) else info["storage"]))
@@ -135,6 +137,23 @@ def storage_cost_check(config: Config, found: tuple[str, str] | Exception | None
         "lxd storage pool",
         f"{pool}: {driver}, every container {cost}; btrfs/zfs make it a snapshot; "
         "container.max_prepared bounds the containers launched ahead)",
+    )
+
+
+def kept_templates_check(config: Config, lxd: Lxd) -> CheckResult:
+    """What LXD holds on purpose: the template containers (kept, not leftovers), their images and sizes."""
+    try:
+        templates = kept_templates(lxd)
+    except Exception as error:  # the probe container check says whether LXD answers at all
+        return warn("lxd kept", f"cannot list the template containers: {error}", "see the lxd checks")
+    if not templates:
+        return ok("lxd kept", f"no template container yet (at most {config.container.templates}: container.templates)")
+    images = sorted({(t.image[:12], t.image_size) for t in templates})
+    sizes = ", ".join(f"{image} ({'gone' if size is None else f'{size / 2**20:.1f} MiB'})" for image, size in images)
+    return ok(
+        "lxd kept",
+        f"{len(templates)} template containers kept by design (at most {config.container.templates}: "
+        f"container.templates), copied for new containers, not leftovers; of images {sizes}",
     )
 
 
