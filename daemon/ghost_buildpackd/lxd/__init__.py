@@ -3,7 +3,7 @@
 It carries out calls (images by alias or fingerprint, listings, pulls,
 containers, exec) and decides nothing: which image a step uses is
 `images.py`'s, what to do while LXD is away is `lxd_outages.py`'s, how a
-step's container ends is `steps/containers.py`'s.
+step's container ends is `steps/release.py`'s.
 
 - `connection.py`: the clients, the bounded wait on LXD operations, the server itself.
 - `images.py`, `instances.py`: the operations on images and on containers.
