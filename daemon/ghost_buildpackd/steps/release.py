@@ -7,11 +7,13 @@ tagged container of a finished step, which the orphan sweep removes.
 
 from __future__ import annotations
 
-from ..logs import Logger
+from ..logs import get_logger
 from ..lxd import Lxd, LxdUnavailable, is_unavailable
 from ..lxd_outages import wait_until_back
 from ..policy import LIMITS
 from .context import StepContext
+
+log = get_logger(__name__)
 
 KILL_TIMEOUT = 30.0  # for the kill that ends a container's processes; past it, the container is force-stopped
 
@@ -59,7 +61,7 @@ def release_container(ctx: StepContext, name: str, status: str) -> None:
     """End its processes and detach its disks now, delete it after the outcome; if that fails, delete it now."""
     try:
         if status == "Running":
-            end_processes(ctx.lxd, ctx.log, name)
+            end_processes(ctx.lxd, name)
         ctx.lxd.remove_devices(name)
     except Exception as error:
         ctx.log.warning("container_release_failed_deleting_now", container=name, error=str(error))
@@ -72,7 +74,7 @@ def release_container(ctx: StepContext, name: str, status: str) -> None:
     ctx.after_outcome.append(lambda: remove_container(ctx, name))
 
 
-def end_processes(lxd: Lxd, log: Logger, name: str) -> None:
+def end_processes(lxd: Lxd, name: str) -> None:
     """SIGKILL every process of a running container but its init; a stop when no command can start.
 
     One kill(-1): the kernel signals every process of the container's PID
