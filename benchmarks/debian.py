@@ -47,7 +47,7 @@ from tests.conftest import leftover_containers
 from tests.support.ghost import finish_buildimage, make_app, make_job, module_doc, set_status
 
 from ghost_buildpackd.model import READY, SUCCEEDED, step_id
-from ghost_buildpackd.templates import TAG_TEMPLATE
+from ghost_buildpackd.upkeep.templates import TAG_TEMPLATE
 
 from . import deploy
 from .common import REPO, Bench, ms, parse_timestamp, ratio, running, steps_terminal, summary, table, wait_for

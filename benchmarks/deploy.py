@@ -38,7 +38,7 @@ import pylxd
 from tests.conftest import BASE_IMAGE, WORKING_COPY_IDS
 from tests.support.ghost import make_app, make_job, module_doc, set_status
 
-from ghost_buildpackd.client import run_buildpack
+from ghost_buildpackd.ghost.client import run_buildpack
 from ghost_buildpackd.lxd import ContainerSpec
 from ghost_buildpackd.model import SUCCEEDED, step_id
 

@@ -87,7 +87,7 @@ from ghost_buildpackd.config import LxdConfig, parse_duration
 from ghost_buildpackd.logs import configure_logging
 from ghost_buildpackd.lxd import IMAGE_PROP_JOB, TAG_JOB, Lxd
 from ghost_buildpackd.model import BUILDIMAGE, DEPLOY, TERMINAL, step_id
-from ghost_buildpackd.templates import TAG_TEMPLATE, TEMPLATE_NAME
+from ghost_buildpackd.upkeep.templates import TAG_TEMPLATE, TEMPLATE_NAME
 
 from .common import REPO, make_ghost_dirs, open_fds, rss_mib, table, to_json
 

@@ -18,7 +18,7 @@ from typing import Any
 
 from tests.support.ghost import make_job, set_status
 
-from ghost_buildpackd.client import run_buildpack
+from ghost_buildpackd.ghost.client import run_buildpack
 from ghost_buildpackd.model import SUCCEEDED, step_id
 
 from .common import Bench, cpu_seconds, running, table, wait_for

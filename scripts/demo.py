@@ -5,7 +5,10 @@ scripts/setup-mongodb installs) unless GHOST_BUILDPACKD_MONGODB_URI is
 given, runs the daemon as a process exactly as the service would, plays
 Ghost's part (an app, a buildimage job that finishes, a deploy job, Ghost's
 client asking for the buildpack), prints what happened, and removes
-everything it made. Needs LXD and the base image (scripts/demo sets them up).
+everything it made: the image it built and the template containers made
+during the run, which the daemon keeps by design (`scripts/demo --keep`
+leaves both, and says how to remove them). Needs LXD and the base image
+(scripts/demo sets them up).
 
 This is harness, not product: it lives beside the scripts and reuses the test
 harness for the MongoDB server, the daemon process, waiting on conditions,
@@ -16,6 +19,7 @@ daemon's CLI reads them.
 
 from __future__ import annotations
 
+import argparse
 import os
 import shutil
 import sys
@@ -23,6 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import structlog
 import yaml
 from bson import ObjectId
 from pymongo.database import Database
@@ -33,13 +38,14 @@ from tests.support.daemon import DaemonProcess
 from tests.support.mongo import ExternalMongo, MongoServer, ReplicaSetMongo, mongod_build
 from tests.support.waiting import wait_until
 
-from ghost_buildpackd.client import run_buildpack
 from ghost_buildpackd.config import ENV_MONGODB_URI, LxdConfig
-from ghost_buildpackd.ghost import BadDocument
+from ghost_buildpackd.ghost.client import run_buildpack
+from ghost_buildpackd.ghost.fields import BadDocument
 from ghost_buildpackd.logs import configure_logging
 from ghost_buildpackd.lxd import Lxd
 from ghost_buildpackd.model import Step, step_id
 from ghost_buildpackd.store import Store
+from ghost_buildpackd.upkeep.templates import kept_templates, remove_template
 
 BASE_IMAGE = "ghost-buildpackd/busybox"
 DATABASE = "ghost_demo"
@@ -59,8 +65,9 @@ def say(text: str = "") -> None:
 
 
 class Demo:
-    def __init__(self, workdir: Path, mongo: MongoServer):
+    def __init__(self, workdir: Path, mongo: MongoServer, keep: bool):
         self.workdir = workdir
+        self.keep = keep
         self.root = workdir / "ghost"
         self.log_dir = workdir / "log"
         for path in (self.root, self.log_dir, workdir / "provisioners"):
@@ -85,6 +92,7 @@ class Demo:
         self.ghost_db: Database = self.client[DATABASE]  # Ghost's side: its documents and its client call
         self.store = Store(self.ghost_db)  # the daemon's side: step records through the daemon's adapter
         self.lxd = Lxd(LxdConfig())
+        self.templates_before = {template.name for template in kept_templates(self.lxd)}
         self.daemon = DaemonProcess(config_path, workdir / "daemon.log")
         self.jobs: list[ObjectId] = []
 
@@ -165,7 +173,7 @@ class Demo:
         for path in (working_copy, working_copy / "app.src"):
             os.chown(path, *OWNER)
         say(f"Ghost cloned the module into {working_copy} (owner {OWNER[0]}:{OWNER[1]})")
-        say("Ghost's worker calls ghost_buildpackd.client.run_buildpack(db, job_id, 'site') ...")
+        say("Ghost's worker calls ghost_buildpackd.ghost.client.run_buildpack(db, job_id, 'site') ...")
         started = time.monotonic()
         result = run_buildpack(self.ghost_db, job, "site", timeout=180, poll_interval=0.5)
         say(f"-> {result.state} (exit code {result.exit_code}) in {time.monotonic() - started:.2f}s")
@@ -186,6 +194,11 @@ class Demo:
         code = self.daemon.terminate(120) if self.daemon.alive() else None
         say(f"\ndaemon stopped (exit code {code})")
         say(f"containers left in LXD: {leftover_containers(self.lxd, self.ghost_db) or 'none'}")
+        say("kept by design (container.templates: copied for the next containers, not leftovers):")
+        for template in kept_templates(self.lxd):
+            made = "made by this run" if template.name not in self.templates_before else "there before this run"
+            size = "its image gone" if template.image_size is None else f"image {template.image_size / 2**20:.1f} MiB"
+            say(f"  template {template.name} of image {template.image[:12]} ({size}; {made})")
         secret_seen = SECRET in self.daemon_log() + "".join(path.read_text() for path in self.log_dir.iterdir())
         say(f"secret value in any log: {'YES (bug)' if secret_seen else 'no'}")
 
@@ -194,7 +207,15 @@ class Demo:
             self.daemon.terminate(120)
         for name in leftover_containers(self.lxd, self.ghost_db):  # as the tests clean up after their jobs
             self.lxd.delete_container(name)
-        remove_job_images(self.lxd, self.ghost_db)
+        made = [t.name for t in kept_templates(self.lxd) if t.name not in self.templates_before]
+        if self.keep:
+            say(f"\nkept (--keep): the images of jobs {', '.join(map(str, self.jobs))} and templates {made}; "
+                "remove them with `lxc image delete <alias>` and `lxc config unset <template> "
+                "security.protection.delete && lxc delete <template>`")  # fmt: skip
+        else:
+            remove_job_images(self.lxd, self.ghost_db)  # with their templates
+            for name in made:
+                remove_template(self.lxd, name, "the demo made it", structlog.get_logger("demo"))
         self.client.drop_database(DATABASE)  # the demo's own database, made for this run
         self.client.close()
 
@@ -209,14 +230,17 @@ def start_mongo() -> MongoServer:
     return mongo
 
 
-def main() -> int:
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="scripts/demo", description="The whole flow once, then cleans up.")
+    parser.add_argument("--keep", action="store_true", help="keep the image built and the templates made")
+    keep = parser.parse_args(argv).keep
     configure_logging("console", "info")
     workdir = Path(tempfile.mkdtemp(prefix="ghost-buildpackd-demo-"))
     mongo = None
     demo = None
     try:
         mongo = start_mongo()
-        demo = Demo(workdir, mongo)
+        demo = Demo(workdir, mongo, keep)
         demo.store.ping()
         ok = demo.run()
     except (RuntimeError, AssertionError, BadDocument, PyMongoError) as error:  # a timeout, the daemon's exit
@@ -234,4 +258,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(sys.argv[1:]))

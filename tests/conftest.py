@@ -17,7 +17,7 @@ from pymongo.database import Database
 from ghost_buildpackd.config import Config, LxdConfig, config_from_mapping
 from ghost_buildpackd.lxd import IMAGE_PROP_JOB, TAG_JOB, Lxd
 from ghost_buildpackd.store import Store
-from ghost_buildpackd.templates import remove_templates_of
+from ghost_buildpackd.upkeep.templates import remove_templates_of
 from tests.support.daemon import Daemons
 from tests.support.mongo import ENV_URI, MongoServer, MongoServers, mongod_build
 

@@ -25,8 +25,8 @@ import yaml
 from bson import ObjectId
 from pymongo.database import Database
 
-from ghost_buildpackd.client import run_buildpack
 from ghost_buildpackd.config import ConfigError, config_from_mapping, load_config
+from ghost_buildpackd.ghost.client import run_buildpack
 from ghost_buildpackd.lxd import Lxd
 from ghost_buildpackd.model import FAILED, SUCCEEDED, Step
 from ghost_buildpackd.store import Store

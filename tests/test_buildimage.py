@@ -21,7 +21,7 @@ from bson import ObjectId
 from pymongo.database import Database
 
 from ghost_buildpackd.config import Config
-from ghost_buildpackd.ghost import BadDocument
+from ghost_buildpackd.ghost.fields import BadDocument
 from ghost_buildpackd.logs import configure_logging
 from ghost_buildpackd.lxd import IMAGE_PROP_JOB, TAG_JOB, ContainerSpec, ImageInfo, Lxd
 from ghost_buildpackd.model import BUILDIMAGE, FAILED, SUCCEEDED, Actor, step_id
@@ -35,7 +35,7 @@ from ghost_buildpackd.steps import (
     step_tags,
 )
 from ghost_buildpackd.store import Store
-from ghost_buildpackd.templates import TAG_TEMPLATE, template_name
+from ghost_buildpackd.upkeep.templates import TAG_TEMPLATE, template_name
 from tests.conftest import WORKING_COPY_IDS, leftover_containers
 from tests.support.daemon import DaemonProcess
 from tests.support.ghost import b64, finish_buildimage, make_app, make_job, set_status

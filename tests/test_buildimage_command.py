@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from bson import ObjectId
 
-from ghost_buildpackd.buildpack_command import EXIT_NO_DAEMON, EXIT_REFUSED, EXIT_TIMED_OUT
+from ghost_buildpackd.ghost.commands import EXIT_NO_DAEMON, EXIT_REFUSED, EXIT_TIMED_OUT
 from ghost_buildpackd.model import BUILDIMAGE, CANCELLED, FAILED, SUCCEEDED, step_id
 from ghost_buildpackd.store import Store
 from tests.conftest import leftover_containers

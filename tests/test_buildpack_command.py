@@ -18,7 +18,7 @@ import pytest
 import yaml
 from bson import ObjectId
 
-from ghost_buildpackd.buildpack_command import EXIT_CANCELLED, EXIT_NO_DAEMON, EXIT_REFUSED, EXIT_TIMED_OUT
+from ghost_buildpackd.ghost.commands import EXIT_CANCELLED, EXIT_NO_DAEMON, EXIT_REFUSED, EXIT_TIMED_OUT
 from ghost_buildpackd.model import CANCELLED, DEPLOY, FAILED, RUNNING, SUCCEEDED, step_id
 from ghost_buildpackd.store import Store
 from tests.conftest import WORKING_COPY_IDS, leftover_containers

@@ -59,6 +59,8 @@ def test_all_ok_on_a_good_host(
     assert "uses change_stream" in lines["mongodb events"] or "uses poll" in lines["mongodb events"]
     assert f"LXD {lxd.server_info()['version']}" in lines["lxd"]
     assert "default" in lines["lxd storage"]
+    kept = lines["lxd kept"]  # the templates' own listing: test_templates.py (status)
+    assert "template containers kept by design" in kept or "no template container yet" in kept
     pool = lxd.root_pool(["default"])
     assert pool is not None and lines["lxd storage pool"].startswith(f"OK    lxd storage pool: {pool[0]}: {pool[1]}, ")
     assert "with raw.idmap and deleted gbp-check-" in lines["lxd container"]

@@ -10,7 +10,7 @@ import pytest
 from bson import ObjectId
 from pymongo.database import Database
 
-from ghost_buildpackd.client import ABANDONED, NO_DAEMON, run_buildpack
+from ghost_buildpackd.ghost.client import ABANDONED, NO_DAEMON, run_buildpack
 from ghost_buildpackd.model import CANCELLED, DEPLOY, FAILED, REQUESTED, RUNNING, SUCCEEDED, Actor, step_id
 from ghost_buildpackd.store import Store
 from tests.support.ghost import make_app, make_job

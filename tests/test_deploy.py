@@ -18,11 +18,11 @@ from bson import ObjectId
 from pymongo.database import Database
 from structlog.testing import capture_logs
 
-from ghost_buildpackd.client import run_buildpack
 from ghost_buildpackd.config import Config
 from ghost_buildpackd.daemon import Daemon
 from ghost_buildpackd.events import Intake
-from ghost_buildpackd.ghost import BadDocument
+from ghost_buildpackd.ghost.client import run_buildpack
+from ghost_buildpackd.ghost.fields import BadDocument
 from ghost_buildpackd.logs import get_logger
 from ghost_buildpackd.lxd import Lxd
 from ghost_buildpackd.model import (
@@ -44,7 +44,7 @@ from ghost_buildpackd.runner import Bodies, Runner
 from ghost_buildpackd.runner import execute as runner_module
 from ghost_buildpackd.steps import Outcome, StepContext, StepFailed, container_name, deploy, run_after_outcome
 from ghost_buildpackd.store import Store
-from ghost_buildpackd.sweep import sweep_orphans
+from ghost_buildpackd.upkeep.sweep import sweep_orphans
 from tests.conftest import WORKING_COPY_IDS, leftover_containers
 from tests.support.ghost import b64, make_app, make_job, module_doc, set_status
 from tests.support.lxd_relay import LxdRelay

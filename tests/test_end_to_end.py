@@ -22,7 +22,7 @@ SECRET = "e2e-secret-value-7f3a"
 CLIENT = """
 import json, sys
 from pymongo import MongoClient
-from ghost_buildpackd.client import run_buildpack
+from ghost_buildpackd.ghost.client import run_buildpack
 db = MongoClient(sys.argv[1], tz_aware=True)[sys.argv[2]]
 result = run_buildpack(db, sys.argv[3], sys.argv[4], timeout=60, poll_interval=0.2)
 print(json.dumps({"state": result.state, "exit_code": result.exit_code, "message": result.message,

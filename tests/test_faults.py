@@ -25,7 +25,7 @@ import pytest
 from bson import ObjectId
 from pymongo.database import Database
 
-from ghost_buildpackd.client import BuildpackResult, run_buildpack
+from ghost_buildpackd.ghost.client import BuildpackResult, run_buildpack
 from ghost_buildpackd.lxd import IMAGE_PROP_JOB, TAG_JOB, Lxd
 from ghost_buildpackd.model import FAILED, SUCCEEDED, TERMINAL, step_id
 from ghost_buildpackd.store import Store

@@ -9,7 +9,7 @@ from collections.abc import Callable
 
 import pytest
 
-from ghost_buildpackd.client import run_buildpack
+from ghost_buildpackd.ghost.client import run_buildpack
 from ghost_buildpackd.lxd import IMAGE_PROP_CLAIM, IMAGE_PROP_JOB, TAG_CLAIM, ContainerSpec, ImageInfo, Lxd
 from ghost_buildpackd.model import BUILDIMAGE, DEPLOY, SUCCEEDED, step_id
 from ghost_buildpackd.steps import LeaseLost, StepContext, clean_up_container, container_name, container_spec, launch

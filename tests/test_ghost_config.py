@@ -8,7 +8,7 @@ import pytest
 
 from ghost_buildpackd.check import buildpack_waits_check, collections_check, containers_enabled_check
 from ghost_buildpackd.config import ConfigError, config_from_mapping
-from ghost_buildpackd.ghost_config import GhostConfigError, ghost_settings_from_mapping, read_ghost_settings
+from ghost_buildpackd.ghost.config_yml import GhostConfigError, ghost_settings_from_mapping, read_ghost_settings
 from ghost_buildpackd.store import Store
 
 GHOST_SAMPLE = """\

@@ -24,7 +24,7 @@ import pytest
 from bson import ObjectId
 
 from ghost_buildpackd.cli import build_parser
-from ghost_buildpackd.ghost import containers_off, parse_app
+from ghost_buildpackd.ghost.documents import containers_off, parse_app
 from ghost_buildpackd.model import DEPLOY
 from tests.support.ghost_sources import python2
 

@@ -19,7 +19,7 @@ import yaml
 from bson import ObjectId
 from pymongo.database import Database
 
-from ghost_buildpackd.buildpack_command import EXIT_NO_DAEMON
+from ghost_buildpackd.ghost.commands import EXIT_NO_DAEMON
 from ghost_buildpackd.lxd import Lxd
 from ghost_buildpackd.model import CANCELLED
 from ghost_buildpackd.store import Store

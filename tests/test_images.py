@@ -13,12 +13,14 @@ import pytest
 from bson import ObjectId
 
 from ghost_buildpackd.images import (
+    LISTED_BASE_IMAGES,
     BaseImageRefused,
     ImageNotFound,
     base_image,
     build_order,
     is_job_alias,
     keeps_newer_build,
+    listed_base_images,
     local_base_image,
     named_image,
     named_images,
@@ -137,3 +139,15 @@ def test_builds_are_ordered_as_ghost_made_their_jobs() -> None:
     assert keeps_newer_build(older, newer)
     assert not keeps_newer_build(newer, older)
     assert not keeps_newer_build(newer, None)  # the app names no job's build: the build replaces it
+
+
+def test_an_unknown_base_image_is_answered_with_a_few_local_bases_and_a_count_of_the_rest() -> None:
+    unnamed = [image(f"ffff{n:02d}", created_at=f"2026-04-{n:02d}") for n in range(1, 31)]  # newer than the named
+
+    listed = listed_base_images([*IMAGES, *unnamed])
+
+    assert listed.startswith(DEBIAN_NEW.describe() + "; " + DEBIAN_OLD.describe())  # those with a name first
+    assert listed.endswith(f"; and {len(unnamed) + 2 - LISTED_BASE_IMAGES} more (lxc image list)")
+    assert listed.count("ffff") == LISTED_BASE_IMAGES - 2  # the newest of the unnamed fill the rest
+    assert PUBLISHED.fingerprint[:12] not in listed  # never a base: not offered
+    assert listed_base_images([PUBLISHED]) == "none"

@@ -10,7 +10,7 @@ from pymongo import MongoClient, monitoring
 
 from ghost_buildpackd.config import config_from_mapping
 from ghost_buildpackd.events import Intake, StartupError, choose_event_mode
-from ghost_buildpackd.ghost import parse_app
+from ghost_buildpackd.ghost.documents import parse_app
 from ghost_buildpackd.model import CANCELLED, FAILED, PENDING, RUNNING, step_id
 from ghost_buildpackd.store import Store
 from tests.support.ghost import finish_buildimage, make_app, make_job, module_doc, set_status

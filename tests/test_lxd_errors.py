@@ -11,6 +11,7 @@ import requests
 from pylxd.exceptions import LXDAPIException
 
 from ghost_buildpackd.lxd import Lxd, LxdUnavailable, is_unavailable
+from ghost_buildpackd.lxd_outages import wait_until_back
 
 
 def lxd_answer(status: int, error: str) -> LXDAPIException:
@@ -48,15 +49,15 @@ def test_an_outage_another_wait_saw_end_is_not_waited_for_again(lxd: Lxd) -> Non
     serving = lxd.answering_pid()
     assert serving is not None
     lxd.server_pid = -1  # the server that was leaving when the error came (it has gone since)
-    assert lxd.wait_until_back(refused, threading.Event(), limit=30)  # the clean-up's wait: the next server answers
+    assert wait_until_back(lxd, refused, threading.Event(), limit=30)  # the clean-up's wait: the next server answers
     assert lxd.server_pid == serving
 
     started = time.monotonic()
     try:
         raise LxdUnavailable(str(refused)) from refused  # how the runner receives it
     except LxdUnavailable as seen_by_the_runner:
-        assert lxd.wait_until_back(seen_by_the_runner, threading.Event(), limit=5)
+        assert wait_until_back(lxd, seen_by_the_runner, threading.Event(), limit=5)
     assert time.monotonic() - started < 1, "the runner waited for another restart"
 
     # An error no wait has seen the end of still waits for another server than the one answering.
-    assert not lxd.wait_until_back(lxd_answer(500, "LXD is shutting down"), threading.Event(), limit=1)
+    assert not wait_until_back(lxd, lxd_answer(500, "LXD is shutting down"), threading.Event(), limit=1)

@@ -26,12 +26,14 @@ from bson import ObjectId
 
 from ghost_buildpackd.check import unprivileged_failures_check, venv_check
 from ghost_buildpackd.config import ConfigError, config_from_mapping
-from ghost_buildpackd.ghost import BadDocument, choose_module_script, ghost_b64decode, parse_app, parse_job
+from ghost_buildpackd.ghost.documents import parse_app, parse_job
+from ghost_buildpackd.ghost.fields import BadDocument
+from ghost_buildpackd.ghost.scripts import choose_module_script, ghost_b64decode
 from ghost_buildpackd.lxd import ContainerSpec, Lxd
 from ghost_buildpackd.model import BUILDIMAGE, FAILED, SUCCEEDED, step_id
-from ghost_buildpackd.retention import Ec2Inventory, GhostInventory
 from ghost_buildpackd.steps import StepFailed, buildimage, looks_unprivileged
 from ghost_buildpackd.store import ImageRecord
+from ghost_buildpackd.upkeep.inventory import Ec2Inventory, GhostInventory
 from tests.conftest import GHOST_CONFIG_WITH_CONTAINERS, WORKING_COPY_IDS, leftover_containers
 from tests.support.daemon import DaemonProcess
 from tests.support.ghost import b64, finish_buildimage, make_app, make_job, module_doc, set_status
@@ -50,7 +52,7 @@ CLIENT = """
 import json, sys
 from pymongo import MongoClient
 from pathlib import Path
-from ghost_buildpackd.client import run_buildpack
+from ghost_buildpackd.ghost.client import run_buildpack
 db = MongoClient(sys.argv[1], tz_aware=True)[sys.argv[2]]
 result = run_buildpack(db, sys.argv[3], sys.argv[4], timeout=90, poll_interval=0.2, ghost_root=Path(sys.argv[5]))
 print(json.dumps({"state": result.state, "message": result.message, "tail": result.output_tail}))

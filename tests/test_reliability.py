@@ -14,8 +14,8 @@ import pytest
 from pymongo.database import Database
 from structlog.testing import capture_logs
 
-from ghost_buildpackd.client import run_buildpack
 from ghost_buildpackd.config import Config, LxdConfig
+from ghost_buildpackd.ghost.client import run_buildpack
 from ghost_buildpackd.joblog import JobLog, OutputCollector
 from ghost_buildpackd.logs import Secrets
 from ghost_buildpackd.lxd import ContainerSpec, Lxd, LxdError

@@ -21,22 +21,13 @@ from bson import ObjectId
 from pymongo.database import Database
 
 from ghost_buildpackd.config import Config, ConfigError, config_from_mapping
-from ghost_buildpackd.ghost import parse_app
+from ghost_buildpackd.ghost.documents import parse_app
 from ghost_buildpackd.lxd import ContainerSpec, Lxd
 from ghost_buildpackd.model import RUNNING, SUCCEEDED, step_id
-from ghost_buildpackd.retention import (
-    KEEP,
-    LEAVE,
-    MARK_MISSING,
-    PRUNE,
-    Ec2Inventory,
-    GhostInventory,
-    Reconciler,
-    Verdict,
-    ami_retention,
-    reconcile_command,
-)
+from ghost_buildpackd.operator_commands import reconcile_command
 from ghost_buildpackd.store import ImageRecord, Store
+from ghost_buildpackd.upkeep.inventory import Ec2Inventory, GhostInventory, Verdict, ami_retention
+from ghost_buildpackd.upkeep.retention import KEEP, LEAVE, MARK_MISSING, PRUNE, Reconciler
 from tests.support.ghost import finish_buildimage, make_app, make_job, set_status
 from tests.support.steps import seed_step
 

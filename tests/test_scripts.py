@@ -72,6 +72,10 @@ def test_demo_runs_the_whole_flow_on_its_embedded_default(lxd: Lxd, base_image: 
     built = re.search(r"LXD image alias '(\w+)' -> \w+", demo.stdout)
     assert built is not None, demo.stdout
     assert lxd.image_by_alias(built.group(1)) is None  # the image it built is removed with the rest
+    assert "kept by design (container.templates" in demo.stdout
+    made = re.findall(r"template (gbp-tpl-\S+) of image \w+ \([^;]+; made by this run\)", demo.stdout)
+    assert made, demo.stdout  # the deploy's container was copied from a template of the image the build published
+    assert not {name for name in made if lxd.container_status(name) is not None}  # removed with what the demo made
 
 
 def _delete(lxd: Lxd, alias: str) -> None:

@@ -18,8 +18,14 @@ from bson import ObjectId
 from ghost_buildpackd.lxd import TAG_APP, TAG_JOB, TAG_KIND, TAG_OWNER, TAG_STEP, ContainerInfo, ContainerSpec, Lxd
 from ghost_buildpackd.model import BUILDIMAGE, FAILED, RUNNING, SUCCEEDED, step_id
 from ghost_buildpackd.store import Store, utcnow
-from ghost_buildpackd.sweep import sweep_orphans
-from ghost_buildpackd.templates import ABANDONED_AFTER, TAG_TEMPLATE, adopt, remove_stale_templates, template_name
+from ghost_buildpackd.upkeep.sweep import sweep_orphans
+from ghost_buildpackd.upkeep.templates import (
+    ABANDONED_AFTER,
+    TAG_TEMPLATE,
+    adopt,
+    remove_stale_templates,
+    template_name,
+)
 from tests.support.ghost import make_app, make_job
 from tests.support.profiles import delete_profile, profile_names
 from tests.support.steps import seed_step

@@ -99,13 +99,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"  {problem}", file=sys.stderr)
         return EXIT_CONFIG
     if args.command == "buildpack":
-        from .buildpack_command import buildpack_command
+        from .ghost.commands import buildpack_command
 
         # Its output lands in Ghost's job log: only the outcome line, and errors.
         configure_logging(config.log.format, "error")
         return buildpack_command(config, args.job_id, args.module, args.script, args.timeout, sys.stdout)
     if args.command == "buildimage":
-        from .buildpack_command import buildimage_command
+        from .ghost.commands import buildimage_command
 
         configure_logging(config.log.format, "error")  # as for buildpack: its output lands in Ghost's job log
         return buildimage_command(config, args.job_id, args.timeout, sys.stdout)
@@ -126,11 +126,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             return check_status(config, sys.stdout, as_json=args.json, thresholds=thresholds)
         return show_status(config, sys.stdout, as_json=args.json, last=args.last)
     if args.command == "reconcile":
-        from .retention import reconcile_command
+        from .operator_commands import reconcile_command
 
         return reconcile_command(config, sys.stdout, dry_run=args.dry_run, app_id=args.app)
     if args.command == "replay":
-        from .daemon import replay_job
+        from .operator_commands import replay_job
 
         return replay_job(config, args.job_id, sys.stdout)
     raise AssertionError(args.command)

@@ -26,29 +26,22 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable
-from typing import IO
 
-from bson import ObjectId
 from pymongo.errors import PyMongoError
 
 from . import __version__
 from .config import Config
 from .events import COMMANDS, ChangeStreamSource, Intake, PollSource, StartupError, choose_event_mode
-from .ghost import BadDocument, parse_object_id
-from .images import selectable_base_images
 from .logs import get_logger
 from .lxd import Lxd
 from .metrics import start_metrics
-from .model import BUILDIMAGE, step_id
 from .notify import SystemdNotifier
 from .policy import LIMITS
-from .retention import Reconciler
 from .runner import Bodies, Runner
 from .store import Store, next_change, redacted_uri, short_error, utcnow
 from .supervise import Supervised
-from .sweep import expire_prepared, sweep_orphans
-from .templates import remove_stale_templates
+from .upkeep.loop import Upkeep
+from .upkeep.retention import Reconciler
 
 log = get_logger(__name__)
 
@@ -63,74 +56,6 @@ def connect_store(config: Config) -> Store:
     store = Store.from_uri(config.mongodb.uri, config.mongodb.database, config.mongodb.timeout)
     store.ping()
     return store
-
-
-class Upkeep:
-    """Periodic and on-demand chores off the hot paths: orphan sweep, stale templates, image retention, and the
-    list of base images Ghost's UI offers."""
-
-    def __init__(self, config: Config, store: Store, lxd: Lxd, reconciler: Reconciler, stop: threading.Event):
-        self.config = config
-        self.store = store
-        self.lxd = lxd
-        self.reconciler = reconciler
-        self.stop = stop
-        self._apps: set[ObjectId] = set()
-        self._sweep_due = threading.Event()
-        self._kick = threading.Event()
-        self._lock = threading.Lock()
-        self.loop = Supervised("upkeep", self._loop, stop)
-
-    def image_built(self, app_id: ObjectId) -> None:
-        with self._lock:
-            self._apps.add(app_id)
-        self._kick.set()
-
-    def job_ended(self, _job_id: ObjectId) -> None:
-        self._sweep_due.set()
-        self._kick.set()
-
-    def _loop(self) -> None:
-        next_sweep = next_base_images = 0.0  # at start
-        next_retention = time.monotonic() + min(60.0, self.config.retention.interval)
-        while not self.stop.is_set():
-            now = time.monotonic()
-            if now >= next_base_images:
-                self._guarded("base_images", self.refresh_base_images)
-                next_base_images = now + self.config.base_images_interval
-            if now >= next_sweep or self._sweep_due.is_set():
-                self._sweep_due.clear()
-                self._guarded("sweep", self._sweep)
-                next_sweep = now + self.config.sweep_interval
-            with self._lock:
-                apps, self._apps = self._apps, set()
-            for app_id in apps:
-                self._guarded("retention_after_build", lambda app_id=app_id: self.reconciler.run(app_id=app_id))
-            if now >= next_retention:
-                self._guarded("retention", self.reconciler.run)
-                next_retention = now + self.config.retention.interval
-            self._kick.wait(max(0.5, min(next_sweep, next_retention, next_base_images) - time.monotonic()))
-            self._kick.clear()
-
-    def refresh_base_images(self) -> None:
-        """List the base images this LXD server offers into MongoDB, where Ghost's UI reads them (no LXD access
-        for Ghost). The last list stays while no daemon refreshes it: a hidden selector would make Ghost's UI save
-        `'None'` (containers off) for every app edited meanwhile."""
-        images = selectable_base_images(self.lxd.list_images())
-        self.store.save_base_images(images, self.config.instance_id or "")
-        log.debug("base_images_refreshed", count=len(images))
-
-    def _sweep(self) -> None:
-        expire_prepared(self.store, self.lxd, self.config.container.prepared_max_age, log)
-        sweep_orphans(self.store, self.lxd, self.config.container.debug, log)
-        remove_stale_templates(self.lxd, log)
-
-    @staticmethod
-    def _guarded(what: str, action: Callable[..., object]) -> None:
-        try:
-            action()
-        except Exception:
-            log.exception("upkeep_failed", task=what)
 
 
 def log_containers_off(config: Config) -> None:
@@ -467,30 +392,3 @@ def install_signal_handlers(daemon: Daemon) -> None:
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: daemon.request_stop())
     signal.signal(signal.SIGHUP, lambda *_: daemon.hang_up())
-
-
-def replay_job(config: Config, job_id: str, out: IO[str]) -> int:
-    """Put a finished buildimage step back to pending so a running daemon builds the image again."""
-    try:
-        job = parse_object_id(job_id, "JOB_ID")
-    except BadDocument as error:
-        print(f"ghost-buildpackd replay: {error}", file=out)
-        return 2
-    store = connect_store(config)
-    sid = step_id(job, BUILDIMAGE)
-    step = store.get_step(sid)
-    if step is None:
-        doc = store.get_job(job)
-        if doc is None or doc.get("command") != BUILDIMAGE:
-            print(f"ghost-buildpackd replay: no buildimage job {job_id}", file=out)
-            return 1
-        app = store.get_app(doc.get("app_id"))
-        store.create_step(job, BUILDIMAGE, app_id=doc.get("app_id") if app else None)
-        print(f"step {sid} created (pending): a running daemon builds the image", file=out)
-        return 0
-    if not step.terminal:
-        print(f"step {sid} is {step.state}: nothing to replay", file=out)
-        return 1
-    store.reset_step_for_replay(sid)
-    print(f"step {sid} was {step.state}; now pending: a running daemon builds the image again", file=out)
-    return 0

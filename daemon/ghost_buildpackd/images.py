@@ -155,10 +155,28 @@ def base_image(lxd: Lxd, ref: str, image_server: str | None) -> ImageInfo:
         return local
     if image_server:
         return usable_as_base(ref, pull_base_image(lxd, ref, image_server))
-    existing = "; ".join(image.describe() for image in images) or "no images at all"
     raise ImageNotFound(
-        f"no LXD image matches {ref!r} as an alias, a fingerprint or an os/release; local images: {existing}"
+        f"no LXD image matches {ref!r} as an alias, a fingerprint or an os/release; "
+        f"local base images: {listed_base_images(images)}"
     )
+
+
+LISTED_BASE_IMAGES = 10  # a host may hold hundreds of images: the message names a few and counts the rest
+
+
+def listed_base_images(images: Sequence[ImageInfo]) -> str:
+    """The local images a build may start from, as a message lists them: those with an alias (a name to give
+    Ghost's UI) first, newest first, at most a few."""
+    bases = sorted(
+        (image for image in images if not published_by_daemon(image)),
+        key=lambda image: (bool(image.aliases), image.created_at),
+        reverse=True,
+    )
+    if not bases:
+        return "none"
+    named = "; ".join(image.describe() for image in bases[:LISTED_BASE_IMAGES])
+    more = len(bases) - LISTED_BASE_IMAGES
+    return f"{named}; and {more} more (lxc image list)" if more > 0 else named
 
 
 def usable_as_base(ref: str, image: ImageInfo) -> ImageInfo:

@@ -1,8 +1,10 @@
-"""`ghost-buildpackd status`: what the daemons are doing, read from MongoDB only.
+"""`ghost-buildpackd status`: what the daemons are doing, read from MongoDB, and what LXD keeps on purpose.
 
 Daemon instances are those whose heartbeat is recent; the event lag is the
 newest job change in the database minus the newest one any live instance has
-seen. Human tables by default, `--json` for scripts.
+seen. What LXD holds by design (template containers, `container.templates`)
+is listed apart from leftovers when this user may read LXD; without it the
+report says so and the rest stands. Human tables by default, `--json` for scripts.
 
 `status --check` is the same reading turned into a verdict for monitoring:
 exit 1, naming each problem, when no instance is alive on this host, one of its
@@ -15,18 +17,21 @@ from __future__ import annotations
 import dataclasses
 import json
 from collections.abc import Callable, Sequence
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any, TextIO, TypeVar
 
 from pymongo.errors import PyMongoError
 
 from .config import Config
+from .lxd import Lxd
 from .model import ACTIVE, FAILED, Step
 from .policy import LIMITS
 from .store import Store, redacted_uri, short_error, utcnow
+from .upkeep.templates import kept_templates
 
 # Failed steps `status --check` looks at, at most, within its window.
 FAILURES_READ = 1000
+LXD_READ_TIMEOUT = 10.0  # seconds: status waits no longer for LXD, whose answer is only a part of the report
 
 T = TypeVar("T")
 
@@ -64,8 +69,32 @@ def show_status(config: Config, out: TextIO, as_json: bool, last: int) -> int:
     )
     if report is None:
         return 1
+    report["kept_by_design"] = kept_by_design(config)
     out.write(json.dumps(report, indent=2) + "\n" if as_json else render_text(report))
     return 0
+
+
+def kept_by_design(config: Config) -> dict[str, Any]:
+    """What LXD holds on purpose: the template containers and their images, or why LXD was not read."""
+    try:
+        lxd = Lxd(dataclasses.replace(config.lxd, timeout=min(config.lxd.timeout, LXD_READ_TIMEOUT)))
+        templates = kept_templates(lxd)
+    except Exception as error:  # no lxd group, LXD away: the MongoDB part of the report stands
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        return {"error": f"LXD not read ({reason[:200]}): run as a member of the lxd group to list what it keeps"}
+    return {
+        "bound": config.container.templates,
+        "templates": [
+            {
+                "name": template.name,
+                "image": template.image[:12],
+                "image_size": template.image_size,
+                "last_used": _iso(datetime.fromtimestamp(template.last_used, UTC)),
+                "copies_now": template.copies,
+            }
+            for template in templates
+        ],
+    }
 
 
 def check_status(config: Config, out: TextIO, as_json: bool, thresholds: Thresholds) -> int:
@@ -328,4 +357,17 @@ def render_text(report: dict[str, Any]) -> str:
         for image in images
     ]
     text += _section("Images per app", ["APP", "ALIAS", "AMI", "BASE", "SIZE", "CREATED"], rows, "none")
-    return text
+    return text + render_kept(report["kept_by_design"])
+
+
+def render_kept(kept: dict[str, Any]) -> str:
+    title = "Kept by design in LXD (template containers: copied for new containers; not leftovers)"
+    if "error" in kept:
+        return f"\n{title}\n  ({kept['error']})\n"
+    rows = [
+        [t["name"], t["image"], "gone" if t["image_size"] is None else _size(t["image_size"]), _when(t["last_used"]),
+         t["copies_now"]]
+        for t in kept["templates"]
+    ]  # fmt: skip
+    title += f", at most {kept['bound']} (container.templates)"
+    return _section(title, ["TEMPLATE", "IMAGE", "IMAGE SIZE", "LAST USED", "COPIES NOW"], rows, "none")

@@ -10,9 +10,10 @@ from typing import Any
 
 import structlog
 
-from ..ghost import BadDocument
+from ..ghost.fields import BadDocument
 from ..logs import get_logger
 from ..lxd import LxdUnavailable, is_unavailable, raised_by_lxd
+from ..lxd_outages import wait_until_back
 from ..model import (
     BUILDIMAGE,
     CANCELLED,
@@ -98,7 +99,7 @@ class Execution(Pool):
                 ctx.job_log.write(f"LXD went away ({error}); the step starts over when it is back")
                 with contextlib.suppress(*TRANSIENT_ERRORS):  # only what `status` shows meanwhile
                     ctx.save(message=f"waiting for LXD to come back: {error}")
-                if not self.lxd.wait_until_back(error, ctx.abort, LIMITS.lxd_outage_wait):
+                if not wait_until_back(self.lxd, error, ctx.abort, LIMITS.lxd_outage_wait):
                     if ctx.abort.is_set():  # shutdown, cancellation or a lost lease: _finish says which
                         return Outcome(FAILED, f"LXD unavailable: {error}")
                     return self._lxd_gone(ctx, f"LXD did not come back within {LIMITS.lxd_outage_wait:g}s: {error}")

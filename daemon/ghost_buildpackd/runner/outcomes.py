@@ -7,7 +7,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 
-from ..ghost import BadDocument
+from ..ghost.fields import BadDocument
 from ..logs import get_logger
 from ..model import DEPLOY, FAILED, PREPARING, READY, Step, cancellation
 from ..steps import Outcome, StepContext, StepFailed

@@ -39,6 +39,7 @@ every instance.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import re
 import threading
 import time
@@ -47,8 +48,8 @@ import zlib
 from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
 
-from .logs import Logger
-from .lxd import TAG_PREFIX, ContainerInfo, ContainerSpec, Lxd, is_unavailable
+from ..logs import Logger
+from ..lxd import TAG_PREFIX, ContainerInfo, ContainerSpec, Lxd, is_unavailable
 
 TAG_TEMPLATE = TAG_PREFIX + "template"  # on a template: the fingerprint of its image
 TAG_USED = TAG_TEMPLATE + "-used"  # wall-clock time (epoch seconds) of the last copy's start, or of its making
@@ -86,7 +87,7 @@ def template_spec(spec: ContainerSpec, name: str) -> ContainerSpec:
         idmap=spec.idmap,
         disk=spec.disk,
         profiles=spec.profiles,
-        protected=True,  # deleted only through `_remove_template`, which honours copies in flight
+        protected=True,  # deleted only through `remove_template`, which honours copies in flight
     )
 
 
@@ -238,7 +239,7 @@ def adopt(lxd: Lxd, container: str, spec: ContainerSpec, keep: int, log: Logger)
             lxd.retag_container(name, template_tags(spec.image), protect=True)
         except Exception:
             with contextlib.suppress(Exception):
-                _remove_template(lxd, name, "its adoption failed", log)
+                remove_template(lxd, name, "its adoption failed", log)
             raise
     log.info("container_template_adopted", template=name, container=container, image=spec.image[:12])
     evict_templates(lxd, keep, log, spare=name)
@@ -259,7 +260,7 @@ def evict_templates(lxd: Lxd, keep: int, log: Logger, spare: str = "") -> list[s
     for container in sorted(candidates, key=last_use):
         if len(removed) >= excess:
             break
-        if _remove_template(lxd, container.name, "over container.templates", log):
+        if remove_template(lxd, container.name, "over container.templates", log):
             removed.append(container.name)
         elif lxd.container_status(container.name) is None:
             excess -= 1  # deleted by someone else meanwhile: one fewer to go
@@ -282,18 +283,43 @@ def remove_stale_templates(lxd: Lxd, log: Logger, now: datetime | None = None) -
             reason = "left half-made"
         else:
             continue
-        if _remove_template(lxd, container.name, reason, log):
+        if remove_template(lxd, container.name, reason, log):
             removed.append(container.name)
     return removed
+
+
+@dataclasses.dataclass(frozen=True)
+class KeptTemplate:
+    """A template kept on purpose (`container.templates`), not a leftover: what `status`, `check` and the demo list."""
+
+    name: str
+    image: str  # its image's fingerprint
+    image_size: int | None  # bytes of the image file in LXD; None once the image is gone (the sweep removes it)
+    last_used: float  # epoch seconds of its last copy (or its making)
+    copies: int  # copies holding it now
+
+
+def kept_templates(lxd: Lxd) -> list[KeptTemplate]:
+    """The complete templates on this LXD (every daemon sharing it counts them alike), most recently used first."""
+    sizes = {image.fingerprint: image.size for image in lxd.list_images()}
+    now = time.time()
+    kept = [
+        KeptTemplate(
+            c.name, c.tags[TAG_TEMPLATE], sizes.get(c.tags[TAG_TEMPLATE]), last_use(c), len(live_holds(c.tags, now))
+        )
+        for c in lxd.list_containers()
+        if is_template(c)
+    ]
+    return sorted(kept, key=lambda template: template.last_used, reverse=True)
 
 
 def remove_templates_of(lxd: Lxd, fingerprint: str, log: Logger) -> list[str]:
     """Delete every template of the image `fingerprint` (when the image itself is deleted)."""
     names = [c.name for c in lxd.list_containers() if c.tags.get(TAG_TEMPLATE) == fingerprint]
-    return [name for name in names if _remove_template(lxd, name, "its image was deleted", log)]
+    return [name for name in names if remove_template(lxd, name, "its image was deleted", log)]
 
 
-def _remove_template(lxd: Lxd, name: str, reason: str, log: Logger) -> bool:
+def remove_template(lxd: Lxd, name: str, reason: str, log: Logger) -> bool:
     """Mark, then delete, a template no copy holds; False when a copy holds it (the next pass retries)."""
     try:
         holders = mark_for_deletion(lxd, name)

@@ -2,12 +2,12 @@
 
 Pure: no I/O except resolving a working copy path on the local disk. Anything
 malformed raises `BadDocument` naming the field and the reason, so the step it
-belongs to can fail with a message a person can act on.
+belongs to can fail with a message a person can act on. Reading one field is in
+fields.py (with `BadDocument`), module scripts in scripts.py.
 """
 
 from __future__ import annotations
 
-import base64
 import dataclasses
 import re
 from collections.abc import Mapping
@@ -16,17 +16,23 @@ from pathlib import Path
 from typing import Any
 
 from bson import ObjectId
-from bson.errors import InvalidId
 
-from .model import BUILDIMAGE
+from ..model import BUILDIMAGE
+from .fields import (
+    BadDocument,
+    list_field,
+    mapping_field,
+    parse_object_id,
+    segment_field,
+    short_repr,
+    text_field,
+    validate_module_path,
+)
+from .scripts import ModuleScript, choose_module_script, decode_script
 
-# Ghost's own validation of a module path; `..` segments pass it, so they are refused separately.
-_MODULE_PATH = re.compile(r"^(/[a-zA-Z0-9.\-_]+)+$")
-_SEGMENT = re.compile(r"^[A-Za-z0-9_.+\-]+$")
 _AMI_IN_MESSAGE = re.compile(r"\[(ami-[0-9a-f]+)\]")
 # How Ghost's buildimage ends when only the autoscaling group update failed, after the AMI was recorded.
 ASG_UPDATE_FAILED = "Autoscaling group update failed"
-MAX_SCRIPT_BYTES = 1 << 20
 MAX_ENV_VAR_BYTES = 128 << 10  # Linux MAX_ARG_STRLEN: one `NAME=value` string given to execve
 PROVISIONERS = ("salt", "ansible")
 # What `build_infos.source_container_image` holds when an app uses no container: Ghost's UI writes '' for
@@ -39,172 +45,6 @@ def built_image(status: Any, message: Any) -> bool:
     """Whether a buildimage job in this state built and recorded its AMI: `done`, or `failed` only at the
     autoscaling group update that comes after (Ghost's own container build ran for those too)."""
     return status == "done" or (status == "failed" and str(message or "").startswith(ASG_UPDATE_FAILED))
-
-
-class BadDocument(ValueError):
-    """A Ghost document cannot be used; `field` names where, `reason` says why."""
-
-    def __init__(self, field: str, reason: str):
-        self.field = field
-        self.reason = reason
-        super().__init__(f"{field}: {reason}")
-
-
-def parse_object_id(value: Any, field: str) -> ObjectId:
-    """An ObjectId, or its 24-hex-digit string form."""
-    if isinstance(value, ObjectId):
-        return value
-    if value is None:  # ObjectId(None) would make up a new id
-        raise BadDocument(field, "missing (expected an ObjectId)")
-    try:
-        return ObjectId(str(value)) if isinstance(value, str) else ObjectId(value)
-    except (InvalidId, TypeError):
-        raise BadDocument(field, f"expected an ObjectId (24 hex digits), got {_short(value)}") from None
-
-
-def decode_script(value: Any, field: str) -> str:
-    """Ghost stores scripts as base64 of UTF-8; missing or empty means no script.
-
-    Decoded as Ghost's `b64decode_utf8` decodes (`ghost_b64decode`), so a script
-    Ghost runs is never refused here.
-    """
-    if value is None or value == "":
-        return ""
-    if not isinstance(value, str):
-        raise BadDocument(field, f"expected a base64 string, got {type(value).__name__}")
-    if len(value) > MAX_SCRIPT_BYTES * 2:  # room for line breaks and other characters the decoder skips
-        raise BadDocument(field, f"script is larger than {MAX_SCRIPT_BYTES} bytes")
-    try:
-        raw = ghost_b64decode(value)
-    except ValueError as error:
-        raise BadDocument(field, f"not valid base64 ({error})") from None
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError:
-        raise BadDocument(field, "decoded script is not valid UTF-8") from None
-
-
-_NOT_BASE64 = re.compile(r"[^A-Za-z0-9+/=]")
-_B64_PAD = "="
-
-
-def ghost_b64decode(text: str) -> bytes:
-    """Python 2.7's lenient `base64.b64decode`, which Ghost's `b64decode_utf8` uses, rule for rule.
-
-    Characters outside the alphabet (line breaks from `base64`, spaces, anything
-    else) are skipped. A `=` ends the input only where it can pad a quantum: after
-    three characters of a quantum, or after two when the next character that is
-    not skipped is another `=`; any other `=` is skipped too. Input that ends
-    inside a quantum is "incorrect padding". Python 2 refuses non-ASCII text
-    before decoding. ValueError with the reason when Ghost's decoder raises.
-    """
-    if not text.isascii():
-        raise ValueError("contains non-ASCII characters")
-    runs = _NOT_BASE64.sub("", text).split(_B64_PAD)  # runs of the alphabet, a `=` between each two
-    kept, count, ended = [runs[0]], len(runs[0]), False
-    for index in range(1, len(runs)):
-        quad = count % 4  # where the `=` before runs[index] falls in its quantum
-        if quad == 3 or (quad == 2 and runs[index] == "" and index + 1 < len(runs)):
-            ended = True
-            break
-        kept.append(runs[index])
-        count += len(runs[index])
-    data = "".join(kept)
-    if ended:  # the bits of the unfinished quantum beyond its last whole byte are dropped, as padding does
-        data += _B64_PAD * (4 - len(data) % 4)
-    elif len(data) % 4:
-        raise ValueError("incorrect padding")
-    return base64.b64decode(data, validate=True)
-
-
-def choose_module_script(working_copy: Path, script_name: str, stored_b64: Any, field: str = "") -> ModuleScript:
-    """The script Ghost would run for a module: a file named `script_name` at the root of the clone
-    wins over the stored base64 script (Ghost's `execute_module_script_on_ghost`), which is then
-    not decoded at all.
-
-    BadDocument names `field` (default: the script name) when the stored script is unusable, or
-    the file when it cannot be used. A file that resolves outside the working copy (a symbolic link
-    in the repository) is refused: its content would leave the host for the container.
-    """
-    candidate = working_copy / script_name
-    if candidate.is_file():
-        where = f"working copy file {script_name}"
-        if working_copy.resolve() not in candidate.resolve().parents:
-            raise BadDocument(where, f"resolves to {candidate.resolve()}, outside the working copy")
-        try:
-            data = candidate.read_bytes()
-        except OSError as error:
-            raise BadDocument(where, f"cannot be read ({error.strerror})") from None
-        if len(data) > MAX_SCRIPT_BYTES:
-            raise BadDocument(where, f"larger than {MAX_SCRIPT_BYTES} bytes")
-        return ModuleScript(data, f"the file {script_name} at the root of the working copy", candidate)
-    script = decode_script(stored_b64, field or script_name)
-    return ModuleScript(script.encode("utf-8"), f"the module's stored {script_name}", None)
-
-
-@dataclasses.dataclass(frozen=True)
-class ModuleScript:
-    content: bytes
-    source: str  # where it came from, for the job log
-    path: Path | None  # the file of the working copy it was read from, None for the stored script
-
-
-def _short(value: Any, limit: int = 60) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
-
-
-def _string(doc: Mapping[str, Any], key: str, where: str, required: bool = True) -> str:
-    value = doc.get(key)
-    if value is None or value == "":
-        if required:
-            raise BadDocument(f"{where}.{key}", "missing")
-        return ""
-    if not isinstance(value, str):
-        raise BadDocument(f"{where}.{key}", f"expected a string, got {type(value).__name__}")
-    return value
-
-
-def _segment(doc: Mapping[str, Any], key: str, where: str, required: bool = True) -> str:
-    """A value that becomes one directory name under ghost.root."""
-    value = _string(doc, key, where, required)
-    if value and (value in (".", "..") or not _SEGMENT.match(value) or len(value) > 255):
-        raise BadDocument(
-            f"{where}.{key}",
-            f"must be a single path segment of letters, digits, '.', '_', '+' or '-', got {_short(value)}",
-        )
-    return value
-
-
-def _mapping(value: Any, field: str) -> Mapping[str, Any]:
-    if value is None:
-        return {}
-    if not isinstance(value, Mapping):
-        raise BadDocument(field, f"expected an object, got {type(value).__name__}")
-    return value
-
-
-def _list(value: Any, field: str) -> list[Any]:
-    if value is None:
-        return []
-    if not isinstance(value, list):
-        raise BadDocument(field, f"expected a list, got {type(value).__name__}")
-    return value
-
-
-def validate_module_path(value: Any, field: str) -> str:
-    """Where a module lives on instances: absolute, not `/`, no `.` or `..` segments."""
-    if not isinstance(value, str) or not value:
-        raise BadDocument(field, f"expected an absolute path, got {_short(value)}")
-    if not value.startswith("/"):
-        raise BadDocument(field, f"must be absolute, got {_short(value)}")
-    if value.rstrip("/") == "":
-        raise BadDocument(field, "must not be '/'")
-    if any(part in (".", "..") for part in value.split("/")):
-        raise BadDocument(field, f"must not contain '.' or '..' segments, got {_short(value)}")
-    if not _MODULE_PATH.match(value):
-        raise BadDocument(field, f"must match {_MODULE_PATH.pattern}, got {_short(value)}")
-    return value
 
 
 @dataclasses.dataclass(frozen=True)
@@ -312,26 +152,26 @@ class App:
     def assumed_role(self) -> AssumedRole | None:
         """The AWS role Ghost assumes for this app's AWS calls (`get_aws_connection_data`): only when
         both `assumed_account_id` and `assumed_role_name` are set."""
-        account = _string(self.raw, "assumed_account_id", "app", required=False)
-        role = _string(self.raw, "assumed_role_name", "app", required=False)
+        account = text_field(self.raw, "assumed_account_id", "app", required=False)
+        role = text_field(self.raw, "assumed_role_name", "app", required=False)
         if not account or not role:
             return None
-        return AssumedRole(account, role, _string(self.raw, "assumed_region_name", "app", required=False))
+        return AssumedRole(account, role, text_field(self.raw, "assumed_region_name", "app", required=False))
 
     def hook(self, name: str) -> str:
         """Decoded `lifecycle_hooks.<name>` script ("" when absent or empty)."""
-        hooks = _mapping(self.raw.get("lifecycle_hooks"), "app.lifecycle_hooks")
+        hooks = mapping_field(self.raw.get("lifecycle_hooks"), "app.lifecycle_hooks")
         return decode_script(hooks.get(name), f"app.lifecycle_hooks.{name}")
 
     def features(self) -> list[Feature]:
         features = []
-        for index, item in enumerate(_list(self.raw.get("features"), "app.features")):
+        for index, item in enumerate(list_field(self.raw.get("features"), "app.features")):
             where = f"app.features[{index}]"
-            item = _mapping(item, where)
+            item = mapping_field(item, where)
             provisioner = item.get("provisioner") or "salt"
             if provisioner not in PROVISIONERS:
-                raise BadDocument(f"{where}.provisioner", f"expected salt or ansible, got {_short(provisioner)}")
-            features.append(Feature(_string(item, "name", where), str(item.get("version") or ""), provisioner))
+                raise BadDocument(f"{where}.provisioner", f"expected salt or ansible, got {short_repr(provisioner)}")
+            features.append(Feature(text_field(item, "name", where), str(item.get("version") or ""), provisioner))
         return features
 
     def provisioners(self) -> list[str]:
@@ -341,15 +181,15 @@ class App:
 
     def module(self, name: str) -> Module:
         """The app module called `name`, validated; BadDocument when absent or malformed."""
-        for index, item in enumerate(_list(self.raw.get("modules"), "app.modules")):
+        for index, item in enumerate(list_field(self.raw.get("modules"), "app.modules")):
             if isinstance(item, Mapping) and item.get("name") == name:
                 return _parse_module(item, f"app.modules[{index}]")
-        raise BadDocument("app.modules", f"the app has no module named {_short(name)}")
+        raise BadDocument("app.modules", f"the app has no module named {short_repr(name)}")
 
     def module_names_with_build_pack(self) -> set[str]:
         """Names of app modules Ghost runs a build_pack for: the key is there, even empty (`has_script`)."""
         names = set()
-        for item in _list(self.raw.get("modules"), "app.modules"):
+        for item in list_field(self.raw.get("modules"), "app.modules"):
             if isinstance(item, Mapping) and "build_pack" in item and isinstance(item.get("name"), str):
                 names.add(item["name"])
         return names
@@ -379,7 +219,7 @@ def ascii_only(text: str) -> str:
 
 def _parse_module(doc: Mapping[str, Any], where: str) -> Module:
     return Module(
-        name=_segment(doc, "name", where),
+        name=segment_field(doc, "name", where),
         path=validate_module_path(doc.get("path"), f"{where}.path"),
         git_repo=_module_repo(doc, where),
         where=where,
@@ -389,21 +229,21 @@ def _parse_module(doc: Mapping[str, Any], where: str) -> Module:
 
 def _module_repo(doc: Mapping[str, Any], where: str) -> str:
     """Ghost's normalisation of a module (`ghost_data.py`): `git_repo`, else `source.url`."""
-    git_repo = _string(doc, "git_repo", where, required=False)
+    git_repo = text_field(doc, "git_repo", where, required=False)
     if git_repo:
         return git_repo
-    source = _mapping(doc.get("source"), f"{where}.source")
-    return _string(source, "url", f"{where}.source", required=False)
+    source = mapping_field(doc.get("source"), f"{where}.source")
+    return text_field(source, "url", f"{where}.source", required=False)
 
 
 def _env_vars(value: Any) -> tuple[tuple[str, str], ...]:
     pairs = []
-    for index, item in enumerate(_list(value, "app.env_vars")):
+    for index, item in enumerate(list_field(value, "app.env_vars")):
         where = f"app.env_vars[{index}]"
-        item = _mapping(item, where)
-        key = _string(item, "var_key", where)
+        item = mapping_field(item, where)
+        key = text_field(item, "var_key", where)
         if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
-            raise BadDocument(f"{where}.var_key", f"not a valid environment variable name: {_short(key)}")
+            raise BadDocument(f"{where}.var_key", f"not a valid environment variable name: {short_repr(key)}")
         raw_value = item.get("var_value")
         if raw_value is not None and not isinstance(raw_value, str | int | float):
             # The value itself is never shown: it may be a secret.
@@ -425,21 +265,21 @@ def parse_app(doc: Mapping[str, Any] | None, app_id: Any = None) -> App:
     """Validate the parts of an app every step needs; modules, hooks and features are checked on use."""
     if doc is None:
         raise BadDocument("job.app_id", f"no app with _id {app_id}")
-    build_infos = _mapping(doc.get("build_infos"), "app.build_infos")
-    blue_green = _mapping(doc.get("blue_green"), "app.blue_green")
-    color = _segment(blue_green, "color", "app.blue_green", required=False)
+    build_infos = mapping_field(doc.get("build_infos"), "app.build_infos")
+    blue_green = mapping_field(doc.get("blue_green"), "app.blue_green")
+    color = segment_field(blue_green, "color", "app.blue_green", required=False)
     return App(
         id=parse_object_id(doc.get("_id"), "app._id"),
-        name=_segment(doc, "name", "app"),
-        env=_segment(doc, "env", "app"),
-        role=_segment(doc, "role", "app"),
-        region=_string(doc, "region", "app", required=False),
+        name=segment_field(doc, "name", "app"),
+        env=segment_field(doc, "env", "app"),
+        role=segment_field(doc, "role", "app"),
+        region=text_field(doc, "region", "app", required=False),
         color=color,
         is_online=bool(blue_green.get("is_online", False)),
-        ami=_string(doc, "ami", "app", required=False),
-        ami_name=_string(build_infos, "ami_name", "app.build_infos", required=False),
+        ami=text_field(doc, "ami", "app", required=False),
+        ami_name=text_field(build_infos, "ami_name", "app.build_infos", required=False),
         source_container_image=_source_image(build_infos),
-        container_image=_string(build_infos, "container_image", "app.build_infos", required=False),
+        container_image=text_field(build_infos, "container_image", "app.build_infos", required=False),
         env_vars=_env_vars(doc.get("env_vars")),
         raw=doc,
     )
@@ -447,7 +287,7 @@ def parse_app(doc: Mapping[str, Any] | None, app_id: Any = None) -> App:
 
 def _source_image(build_infos: Mapping[str, Any]) -> str:
     """The app's base image, "" when it uses no container (NO_SOURCE_IMAGE, or no key)."""
-    value = _string(build_infos, "source_container_image", "app.build_infos", required=False).strip()
+    value = text_field(build_infos, "source_container_image", "app.build_infos", required=False).strip()
     return "" if value in NO_SOURCE_IMAGE else value
 
 
@@ -520,20 +360,20 @@ class Job:
 def parse_job(doc: Mapping[str, Any]) -> Job:
     """Validate a job document; modules are only required to be well-formed for deploys."""
     job_id = parse_object_id(doc.get("_id"), "job._id")
-    command = _string(doc, "command", "job")
+    command = text_field(doc, "command", "job")
     modules: list[str] = []
     if command == "deploy":
-        for index, item in enumerate(_list(doc.get("modules"), "job.modules")):
-            item = _mapping(item, f"job.modules[{index}]")
+        for index, item in enumerate(list_field(doc.get("modules"), "job.modules")):
+            item = mapping_field(item, f"job.modules[{index}]")
             # A module name becomes a directory name and part of the step id: a segment, bounded.
-            modules.append(_segment(item, "name", f"job.modules[{index}]"))
+            modules.append(segment_field(item, "name", f"job.modules[{index}]"))
     updated = doc.get("_updated")
     message = doc.get("message")
     return Job(
         id=job_id,
         command=command,
         app_id=parse_object_id(doc.get("app_id"), "job.app_id"),
-        status=_string(doc, "status", "job"),
+        status=text_field(doc, "status", "job"),
         message=message if isinstance(message, str) else "",
         updated=updated if isinstance(updated, datetime) else None,
         module_names=tuple(modules),

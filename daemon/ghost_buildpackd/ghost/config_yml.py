@@ -22,6 +22,8 @@ from typing import Any
 
 import yaml
 
+from ..value_parsers import one_of, positive_int
+
 DEFAULT_GHOST_CONFIG = Path("/usr/local/share/ghost/config.yml")
 # Ghost's `container.endpoint` meaning "this host's LXD": images are local.
 LOCAL_ENDPOINT = "localhost"
@@ -137,8 +139,6 @@ def ghost_settings_from_mapping(raw: Any, path: Path | None = None) -> GhostSett
         take("enabled", _ghost_truth, "container_enabled", container, "container.")
         take("endpoint", _endpoint, "container_endpoint", container, "container.")
         take("debug", _ghost_bool, "container_debug", container, "container.")
-    from .config import one_of, positive_int  # here: config.py imports this module
-
     take("ami_retention", positive_int(), "ami_retention")
     take("features_provisioners", _provisioners, "features_provisioners")
     take("provisioner_log_level", one_of(*GHOST_LOG_LEVELS), "provisioner_log_level")

@@ -18,9 +18,9 @@ from __future__ import annotations
 from bson import ObjectId
 from bson.errors import InvalidId
 
-from .logs import Logger
-from .lxd import TAG_JOB, ContainerInfo, Lxd
-from .store import Store
+from ..logs import Logger
+from ..lxd import TAG_JOB, ContainerInfo, Lxd
+from ..store import Store
 
 
 def expire_prepared(store: Store, lxd: Lxd, max_age: float, log: Logger) -> list[str]:

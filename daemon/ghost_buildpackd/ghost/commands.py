@@ -17,11 +17,11 @@ from typing import TextIO
 from pymongo.database import Database
 from pymongo.errors import PyMongoError
 
+from ..config import Config
+from ..model import CANCELLED, FAILED, SKIPPED, SUCCEEDED
+from ..policy import LIMITS
+from ..store import Store, redacted_uri, short_error
 from .client import ABANDONED, NO_DAEMON, BuildpackResult, run_buildimage, run_buildpack
-from .config import Config
-from .model import CANCELLED, FAILED, SKIPPED, SUCCEEDED
-from .policy import LIMITS
-from .store import Store, redacted_uri, short_error
 
 EXIT_OK = 0  # the script succeeded, or there was nothing to run
 EXIT_USAGE = 2  # bad arguments or configuration: nothing was asked

@@ -11,7 +11,7 @@ started within the restart grace; on its own timeout it abandons the request,
 so the daemon stops and cleans up. `run_buildimage` does the same
 for the container build of a buildimage job (`ghost-buildpackd buildimage`).
 
-    from ghost_buildpackd.client import run_buildpack
+    from ghost_buildpackd.ghost.client import run_buildpack
 
     result = run_buildpack(db, job["_id"], module["name"], timeout=2400)
     if not result.ok:
@@ -32,9 +32,8 @@ from bson import ObjectId
 from pymongo.database import Database
 from pymongo.errors import PyMongoError
 
-from .ghost import BadDocument, parse_app, parse_object_id
-from .joblog import JobLog
-from .model import (
+from ..joblog import JobLog
+from ..model import (
     BUILD_PACK,
     BUILDIMAGE,
     CANCELLED,
@@ -47,8 +46,10 @@ from .model import (
     cancellation,
     step_id,
 )
-from .policy import LIMITS
-from .store import Store, next_change
+from ..policy import LIMITS
+from ..store import Store, next_change
+from .documents import parse_app
+from .fields import BadDocument, parse_object_id
 
 # The client's own states: it stopped waiting and cancelled the request; no live daemon on its host.
 ABANDONED, NO_DAEMON = "abandoned", "no_daemon"
