@@ -19,11 +19,11 @@ from typing import Any
 import pytest
 from pymongo.errors import AutoReconnect
 
+from ghost_buildpackd.claims import CLAIM_CANDIDATES, claimable
 from ghost_buildpackd.events import Intake
 from ghost_buildpackd.model import (
     ACTIVE,
     BUILDIMAGE,
-    CLAIM_CANDIDATES,
     DEPLOY,
     FAILED,
     HELD,
@@ -38,7 +38,6 @@ from ghost_buildpackd.model import (
     Step,
     StepKind,
     StepState,
-    claimable,
     from_states,
     next_state,
     step_id,

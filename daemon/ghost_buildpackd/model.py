@@ -10,8 +10,8 @@ makes is built from it (`store.steps`: `move` for a held step, the same
 builder for the cancel, request, expiry and replay queries), and a move the
 table lacks raises ValueError before MongoDB is asked (`check_move`); the
 runner's shutdown release looks its move up here (`next_state`), and claims
-take only states the runner's rows move from (`CLAIM_CANDIDATES`, checked at
-import). tests/test_model.py drives each actor over every state and checks.
+take only states the runner's rows move from (`claims.CLAIM_CANDIDATES`, checked
+at import). tests/test_model.py drives each actor over every state and checks.
 
 The enums are `StrEnum`s whose values are the strings stored in MongoDB, so a
 member compares equal to, and is written as, the plain string.
@@ -222,83 +222,17 @@ def next_state(actor: Actor, state: str, kind: str) -> StepState | None:
     return targets.pop() if targets else None
 
 
-# --- claims: which step a runner takes next ------------------------------------------------------
-
-
-class HostBinding(enum.StrEnum):
-    """Which hosts may claim a step, by its `requested_host`."""
-
-    REQUESTED_HERE = "requested here"  # only the host Ghost's worker asked on (its working copy is there)
-    HERE_OR_UNBOUND = "here or unbound"  # the host asked on, or any host when nobody asked on one
-    ANY = "any host"
-
-
-@dataclasses.dataclass(frozen=True)
-class ClaimCandidate:
-    """One kind of work a claim looks for: a free step (its lease expired) in `state`, of `kind` (None: either),
-    on a host `host` allows. `asked`: Ghost's worker waits for it on that host."""
-
-    state: StepState
-    kind: StepKind | None
-    host: HostBinding
-    asked: bool
-    why: str
-
-
-# In the order a claim looks: the first that finds a step wins, oldest step first within one.
-CLAIM_CANDIDATES: tuple[ClaimCandidate, ...] = (
-    ClaimCandidate(REQUESTED, None, HostBinding.REQUESTED_HERE, True, "Ghost's worker waits for it on this host"),
-    ClaimCandidate(
-        PENDING, BUILDIMAGE, HostBinding.REQUESTED_HERE, True,
-        "a build Ghost's buildimage job asked for on this host: the job waits too",
-    ),
-    ClaimCandidate(
-        PENDING, None, HostBinding.HERE_OR_UNBOUND, False,
-        "a pending step; a build Ghost's job asked for runs on the job's host (its provisioner trees are there), "
-        "one the intake made runs anywhere",
-    ),
-    ClaimCandidate(PREPARING, None, HostBinding.ANY, False, "a preparation whose holder died"),
-    ClaimCandidate(
-        RUNNING, BUILDIMAGE, HostBinding.HERE_OR_UNBOUND, False, "a build whose holder died: it starts over"
-    ),
-    ClaimCandidate(
-        RUNNING, DEPLOY, HostBinding.REQUESTED_HERE, False,
-        "a script whose holder died: it runs again on the requested host",
-    ),
-)  # fmt: skip
-
-
-def claimable(kind: str) -> tuple[StepState, ...]:
-    """The states a runner may claim a step of `kind` in: those the runner's rows move such a step from."""
-    found = {state for row in transitions(Actor.RUNNER, kind=kind) for state in row.from_states}
-    return tuple(state for state in StepState if state in found)
-
-
 def _check_table() -> None:
-    """Raise unless the table's rows agree with each other and with the claim candidates: every move into a
-    finished state frees the lease, only the holder's moves are fenced, and every claim candidate is a state
-    the runner's rows move its kind(s) from."""
+    """Raise unless the table's rows agree with each other: every move into a finished state frees the lease,
+    and only the holder's moves are fenced (claims.py checks its candidates against the table)."""
     for row in TRANSITIONS:
         if row.from_states != NEW and row.to_state in TERMINAL and not row.releases:
             raise ValueError(f"{row}: a move into a finished state frees the lease")
         if row.fenced != (row.actor in (Actor.RUNNER, Actor.SHUTDOWN)):
             raise ValueError(f"{row}: exactly the holder's moves (runner, shutdown) are fenced")
-    for candidate in CLAIM_CANDIDATES:
-        for kind in (candidate.kind,) if candidate.kind else BOTH_KINDS:
-            if candidate.state not in claimable(kind):
-                raise ValueError(f"claim candidate {candidate.state} {kind}: the runner has no move from it")
 
 
 _check_table()
-
-# --- container.max_prepared: who takes the last place ------------------------------------------
-
-# Deploy steps in these states hold a place among the prepared containers when their container is recorded
-# (launched, or about to be: the name is recorded before the launch; absent when the run is to launch it).
-PREPARED_STATES = (PREPARING, READY)
-# Of steps deciding at the same moment (in this state, nothing recorded yet), those with a smaller id count
-# first, so two of them never both take the last place.
-DECIDING_STATE = PREPARING
 
 
 def _named(kind: str | None) -> str:

@@ -11,7 +11,8 @@ from typing import Any
 import pymongo
 from pymongo import ReturnDocument
 
-from ..model import CLAIM_CANDIDATES, DECIDING_STATE, DEPLOY, PREPARED_STATES, HostBinding, Step
+from ..claims import CLAIM_CANDIDATES, DECIDING_STATE, PREPARED_STATES, HostBinding
+from ..model import DEPLOY, Step
 from .connection import retry_transient
 from .steps import StepRecords, step_from_doc
 
@@ -35,7 +36,7 @@ class Leases(StepRecords):
     ) -> Step | None:
         """Atomically take the lease on one step that needs work, oldest first.
 
-        Work is what `model.CLAIM_CANDIDATES` says, in its order, each bound to
+        Work is what `claims.CLAIM_CANDIDATES` says, in its order, each bound to
         hosts as it says. The state is left as it was: the caller decides what
         the step needs next. `exclude` holds the ids this process already works
         on (its own leases may lapse in an outage).
@@ -110,7 +111,7 @@ class Leases(StepRecords):
     def prepared_deploy_count(self, sid: str) -> int:
         """Deploy steps other than `sid` whose container is launched ahead, or about to be, and not yet asked for.
 
-        The rule is model.py's (`PREPARED_STATES`, `DECIDING_STATE`): a step
+        The rule is claims.py's (`PREPARED_STATES`, `DECIDING_STATE`): a step
         counts once its container is recorded; of those still deciding, the
         ones with a smaller id count first.
         """
