@@ -27,7 +27,7 @@ directory; btrfs: the exclusive data of its subvolume, `btrfs filesystem du`,
 and how much the pool's use, data and metadata, grew), then the same with
 `container.max_prepared: 1`.
 
-Templates (templates.py): each pool's series starts with none of the image, so
+Templates (upkeep/templates.py): each pool's series starts with none of the image, so
 the first build and the first deploy make theirs (shown apart as "first"); the
 p50s are of copies. The templates left at the end and their own disk close
 the pool's column.
@@ -299,7 +299,7 @@ def minimal_deploys(pool: Pool, count: int, settings: dict[str, str]) -> dict[st
 
 
 def image_templates(bench: Bench, pool: Pool) -> list[str]:
-    """The daemon's template containers of the Debian image on this pool (templates.py)."""
+    """The daemon's template containers of the Debian image on this pool (upkeep/templates.py)."""
     image = bench.lxd.image_by_alias(IMAGE)
     assert image is not None
     on_pool = {path.name for path in (LXD_POOLS / pool.name / "containers").iterdir()}

@@ -20,7 +20,7 @@
 - Ghost's UI offers as base images every image but those the daemon published
   (`selectable_base_images`): the daemon keeps that list in MongoDB for it.
 
-`lxd.py` only carries out the calls (list, get by alias or fingerprint, pull).
+`lxd/` only carries out the calls (list, get by alias or fingerprint, pull).
 """
 
 from __future__ import annotations

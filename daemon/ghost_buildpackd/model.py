@@ -56,11 +56,11 @@ class Script(enum.StrEnum):
 class Actor(enum.StrEnum):
     """Who writes a step's state."""
 
-    INTAKE = "intake"  # events.py: reacts to Ghost's jobs
-    CLIENT = "client"  # client.py: Ghost's worker, through `ghost-buildpackd buildpack` or `buildimage`
-    RUNNER = "runner"  # runner.py: the holder of the step's lease
-    SHUTDOWN = "shutdown"  # runner.py: the holder, when the daemon stops before the step ends
-    SWEEP = "sweep"  # sweep.py: upkeep of prepared containers nobody asked for (yet)
+    INTAKE = "intake"  # events/: reacts to Ghost's jobs
+    CLIENT = "client"  # ghost/client.py: Ghost's worker, through `ghost-buildpackd buildpack` or `buildimage`
+    RUNNER = "runner"  # runner/: the holder of the step's lease
+    SHUTDOWN = "shutdown"  # runner/shutdown.py: the holder, when the daemon stops before the step ends
+    SWEEP = "sweep"  # upkeep/sweep.py: upkeep of prepared containers nobody asked for (yet)
     REPLAY = "replay"  # `ghost-buildpackd replay JOB_ID`
 
 

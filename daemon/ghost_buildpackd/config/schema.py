@@ -176,7 +176,7 @@ class ContainerConfig:
     profiles: tuple[str, ...] = field((), parse_str_list)
     publish_compression: str = field("none", one_of("none", *PUBLISH_COMPRESSORS))
     max_prepared: int | None = field(None, optional(positive_int(minimum=0)))
-    templates: int = field(8, positive_int(minimum=0))  # template containers kept (templates.py); 0: none
+    templates: int = field(8, positive_int(minimum=0))  # template containers kept (upkeep/templates.py); 0: none
     provisioner_commands: ProvisionerCommands = dataclasses.field(default_factory=ProvisionerCommands)
     output_head: int = field(1 << 20, parse_size)
     output_tail: int = field(64 << 10, parse_size)
