@@ -129,7 +129,7 @@ class Images(Connection):
     @retry_transient
     def ended_buildimage_jobs(self, app_ids: list[ObjectId]) -> list[dict[str, Any]]:
         """Ghost's buildimage jobs of these apps that ended `done` or `failed` (the caller keeps those that
-        built their AMI: `ghost.Job.built_image`)."""
+        built their AMI: `ghost.documents.Job.built_image`)."""
         query = {"command": BUILDIMAGE, "status": {"$in": ["done", "failed"]}, "app_id": {"$in": list(app_ids)}}
         return list(self.jobs.find(query))
 
