@@ -15,7 +15,7 @@ import structlog
 from bson import ObjectId
 from pymongo.errors import AutoReconnect, PyMongoError
 
-from ghost_buildpackd.model import BUILDIMAGE, DEPLOY, READY, RUNNING, SUCCEEDED, Actor, step_id
+from ghost_buildpackd.model import BUILDIMAGE, DEPLOY, READY, REQUESTED, RUNNING, SUCCEEDED, Actor, step_id
 from ghost_buildpackd.policy import LIMITS
 from ghost_buildpackd.runner import Bodies, Runner
 from ghost_buildpackd.steps import LeaseLost, Outcome, StepContext, StepFailed
@@ -43,6 +43,21 @@ def test_a_requested_step_is_claimed_before_older_pending_ones(db, store):
 
     assert first is not None and first.id == step_id(job, DEPLOY, "app"), "Ghost's request waited behind builds"
     assert store.claim_step("me", 30, HOST).id == older[0]
+
+
+def test_a_script_handed_back_at_shutdown_keeps_the_time_ghost_asked_for_it(db, store):
+    job = make_job(db, make_app(db, name="api"), command="deploy", status="started", modules=["app"])
+    asked = store.request_step(job, "app", HOST, None)
+    requested_at = db.container_steps.find_one({"_id": asked.id})["times"]["requested"]
+    held = store.claim_step("me", 30, HOST)
+    assert held is not None and held.id == asked.id
+    running = store.move(held, Actor.RUNNER, RUNNING)
+    assert running is not None
+
+    handed_back = store.move(running, Actor.SHUTDOWN, REQUESTED)
+
+    assert handed_back is not None and handed_back.state == REQUESTED and handed_back.owner is None
+    assert db.container_steps.find_one({"_id": asked.id})["times"]["requested"] == requested_at
 
 
 def test_claims_leases_and_outcomes_are_written_with_majority_write_concern(db, store):

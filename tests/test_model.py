@@ -138,6 +138,8 @@ def test_a_write_without_a_move_cannot_set_a_state(store, monkeypatch):
     monkeypatch.setattr(store, "steps", NoMongoDB())
     with pytest.raises(ValueError, match="move"):
         store.update_step(record(BUILDIMAGE, RUNNING), state=SUCCEEDED)
+    with pytest.raises(ValueError, match="a conditional write is a move"):
+        store.update_step(record(DEPLOY, StepState.PREPARING), expect_state=StepState.PREPARING)
     with pytest.raises(ValueError, match="state and the lease"):
         store.move(record(BUILDIMAGE, RUNNING), Actor.RUNNER, SUCCEEDED, state=FAILED)
 

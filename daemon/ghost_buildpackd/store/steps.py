@@ -45,12 +45,13 @@ FREE_LEASE = {"owner": None, "token": None, "expires_at": EPOCH}
 ENTERED = {RUNNING: "times.started", REQUESTED: "times.requested"}
 
 
-def stamps(state: str) -> dict[str, bool]:
-    """The `$currentDate` of a move into `state`: `updated_at`, and when the step entered it where that is kept."""
+def stamps(state: str, actor: Actor) -> dict[str, bool]:
+    """The `$currentDate` of `actor`'s move into `state`: `updated_at`, and when the step entered it where that is
+    kept. `times.requested` is when Ghost asked: a holder handing a script back at shutdown does not move it."""
     stamped = {"updated_at": True}
     if state in TERMINAL:
         stamped["times.finished"] = True
-    elif state in ENTERED:
+    elif state in ENTERED and (state != REQUESTED or actor == Actor.CLIENT):
         stamped[ENTERED[StepState(state)]] = True
     return stamped
 
@@ -236,7 +237,7 @@ class StepRecords(Clock):
         if rule.unless_cancel_requested:
             query["cancel_requested"] = {"$ne": True}
         changes = {**fields, "state": to_state, **({"lease": FREE_LEASE} if rule.releases else {})}
-        return rule, query, {"$set": changes, "$currentDate": stamps(to_state)}
+        return rule, query, {"$set": changes, "$currentDate": stamps(to_state, actor)}
 
     @retry_transient
     def move(
@@ -277,6 +278,8 @@ class StepRecords(Clock):
         was lost. A state is written only by `move`."""
         if "state" in fields:
             raise ValueError("update_step writes no state: a state is written by move(), along model.TRANSITIONS")
+        if fields.keys() & {"expect_state", "unless_cancel_requested", "lease"}:
+            raise ValueError("update_step filters on the lease token only: a conditional write is a move()")
         changes: dict[str, Any] = dict(fields)
         if release:
             changes["lease"] = FREE_LEASE
