@@ -83,11 +83,12 @@ from tests.support.ghost import b64, make_app, make_job, module_doc, set_status
 from tests.support.mongo import Mongod, MongoServers, ReplicaSetMongo
 from tests.support.waiting import wait_until
 
-from ghost_buildpackd.config import LxdConfig, parse_duration
+from ghost_buildpackd.config import LxdConfig
 from ghost_buildpackd.logs import configure_logging
 from ghost_buildpackd.lxd import IMAGE_PROP_JOB, TAG_JOB, Lxd
 from ghost_buildpackd.model import BUILDIMAGE, DEPLOY, TERMINAL, step_id
 from ghost_buildpackd.upkeep.templates import TAG_TEMPLATE, TEMPLATE_NAME
+from ghost_buildpackd.value_parsers import parse_duration
 
 from .common import REPO, make_ghost_dirs, open_fds, rss_mib, table, to_json
 

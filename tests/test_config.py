@@ -13,10 +13,8 @@ from ghost_buildpackd.config import (
     config_from_mapping,
     config_path,
     load_config,
-    parse_duration,
-    parse_memory,
-    parse_size,
 )
+from ghost_buildpackd.value_parsers import parse_duration, parse_memory, parse_size
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "config.example.yml"
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from ghost_buildpackd.cli import EXIT_CONFIG
-from ghost_buildpackd.config import Config, parse_duration
+from ghost_buildpackd.config import Config
 from ghost_buildpackd.policy import LIMITS
+from ghost_buildpackd.value_parsers import parse_duration
 
 UNIT = Path(__file__).resolve().parents[1] / "systemd" / "ghost-buildpackd.service"
 

@@ -7,9 +7,10 @@ import sys
 from collections.abc import Sequence
 
 from . import __version__
-from .config import Config, ConfigError, config_path, load_config, parse_duration
+from .config import Config, ConfigError, config_path, load_config
 from .logs import configure_logging
 from .model import BUILD_PACK, MODULE_SCRIPTS
+from .value_parsers import parse_duration
 
 EXIT_CONFIG = 2
 

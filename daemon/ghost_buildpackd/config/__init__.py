@@ -14,23 +14,6 @@ silently.
 Every name is importable from `ghost_buildpackd.config`, as the rest of the daemon does.
 """
 
-from ..value_parsers import (
-    UNIX_ENDPOINT,
-    one_of,
-    optional,
-    parse_absolute_path,
-    parse_bool,
-    parse_command_list,
-    parse_cpu,
-    parse_duration,
-    parse_endpoint,
-    parse_listen,
-    parse_memory,
-    parse_size,
-    parse_str,
-    parse_str_list,
-    positive_int,
-)
 from .loader import (
     DEFAULT_PATH,
     ENV_CONFIG,
@@ -80,7 +63,6 @@ __all__ = [
     "PUBLISH_COMPRESSORS",
     "SYSTEM_PREFIXES",
     "TIMEOUT_SHARE",
-    "UNIX_ENDPOINT",
     "BuildpackConfig",
     "Config",
     "ConfigError",
@@ -99,21 +81,7 @@ __all__ = [
     "config_path",
     "field",
     "load_config",
-    "one_of",
-    "optional",
-    "parse_absolute_path",
-    "parse_bool",
-    "parse_command_list",
-    "parse_cpu",
-    "parse_duration",
-    "parse_endpoint",
-    "parse_listen",
-    "parse_memory",
-    "parse_size",
-    "parse_str",
-    "parse_str_list",
     "parse_venv",
-    "positive_int",
     "resolve_ghost_settings",
     "waits_fit",
 ]
