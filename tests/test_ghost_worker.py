@@ -11,6 +11,7 @@ import re
 import subprocess
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -224,16 +225,36 @@ def container_steps(ghost: GhostWorker, job_id: ObjectId) -> list[dict[str, Any]
     return list(ghost.db.container_steps.find({"job_id": job_id}))
 
 
-def assert_ran_on_ghosts_host(ghost: GhostWorker, run: GhostJobRun, daemon: DaemonProcess, reason: str) -> None:
+def held_for_the_daemon(gate: Path, script: str) -> str:
+    """`script` after a wait (at most 60 s) for `gate`, so the job stays `started` until the daemon has read it:
+    in poll mode a job done in a second may otherwise first be read once it has ended, with nothing to decide."""
+    return f"for _ in $(seq 1200); do [ -e {gate} ] && break; sleep 0.05; done\n{script}"
+
+
+def deploy_read_by_the_daemon(
+    ghost: GhostWorker, daemon: DaemonProcess, app: dict[str, Any], gate: Path
+) -> tuple[GhostJobRun, dict[str, Any]]:
+    """Run a deploy whose build_pack is `held_for_the_daemon(gate, ...)`; the gate opens once the daemon has
+    decided the started job. Returns the run and that decision's log line."""
+    job_id = ghost.insert_job(ghost.insert_app(app), "deploy", modules=[{"name": "app"}])
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        running = pool.submit(timed_run, ghost, job_id)
+        try:
+            decided = wait_until(
+                lambda: daemon.saw("deploy_without_containers", job_id=str(job_id)),
+                60,
+                "the daemon's reading of the started job",
+            )
+        finally:
+            gate.touch()
+        return running.result(), decided
+
+
+def assert_ran_on_ghosts_host(ghost: GhostWorker, run: GhostJobRun, decided: dict[str, Any], reason: str) -> None:
     """Ghost ran build_pack with bash itself, and the daemon, having read the same job, made no step, for `reason`."""
     assert run.job["status"] == "done", run.log
     assert "Buildpack: Execute" in run.log and "Execute in a container" not in run.log, run.log
     assert outcome_lines(run.log, "build_pack") == []
-    decided = wait_until(
-        lambda: daemon.saw("deploy_without_containers", job_id=str(run.job["_id"])),
-        60,
-        "the daemon's reading of the job",
-    )
     assert reason in decided["reason"], decided
     assert container_steps(ghost, run.job["_id"]) == []
 
@@ -302,29 +323,43 @@ def test_an_app_using_no_container_runs_its_buildpack_with_bash_on_ghosts_host(
     image_alias: str,
     source_container_image: str,
 ) -> None:
-    buildpack = "echo on-the-host-as-$(id -u); touch built-on-host\n"
+    gate = ghost_dirs["root"].parent / "daemon-read-the-job"
+    buildpack = held_for_the_daemon(gate, "echo on-the-host-as-$(id -u); touch built-on-host\n")
     app = ghost_app(git_repo(), buildpack, source_container_image, build_infos={"container_image": image_alias})
-    run = deploy(ghost, app)
-    assert_ran_on_ghosts_host(ghost, run, daemon, "source_container_image is not set")
+    run, decided = deploy_read_by_the_daemon(ghost, daemon, app, gate)
+    assert_ran_on_ghosts_host(ghost, run, decided, "source_container_image is not set")
     assert run.log.count("on-the-host-as-1001") == 1, run.log
     assert owner(working_copy(ghost_dirs) / "built-on-host") == WORKING_COPY_IDS
 
 
 @pytest.mark.parametrize("ghost_config_changes", [{"container": {"enabled": False, "endpoint": "localhost"}}])
 def test_containers_disabled_in_ghosts_config_run_the_buildpack_on_ghosts_host(
-    ghost: GhostWorker, git_repo: Callable[..., str], daemon: DaemonProcess, image_alias: str, base_image: str
+    ghost: GhostWorker,
+    git_repo: Callable[..., str],
+    ghost_dirs: dict[str, Path],
+    daemon: DaemonProcess,
+    image_alias: str,
+    base_image: str,
 ) -> None:
-    app = ghost_app(git_repo(), "echo on-the-host\n", base_image, build_infos={"container_image": image_alias})
-    run = deploy(ghost, app)
-    assert_ran_on_ghosts_host(ghost, run, daemon, "container.enabled is not true in Ghost's config.yml")
+    gate = ghost_dirs["root"].parent / "daemon-read-the-job"
+    buildpack = held_for_the_daemon(gate, "echo on-the-host\n")
+    app = ghost_app(git_repo(), buildpack, base_image, build_infos={"container_image": image_alias})
+    run, decided = deploy_read_by_the_daemon(ghost, daemon, app, gate)
+    assert_ran_on_ghosts_host(ghost, run, decided, "container.enabled is not true in Ghost's config.yml")
     assert run.log.count("on-the-host") == 1, run.log
 
 
 def test_an_app_without_a_built_container_image_runs_on_ghosts_host_and_says_why(
-    ghost: GhostWorker, git_repo: Callable[..., str], daemon: DaemonProcess, base_image: str
+    ghost: GhostWorker,
+    git_repo: Callable[..., str],
+    ghost_dirs: dict[str, Path],
+    daemon: DaemonProcess,
+    base_image: str,
 ) -> None:
-    run = deploy(ghost, ghost_app(git_repo(), "echo on-the-host\n", base_image))
-    assert_ran_on_ghosts_host(ghost, run, daemon, "container_image is not set")
+    gate = ghost_dirs["root"].parent / "daemon-read-the-job"
+    app = ghost_app(git_repo(), held_for_the_daemon(gate, "echo on-the-host\n"), base_image)
+    run, decided = deploy_read_by_the_daemon(ghost, daemon, app, gate)
+    assert_ran_on_ghosts_host(ghost, run, decided, "container_image is not set")
     why = [line for line in run.log.splitlines() if "runs on this host" in line]
     assert len(why) == 1, run.log
     assert why[0].endswith(
