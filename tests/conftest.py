@@ -18,6 +18,7 @@ from ghost_buildpackd.config import Config, LxdConfig, config_from_mapping
 from ghost_buildpackd.lxd import IMAGE_PROP_JOB, TAG_JOB, Lxd
 from ghost_buildpackd.store import Store
 from ghost_buildpackd.upkeep.templates import remove_templates_of
+from ghost_buildpackd.upkeep.warm_pool import idle_containers
 from tests.support.daemon import Daemons
 from tests.support.mongo import ENV_URI, MongoServer, MongoServers, mongod_build
 
@@ -176,7 +177,12 @@ def raw_config(mongo: MongoServer, db: Database, ghost_dirs: dict[str, Path], **
         "lxd": {"timeout": "60s"},
         "ghost": {**{key: str(path) for key, path in ghost_dirs.items()}, "config": str(ghost_config)},
         "events": {"poll_interval": "200ms"},
-        "container": {"idmap_user": "{}:{}".format(*WORKING_COPY_IDS), "exec_timeout": "60s"},
+        # No warm pool unless a test asks (tests/test_warm_pool.py): idle containers would add load to every test.
+        "container": {
+            "idmap_user": "{}:{}".format(*WORKING_COPY_IDS),
+            "exec_timeout": "60s",
+            "warm_pool": {"per_app": 0},
+        },
         "lease_ttl": "5s",
         "shutdown_grace": "20s",
         "log": {"format": "json", "level": "debug"},
@@ -220,9 +226,15 @@ def leftover_containers(lxd: Lxd, db: Database) -> list[str]:
 def lxd_cleanup(lxd: Lxd, db: Database) -> Iterator[None]:
     """Remove, at the end, what this test's jobs left in LXD if it failed half-way (found by job id; nothing else)."""
     yield
-    for name in leftover_containers(lxd, db):
+    for name in leftover_containers(lxd, db) + idle_containers_of_apps(lxd, db):
         lxd.delete_container(name)
     remove_job_images(lxd, db)
+
+
+def idle_containers_of_apps(lxd: Lxd, db: Database) -> list[str]:
+    """The warm pool's containers for apps of this test's database (a daemon killed mid-test leaves them)."""
+    apps = {str(app["_id"]) for app in db.apps.find({}, {"_id": 1})}
+    return [c.name for c in idle_containers(lxd.list_containers()) if c.app_id in apps]
 
 
 def remove_job_images(lxd: Lxd, db: Database) -> None:

@@ -418,7 +418,7 @@ def test_restart_upgrade_and_rollback_under_load(
     ghost_paths = "ghost:\n" + "".join(f"  {key}: {ghost_dirs[key]}\n" for key in ("root", "provisioner_tree"))
     salt = "  provisioner_commands:\n    salt: [sh, -c, echo features installed]\n"
     # A grace long enough for the steps to wait HOLD seconds, then finish: 90 s, and the stop bound (90 s, 120 s of
-    # clean-up, 5 s of MongoDB, 10 s) stays under TimeoutStopSec.
+    # clean-up, 15 s of warm pool, 5 s of MongoDB, 10 s) stays under TimeoutStopSec.
     extra = ghost_paths + "workers: 3\n"
     connect_and_configure(system, mongo, db, extra=extra, container_extra=salt, shutdown_grace="90s")
     system.run("systemctl", "enable", "--now", UNIT)

@@ -27,6 +27,7 @@ import sys
 import threading
 import time
 
+from bson import ObjectId
 from pymongo.errors import PyMongoError
 
 from . import __version__
@@ -38,10 +39,12 @@ from .metrics import start_metrics
 from .notify import SystemdNotifier
 from .policy import LIMITS
 from .runner import Bodies, Runner
+from .steps.warm import idle_launcher, warm_candidates
 from .store import Store, next_change, redacted_uri, short_error, utcnow
 from .supervise import Supervised
 from .upkeep.loop import Upkeep
 from .upkeep.retention import Reconciler
+from .upkeep.warm_pool import WarmPool
 
 log = get_logger(__name__)
 
@@ -88,11 +91,19 @@ class Daemon:
         self.metrics = start_metrics(config.metrics, log, health=self)
         self.reconciler = Reconciler(config, store, lxd, self.metrics)
         self.upkeep = Upkeep(config, store, lxd, self.reconciler, self.stop)
-        self.runner = Runner(config, store, lxd, bodies, self.metrics, on_image_built=self.upkeep.image_built)
+        self.warm_pool = WarmPool(
+            config,
+            store,
+            lxd,
+            self.stop,
+            candidates=lambda: warm_candidates(config, store, lxd),
+            launch=idle_launcher(config, lxd, self.stop),
+        )
+        self.runner = Runner(config, store, lxd, bodies, self.metrics, on_image_built=self._image_built)
         self.intake = Intake(
             store,
             on_new_steps=self.runner.wake,
-            on_job_ended=self.upkeep.job_ended,
+            on_job_ended=self._job_ended,
             containers_enabled=config.ghost_settings.container_enabled,
         )
         self.mode, self.mode_reason = choose_event_mode(config, store)
@@ -105,6 +116,7 @@ class Daemon:
             Supervised("events", self.source.run, self.stop, progress=lambda: self.source.last_tick),
             Supervised("requests", watch, self.stop),
             self.upkeep.loop,
+            self.warm_pool.loop,
             Supervised("heartbeat", self._heartbeat_loop, self.heartbeats_end),
         ]
         self.lxd_up = True  # LXD's last answer to the health probe (it answered at start)
@@ -141,6 +153,14 @@ class Daemon:
             log_containers_off(self.config)
         self._main_loop()
         return self.shutdown()
+
+    def _image_built(self, app_id: ObjectId) -> None:
+        self.upkeep.image_built(app_id)
+        self.warm_pool.kick()  # the app's idle containers are of its old image now
+
+    def _job_ended(self, job_id: ObjectId) -> None:
+        self.upkeep.job_ended(job_id)
+        self.warm_pool.kick()
 
     def request_stop(self) -> None:
         """SIGTERM, SIGINT: stop (safe in a signal handler: it only sets events)."""
@@ -326,6 +346,7 @@ class Daemon:
             self._leave_after(bound)
         self.notifier.stopping()
         self.runner.stop(self.config.shutdown_grace)
+        self.warm_pool.close(within=LIMITS.warm_pool_stop / 2)
         self._mark_stopped()
         log.info("daemon_stopped")
         return 0

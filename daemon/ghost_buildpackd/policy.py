@@ -143,6 +143,9 @@ class Limits:
     lxd_health_wait: float = 5.0
     # Shutdown: aborted steps get at least `min_cleanup_wait` (else lxd.timeout) to remove their containers.
     min_cleanup_wait: float = 30.0
+    # Then the warm pool's loop gets `warm_pool_stop` to give up a container it is making, and the idle
+    # containers are removed (upkeep/warm_pool.py).
+    warm_pool_stop: float = 15.0
     # Past the longest stop plus `stop_exit_margin` (logging, the interpreter's exit), a stopping daemon
     # leaves at once: a worker stuck in a retried call must not hold it until systemd's SIGKILL.
     stop_exit_margin: float = 10.0
@@ -199,11 +202,12 @@ class Limits:
         return max(self.min_cleanup_wait, config.lxd.timeout)
 
     def longest_stop(self, config: Config) -> float:
-        """The most a stop (SIGTERM) can take: grace for running steps, their clean-up, the instance record.
+        """The most a stop (SIGTERM) can take: grace for running steps, their clean-up, the warm pool, the instance
+        record.
 
         The unit's TimeoutStopSec must stay above it for the default settings.
         """
-        return config.shutdown_grace + self.cleanup_wait(config) + config.mongodb.timeout
+        return config.shutdown_grace + self.cleanup_wait(config) + self.warm_pool_stop + config.mongodb.timeout
 
     def stop_bound(self, config: Config) -> float:
         """Seconds after SIGTERM at which a daemon still running leaves with os._exit.

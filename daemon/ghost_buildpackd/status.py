@@ -28,6 +28,7 @@ from .model import ACTIVE, FAILED, Step
 from .policy import LIMITS
 from .store import Store, redacted_uri, short_error, utcnow
 from .upkeep.templates import kept_templates
+from .upkeep.warm_pool import idle_containers
 
 # Failed steps `status --check` looks at, at most, within its window.
 FAILURES_READ = 1000
@@ -79,6 +80,7 @@ def kept_by_design(config: Config) -> dict[str, Any]:
     try:
         lxd = Lxd(dataclasses.replace(config.lxd, timeout=min(config.lxd.timeout, LXD_READ_TIMEOUT)))
         templates = kept_templates(lxd)
+        idle = idle_containers(lxd.list_containers())
     except Exception as error:  # no lxd group, LXD away: the MongoDB part of the report stands
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         return {"error": f"LXD not read ({reason[:200]}): run as a member of the lxd group to list what it keeps"}
@@ -94,6 +96,14 @@ def kept_by_design(config: Config) -> dict[str, Any]:
             }
             for template in templates
         ],
+        "warm_pool": {
+            "per_app": config.container.warm_pool.per_app,
+            "max": config.container.warm_pool.max,
+            "containers": [
+                {"name": c.name, "app_id": c.app_id, "image": c.image[:12], "instance": c.owner, "ready": c.ready}
+                for c in idle
+            ],
+        },
     }
 
 
@@ -370,4 +380,14 @@ def render_kept(kept: dict[str, Any]) -> str:
         for t in kept["templates"]
     ]  # fmt: skip
     title += f", at most {kept['bound']} (container.templates)"
-    return _section(title, ["TEMPLATE", "IMAGE", "IMAGE SIZE", "LAST USED", "COPIES NOW"], rows, "none")
+    text = _section(title, ["TEMPLATE", "IMAGE", "IMAGE SIZE", "LAST USED", "COPIES NOW"], rows, "none")
+    warm = kept["warm_pool"]
+    title = (
+        "Kept by design in LXD (warm pool: idle deploy containers, started ahead, removed at the daemon's stop), "
+        f"{warm['per_app']} per app, at most {warm['max']} (container.warm_pool)"
+    )
+    rows = [
+        [c["name"], c["app_id"], c["image"], c["instance"], "ready" if c["ready"] else "being made"]
+        for c in warm["containers"]
+    ]
+    return text + _section(title, ["CONTAINER", "APP", "IMAGE", "INSTANCE", "STATE"], rows, "none")

@@ -14,6 +14,7 @@ from ..lxd import ContainerSpec, ImageInfo, Lxd
 from ..steps import idmap_user_ids
 from ..store import Store
 from ..upkeep.templates import kept_templates
+from ..upkeep.warm_pool import idle_containers
 from .host import SUBGID, SUBUID, subid_allows
 from .result import CheckResult, fail, ok, warn
 
@@ -49,6 +50,7 @@ def lxd_checks(config: Config, store: Store | None, report: Callable[[CheckResul
         report(ok("lxd storage", f"pools: {', '.join(pools)}"))
         report(storage_cost_check(config, root))
     report(kept_templates_check(config, lxd))
+    report(warm_pool_check(config, lxd, root[1] if isinstance(root, tuple) else info["storage"]))
     report(probe_container_check(config, lxd, store))
     # A server may hold several pools: what bounds a container's disk is the one its profiles name.
     report(limits_check(config, root[1] if isinstance(root, tuple) else info["storage"]))
@@ -154,6 +156,24 @@ def kept_templates_check(config: Config, lxd: Lxd) -> CheckResult:
         "lxd kept",
         f"{len(templates)} template containers kept by design (at most {config.container.templates}: "
         f"container.templates), copied for new containers, not leftovers; of images {sizes}",
+    )
+
+
+def warm_pool_check(config: Config, lxd: Lxd, driver: str) -> CheckResult:
+    """What the warm pool keeps (idle deploy containers, running) and what each costs on this storage."""
+    settings = config.container.warm_pool
+    if settings.per_app == 0 or settings.max == 0:
+        return ok("lxd warm pool", "off (container.warm_pool): a deploy's container is launched at its job's start")
+    try:
+        now = len(idle_containers(lxd.list_containers()))
+    except Exception as error:
+        return warn("lxd warm pool", f"cannot list the idle containers: {error}", "see the lxd checks")
+    cost = "a snapshot of its template" if driver in COPY_ON_WRITE else "a full copy of its image's files"
+    return ok(
+        "lxd warm pool",
+        f"up to {settings.max} idle deploy containers ({settings.per_app} per app deployed lately: "
+        f"container.warm_pool), each running and on {driver} {cost}; none made while the host has less than "
+        f"{settings.min_free_memory / 2**20:.0f} MiB available; {now} now",
     )
 
 

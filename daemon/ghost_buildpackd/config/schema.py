@@ -124,6 +124,16 @@ class LimitsConfig:
     processes: int | None = field(2000, optional(positive_int()))
 
 
+@dataclasses.dataclass(frozen=True)
+class WarmPoolConfig:
+    """Idle deploy containers kept started ahead of the jobs that will use them (upkeep/warm_pool.py)."""
+
+    per_app: int = field(1, positive_int(minimum=0))  # for each app deployed lately, from its current image; 0: none
+    max: int = field(4, positive_int(minimum=0))  # over all apps, for the apps deployed most recently
+    # None is made while the host has less memory available than this (idle ones go below half of it).
+    min_free_memory: int = field(1 << 30, parse_size)
+
+
 # Placeholders of provisioner_commands, replaced in each argument when a build runs.
 PLACEHOLDER_LOG_LEVEL = "{log_level}"  # Ghost's provisioner_log_level
 PLACEHOLDER_ANSIBLE_VERBOSITY = "{ansible_verbosity}"  # its ansible flag (-v...); the argument goes when empty
@@ -177,6 +187,7 @@ class ContainerConfig:
     publish_compression: str = field("none", one_of("none", *PUBLISH_COMPRESSORS))
     max_prepared: int | None = field(None, optional(positive_int(minimum=0)))
     templates: int = field(8, positive_int(minimum=0))  # template containers kept (upkeep/templates.py); 0: none
+    warm_pool: WarmPoolConfig = dataclasses.field(default_factory=WarmPoolConfig)
     provisioner_commands: ProvisionerCommands = dataclasses.field(default_factory=ProvisionerCommands)
     output_head: int = field(1 << 20, parse_size)
     output_tail: int = field(64 << 10, parse_size)

@@ -10,9 +10,12 @@ from __future__ import annotations
 import grp
 import pwd
 import re
+import threading
 import zlib
 from collections.abc import Mapping
 
+from ..config import Config, ContainerConfig
+from ..logs import Logger
 from ..lxd import (
     TAG_APP,
     TAG_CLAIM,
@@ -21,12 +24,13 @@ from ..lxd import (
     TAG_OWNER,
     TAG_STEP,
     ContainerSpec,
+    Lxd,
     LxdError,
     LxdUnavailable,
     Mount,
 )
-from ..model import BUILD_PACK, Step
-from ..upkeep import templates
+from ..model import BUILD_PACK, DEPLOY, Step
+from ..upkeep import templates, warm_pool
 from .context import StepContext, StepFailed
 from .release import remove_leftovers
 
@@ -107,7 +111,21 @@ def container_spec(
     mounts: Mapping[str, Mount] | None = None,
     idmap: tuple[int, int] | None = None,
 ) -> ContainerSpec:
-    """The container for this step, shaped by `container.*` in the config.
+    """The container for this step: `shaped_spec` under the step's name and tags."""
+    if idmap is not None and not ctx.config.container.privileged:
+        refuse_root_ids(idmap, "the id mapping")  # callers refuse first, naming the path: this is the backstop
+    return shaped_spec(ctx.config.container, container_name(ctx.step), image, step_tags(ctx), idmap, mounts)
+
+
+def shaped_spec(
+    settings: ContainerConfig,
+    name: str,
+    image: str,
+    tags: Mapping[str, str],
+    idmap: tuple[int, int] | None,
+    mounts: Mapping[str, Mount] | None = None,
+) -> ContainerSpec:
+    """A container shaped by `container.*` in the config (a step's, or an idle one of the warm pool).
 
     Who its processes are on this host: unprivileged, container root and
     every other id are in LXD's map of root's subordinate ids (container root
@@ -121,13 +139,10 @@ def container_spec(
     seen on 4 starts of one parallel test run; and every copy of a template
     would be shifted anew.
     """
-    settings = ctx.config.container
-    if idmap is not None and not settings.privileged:
-        refuse_root_ids(idmap, "the id mapping")  # callers refuse first, naming the path: this is the backstop
     return ContainerSpec(
-        name=container_name(ctx.step),
+        name=name,
         image=image,
-        tags=step_tags(ctx),
+        tags=dict(tags),
         privileged=settings.privileged,
         idmap=None if settings.privileged else idmap,
         cpu=settings.limits.cpu,
@@ -140,19 +155,42 @@ def container_spec(
 
 
 def launch(ctx: StepContext, spec: ContainerSpec) -> str:
-    """Create and start the container, and wait until it runs commands."""
+    """Take an idle container of the warm pool shaped as `spec`, else create and start one; once it runs commands,
+    its name."""
+    if ctx.step.kind == DEPLOY:
+        taken = warm_pool.take_idle(ctx.lxd, spec, ctx.instance_id, ctx.log)
+        if taken is not None:
+            return adopt_idle(ctx, taken)
     ctx.save(container=spec.name)  # recorded first, so whoever takes over knows what to remove
     ctx.confirm_lease()
     remove_leftovers(ctx)  # what earlier attempts of this step left (never a later attempt's)
     ctx.log.info("container_creating", container=spec.name, image=spec.image[:12])
-    templates.create_container(ctx.lxd, spec, ctx.config.container.templates, ctx.log)
-    ctx.lxd.start(spec.name)
-    # The probe also makes the directory scripts are pushed to (push_file expects it to exist).
     try:
-        ctx.lxd.wait_ready(spec.name, ctx.config.container.ready_timeout, ("mkdir", "-p", SCRIPT_DIR), ctx.abort)
+        start_container(ctx.lxd, ctx.config, spec, ctx.log, ctx.abort)
     except LxdUnavailable:
         raise
     except LxdError as error:  # the image's fault (a command that hangs or fails), or a cancellation
         raise StepFailed(f"{error} (container.ready_timeout {ctx.config.container.ready_timeout:g}s)") from error
     ctx.log.info("container_ready", container=spec.name)
     return spec.name
+
+
+def adopt_idle(ctx: StepContext, name: str) -> str:
+    """The warm pool's container, tagged as this attempt's already: recorded, and what earlier attempts left goes."""
+    try:
+        ctx.save(container=name)
+        ctx.confirm_lease()
+        remove_leftovers(ctx, keep=name)
+    except BaseException:
+        ctx.lxd.delete_container(name)  # tagged as this attempt's: nobody else would use it
+        raise
+    ctx.log.info("container_ready", container=name, warm=True)
+    return name
+
+
+def start_container(lxd: Lxd, config: Config, spec: ContainerSpec, log: Logger, abort: threading.Event) -> None:
+    """Create `spec`'s container (from a template where one serves), start it and wait until it runs commands."""
+    templates.create_container(lxd, spec, config.container.templates, log)
+    lxd.start(spec.name)
+    # The probe also makes the directory scripts are pushed to (push_file expects it to exist).
+    lxd.wait_ready(spec.name, config.container.ready_timeout, ("mkdir", "-p", SCRIPT_DIR), abort)

@@ -58,22 +58,22 @@ def prepare(ctx: StepContext) -> Outcome:
     if prepared_enough(ctx):
         return Outcome(READY, message="not launched ahead (container.max_prepared): launched when asked for")
     check_abort(ctx, "launching the container")
-    owner = prepared_owner(ctx, app, module)
+    owner = prepared_owner(ctx.config, app, module)
     spec = container_spec(ctx, image, idmap=owner)
     try:
-        launch(ctx, spec)
+        name = launch(ctx, spec)
         check_abort(ctx, "marking the container ready")
     except BaseException:
-        clean_up_container(ctx, spec.name)
+        clean_up_container(ctx, prepared_container(ctx))
         raise
     ctx.say(
         "deploy_container_prepared",
-        f"module {module.name}: container {spec.name} started from image {app.container_image}, "
+        f"module {module.name}: container {name} started from image {app.container_image}, "
         "waiting for Ghost to ask for the buildpack",
-        container=spec.name,
+        container=name,
         image=app.container_image,
     )
-    return Outcome(READY, message=f"container {spec.name} ready")
+    return Outcome(READY, message=f"container {name} ready")
 
 
 def run(ctx: StepContext) -> Outcome:

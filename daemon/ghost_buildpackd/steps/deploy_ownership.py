@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from ..config import Config
 from ..ghost.documents import App, Module
 from ..lxd import LxdError
 from .commands import run_command
@@ -25,12 +26,13 @@ def path_owner(path: Path) -> tuple[int, int]:
     return info.st_uid, info.st_gid
 
 
-def prepared_owner(ctx: StepContext, app: App, module: Module) -> tuple[int, int]:
-    """Who is mapped into the container: the working copy's owner if it exists, else `container.idmap_user`."""
-    candidate = app.app_dir(ctx.config.ghost.root) / module.name
+def prepared_owner(config: Config, app: App, module: Module) -> tuple[int, int]:
+    """Who is mapped into a container made before Ghost's clone (a preparation, the warm pool): the working copy's
+    owner if it exists, else `container.idmap_user`; StepFailed when that is root's."""
+    candidate = app.app_dir(config.ghost.root) / module.name
     if candidate.is_dir() and not candidate.is_symlink():
         return refuse_root_ids(path_owner(candidate), f"the working copy {candidate}")
-    user = ctx.config.container.idmap_user
+    user = config.container.idmap_user
     try:
         return refuse_root_ids(idmap_user_ids(user), f"container.idmap_user {user!r}")
     except KeyError:

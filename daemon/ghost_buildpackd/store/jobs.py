@@ -17,7 +17,7 @@ from bson import ObjectId
 from pymongo.database import Database
 
 from ..logs import get_logger
-from ..model import BUILD_PACK, PENDING, Step
+from ..model import BUILD_PACK, DEPLOY, PENDING, Step
 from .connection import Connection, described, retry_transient
 from .steps import new_step_doc, step_from_doc
 
@@ -210,6 +210,20 @@ class Jobs(Connection):
             if isinstance(updated, datetime) and (newest is None or updated > newest):
                 newest = updated
         return newest
+
+    @retry_transient
+    def recently_deployed_apps(self, limit: int, jobs: int = 200) -> list[ObjectId]:
+        """Up to `limit` app ids, the most recently deployed first: from the newest `jobs` deploy jobs (one read on
+        the (command, _updated) index)."""
+        apps: list[ObjectId] = []
+        newest = self.jobs.find({"command": DEPLOY}, {"app_id": 1}).sort("_updated", pymongo.DESCENDING).limit(jobs)
+        for doc in newest:
+            app_id = doc.get("app_id")
+            if isinstance(app_id, ObjectId) and app_id not in apps:
+                apps.append(app_id)
+                if len(apps) >= limit:
+                    break
+        return apps
 
     @retry_transient
     def job_changed_between(self, after: datetime, until: datetime, commands: tuple[str, ...]) -> bool:

@@ -1,0 +1,225 @@
+"""The warm pool on the real LXD and MongoDB: idle deploy containers made ahead, taken by steps, replaced, dropped."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import threading
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import structlog
+from bson import ObjectId
+from pymongo.database import Database
+from structlog.testing import capture_logs
+
+from ghost_buildpackd.config import Config
+from ghost_buildpackd.lxd import TAG_STEP, Lxd
+from ghost_buildpackd.model import READY, SUCCEEDED
+from ghost_buildpackd.steps import deploy, run_after_outcome
+from ghost_buildpackd.steps.warm import idle_launcher, warm_candidates
+from ghost_buildpackd.store import Store
+from ghost_buildpackd.upkeep.warm_pool import IdleContainer, WarmPool, idle_containers, take_idle
+from tests.conftest import WORKING_COPY_IDS, leftover_containers
+from tests.support.ghost import make_app, make_job, module_doc
+from tests.support.steps import deploy_context, finish_preparation
+from tests.support.waiting import wait_until
+
+pytestmark = pytest.mark.lxd  # every test here drives the real LXD
+
+BASH_IMAGE = "ghost-buildpackd/busybox-bash"  # scripts/setup builds it (scripts/build-base-image --with-bash)
+BUILD_PACK = "echo built-in-a-warm-container > out.txt\n"
+
+
+@pytest.fixture
+def warm_config(make_config: Callable[..., Config]) -> Config:
+    return make_config(container={"warm_pool": {"per_app": 1, "max": 4}}).with_instance_id()
+
+
+@pytest.fixture
+def pools(store: Store, lxd: Lxd, lxd_cleanup: None) -> Iterator[Callable[..., WarmPool]]:
+    """Make warm pools of this test; whatever they keep is removed at the end."""
+    made: list[WarmPool] = []
+
+    def make(config: Config, memory: Callable[[], int | None] = lambda: 1 << 40) -> WarmPool:
+        stop = threading.Event()
+        pool = WarmPool(
+            config,
+            store,
+            lxd,
+            stop,
+            candidates=lambda: warm_candidates(config, store, lxd),
+            launch=idle_launcher(config, lxd, stop),
+            memory=memory,
+        )
+        made.append(pool)
+        return pool
+
+    yield make
+    for pool in made:
+        pool.stop.set()
+        pool.close(within=30)
+
+
+def deployed_app(db: Database, alias: str | None) -> tuple[ObjectId, ObjectId]:
+    """An app with one module that has a build_pack, and a deploy job of it (so it counts as deployed lately)."""
+    app_id = make_app(db, container_image=alias, modules=[module_doc("app", "/srv/app", BUILD_PACK)])
+    return app_id, make_job(db, app_id, command="deploy", status="started", modules=["app"])
+
+
+def idle_of(lxd: Lxd, app_id: ObjectId) -> list[IdleContainer]:
+    return [c for c in idle_containers(lxd.list_containers()) if c.app_id == str(app_id)]
+
+
+def working_copy(root: Path) -> Path:
+    path = root / "shop" / "prod" / "web" / "app"
+    path.mkdir(parents=True)
+    os.chown(path, *WORKING_COPY_IDS)
+    return path
+
+
+def test_a_deploy_takes_the_idle_container_and_the_pool_replaces_it(
+    warm_config: Config, pools, store: Store, lxd: Lxd, db: Database, image_alias: str, ghost_dirs
+) -> None:
+    app_id, job_id = deployed_app(db, image_alias)
+    pool = pools(warm_config)
+    assert pool.reconcile() is True  # made one
+    assert pool.reconcile() is False  # nothing missing
+    (idle,) = idle_of(lxd, app_id)
+    assert idle.ready and idle.owner == warm_config.instance_id
+    assert lxd.container_status(idle.name) == "Running"
+
+    with capture_logs() as events:
+        ctx = deploy_context(warm_config, store, lxd, job_id, "app", "prepare")
+        assert deploy.prepare(ctx).state == READY
+        finish_preparation(ctx)
+    assert ctx.step.container == idle.name  # taken, not launched
+    assert [e["container"] for e in events if e["event"] == "warm_container_taken"] == [idle.name]
+    assert not any(e["event"] == "container_creating" for e in events)
+    taken = {c.name: c for c in lxd.list_containers()}[idle.name]
+    assert taken.tags[TAG_STEP] == ctx.step.id  # the step's container now, found by its tags as any other
+    assert idle_of(lxd, app_id) == []
+
+    assert pool.reconcile() is True  # replaced at once
+    (replacement,) = idle_of(lxd, app_id)
+    assert replacement.name != idle.name and replacement.ready
+
+    module_dir = working_copy(ghost_dirs["root"])
+    run = deploy_context(warm_config, store, lxd, job_id, "app", "run")
+    try:
+        outcome = deploy.run(run)
+    finally:
+        run_after_outcome(run)
+    assert outcome.state == SUCCEEDED, outcome
+    assert (module_dir / "out.txt").read_text() == "built-in-a-warm-container\n"
+    assert (module_dir / "out.txt").stat().st_uid == WORKING_COPY_IDS[0]
+    assert leftover_containers(lxd, db) == []  # the taken container went with its step
+    assert [c.name for c in idle_of(lxd, app_id)] == [replacement.name]
+
+
+def test_only_the_instance_keeping_an_idle_container_hands_it_out(
+    warm_config: Config, pools, lxd: Lxd, db: Database, image_alias: str, store: Store
+) -> None:
+    app_id, _ = deployed_app(db, image_alias)
+    pool = pools(warm_config)
+    pool.reconcile()
+    (idle,) = idle_of(lxd, app_id)
+    (target,) = warm_candidates(warm_config, store, lxd)
+    spec = target.spec
+    assert take_idle(lxd, spec, "another-instance", structlog.get_logger("test")) is None
+    other_shape = dataclasses.replace(spec, processes=(spec.processes or 0) + 1)
+    assert take_idle(lxd, other_shape, pool.owner, structlog.get_logger("test")) is None
+    assert idle_of(lxd, app_id) == [idle]
+
+
+def test_idle_containers_follow_the_apps_image(
+    warm_config: Config, pools, lxd: Lxd, db: Database, image_alias: str
+) -> None:
+    app_id, _ = deployed_app(db, image_alias)
+    pool = pools(warm_config)
+    pool.reconcile()
+    (old,) = idle_of(lxd, app_id)
+    new_alias = f"gbp-test-{uuid.uuid4().hex[:10]}"
+    bash = lxd.image_by_alias(BASH_IMAGE)
+    assert bash is not None, f"{BASH_IMAGE} is missing: run scripts/setup"
+    lxd.point_alias(new_alias, bash.fingerprint, "ghost-buildpackd tests")
+    try:
+        db.apps.update_one({"_id": app_id}, {"$set": {"build_infos.container_image": new_alias}})
+        with capture_logs() as events:
+            assert pool.reconcile() is True
+        (new,) = idle_of(lxd, app_id)
+        assert new.image == bash.fingerprint and new.name != old.name
+        assert lxd.container_status(old.name) is None
+        assert {"container": old.name, "reason": "no longer wanted"}.items() <= next(
+            e for e in events if e["event"] == "warm_container_removed"
+        ).items()
+        db.apps.update_one({"_id": app_id}, {"$set": {"build_infos.container_image": None}})  # no image: none kept
+        assert pool.reconcile() is False
+        assert idle_of(lxd, app_id) == []
+    finally:
+        lxd.delete_alias(new_alias)
+
+
+def test_the_pool_keeps_at_most_max_for_the_apps_deployed_last(
+    make_config: Callable[..., Config], pools, lxd: Lxd, db: Database, image_alias: str
+) -> None:
+    config = make_config(container={"warm_pool": {"per_app": 1, "max": 1}}).with_instance_id()
+    first, _ = deployed_app(db, image_alias)
+    second, _ = deployed_app(db, image_alias)  # deployed after the first
+    pool = pools(config)
+    while pool.reconcile():
+        pass
+    # Both apps share one image and shape: one idle container serves either, and the bound is one.
+    kept = [c for c in idle_containers(lxd.list_containers()) if c.app_id in (str(first), str(second))]
+    assert len(kept) == 1 and kept[0].app_id == str(second)
+
+
+def test_no_idle_container_is_made_while_memory_is_short_and_they_go_below_half(
+    warm_config: Config, pools, lxd: Lxd, db: Database, image_alias: str
+) -> None:
+    app_id, _ = deployed_app(db, image_alias)
+    available = [1 << 40]
+    pool = pools(warm_config, memory=lambda: available[0])
+    floor = warm_config.container.warm_pool.min_free_memory
+    available[0] = floor - 1
+    with capture_logs() as events:
+        assert pool.reconcile() is False
+    assert idle_of(lxd, app_id) == []
+    assert any(e["event"] == "warm_pool_paused_low_memory" and e["available_bytes"] == floor - 1 for e in events)
+    available[0] = floor * 2
+    assert pool.reconcile() is True and len(idle_of(lxd, app_id)) == 1
+    available[0] = floor // 2 - 1
+    assert pool.reconcile() is False
+    assert idle_of(lxd, app_id) == []
+
+
+def test_idle_containers_of_a_dead_instance_are_removed_and_a_live_ones_kept(
+    warm_config: Config, pools, lxd: Lxd, db: Database, store: Store, image_alias: str
+) -> None:
+    app_id, _ = deployed_app(db, image_alias)
+    other = pools(dataclasses.replace(warm_config, instance_id=None).with_instance_id())  # another instance
+    assert other.owner != warm_config.instance_id
+    other.reconcile()
+    (theirs,) = idle_of(lxd, app_id)
+    mine = pools(warm_config)
+    store.heartbeat(other.owner, {"host": "elsewhere"})
+    mine.remove_unwanted(idle_containers(lxd.list_containers()), {})
+    assert lxd.container_status(theirs.name) == "Running"  # its instance beats: not ours to judge
+    store.mark_instance_stopped(other.owner, within=5)
+    mine.remove_unwanted(idle_containers(lxd.list_containers()), {})
+    assert lxd.container_status(theirs.name) is None
+
+
+def test_the_pools_loop_fills_it_and_a_stop_removes_what_it_keeps(
+    warm_config: Config, pools, lxd: Lxd, db: Database, image_alias: str
+) -> None:
+    app_id, _ = deployed_app(db, image_alias)
+    pool = pools(warm_config)
+    pool.loop.start()
+    wait_until(lambda: [c for c in idle_of(lxd, app_id) if c.ready], 120, "an idle container made by the loop")
+    pool.stop.set()
+    pool.close(within=30)
+    assert not pool.loop.thread.is_alive()
+    assert idle_of(lxd, app_id) == []
