@@ -14,6 +14,7 @@ from ghost_buildpackd.lxd import Lxd
 from ghost_buildpackd.store import Store
 from tests.support.ghost import make_app
 from tests.support.mongo import free_port
+from tests.support.pools import kernel_has_btrfs, scratch_storage_pool
 from tests.support.profiles import delete_profile
 
 pytestmark = [pytest.mark.lxd, pytest.mark.mongodb]
@@ -119,6 +120,35 @@ def test_storage_pool_line_follows_the_configured_profiles(lxd: Lxd, make_config
     assert ("a full copy of its template's files (container.templates: 8" in line.detail) != snapshot
     assert ("a snapshot of its image (container.templates: 0)" in without.detail) == snapshot
     assert ("unpacks the whole image (container.templates: 0" in without.detail) != snapshot
+
+
+def test_storage_pool_line_names_the_loop_file_size_of_a_btrfs_pool(
+    lxd: Lxd, make_config: Callable[..., Config]
+) -> None:
+    """A pool as scripts/setup-lxd and scripts/install make it for a new LXD (btrfs on a loop file), made under a
+    scratch name and reached through a scratch profile: the default pool and profile stay as they are."""
+    from ghost_buildpackd.check import read_loop_size, read_root_pool, storage_cost_check
+
+    if not kernel_has_btrfs():
+        pytest.skip("the kernel has no btrfs")
+    default = lxd.root_pool(["default"])
+    assert default is not None
+    on_default = read_loop_size(lxd, default)
+    assert (on_default is None) == (default[1] == "dir")  # a dir pool is never on a loop file
+    profile = f"gbp-test-check-{uuid.uuid4().hex[:8]}"
+    with scratch_storage_pool(lxd) as (pool, run, _free):
+        assert run.returncode == 0, run.log
+        size = lxd.storage_pool_config(pool)["size"]
+        lxd.client.profiles.create(profile, devices={"root": {"type": "disk", "path": "/", "pool": pool}})
+        try:
+            config = make_config(container={"profiles": [profile]})
+            root = read_root_pool(config, lxd)
+            line = storage_cost_check(config, root, read_loop_size(lxd, root))
+        finally:
+            delete_profile(lxd, profile)
+    assert root == (pool, "btrfs")
+    assert line.ok, line.detail
+    assert line.detail.startswith(f"{pool}: btrfs on a {size} loop file, a container is a snapshot of its template")
 
 
 def test_missing_compressor_and_unknown_idmap_user(

@@ -25,6 +25,7 @@ from .lxd_server import (
     metadata_check,
     pick_probe_image,
     probe_container_check,
+    read_loop_size,
     read_root_pool,
     storage_cost_check,
 )
@@ -72,6 +73,7 @@ __all__ = [
     "ok",
     "pick_probe_image",
     "probe_container_check",
+    "read_loop_size",
     "read_root_pool",
     "run_checks",
     "storage_cost_check",

@@ -48,7 +48,7 @@ def lxd_checks(config: Config, store: Store | None, report: Callable[[CheckResul
         report(fail("lxd storage", "no storage pool", "create one, e.g. `lxc storage create default dir`"))
     else:
         report(ok("lxd storage", f"pools: {', '.join(pools)}"))
-        report(storage_cost_check(config, root))
+        report(storage_cost_check(config, root, read_loop_size(lxd, root)))
     report(kept_templates_check(config, lxd))
     report(warm_pool_check(config, lxd, root[1] if isinstance(root, tuple) else info["storage"]))
     report(probe_container_check(config, lxd, store))
@@ -63,6 +63,19 @@ def read_root_pool(config: Config, lxd: Lxd) -> tuple[str, str] | Exception | No
         return lxd.root_pool(["default", *config.container.profiles])
     except Exception as error:  # storage_cost_check reports it
         return error
+
+
+def read_loop_size(lxd: Lxd, root: tuple[str, str] | Exception | None) -> str | None:
+    """LXD's `size` of the root disk's pool when the pool lives on a loop file LXD made (`source` is its
+    `disks/<pool>.img`); None otherwise, or when unreadable (the pool line is then still worth printing)."""
+    if not isinstance(root, tuple):
+        return None
+    try:
+        pool_config = lxd.storage_pool_config(root[0])
+    except Exception:
+        return None
+    size, source = pool_config.get("size"), pool_config.get("source", "")
+    return size if size and source.endswith(".img") else None
 
 
 def limits_check(config: Config, storage: str) -> CheckResult:
@@ -115,8 +128,11 @@ def metadata_check(config: Config, lxd: Lxd) -> CheckResult:
 COPY_ON_WRITE = ("btrfs", "zfs", "lvm", "ceph")  # LXD drivers that make a container a snapshot of its source
 
 
-def storage_cost_check(config: Config, found: tuple[str, str] | Exception | None) -> CheckResult:
-    """Which pool the daemon's containers land on (`found`, from read_root_pool), and what a container costs there."""
+def storage_cost_check(
+    config: Config, found: tuple[str, str] | Exception | None, loop_size: str | None = None
+) -> CheckResult:
+    """Which pool the daemon's containers land on (`found`, from read_root_pool), its driver (and its size when
+    on a loop file: `loop_size`, from read_loop_size), and what a container costs there."""
     profiles = ["default", *config.container.profiles]
     if isinstance(found, Exception):
         return fail("lxd storage pool", f"cannot read profiles {', '.join(profiles)}: {found}", "create them")
@@ -128,16 +144,17 @@ def storage_cost_check(config: Config, found: tuple[str, str] | Exception | None
         )
     pool, driver = found
     kept = config.container.templates
+    on = f"{driver} on a {loop_size} loop file" if loop_size else driver
     if driver in COPY_ON_WRITE:
         source = f"its template (container.templates: {kept})" if kept else "its image (container.templates: 0)"
-        return ok("lxd storage pool", f"{pool}: {driver}, a container is a snapshot of {source}")
+        return ok("lxd storage pool", f"{pool}: {on}, a container is a snapshot of {source}")
     if kept:
         cost = f"is a full copy of its template's files (container.templates: {kept}, each a whole root filesystem"
     else:
         cost = "unpacks the whole image (container.templates: 0"
     return ok(
         "lxd storage pool",
-        f"{pool}: {driver}, every container {cost}; btrfs/zfs make it a snapshot; "
+        f"{pool}: {on}, every container {cost}; btrfs/zfs make it a snapshot; "
         "container.max_prepared bounds the containers launched ahead)",
     )
 

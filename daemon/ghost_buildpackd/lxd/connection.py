@@ -97,6 +97,11 @@ class Connection:
     def storage_pools(self) -> list[str]:
         return [pool.name for pool in self.client.storage_pools.all()]
 
+    @retry_lxd
+    def storage_pool_config(self, name: str) -> dict[str, str]:
+        """Pool `name`'s configuration as LXD keeps it (e.g. `size` and `source` of a loop file)."""
+        return dict(self.client.storage_pools.get(name).config or {})
+
     def _wait_operation(self, response: requests.Response, what: str) -> dict[str, Any]:
         """Wait for the background operation `response` started; its final state.
 
