@@ -15,9 +15,11 @@ from bson import ObjectId
 from pymongo.database import Database
 from structlog.testing import capture_logs
 
+from ghost_buildpackd.check.lxd_server import warm_pool_check
 from ghost_buildpackd.config import Config
 from ghost_buildpackd.lxd import TAG_STEP, Lxd
 from ghost_buildpackd.model import READY, SUCCEEDED
+from ghost_buildpackd.status import kept_by_design, render_kept
 from ghost_buildpackd.steps import deploy, run_after_outcome
 from ghost_buildpackd.steps.warm import idle_launcher, warm_candidates
 from ghost_buildpackd.store import Store
@@ -223,3 +225,32 @@ def test_the_pools_loop_fills_it_and_a_stop_removes_what_it_keeps(
     pool.close(within=30)
     assert not pool.loop.thread.is_alive()
     assert idle_of(lxd, app_id) == []
+
+
+def test_status_and_check_list_the_idle_containers(
+    warm_config: Config, pools, lxd: Lxd, db: Database, image_alias: str
+) -> None:
+    app_id, _ = deployed_app(db, image_alias)
+    pool = pools(warm_config)
+    pool.reconcile()
+    (idle,) = idle_of(lxd, app_id)
+    kept = kept_by_design(warm_config)
+    listed = [c for c in kept["warm_pool"]["containers"] if c["name"] == idle.name]
+    assert listed == [
+        {"name": idle.name, "app_id": str(app_id), "image": idle.image[:12], "instance": pool.owner, "ready": True}
+    ]
+    assert idle.name in render_kept(kept)
+    line = warm_pool_check(warm_config, lxd, "dir")
+    assert line.ok and not line.warning and "a full copy of its image's files" in line.detail, line
+    assert "up to 4 idle deploy containers (1 per app" in line.detail
+    off = warm_pool_check(
+        dataclasses.replace(
+            warm_config,
+            container=dataclasses.replace(
+                warm_config.container, warm_pool=dataclasses.replace(warm_config.container.warm_pool, per_app=0)
+            ),
+        ),
+        lxd,
+        "dir",
+    )
+    assert off.detail.startswith("off (container.warm_pool)"), off
