@@ -32,7 +32,7 @@ import yaml
 from bson import ObjectId
 from pymongo.database import Database
 from pymongo.errors import PyMongoError
-from tests.conftest import leftover_containers, remove_job_images
+from tests.conftest import idle_containers_of_apps, leftover_containers, remove_job_images
 from tests.support import ghost as ghost_writes  # Ghost's own writes to its collections
 from tests.support.daemon import DaemonProcess
 from tests.support.mongo import ExternalMongo, MongoServer, ReplicaSetMongo, mongod_build
@@ -194,6 +194,8 @@ class Demo:
         code = self.daemon.terminate(120) if self.daemon.alive() else None
         say(f"\ndaemon stopped (exit code {code})")
         say(f"containers left in LXD: {leftover_containers(self.lxd, self.ghost_db) or 'none'}")
+        idle = idle_containers_of_apps(self.lxd, self.ghost_db)
+        say(f"warm pool's idle containers left (container.warm_pool: a clean stop removes them): {idle or 'none'}")
         say("kept by design (container.templates: copied for the next containers, not leftovers):")
         for template in kept_templates(self.lxd):
             made = "made by this run" if template.name not in self.templates_before else "there before this run"
@@ -205,7 +207,7 @@ class Demo:
     def clean_up(self) -> None:
         if self.daemon.alive():
             self.daemon.terminate(120)
-        for name in leftover_containers(self.lxd, self.ghost_db):  # as the tests clean up after their jobs
+        for name in leftover_containers(self.lxd, self.ghost_db) + idle_containers_of_apps(self.lxd, self.ghost_db):
             self.lxd.delete_container(name)
         made = [t.name for t in kept_templates(self.lxd) if t.name not in self.templates_before]
         if self.keep:

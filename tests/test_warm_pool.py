@@ -17,15 +17,17 @@ from structlog.testing import capture_logs
 
 from ghost_buildpackd.check.lxd_server import warm_pool_check
 from ghost_buildpackd.config import Config
+from ghost_buildpackd.ghost.client import run_buildpack
 from ghost_buildpackd.lxd import TAG_STEP, Lxd
-from ghost_buildpackd.model import READY, SUCCEEDED
+from ghost_buildpackd.model import DEPLOY, READY, SUCCEEDED, step_id
 from ghost_buildpackd.status import kept_by_design, render_kept
 from ghost_buildpackd.steps import deploy, run_after_outcome
 from ghost_buildpackd.steps.warm import idle_launcher, warm_candidates
 from ghost_buildpackd.store import Store
 from ghost_buildpackd.upkeep.warm_pool import IdleContainer, WarmPool, idle_containers, take_idle
 from tests.conftest import WORKING_COPY_IDS, leftover_containers
-from tests.support.ghost import make_app, make_job, module_doc
+from tests.support.daemon import DaemonProcess
+from tests.support.ghost import make_app, make_job, module_doc, set_status
 from tests.support.steps import deploy_context, finish_preparation
 from tests.support.waiting import wait_until
 
@@ -254,3 +256,29 @@ def test_status_and_check_list_the_idle_containers(
         "dir",
     )
     assert off.detail.startswith("off (container.warm_pool)"), off
+
+
+def test_a_daemon_keeps_an_idle_container_for_the_next_deploy_and_removes_it_at_its_stop(
+    write_config: Callable[..., Path], store: Store, lxd: Lxd, db: Database, image_alias: str, ghost_dirs, tmp_path,
+    lxd_cleanup: None,
+) -> None:  # fmt: skip
+    app_id, earlier = deployed_app(db, image_alias)
+    set_status(db, earlier, "done")  # the app was deployed before the daemon started
+    module_dir = working_copy(ghost_dirs["root"])
+    config = write_config(container={"warm_pool": {"per_app": 1, "max": 4}})
+    with DaemonProcess(config, tmp_path / "daemon.log") as daemon:
+        daemon.wait_ready()
+        ready = wait_until(lambda: [c for c in idle_of(lxd, app_id) if c.ready], 120, "the daemon's idle container")
+        job = make_job(db, app_id, command="deploy", status="started", modules=["app"])
+        result = run_buildpack(db, job, "app", timeout=120, poll_interval=0.2)
+        assert result.ok, result
+        assert (module_dir / "out.txt").read_text() == "built-in-a-warm-container\n"
+        step = store.get_step(step_id(job, DEPLOY, "app"))
+        assert step is not None and step.container == ready[0].name  # the deploy ran in the idle container
+        wait_until(
+            lambda: [c for c in idle_of(lxd, app_id) if c.ready and c.name != ready[0].name], 120, "its replacement"
+        )
+        set_status(db, job, "done")
+        assert daemon.terminate(120) == 0
+        assert daemon.saw("warm_pool_drained", removed=1) is not None
+    assert idle_of(lxd, app_id) == []
