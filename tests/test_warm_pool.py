@@ -18,13 +18,21 @@ from structlog.testing import capture_logs
 from ghost_buildpackd.check.lxd_server import warm_pool_check
 from ghost_buildpackd.config import Config
 from ghost_buildpackd.ghost.client import run_buildpack
-from ghost_buildpackd.lxd import TAG_STEP, Lxd
+from ghost_buildpackd.lxd import TAG_STEP, ContainerSpec, Lxd
 from ghost_buildpackd.model import DEPLOY, READY, SUCCEEDED, step_id
 from ghost_buildpackd.status import kept_by_design, render_kept
 from ghost_buildpackd.steps import deploy, run_after_outcome
 from ghost_buildpackd.steps.warm import idle_launcher, warm_candidates
 from ghost_buildpackd.store import Store
-from ghost_buildpackd.upkeep.warm_pool import IdleContainer, WarmPool, idle_containers, take_idle
+from ghost_buildpackd.upkeep.warm_pool import (
+    IdleContainer,
+    WarmPool,
+    WarmTarget,
+    choose_targets,
+    idle_containers,
+    take_idle,
+    warm_key,
+)
 from tests.conftest import WORKING_COPY_IDS, leftover_containers
 from tests.support.daemon import DaemonProcess
 from tests.support.ghost import make_app, make_job, module_doc, set_status
@@ -282,3 +290,21 @@ def test_a_daemon_keeps_an_idle_container_for_the_next_deploy_and_removes_it_at_
         assert daemon.terminate(120) == 0
         assert daemon.saw("warm_pool_drained", removed=1) is not None
     assert idle_of(lxd, app_id) == []
+
+
+def test_choose_targets_keeps_per_app_within_max_and_the_disk_bound() -> None:
+    def target(image: str, disk: int) -> WarmTarget:
+        return WarmTarget(app_id=ObjectId(), app=image, spec=ContainerSpec(name="", image=image, tags={}), disk=disk)
+
+    big, small, snap, dup = (
+        target("a" * 64, 6 << 30),
+        target("b" * 64, 1 << 30),
+        target("c" * 64, 0),
+        target("b" * 64, 1 << 30),
+    )
+    wanted = choose_targets([big, small, dup, snap], per_app=2, maximum=5, max_disk=8 << 30)
+    counts = {target.app: count for target, count in wanted.values()}
+    # big: one fits in 8 GiB (two would not); small: two in what is left; its twin shares its shape; snapshots cost none
+    assert counts == {big.app: 1, small.app: 2, snap.app: 2}
+    assert choose_targets([big, small, snap], per_app=2, maximum=1, max_disk=8 << 30) == {warm_key(big.spec): (big, 1)}
+    assert choose_targets([big], per_app=1, maximum=4, max_disk=1 << 30) == {}

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from ..config import Config
 from ..ghost.documents import NO_SOURCE_IMAGE
 from ..images import ImageNotFound, is_job_alias, local_base_image
-from ..lxd import ContainerSpec, ImageInfo, Lxd
+from ..lxd import COPY_ON_WRITE, ContainerSpec, ImageInfo, Lxd
 from ..steps import idmap_user_ids
 from ..store import Store
 from ..upkeep.templates import kept_templates
@@ -125,9 +125,6 @@ def metadata_check(config: Config, lxd: Lxd) -> CheckResult:
     )
 
 
-COPY_ON_WRITE = ("btrfs", "zfs", "lvm", "ceph")  # LXD drivers that make a container a snapshot of its source
-
-
 def storage_cost_check(
     config: Config, found: tuple[str, str] | Exception | None, loop_size: str | None = None
 ) -> CheckResult:
@@ -189,7 +186,8 @@ def warm_pool_check(config: Config, lxd: Lxd, driver: str) -> CheckResult:
     return ok(
         "lxd warm pool",
         f"up to {settings.max} idle deploy containers ({settings.per_app} per app deployed lately: "
-        f"container.warm_pool), each running and on {driver} {cost}; none made while the host has less than "
+        f"container.warm_pool), each running and on {driver} {cost}, {settings.max_disk / 2**30:g} GiB of "
+        "copies at most (max_disk); none made while the host has less than "
         f"{settings.min_free_memory / 2**20:.0f} MiB available; {now} now",
     )
 

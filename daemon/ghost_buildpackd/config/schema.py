@@ -130,6 +130,8 @@ class WarmPoolConfig:
 
     per_app: int = field(1, positive_int(minimum=0))  # for each app deployed lately, from its current image; 0: none
     max: int = field(4, positive_int(minimum=0))  # over all apps, for the apps deployed most recently
+    # What they may take on disk, over all apps: on a pool that copies files (dir) each costs its image's size.
+    max_disk: int = field(10 << 30, parse_size)
     # None is made while the host has less memory available than this (idle ones go below half of it).
     min_free_memory: int = field(1 << 30, parse_size)
 

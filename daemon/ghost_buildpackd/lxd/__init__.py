@@ -32,6 +32,7 @@ from .exec import OUTPUT_DRAIN_TIMEOUT
 from .images import ImageOperations
 from .instances import CHANGE_TAGS_BACKOFF, CHANGE_TAGS_TRIES, InstanceOperations
 from .records import (
+    COPY_ON_WRITE,
     IMAGE_PROP_CLAIM,
     IMAGE_PROP_JOB,
     OWNERSHIP_KEYS,
@@ -64,6 +65,7 @@ class Lxd(InstanceOperations, ImageOperations):
 __all__ = [
     "CHANGE_TAGS_BACKOFF",
     "CHANGE_TAGS_TRIES",
+    "COPY_ON_WRITE",
     "IMAGE_PROP_CLAIM",
     "IMAGE_PROP_JOB",
     "LONGEST_OPERATION_POLL",

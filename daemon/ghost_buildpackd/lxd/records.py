@@ -83,6 +83,9 @@ class ContainerInfo:
         return claim_number(self.tags.get(TAG_CLAIM))
 
 
+# Storage drivers that make a container a snapshot of its source (else a container is a full copy of its files).
+COPY_ON_WRITE = ("btrfs", "zfs", "lvm", "ceph")
+
 PROTECTION_KEY = "security.protection.delete"
 # Descriptions LXD gives its running operations that take an instance away.
 REMOVING_OPERATIONS = ("Deleting instance", "Renaming instance")

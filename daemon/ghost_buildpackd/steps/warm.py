@@ -13,7 +13,7 @@ from ..ghost.documents import containers_off, parse_app
 from ..ghost.fields import BadDocument
 from ..images import ImageNotFound, deploy_image
 from ..logs import get_logger
-from ..lxd import ContainerSpec, Lxd
+from ..lxd import COPY_ON_WRITE, ContainerSpec, Lxd
 from ..model import DEPLOY
 from ..store import Store
 from ..upkeep.warm_pool import WarmTarget
@@ -27,15 +27,17 @@ log = get_logger(__name__)
 def warm_candidates(config: Config, store: Store, lxd: Lxd) -> list[WarmTarget]:
     """The apps deployed most recently, newest first, whose next deploy would run in a container of its image."""
     settings = config.container.warm_pool
+    root = lxd.root_pool(["default", *config.container.profiles])
+    copies_files = root is None or root[1] not in COPY_ON_WRITE
     targets = []
     for app_id in store.recently_deployed_apps(limit=settings.max):
-        target = warm_target(config, store, lxd, app_id)
+        target = warm_target(config, store, lxd, app_id, copies_files)
         if target is not None:
             targets.append(target)
     return targets
 
 
-def warm_target(config: Config, store: Store, lxd: Lxd, app_id: ObjectId) -> WarmTarget | None:
+def warm_target(config: Config, store: Store, lxd: Lxd, app_id: ObjectId, copies_files: bool) -> WarmTarget | None:
     """The spec of the app's next deploy container, or None when it would have none (said at debug level)."""
     try:
         app = parse_app(store.get_app(app_id), app_id)
@@ -44,12 +46,13 @@ def warm_target(config: Config, store: Store, lxd: Lxd, app_id: ObjectId) -> War
         if off or not with_build_pack:
             log.debug("warm_pool_skips_app", app=app.label, reason=off or "no module has a build_pack")
             return None
-        image = deploy_image(lxd, app.container_image).fingerprint
+        image = deploy_image(lxd, app.container_image)
         owner = prepared_owner(config, app, app.module(with_build_pack[0]))
     except (BadDocument, ImageNotFound, StepFailed) as error:
         log.debug("warm_pool_skips_app", app_id=str(app_id), reason=str(error))
         return None
-    return WarmTarget(app_id=app.id, app=app.label, spec=shaped_spec(config.container, "", image, {}, owner))
+    spec = shaped_spec(config.container, "", image.fingerprint, {}, owner)
+    return WarmTarget(app_id=app.id, app=app.label, spec=spec, disk=image.size if copies_files else 0)
 
 
 def idle_launcher(config: Config, lxd: Lxd, stop: threading.Event) -> Callable[[ContainerSpec], None]:

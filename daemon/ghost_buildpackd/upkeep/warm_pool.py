@@ -8,7 +8,8 @@ costs the step a change of tags.
 What is kept: for the apps deployed most recently, `container.warm_pool.per_app`
 containers of the app's current image, shaped as its next deploy step's
 container will be (the same id mapping, limits, profiles and disk: `warm_key`),
-`container.warm_pool.max` over all apps. A step takes one (`take_idle`) by
+`container.warm_pool.max` over all apps and at most `max_disk` bytes (on a pool
+that copies files, each costs its image's size; on btrfs/zfs next to nothing). A step takes one (`take_idle`) by
 rewriting its tags to the step's, in one write: from then on it is that step's
 container, removed as any other. The pool replaces it at once.
 
@@ -60,6 +61,7 @@ class WarmTarget:
     app_id: ObjectId
     app: str  # label, for logs
     spec: ContainerSpec
+    disk: int = 0  # bytes one idle container takes: its image's size where the pool copies files, 0 on a snapshot
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,18 +127,23 @@ def take_idle(lxd: Lxd, spec: ContainerSpec, owner: str, log: Logger) -> str | N
     return None
 
 
-def choose_targets(candidates: Iterable[WarmTarget], per_app: int, maximum: int) -> dict[str, tuple[WarmTarget, int]]:
-    """How many idle containers of each shape to keep: `per_app` for each candidate in order, `maximum` in all."""
+def choose_targets(
+    candidates: Iterable[WarmTarget], per_app: int, maximum: int, max_disk: int
+) -> dict[str, tuple[WarmTarget, int]]:
+    """How many idle containers of each shape to keep: `per_app` for each candidate in order, `maximum` and
+    `max_disk` bytes in all (a candidate that would pass the disk bound is left out, a smaller one may follow)."""
     wanted: dict[str, tuple[WarmTarget, int]] = {}
-    left = maximum
+    left, disk_left = maximum, max_disk
     for target in candidates:
         key = warm_key(target.spec)
         count = min(per_app, left)
-        if count <= 0:
-            break
-        if key not in wanted:
-            wanted[key] = (target, count)
-            left -= count
+        if target.disk:
+            count = min(count, disk_left // target.disk)
+        if key in wanted or count <= 0:
+            continue
+        wanted[key] = (target, count)
+        left -= count
+        disk_left -= count * target.disk
     return wanted
 
 
@@ -192,7 +199,10 @@ class WarmPool:
 
     def reconcile(self) -> bool:
         """Remove what is not wanted, then make at most one missing container; True when more are missing."""
-        wanted = choose_targets(self.candidates(), self.settings.per_app, self.settings.max) if self.enabled else {}
+        settings = self.settings
+        wanted = (
+            choose_targets(self.candidates(), settings.per_app, settings.max, settings.max_disk) if self.enabled else {}
+        )
         idle = idle_containers(self.lxd.list_containers())
         self.remove_unwanted(idle, wanted)
         if self._memory_short():
