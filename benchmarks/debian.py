@@ -48,7 +48,6 @@ from tests.support.ghost import finish_buildimage, make_app, make_job, module_do
 
 from ghost_buildpackd.model import READY, SUCCEEDED, step_id
 from ghost_buildpackd.upkeep.templates import TAG_TEMPLATE
-from ghost_buildpackd.upkeep.warm_pool import idle_containers
 
 from . import deploy
 from .common import REPO, Bench, ms, parse_timestamp, ratio, running, steps_terminal, summary, table, wait_for
@@ -203,34 +202,8 @@ def minimal_builds(pool: Pool, count: int) -> dict[str, Any]:
 
 
 def daemon_deploys(bench: Bench, pool: Pool, clone: float, count: int, warm: bool = False) -> dict[str, Any]:
-    """Deploys through the daemon; with `warm`, a warm pool of one idle container for the app, each counted deploy
-    starting once the pool holds it (after a deploy of the app, as it would between two deploys of one app)."""
     label = label_of(pool, f"deploy_{int(clone)}s" + ("_warm" if warm else ""))
-    db = bench.database(label)
-    dirs = bench.ghost_dirs(label)
-    app = deploy.deploy_app(db, dirs, IMAGE)
-    pool_settings = {"warm_pool": {"per_app": 1, "max": 4}} if warm else {}
-    config = bench.write_config(db, dirs, label, workers=4, **pool_config(pool, **pool_settings))
-    try:
-        with running(bench.daemon(config, label, trivial=False)) as process:
-            if warm:
-                deploy.one_deploy(bench, db, dirs, app, clone=clone, process=process)  # the app is deployed lately
-            runs = []
-            for _ in range(count):
-                if warm:
-                    wait_for(lambda: idle_ready(bench, app), 900, "the warm pool's idle container of the app")
-                runs.append(deploy.one_deploy(bench, db, dirs, app, clone=clone, process=process))
-            process.terminate()
-    finally:
-        bench.remove_containers(db)
-    for run in runs:
-        run["job_start_to_terminal"] = clone + run["request_to_terminal"]
-    summaries = {key: summary([run[key] for run in runs if run[key] == run[key]]) for key in runs[0]}
-    return {**summaries, "first": runs[0]}
-
-
-def idle_ready(bench: Bench, app: Any) -> bool:
-    return any(c.ready and c.app_id == str(app) for c in idle_containers(bench.lxd.list_containers()))
+    return deploy.deploys_after_clone(bench, label, IMAGE, clone, count, warm, **pool_config(pool))
 
 
 def prepared_disk(bench: Bench, pool: Pool, max_prepared: int | None) -> dict[str, Any]:

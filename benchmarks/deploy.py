@@ -41,6 +41,7 @@ from tests.support.ghost import make_app, make_job, module_doc, set_status
 from ghost_buildpackd.ghost.client import run_buildpack
 from ghost_buildpackd.lxd import ContainerSpec
 from ghost_buildpackd.model import SUCCEEDED, step_id
+from ghost_buildpackd.upkeep.warm_pool import idle_containers
 
 from .common import Bench, FirstLine, log_times, ms, ratio, running, summary, table, wait_for
 
@@ -113,6 +114,39 @@ def one_deploy(
         "daemon_total": (ready - started) + (finished - requested),
         "with_deletion": (ready - started) + (deleted - requested),
     }
+
+
+def deploys_after_clone(
+    bench: Bench, label: str, image: str, clone: float, count: int, warm: bool, **overrides: Any
+) -> dict[str, Any]:
+    """Deploys through the daemon whose request comes `clone` seconds after the job started; with `warm`, a warm
+    pool of one idle container for the app, each counted deploy starting once the pool holds it (after a deploy
+    of the app, as between two deploys of one app). `overrides`: the daemon's configuration."""
+    db = bench.database(label)
+    dirs = bench.ghost_dirs(label)
+    app = deploy_app(db, dirs, image)
+    overrides.setdefault("container", {})["warm_pool"] = {"per_app": 1, "max": 4} if warm else {"per_app": 0}
+    config = bench.write_config(db, dirs, label, workers=4, **overrides)
+    try:
+        with running(bench.daemon(config, label, trivial=False)) as process:
+            if warm:
+                one_deploy(bench, db, dirs, app, clone=clone, process=process)  # the app is deployed lately
+            runs = []
+            for _ in range(count):
+                if warm:
+                    wait_for(lambda: idle_ready(bench, app), 900, "the warm pool's idle container of the app")
+                runs.append(one_deploy(bench, db, dirs, app, clone=clone, process=process))
+            process.terminate()
+    finally:
+        bench.remove_containers(db)
+    for run in runs:
+        run["job_start_to_terminal"] = clone + run["request_to_terminal"]
+    summaries = {key: summary([run[key] for run in runs if run[key] == run[key]]) for key in runs[0]}
+    return {**summaries, "first": runs[0]}
+
+
+def idle_ready(bench: Bench, app: Any) -> bool:
+    return any(c.ready and c.app_id == str(app) for c in idle_containers(bench.lxd.list_containers()))
 
 
 def daemon_runs(bench: Bench, mode: str, alias: str, count: int) -> dict[str, Any]:
@@ -227,6 +261,17 @@ def run(bench: Bench) -> dict[str, Any]:
     alias = bench_alias(bench)
     try:
         daemons = [daemon_runs(bench, mode, alias, sizes.deploys_per_mode) for mode in MODES]
+        at_start = [
+            {
+                "mode": mode,
+                "warm_pool": warm,
+                **deploys_after_clone(
+                    bench, f"at_start_{mode}_{warm}", alias, 0.0, sizes.deploys_per_mode, warm, events={"mode": mode}
+                ),
+            }
+            for mode in MODES
+            for warm in (False, True)
+        ]
     finally:
         bench.lxd.delete_alias(alias)
     threading.excepthook = quiet_pylxd_teardown
@@ -333,9 +378,28 @@ def run(bench: Bench) -> dict[str, Any]:
             targets,
         )
     )
+    print(
+        table(
+            "   request as the job starts (nothing hides the preparation), without and with the warm pool (p50)",
+            ["mode", "warm pool", "n", "req->1st output", "req->terminal", "vs minimal", "over Ghost's host path"],
+            [
+                [
+                    result["mode"],
+                    "on" if result["warm_pool"] else "off",
+                    result["request_to_terminal"]["n"],
+                    ms(result["request_to_first_output"]["p50"]),
+                    ms(result["request_to_terminal"]["p50"]),
+                    ratio(result["request_to_terminal"]["p50"], base) + " (goal <= 0.2x)",
+                    f"{result['request_to_terminal']['p50'] - host['total']['p50']:+.2f} s (goal <= +0.3 s)",
+                ]
+                for result in at_start
+            ],
+        )
+    )
     return {
         "definition": __doc__,
         "daemon": daemons,
+        "request_at_job_start": at_start,
         "minimal_pylxd": minimal,
         "minimal_pylxd_daemon_settings": settings,
         "ghost_old": ghost_old,
