@@ -308,3 +308,25 @@ def test_choose_targets_keeps_per_app_within_max_and_the_disk_bound() -> None:
     assert counts == {big.app: 1, small.app: 2, snap.app: 2}
     assert choose_targets([big, small, snap], per_app=2, maximum=1, max_disk=8 << 30) == {warm_key(big.spec): (big, 1)}
     assert choose_targets([big], per_app=1, maximum=4, max_disk=1 << 30) == {}
+
+
+def test_a_failing_pass_is_logged_and_the_loop_carries_on(warm_config: Config, store: Store, lxd: Lxd) -> None:
+    passes: list[int] = []
+
+    def candidates() -> list[WarmTarget]:
+        passes.append(1)
+        raise RuntimeError("LXD said no")
+
+    stop = threading.Event()
+    pool = WarmPool(warm_config, store, lxd, stop, candidates=candidates, launch=lambda spec: None)
+    with capture_logs() as events:
+        pool.loop.start()
+        try:
+            wait_until(lambda: any(e["event"] == "warm_pool_failed" for e in events), 30, "the failure logged")
+            pool.kick()  # the next pass comes, and fails alike
+            wait_until(lambda: len(passes) >= 2, 30, "a second pass")
+            assert pool.loop.thread.is_alive() and pool.loop.crashes == 0
+        finally:
+            stop.set()
+            pool.close(within=30)
+    assert not pool.loop.thread.is_alive()

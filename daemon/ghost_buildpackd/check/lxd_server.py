@@ -14,6 +14,7 @@ from ..lxd import COPY_ON_WRITE, ContainerSpec, ImageInfo, Lxd
 from ..steps import idmap_user_ids
 from ..store import Store
 from ..upkeep.templates import kept_templates
+from ..upkeep.warm_pool import enabled as warm_pool_enabled
 from ..upkeep.warm_pool import idle_containers
 from .host import SUBGID, SUBUID, subid_allows
 from .result import CheckResult, fail, ok, warn
@@ -176,7 +177,7 @@ def kept_templates_check(config: Config, lxd: Lxd) -> CheckResult:
 def warm_pool_check(config: Config, lxd: Lxd, driver: str) -> CheckResult:
     """What the warm pool keeps (idle deploy containers, running) and what each costs on this storage."""
     settings = config.container.warm_pool
-    if settings.per_app == 0 or settings.max == 0:
+    if not warm_pool_enabled(config):
         return ok("lxd warm pool", "off (container.warm_pool): a deploy's container is launched at its job's start")
     try:
         now = len(idle_containers(lxd.list_containers()))

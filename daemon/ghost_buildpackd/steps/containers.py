@@ -157,7 +157,7 @@ def shaped_spec(
 def launch(ctx: StepContext, spec: ContainerSpec) -> str:
     """Take an idle container of the warm pool shaped as `spec`, else create and start one; once it runs commands,
     its name."""
-    if ctx.step.kind == DEPLOY:
+    if ctx.step.kind == DEPLOY and warm_pool.enabled(ctx.config):
         taken = warm_pool.take_idle(ctx.lxd, spec, ctx.instance_id, ctx.log)
         if taken is not None:
             return adopt_idle(ctx, taken)

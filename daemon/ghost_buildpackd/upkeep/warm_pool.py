@@ -79,6 +79,11 @@ class IdleContainer:
         return bool(self.key)
 
 
+def enabled(config: Config) -> bool:
+    """Whether `container.warm_pool` keeps any idle container."""
+    return config.container.warm_pool.per_app > 0 and config.container.warm_pool.max > 0
+
+
 def warm_key(spec: ContainerSpec) -> str:
     """What a step's container must share with an idle one to take it: everything but its name, tags, mounts."""
     shape = (
@@ -171,6 +176,7 @@ class WarmPool:
         launch: Callable[[ContainerSpec], None],
         memory: Callable[[], int | None] = memory_available,
     ):
+        self.config = config
         self.settings = config.container.warm_pool
         self.interval = config.sweep_interval
         self.owner = config.instance_id or ""
@@ -183,10 +189,6 @@ class WarmPool:
         self._paused_for_memory = False
         self.loop = Supervised("warm-pool", self._loop, stop)
 
-    @property
-    def enabled(self) -> bool:
-        return self.settings.per_app > 0 and self.settings.max > 0
-
     def kick(self) -> None:
         """Look again now: an image was built, a job ended."""
         _taken.set()
@@ -194,15 +196,20 @@ class WarmPool:
     def _loop(self) -> None:
         while not self.stop.is_set():
             _taken.clear()  # before looking: a take from now on is seen by the next pass
-            if not self.reconcile():
+            try:
+                more = self.reconcile()
+            except Exception:  # LXD away, an image that does not start: a spare is worth no crash-loop
+                log.exception("warm_pool_failed", retry_in_s=self.interval)
+                more = False
+            if not more:
                 _taken.wait(self.interval)  # the daemon's stop kicks it too
 
     def reconcile(self) -> bool:
         """Remove what is not wanted, then make at most one missing container; True when more are missing."""
         settings = self.settings
-        wanted = (
-            choose_targets(self.candidates(), settings.per_app, settings.max, settings.max_disk) if self.enabled else {}
-        )
+        wanted = {}
+        if enabled(self.config):
+            wanted = choose_targets(self.candidates(), settings.per_app, settings.max, settings.max_disk)
         idle = idle_containers(self.lxd.list_containers())
         self.remove_unwanted(idle, wanted)
         if self._memory_short():
