@@ -31,6 +31,7 @@ from ghost_buildpackd.upkeep.templates import (
     adopt,
     create_container,
     evict_templates,
+    make_wanted_templates,
     remove_stale_templates,
     remove_templates_of,
     template_name,
@@ -151,6 +152,26 @@ def test_the_first_container_makes_the_template_and_later_ones_copy_it(scene: Sc
     assert details.config[TAG_STEP] == second.tags[TAG_STEP] and details.config["limits.processes"] == "200"
     lxd.start(second.name)
     assert output_of(lxd, second.name, f"cat {MARK}").strip().startswith("gbp-tpltest-")  # the image's content
+
+
+def test_a_first_use_asking_for_the_template_later_is_made_from_the_image_and_the_template_after(
+    scene: Scene, lxd: Lxd
+) -> None:
+    first, second = scene.spec(), scene.spec()
+    template = template_name(first)
+
+    create_container(lxd, first, 8, scene.log, template_later=True)
+    assert lxd.container_status(first.name) == "Stopped" and scene.templates() == {}  # no template on its path
+    assert [e["template_later"] for e in scene.log.named("container_made_from_image")] == [template]
+    lxd.start(first.name)
+    assert output_of(lxd, first.name, f"cat {MARK}").strip().startswith("gbp-tpltest-")  # the image's content
+
+    assert make_wanted_templates(ScopedLxd(lxd, scene), 8, scene.log) == [template]  # the upkeep loop's turn
+    assert scene.templates() == {template: "Stopped"}
+    assert make_wanted_templates(lxd, 8, scene.log) == []  # asked once, made once
+
+    create_container(lxd, second, 8, scene.log, template_later=True)
+    assert [e["container"] for e in scene.log.named("container_copied_from_template")] == [second.name]
 
 
 def test_each_id_mapping_has_its_own_template(scene: Scene, lxd: Lxd) -> None:

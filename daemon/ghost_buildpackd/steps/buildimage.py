@@ -107,7 +107,8 @@ def build(ctx: StepContext, plan: BuildPlan, base: ImageInfo) -> Outcome:
     published: ImageInfo | None = None
     try:
         check_abort(ctx, "creating the container")
-        lxd_phase("creating the container", lambda: launch(ctx, spec))
+        # A new base image: its first build is made from the image, its template afterwards (the second copies it).
+        lxd_phase("creating the container", lambda: launch(ctx, spec, template_later=True))
         run_scripts(ctx, plan, spec.name)
         check_abort(ctx, "publishing the image")
         image = published = publish(ctx, plan, base, spec.name)

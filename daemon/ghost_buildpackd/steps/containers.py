@@ -154,9 +154,9 @@ def shaped_spec(
     )
 
 
-def launch(ctx: StepContext, spec: ContainerSpec) -> str:
+def launch(ctx: StepContext, spec: ContainerSpec, template_later: bool = False) -> str:
     """Take an idle container of the warm pool shaped as `spec`, else create and start one; once it runs commands,
-    its name."""
+    its name. `template_later`: see `templates.create_container`."""
     if ctx.step.kind == DEPLOY and warm_pool.enabled(ctx.config):
         taken = warm_pool.take_idle(ctx.lxd, spec, ctx.instance_id, ctx.log)
         if taken is not None:
@@ -166,7 +166,7 @@ def launch(ctx: StepContext, spec: ContainerSpec) -> str:
     remove_leftovers(ctx)  # what earlier attempts of this step left (never a later attempt's)
     ctx.log.info("container_creating", container=spec.name, image=spec.image[:12])
     try:
-        start_container(ctx.lxd, ctx.config, spec, ctx.log, ctx.abort)
+        start_container(ctx.lxd, ctx.config, spec, ctx.log, ctx.abort, template_later)
     except LxdUnavailable:
         raise
     except LxdError as error:  # the image's fault (a command that hangs or fails), or a cancellation
@@ -188,9 +188,11 @@ def adopt_idle(ctx: StepContext, name: str) -> str:
     return name
 
 
-def start_container(lxd: Lxd, config: Config, spec: ContainerSpec, log: Logger, abort: threading.Event) -> None:
+def start_container(
+    lxd: Lxd, config: Config, spec: ContainerSpec, log: Logger, abort: threading.Event, template_later: bool = False
+) -> None:
     """Create `spec`'s container (from a template where one serves), start it and wait until it runs commands."""
-    templates.create_container(lxd, spec, config.container.templates, log)
+    templates.create_container(lxd, spec, config.container.templates, log, template_later)
     lxd.start(spec.name)
     # The probe also makes the directory scripts are pushed to (push_file expects it to exist).
     lxd.wait_ready(spec.name, config.container.ready_timeout, ("mkdir", "-p", SCRIPT_DIR), abort)

@@ -64,6 +64,7 @@ CLOCK_MARGIN = 300.0
 
 _guard = threading.Lock()
 _making: dict[str, threading.Lock] = {}  # per template name: one maker per process, the others wait for it
+_wanted: dict[str, ContainerSpec] = {}  # per template name: to be made off the hot path (`want_template`)
 
 
 class TemplateUnusable(Exception):
@@ -113,8 +114,19 @@ def last_use(container: ContainerInfo) -> float:
     return container.created_at.timestamp() if container.created_at else 0.0
 
 
-def create_container(lxd: Lxd, spec: ContainerSpec, keep: int, log: Logger) -> None:
-    """Create `spec`'s container as a copy of its template when `keep` allows templates, else from its image."""
+def create_container(lxd: Lxd, spec: ContainerSpec, keep: int, log: Logger, template_later: bool = False) -> None:
+    """Create `spec`'s container as a copy of its template when `keep` allows templates, else from its image.
+
+    With `template_later`, when there is no template yet, the container is made
+    from its image, as fast as without templates, and its template is made
+    off the hot path (`want_template`, made by the upkeep loop): the first
+    build of a new base image waits for one unpacking, not two.
+    """
+    if keep > 0 and template_later and lxd.container_status(template_name(spec)) != "Stopped":
+        want_template(spec)
+        log.info("container_made_from_image", container=spec.name, template_later=template_name(spec))
+        lxd.create_container(spec)
+        return
     if keep > 0:
         try:
             template, made = ready_template(lxd, spec, log)
@@ -131,6 +143,28 @@ def create_container(lxd: Lxd, spec: ContainerSpec, keep: int, log: Logger) -> N
             )
             lxd.delete_container(spec.name)  # a copy that failed half-way, or one that cannot be trusted
     lxd.create_container(spec)
+
+
+def want_template(spec: ContainerSpec) -> None:
+    """Ask for the template of containers like `spec` to be made off the hot path (`make_wanted_templates`)."""
+    with _guard:
+        _wanted[template_name(spec)] = spec
+
+
+def make_wanted_templates(lxd: Lxd, keep: int, log: Logger) -> list[str]:
+    """Make the templates first uses asked for (`want_template`); the names of those made now."""
+    with _guard:
+        wanted = dict(_wanted)
+        _wanted.clear()
+    made = []
+    for spec in wanted.values():
+        if keep <= 0:
+            break
+        template, fresh = ready_template(lxd, spec, log)
+        if fresh:
+            evict_templates(lxd, keep, log, spare=template)
+            made.append(template)
+    return made
 
 
 def ready_template(lxd: Lxd, spec: ContainerSpec, log: Logger) -> tuple[str, bool]:
