@@ -25,6 +25,7 @@ stamps (`started_at`, the `_updated` of `done`). Everything runs on this host: o
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import shlex
 import subprocess
@@ -179,6 +180,28 @@ def stamps_of(
 
 def epoch(value: datetime | None) -> float | None:
     return None if value is None else value.timestamp()
+
+
+def log_objects(text: str) -> tuple[list[dict[str, Any]], int]:
+    """The JSON objects of a daemon log, and how many lines held more than one.
+
+    Two threads logging at once (the daemon's own line and a library's through the stdlib handler) can
+    glue two objects on one line; reading each object keeps the stamps such a line holds.
+    """
+    decoder = json.JSONDecoder()
+    found: list[dict[str, Any]] = []
+    glued = 0
+    for line in text.splitlines():
+        at, objects = 0, 0
+        while at < len(line):
+            try:
+                item, at = decoder.raw_decode(line, at)
+            except ValueError:
+                break
+            found.append(item)
+            objects += 1
+        glued += objects > 1
+    return found, glued
 
 
 def first_times(lines: Iterable[Mapping[str, Any]]) -> dict[str, dict[str, float]]:
@@ -397,13 +420,14 @@ def measure(bench: Bench, mode: str, topology: str, alias: str, tree: Path, depl
         with running(bench.daemon(config, f"ghost-{mode}", trivial=False)) as process:
             runs = [one_deploy(bench, ghost, app_id) for _ in range(deploys)]
             process.terminate()
-        lines = process.events()
+        lines, glued = log_objects(process.log_path.read_text(errors="replace"))
         records = {(r["job_id"], r["module"]): r for r in db.container_steps.find({})}
         leftovers = bench.remove_containers(db)
     finally:
         db.client.drop_database(GHOST_DATABASE)
         db.client.close()
-    return results(mode, mongo, runs, records, lines, remote.connections(), timed_runs(calls), leftovers)
+    found = results(mode, mongo, runs, records, lines, remote.connections(), timed_runs(calls), leftovers)
+    return {**found, "daemon_log_lines_glued": glued}
 
 
 def results(
@@ -497,6 +521,9 @@ def run(bench: Bench) -> dict[str, Any]:
     print(shares_table(found))
     print(where_time_goes(found))
     print(ghosts_side(found))
+    glued = {r["mode"]: r["daemon_log_lines_glued"] for r in found if r["daemon_log_lines_glued"]}
+    if glued:
+        print(f"   (daemon log lines holding two JSON objects, both read: {glued})")
     print(
         f"   (shared machine: {os.cpu_count()} cores and LXD shared with other engineers' runs; load average "
         f"{' '.join(f'{x:.2f}' for x in load_before)} before, {' '.join(f'{x:.2f}' for x in load_after)} after)"

@@ -3,7 +3,18 @@
 from __future__ import annotations
 
 import pytest
-from benchmarks.ghost import LATE, NOT_PREPARED, PREPARED, RUN_CLAIMED, StepStamps, classify, first_times, shares, spans
+from benchmarks.ghost import (
+    LATE,
+    NOT_PREPARED,
+    PREPARED,
+    RUN_CLAIMED,
+    StepStamps,
+    classify,
+    first_times,
+    log_objects,
+    shares,
+    spans,
+)
 
 
 def stamps(
@@ -72,3 +83,11 @@ def test_the_daemons_log_gives_the_first_time_of_each_event_and_when_the_request
     claimed, prepared, run = found["step_claimed"]["s1"], found["step_prepared"]["s1"], found[RUN_CLAIMED]["s1"]
     assert (prepared - claimed, run - claimed) == (pytest.approx(0.9), pytest.approx(1.9))
     assert "step_created" not in found
+
+
+def test_two_log_objects_glued_on_one_line_are_both_read() -> None:
+    glued_line = '{"event": "container_creating", "step": "s1"}{"event": "Connection pool is full"}'
+    text = f'{glued_line}\n\n{{"event": "x"}}\nnot json\n'
+    found, glued = log_objects(text)
+    assert [item["event"] for item in found] == ["container_creating", "Connection pool is full", "x"]
+    assert glued == 1
