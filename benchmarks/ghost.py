@@ -13,13 +13,16 @@ module's first deploy connects twice, `git clone --mirror` then `git fetch`; lat
 deploys once).
 
 Per module, from the step record's stamps (`times.requested`, `times.finished`,
-`created_at`) and the daemon's log (`container_creating`: the launch began, the step is
-`preparing`; `step_prepared`: the preparation ended, the step `ready` unless Ghost had
-asked meanwhile): *prepared* when it was ready before Ghost's request, *late* when it was
-preparing when Ghost asked, *not prepared* when Ghost asked first. `request->outcome` is
-`times.requested` -> `times.finished` (what Ghost's worker waits, bar the client's read of
-the outcome). Ghost's job time is its process from start to end, `started->done` its own
-stamps (`started_at`, the `_updated` of `done`). Everything runs on this host: one clock.
+`created_at`) and the daemon's log (`container_creating` or `warm_container_taken`: the
+launch began or an idle container of the warm pool was taken, the step is `preparing`;
+`step_prepared`: the preparation ended, the step `ready` unless Ghost had asked
+meanwhile; the record keeps no stamp of those two moves): *prepared* when it was ready
+before Ghost's request, *late* when it was preparing when Ghost asked, *not prepared*
+when Ghost asked first. `request->outcome` is `times.requested` -> `times.finished` (the
+daemon's part); `request->Ghost has it` ends when the installed `ghost-buildpackd` command
+Ghost's patch calls returned (the command is wrapped to time its calls). Ghost's job time
+is its process from start to end, `started->done` its own stamps (`started_at`, the
+`_updated` of `done`). Everything runs on this host: one clock.
 """
 
 from __future__ import annotations
@@ -54,6 +57,7 @@ from tests.support.ghost_worker import (
 from tests.support.mongo import MongoServer
 
 from ghost_buildpackd.config import EventsConfig
+from ghost_buildpackd.lxd import TAG_APP
 
 from .common import Bench, make_ghost_dirs, ms, parse_timestamp, running, summary, table, wait_for
 from .deploy import bench_alias
@@ -69,6 +73,7 @@ CLASSES = (PREPARED, LATE, NOT_PREPARED)
 LOG_EVENTS = (
     "step_claimed",
     "container_creating",
+    "warm_container_taken",
     "container_ready",
     "step_prepared",
     "deploy_container_reused",
@@ -89,13 +94,14 @@ class StepStamps:
     started: float  # Ghost's job `started_at`
     created: float | None  # the record's `created_at`
     claimed: float | None  # first `step_claimed`
-    preparing: float | None  # `container_creating`: the step was preparing from then on
+    preparing: float | None  # `container_creating` or `warm_container_taken`: the step was preparing from then on
     launched: float | None  # `container_ready`
     ready: float | None  # `step_prepared`
     requested: float | None  # the record's `times.requested`
     run_claimed: float | None  # first `step_claimed` with state `requested`
     finished: float | None  # the record's `times.finished`
     reused: bool = False  # the run used the prepared container (`deploy_container_reused`)
+    warm: bool = False  # the container came from the warm pool (`warm_container_taken`)
     # Ghost's side: its clone's connections to the remote (first start, last end) and its call of the command.
     clone_start: float | None = None
     clone_end: float | None = None
@@ -164,18 +170,23 @@ def stamps_of(
         started=started,
         created=epoch(record.get("created_at")),
         claimed=events["step_claimed"].get(sid),
-        preparing=events["container_creating"].get(sid),
+        preparing=earliest(events["container_creating"].get(sid), events["warm_container_taken"].get(sid)),
         launched=events["container_ready"].get(sid),
         ready=events["step_prepared"].get(sid),
         requested=epoch(times.get("requested")),
         run_claimed=events[RUN_CLAIMED].get(sid),
         finished=epoch(times.get("finished")),
         reused=sid in events["deploy_container_reused"],
+        warm=sid in events["warm_container_taken"],
         clone_start=min((c.start for c in connections), default=None),
         clone_end=max((c.end for c in connections), default=None),
         called=call.start if call else None,
         returned=call.end if call else None,
     )
+
+
+def earliest(*times: float | None) -> float | None:
+    return min((t for t in times if t is not None), default=None)
 
 
 def epoch(value: datetime | None) -> float | None:
@@ -415,6 +426,7 @@ def measure(bench: Bench, mode: str, topology: str, alias: str, tree: Path, depl
     )
     remote = SlowRemote(base / "remote", ghost.home)
     calls = time_the_command(ghost)
+    app_id = None
     try:
         app_id = ghost.insert_app(ghost_app(remote, alias, BASE_IMAGE))
         with running(bench.daemon(config, f"ghost-{mode}", trivial=False)) as process:
@@ -424,10 +436,20 @@ def measure(bench: Bench, mode: str, topology: str, alias: str, tree: Path, depl
         records = {(r["job_id"], r["module"]): r for r in db.container_steps.find({})}
         leftovers = bench.remove_containers(db)
     finally:
+        idle_left = remove_app_containers(bench, app_id) if app_id else []
         db.client.drop_database(GHOST_DATABASE)
         db.client.close()
     found = results(mode, mongo, runs, records, lines, remote.connections(), timed_runs(calls), leftovers)
-    return {**found, "daemon_log_lines_glued": glued}
+    return {**found, "daemon_log_lines_glued": glued, "warm_pool_containers_left": idle_left}
+
+
+def remove_app_containers(bench: Bench, app_id: ObjectId) -> list[str]:
+    """Delete containers still tagged with the app once its daemon stopped (its warm pool's, if the stop left
+    any; none should remain: say so if some did)."""
+    names = [c.name for c in bench.lxd.list_containers() if c.tags.get(TAG_APP) == str(app_id)]
+    for name in names:
+        bench.lxd.delete_container(name)
+    return names
 
 
 def results(
@@ -472,6 +494,7 @@ def results(
         },
         **span_summaries(steps),
         "reused_prepared_container": sum(s.reused for s in steps),
+        "from_warm_pool": sum(s.warm for s in steps),
         "ghost_job_s": summary([run["job_s"] for run in runs]),
         "ghost_started_to_done_s": summary([run["started_to_done_s"] for run in runs]),
         "remote_connections": len(connections),
@@ -553,12 +576,13 @@ def shares_table(found: list[dict[str, Any]]) -> str:
             p50_max(r["request_to_outcome"]),
             p50_max(r["request_to_returned"]),
             f"{r['ghost_job_s']['p50']:.1f} / {r['ghost_job_s']['max']:.1f} s",
+            f"{r['from_warm_pool']} of {r['steps']}",
         ]
         for r in found
     ]
     header = [
         *["mode", "deploys", "modules", "prepared before request", "late", "not prepared"],
-        *["request->outcome p50/max", "request->Ghost has it p50/max", "Ghost job p50/max"],
+        *["request->outcome p50/max", "request->Ghost has it p50/max", "Ghost job p50/max", "from warm pool"],
     ]
     return table(title, header, rows)
 

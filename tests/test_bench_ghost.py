@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
+
 import pytest
 from benchmarks.ghost import (
     LATE,
@@ -14,6 +16,7 @@ from benchmarks.ghost import (
     log_objects,
     shares,
     spans,
+    stamps_of,
 )
 
 
@@ -91,3 +94,18 @@ def test_two_log_objects_glued_on_one_line_are_both_read() -> None:
     found, glued = log_objects(text)
     assert [item["event"] for item in found] == ["container_creating", "Connection pool is full", "x"]
     assert glued == 1
+
+
+def test_a_container_taken_from_the_warm_pool_starts_the_preparation() -> None:
+    """No `container_creating` then: the take is when the step was preparing from (late here: ready after)."""
+    at = "2026-12-05T03:00:0{}.000000Z".format
+    lines = [
+        {"event": "step_claimed", "step": "s1", "state": "pending", "timestamp": at(1)},
+        {"event": "warm_container_taken", "step": "s1", "timestamp": at(2)},
+        {"event": "step_prepared", "step": "s1", "timestamp": at(4)},
+    ]
+    requested = datetime(2026, 12, 5, 3, 0, 3, tzinfo=UTC)
+    record = {"_id": "s1", "module": "api", "created_at": requested, "times": {"requested": requested}}
+    step = stamps_of(record, 1, requested.timestamp() - 3, first_times(lines), [], None)
+    assert step.warm and step.preparing == pytest.approx(requested.timestamp() - 1)
+    assert classify(step) == LATE
