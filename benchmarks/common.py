@@ -52,14 +52,15 @@ class Sizes:
     debian_runs: int  # builds and deploys per pool and case in the Debian tier
     footprint_steps: int
     footprint_real_steps: int
+    ghost_deploys: int  # deploys per mode run by Ghost 19.08's worker (`--deploys N`)
 
     @classmethod
     def quick(cls) -> Sizes:
-        return cls(30, 3, 3, 1, 8, 1000, 50, 1, 1, 60, 4)
+        return cls(30, 3, 3, 1, 8, 1000, 50, 1, 1, 60, 4, 2)
 
     @classmethod
     def full(cls) -> Sizes:
-        return cls(200, 10, 10, 3, 8, 10_000, 50, 3, 3, 500, 12)
+        return cls(200, 10, 10, 3, 8, 10_000, 50, 3, 3, 500, 12, 5)
 
 
 class Bench:
@@ -85,6 +86,10 @@ class Bench:
             print(f"daemon logs and configs kept in {self.scratch}")
         else:
             shutil.rmtree(self.scratch, ignore_errors=True)
+
+    def server(self, topology: str) -> MongoServer:
+        """The run's MongoDB of `topology` ("replica_set", "standalone"), started on first use."""
+        return self._servers.get(topology)
 
     def environment(self) -> dict[str, Any]:
         """Where the figures come from: cores, LXD, MongoDB."""

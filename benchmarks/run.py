@@ -8,6 +8,7 @@ the figures.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 import traceback
@@ -17,7 +18,7 @@ from typing import Any
 
 from ghost_buildpackd.logs import configure_logging
 
-from . import catchup, debian, deploy, footprint, latency, throughput
+from . import catchup, debian, deploy, footprint, ghost, latency, throughput
 from .common import REPO, Bench, Sizes, table, to_json
 
 BENCHMARKS: dict[str, Callable[[Bench], dict[str, Any]]] = {
@@ -27,9 +28,11 @@ BENCHMARKS: dict[str, Callable[[Bench], dict[str, Any]]] = {
     "catchup": catchup.run,
     "footprint": footprint.run,
     "debian": debian.run,
+    "ghost": ghost.run,
 }
-# Run only when named with --only: the first run builds a Debian image and a btrfs pool (minutes).
-OPT_IN = ("debian",)
+# Run only when named with --only: the first run builds a Debian image and a btrfs pool (minutes); the Ghost
+# benchmark needs Ghost 19.08's archive and the runtime of scripts/build-ghost-runtime.
+OPT_IN = ("debian", "ghost")
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -41,8 +44,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--poll-interval",
         type=float,
         default=1.0,
-        help="events.poll_interval (seconds) of the daemons in poll mode and of idle polling (default 1)",
+        help="events.poll_interval (seconds) of the daemons in poll mode and of idle polling (default 1; "
+        "not the ghost benchmark's, which runs the daemon's defaults)",
     )
+    parser.add_argument("--deploys", type=int, help="deploys per mode of the ghost benchmark (default 5, quick 2)")
     return parser.parse_args(argv)
 
 
@@ -50,6 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     configure_logging("console", "warning")
     sizes = Sizes.quick() if args.quick else Sizes.full()
+    if args.deploys is not None:
+        sizes = dataclasses.replace(sizes, ghost_deploys=args.deploys)
     started = datetime.now(UTC)
     bench = Bench(sizes, args.poll_interval)
     report: dict[str, Any] = {"started": started.isoformat(), "quick": args.quick, "sizes": vars(sizes).copy()}
