@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -84,6 +85,35 @@ def test_library_records_are_structured_lines_and_quiet_below_warning(log_file: 
     assert event["level"] == "warning"
     assert event["logger"] == "pylxd.client"
     assert "timestamp" in event
+
+
+def test_lines_of_the_daemon_and_of_libraries_written_at_once_stay_one_per_line(log_file: IO[str]) -> None:
+    """Each line is written whole: a library's warning (urllib3's, from an LXD call in another thread) never lands
+    inside a line of the daemon's own (seen in a benchmark's log: two JSON objects on one line)."""
+    configure_logging("json", "info", log_file)
+    count = 1500
+
+    def ours() -> None:
+        for i in range(count):
+            get_logger("test").info("ours", i=i)
+
+    def library() -> None:
+        for i in range(count):
+            logging.getLogger("urllib3.connectionpool").warning("Connection pool is full, discarding: %d", i)
+
+    threads = [threading.Thread(target=target) for target in (ours, library, ours, library)]
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # threads switch between any two writes, as on a loaded host
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        sys.setswitchinterval(interval)
+    written = lines(log_file)
+    assert len(written) == 4 * count
+    assert sorted({json.loads(line)["event"][:4] for line in written}) == ["Conn", "ours"]
 
 
 def test_container_output_is_debug_and_carries_the_step(log_file: IO[str], tmp_path: Path) -> None:

@@ -270,12 +270,15 @@ def test_a_daemon_keeps_an_idle_container_for_the_next_deploy_and_removes_it_at_
     write_config: Callable[..., Path], store: Store, lxd: Lxd, db: Database, image_alias: str, ghost_dirs, tmp_path,
     lxd_cleanup: None,
 ) -> None:  # fmt: skip
-    app_id, earlier = deployed_app(db, image_alias)
-    set_status(db, earlier, "done")  # the app was deployed before the daemon started
+    app_id = make_app(db, container_image=image_alias, modules=[module_doc("app", "/srv/app", BUILD_PACK)])
     module_dir = working_copy(ghost_dirs["root"])
-    config = write_config(container={"warm_pool": {"per_app": 1, "max": 4}})
+    # The pool's periodic pass is an hour away: only the app's first deploy can bring its idle container.
+    config = write_config(container={"warm_pool": {"per_app": 1, "max": 4}}, sweep_interval="1h")
     with DaemonProcess(config, tmp_path / "daemon.log") as daemon:
         daemon.wait_ready()
+        first = make_job(db, app_id, command="deploy", status="started", modules=["app"])
+        assert run_buildpack(db, first, "app", timeout=120, poll_interval=0.2).ok
+        set_status(db, first, "done")
         ready = wait_until(lambda: [c for c in idle_of(lxd, app_id) if c.ready], 120, "the daemon's idle container")
         job = make_job(db, app_id, command="deploy", status="started", modules=["app"])
         result = run_buildpack(db, job, "app", timeout=120, poll_interval=0.2)

@@ -162,8 +162,30 @@ class _CurrentStderr:
         return sys.stderr.fileno()
 
 
+# One lock for every line written to the log stream, the daemon's and the libraries' alike: structlog and the
+# standard library's handler each lock alone, and a library's warning could land inside one of our lines.
+_WRITE_LOCK = threading.RLock()
+
+
+class _LineLogger:
+    """structlog's logger: each line written whole, in one write, under `_WRITE_LOCK`."""
+
+    def __init__(self, stream: TextIO):
+        self._stream = stream
+
+    def msg(self, message: str) -> None:
+        with _WRITE_LOCK:
+            self._stream.write(message + "\n")
+            self._stream.flush()
+
+    log = debug = info = warn = warning = err = error = critical = exception = failure = fatal = msg
+
+
 class _StdlibHandler(logging.StreamHandler):
     """The root handler `configure_logging` installs (replaced, not stacked, when called again)."""
+
+    def createLock(self) -> None:  # logging calls it from __init__
+        self.lock = _WRITE_LOCK
 
 
 # Standard-library loggers below this level are dropped: pylxd and ws4py are chatty at info.
@@ -194,7 +216,7 @@ def configure_logging(fmt: str = "auto", level: str = "info", stream: TextIO | N
     structlog.configure(
         processors=[*shared, *finishing],
         wrapper_class=structlog.make_filtering_bound_logger(getattr(logging, level.upper())),
-        logger_factory=structlog.PrintLoggerFactory(stream),
+        logger_factory=lambda *_args: _LineLogger(stream),
         cache_logger_on_first_use=False,
     )
     handler = _StdlibHandler(stream)

@@ -149,6 +149,10 @@ class Limits:
     # Past the longest stop plus `stop_exit_margin` (logging, the interpreter's exit), a stopping daemon
     # leaves at once: a worker stuck in a retried call must not hold it until systemd's SIGKILL.
     stop_exit_margin: float = 10.0
+    # Ghost's `buildpack` and `buildimage` commands re-read their step this often where MongoDB has no change
+    # streams (one read by _id): the outcome reaches Ghost's job within it, where events.poll_interval (5 s) cost
+    # every module up to 2 s (benchmarks/ghost.py).
+    client_poll: float = 0.2
     # Restarts: a stopping daemon heartbeats until its process ends, then marks its record stopped; a
     # waiting client takes its host for one restarting while the mark is younger than `restart_grace`:
     # the unit's RestartSec (`restart_delay`, systemd's pause before an automatic restart), a start

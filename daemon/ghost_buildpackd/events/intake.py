@@ -69,11 +69,13 @@ class Intake:
         on_new_steps: Callable[[], None],
         on_job_ended: Callable[[ObjectId], None],
         containers_enabled: bool = True,
+        on_deploy_started: Callable[[ObjectId], None] = lambda _app_id: None,
     ):
         self.store = store
         self.records: JobRecords = store
         self.on_new_steps = on_new_steps
         self.on_job_ended = on_job_ended
+        self.on_deploy_started = on_deploy_started  # an app with steps in containers deploys (the warm pool)
         self.containers_enabled = containers_enabled  # Ghost's container.enabled: off, no step is made
 
     def handle_job_id(self, job_id: Any) -> None:
@@ -155,6 +157,8 @@ class Intake:
                 created += 1
         if created:
             self.on_new_steps()
+        if with_build_pack:  # whoever recorded its steps (Ghost's request may come first)
+            self.on_deploy_started(app.id)
 
     def _deploy_ended(self, job: Job) -> None:
         if not any(not step.terminal for step in self.records.steps_for_job(job.id)):

@@ -81,7 +81,7 @@ def buildpack_command(config: Config, job_id: str, module: str, script: str, tim
             module,
             timeout=timeout or config.buildpack.timeout,
             host=config.host_name,
-            poll_interval=min(2.0, config.events.poll_interval),
+            poll_interval=LIMITS.client_poll,
             script=script,
             daemon_max_age=LIMITS.heartbeat_max_age(config),
             restart_grace=LIMITS.restart_grace(config),
@@ -102,7 +102,7 @@ def buildimage_command(config: Config, job_id: str, timeout: float | None, out: 
             job_id,
             timeout=timeout or config.buildpack.timeout,
             host=config.host_name,
-            poll_interval=min(2.0, config.events.poll_interval),
+            poll_interval=LIMITS.client_poll,
             daemon_max_age=LIMITS.heartbeat_max_age(config),
             restart_grace=LIMITS.restart_grace(config),
         )
