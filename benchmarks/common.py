@@ -53,14 +53,16 @@ class Sizes:
     footprint_steps: int
     footprint_real_steps: int
     ghost_deploys: int  # deploys per mode run by Ghost 19.08's worker (`--deploys N`)
+    fleet_apps: int  # apps deploying at once in the fleet benchmark
+    fleet_modules: int  # modules (build_packs) of each
 
     @classmethod
     def quick(cls) -> Sizes:
-        return cls(30, 3, 3, 1, 8, 1000, 50, 1, 1, 60, 4, 2)
+        return cls(30, 3, 3, 1, 8, 1000, 50, 1, 1, 60, 4, 2, 5, 4)
 
     @classmethod
     def full(cls) -> Sizes:
-        return cls(200, 10, 10, 3, 8, 10_000, 50, 3, 3, 500, 12, 5)
+        return cls(200, 10, 10, 3, 8, 10_000, 50, 3, 3, 500, 12, 5, 50, 4)
 
 
 class Bench:
