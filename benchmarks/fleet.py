@@ -52,8 +52,9 @@ from pymongo.database import Database
 from tests.conftest import WORKING_COPY_IDS, idle_containers_of_apps, job_ids
 from tests.support.ghost import make_app, make_job, module_doc, set_status
 
+from ghost_buildpackd.config import LxdConfig
 from ghost_buildpackd.ghost.client import run_buildpack
-from ghost_buildpackd.lxd import TAG_APP, TAG_JOB
+from ghost_buildpackd.lxd import TAG_APP, TAG_JOB, Lxd
 from ghost_buildpackd.model import READY, SUCCEEDED, TERMINAL, step_id
 
 from .common import Bench, cpu_seconds, log_times, percentile, rss_mib, running, table, wait_for
@@ -110,8 +111,10 @@ def ghost_worker(db: Database, job: ObjectId, modules: list[str], outcomes: dict
 class Sampler:
     """The daemon's RSS, this run's containers, their disk and the host's MemAvailable, sampled in threads."""
 
-    def __init__(self, bench: Bench, db: Database, pid: int, pool: str):
-        self.bench, self.db, self.pid, self.pool = bench, db, pid, pool
+    def __init__(self, db: Database, pid: int, pool: str):
+        self.db, self.pid, self.pool = db, pid, pool
+        # A client of its own: pylxd's pool keeps one connection, so threads sharing one make urllib3 warn.
+        self.lxd = Lxd(LxdConfig(timeout=60))
         self.rss_peak_mib = 0.0
         self.containers_peak = 0
         self.ready_peak = 0
@@ -155,7 +158,7 @@ class Sampler:
         apps = {str(doc["_id"]) for doc in self.db.apps.find({}, {"_id": 1})}
         return [
             c.name
-            for c in self.bench.lxd.list_containers()
+            for c in self.lxd.list_containers()
             if c.tags.get(TAG_JOB) in jobs or (c.tags.get(TAG_APP) in apps and TAG_JOB not in c.tags)
         ]
 
@@ -242,7 +245,7 @@ def fleet(bench: Bench, alias: str) -> dict[str, Any]:
     outcomes: dict[str, str] = {}
     load_start = os.getloadavg()
     with running(bench.daemon(config, "fleet", trivial=False)) as process:
-        with Sampler(bench, db, process.pid, pool) as sampler:
+        with Sampler(db, process.pid, pool) as sampler:
             cpu_before, started = cpu_seconds(process.pid), time.time()
             for job in jobs:
                 set_status(db, job, "started")
