@@ -333,3 +333,38 @@ def test_a_failing_pass_is_logged_and_the_loop_carries_on(warm_config: Config, s
             stop.set()
             pool.close(within=30)
     assert not pool.loop.thread.is_alive()
+
+
+def test_a_take_racing_another_write_of_the_idle_container_still_takes_it(lxd: Lxd, base_image: str) -> None:
+    """Seen with 50 apps deploying at once (benchmarks/fleet.py): a step took the idle container while the pool's
+    own retag of it (the one making it takeable) was still being applied. LXD applies one update of an instance at
+    a time and refuses the one that waited ("A matching non-reusable operation has now succeeded"): the step failed.
+    Here two writers retag one running container at once, as the pool and a take did."""
+    fingerprint = lxd.image_by_alias(base_image).fingerprint
+    name = f"gbp-test-retag-{uuid.uuid4().hex[:8]}"
+    lxd.create_container(ContainerSpec(name, fingerprint, tags={TAG_STEP: "made"}, idmap=WORKING_COPY_IDS))
+    failures: list[str] = []
+    written: set[str] = set()
+
+    def writer(who: str) -> None:
+        for round_ in range(10):
+            tag = f"{who}-{round_}"
+            try:
+                lxd.retag_container(name, {TAG_STEP: tag})
+                written.add(tag)
+            except Exception as error:  # the race's symptom: counted, the other writer carries on
+                failures.append(f"{type(error).__name__}: {error}")
+
+    try:
+        lxd.start(name)
+        writers = [threading.Thread(target=writer, args=(who,)) for who in ("pool", "take")]
+        for thread in writers:
+            thread.start()
+        for thread in writers:
+            thread.join()
+        final = next(c.tags for c in lxd.list_containers() if c.name == name)
+    finally:
+        lxd.delete_container(name)
+    assert failures == []
+    assert len(written) == 20
+    assert final[TAG_STEP] in {"pool-9", "take-9"}  # the last write of one of them, whole

@@ -32,8 +32,8 @@ from .records import (
     lxd_time,
 )
 
-CHANGE_TAGS_TRIES = 8  # compare-and-set rounds of `change_tags` against writers of the same container
-CHANGE_TAGS_BACKOFF = 0.05  # seconds, times the round, before `change_tags` reads again after a refused write
+CHANGE_TAGS_TRIES = 8  # rounds of `change_tags` and `retag_container` against writers of the same container
+CHANGE_TAGS_BACKOFF = 0.05  # seconds, times the round, before reading again after a refused write
 
 
 class InstanceOperations(Connection):
@@ -73,13 +73,28 @@ class InstanceOperations(Connection):
 
     def retag_container(self, name: str, tags: Mapping[str, str], protect: bool = False) -> None:
         """Replace the daemon's tags on a container with `tags` (its other configuration stays); with `protect`,
-        LXD refuses to delete it from then on (`delete_container(..., unprotect=True)`), in the same write."""
-        instance = self.client.instances.get(name)
-        instance.config = {key: value for key, value in instance.config.items() if not key.startswith(TAG_PREFIX)}
-        instance.config.update(tags)
-        if protect:
-            instance.config[PROTECTION_KEY] = "true"
-        instance.save(wait=True)
+        LXD refuses to delete it from then on (`delete_container(..., unprotect=True)`), in the same write.
+
+        LXD applies one update of an instance at a time and refuses the one that
+        waited for another (`is_update_conflict`): that write is made again, on
+        what the container holds then (a step taking an idle container while
+        the warm pool's own retag of it was still being applied failed there).
+        """
+        for attempt in range(CHANGE_TAGS_TRIES):
+            instance = self.client.instances.get(name)
+            instance.config = {key: value for key, value in instance.config.items() if not key.startswith(TAG_PREFIX)}
+            instance.config.update(tags)
+            if protect:
+                instance.config[PROTECTION_KEY] = "true"
+            try:
+                instance.save(wait=True)
+            except LXDAPIException as error:
+                if not is_update_conflict(error):
+                    raise
+                time.sleep(CHANGE_TAGS_BACKOFF * (attempt + 1))  # the other write is still being applied
+                continue
+            return
+        raise LxdError(f"the tags of container {name} kept changing: {CHANGE_TAGS_TRIES} writes refused")
 
     @retry_lxd
     def being_removed(self, name: str) -> bool:
