@@ -3,9 +3,10 @@
 Setup: each app has its own name (so its own working copies, owned as Ghost's
 clones are) and modules whose build_pack is `echo built > out.txt`; every
 app's container image is an alias of the busybox base image. One production
-daemon (real LXD) in change-stream mode with the project's default container
-settings except the tests' id mapping and exec timeout, and the daemon's
-default warm pool (`per_app: 1`, `max: 4`; the tests' config turns it off).
+daemon (real LXD) in change-stream mode with the benchmarks' config (the tests'
+`raw_config`: their id mapping, `exec_timeout: 60s`, `lease_ttl: 5s`), the
+project's default container settings otherwise, and the daemon's default warm
+pool (`per_app: 1`, `max: 4`; the tests' config turns it off).
 
 Load: every deploy job is set `started` at once; then one thread per job plays
 Ghost's worker: its modules one after the other, each after a 0.5 s "clone",
