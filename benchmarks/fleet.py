@@ -265,6 +265,7 @@ def fleet(bench: Bench, alias: str) -> dict[str, Any]:
         problems = Counter(
             f"{e.get('level')} {e.get('event')}" for e in process.events() if e.get("level") in ("warning", "error")
         )
+        first_problems = first_of_each_problem(process.events())
         prepared_at = log_times(process, "step_prepared")
         process.terminate()
     load_end = os.getloadavg()
@@ -300,9 +301,19 @@ def fleet(bench: Bench, alias: str) -> dict[str, Any]:
         "load_average_end": load_end,
         "log_events": {name: events.get(name, 0) for name in COUNTED_EVENTS},
         "log_warnings_errors": dict(problems),
+        "log_first_warning_error_of_each": first_problems,
         "leftover_containers": bench.remove_containers(db),
         "leftover_idle_containers": idle_left,
     }
+
+
+def first_of_each_problem(events: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The first warning or error line of each event: what a count alone does not say."""
+    first: dict[str, dict[str, Any]] = {}
+    for event in events:
+        if event.get("level") in ("warning", "error"):
+            first.setdefault(str(event.get("event")), {k: v for k, v in event.items() if k != "exception"})
+    return first
 
 
 def step_containers(bench: Bench, db: Database) -> list[str]:
@@ -379,4 +390,8 @@ def run(bench: Bench) -> dict[str, Any]:
         print(f"   not succeeded: {line}")
     if result["log_warnings_errors"]:
         print("   daemon warnings/errors: " + ", ".join(f"{k} x{v}" for k, v in result["log_warnings_errors"].items()))
+    for event, line in result["log_first_warning_error_of_each"].items():
+        said = line.get("error") or line.get("reason") or ""
+        if said:
+            print(f"   first {event}: {str(said)[:300]}")
     return {"definition": __doc__, **result}
