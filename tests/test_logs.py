@@ -99,7 +99,7 @@ def test_lines_of_the_daemon_and_of_libraries_written_at_once_stay_one_per_line(
 
     def library() -> None:
         for i in range(count):
-            logging.getLogger("urllib3.connectionpool").warning("Connection pool is full, discarding: %d", i)
+            logging.getLogger("urllib3.connectionpool").warning("Connection pool is lost: %d", i)
 
     threads = [threading.Thread(target=target) for target in (ours, library, ours, library)]
     interval = sys.getswitchinterval()
@@ -114,6 +114,16 @@ def test_lines_of_the_daemon_and_of_libraries_written_at_once_stay_one_per_line(
     written = lines(log_file)
     assert len(written) == 4 * count
     assert sorted({json.loads(line)["event"][:4] for line in written}) == ["Conn", "ours"]
+
+
+def test_urllib3s_full_pool_notices_are_dropped_and_its_other_warnings_kept(log_file: IO[str]) -> None:
+    configure_logging("json", "info", log_file)
+    pool = logging.getLogger("urllib3.connectionpool")
+    pool.warning("Connection pool is full, discarding connection: %s. Connection pool size: %s", "localhost", 1)
+    pool.warning("Retrying (Retry(total=2)) after connection broken")
+    assert [json.loads(line)["event"] for line in lines(log_file)] == [
+        "Retrying (Retry(total=2)) after connection broken"
+    ]
 
 
 def test_container_output_is_debug_and_carries_the_step(log_file: IO[str], tmp_path: Path) -> None:

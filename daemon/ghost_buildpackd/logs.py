@@ -188,6 +188,13 @@ class _StdlibHandler(logging.StreamHandler):
         self.lock = _WRITE_LOCK
 
 
+def _not_a_full_pool(record: logging.LogRecord) -> bool:
+    """urllib3's "Connection pool is full, discarding connection": pylxd's unix-socket pool keeps one
+    connection, and every other concurrent LXD call's is closed after use. Harmless, and hundreds per
+    busy minute (the fleet benchmark): dropped, so the warning level keeps its meaning."""
+    return not (record.name == "urllib3.connectionpool" and record.getMessage().startswith("Connection pool is full"))
+
+
 # Standard-library loggers below this level are dropped: pylxd and ws4py are chatty at info.
 LIBRARY_LEVEL = logging.WARNING
 
@@ -220,6 +227,7 @@ def configure_logging(fmt: str = "auto", level: str = "info", stream: TextIO | N
         cache_logger_on_first_use=False,
     )
     handler = _StdlibHandler(stream)
+    handler.addFilter(_not_a_full_pool)
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
             foreign_pre_chain=[structlog.stdlib.add_logger_name, structlog.stdlib.ExtraAdder(), *shared],
