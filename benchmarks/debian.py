@@ -43,11 +43,12 @@ from pathlib import Path
 from typing import Any
 
 import pylxd
+import structlog
 from tests.conftest import leftover_containers
 from tests.support.ghost import finish_buildimage, make_app, make_job, module_doc, set_status
 
 from ghost_buildpackd.model import READY, SUCCEEDED, step_id
-from ghost_buildpackd.upkeep.templates import TAG_TEMPLATE
+from ghost_buildpackd.upkeep.templates import TAG_TEMPLATE, remove_template
 
 from . import deploy
 from .common import REPO, Bench, ms, parse_timestamp, ratio, running, steps_terminal, summary, table, wait_for
@@ -296,8 +297,8 @@ def image_templates(bench: Bench, pool: Pool) -> list[str]:
 
 def remove_image_templates(bench: Bench, pool: Pool) -> None:
     """So the first build and the first deploy of the pool's series make their template, as on a new host."""
-    for name in image_templates(bench, pool):
-        bench.lxd.delete_container(name)
+    for name in image_templates(bench, pool):  # protected: removed as the daemon removes them (holds honoured)
+        remove_template(bench.lxd, name, "the benchmark starts the pool's series", structlog.get_logger("bench"))
 
 
 def measure_pool(bench: Bench, pool: Pool) -> dict[str, Any]:
