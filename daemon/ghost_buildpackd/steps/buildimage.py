@@ -107,8 +107,10 @@ def build(ctx: StepContext, plan: BuildPlan, base: ImageInfo) -> Outcome:
     published: ImageInfo | None = None
     try:
         check_abort(ctx, "creating the container")
-        # A new base image: its first build is made from the image, its template afterwards (the second copies it).
+        # A new base image: its first build is made from the image, its template once the outcome is recorded
+        # (Ghost no longer waits then; made during the build, it slowed the build's own publish on dir).
         lxd_phase("creating the container", lambda: launch(ctx, spec, template_later=True))
+        ctx.after_outcome.append(lambda: make_base_template(ctx))
         run_scripts(ctx, plan, spec.name)
         check_abort(ctx, "publishing the image")
         image = published = publish(ctx, plan, base, spec.name)
@@ -123,6 +125,11 @@ def build(ctx: StepContext, plan: BuildPlan, base: ImageInfo) -> Outcome:
     )
     ctx.say("buildimage_succeeded", message, image=plan.alias, fingerprint=image.fingerprint, size=image.size)
     return Outcome(SUCCEEDED, message=message, fields={"image": plan.alias, "fingerprint": image.fingerprint})
+
+
+def make_base_template(ctx: StepContext) -> None:
+    """The template a first build of its base image asked for (`templates.want_template`), made now."""
+    templates.make_wanted_templates(ctx.lxd, ctx.config.container.templates, ctx.log)
 
 
 def build_owner(ctx: StepContext) -> tuple[int, int] | None:

@@ -4,8 +4,6 @@ What it runs, and when:
 - the list of base images Ghost's UI offers: at start, then every `base_images_interval`;
 - the expiry of prepared containers never asked for, the orphan sweep and the stale-template
   sweep (sweep.py, templates.py): at start, every `sweep_interval`, and soon after a job ends;
-- the templates a first use asked for (templates.py `want_template`): at each pass, so soon after
-  the build that asked;
 - image retention (retention.py): for an app soon after its image is built, and for every
   app every `retention.interval` (the first pass at most a minute after start).
 A chore that fails is logged (`upkeep_failed`) and tried again at its next turn.
@@ -27,7 +25,7 @@ from ..store import Store
 from ..supervise import Supervised
 from .retention import Reconciler
 from .sweep import expire_prepared, sweep_orphans
-from .templates import make_wanted_templates, remove_stale_templates
+from .templates import remove_stale_templates
 
 log = get_logger(__name__)
 
@@ -69,7 +67,6 @@ class Upkeep:
                 self._sweep_due.clear()
                 self._guarded("sweep", self._sweep)
                 next_sweep = now + self.config.sweep_interval
-            self._guarded("templates_ahead", self.make_wanted_templates)
             with self._lock:
                 apps, self._apps = self._apps, set()
             for app_id in apps:
@@ -87,10 +84,6 @@ class Upkeep:
         images = selectable_base_images(self.lxd.list_images())
         self.store.save_base_images(images, self.config.instance_id or "")
         log.debug("base_images_refreshed", count=len(images))
-
-    def make_wanted_templates(self) -> None:
-        """Templates a first use asked for (a build made from its base image): made here, off its path."""
-        make_wanted_templates(self.lxd, self.config.container.templates, log)
 
     def _sweep(self) -> None:
         expire_prepared(self.store, self.lxd, self.config.container.prepared_max_age, log)

@@ -119,8 +119,8 @@ def create_container(lxd: Lxd, spec: ContainerSpec, keep: int, log: Logger, temp
 
     With `template_later`, when there is no template yet, the container is made
     from its image, as fast as without templates, and its template is made
-    off the hot path (`want_template`, made by the upkeep loop): the first
-    build of a new base image waits for one unpacking, not two.
+    off the hot path (`want_template`; a build makes it once its outcome is
+    recorded): the first build of a new base image waits for one unpacking, not two.
     """
     if keep > 0 and template_later and lxd.container_status(template_name(spec)) != "Stopped":
         want_template(spec)
