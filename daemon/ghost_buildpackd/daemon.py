@@ -105,7 +105,7 @@ class Daemon:
             on_new_steps=self.runner.wake,
             on_job_ended=self._job_ended,
             containers_enabled=config.ghost_settings.container_enabled,
-            on_deploy_started=lambda _app_id: self.warm_pool.kick(),  # its next deploy may find one waiting
+            on_deploy_started=self.warm_pool.kick,  # the app's next deploy may find an idle container waiting
         )
         self.mode, self.mode_reason = choose_event_mode(config, store)
         source_class = ChangeStreamSource if self.mode == "change_stream" else PollSource

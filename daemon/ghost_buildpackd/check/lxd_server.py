@@ -50,11 +50,12 @@ def lxd_checks(config: Config, store: Store | None, report: Callable[[CheckResul
     else:
         report(ok("lxd storage", f"pools: {', '.join(pools)}"))
         report(storage_cost_check(config, root, read_loop_size(lxd, root)))
+    # A server may hold several pools: what a container costs and what bounds its disk is the one its profiles name.
+    driver = root[1] if isinstance(root, tuple) else info["storage"]
     report(kept_templates_check(config, lxd))
-    report(warm_pool_check(config, lxd, root[1] if isinstance(root, tuple) else info["storage"]))
+    report(warm_pool_check(config, lxd, driver))
     report(probe_container_check(config, lxd, store))
-    # A server may hold several pools: what bounds a container's disk is the one its profiles name.
-    report(limits_check(config, root[1] if isinstance(root, tuple) else info["storage"]))
+    report(limits_check(config, driver))
     report(metadata_check(config, lxd))
 
 

@@ -69,7 +69,7 @@ class Intake:
         on_new_steps: Callable[[], None],
         on_job_ended: Callable[[ObjectId], None],
         containers_enabled: bool = True,
-        on_deploy_started: Callable[[ObjectId], None] = lambda _app_id: None,
+        on_deploy_started: Callable[[], None] = lambda: None,
     ):
         self.store = store
         self.records: JobRecords = store
@@ -158,7 +158,7 @@ class Intake:
         if created:
             self.on_new_steps()
         if with_build_pack:  # whoever recorded its steps (Ghost's request may come first)
-            self.on_deploy_started(app.id)
+            self.on_deploy_started()
 
     def _deploy_ended(self, job: Job) -> None:
         if not any(not step.terminal for step in self.records.steps_for_job(job.id)):

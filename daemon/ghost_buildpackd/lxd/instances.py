@@ -9,7 +9,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import requests
 from pylxd.exceptions import LXDAPIException, NotFound
@@ -34,6 +34,8 @@ from .records import (
 
 CHANGE_TAGS_TRIES = 8  # rounds of `change_tags` and `retag_container` against writers of the same container
 CHANGE_TAGS_BACKOFF = 0.05  # seconds, times the round, before reading again after a refused write
+
+T = TypeVar("T")
 
 
 class InstanceOperations(Connection):
@@ -75,25 +77,32 @@ class InstanceOperations(Connection):
         """Replace the daemon's tags on a container with `tags` (its other configuration stays); with `protect`,
         LXD refuses to delete it from then on (`delete_container(..., unprotect=True)`), in the same write.
 
-        LXD applies one update of an instance at a time and refuses the one that
-        waited for another (`is_update_conflict`): that write is made again, on
-        what the container holds then (a step taking an idle container while
-        the warm pool's own retag of it was still being applied failed there).
+        A write LXD refused because another update of the container was being
+        applied is made again (`_until_applied`): a step taking an idle container
+        while the warm pool's own retag of it was being applied failed there.
         """
-        for attempt in range(CHANGE_TAGS_TRIES):
+
+        def write() -> None:
             instance = self.client.instances.get(name)
             instance.config = {key: value for key, value in instance.config.items() if not key.startswith(TAG_PREFIX)}
             instance.config.update(tags)
             if protect:
                 instance.config[PROTECTION_KEY] = "true"
+            instance.save(wait=True)
+
+        self._until_applied(name, write)
+
+    def _until_applied(self, name: str, write: Callable[[], T]) -> T:
+        """`write` (one read and one update of container `name`), made again while LXD refuses the update because
+        another write of the container came first: LXD applies one update of an instance at a time, and an ETag
+        (If-Match) write fails when anyone changed the container since its read."""
+        for attempt in range(CHANGE_TAGS_TRIES):
             try:
-                instance.save(wait=True)
+                return write()
             except LXDAPIException as error:
                 if not is_update_conflict(error):
                     raise
                 time.sleep(CHANGE_TAGS_BACKOFF * (attempt + 1))  # the other write is still being applied
-                continue
-            return
         raise LxdError(f"the tags of container {name} kept changing: {CHANGE_TAGS_TRIES} writes refused")
 
     @retry_lxd
@@ -124,7 +133,8 @@ class InstanceOperations(Connection):
         the last one applied wins; callers that depend on the outcome read it
         back.
         """
-        for attempt in range(CHANGE_TAGS_TRIES):
+
+        def write() -> dict[str, str] | None:
             try:
                 response = self.client.api.instances[name].get()
             except NotFound:
@@ -142,13 +152,9 @@ class InstanceOperations(Connection):
                 self._wait_operation(put, f"changing the tags of {name}")
             except NotFound:
                 return None
-            except LXDAPIException as error:
-                if not is_update_conflict(error):
-                    raise
-                time.sleep(CHANGE_TAGS_BACKOFF * (attempt + 1))  # the other write is still being applied
-                continue
             return wanted
-        raise LxdError(f"the tags of container {name} kept changing: {CHANGE_TAGS_TRIES} writes refused")
+
+        return self._until_applied(name, write)
 
     def rename_container(self, name: str, new_name: str) -> None:
         """Rename a stopped container; LXDAPIException when `new_name` is taken."""

@@ -210,18 +210,18 @@ class WarmPool:
         wanted = {}
         if enabled(self.config):
             wanted = choose_targets(self.candidates(), settings.per_app, settings.max, settings.max_disk)
-        idle = idle_containers(self.lxd.list_containers())
-        self.remove_unwanted(idle, wanted)
+        kept = self.remove_unwanted(idle_containers(self.lxd.list_containers()), wanted)
         if self._memory_short():
             return False
-        missing = self._missing(idle_containers(self.lxd.list_containers()), wanted)
+        missing = next((target for key, (target, count) in wanted.items() if kept.get(key, 0) < count), None)
         if missing is None or self.stop.is_set():
             return False
         self.make(missing)
         return True
 
-    def remove_unwanted(self, idle: list[IdleContainer], wanted: dict[str, tuple[WarmTarget, int]]) -> None:
-        """Ours beyond what is wanted (another image, app, shape; over the count), and those of dead instances."""
+    def remove_unwanted(self, idle: list[IdleContainer], wanted: dict[str, tuple[WarmTarget, int]]) -> dict[str, int]:
+        """Remove ours beyond what is wanted (another image, app, shape; over the count), and those of dead
+        instances; how many ready ones of ours are kept, per shape."""
         kept: dict[str, int] = {}
         dead = self._dead_owners(idle)
         for container in idle:
@@ -233,6 +233,7 @@ class WarmPool:
                 self._remove(container, "no longer wanted" if container.ready else "left half made")
             elif container.owner in dead:
                 self._remove(container, f"its instance {container.owner} stopped")
+        return kept
 
     def close(self, within: float) -> None:
         """At the daemon's stop: the loop ends (a container being made is given up), then ours go."""
@@ -268,17 +269,6 @@ class WarmPool:
             raise
         log.info("warm_container_ready", container=name, app=target.app, image=spec.image[:12])
 
-    def _missing(self, idle: list[IdleContainer], wanted: dict[str, tuple[WarmTarget, int]]) -> WarmTarget | None:
-        """The first wanted shape with fewer ready containers of ours than it asks for."""
-        have: dict[str, int] = {}
-        for container in idle:
-            if container.owner == self.owner and container.ready:
-                have[container.key] = have.get(container.key, 0) + 1
-        for key, (target, count) in wanted.items():
-            if have.get(key, 0) < count:
-                return target
-        return None
-
     def _memory_short(self) -> bool:
         """True while the host is short of memory for a spare; below half the floor, the idle ones go."""
         available, floor = self.memory(), self.settings.min_free_memory
@@ -307,8 +297,8 @@ class WarmPool:
 
     def _remove(self, container: IdleContainer, reason: str) -> int:
         with _guard:  # never under a take: the container may be a step's by now
-            current = {c.name: c for c in self.lxd.list_containers()}.get(container.name)
-            if current is None or TAG_WARM_OWNER not in current.tags:
+            current = self.lxd.describe_container(container.name)
+            if current is None or TAG_WARM_OWNER not in current.config:
                 return 0
             removed = self.lxd.delete_container(container.name)
         if removed:
