@@ -139,12 +139,12 @@ def image_alias(lxd: Lxd, base_image: str) -> Iterator[str]:
 
 @pytest.fixture
 def ghost_dirs(tmp_path: Path) -> dict[str, Path]:
-    """ghost.root, ghost.log_dir and ghost.provisioner_tree in a temporary directory.
+    """ghost.root, ghost.log_dir, ghost.provisioner_tree and ghost.packer_dir in a temporary directory.
 
     The root is world-traversable: LXD mounts working copies from below it into
     unprivileged containers.
     """
-    dirs = {name: tmp_path / name for name in ("root", "log_dir", "provisioner_tree")}
+    dirs = {name: tmp_path / name for name in ("root", "log_dir", "provisioner_tree", "packer_dir")}
     for path in dirs.values():
         path.mkdir()
     for path in (tmp_path, *tmp_path.parents):

@@ -478,4 +478,4 @@ def test_a_job_that_breaks_the_intake_does_not_stop_later_jobs(db: Database, sto
     for job in (poison, good):
         intake.handle_job_id(job)
     assert store.steps_for_job(poison) == []
-    assert [step.state for step in store.steps_for_job(good)] == ["pending"]
+    assert [step.state for step in store.steps_for_job(good)] == ["requested"]

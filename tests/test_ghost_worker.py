@@ -120,6 +120,7 @@ def ghost(
         database=apitest,
         daemon_config=ghost_daemon_config,
         config=ghost_config_changes,
+        packer=ghost_dirs["packer_dir"],
     )
 
 
@@ -561,24 +562,31 @@ def test_a_blue_green_app_builds_in_its_colours_working_copy(
     assert (built.stat().st_uid, built.stat().st_gid) == WORKING_COPY_IDS
 
 
+def buildimage_job(ghost: GhostWorker, repo: str, base_image: str, pre_hook: str) -> tuple[ObjectId, ObjectId]:
+    """An app with `pre_hook` and an autoscaling group, and its buildimage job (as Ghost's UI posts them)."""
+    app = ghost_app(repo, "true\n", base_image)
+    app["lifecycle_hooks"] = {"pre_buildimage": b64(pre_hook), "post_buildimage": ""}
+    app["autoscale"] = {"name": "shop-asg"}
+    app_id = ghost.insert_app(app)
+    return app_id, ghost.insert_job(app_id, "buildimage", options=["True"])
+
+
 def test_a_buildimage_job_builds_the_container_image_inside_itself_as_19_08_did(
     ghost: GhostWorker, git_repo: Callable[..., str], daemon: DaemonProcess, lxd: Lxd, base_image: str
 ) -> None:
-    app = ghost_app(git_repo(), "true\n", base_image)
-    app["lifecycle_hooks"] = {"pre_buildimage": b64("echo pre-hook-ran\n"), "post_buildimage": ""}
-    app["autoscale"] = {"name": "shop-asg"}
-    app_id = ghost.insert_app(app)
-    job_id = ghost.insert_job(app_id, "buildimage", options=["True"])
+    app_id, job_id = buildimage_job(ghost, git_repo(), base_image, "echo pre-hook-ran\n")
     run = timed_run(ghost, job_id)
     assert run.exit_code == 0, run.output + run.log
     assert (run.job["status"], run.job["message"]) == ("done", "Build image OK: [ami-0123abcd]"), run.log
     assert ghost.db.apps.find_one({"_id": app_id})["ami"] == "ami-0123abcd"
-    # Where 19.08 built its container: after the AMI, inside the job, its output in the job's own log,
-    # before the job's end; the app points at the image before Ghost writes `done`.
+    # Inside the job, its output in the job's own log, before the job's end (built while Packer ran, or after
+    # the AMI as 19.08 built it when Packer was quicker than the start of the build); the app points at the
+    # image before Ghost writes `done`.
     assert "Generating a new container" in run.log
+    assert run.log.index("pre-hook-ran") < run.log.index("autoscaling group shop-asg not updated")
     assert (
         run.log.index("Generating a new container")
-        < run.log.index("pre-hook-ran")
+        < run.log.index(f"container image {job_id} published")
         < run.log.index("autoscaling group shop-asg not updated")
     )
     assert run.log.count("pre-hook-ran") == 1, run.log
@@ -586,14 +594,30 @@ def test_a_buildimage_job_builds_the_container_image_inside_itself_as_19_08_did(
     assert lxd.image_by_alias(str(job_id)) is not None
 
 
+def test_the_container_build_runs_while_packer_runs_and_the_ami_only_publishes_it(
+    ghost: GhostWorker, git_repo: Callable[..., str], daemon: DaemonProcess, lxd: Lxd, base_image: str
+) -> None:
+    app_id, job_id = buildimage_job(ghost, git_repo(), base_image, "echo pre-hook-ran\n")
+    ghost.packer_seconds = 20  # Packer's run, longer than the container build
+    run = timed_run(ghost, job_id)
+    assert run.exit_code == 0, run.output + run.log
+    assert (run.job["status"], run.job["message"]) == ("done", "Build image OK: [ami-0123abcd]"), run.log
+    # Built once, while Packer ran; after the AMI only published, before the autoscaling update.
+    assert run.log.count("pre-hook-ran") == 1, run.log
+    assert run.log.index("pre-hook-ran") < run.log.index("Generating a new container"), run.log
+    assert (
+        run.log.index("Generating a new container")
+        < run.log.index("was built ahead of the AMI: publishing it")
+        < run.log.index("autoscaling group shop-asg not updated")
+    ), run.log
+    assert ghost.db.apps.find_one({"_id": app_id})["build_infos"]["container_image"] == str(job_id)
+    assert lxd.image_by_alias(str(job_id)) is not None
+
+
 def test_a_failed_container_build_fails_the_buildimage_job_before_the_autoscaling_update(
     ghost: GhostWorker, git_repo: Callable[..., str], daemon: DaemonProcess, base_image: str
 ) -> None:
-    app = ghost_app(git_repo(), "true\n", base_image)
-    app["lifecycle_hooks"] = {"pre_buildimage": b64("echo hook-failing; exit 3\n"), "post_buildimage": ""}
-    app["autoscale"] = {"name": "shop-asg"}
-    app_id = ghost.insert_app(app)
-    job_id = ghost.insert_job(app_id, "buildimage", options=["True"])
+    app_id, job_id = buildimage_job(ghost, git_repo(), base_image, "echo hook-failing; exit 3\n")
     run = timed_run(ghost, job_id)
     assert run.job["status"] == "failed", run.log
     assert run.job["message"].startswith("An error occured during container process"), run.job

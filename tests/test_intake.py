@@ -11,7 +11,7 @@ from pymongo import MongoClient, monitoring
 from ghost_buildpackd.config import config_from_mapping
 from ghost_buildpackd.events import Intake, StartupError, choose_event_mode
 from ghost_buildpackd.ghost.documents import parse_app
-from ghost_buildpackd.model import CANCELLED, FAILED, PENDING, RUNNING, step_id
+from ghost_buildpackd.model import CANCELLED, FAILED, PENDING, READY, REQUESTED, RUNNING, SUCCEEDED, step_id
 from ghost_buildpackd.store import Store
 from tests.support.ghost import finish_buildimage, make_app, make_job, module_doc, set_status
 from tests.support.steps import claim_named_step
@@ -43,24 +43,63 @@ def steps(store):
     return {doc["_id"]: doc for doc in store.steps.find()}
 
 
-def test_finished_buildimage_makes_one_step_however_often_seen(db, store, intake, calls):
+def test_finished_buildimage_makes_one_requested_step_however_often_seen(db, store, intake, calls):
     job = make_job(db, make_app(db))
     finish_buildimage(db, job)
     for _ in range(3):
         intake.handle_job_id(job)
     records = steps(store)
     assert list(records) == [step_id(job, "buildimage")]
-    assert records[step_id(job, "buildimage")]["state"] == PENDING
+    record = records[step_id(job, "buildimage")]
+    assert (record["state"], record.get("requested_host")) == (REQUESTED, None)  # any host builds it
     assert calls.woken == 1
 
 
-def test_buildimage_not_done_or_without_container_image_makes_nothing(db, store, intake):
-    running = make_job(db, make_app(db), status="started")
+def test_a_started_buildimage_makes_its_build_to_run_ahead_and_its_ami_asks_for_it(db, store, intake, calls):
+    job = make_job(db, make_app(db), status="started")
+    intake.handle_job_id(job)
+    intake.handle_job_id(job)
+    sid = step_id(job, "buildimage")
+    assert (list(steps(store)), store.get_step(sid).state, calls.woken) == ([sid], PENDING, 1)
+    store.steps.update_one({"_id": sid}, {"$set": {"state": READY}})  # built ahead meanwhile
+    finish_buildimage(db, job)  # a Ghost without the patch: nobody asked for the build
+    intake.handle_job_id(job)
+    assert store.get_step(sid).state == REQUESTED and calls.woken == 2
+
+
+def test_an_ami_asked_for_by_ghosts_command_is_not_asked_again(db, store, intake, calls):
+    job = make_job(db, make_app(db), status="started")
+    intake.handle_job_id(job)
+    sid = step_id(job, "buildimage")
+    store.request_build(job, store.get_step(sid).app_id, "ghost-host")
+    store.steps.update_one({"_id": sid}, {"$set": {"state": SUCCEEDED}})
+    finish_buildimage(db, job)
+    intake.handle_job_id(job)
+    assert (store.get_step(sid).state, store.get_step(sid).requested_host, calls.woken) == (
+        SUCCEEDED,
+        "ghost-host",
+        1,
+    )
+
+
+@pytest.mark.parametrize("status", ["failed", "aborted"])
+def test_a_buildimage_ending_without_an_ami_cancels_its_build(db, store, intake, calls, status):
+    job = make_job(db, make_app(db), status="started")
+    intake.handle_job_id(job)
+    set_status(db, job, status, "ERROR: ami_id not found. The packer process may have failed.")
+    intake.handle_job_id(job)
+    step = store.get_step(step_id(job, "buildimage"))
+    assert step.state == CANCELLED and f"buildimage job ended ({status})" in step.message, step
+    assert calls.ended == [job]  # the sweep removes what was built ahead
+
+
+def test_buildimage_without_container_image_or_failed_before_makes_nothing(db, store, intake):
     disabled = make_job(db, make_app(db, name="legacy", source_container_image=None))
     finish_buildimage(db, disabled)
+    started_disabled = make_job(db, make_app(db, name="legacy2", source_container_image=None), status="started")
     failed = make_job(db, make_app(db, name="other"))
     set_status(db, failed, "failed", "AMI build failed")
-    for job in (running, disabled, failed):
+    for job in (disabled, started_disabled, failed):
         intake.handle_job_id(job)
     assert steps(store) == {}
 

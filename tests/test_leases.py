@@ -28,14 +28,15 @@ from tests.support.waiting import wait_until
 HOST = "host-a"
 
 
-def pending_buildimage(store: Store, db) -> str:
+def requested_buildimage(store: Store, db) -> str:
+    """A build whose AMI is built: the intake records it requested, for any host."""
     job = make_job(db, make_app(db))
-    store.create_step(job, BUILDIMAGE, app_id=None)
+    store.create_step(job, BUILDIMAGE, app_id=None, state=REQUESTED)
     return step_id(job, BUILDIMAGE)
 
 
-def test_a_requested_step_is_claimed_before_older_pending_ones(db, store):
-    older = [pending_buildimage(store, db) for _ in range(3)]
+def test_a_requested_deploy_step_is_claimed_before_older_builds(db, store):
+    older = [requested_buildimage(store, db) for _ in range(3)]
     job = make_job(db, make_app(db, name="api"), command="deploy", status="started", modules=["app"])
     store.request_step(job, "app", HOST, None)
 
@@ -63,12 +64,12 @@ def test_a_script_handed_back_at_shutdown_keeps_the_time_ghost_asked_for_it(db, 
 def test_claims_leases_and_outcomes_are_written_with_majority_write_concern(db, store):
     for collection in (store.steps, store.images, store.apps):
         assert collection.write_concern.document == {"w": "majority"}, collection.name
-    sid = pending_buildimage(store, db)  # the server accepts them
+    sid = requested_buildimage(store, db)  # the server accepts them
     assert store.claim_step("me", 30, HOST).id == sid
 
 
 def test_each_claim_gets_a_higher_claim_number_even_after_a_replay(db, store):
-    sid = pending_buildimage(store, db)
+    sid = requested_buildimage(store, db)
     first = store.claim_step("me", 30, HOST)
     assert store.move(store.move(first, Actor.RUNNER, RUNNING), Actor.RUNNER, SUCCEEDED) is not None
     assert store.reset_step_for_replay(sid)
@@ -117,7 +118,7 @@ def on_a_skewed_host(mongo, db, tmp_path, offset: float, action: str, arg: str) 
 
 
 def test_a_host_whose_clock_runs_ahead_cannot_steal_a_healthy_lease(mongo, db, store, tmp_path):
-    sid = pending_buildimage(store, db)
+    sid = requested_buildimage(store, db)
     healthy = store.claim_step("healthy", 30, HOST)
     assert healthy is not None and healthy.id == sid
 
@@ -126,7 +127,7 @@ def test_a_host_whose_clock_runs_ahead_cannot_steal_a_healthy_lease(mongo, db, s
 
 
 def test_a_host_whose_clock_runs_behind_takes_leases_that_expire_on_time(mongo, db, store, tmp_path):
-    pending_buildimage(store, db)
+    requested_buildimage(store, db)
 
     expires_at = datetime.fromisoformat(on_a_skewed_host(mongo, db, tmp_path, -3600, "claim", "10"))
 
@@ -185,14 +186,14 @@ def test_a_reading_that_disagrees_with_the_estimate_is_taken_and_logged(db):
 
 
 def test_an_expired_lease_is_not_renewed_even_when_nobody_took_it(db, store):
-    pending_buildimage(store, db)
+    requested_buildimage(store, db)
     step = store.claim_step("me", 30, HOST)
     store.steps.update_one({"_id": step.id}, {"$set": {"lease.expires_at": datetime(2000, 1, 1, tzinfo=UTC)}})
     assert store.renew_lease(step, 30, within=5) is None
 
 
 def test_a_renewal_gives_up_within_its_bound_when_mongodb_is_unreachable(db, store):
-    pending_buildimage(store, db)
+    requested_buildimage(store, db)
     step = store.claim_step("me", 30, HOST)
     unreachable = Store.from_uri(f"mongodb://127.0.0.1:{free_port()}/?directConnection=true", db.name, timeout=30)
     started = time.monotonic()
@@ -264,7 +265,7 @@ def runner_with(make_config, store: Store, body: Blocking, ttl: str) -> Runner:
 
 
 def test_a_holder_that_cannot_renew_stops_acting_before_its_lease_expires(db, store, make_config, monkeypatch):
-    sid = pending_buildimage(store, db)
+    sid = requested_buildimage(store, db)
     body = Blocking()
     runner = runner_with(make_config, store, body, ttl="3s")
 
@@ -290,7 +291,7 @@ def test_a_holder_that_cannot_renew_stops_acting_before_its_lease_expires(db, st
 
 
 def test_confirm_lease_refuses_once_the_local_deadline_passed(db, store, make_config):
-    pending_buildimage(store, db)
+    requested_buildimage(store, db)
     step = store.claim_step("me", 30, HOST)
     ctx = StepContext(
         step=step,

@@ -68,7 +68,7 @@ def test_every_state_is_reached_and_every_unfinished_state_is_left():
     left = {state for row in TRANSITIONS for state in row.from_states}
     assert reached == set(StepState)
     assert left >= set(ACTIVE), "a step would be stuck in a state nobody moves it from"
-    assert {row.to_state for row in TRANSITIONS if row.from_states == NEW} == {StepState.PENDING, FAILED}
+    assert {row.to_state for row in TRANSITIONS if row.from_states == NEW} == {StepState.PENDING, REQUESTED, FAILED}
 
 
 def test_only_replay_moves_a_finished_step():
@@ -198,23 +198,36 @@ def test_the_client_abandons_deploy_steps_in_the_states_of_its_row(db, store):
     assert_moves_along(Actor.CLIENT, StepState.CANCELLED, DEPLOY, after)
 
 
-def test_the_sweep_expires_the_containers_of_deploy_steps_in_the_states_of_its_row(db, store):
+@pytest.mark.parametrize("kind", list(StepKind))
+def test_the_sweep_expires_the_containers_of_steps_in_the_states_of_its_row(db, store, kind):
     # A negative age makes every step stale, however recent its last write.
     expired_from = set()
     for state in StepState:
-        sid = step_in(store, db, DEPLOY, state, container=f"gbp-{state}")
+        sid = step_in(store, db, kind, state, container=f"gbp-{state}", inputs="digest")
         if store.expire_stale_ready(-3600, "expired"):
             expired_from.add(state)
         step = store.get_step(sid)
         assert step.state == state, step  # the step stays where it was: still requestable
-        assert (step.container is None) == (state in expired_from), step
-    assert expired_from == set(from_states(Actor.SWEEP, READY, DEPLOY)) == {READY}
-    assert all(may_move(Actor.SWEEP, state, READY, DEPLOY) for state in expired_from)
+        assert (step.container is None, step.inputs == "") == ((state in expired_from),) * 2, step
+    assert expired_from == set(from_states(Actor.SWEEP, READY, kind)) == {READY}
+    assert all(may_move(Actor.SWEEP, state, READY, kind) for state in expired_from)
 
 
 def test_replay_resets_buildimage_steps_in_the_states_of_its_row(db, store):
     after = moves(store, db, BUILDIMAGE, lambda step: store.reset_step_for_replay(step.id))
-    assert_moves_along(Actor.REPLAY, StepState.PENDING, BUILDIMAGE, after)
+    assert_moves_along(Actor.REPLAY, REQUESTED, BUILDIMAGE, after)
+
+
+def test_intake_cancels_buildimage_steps_in_the_states_of_its_row(db, store):
+    after = moves(store, db, BUILDIMAGE, lambda step: store.cancel_job_steps(step.job_id, "no AMI", BUILDIMAGE))
+    assert_moves_along(Actor.INTAKE, StepState.CANCELLED, BUILDIMAGE, after)
+
+
+@pytest.mark.parametrize("actor", [Actor.INTAKE, Actor.CLIENT])
+def test_the_ami_asks_for_buildimage_steps_in_the_states_of_its_row(db, store, actor):
+    host = HOST if actor == Actor.CLIENT else None
+    after = moves(store, db, BUILDIMAGE, lambda step: store.request_build(step.job_id, step.app_id, host, actor))
+    assert_moves_along(actor, REQUESTED, BUILDIMAGE, after)
 
 
 def test_the_client_abandons_buildimage_steps_in_the_states_of_its_row(db, store):
@@ -227,7 +240,7 @@ def test_a_buildimage_job_makes_its_build_at_once_bound_to_its_host_and_only_onc
     job = make_job(db, app, command=BUILDIMAGE, status="started")
     assert may_move(Actor.CLIENT, None, StepState.PENDING, BUILDIMAGE)
     made = store.request_build(job, app, HOST)
-    assert (made.id, made.state, made.requested_host) == (step_id(job, BUILDIMAGE), StepState.PENDING, HOST)
+    assert (made.id, made.state, made.requested_host) == (step_id(job, BUILDIMAGE), REQUESTED, HOST)
     assert store.claim_step("elsewhere", 30, "other-host", kinds=(BUILDIMAGE,)) is None  # the trees are on HOST
     claimed = store.claim_step("me", 30, HOST, kinds=(BUILDIMAGE,))
     assert claimed is not None and claimed.id == made.id
@@ -312,10 +325,13 @@ def terminal(store: Store, sid: str) -> Callable[[], bool]:
 
 
 def request_when_ready(store: Store, running: Runner, sid: str) -> None:
-    """Play Ghost's worker once the runner prepared the deploy step: request the run on the runner's host."""
-    wait_until(lambda: store.get_step(sid).state == READY, 30, "the deploy step to be prepared")
+    """Play Ghost's worker once the runner prepared the step: request the run (the build) on the runner's host."""
+    wait_until(lambda: store.get_step(sid).state == READY, 30, "the step to be prepared")
     step = store.get_step(sid)
-    store.request_step(step.job_id, MODULE, running.host, step.app_id)
+    if step.kind == DEPLOY:
+        store.request_step(step.job_id, MODULE, running.host, step.app_id)
+    else:
+        store.request_build(step.job_id, step.app_id, running.host)
     running.wake()
 
 
@@ -332,13 +348,13 @@ def test_the_runner_moves_steps_only_along_its_rows(db, store, make_config, monk
         running.start()
         try:
             sid = new_step(store, db, kind)
-            if kind == DEPLOY:
-                request_when_ready(store, running, sid)
+            request_when_ready(store, running, sid)
             wait_until(terminal(store, sid), 30, "the step to finish")
         finally:
             running.stop(grace=5)
     seen = {(kind, before, after) for kind, before, after in recorder.moves}
-    assert (BUILDIMAGE, StepState.PENDING, RUNNING) in seen and (BUILDIMAGE, RUNNING, FAILED) in seen
+    assert {(BUILDIMAGE, StepState.PENDING, StepState.PREPARING), (BUILDIMAGE, StepState.PREPARING, READY)} <= seen
+    assert (BUILDIMAGE, REQUESTED, RUNNING) in seen and (BUILDIMAGE, RUNNING, FAILED) in seen
     assert {(DEPLOY, StepState.PREPARING, READY), (DEPLOY, RUNNING, SUCCEEDED)} <= seen
     assert set(recorder.actors) == {Actor.RUNNER}
     for kind, before, after in seen:
@@ -354,8 +370,7 @@ def test_shutdown_puts_a_running_step_back_along_its_row(db, store, make_config,
     running.start()
     sid = new_step(store, db, kind)
     try:
-        if kind == DEPLOY:
-            request_when_ready(store, running, sid)
+        request_when_ready(store, running, sid)
         assert body.started.wait(30), "the step did not start"
     finally:
         running.stop(grace=0)
@@ -484,7 +499,9 @@ class LosesOneAcknowledgement:
 
 
 def held_step(store: Store, db) -> Step:
-    new_step(store, db, BUILDIMAGE)
+    sid = new_step(store, db, BUILDIMAGE)
+    step = store.get_step(sid)
+    store.request_build(step.job_id, step.app_id, HOST)
     step = store.claim_step("me", 30, HOST)
     return store.move(step, Actor.RUNNER, RUNNING)
 

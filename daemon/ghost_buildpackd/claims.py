@@ -48,16 +48,13 @@ class ClaimCandidate:
 
 # In the order a claim looks: the first that finds a step wins, oldest step first within one.
 CLAIM_CANDIDATES: tuple[ClaimCandidate, ...] = (
-    ClaimCandidate(REQUESTED, None, HostBinding.REQUESTED_HERE, True, "Ghost's worker waits for it on this host"),
+    ClaimCandidate(REQUESTED, DEPLOY, HostBinding.REQUESTED_HERE, True, "Ghost's worker waits for it on this host"),
     ClaimCandidate(
-        PENDING, BUILDIMAGE, HostBinding.REQUESTED_HERE, True,
-        "a build Ghost's buildimage job asked for on this host: the job waits too",
+        REQUESTED, BUILDIMAGE, HostBinding.HERE_OR_UNBOUND, True,
+        "a build whose AMI is built: Ghost's buildimage job waits for it on its host (the provisioner trees are "
+        "there); one the intake requested (a Ghost without the patch) runs anywhere",
     ),
-    ClaimCandidate(
-        PENDING, None, HostBinding.HERE_OR_UNBOUND, False,
-        "a pending step; a build Ghost's job asked for runs on the job's host (its provisioner trees are there), "
-        "one the intake made runs anywhere",
-    ),
+    ClaimCandidate(PENDING, None, HostBinding.ANY, False, "a step to prepare ahead of Ghost's request"),
     ClaimCandidate(PREPARING, None, HostBinding.ANY, False, "a preparation whose holder died"),
     ClaimCandidate(
         RUNNING, BUILDIMAGE, HostBinding.HERE_OR_UNBOUND, False, "a build whose holder died: it starts over"

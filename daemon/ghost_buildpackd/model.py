@@ -30,16 +30,16 @@ from bson import ObjectId
 class StepKind(enum.StrEnum):
     """What a step does; the value is the command of the Ghost job that made it."""
 
-    BUILDIMAGE = "buildimage"  # build and publish the app's container image once the job built the AMI
+    BUILDIMAGE = "buildimage"  # build the app's container image while Packer runs; publish it once the AMI is built
     DEPLOY = "deploy"  # run one module script of a deploy in a container
 
 
 class StepState(enum.StrEnum):
     PENDING = "pending"  # recorded, waiting for a runner to claim it
-    PREPARING = "preparing"  # deploy: a runner launches the container ahead of Ghost's request
-    READY = "ready"  # deploy: prepared, no lease held, waiting for Ghost's request
-    REQUESTED = "requested"  # deploy: Ghost's worker asked for the run on its host
-    RUNNING = "running"  # the build or the script runs
+    PREPARING = "preparing"  # a runner launches the container ahead of Ghost's request (a build: runs it ahead)
+    READY = "ready"  # prepared, no lease held, waiting for Ghost's request
+    REQUESTED = "requested"  # Ghost asked for the run (deploy: on its host; build: its AMI is built)
+    RUNNING = "running"  # the build is finished and published, or the script runs
     SUCCEEDED = "succeeded"
     FAILED = "failed"
     CANCELLED = "cancelled"
@@ -101,17 +101,26 @@ TRANSITIONS: tuple[Transition, ...] = (
     # --- intake: Ghost's jobs ---
     Transition(
         Actor.INTAKE, NEW, PENDING, BOTH_KINDS,
-        "a buildimage job built its AMI, or a deploy job started, for an app with a container image "
-        "(a deploy step per module with a build_pack)",
+        "a buildimage job started for an app using containers (its build runs while Packer runs), or a deploy job "
+        "started for an app with a container image (a deploy step per module with a build_pack)",
+    ),
+    Transition(
+        Actor.INTAKE, NEW, REQUESTED, (BUILDIMAGE,),
+        "a buildimage job built its AMI and its build was never recorded (its start was not seen): built now",
+    ),
+    Transition(
+        Actor.INTAKE, (PENDING, PREPARING, READY), REQUESTED, (BUILDIMAGE,),
+        "a buildimage job built its AMI and Ghost's command did not ask for the build (a Ghost without the patch)",
     ),
     Transition(
         Actor.INTAKE, NEW, FAILED, BOTH_KINDS,
         "such a job, its app or its module list is malformed: recorded failed, nothing runs",
     ),
     Transition(
-        Actor.INTAKE, ACTIVE, CANCELLED, (DEPLOY,),
-        "the deploy (or redeploy) job ended first; only a step nobody holds: every one is asked first "
-        "(cancel_requested), so a held one its runner releases meanwhile is cancelled here or by its runner",
+        Actor.INTAKE, ACTIVE, CANCELLED, BOTH_KINDS,
+        "the deploy (or redeploy) job ended first, or the buildimage job ended without an AMI; only a step nobody "
+        "holds: every one is asked first (cancel_requested), so a held one its runner releases meanwhile is "
+        "cancelled here or by its runner",
         only_free=True, releases=True,
     ),
     # --- client: Ghost's worker ---
@@ -121,8 +130,9 @@ TRANSITIONS: tuple[Transition, ...] = (
         "requests it at once; or Ghost's buildimage job asks for its container build, bound to its host",
     ),
     Transition(
-        Actor.CLIENT, (PENDING, PREPARING, READY), REQUESTED, (DEPLOY,),
-        "the worker asks for the script to run now, on its host (whether or not a runner prepares it)",
+        Actor.CLIENT, (PENDING, PREPARING, READY), REQUESTED, BOTH_KINDS,
+        "the worker asks for the script to run now, on its host (whether or not a runner prepares it); or Ghost's "
+        "buildimage job, its AMI built, asks for the build, on its host (whether or not it was built ahead)",
     ),
     Transition(
         Actor.CLIENT, ACTIVE, CANCELLED, BOTH_KINDS,
@@ -131,24 +141,27 @@ TRANSITIONS: tuple[Transition, ...] = (
     ),
     # --- runner: the lease holder ---
     Transition(
-        Actor.RUNNER, (PENDING, RUNNING), RUNNING, (BUILDIMAGE,),
-        "claimed: the build starts (a running build whose holder died starts over)",
+        Actor.RUNNER, (PENDING, PREPARING), PREPARING, BOTH_KINDS,
+        "claimed before Ghost's request: the container is launched ahead, a build runs ahead of the AMI once "
+        "Ghost's inputs exist (unless the request came meanwhile)",
         fenced=True,
     ),
     Transition(
-        Actor.RUNNER, (PENDING, PREPARING), PREPARING, (DEPLOY,),
-        "claimed before Ghost's request: the container is launched ahead (unless the request came meanwhile)",
-        fenced=True,
-    ),
-    Transition(
-        Actor.RUNNER, (PREPARING,), READY, (DEPLOY,),
+        Actor.RUNNER, (PREPARING,), READY, BOTH_KINDS,
         "prepared, or left for the run to launch (nothing to launch ahead, container.max_prepared, LXD failed "
-        "the launch or stayed away): the lease is released until Ghost's request; never once a cancellation was asked",
+        "the launch or stayed away, a build's inputs never came or its run ahead failed): the lease is released "
+        "until Ghost's request; never once a cancellation was asked",
         fenced=True, releases=True, unless_cancel_requested=True,
     ),
     Transition(
         Actor.RUNNER, (REQUESTED, RUNNING), RUNNING, (DEPLOY,),
         "claimed on the requested host: the script runs (a running step whose holder died runs again)",
+        fenced=True,
+    ),
+    Transition(
+        Actor.RUNNER, (PREPARING, REQUESTED, RUNNING), RUNNING, (BUILDIMAGE,),
+        "claimed once the AMI is built: the container built ahead is published, or the build runs now (a running "
+        "build whose holder died starts over; a build ahead whose job has built its AMI already runs to the end)",
         fenced=True,
     ),
     Transition(
@@ -171,29 +184,26 @@ TRANSITIONS: tuple[Transition, ...] = (
     ),
     # --- shutdown: the holder, out of time (a step whose move has no row keeps its state) ---
     Transition(
-        Actor.SHUTDOWN, (RUNNING,), PENDING, (BUILDIMAGE,), "the build was interrupted: the next start builds",
+        Actor.SHUTDOWN, (PREPARING,), PENDING, BOTH_KINDS, "the preparation was interrupted: the next start prepares",
         fenced=True, releases=True,
     ),
     Transition(
-        Actor.SHUTDOWN, (PREPARING,), PENDING, (DEPLOY,), "the preparation was interrupted: the next start prepares",
-        fenced=True, releases=True,
-    ),
-    Transition(
-        Actor.SHUTDOWN, (RUNNING,), REQUESTED, (DEPLOY,),
-        "the script was interrupted: the next start on the requested host runs it again",
+        Actor.SHUTDOWN, (RUNNING,), REQUESTED, BOTH_KINDS,
+        "the script or the build was interrupted: the next start on the requested host runs it again",
         fenced=True, releases=True,
     ),
     # --- upkeep and operators ---
     Transition(
-        Actor.SWEEP, (READY,), READY, (DEPLOY,),
+        Actor.SWEEP, (READY,), READY, BOTH_KINDS,
         "prepared longer than container.prepared_max_age and not asked for yet: its container is removed, the step "
-        "stays requestable (a long deploy may reach the module later; the run launches a new container), and the "
-        "deploy job's end cancels it",
+        "stays requestable (a long deploy may reach the module later, a Packer run may end late: the run launches or "
+        "builds anew), and the job's end cancels it (a worker killed without a word leaves no end: the container "
+        "still goes)",
         only_free=True, releases=True,
     ),
-    Transition(Actor.REPLAY, NEW, PENDING, (BUILDIMAGE,), "replay of a buildimage job the daemon never recorded"),
+    Transition(Actor.REPLAY, NEW, REQUESTED, (BUILDIMAGE,), "replay of a buildimage job the daemon never recorded"),
     Transition(
-        Actor.REPLAY, TERMINAL, PENDING, (BUILDIMAGE,), "replay of a finished build: a new attempt, same id",
+        Actor.REPLAY, TERMINAL, REQUESTED, (BUILDIMAGE,), "replay of a finished build: a new attempt, same id",
         releases=True,
     ),
 )  # fmt: skip
@@ -342,6 +352,7 @@ class Step:
     claim: int = 0
     script: Script | str = BUILD_PACK  # the module script a deploy step runs
     timed_out: bool = False  # the command was killed at container.exec_timeout
+    inputs: str = ""  # a build run ahead: the digest of what its container was built from (`steps.buildimage_ahead`)
 
     @property
     def terminal(self) -> bool:

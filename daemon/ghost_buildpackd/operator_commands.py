@@ -13,7 +13,7 @@ from .config import Config
 from .daemon import connect_store
 from .ghost.fields import BadDocument, parse_object_id
 from .lxd import Lxd
-from .model import BUILDIMAGE, Actor, step_id
+from .model import BUILDIMAGE, REQUESTED, Actor, step_id
 from .status import table
 from .store import Store
 from .upkeep.retention import Reconciler, ReconcileReport, describe_error
@@ -35,14 +35,15 @@ def replay_job(config: Config, job_id: str, out: IO[str]) -> int:
             print(f"ghost-buildpackd replay: no buildimage job {job_id}", file=out)
             return 1
         app = store.get_app(doc.get("app_id"))
-        store.create_step(job, BUILDIMAGE, app_id=doc.get("app_id") if app else None, actor=Actor.REPLAY)
-        print(f"step {sid} created (pending): a running daemon builds the image", file=out)
+        app_id = doc.get("app_id") if app else None
+        store.create_step(job, BUILDIMAGE, app_id=app_id, state=REQUESTED, actor=Actor.REPLAY)
+        print(f"step {sid} created (requested): a running daemon builds the image", file=out)
         return 0
     if not step.terminal:
         print(f"step {sid} is {step.state}: nothing to replay", file=out)
         return 1
     store.reset_step_for_replay(sid)
-    print(f"step {sid} was {step.state}; now pending: a running daemon builds the image again", file=out)
+    print(f"step {sid} was {step.state}; now requested: a running daemon builds the image again", file=out)
     return 0
 
 

@@ -153,6 +153,11 @@ class Limits:
     # streams (one read by _id): the outcome reaches Ghost's job within it, where events.poll_interval (5 s) cost
     # every module up to 2 s (benchmarks/ghost.py).
     client_poll: float = 0.2
+    # A build run ahead of the AMI waits this long for Ghost's Packer definition of its job (written once the
+    # provisioner trees are made: git clones of the features' repositories), looking every `build_inputs_poll`;
+    # past it the build is made once the AMI is built. It holds a worker meanwhile.
+    build_inputs_wait: float = 300.0
+    build_inputs_poll: float = 0.5
     # Restarts: a stopping daemon heartbeats until its process ends, then marks its record stopped; a
     # waiting client takes its host for one restarting while the mark is younger than `restart_grace`:
     # the unit's RestartSec (`restart_delay`, systemd's pause before an automatic restart), a start

@@ -12,7 +12,8 @@ Only what needs AWS, Redis or SSH is replaced, each after the step the tests loo
 - S3 (`settings.cloud_connections['aws']`): a bucket on local disk ($GHOST_TEST_S3_DIR);
 - `Deploy._deploy_module` / `Redeploy._deploy_module`: EC2 discovery and fabric SSH to instances;
 - `AWSImageBuilder.start_builder` and `purge_old_images` (Packer, AMIs) and
-  `create_userdata_launchconfig_update_asg` (autoscaling): a fixed AMI;
+  `create_userdata_launchconfig_update_asg` (autoscaling): a fixed AMI, after writing the job's Packer
+  definition where Ghost writes it and standing $GHOST_TEST_PACKER_SECONDS in for Packer's run;
 - `command.get_current_job` (Redis): an object whose id is the job id, as `run.py` enqueues it.
 The clone, buildpacks, packaging, manifest and status writes run as Ghost's own code.
 """
@@ -147,8 +148,14 @@ def replace_what_needs_aws_redis_or_ssh(job_id):
     replace(redeploy.Redeploy, '_deploy_module', deploy_module)
 
     def start_builder(self):
+        import time
         from ghost_log import log
-        log(STANDS_IN + 'no Packer run, AMI %s' % FAKE_AMI_ID, self._log_file)
+        # As Ghost's own: the definition is written once the provisioner trees exist, then Packer runs.
+        with open(self._packer_file_path_aws, 'w') as stream:
+            stream.write(json.dumps({'builders': [], 'provisioners': []}))
+        seconds = float(os.environ.get('GHOST_TEST_PACKER_SECONDS') or 0)
+        log(STANDS_IN + 'no Packer run (%gs in its place), AMI %s' % (seconds, FAKE_AMI_ID), self._log_file)
+        time.sleep(seconds)
         return FAKE_AMI_ID, self._ami_name
 
     replace(AWSImageBuilder, 'start_builder', start_builder)

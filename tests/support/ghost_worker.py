@@ -118,6 +118,7 @@ class GhostWorker:
         database: Database,
         daemon_config: Path | None = None,
         config: dict[str, Any] | None = None,
+        packer: Path | None = None,
     ):
         self.python = runtime / "bin" / "python2.7"
         self.tree = tree
@@ -131,12 +132,13 @@ class GhostWorker:
         self.s3 = work / "s3"
         self.home = work / "home"
         self.opt = work / "opt-ghost-buildpackd"
-        self.packer = work / "packer"
+        self.packer = packer or work / "packer"  # Ghost's /tmp/packer: the daemon's ghost.packer_dir
         for path in (self.s3, self.home, self.packer, ghost_root, log_dir):
             path.mkdir(parents=True, exist_ok=True)
             os.chown(path, *GHOST_IDS)
         self._install_command()
         self.runs = 0
+        self.packer_seconds = 0.0  # how long the stand-in of Packer's run takes (ghost_driver.py)
 
     def _install_command(self) -> None:
         """`/opt/ghost-buildpackd/current/bin/ghost-buildpackd`, as scripts/install lays it out: this checkout's."""
@@ -161,6 +163,7 @@ class GhostWorker:
             "MONGO_HOST": self.mongo_host,
             "GHOST_TEST_S3_DIR": str(self.s3),
             "PYTHONDONTWRITEBYTECODE": "1",
+            "GHOST_TEST_PACKER_SECONDS": str(self.packer_seconds),
         }
         if self.daemon_config is not None:
             env["GHOST_BUILDPACKD_CONFIG"] = str(self.daemon_config)

@@ -11,7 +11,19 @@ from pymongo import ReturnDocument
 
 from ghost_buildpackd.config import Config
 from ghost_buildpackd.lxd import Lxd
-from ghost_buildpackd.model import DEPLOY, PENDING, PREPARING, READY, REQUESTED, RUNNING, TERMINAL, Actor, Step, step_id
+from ghost_buildpackd.model import (
+    BUILDIMAGE,
+    DEPLOY,
+    PENDING,
+    PREPARING,
+    READY,
+    REQUESTED,
+    RUNNING,
+    TERMINAL,
+    Actor,
+    Step,
+    step_id,
+)
 from ghost_buildpackd.steps import StepContext
 from ghost_buildpackd.store import FREE_LEASE, Store, new_step_doc, retry_transient, step_from_doc, utcnow
 
@@ -27,19 +39,21 @@ def step_context(
     kind: str,
     module: str | None = None,
 ) -> StepContext:
-    """Create (or reuse) the step record of `job_id`, take its lease and mark it running.
+    """Create (or reuse) the step record of `job_id` (a build: requested, as once its AMI is built), take its
+    lease and mark it running.
 
-    A finished step is put back to pending first, as `ghost-buildpackd replay` does,
+    A finished step is asked for again first, as `ghost-buildpackd replay` does,
     so calling this again for the same job makes a new attempt.
     """
     job = store.get_job(job_id)
     assert job is not None, f"no job {job_id} in the test database"
     sid = step_id(job_id, kind, module)
-    if not store.create_step(job_id, kind, module, app_id=job.get("app_id")):
+    initial = REQUESTED if kind == BUILDIMAGE else PENDING
+    if not store.create_step(job_id, kind, module, app_id=job.get("app_id"), state=initial):
         store.reset_step_for_replay(sid)
     # The test's database holds no other step of this kind that needs work, so the claim takes this one.
     step = store.claim_step(_owner(config), TEST_LEASE_TTL, config.host_name, kinds=(kind,))
-    assert step is not None and step.id == sid and step.state == PENDING, f"could not take the lease on step {sid}"
+    assert step is not None and step.id == sid and step.state == initial, f"could not take the lease on step {sid}"
     return _taken(config, store, lxd, step, RUNNING)
 
 

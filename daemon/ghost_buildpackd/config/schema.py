@@ -101,6 +101,9 @@ class GhostPaths:
     root: Path = field(Path("/ghost"), parse_absolute_path)
     log_dir: Path = field(Path("/var/log/ghost"), parse_absolute_path)
     provisioner_tree: Path = field(Path("/tmp/ghost-features-provisioner"), parse_absolute_path)
+    # Where Ghost writes each buildimage job's Packer definition ({packer_dir}/{job_id}/aws_builder.json), once
+    # the job's provisioner trees exist: the container build starts then (Ghost 19.08's PACKER_JSON_PATH).
+    packer_dir: Path = field(Path("/tmp/packer"), parse_absolute_path)
     config: Path | None = field(None, optional(parse_absolute_path))
     # Ghost's virtualenv (its worker's sys.exec_prefix): mounted at the same path when ansible runs.
     venv: Path = field(Path("/usr/local/share/ghost/venv"), parse_venv)

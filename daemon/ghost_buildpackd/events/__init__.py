@@ -13,14 +13,14 @@ and the loop both share, are in source.py.
 """
 
 from .change_stream import CHECKPOINT_EVERY, STREAM_ENDING, TOKEN_UNUSABLE, ChangeStreamSource
-from .intake import COMMANDS, DEPLOY_ENDED, RQ_TIMEOUT, Intake, JobRecords, job_end_reason
+from .intake import COMMANDS, JOB_ENDED, RQ_TIMEOUT, Intake, JobRecords, job_end_reason
 from .poll import PollSource, clamp_to_clock
 from .source import Source, StartupError, choose_event_mode
 
 __all__ = [
     "CHECKPOINT_EVERY",
     "COMMANDS",
-    "DEPLOY_ENDED",
+    "JOB_ENDED",
     "RQ_TIMEOUT",
     "STREAM_ENDING",
     "TOKEN_UNUSABLE",

@@ -18,7 +18,7 @@ from pymongo.errors import PyMongoError
 from ..ghost.documents import Job, built_image, containers_off, parse_app, parse_job
 from ..ghost.fields import BadDocument
 from ..logs import get_logger
-from ..model import BUILDIMAGE, DEPLOY, FAILED, REDEPLOY, Step, step_id
+from ..model import BUILDIMAGE, DEPLOY, FAILED, PENDING, PREPARING, READY, REDEPLOY, REQUESTED, Actor, Step, step_id
 from ..store import Store
 
 log = get_logger(__name__)
@@ -26,14 +26,17 @@ log = get_logger(__name__)
 # redeploy: the `buildpack` command takes its after_all_deploy (Ghost 19.08 never asks: its redeploy module is
 # `{path, name}` only), so such steps are cancelled when the job ends.
 COMMANDS = (BUILDIMAGE, DEPLOY, REDEPLOY)
-DEPLOY_ENDED = ("done", "failed", "aborted", "cancelled")
+JOB_ENDED = ("done", "failed", "aborted", "cancelled")
+# A build not asked for yet (waiting for Packer, built ahead, or building ahead): the job's AMI asks for it.
+BUILD_NOT_ASKED = (PENDING, PREPARING, READY)
 
 # How rq ends a job at its timeout (rq_worker_job_timeout): Ghost records the exception's class as the message.
 RQ_TIMEOUT = "JobTimeoutException"
 
 
 def job_end_reason(job: Job) -> str:
-    """Why a deploy's steps are cancelled: the job ended, and how, as far as its record says."""
+    """Why a job's steps are cancelled: the job ended (a buildimage job: without an AMI), and how, as far as its
+    record says."""
     reason = f"{job.command} job ended ({job.status})"
     if RQ_TIMEOUT in job.message:
         reason += " at Ghost's RQ job timeout (rq_worker_job_timeout killed it)"
@@ -47,7 +50,7 @@ class JobRecords(Protocol):
     def get_app(self, app_id: ObjectId) -> dict[str, Any] | None: ...
     def get_step(self, sid: str) -> Step | None: ...
     def steps_for_job(self, job_id: ObjectId) -> list[Step]: ...
-    def cancel_job_steps(self, job_id: ObjectId, reason: str) -> int: ...
+    def cancel_job_steps(self, job_id: ObjectId, reason: str, kind: str = ...) -> int: ...
     def create_step(
         self,
         job_id: ObjectId,
@@ -100,11 +103,15 @@ class Intake:
             self._record_bad_job(doc, error)
             return
         if job.built_image:
-            self._buildimage_done(job)
+            self._buildimage_built(job)
+        elif job.command == BUILDIMAGE and job.status == "started":
+            self._buildimage_started(job)
+        elif job.command == BUILDIMAGE and job.status in JOB_ENDED:
+            self._job_ended(job, BUILDIMAGE)
         elif job.command == DEPLOY and job.status == "started":
             self._deploy_started(job)
-        elif job.command in (DEPLOY, REDEPLOY) and job.status in DEPLOY_ENDED:
-            self._deploy_ended(job)
+        elif job.command in (DEPLOY, REDEPLOY) and job.status in JOB_ENDED:
+            self._job_ended(job, DEPLOY)
 
     def _record_bad_job(self, doc: Mapping[str, Any], error: BadDocument) -> None:
         job_id = doc.get("_id")
@@ -119,9 +126,27 @@ class Intake:
         if self.records.create_step(job_id, kind, state=FAILED, message=f"malformed job: {error}"):
             log.error("step_failed_malformed_job", job_id=str(job_id), kind=kind, reason=str(error))
 
-    def _buildimage_done(self, job: Job) -> None:
-        if self.records.get_step(step_id(job.id, BUILDIMAGE)) is not None:
-            return  # seen before: a replayed event, a catch-up overlap, another instance
+    def _buildimage_started(self, job: Job) -> None:
+        """The build runs while Packer runs: a runner builds it ahead once Ghost's inputs exist."""
+        try:
+            app = parse_app(self.records.get_app(job.app_id), job.app_id)
+        except BadDocument:
+            return  # refused once the AMI is built, where Ghost's job hears why
+        if containers_off(app, self.containers_enabled, BUILDIMAGE):
+            return
+        if self.records.create_step(job.id, BUILDIMAGE, app_id=app.id):
+            log.info("step_created", job_id=str(job.id), step=step_id(job.id, BUILDIMAGE), app=app.label, ahead=True)
+            self.on_new_steps()
+
+    def _buildimage_built(self, job: Job) -> None:
+        """The job ended with its AMI: its build is asked for, unless Ghost's command asked already."""
+        step = self.records.get_step(step_id(job.id, BUILDIMAGE))
+        if step is not None:
+            if step.state in BUILD_NOT_ASKED:  # a Ghost without the patch: nobody else asks
+                self.store.request_build(job.id, step.app_id, None, Actor.INTAKE)
+                log.info("build_requested", job_id=str(job.id), step=step.id, was=step.state)
+                self.on_new_steps()
+            return  # else asked, running or finished: seen before, or Ghost's command asked
         try:
             app = parse_app(self.records.get_app(job.app_id), job.app_id)
         except BadDocument as error:
@@ -131,7 +156,7 @@ class Intake:
         if off:
             log.debug("buildimage_without_containers", job_id=str(job.id), app=app.label, reason=off)
             return
-        if self.records.create_step(job.id, BUILDIMAGE, app_id=app.id):
+        if self.records.create_step(job.id, BUILDIMAGE, app_id=app.id, state=REQUESTED):
             log.info("step_created", job_id=str(job.id), step=step_id(job.id, BUILDIMAGE), app=app.label)
             self.on_new_steps()
 
@@ -160,12 +185,12 @@ class Intake:
         if with_build_pack:  # whoever recorded its steps (Ghost's request may come first)
             self.on_deploy_started()
 
-    def _deploy_ended(self, job: Job) -> None:
+    def _job_ended(self, job: Job, kind: str) -> None:
         if not any(not step.terminal for step in self.records.steps_for_job(job.id)):
-            return  # nothing to cancel or clean (most ended deploys a catch-up scan reads)
-        cancelled = self.records.cancel_job_steps(job.id, job_end_reason(job))
+            return  # nothing to cancel or clean (most ended jobs a catch-up scan reads)
+        cancelled = self.records.cancel_job_steps(job.id, job_end_reason(job), kind)
         if cancelled:
-            log.info("deploy_steps_cancelled", job_id=str(job.id), count=cancelled, job_status=job.status)
+            log.info(f"{kind}_steps_cancelled", job_id=str(job.id), count=cancelled, job_status=job.status)
         self.on_job_ended(job.id)
 
     def _create_failed(self, job: Job, kind: str, module: str | None, message: str) -> None:

@@ -137,8 +137,7 @@ class Execution(Pool):
     def _dispatch_body(self, ctx: StepContext, start_over: bool) -> Outcome:
         step = ctx.step
         if step.kind == BUILDIMAGE:
-            ctx.save(RUNNING, message="building the container image")
-            return self.bodies.buildimage(ctx)
+            return self._dispatch_build(ctx)
         if step.kind != DEPLOY:
             raise StepFailed(f"unknown step kind {step.kind!r}")
         if step.state in (PENDING, PREPARING) and self._save_unless_requested(
@@ -153,6 +152,17 @@ class Execution(Pool):
             ctx.save(RUNNING, message="running the buildpack")
             return self.bodies.run_deploy(ctx)
         raise StepFailed(f"deploy step in unexpected state '{ctx.step.state}'")
+
+    def _dispatch_build(self, ctx: StepContext) -> Outcome:
+        """Build ahead of the AMI until it is asked for; then publish (or build) on the host that asked, if any."""
+        if ctx.step.state in (PENDING, PREPARING) and self._save_unless_requested(
+            ctx, PREPARING, message="building ahead of the AMI once Ghost's inputs exist"
+        ):
+            return self.bodies.prepare_buildimage(ctx)
+        if ctx.step.requested_host not in (None, self.host):  # Ghost's job asked on its own host meanwhile
+            raise RequestedElsewhere(ctx.step.requested_host)
+        ctx.save(RUNNING, message="building the container image")
+        return self.bodies.buildimage(ctx)
 
     def _only_on_requested_host(self, step: Step) -> None:
         """RequestedElsewhere unless `step` was requested on this host.
@@ -247,7 +257,8 @@ class Execution(Pool):
             ctx.step = fresh
             if fresh.cancel_requested:
                 return False
-            if self.store.update_step(ctx.step, release=True) is None:
+            # What the preparation made stays recorded for the run (a build ahead: its container and inputs).
+            if self.store.update_step(ctx.step, release=True, **dict(outcome.fields)) is None:
                 raise LeaseLost(ctx.step.id)
             self.wake()
         log.info("step_prepared", container=ctx.step.container, message=outcome.message)

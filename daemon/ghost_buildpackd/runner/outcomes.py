@@ -27,12 +27,18 @@ class Bodies:
     buildimage: StepBody
     prepare_deploy: StepBody
     run_deploy: StepBody
+    prepare_buildimage: StepBody = lambda ctx: Outcome(READY, "not built ahead", fields={"inputs": ""})
 
     @classmethod
     def default(cls) -> Bodies:
-        from ..steps import buildimage, deploy
+        from ..steps import buildimage, buildimage_ahead, deploy
 
-        return cls(buildimage=buildimage.run, prepare_deploy=deploy.prepare, run_deploy=deploy.run)
+        return cls(
+            buildimage=buildimage.run,
+            prepare_deploy=deploy.prepare,
+            run_deploy=deploy.run,
+            prepare_buildimage=buildimage_ahead.prepare,
+        )
 
 
 class RequestedElsewhere(Exception):
@@ -56,8 +62,8 @@ class Held:
 
 
 def preparing(ctx: StepContext) -> bool:
-    """Whether the step is a deploy step being prepared ahead of Ghost's request."""
-    return ctx.step.kind == DEPLOY and ctx.step.state == PREPARING
+    """Whether the step is being prepared ahead of Ghost's request (a container launched, a build run ahead)."""
+    return ctx.step.state == PREPARING
 
 
 def with_job_log_problem(ctx: StepContext, message: str) -> str:
@@ -73,9 +79,11 @@ def cancelled_message(step: Step, reason: str) -> str:
 
 def unprepared(reason: str) -> Outcome:
     """A preparation LXD failed: the step waits for Ghost's request without a container, which the run launches
-    (and reports on, if LXD still fails then). Launching ahead only saves time: it never decides the deploy."""
+    (and reports on, if LXD still fails then). Launching ahead only saves time: it never decides the step."""
     return Outcome(
-        READY, f"no container prepared: {reason}; the run launches one when Ghost asks", fields={"container": None}
+        READY,
+        f"no container prepared: {reason}; the run launches one when Ghost asks",
+        fields={"container": None, "inputs": ""},
     )
 
 

@@ -1,4 +1,5 @@
-"""The buildimage step: after a successful AMI build, build the app's container image.
+"""The buildimage step: once the job built its AMI, publish the app's container image (built ahead while
+Packer ran, `buildimage_ahead.py`), or build it now.
 
 From the app's base image (`build_infos.source_container_image`), a container
 runs Ghost's pre hook, the features install (salt or ansible, on the job's
@@ -16,7 +17,8 @@ is checked before a container is created. The container is removed in every
 outcome unless `container.debug` is set, or, once the image is published, kept
 as the template of the app's deploys (`upkeep/templates.py`).
 
-This module is the build's sequence; its checks are `buildimage_plan.py`'s,
+This module is the build's sequence; the build ahead of the AMI is `buildimage_ahead.py`'s; its checks are
+`buildimage_plan.py`'s,
 the scripts run in the container `buildimage_scripts.py`'s, the image and
 its records (and their recovery after a crash) `buildimage_publish.py`'s.
 """
@@ -25,14 +27,22 @@ from __future__ import annotations
 
 import dataclasses
 
-from ..ghost.documents import App
 from ..ghost.fields import BadDocument
-from ..images import ImageNotFound, base_image
 from ..logs import Secrets
 from ..lxd import ContainerSpec, ImageInfo
 from ..model import SUCCEEDED
 from ..upkeep import templates
-from .buildimage_plan import BuildPlan, check_abort, load_job_app, lxd_phase, make_plan
+from .buildimage_ahead import adoptable
+from .buildimage_plan import (
+    BuildPlan,
+    build_owner,
+    check_abort,
+    load_job_app,
+    lxd_phase,
+    make_base_template,
+    make_plan,
+    resolve_base_image,
+)
 from .buildimage_publish import (
     kept_newer,
     publish,
@@ -41,7 +51,7 @@ from .buildimage_publish import (
     remove_dead_attempt_containers,
 )
 from .buildimage_scripts import provisioner_argv, run_scripts
-from .containers import container_spec, idmap_user_ids, launch, refuse_root_ids
+from .containers import container_spec, launch
 from .context import Outcome, StepContext, StepFailed
 from .release import clean_up_container
 
@@ -71,32 +81,18 @@ def run(ctx: StepContext) -> Outcome:
         if finished is not None:
             return finished
         base = resolve_base_image(ctx, app)
-        return build(ctx, plan, base)
-
-
-def resolve_base_image(ctx: StepContext, app: App) -> ImageInfo:
-    """The image the build starts from (`images.base_image`), said in Ghost's job log."""
-    reference, server = app.source_container_image, ctx.config.lxd.image_server
-    try:
-        base = lxd_phase("resolving the base image", lambda: base_image(ctx.lxd, reference, server))
-    except StepFailed as error:
-        if isinstance(error.__cause__, ImageNotFound):
-            raise StepFailed(f"base image (app.build_infos.source_container_image): {error.__cause__}") from None
-        raise
-    ctx.say(
-        "base_image_resolved",
-        f"base image {app.source_container_image!r} is {base.describe()}",
-        reference=app.source_container_image,
-        fingerprint=base.fingerprint,
-    )
-    return base
+        built_ahead = lxd_phase("looking for the container built ahead", adoptable, ctx, plan, base)
+        return build(ctx, plan, base, built_ahead)
 
 
 # --- the build ---------------------------------------------------------------------------
 
 
-def build(ctx: StepContext, plan: BuildPlan, base: ImageInfo) -> Outcome:
+def build(ctx: StepContext, plan: BuildPlan, base: ImageInfo, built_ahead: str | None = None) -> Outcome:
+    """Build (unless `built_ahead` names the container built ahead of the AMI), publish and record."""
     spec = container_spec(ctx, base.fingerprint, plan.mounts, idmap=build_owner(ctx))  # mounts are read-only
+    if built_ahead:
+        spec = dataclasses.replace(spec, name=built_ahead)
     ctx.say(
         "buildimage_started",
         f"building the container image of {plan.app.label} (job {plan.alias}, AMI {plan.ami_id or 'unknown'}) "
@@ -106,12 +102,13 @@ def build(ctx: StepContext, plan: BuildPlan, base: ImageInfo) -> Outcome:
     )
     published: ImageInfo | None = None
     try:
-        check_abort(ctx, "creating the container")
-        # A new base image: its first build is made from the image, its template once the outcome is recorded
-        # (Ghost no longer waits then; made during the build, it slowed the build's own publish on dir).
-        lxd_phase("creating the container", lambda: launch(ctx, spec, template_later=True))
-        ctx.after_outcome.append(lambda: make_base_template(ctx))
-        run_scripts(ctx, plan, spec.name)
+        if not built_ahead:
+            check_abort(ctx, "creating the container")
+            # A new base image: its first build is made from the image, its template once the outcome is recorded
+            # (Ghost no longer waits then; made during the build, it slowed the build's own publish on dir).
+            lxd_phase("creating the container", lambda: launch(ctx, spec, template_later=True))
+            ctx.after_outcome.append(lambda: make_base_template(ctx))
+            run_scripts(ctx, plan, spec.name)
         check_abort(ctx, "publishing the image")
         image = published = publish(ctx, plan, base, spec.name)
     finally:  # before the records, so a container never outlives a build that cannot record (MongoDB down)
@@ -125,23 +122,6 @@ def build(ctx: StepContext, plan: BuildPlan, base: ImageInfo) -> Outcome:
     )
     ctx.say("buildimage_succeeded", message, image=plan.alias, fingerprint=image.fingerprint, size=image.size)
     return Outcome(SUCCEEDED, message=message, fields={"image": plan.alias, "fingerprint": image.fingerprint})
-
-
-def make_base_template(ctx: StepContext) -> None:
-    """The template a first build of its base image asked for (`templates.want_template`), made now."""
-    templates.make_wanted_templates(ctx.lxd, ctx.config.container.templates, ctx.log)
-
-
-def build_owner(ctx: StepContext) -> tuple[int, int] | None:
-    """With templates, `container.idmap_user` is mapped into the build's container as in deploys, so it can
-    become the template of the app's deploys (`keep_as_template`); else, or when that user is unknown, none."""
-    if ctx.config.container.templates <= 0:
-        return None
-    user = ctx.config.container.idmap_user
-    try:
-        return refuse_root_ids(idmap_user_ids(user), f"container.idmap_user {user!r}")
-    except KeyError:
-        return None
 
 
 def keep_as_template(ctx: StepContext, spec: ContainerSpec, image: ImageInfo) -> None:

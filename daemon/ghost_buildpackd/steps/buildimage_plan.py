@@ -1,5 +1,6 @@
 """The buildimage step's checks, before any container exists: the job and app, the hooks, which provisioners
-run and the trees and virtualenv mounted for them (refused when LXD must not mount them), as a `BuildPlan`.
+run and the trees and virtualenv mounted for them (refused when LXD must not mount them), as a `BuildPlan`;
+the base image and the owner mapped into the build's container.
 
 Also the two helpers every phase of the build uses (`check_abort`, `lxd_phase`).
 """
@@ -17,9 +18,11 @@ from typing import Any, TypeVar
 from ..config import PLACEHOLDER_VENV
 from ..ghost.documents import PROVISIONERS, App, Job, containers_off, parse_app, parse_job
 from ..ghost.fields import BadDocument
-from ..lxd import Mount
+from ..images import ImageNotFound, base_image
+from ..lxd import ImageInfo, Mount
 from ..model import BUILDIMAGE
-from .containers import idmap_user_ids
+from ..upkeep import templates
+from .containers import idmap_user_ids, refuse_root_ids
 from .context import LeaseLost, StepContext, StepFailed
 
 HOOKS = ("pre_buildimage", "post_buildimage")
@@ -154,6 +157,44 @@ def unsafe_tree_problem(tree: Path, top: Path, owners: set[int]) -> str:
         elif mode & 0o022 and not mode & stat.S_ISVTX:
             return f"{path} is writable by its group or by others without the sticky bit (mode {mode:04o})"
     return ""
+
+
+# --- what the build starts from ---------------------------------------------------------------
+
+
+def resolve_base_image(ctx: StepContext, app: App) -> ImageInfo:
+    """The image the build starts from (`images.base_image`), said in Ghost's job log."""
+    reference, server = app.source_container_image, ctx.config.lxd.image_server
+    try:
+        base = lxd_phase("resolving the base image", lambda: base_image(ctx.lxd, reference, server))
+    except StepFailed as error:
+        if isinstance(error.__cause__, ImageNotFound):
+            raise StepFailed(f"base image (app.build_infos.source_container_image): {error.__cause__}") from None
+        raise
+    ctx.say(
+        "base_image_resolved",
+        f"base image {app.source_container_image!r} is {base.describe()}",
+        reference=app.source_container_image,
+        fingerprint=base.fingerprint,
+    )
+    return base
+
+
+def make_base_template(ctx: StepContext) -> None:
+    """The template a first build of its base image asked for (`templates.want_template`), made now."""
+    templates.make_wanted_templates(ctx.lxd, ctx.config.container.templates, ctx.log)
+
+
+def build_owner(ctx: StepContext) -> tuple[int, int] | None:
+    """With templates, `container.idmap_user` is mapped into the build's container as in deploys, so it can
+    become the template of the app's deploys (`keep_as_template`); else, or when that user is unknown, none."""
+    if ctx.config.container.templates <= 0:
+        return None
+    user = ctx.config.container.idmap_user
+    try:
+        return refuse_root_ids(idmap_user_ids(user), f"container.idmap_user {user!r}")
+    except KeyError:
+        return None
 
 
 # --- helpers of every phase of the build --------------------------------------------------

@@ -178,8 +178,8 @@ def recover_earlier_attempt(ctx: StepContext, plan: BuildPlan) -> Outcome | None
     first run after the record was written); a replay always builds again.
     """
     resumed = ctx.step.attempts > 1
-    if resumed:
-        remove_leftovers(ctx)
+    if resumed:  # the container built ahead of the AMI stays for `buildimage_ahead.adoptable` to judge
+        remove_leftovers(ctx, keep=ctx.step.container if ctx.step.inputs else None)
     ctx.confirm_lease()
     images = ctx.lxd.list_images()  # one snapshot serves every question below
     ours = [image for image in images if image.properties.get(IMAGE_PROP_JOB) == plan.alias]

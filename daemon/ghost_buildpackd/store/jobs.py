@@ -53,7 +53,7 @@ class BatchSource(Protocol):
 
     def get_job(self, job_id: ObjectId) -> dict[str, Any] | None: ...
     def get_app(self, app_id: ObjectId) -> dict[str, Any] | None: ...
-    def cancel_job_steps(self, job_id: ObjectId, reason: str) -> int: ...
+    def cancel_job_steps(self, job_id: ObjectId, reason: str, kind: str = ...) -> int: ...
     def insert_new_steps(self, docs: Iterable[dict[str, Any]]) -> set[str]: ...
 
 
@@ -85,8 +85,8 @@ class JobBatch:
     def get_job(self, job_id: ObjectId) -> dict[str, Any] | None:
         return self.store.get_job(job_id)
 
-    def cancel_job_steps(self, job_id: ObjectId, reason: str) -> int:
-        return self.store.cancel_job_steps(job_id, reason)
+    def cancel_job_steps(self, job_id: ObjectId, reason: str, kind: str = DEPLOY) -> int:
+        return self.store.cancel_job_steps(job_id, reason, kind)
 
     def get_step(self, sid: str) -> Step | None:
         doc = self._steps.get(sid)

@@ -35,13 +35,13 @@ class StepRequests(StepRecords):
     """Moves of a step made by others than its holder: intake, Ghost's worker, the sweep, replay."""
 
     @retry_transient
-    def cancel_job_steps(self, job_id: ObjectId, reason: str) -> int:
-        """Intake: cancel a deploy job's unfinished steps: free ones at once, held ones by asking their owner.
+    def cancel_job_steps(self, job_id: ObjectId, reason: str, kind: str = DEPLOY) -> int:
+        """Intake: cancel a job's unfinished steps of `kind`: free ones at once, held ones by asking their owner.
 
         Returns how many were cancelled outright; held ones get `cancel_requested`
         and their owner ends them (it checks at each lease renewal).
         """
-        return self._cancel_active(Actor.INTAKE, {"job_id": job_id, "kind": DEPLOY}, reason)
+        return self._cancel_active(Actor.INTAKE, {"job_id": job_id, "kind": kind}, reason)
 
     def _cancel_active(self, actor: Actor, query: dict[str, Any], reason: str) -> int:
         """Cancel the steps matching `query` that `actor` may cancel and nobody holds; ask the holders of the others.
@@ -92,21 +92,37 @@ class StepRequests(StepRecords):
         return step_from_doc(doc)
 
     @retry_transient
-    def request_build(self, job_id: ObjectId, app_id: ObjectId | None, host: str) -> Step:
-        """Ghost's buildimage job asks for its container build now, on `host`: the step is made at once
-        (the job is still `started`), or found as it is (one build per job, whoever made it first)."""
-        doc = new_step_doc(
-            job_id, BUILDIMAGE, None, app_id, PENDING, "requested by Ghost's buildimage job", actor=Actor.CLIENT
-        )
-        doc["requested_host"] = host
-        with contextlib.suppress(DuplicateKeyError):  # made by the intake, an earlier request, or a replay
-            self.steps.insert_one(doc)
-        found = self.steps.find_one({"_id": doc["_id"]})
-        return step_from_doc(found if found is not None else doc)
+    def request_build(
+        self, job_id: ObjectId, app_id: ObjectId | None, host: str | None, actor: Actor = Actor.CLIENT
+    ) -> Step:
+        """The job's AMI is built: ask for its container build now, built ahead or not.
+
+        Ghost's buildimage job asks on its `host` (the job is still `started`);
+        the intake asks for any host when the job ended built without asking (a
+        Ghost without the patch). The step is made when nobody made it yet; one
+        already asked for, running or finished is returned as it is (one build
+        per job, whoever asked first).
+        """
+        sid = step_id(job_id, BUILDIMAGE)
+        _, waiting, request = self._moving(actor, REQUESTED, BUILDIMAGE, {"requested_host": host})
+        waiting["_id"] = sid
+        doc = self.steps.find_one_and_update(waiting, request, return_document=ReturnDocument.AFTER)
+        if doc is None and self.steps.find_one({"_id": sid}, {"_id": 1}) is None:
+            made = new_step_doc(
+                job_id, BUILDIMAGE, None, app_id, PENDING, "requested once its AMI was built", actor=actor
+            )
+            with contextlib.suppress(DuplicateKeyError):  # made meanwhile: the move below asks for it all the same
+                self.steps.insert_one(made)
+            doc = self.steps.find_one_and_update(waiting, request, return_document=ReturnDocument.AFTER)
+        doc = doc or self.steps.find_one({"_id": sid})
+        if doc is None:  # removed between our insert and read: nothing to wait on, and Ghost must hear it
+            raise LookupError(f"step {sid} was removed while it was being requested")
+        return step_from_doc(doc)
 
     @retry_transient
     def expire_stale_ready(self, max_age: float, reason: str) -> list[Step]:
-        """Forget the container of deploy steps `ready` for longer than `max_age` seconds; those steps as they were.
+        """Forget the container of steps `ready` for longer than `max_age` seconds (a deploy's launched ahead, a
+        build's built ahead of its AMI); those steps as they were.
 
         The step stays requestable (the sweep's row of the transition table):
         Ghost may still ask for it late in a long deploy, and the run then
@@ -116,8 +132,8 @@ class StepRequests(StepRecords):
         them too: `remove_leftovers`).
         """
         now = self.server_now()  # updated_at and lease expiry are on the server's clock
-        fields = {"container": None, "message": reason}
-        _, free, update = self._moving(Actor.SWEEP, READY, DEPLOY, fields, now=now)
+        fields = {"container": None, "inputs": "", "message": reason}
+        _, free, update = self._moving(Actor.SWEEP, READY, None, fields, now=now)
         stale = {
             "state": free["state"],
             "container": {"$type": "string"},
@@ -139,7 +155,15 @@ class StepRequests(StepRecords):
 
     @retry_transient
     def reset_step_for_replay(self, sid: str) -> bool:
-        """`replay`: put a finished build back to pending (a new attempt, same id)."""
-        fields = {"message": "replay requested", "attempts": 0, "cancel_requested": False, "exit_code": None}
-        _, finished, update = self._moving(Actor.REPLAY, PENDING, None, fields)
+        """`replay`: ask again for a finished build (a new attempt, same id), on any host."""
+        fields = {
+            "message": "replay requested",
+            "attempts": 0,
+            "cancel_requested": False,
+            "exit_code": None,
+            "requested_host": None,
+            "container": None,
+            "inputs": "",
+        }
+        _, finished, update = self._moving(Actor.REPLAY, REQUESTED, BUILDIMAGE, fields)
         return self.steps.update_one({**finished, "_id": sid}, update).modified_count == 1

@@ -14,7 +14,6 @@ from pymongo import ReturnDocument, UpdateOne
 from pymongo.errors import DuplicateKeyError
 
 from ..model import (
-    ACTIVE,
     BOTH_KINDS,
     BUILD_PACK,
     BUILDIMAGE,
@@ -85,6 +84,7 @@ def step_from_doc(doc: Mapping[str, Any]) -> Step:
         claim=doc.get("claims", 0),
         script=known(Script, doc.get("script") or BUILD_PACK),
         timed_out=bool(doc.get("timed_out")),
+        inputs=doc.get("inputs") or "",
     )
 
 
@@ -167,8 +167,9 @@ class StepRecords(Clock):
 
     @retry_transient
     def app_build_in_flight(self, app_id: ObjectId) -> Step | None:
-        """The app's container build that has not finished yet (pending or running), if any."""
-        doc = self.steps.find_one({"app_id": app_id, "kind": BUILDIMAGE, "state": {"$in": list(ACTIVE)}})
+        """The app's container build whose AMI is built and whose image is not published yet (requested or
+        running), if any: one still waiting for Packer may never publish, so nothing waits for it."""
+        doc = self.steps.find_one({"app_id": app_id, "kind": BUILDIMAGE, "state": {"$in": [REQUESTED, RUNNING]}})
         return step_from_doc(doc) if doc else None
 
     @retry_transient

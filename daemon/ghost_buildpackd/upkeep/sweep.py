@@ -6,11 +6,12 @@ finished. A container of an active step is left alone even when the step's
 lease expired: whoever takes the step over removes it (`remove_leftovers`),
 and deleting it here would race with that takeover.
 
-Before that, the containers of deploy steps prepared longer than
-`container.prepared_max_age` ago and not asked for yet are removed. The steps
-stay requestable: a long multi-module deploy may reach the module hours
-later, and its run then launches a new container; the deploy job's end
-cancels the steps of a job that died.
+Before that, the containers of steps prepared longer than
+`container.prepared_max_age` ago and not asked for yet are removed (a deploy's
+launched ahead, a build's built ahead of its AMI). The steps stay requestable:
+a long multi-module deploy may reach the module hours later, and its run then
+launches a new container; the job's end cancels the steps of a job that ended,
+and a job whose worker was killed without a word leaves only the record.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ def expire_prepared(store: Store, lxd: Lxd, max_age: float, log: Logger) -> list
     """Remove the containers that waited for Ghost's request longer than `max_age`; the ids of their steps."""
     reason = (
         f"the container prepared over {max_age:g}s ago (container.prepared_max_age) was removed while waiting for "
-        "Ghost's request; the run launches a new one when asked"
+        "Ghost's request; the run launches (a build builds) a new one when asked"
     )
     expired = store.expire_stale_ready(max_age, reason)
     for step in expired:
