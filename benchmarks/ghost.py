@@ -366,8 +366,9 @@ def ghost_app(remote: SlowRemote, alias: str, base_image: str) -> dict[str, Any]
     }
 
 
-def daemon_config(mongo: MongoServer, dirs: dict[str, Path], path: Path) -> Path:
-    """The daemon's defaults, except the database, the working copies' owner and JSON logs (read back here)."""
+def daemon_config(mongo: MongoServer, dirs: dict[str, Path], path: Path, packer_dir: Path | None = None) -> Path:
+    """The daemon's defaults, except the database, the working copies' owner, JSON logs (read back here) and,
+    when given, where Ghost's Packer definitions are."""
     ghost_yml = dirs["root"].parent / "ghost-config.yml"
     ghost_yml.write_text(yaml.safe_dump(ghost_config()))
     raw = {
@@ -376,6 +377,8 @@ def daemon_config(mongo: MongoServer, dirs: dict[str, Path], path: Path) -> Path
         "container": {"idmap_user": "{}:{}".format(*WORKING_COPY_IDS)},
         "log": {"format": "json", "level": "info"},
     }
+    if packer_dir is not None:
+        raw["ghost"]["packer_dir"] = str(packer_dir)
     path.write_text(yaml.safe_dump(raw))
     return path
 
@@ -414,16 +417,7 @@ def measure(bench: Bench, mode: str, topology: str, alias: str, tree: Path, depl
     base = bench.scratch / f"ghost_{mode}"
     dirs = make_ghost_dirs(base / "ghost")
     config = daemon_config(mongo, dirs, base / "daemon.yml")
-    ghost = GhostWorker(
-        runtime=ghost_runtime(),
-        tree=tree,
-        work=base / "ghost-worker",
-        ghost_root=dirs["root"],
-        log_dir=dirs["log_dir"],
-        mongo_host=mongo.host,
-        database=db,
-        daemon_config=config,
-    )
+    ghost = ghost_worker(tree, base, dirs, mongo, db, config)
     remote = SlowRemote(base / "remote", ghost.home)
     calls = time_the_command(ghost)
     app_id = None
@@ -441,6 +435,23 @@ def measure(bench: Bench, mode: str, topology: str, alias: str, tree: Path, depl
         db.client.close()
     found = results(mode, mongo, runs, records, lines, remote.connections(), timed_runs(calls), leftovers)
     return {**found, "daemon_log_lines_glued": glued, "warm_pool_containers_left": idle_left}
+
+
+def ghost_worker(
+    tree: Path, base: Path, dirs: dict[str, Path], mongo: MongoServer, db: Database, config: Path, **more: Any
+) -> GhostWorker:
+    """Ghost's worker for one series: its work under `base`, the ghost directories and database of its daemon."""
+    return GhostWorker(
+        runtime=ghost_runtime(),
+        tree=tree,
+        work=base / "ghost-worker",
+        ghost_root=dirs["root"],
+        log_dir=dirs["log_dir"],
+        mongo_host=mongo.host,
+        database=db,
+        daemon_config=config,
+        **more,
+    )
 
 
 def remove_app_containers(bench: Bench, app_id: ObjectId) -> list[str]:

@@ -18,7 +18,7 @@ from typing import Any
 
 from ghost_buildpackd.logs import configure_logging
 
-from . import catchup, debian, deploy, fleet, footprint, ghost, latency, throughput
+from . import catchup, debian, deploy, fleet, footprint, ghost, ghost_buildimage, latency, throughput
 from .common import REPO, Bench, Sizes, table, to_json
 
 BENCHMARKS: dict[str, Callable[[Bench], dict[str, Any]]] = {
@@ -29,11 +29,12 @@ BENCHMARKS: dict[str, Callable[[Bench], dict[str, Any]]] = {
     "footprint": footprint.run,
     "debian": debian.run,
     "ghost": ghost.run,
+    "ghost_buildimage": ghost_buildimage.run,
     "fleet": fleet.run,
 }
 # Run only when named with --only: the first run builds a Debian image and a btrfs pool (minutes); the Ghost
 # benchmark needs Ghost 19.08's archive and the runtime of scripts/build-ghost-runtime.
-OPT_IN = ("debian", "ghost")
+OPT_IN = ("debian", "ghost", "ghost_buildimage")
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
