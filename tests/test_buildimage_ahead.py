@@ -7,17 +7,21 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 
 from bson import ObjectId
 
-from ghost_buildpackd.model import BUILDIMAGE, CANCELLED, READY, SUCCEEDED, Step, step_id
-from ghost_buildpackd.steps.buildimage_ahead import tree_listing
-from ghost_buildpackd.store import Store
+from ghost_buildpackd.lxd import ImageInfo
+from ghost_buildpackd.model import BUILDIMAGE, CANCELLED, PENDING, PREPARING, READY, SUCCEEDED, Actor, Step, step_id
+from ghost_buildpackd.steps.buildimage_ahead import inputs_digest, tree_listing
+from ghost_buildpackd.steps.buildimage_plan import load_job_app, make_plan
+from ghost_buildpackd.steps.containers import container_spec
+from ghost_buildpackd.store import Store, new_step_doc
 from tests.support.daemon import DaemonProcess
 from tests.support.ghost import b64, make_app, make_job, set_status
-from tests.support.steps import terminal_step
+from tests.support.steps import step_context, terminal_step
 from tests.support.waiting import wait_until
 from tests.test_buildimage_command import gcall, log_of
 
@@ -128,3 +132,53 @@ def test_the_digest_of_a_provisioner_tree_changes_with_any_of_its_files(tmp_path
     assert edited != before
     (tree / "formulas" / "nginx" / "extra.sls").write_text("")
     assert tree_listing(tree) != edited
+
+
+def test_a_build_an_earlier_version_recorded_pending_for_ghosts_request_is_built_at_once(
+    db, store: Store, lxd, image_alias, write_config, ghost_dirs, tmp_path, lxd_cleanup
+):
+    """Before builds ran ahead, Ghost's request recorded the build `pending` on its host, and a stop put a running
+    build back to `pending`: after an upgrade it is built at once, though Packer's definition never comes."""
+    app = make_app(db, source_container_image=image_alias, pre_buildimage=HOOK)
+    job = make_job(db, app)
+    set_status(db, job, "started")
+    doc = new_step_doc(job, BUILDIMAGE, None, app, PENDING, "requested by Ghost's buildimage job", actor=Actor.CLIENT)
+    db.container_steps.insert_one({**doc, "requested_host": socket.gethostname()})
+    with DaemonProcess(write_config(), tmp_path / "daemon.log") as daemon:
+        daemon.wait_ready()
+        built = wait_until(lambda: terminal_step(store, doc["_id"]), 120, "the build")
+        assert built.state == SUCCEEDED, built
+        assert lxd.image_by_alias(str(job)) is not None
+        assert daemon.terminate() == 0
+
+
+def test_builds_ahead_leave_a_worker_free_and_a_stop_ends_them_at_once(db, store: Store, write_config, tmp_path):
+    apps = [make_app(db, name=f"app{n}", source_container_image="busybox") for n in range(2)]
+    jobs = [make_job(db, app) for app in apps]
+    with DaemonProcess(write_config(workers=2), tmp_path / "daemon.log") as daemon:
+        daemon.wait_ready()
+        for job in jobs:
+            set_status(db, job, "started")  # no Packer definition ever comes: both would wait for one
+        steps = [step_id(job, BUILDIMAGE) for job in jobs]
+        waiting = wait_until(lambda: [s for s in map(store.get_step, steps) if s and s.state == PREPARING], 30, "one")
+        spared = wait_until(lambda: [s for s in map(store.get_step, steps) if s and s.state == READY], 30, "the other")
+        assert (len(waiting), len(spared)) == (1, 1)
+        assert "builds ahead hold workers already (at most workers - 1" in spared[0].message, spared[0]
+        assert daemon.terminate() == 0
+        assert daemon.saw("build_ahead_ended_by_shutdown", step=waiting[0].id)
+        assert store.get_step(waiting[0].id).state == PENDING  # the next start builds it ahead again
+
+
+def test_the_digest_follows_the_commands_the_build_runs(db, store: Store, make_config, ghost_dirs):
+    app = make_app(db, features=[{"name": "nginx", "provisioner": "salt"}])
+    digests = set()
+    for commands in ({}, {"salt": ["salt-call", "--local", "state.highstate", "-l", "debug"]}):
+        config = make_config(container={"provisioner_commands": commands})
+        job = make_job(db, app)  # each its own step; the same app, an identical tree
+        (ghost_dirs["provisioner_tree"] / f"salt-{job}").mkdir()
+        ctx = step_context(config, store, None, job, BUILDIMAGE)
+        plan = make_plan(ctx, *load_job_app(ctx))
+        base = ImageInfo(fingerprint="f" * 64, aliases=(), properties={}, size=0, created_at="")
+        spec = container_spec(ctx, base.fingerprint, plan.mounts)
+        digests.add(inputs_digest(config, plan, base, spec))
+    assert len(digests) == 2

@@ -54,7 +54,11 @@ CLAIM_CANDIDATES: tuple[ClaimCandidate, ...] = (
         "a build whose AMI is built: Ghost's buildimage job waits for it on its host (the provisioner trees are "
         "there); one the intake requested (a Ghost without the patch) runs anywhere",
     ),
-    ClaimCandidate(PENDING, None, HostBinding.ANY, False, "a step to prepare ahead of Ghost's request"),
+    ClaimCandidate(
+        PENDING, None, HostBinding.HERE_OR_UNBOUND, False,
+        "a step to prepare ahead of Ghost's request (a build an earlier version recorded pending once Ghost asked "
+        "for it is bound to that host)",
+    ),
     ClaimCandidate(PREPARING, None, HostBinding.ANY, False, "a preparation whose holder died"),
     ClaimCandidate(
         RUNNING, BUILDIMAGE, HostBinding.HERE_OR_UNBOUND, False, "a build whose holder died: it starts over"

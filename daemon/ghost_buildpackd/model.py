@@ -159,9 +159,10 @@ TRANSITIONS: tuple[Transition, ...] = (
         fenced=True,
     ),
     Transition(
-        Actor.RUNNER, (PREPARING, REQUESTED, RUNNING), RUNNING, (BUILDIMAGE,),
+        Actor.RUNNER, (PENDING, PREPARING, REQUESTED, RUNNING), RUNNING, (BUILDIMAGE,),
         "claimed once the AMI is built: the container built ahead is published, or the build runs now (a running "
-        "build whose holder died starts over; a build ahead whose job has built its AMI already runs to the end)",
+        "build whose holder died starts over; a build ahead whose job has built its AMI already runs to the end; "
+        "an earlier version recorded a build Ghost asked for pending, bound to its host)",
         fenced=True,
     ),
     Transition(

@@ -155,8 +155,14 @@ class Execution(Pool):
 
     def _dispatch_build(self, ctx: StepContext) -> Outcome:
         """Build ahead of the AMI until it is asked for; then publish (or build) on the host that asked, if any."""
-        if ctx.step.state in (PENDING, PREPARING) and self._save_unless_requested(
-            ctx, PREPARING, message="building ahead of the AMI once Ghost's inputs exist"
+        # Only a request binds a build to a host: an earlier version's record Ghost asked for may be pending.
+        asked = ctx.step.requested_host is not None
+        if (
+            ctx.step.state in (PENDING, PREPARING)
+            and not asked
+            and self._save_unless_requested(
+                ctx, PREPARING, message="building ahead of the AMI once Ghost's inputs exist"
+            )
         ):
             return self.bodies.prepare_buildimage(ctx)
         if ctx.step.requested_host not in (None, self.host):  # Ghost's job asked on its own host meanwhile

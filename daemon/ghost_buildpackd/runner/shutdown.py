@@ -7,7 +7,7 @@ from __future__ import annotations
 import time
 
 from ..logs import get_logger
-from ..model import Actor, next_state
+from ..model import BUILDIMAGE, PREPARING, Actor, next_state
 from ..policy import LIMITS
 from ..steps import StepContext
 from .pool import Pool
@@ -22,6 +22,7 @@ class Shutdown(Pool):
         """Stop claiming; give running steps `grace` seconds, then abort them and wait for cleanup."""
         self._accepting.clear()
         self._wake.set()
+        self._end_builds_ahead()
         deadline = time.monotonic() + grace
         while self.in_flight() and time.monotonic() < deadline:
             self._wait_for_any(deadline - time.monotonic())
@@ -36,6 +37,16 @@ class Shutdown(Pool):
             self._wait_for_any(cleanup_deadline - time.monotonic())
         self._stopped.set()
         self.pool.shutdown(wait=False, cancel_futures=True)
+
+    def _end_builds_ahead(self) -> None:
+        """Builds running ahead of their AMI end at once: they only save time, and the next start (or the
+        build after the AMI) makes them again; a grace period would only delay the stop."""
+        with self._lock:
+            ahead = [h for h in self.held.values() if h.ctx.step.kind == BUILDIMAGE and h.ctx.step.state == PREPARING]
+        for held in ahead:
+            held.shutting_down = True
+            held.ctx.abort.set()
+            log.info("build_ahead_ended_by_shutdown", step=held.ctx.step.id)
 
 
 def release_for_restart(ctx: StepContext) -> None:

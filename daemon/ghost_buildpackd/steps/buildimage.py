@@ -29,7 +29,7 @@ import dataclasses
 
 from ..ghost.fields import BadDocument
 from ..logs import Secrets
-from ..lxd import ContainerSpec, ImageInfo
+from ..lxd import ContainerSpec, ImageInfo, LxdUnavailable
 from ..model import SUCCEEDED
 from ..upkeep import templates
 from .buildimage_ahead import adoptable
@@ -52,7 +52,7 @@ from .buildimage_publish import (
 )
 from .buildimage_scripts import provisioner_argv, run_scripts
 from .containers import container_spec, launch
-from .context import Outcome, StepContext, StepFailed
+from .context import LeaseLost, Outcome, StepContext, StepFailed
 from .release import clean_up_container
 
 # Names tests and tools reach through this module (`buildimage.make_plan`), wherever they live.
@@ -81,8 +81,18 @@ def run(ctx: StepContext) -> Outcome:
         if finished is not None:
             return finished
         base = resolve_base_image(ctx, app)
-        built_ahead = lxd_phase("looking for the container built ahead", adoptable, ctx, plan, base)
-        return build(ctx, plan, base, built_ahead)
+        return build(ctx, plan, base, container_built_ahead(ctx, plan, base))
+
+
+def container_built_ahead(ctx: StepContext, plan: BuildPlan, base: ImageInfo) -> str | None:
+    """`buildimage_ahead.adoptable`; None, building as before, when it cannot tell (it only saves time)."""
+    try:
+        return adoptable(ctx, plan, base)
+    except (LeaseLost, LxdUnavailable):
+        raise
+    except Exception as error:
+        ctx.log.warning("buildimage_ahead_not_judged", error=str(error), consequence="built now")
+        return None
 
 
 # --- the build ---------------------------------------------------------------------------
@@ -101,6 +111,8 @@ def build(ctx: StepContext, plan: BuildPlan, base: ImageInfo, built_ahead: str |
         ami_id=plan.ami_id,
     )
     published: ImageInfo | None = None
+    if not built_ahead and ctx.step.inputs:  # a container left by a run is never taken for one built ahead
+        ctx.save(inputs="")
     try:
         if not built_ahead:
             check_abort(ctx, "creating the container")

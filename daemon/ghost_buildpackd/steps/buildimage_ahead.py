@@ -20,9 +20,9 @@ import os
 import time
 from pathlib import Path
 
+from ..config import Config
 from ..ghost.documents import Job
 from ..ghost.fields import BadDocument
-from ..images import ImageNotFound
 from ..logs import Secrets
 from ..lxd import TAG_STEP, ContainerSpec, ImageInfo
 from ..model import PREPARING, READY, RUNNING
@@ -37,9 +37,9 @@ from .buildimage_plan import (
     make_plan,
     resolve_base_image,
 )
-from .buildimage_scripts import run_scripts
+from .buildimage_scripts import provisioner_argv, run_scripts
 from .containers import container_spec, launch
-from .context import Outcome, StepContext, StepFailed
+from .context import LeaseLost, Outcome, StepContext, StepFailed
 from .release import clean_up_container
 
 PACKER_DEFINITION = "aws_builder.json"  # Ghost's AWSImageBuilder._packer_file_path_aws, in its job's directory
@@ -56,6 +56,9 @@ def prepare(ctx: StepContext) -> Outcome:
         return build_now(ctx)
     if job.status != "started":
         return not_built_ahead(f"the job is {job.status}")
+    others = ctx.store.builds_ahead_held(ctx.step)
+    if others >= ctx.config.workers - 1:
+        return not_built_ahead(f"{others} builds ahead hold workers already (at most workers - 1: a deploy finds one)")
     waited = wait_for_inputs(ctx, job)
     if waited:
         return not_built_ahead(waited)
@@ -63,8 +66,10 @@ def prepare(ctx: StepContext) -> Outcome:
         plan = make_plan(ctx, job, app)
         with Secrets.registered(app.secret_values):
             return build_ahead(ctx, plan)
-    except (BadDocument, StepFailed, ImageNotFound) as error:
-        check_abort(ctx, "marking the build ready")  # a cancellation is the outcome, not a build later
+    except LeaseLost:
+        raise
+    except Exception as error:  # building ahead only saves time: whatever failed, the build after the AMI runs
+        check_abort(ctx, "marking the build ready")  # a cancellation or a stop is the outcome, not a build later
         ctx.log.warning("buildimage_ahead_failed", error=str(error), consequence="built once the AMI is built")
         ctx.job_log.write(f"the build ahead of the AMI failed ({error}); it runs again once the AMI is built")
         return not_built_ahead(f"the build ahead failed: {error}")
@@ -108,7 +113,7 @@ def build_ahead(ctx: StepContext, plan: BuildPlan) -> Outcome:
     started = time.monotonic()
     base = resolve_base_image(ctx, plan.app)
     spec = ahead_spec(ctx, plan, base)
-    digest = inputs_digest(plan, base, spec)
+    digest = inputs_digest(ctx.config, plan, base, spec)
     ctx.say(
         "buildimage_ahead_started",
         f"building the container image of {plan.app.label} in container {spec.name} while Packer builds the AMI",
@@ -142,19 +147,19 @@ def ahead_spec(ctx: StepContext, plan: BuildPlan, base: ImageInfo) -> ContainerS
 
 def adoptable(ctx: StepContext, plan: BuildPlan, base: ImageInfo) -> str | None:
     """The container built ahead, when its inputs are those of the build now asked for and it is there,
-    stopped and this step's; else None, said in the job log when one was built ahead."""
+    stopped and this step's; else None, said in the job log when one was built ahead (the build then
+    forgets it before launching its own: `buildimage.build`)."""
     name, recorded = ctx.step.container, ctx.step.inputs
     if not name or not recorded:
         return None
     spec = dataclasses.replace(ahead_spec(ctx, plan, base), name=name)
-    if inputs_digest(plan, base, spec) != recorded:
+    if inputs_digest(ctx.config, plan, base, spec) != recorded:
         ctx.say("buildimage_inputs_changed", "the build's inputs changed since it was built ahead: building again")
     elif not left_as_built(ctx, name):
         ctx.say("buildimage_ahead_gone", f"container {name} built ahead is not there as it was left: building again")
     else:
         ctx.say("buildimage_ahead_adopted", f"container {name} was built ahead of the AMI: publishing it")
         return name
-    ctx.save(inputs="")
     return None
 
 
@@ -164,9 +169,10 @@ def left_as_built(ctx: StepContext, name: str) -> bool:
     return details is not None and details.status == "Stopped" and details.config.get(TAG_STEP) == ctx.step.id
 
 
-def inputs_digest(plan: BuildPlan, base: ImageInfo, spec: ContainerSpec) -> str:
+def inputs_digest(config: Config, plan: BuildPlan, base: ImageInfo, spec: ContainerSpec) -> str:
     """What the build's result depends on: the base image, the container's shape, the hooks and their
-    environment, the provisioners and every file of their trees (path, type, size, time, mode)."""
+    environment, the provisioners' commands as run and every file of their trees (path, type, size, time,
+    mode). Not the contents of Ghost's virtualenv (ansible's), which only an upgrade of Ghost changes."""
     digest = hashlib.sha256()
     shape = dataclasses.asdict(dataclasses.replace(spec, name="", tags={}))  # its name and tags name the attempt
     head = {
@@ -175,7 +181,7 @@ def inputs_digest(plan: BuildPlan, base: ImageInfo, spec: ContainerSpec) -> str:
         "hooks": plan.hooks,
         "env": plan.app.hook_env(),
         "provisioners": plan.provisioners,
-        "bootstrap_salt": plan.bootstrap_salt,
+        "commands": commands_run(config, plan),
     }
     digest.update(json.dumps(head, sort_keys=True, default=str).encode())
     for device, mount in sorted(plan.mounts.items()):
@@ -183,6 +189,14 @@ def inputs_digest(plan: BuildPlan, base: ImageInfo, spec: ContainerSpec) -> str:
         if device.startswith("provisioner-"):
             digest.update(tree_listing(mount.source))
     return digest.hexdigest()
+
+
+def commands_run(config: Config, plan: BuildPlan) -> list[list[str]]:
+    """The salt bootstrap and features install commands the build runs, as `buildimage_scripts` runs them."""
+    commands = config.container.provisioner_commands
+    bootstrap = commands.salt_bootstrap if plan.bootstrap_salt else ()
+    templates = [*bootstrap, *(getattr(commands, provisioner) for provisioner in plan.provisioners)]
+    return [provisioner_argv(config, template) for template in templates]
 
 
 def tree_listing(top: Path) -> bytes:

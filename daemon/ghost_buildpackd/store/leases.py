@@ -12,7 +12,7 @@ import pymongo
 from pymongo import ReturnDocument
 
 from ..claims import CLAIM_CANDIDATES, DECIDING_STATE, PREPARED_STATES, HostBinding
-from ..model import DEPLOY, Step
+from ..model import BUILDIMAGE, DEPLOY, PREPARING, Step
 from .connection import retry_transient
 from .steps import StepRecords, step_from_doc
 
@@ -106,6 +106,12 @@ class Leases(StepRecords):
                 return_document=ReturnDocument.AFTER,
             )
         return step_from_doc(doc) if doc else None
+
+    @retry_transient
+    def builds_ahead_held(self, step: Step) -> int:
+        """Builds other than `step` its lease owner holds while they run ahead of their AMI (`preparing`)."""
+        query = {"kind": BUILDIMAGE, "state": PREPARING, "lease.owner": step.owner, "_id": {"$ne": step.id}}
+        return self.steps.count_documents(query)
 
     @retry_transient
     def prepared_deploy_count(self, sid: str) -> int:
