@@ -528,13 +528,15 @@ def span_summaries(steps: Sequence[StepStamps]) -> dict[str, dict[str, float]]:
 
 
 def ghost_tree(bench: Bench) -> Path:
-    """Ghost's tree with the project's patch, once for both modes."""
+    """Ghost's tree with the project's patch, once for the run (both modes, both Ghost benchmarks)."""
     try:
         ghost_runtime()
         sources = ghost_sources()
     except GhostUnavailable as missing:
         raise SystemExit(f"the ghost benchmark needs Ghost 19.08 and its runtime: {missing}") from missing
     tree = bench.scratch / "ghost-tree" / "cloud-deploy"
+    if tree.exists():  # made by the other Ghost benchmark of this run
+        return tree
     tree.parent.mkdir()
     return patched_ghost_tree(sources, tree)
 
