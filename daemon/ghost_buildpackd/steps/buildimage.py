@@ -35,11 +35,10 @@ from ..upkeep import templates
 from .buildimage_ahead import adoptable
 from .buildimage_plan import (
     BuildPlan,
-    build_owner,
+    build_spec,
     check_abort,
     load_job_app,
     lxd_phase,
-    make_base_template,
     make_plan,
     resolve_base_image,
 )
@@ -50,8 +49,7 @@ from .buildimage_publish import (
     recover_earlier_attempt,
     remove_dead_attempt_containers,
 )
-from .buildimage_scripts import provisioner_argv, run_scripts
-from .containers import container_spec, launch
+from .buildimage_scripts import build_in_container, provisioner_argv
 from .context import LeaseLost, Outcome, StepContext, StepFailed
 from .release import clean_up_container
 
@@ -100,7 +98,7 @@ def container_built_ahead(ctx: StepContext, plan: BuildPlan, base: ImageInfo) ->
 
 def build(ctx: StepContext, plan: BuildPlan, base: ImageInfo, built_ahead: str | None = None) -> Outcome:
     """Build (unless `built_ahead` names the container built ahead of the AMI), publish and record."""
-    spec = container_spec(ctx, base.fingerprint, plan.mounts, idmap=build_owner(ctx))  # mounts are read-only
+    spec = build_spec(ctx, plan, base)
     if built_ahead:
         spec = dataclasses.replace(spec, name=built_ahead)
     ctx.say(
@@ -115,12 +113,7 @@ def build(ctx: StepContext, plan: BuildPlan, base: ImageInfo, built_ahead: str |
         ctx.save(inputs="")
     try:
         if not built_ahead:
-            check_abort(ctx, "creating the container")
-            # A new base image: its first build is made from the image, its template once the outcome is recorded
-            # (Ghost no longer waits then; made during the build, it slowed the build's own publish on dir).
-            lxd_phase("creating the container", lambda: launch(ctx, spec, template_later=True))
-            ctx.after_outcome.append(lambda: make_base_template(ctx))
-            run_scripts(ctx, plan, spec.name)
+            build_in_container(ctx, plan, spec)
         check_abort(ctx, "publishing the image")
         image = published = publish(ctx, plan, base, spec.name)
     finally:  # before the records, so a container never outlives a build that cannot record (MongoDB down)

@@ -29,16 +29,14 @@ from ..model import PREPARING, READY, RUNNING
 from ..policy import LIMITS
 from .buildimage_plan import (
     BuildPlan,
-    build_owner,
+    build_spec,
     check_abort,
     load_job_app,
     lxd_phase,
-    make_base_template,
     make_plan,
     resolve_base_image,
 )
-from .buildimage_scripts import provisioner_argv, run_scripts
-from .containers import container_spec, launch
+from .buildimage_scripts import build_in_container, provisioner_argv
 from .context import LeaseLost, Outcome, StepContext, StepFailed
 from .release import clean_up_container
 
@@ -112,7 +110,7 @@ def wait_for_inputs(ctx: StepContext, job: Job) -> str:
 def build_ahead(ctx: StepContext, plan: BuildPlan) -> Outcome:
     started = time.monotonic()
     base = resolve_base_image(ctx, plan.app)
-    spec = ahead_spec(ctx, plan, base)
+    spec = build_spec(ctx, plan, base)
     digest = inputs_digest(ctx.config, plan, base, spec)
     ctx.say(
         "buildimage_ahead_started",
@@ -120,10 +118,7 @@ def build_ahead(ctx: StepContext, plan: BuildPlan) -> Outcome:
         container=spec.name,
     )
     try:
-        check_abort(ctx, "creating the container")
-        lxd_phase("creating the container", lambda: launch(ctx, spec, template_later=True))
-        ctx.after_outcome.append(lambda: make_base_template(ctx))
-        run_scripts(ctx, plan, spec.name)
+        build_in_container(ctx, plan, spec)
         lxd_phase("detaching the provisioner trees", lambda: ctx.lxd.remove_devices(spec.name))
         lxd_phase("stopping the container", lambda: ctx.lxd.stop(spec.name))
         check_abort(ctx, "marking the build ready")
@@ -140,11 +135,6 @@ def build_ahead(ctx: StepContext, plan: BuildPlan) -> Outcome:
     return Outcome(READY, f"container {spec.name} built ahead of the AMI", fields={"inputs": digest})
 
 
-def ahead_spec(ctx: StepContext, plan: BuildPlan, base: ImageInfo) -> ContainerSpec:
-    """The build's container, as `buildimage.build` makes it."""
-    return container_spec(ctx, base.fingerprint, plan.mounts, idmap=build_owner(ctx))
-
-
 def adoptable(ctx: StepContext, plan: BuildPlan, base: ImageInfo) -> str | None:
     """The container built ahead, when its inputs are those of the build now asked for and it is there,
     stopped and this step's; else None, said in the job log when one was built ahead (the build then
@@ -152,7 +142,7 @@ def adoptable(ctx: StepContext, plan: BuildPlan, base: ImageInfo) -> str | None:
     name, recorded = ctx.step.container, ctx.step.inputs
     if not name or not recorded:
         return None
-    spec = dataclasses.replace(ahead_spec(ctx, plan, base), name=name)
+    spec = dataclasses.replace(build_spec(ctx, plan, base), name=name)
     if inputs_digest(ctx.config, plan, base, spec) != recorded:
         ctx.say("buildimage_inputs_changed", "the build's inputs changed since it was built ahead: building again")
     elif not left_as_built(ctx, name):

@@ -19,10 +19,10 @@ from ..config import PLACEHOLDER_VENV
 from ..ghost.documents import PROVISIONERS, App, Job, containers_off, parse_app, parse_job
 from ..ghost.fields import BadDocument
 from ..images import ImageNotFound, base_image
-from ..lxd import ImageInfo, Mount
+from ..lxd import ContainerSpec, ImageInfo, Mount
 from ..model import BUILDIMAGE
 from ..upkeep import templates
-from .containers import idmap_user_ids, refuse_root_ids
+from .containers import container_spec, idmap_user_ids, refuse_root_ids
 from .context import LeaseLost, StepContext, StepFailed
 
 HOOKS = ("pre_buildimage", "post_buildimage")
@@ -183,6 +183,11 @@ def resolve_base_image(ctx: StepContext, app: App) -> ImageInfo:
 def make_base_template(ctx: StepContext) -> None:
     """The template a first build of its base image asked for (`templates.want_template`), made now."""
     templates.make_wanted_templates(ctx.lxd, ctx.config.container.templates, ctx.log)
+
+
+def build_spec(ctx: StepContext, plan: BuildPlan, base: ImageInfo) -> ContainerSpec:
+    """The build's container (its mounts read-only), after the AMI as ahead of it."""
+    return container_spec(ctx, base.fingerprint, plan.mounts, idmap=build_owner(ctx))
 
 
 def build_owner(ctx: StepContext) -> tuple[int, int] | None:

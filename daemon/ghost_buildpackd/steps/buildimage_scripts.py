@@ -6,9 +6,10 @@ as Ghost fills them.
 from __future__ import annotations
 
 from ..config import PLACEHOLDER_ANSIBLE_VERBOSITY, PLACEHOLDER_LOG_LEVEL, PLACEHOLDER_VENV, Config
-from .buildimage_plan import BuildPlan, check_abort, lxd_phase
+from ..lxd import ContainerSpec
+from .buildimage_plan import BuildPlan, check_abort, lxd_phase, make_base_template
 from .commands import run_command
-from .containers import SCRIPT_DIR
+from .containers import SCRIPT_DIR, launch
 from .context import StepContext
 
 # Ghost's ANSIBLE_LOG_LEVEL_MAP: provisioner_log_level -> ansible-playbook's verbosity (none for error, warning).
@@ -20,6 +21,16 @@ ANSIBLE_VERBOSITY = {
     "garbage": "-vvvv",
     "all": "-vvvv",
 }
+
+
+def build_in_container(ctx: StepContext, plan: BuildPlan, spec: ContainerSpec) -> None:
+    """Create the build's container and run the scripts in it (the build after the AMI, or ahead of it)."""
+    check_abort(ctx, "creating the container")
+    # A new base image: its first build is made from the image, its template once the outcome is recorded
+    # (Ghost no longer waits then; made during the build, it slowed the build's own publish on dir).
+    lxd_phase("creating the container", lambda: launch(ctx, spec, template_later=True))
+    ctx.after_outcome.append(lambda: make_base_template(ctx))
+    run_scripts(ctx, plan, spec.name)
 
 
 def run_scripts(ctx: StepContext, plan: BuildPlan, container: str) -> None:
